@@ -1,0 +1,37 @@
+"""paca_kernels: fast, exact Patch-to-Cluster Attention (PaCa-ViT) for PyTorch.
+
+Public API:
+    paca_kernels.ops.cluster_pool / p2c_attention   functional ops with backend dispatch
+    paca_kernels.reference                          the pure-PyTorch oracle
+    PaCaAttention, PaCaLayer, PaCaBlock, PaCaViT    drop-in modules for the official code
+    create_model, list_models                       the official PaCa-ViT variants
+
+Importing never fails because the C++ extension is missing or stale: the ops then run on the
+reference backend and ``paca_kernels.ops.backend_status()`` (or ``python -m paca_kernels``) says why.
+"""
+
+from __future__ import annotations
+
+from . import _ext, ops, reference
+from .models import PaCaTeacher_ConvMixer, PaCaViT, create_model, list_models
+from .models._timm import install_timm_hook, register_timm_models
+from .nn import PaCaAttention, PaCaBlock, PaCaLayer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PaCaAttention",
+    "PaCaBlock",
+    "PaCaLayer",
+    "PaCaTeacher_ConvMixer",
+    "PaCaViT",
+    "__version__",
+    "create_model",
+    "list_models",
+    "ops",
+    "reference",
+    "register_timm_models",
+]
+
+_ = _ext  # loaded by paca_kernels.ops; kept importable as paca_kernels._ext
+install_timm_hook()

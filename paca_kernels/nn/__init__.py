@@ -1,0 +1,28 @@
+"""torch.nn modules of paca_kernels: PaCaAttention, PaCaBlock, clustering heads and layers."""
+
+from .attention import PaCaAttention, PaCaLayer, check_tokens, paca_layer_kwargs
+from .block import DEFAULT_PACA_CFG, DWConv, Mlp, PaCaBlock
+from .clustering import CLUSTERING_HEADS, P2CConv2d, P2CLinear, P2CMlp, build_clustering
+from .layers import BlurConv2d, DownsampleV1, DropPath, LayerNorm2d, build_act, build_norm
+
+__all__ = [
+    "CLUSTERING_HEADS",
+    "DEFAULT_PACA_CFG",
+    "BlurConv2d",
+    "DWConv",
+    "DownsampleV1",
+    "DropPath",
+    "LayerNorm2d",
+    "Mlp",
+    "P2CConv2d",
+    "P2CLinear",
+    "P2CMlp",
+    "PaCaAttention",
+    "PaCaBlock",
+    "PaCaLayer",
+    "build_act",
+    "build_clustering",
+    "build_norm",
+    "check_tokens",
+    "paca_layer_kwargs",
+]

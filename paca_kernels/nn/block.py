@@ -1,0 +1,181 @@
+"""PaCaBlock: pre-norm transformer block with PaCa attention and a depthwise-conv MLP (official names)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import PaCaAttention, paca_layer_kwargs
+from .layers import DropPath, build_act, build_norm, to_2tuple
+
+__all__ = ["DEFAULT_PACA_CFG", "DWConv", "Mlp", "PaCaBlock"]
+
+#: The official default ``paca_cfg`` (onsite, stage-wise conv clustering, 100 clusters in stages 1-3).
+DEFAULT_PACA_CFG: dict[str, Any] = {
+    "type": "P2CConv2d",
+    "clusters": [100, 100, 100, 0],
+    "onsite_clustering": [0, 0, 0, 0],
+    "clustering_kernel_size": [7, 7, 7, 7],
+    "cluster_norm_cfg": {"type": "LN", "eps": 1e-6},
+    "cluster_pos_embed": False,
+    "norm_cfg1": {"type": "LN", "eps": 1e-6},
+    "norm_cfg2": {"type": "LN", "eps": 1e-6},
+    "mlp_func": "Mlp",
+    "with_dwconv_in_mlp": True,
+    "with_shortcut_in_mlp": True,
+}
+
+
+class DWConv(nn.Module):
+    """Depthwise 3×3 conv over the token grid, optionally with a shortcut: (B, N, C) -> (B, N, C)."""
+
+    def __init__(
+        self, dim: int, kernel_size: int = 3, bias: bool = True, with_shortcut: bool = False
+    ) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, 1, (kernel_size - 1) // 2, bias=bias, groups=dim)
+        self.with_shortcut = with_shortcut
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803
+        b, n, c = x.shape
+        y = self.dwconv(x.transpose(1, 2).reshape(b, c, H, W)).flatten(2).transpose(1, 2)
+        return y + x if self.with_shortcut else y
+
+
+class Mlp(nn.Module):
+    """fc1 -> [DWConv] -> act -> drop -> fc2 -> drop, on (B, N, C) tokens."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        drop: float = 0.0,
+        with_dwconv: bool = False,
+        with_shortcut: bool = False,
+        act_cfg: Mapping[str, Any] | str | None = None,
+    ) -> None:
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = DWConv(hidden_features, with_shortcut=with_shortcut) if with_dwconv else None
+        self.act = build_act(act_cfg if act_cfg is not None else "gelu")
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803
+        x = self.fc1(x)
+        if self.dwconv is not None:
+            x = self.dwconv(x, H, W)
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+class PaCaBlock(nn.Module):
+    """x + drop_path(PaCa(norm1(x))); x + drop_path(Mlp(norm2(x))) — the official block.
+
+    Args follow the official ``PaCaBlock``; ``paca_cfg`` is the per-block official dict (keys of
+    :data:`DEFAULT_PACA_CFG` with scalar ``clusters``/``onsite_clustering``/``clustering_kernel_size``),
+    ``backend`` selects the ops backend of the attention.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        paca_cfg: Mapping[str, Any] | None = None,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        attn_drop: float = 0.0,
+        drop: float = 0.0,
+        act_cfg: Mapping[str, Any] | None = None,
+        layer_scale: float | None = None,
+        input_resolution: int | tuple[int, int] | None = None,
+        with_pos_embed: bool = False,
+        post_norm: bool = False,
+        sub_ln: bool = False,
+        backend: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        cfg = dict(DEFAULT_PACA_CFG)
+        cfg.update({"clusters": 100, "onsite_clustering": True, "clustering_kernel_size": 7})
+        if paca_cfg is not None:
+            cfg.update(paca_cfg)
+        self.post_norm = post_norm
+        self.with_pos_embed = with_pos_embed
+        self.input_resolution = to_2tuple(input_resolution) if input_resolution is not None else None
+        if with_pos_embed:
+            if self.input_resolution is None:
+                raise ValueError("with_pos_embed=True needs input_resolution")
+            h, w = self.input_resolution
+            self.pos_embed = nn.Parameter(torch.zeros(1, h * w, dim))
+            self.pos_drop = nn.Dropout(p=drop)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+        pre, post = sub_ln or not post_norm, sub_ln or post_norm
+        self.norm1_before = build_norm(cfg["norm_cfg1"], dim) if pre else nn.Identity()
+        self.attn = PaCaAttention(
+            dim=dim, num_heads=num_heads, attn_drop=attn_drop, proj_drop=drop, mlp_ratio=mlp_ratio,
+            act_cfg=act_cfg, backend=backend, **paca_layer_kwargs(cfg),
+        )
+        self.norm1_after = build_norm(cfg["norm_cfg1"], dim) if post else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2_before = build_norm(cfg["norm_cfg2"], dim) if pre else nn.Identity()
+        if cfg.get("mlp_func", "Mlp") != "Mlp":
+            raise ValueError(f"unknown mlp_func {cfg['mlp_func']!r} (only 'Mlp')")
+        self.mlp = Mlp(
+            in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop,
+            with_dwconv=cfg["with_dwconv_in_mlp"], with_shortcut=cfg["with_shortcut_in_mlp"],
+            act_cfg=act_cfg,
+        )
+        self.norm2_after = build_norm(cfg["norm_cfg2"], dim) if post else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.layer_scale = isinstance(layer_scale, (int, float)) and not isinstance(layer_scale, bool)
+        if self.layer_scale:
+            self.gamma1 = nn.Parameter(layer_scale * torch.ones(dim))
+            self.gamma2 = nn.Parameter(layer_scale * torch.ones(dim))
+
+    def _pos(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803
+        pos = self.pos_embed
+        if self.input_resolution != (H, W):
+            h0, w0 = self.input_resolution
+            grid = pos.transpose(1, 2).reshape(1, -1, h0, w0)
+            grid = F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=True)
+            pos = grid.flatten(2).transpose(1, 2)
+        return self.pos_drop(x + pos)
+
+    def _run(self, x: Tensor, H: int, W: int, a_fn: Any) -> tuple[Tensor, Any, Any]:  # noqa: N803
+        if self.with_pos_embed:
+            x = self._pos(x, H, W)
+        a, *rest = a_fn(self.norm1_before(x))
+        a = self.norm1_after(a)
+        if self.layer_scale:
+            x = x + self.drop_path1(self.gamma1 * a)
+            x = x + self.drop_path2(self.gamma2 * self.norm2_after(self.mlp(self.norm2_before(x), H, W)))
+        else:
+            x = x + self.drop_path1(a)
+            x = x + self.drop_path2(self.norm2_after(self.mlp(self.norm2_before(x), H, W)))
+        return x, *rest
+
+    def forward(
+        self, x: Tensor, H: int, W: int, z: Tensor | None = None, *, return_attn: bool = False,  # noqa: N803
+    ) -> tuple[Tensor, ...]:
+        """Official interface: x (B, N, C), grid H×W, shared assignment z (B, M, N) or None.
+
+        Returns (x, z), plus the attention maps when ``return_attn``.
+        """
+        return self._run(x, H, W, lambda t: self.attn(t, H, W, z, return_attn=return_attn))
+
+    def forward_logits(
+        self, x: Tensor, H: int, W: int, logits: Tensor | None = None, *, return_attn: bool = False,  # noqa: N803
+    ) -> tuple[Tensor, ...]:
+        """As :meth:`forward` with the assignment as logits (see PaCaAttention.forward_logits)."""
+        return self._run(
+            x, H, W, lambda t: self.attn.forward_logits(t, H, W, logits, return_attn=return_attn)
+        )

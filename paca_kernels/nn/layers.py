@@ -1,0 +1,179 @@
+"""Small building blocks of PaCa-ViT, written here so that timm, mmcv and einops are not needed.
+
+Each matches the official release's module of the same role (same parameter names and numerics):
+DropPath (stochastic depth), LayerNorm2d, the ``DownsampleV1`` stem/transition, the teacher's
+BlurConv2d, and the builders that turn the official ``*_cfg`` dicts into modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BlurConv2d",
+    "DownsampleV1",
+    "DropPath",
+    "LayerNorm2d",
+    "build_act",
+    "build_norm",
+    "to_2tuple",
+]
+
+
+def to_2tuple(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``7 -> (7, 7)``; a pair passes through."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample: in training, zero a sample's residual branch with probability p
+    and scale the kept ones by 1/(1-p); identity in eval mode."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (timm's LayerNorm2d)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+_ACTS: dict[str, type[nn.Module]] = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "hardswish": nn.Hardswish,
+    "mish": nn.Mish,
+    "identity": nn.Identity,
+}
+
+
+def build_act(cfg: Mapping[str, Any] | str | type[nn.Module] | None) -> nn.Module:
+    """An activation from an official ``act_cfg`` (``dict(type="GELU")``), a name or a class."""
+    if cfg is None:
+        return nn.Identity()
+    if isinstance(cfg, type) and issubclass(cfg, nn.Module):
+        return cfg()
+    kwargs: dict[str, Any] = {}
+    if isinstance(cfg, Mapping):
+        kwargs = dict(cfg)
+        name = str(kwargs.pop("type"))
+    else:
+        name = str(cfg)
+    try:
+        return _ACTS[name.lower()](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(_ACTS)}") from None
+
+
+def build_norm(cfg: Mapping[str, Any] | None, dim: int) -> nn.Module:
+    """A norm layer from an official ``norm_cfg``: LN (LayerNorm), LayerNorm2d, BN (BatchNorm2d),
+    SyncBN; ``None`` or an empty dict gives Identity. ``requires_grad`` is honoured."""
+    if not cfg:
+        return nn.Identity()
+    kwargs = dict(cfg)
+    kind = str(kwargs.pop("type"))
+    requires_grad = kwargs.pop("requires_grad", True)
+    if kind in ("LN", "LayerNorm"):
+        layer: nn.Module = nn.LayerNorm(dim, **kwargs)
+    elif kind == "LayerNorm2d":
+        layer = LayerNorm2d(dim, **kwargs)
+    elif kind in ("BN", "BN2d", "BatchNorm2d"):
+        layer = nn.BatchNorm2d(dim, **kwargs)
+    elif kind in ("SyncBN", "SyncBatchNorm"):
+        layer = nn.SyncBatchNorm(dim, **kwargs)
+    else:
+        raise ValueError(f"unknown norm type {kind!r} (LN, LayerNorm2d, BN, SyncBN)")
+    for p in layer.parameters():
+        p.requires_grad = requires_grad
+    return layer
+
+
+class DownsampleV1(nn.Module):
+    """The official stem / stage transition: strided conv(s) then a channel norm, on (B, C, H, W).
+
+    patch_size 2: one ``kernel_size`` conv of stride 2. patch_size 4 with a smaller kernel: two stride-2
+    convs (``proj.0``: in -> out/2, ``proj.1``: out/2 -> out), no activation between them.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        patch_size: int,
+        kernel_size: int,
+        norm_cfg: Mapping[str, Any] | None = None,
+        img_size: int | tuple[int, int] = 224,
+    ) -> None:
+        super().__init__()
+        if patch_size not in (2, 4):
+            raise ValueError(f"patch_size must be 2 or 4, got {patch_size}")
+        if norm_cfg is None:
+            norm_cfg = {"type": "LayerNorm2d", "eps": 1e-6}
+        size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.grid_size = (size[0] // patch_size, size[1] // patch_size)
+        pad = (kernel_size - 1) // 2
+        if patch_size <= kernel_size:
+            self.proj: nn.Module = nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride=patch_size, padding=pad
+            )
+        else:
+            mid = out_channels // 2
+            self.proj = nn.Sequential(
+                nn.Conv2d(in_channels, mid, kernel_size, stride=2, padding=pad),
+                nn.Conv2d(mid, out_channels, kernel_size, stride=patch_size // 2, padding=pad),
+            )
+        self.norm = build_norm(norm_cfg, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H / patch, W / patch)."""
+        return self.norm(self.proj(x))
+
+
+class BlurConv2d(nn.Module):
+    """Anti-aliased strided conv of the clustering teacher: a fixed depthwise [1,2,1]ᵀ[1,2,1]/16 blur
+    (stride 1, padding 1; the persistent buffer ``blur_filter``), then the conv (``conv``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 2,
+        padding: int = 1,
+    ) -> None:
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        blur = (k[:, None] * k[None, :]) / 16.0
+        self.register_buffer("blur_filter", blur.expand(in_channels, 1, 3, 3).clone())
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.conv2d(x, self.blur_filter, stride=1, padding=1, groups=x.shape[1])
+        return self.conv(x)

@@ -1,0 +1,119 @@
+"""Functional API of the two PaCa computations, with per-call backend dispatch.
+
+- :func:`cluster_pool` (logits (B, M, N), x (B, N, C)) -> LayerNorm(softmax(logits over N)·x), (B, M, C)
+- :func:`p2c_attention` (q (B, N, h, d), k and v (B, M, h, d)) -> softmax(q·kᵀ·scale over M)·v
+
+Both take ``backend=`` (a name, or a comma-separated preference list); see :mod:`._backends` for the
+selection rules. The raw ops are ``torch.ops.paca_kernels.*`` for compile/export users.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _ext, reference
+from ._backends import (
+    AUTO_PRIORITY,
+    ENV_VAR,
+    Backend,
+    BackendError,
+    backend_names,
+    get_backend,
+    register_backend,
+    select_backend,
+)
+from ._checks import check_cluster_pool, check_p2c_attention
+from .cluster_pool import cluster_pool_cpp
+
+__all__ = [
+    "AUTO_PRIORITY",
+    "ENV_VAR",
+    "Backend",
+    "BackendError",
+    "backend_names",
+    "backend_status",
+    "cluster_pool",
+    "get_backend",
+    "p2c_attention",
+    "register_backend",
+    "select_backend",
+]
+
+_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def cluster_pool(
+    logits: Tensor,
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Cluster tokens Z = LayerNorm(softmax(logits over N) · x), differentiable.
+
+    Args:
+        logits: (B, M, N) clustering scores.
+        x: (B, N, C) patch tokens, same dtype and device as logits.
+        weight, bias: (C,) LayerNorm affine, or None.
+        eps: LayerNorm epsilon.
+        backend: backend name or comma-separated preference list (None: env var, then automatic).
+
+    Returns:
+        (B, M, C) in x's dtype.
+    """
+    check_cluster_pool(logits, x, weight, bias, eps)
+    impl = select_backend("cluster_pool", (logits, x), backend).impls["cluster_pool"]
+    return impl(logits, x, weight, bias, eps)
+
+
+def p2c_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, backend: str | None = None
+) -> Tensor:
+    """Patch-to-cluster attention softmax(q·kᵀ·scale over M)·v per head, differentiable.
+
+    Args:
+        q: (B, N, h, d) queries.
+        k, v: (B, M, h, d) cluster keys and values.
+        scale: score scale (default d^-1/2).
+        backend: backend name or comma-separated preference list (None: env var, then automatic).
+
+    Returns:
+        (B, N, h, d) in q's dtype.
+    """
+    check_p2c_attention(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    impl = select_backend("p2c_attention", (q, k, v), backend).impls["p2c_attention"]
+    return impl(q, k, v, scale)
+
+
+def backend_status() -> dict[str, str | None]:
+    """Backend name -> None when it can run here, else the reason it cannot."""
+    return {name: get_backend(name).unavailable_reason() for name in backend_names()}
+
+
+register_backend(
+    Backend(
+        name="reference",
+        description="pure PyTorch (paca_kernels.reference): the oracle, any device and dtype",
+        device_types=("cpu", "cuda", "mps", "xpu", "meta"),
+        dtypes=_ALL_FLOATS,
+        impls={"cluster_pool": reference.cluster_pool, "p2c_attention": reference.p2c_attention},
+    )
+)
+
+register_backend(
+    Backend(
+        name="cpu",
+        description="C++ CPU kernels (paca_kernels._C); p2c_attention comes with the CPU kernels",
+        device_types=("cpu",),
+        dtypes=_ALL_FLOATS,
+        impls={"cluster_pool": cluster_pool_cpp},
+        availability=lambda: None if _ext.load() else _ext.unavailable_reason(),
+    )
+)

@@ -1,0 +1,163 @@
+"""Backends of the PaCa ops and the choice between them.
+
+A backend is a named implementation of some of the ops (``cluster_pool``, ``p2c_attention``) with the
+devices and dtypes it serves. The choice is made per call, from metadata only (device, dtype, shape), so
+it traces cleanly under ``torch.compile``:
+
+1. the ``backend=`` argument of the op, else
+2. the ``PACA_KERNELS_BACKEND`` environment variable, else
+3. the automatic priority for the inputs' device (see :data:`AUTO_PRIORITY`).
+
+A single name (``"cpu"``) is strict: if that backend cannot serve the call, a :class:`BackendError`
+lists why each backend cannot. A comma-separated list (``"cpu,reference"``) is an ordered preference:
+the first backend that can serve the call runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "AUTO_PRIORITY",
+    "Backend",
+    "BackendError",
+    "ENV_VAR",
+    "backend_names",
+    "get_backend",
+    "register_backend",
+    "select_backend",
+]
+
+ENV_VAR = "PACA_KERNELS_BACKEND"
+
+OPS = ("cluster_pool", "p2c_attention")
+
+
+class BackendError(ValueError):
+    """An explicitly requested backend cannot serve a call (the message says why, per backend)."""
+
+
+@dataclass
+class Backend:
+    """One implementation of (some of) the PaCa ops.
+
+    Attributes:
+        name: the name used in ``backend=`` and ``PACA_KERNELS_BACKEND``.
+        description: one line for ``python -m paca_kernels``.
+        device_types: device types served ("cpu", "cuda").
+        dtypes: dtypes served.
+        impls: op name -> callable with the op's signature (without ``backend``).
+        availability: returns None when the backend can run at all here, else why it cannot
+            (not built, Triton missing, ...). Called per dispatch: keep it cheap (cache inside).
+        limits: op name -> callable(inputs) returning the reasons this call's shapes are out of range.
+    """
+
+    name: str
+    description: str
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    impls: dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
+    availability: Callable[[], str | None] = lambda: None
+    limits: dict[str, Callable[[Sequence[torch.Tensor]], list[str]]] = field(default_factory=dict)
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run at all in this process, or None."""
+        return self.availability()
+
+    def not_supported_reasons(self, op: str, inputs: Sequence[torch.Tensor]) -> list[str]:
+        """Every reason this backend cannot run ``op`` on ``inputs`` (empty when it can)."""
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return [reason]
+        if op not in self.impls:
+            return [f"has no {op} implementation"]
+        reasons: list[str] = []
+        device = inputs[0].device
+        if device.type not in self.device_types:
+            reasons.append(f"does not run on {device.type} (runs on {', '.join(self.device_types)})")
+        dtype = inputs[0].dtype
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"does not support {str(dtype).removeprefix('torch.')} (supports {names})")
+        if op in self.limits:
+            reasons.extend(self.limits[op](inputs))
+        return reasons
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+#: Automatic choice per device type, best first. A backend is taken when it can serve the call.
+#: The C++ "cpu" backend joins the CPU list once its kernels beat the reference (CPU kernels issue).
+AUTO_PRIORITY: dict[str, list[str]] = {"cpu": ["reference"], "cuda": ["reference"]}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend in the registry."""
+    _REGISTRY[backend.name] = backend
+
+
+def backend_names() -> list[str]:
+    """Names of all registered backends, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; ValueError listing the valid names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown paca_kernels backend {name!r}; known backends: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def _reasons_table(op: str, inputs: Sequence[torch.Tensor]) -> str:
+    lines = []
+    for backend in _REGISTRY.values():
+        reasons = backend.not_supported_reasons(op, inputs)
+        lines.append(f"  {backend.name}: {'; '.join(reasons) if reasons else 'can serve this call'}")
+    return "\n".join(lines)
+
+
+def _describe(inputs: Sequence[torch.Tensor]) -> str:
+    t = inputs[0]
+    shapes = ", ".join(str(tuple(i.shape)) for i in inputs)
+    return f"{str(t.dtype).removeprefix('torch.')} on {t.device}, shapes {shapes}"
+
+
+def select_backend(op: str, inputs: Sequence[torch.Tensor], backend: str | None) -> Backend:
+    """Choose the backend that runs ``op`` on ``inputs``.
+
+    Args:
+        op: "cluster_pool" or "p2c_attention".
+        inputs: the op's tensor inputs (already validated: same device and dtype).
+        backend: the ``backend=`` argument (None: environment variable, then automatic).
+
+    Raises:
+        BackendError: a requested backend (or every one of a requested list) cannot serve the call.
+        ValueError: an unknown backend name.
+    """
+    request = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if request is not None:
+        names = [n.strip() for n in request.split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"empty backend request {request!r}")
+        for name in names:
+            if not get_backend(name).not_supported_reasons(op, inputs):
+                return _REGISTRY[name]
+        source = "backend=" if backend is not None else f"{ENV_VAR}="
+        raise BackendError(
+            f"{source}{request!r} cannot run paca_kernels {op} for {_describe(inputs)}:\n"
+            + _reasons_table(op, inputs)
+        )
+    for name in AUTO_PRIORITY.get(inputs[0].device.type, ["reference"]):
+        if name in _REGISTRY and not _REGISTRY[name].not_supported_reasons(op, inputs):
+            return _REGISTRY[name]
+    # The reference serves every device and floating dtype: reaching here means it was removed.
+    raise BackendError(
+        f"no paca_kernels backend can run {op} for {_describe(inputs)}:\n" + _reasons_table(op, inputs)
+    )
