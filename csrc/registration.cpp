@@ -1,0 +1,78 @@
+// The paca_kernels operator library: every schema is defined here, in one place, so that the
+// CPU (csrc/cpu) and CUDA (csrc/cuda) kernels, the Python fake/autograd registrations and
+// torch.compile all agree on one signature. Kernels are attached per dispatch key with
+// TORCH_LIBRARY_IMPL in their own translation units.
+//
+// Shapes: B batch, N = H*W patches, M clusters, C channels, h heads, d = C/h head dim.
+// "acc" is the accumulation dtype: float64 for float64 inputs, float32 otherwise
+// (float32, float16, bfloat16). All ops are functional: outputs never alias inputs.
+//
+// cluster_pool_fwd(logits, x, weight, bias, eps) -> (out, pooled, lse)
+//   logits (B, M, N), x (B, N, C) same floating dtype; weight, bias optional (C,) LayerNorm
+//   affine (dtype of x or float32).
+//   lse[b,m]      (B, M) acc   = logsumexp_n logits[b,m,n]
+//   pooled[b,m,:] (B, M, C) acc = sum_n exp(logits[b,m,n] - lse[b,m]) * x[b,n,:]
+//                               (softmax over N, then weighted sum; online softmax, one pass)
+//   out[b,m,:]    (B, M, C) dtype of x = LayerNorm_C(pooled[b,m,:], eps, biased variance)
+//                               * weight + bias (each when given)
+//   Rows whose logits are all -inf give lse = -inf and NaN pooled/out (like torch.softmax).
+//   pooled and lse are what the backward needs; they are not differentiable.
+//
+// cluster_pool_bwd(grad_out, logits, x, weight, pooled, lse, eps)
+//     -> (grad_logits, grad_x, grad_weight, grad_bias)
+//   Gradient of out of cluster_pool_fwd given grad_out (B, M, C) and the saved pooled/lse.
+//   grad_logits (B, M, N) dtype of logits; grad_x (B, N, C) dtype of x;
+//   grad_weight, grad_bias (C,) dtype of weight (dtype of x when weight is None); they are
+//   always computed and the autograd wrapper drops them when weight/bias were None.
+//
+// p2c_attention_fwd(q, k, v, scale) -> (out, lse)
+//   q (B, N, h, d) patch queries; k, v (B, M, h, d) cluster keys/values; same dtype.
+//   lse[b,i,n]   (B, h, N) acc = logsumexp_m (scale * q[b,n,i,:] . k[b,m,i,:])
+//   out[b,n,i,:] (B, N, h, d) dtype of q
+//                             = sum_m exp(scale * q[b,n,i,:] . k[b,m,i,:] - lse[b,i,n]) * v[b,m,i,:]
+//
+// p2c_attention_bwd(grad_out, q, k, v, out, lse, scale, deterministic)
+//     -> (grad_q, grad_k, grad_v)
+//   Gradient of out of p2c_attention_fwd given grad_out (B, N, h, d) and the saved out/lse;
+//   grad_q/grad_k/grad_v have the shapes and dtypes of q/k/v. deterministic=True forbids
+//   atomics in the reduction over N for grad_k/grad_v (bitwise reproducible results).
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(paca_kernels, m) {
+  m.def(
+      "cluster_pool_fwd(Tensor logits, Tensor x, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor out, Tensor pooled, Tensor lse)");
+  m.def(
+      "cluster_pool_bwd(Tensor grad_out, Tensor logits, Tensor x, Tensor? weight, "
+      "Tensor pooled, Tensor lse, float eps)"
+      " -> (Tensor grad_logits, Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "p2c_attention_fwd(Tensor q, Tensor k, Tensor v, float scale)"
+      " -> (Tensor out, Tensor lse)");
+  m.def(
+      "p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, float scale, bool deterministic)"
+      " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+// `import paca_kernels._C` only has to dlopen this library: the static initialisers above
+// register the ops with the dispatcher. The module itself is empty, so no pybind11 or
+// libtorch_python is needed (faster builds, no Python-binding ABI coupling).
+namespace {
+PyModuleDef paca_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",                                                            // m_name
+    "paca_kernels operator library (ops live in torch.ops.paca_kernels)",  // m_doc
+    -1,                                                              // m_size
+    nullptr,                                                         // m_methods
+    nullptr,                                                         // m_slots
+    nullptr,                                                         // m_traverse
+    nullptr,                                                         // m_clear
+    nullptr,                                                         // m_free
+};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&paca_module); }

@@ -1,0 +1,142 @@
+"""Loading of the compiled extension ``paca_kernels._C`` (the ``torch.ops.paca_kernels`` ops).
+
+The extension is optional: :func:`load` never raises. When it cannot be used, :func:`available`
+is False and :func:`unavailable_reason` says why in one actionable sentence (not built, built for
+another torch, import failure, or disabled with ``PACA_KERNELS_DISABLE_EXT=1``).
+
+A ``_C`` built against one torch must not be imported under another: C++ symbols may be missing
+(ImportError at best, a crash at worst). setup.py records the build's torch version in
+``_build_info.json`` next to the module, and it is checked before the import.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["available", "build_info", "cuda_built", "load", "unavailable_reason"]
+
+_PKG_DIR = Path(__file__).resolve().parent
+_BUILD_INFO_FILE = _PKG_DIR / "_build_info.json"
+_REBUILD = "rebuild with `pip install --no-build-isolation -e .` in the source tree"
+_logger = logging.getLogger("paca_kernels")
+
+_lock = threading.Lock()
+_loaded: bool | None = None  # None: load() not attempted yet
+_reason: str | None = None
+_info: dict[str, Any] | None = None
+_info_read = False
+
+
+def _read_build_info() -> dict[str, Any] | None:
+    """The parsed ``_build_info.json`` (cached), or None when absent or unreadable."""
+    global _info, _info_read
+    if not _info_read:
+        try:
+            data = json.loads(_BUILD_INFO_FILE.read_text())
+            _info = data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            _info = None
+        _info_read = True
+    return _info
+
+
+def _module_file() -> Path | None:
+    """The ``_C`` shared library next to this file, for this interpreter's extension suffixes."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _PKG_DIR / f"_C{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _import_extension(path: Path) -> None:
+    """Import ``path`` as ``paca_kernels._C``: exactly the file whose build info was checked."""
+    if "paca_kernels._C" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location("paca_kernels._C", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no extension loader for {path}")
+    module = importlib.util.module_from_spec(spec)  # dlopen: the op registrations run here
+    spec.loader.exec_module(module)
+    sys.modules["paca_kernels._C"] = module
+
+
+def _try_load() -> str | None:
+    """Import ``_C``; None on success, else the reason it is unavailable."""
+    if os.environ.get("PACA_KERNELS_DISABLE_EXT", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "paca_kernels._C is disabled by PACA_KERNELS_DISABLE_EXT=1"
+    module_file = _module_file()
+    if module_file is None:
+        return (
+            "paca_kernels._C is not built (build it with `pip install --no-build-isolation -e .` "
+            "in the source tree, with torch, cmake and ninja installed)"
+        )
+    import torch  # loads libtorch/libc10, which _C links against without an rpath of its own
+
+    info = _read_build_info()
+    built_for = info.get("torch_version") if info else None
+    if built_for is not None and built_for != torch.__version__:
+        return (
+            f"paca_kernels._C was built for torch {built_for}, running torch "
+            f"{torch.__version__}: {_REBUILD}"
+        )
+    try:
+        _import_extension(module_file)
+    except (ImportError, OSError) as exc:
+        return f"paca_kernels._C failed to import ({type(exc).__name__}: {exc}): {_REBUILD}"
+    if not hasattr(torch.ops.paca_kernels, "cluster_pool_fwd"):
+        return f"paca_kernels._C imported but registered no torch.ops.paca_kernels ops: {_REBUILD}"
+    return None
+
+
+def load() -> bool:
+    """Load the extension once (cached); True when ``torch.ops.paca_kernels`` ops are usable."""
+    global _loaded, _reason
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None:
+            try:
+                reason = _try_load()
+            except Exception as exc:  # noqa: BLE001 (load() must never raise)
+                reason = f"paca_kernels._C could not be loaded ({type(exc).__name__}: {exc})"
+            _reason = reason
+            _loaded = reason is None
+            if reason is not None:
+                _logger.debug("C++ extension unavailable: %s", reason)
+    return _loaded
+
+
+def available() -> bool:
+    """Whether the C++ extension is loaded (loads it on first call)."""
+    return load()
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension is unavailable, or None when it is loaded (loads it on first call)."""
+    load()
+    return _reason
+
+
+def build_info() -> dict[str, Any] | None:
+    """Contents of ``_build_info.json`` written by setup.py, or None if there is none.
+
+    Keys: torch_version, torch_cuda, cuda_built, cuda_archs, cxx_compiler, cuda_compiler,
+    cxx11_abi, python, build_date. Readable even when the extension itself is unavailable.
+    """
+    info = _read_build_info()
+    return dict(info) if info is not None else None
+
+
+def cuda_built() -> bool:
+    """Whether the loaded extension contains CUDA kernels."""
+    info = _read_build_info()
+    return load() and bool(info and info.get("cuda_built"))
