@@ -1,0 +1,36 @@
+# Quick start: `make demo` (set up, build, run `python -m paca_kernels`) and `make test`.
+# Everything lives in $(VENV); an installed torch >= 2.11 is kept (see scripts/bootstrap.sh).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: demo test setup build lint clean
+
+demo: build
+	$(PY) -m paca_kernels
+
+test: build
+	$(PY) -m pytest tests -q -ra --durations=10 $(PYTEST_ARGS)
+
+setup: $(VENV)/.paca-setup
+
+build: $(VENV)/.paca-build
+
+$(VENV)/.paca-setup: scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	touch $@
+
+# Rebuild the C++ extension when a source or the build description changes (CMake + ninja are
+# incremental, so a rebuild only recompiles what changed). --no-deps: never let pip resolve torch.
+$(VENV)/.paca-build: $(VENV)/.paca-setup $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+lint: setup
+	$(PY) -m pip install -q ruff
+	$(PY) -m ruff check paca_kernels tests
+
+clean:
+	rm -rf build *.egg-info paca_kernels/_C*.so paca_kernels/_build_info.json $(VENV)/.paca-build

@@ -1,0 +1,193 @@
+"""Helpers shared by the tests, the benchmarks and ``python -m paca_kernels``.
+
+- input makers with random data (never zeros), optional non-contiguous layouts;
+- :func:`assert_close` that reports the worst index, the count and the share of mismatches;
+- :func:`assert_low_precision_ok`: FlashAttention's rule for fp16/bf16 — the kernel's error against a
+  float64 reference is at most ``factor`` times the error of the PyTorch reference run in the same low
+  precision (plus a small absolute floor for outputs that are exactly representable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ClusterPoolInputs",
+    "P2CInputs",
+    "TOLERANCES",
+    "assert_close",
+    "assert_low_precision_ok",
+    "make_cluster_pool_inputs",
+    "make_p2c_inputs",
+    "max_error",
+    "noncontiguous",
+    "shape_id",
+]
+
+#: (rtol, atol) for float comparisons of a kernel against the reference in the same dtype,
+#: from the error measured on the shapes of the test-suite (float32 accumulation everywhere).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+
+
+def shape_id(**dims: int | str) -> str:
+    """``shape_id(B=2, N=197, M=49) -> "B2-N197-M49"`` for readable parametrize ids."""
+    return "-".join(f"{k}{v}" for k, v in dims.items())
+
+
+def noncontiguous(t: Tensor) -> Tensor:
+    """The same values in a non-contiguous layout (last dim strided by 2), same requires_grad."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t.detach()
+    out = wide[..., ::2]
+    return out.requires_grad_(t.requires_grad)
+
+
+@dataclass
+class ClusterPoolInputs:
+    """logits (B, M, N), x (B, N, C), LayerNorm weight and bias (C,)."""
+
+    logits: Tensor
+    x: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+def make_cluster_pool_inputs(
+    B: int,  # noqa: N803
+    M: int,  # noqa: N803
+    N: int,  # noqa: N803
+    C: int,  # noqa: N803
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    affine: bool = True,
+    logit_scale: float = 3.0,
+    requires_grad: bool = False,
+    contiguous: bool = True,
+) -> ClusterPoolInputs:
+    """Random cluster_pool inputs. Logits are spread (``logit_scale``) so the softmax is not flat."""
+    logits = torch.randn(B, M, N, device=device, dtype=torch.float32) * logit_scale
+    x = torch.randn(B, N, C, device=device, dtype=torch.float32)
+    weight = bias = None
+    if affine:
+        weight = 1.0 + 0.5 * torch.randn(C, device=device)
+        bias = 0.5 * torch.randn(C, device=device)
+    tensors = [t.to(dtype) if t is not None else None for t in (logits, x, weight, bias)]
+    if not contiguous:
+        tensors[0] = noncontiguous(tensors[0])
+        tensors[1] = tensors[1].transpose(1, 2).contiguous().transpose(1, 2)
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_(True)
+    return ClusterPoolInputs(*tensors)
+
+
+@dataclass
+class P2CInputs:
+    """q (B, N, h, d), k and v (B, M, h, d)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+
+
+def make_p2c_inputs(
+    B: int,  # noqa: N803
+    N: int,  # noqa: N803
+    M: int,  # noqa: N803
+    h: int,
+    d: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    requires_grad: bool = False,
+    contiguous: bool = True,
+) -> P2CInputs:
+    """Random p2c_attention inputs; non-contiguous ones are views of a (B, N, 3, h, d)-like layout."""
+    q = torch.randn(B, N, h, d, device=device).to(dtype)
+    k = torch.randn(B, M, h, d, device=device).to(dtype)
+    v = torch.randn(B, M, h, d, device=device).to(dtype)
+    if not contiguous:
+        q = torch.stack([q, torch.empty_like(q)], dim=3)[:, :, :, 0]
+        kv = torch.stack([k, v], dim=2)  # (B, M, 2, h, d): k and v interleaved, as from one linear
+        k, v = kv[:, :, 0], kv[:, :, 1]
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return P2CInputs(q, k, v)
+
+
+def max_error(actual: Tensor, expected: Tensor) -> float:
+    """max |actual − expected| in float64 (NaN if either has a NaN where the other has not)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    nan_mismatch = torch.isnan(a) != torch.isnan(e)
+    if nan_mismatch.any():
+        return math.nan
+    diff = (a - e).abs()
+    diff = diff[~torch.isnan(diff)]
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_close(
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    name: str = "output",
+) -> None:
+    """allclose with a report: worst index and values, number and share of mismatches."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    d_rtol, d_atol = TOLERANCES.get(actual.dtype, TOLERANCES[torch.float32])
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    bad = ~torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
+    if not bad.any():
+        return
+    diff = (a - e).abs().nan_to_num(nan=math.inf)
+    diff = torch.where(bad, diff, torch.zeros_like(diff))
+    flat = int(diff.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+    count = int(bad.sum())
+    raise AssertionError(
+        f"{name}: {count} of {a.numel()} elements ({100.0 * count / a.numel():.3g}%) differ beyond "
+        f"rtol={rtol:g}, atol={atol:g}; worst at {idx}: got {a[idx].item():.8g}, "
+        f"expected {e[idx].item():.8g} (|diff| {diff[idx].item():.3g})"
+    )
+
+
+def assert_low_precision_ok(
+    actual: Tensor,
+    low_precision_reference: Tensor,
+    exact: Tensor,
+    *,
+    factor: float = 2.0,
+    floor: float = 1e-5,
+    name: str = "output",
+) -> None:
+    """FlashAttention's rule: err(actual, exact) <= factor · err(reference in low precision, exact) + floor.
+
+    Args:
+        actual: the kernel's output in fp16/bf16.
+        low_precision_reference: the PyTorch reference computed in the same low precision.
+        exact: the reference computed in float64 (or float32) from the same inputs.
+    """
+    err = max_error(actual, exact)
+    ref_err = max_error(low_precision_reference, exact)
+    if not (err <= factor * ref_err + floor):
+        raise AssertionError(
+            f"{name}: max error {err:.3g} against the exact result exceeds {factor:g} × the "
+            f"low-precision PyTorch reference's error {ref_err:.3g} (+ {floor:g})"
+        )

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up what `make demo` / `make test` need, keeping whatever is already there:
+# a virtual environment (.venv), torch, the build tools and the test tools.
+#
+# - A torch >= 2.11 already installed for the chosen python (GPU machines: CUDA torch, no network) is
+#   kept: the venv is then created with --system-site-packages and nothing is downloaded for it.
+# - Otherwise torch 2.13.0 is installed, pinned (an unpinned torch would pull GBs of CUDA wheels).
+set -euo pipefail
+
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+
+"$PYTHON" - <<'PY' || { echo "paca_kernels needs Python >= 3.11 (PYTHON=$PYTHON)" >&2; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
+PY
+
+torch_ok='import sys, torch; v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if v >= (2, 11) else 1)'
+
+if [ ! -x "$VENV/bin/python" ]; then
+    if "$PYTHON" -c "$torch_ok" 2>/dev/null; then
+        echo "bootstrap: keeping the installed torch ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+        "$PYTHON" -m venv --system-site-packages "$VENV"
+    else
+        "$PYTHON" -m venv "$VENV"
+    fi
+fi
+PY="$VENV/bin/python"
+
+if ! "$PY" -c "$torch_ok" 2>/dev/null; then
+    echo "bootstrap: installing torch==2.13.0"
+    "$PY" -m pip install -q "torch==2.13.0"
+fi
+
+# module:distribution pairs; only the missing ones are installed (none of them depends on torch).
+missing=()
+for pair in setuptools:setuptools wheel:wheel cmake:cmake ninja:ninja numpy:numpy pytest:pytest \
+            hypothesis:hypothesis pytest_benchmark:pytest-benchmark expecttest:expecttest; do
+    "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "bootstrap: installing ${missing[*]}"
+    "$PY" -m pip install -q "${missing[@]}"
+fi
+"$PY" -c 'import torch; print(f"bootstrap: torch {torch.__version__} in '"$VENV"'")'
