@@ -74,7 +74,9 @@ def p2c_attention_weights(q: Tensor, k: Tensor, scale: float | None = None) -> T
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) * scale  # (B, h, N, M)
+    # kᵀ as two transposes, not k.permute(0, 2, 3, 1): with the permute, Inductor's fused-attention
+    # pattern (torch 2.13, CPU inference) reads k and v as (B, h, M, d) and compiles a wrong graph.
+    scores = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(-2, -1)) * scale  # (B, h, N, M)
     return torch.softmax(scores, dim=-1)
 
 
