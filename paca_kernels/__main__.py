@@ -110,7 +110,8 @@ def self_check(device: torch.device, dtype: torch.dtype) -> bool:
             t = time.perf_counter()
             try:
                 ok, detail = _check_op(op, name, device, dtype)
-            except Exception as exc:  # report and go on: one broken backend must not hide the others
+            # Report and go on: one broken backend must not hide the others.
+            except Exception as exc:  # noqa: BLE001
                 ok, detail = False, f"raised {type(exc).__name__}: {exc}"
             status = "skip" if detail.startswith("skipped") else ("ok" if ok else "MISMATCH")
             print(f"  {op:<14} {name:<10} {status:<9} {detail} ({time.perf_counter() - t:.2f} s)")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cluster_pool", "cluster_assign", "p2c_attention", "p2c_attention_weights"]
+__all__ = ["cluster_assign", "cluster_pool", "p2c_attention", "p2c_attention_weights"]
 
 
 def cluster_assign(logits: Tensor) -> Tensor:

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "TOLERANCES",
     "ClusterPoolInputs",
     "P2CInputs",
-    "TOLERANCES",
     "assert_close",
     "assert_low_precision_ok",
     "make_cluster_pool_inputs",
@@ -62,10 +62,10 @@ class ClusterPoolInputs:
 
 
 def make_cluster_pool_inputs(
-    B: int,  # noqa: N803
-    M: int,  # noqa: N803
-    N: int,  # noqa: N803
-    C: int,  # noqa: N803
+    B: int,
+    M: int,
+    N: int,
+    C: int,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -102,9 +102,9 @@ class P2CInputs:
 
 
 def make_p2c_inputs(
-    B: int,  # noqa: N803
-    N: int,  # noqa: N803
-    M: int,  # noqa: N803
+    B: int,
+    N: int,
+    M: int,
     h: int,
     d: int,
     *,

@@ -118,7 +118,7 @@ BAD_POOL = [
 
 
 @pytest.mark.parametrize(("make", "exc", "match"), [b[1:] for b in BAD_POOL], ids=[b[0] for b in BAD_POOL])
-def test_cluster_pool_bad_input(make, exc, match):  # noqa: ANN001
+def test_cluster_pool_bad_input(make, exc, match):
     logits, x = make()
     with pytest.raises(exc, match=match):
         ops.cluster_pool(logits, x)
@@ -147,7 +147,7 @@ CPU_SHAPES = [(1, 1, 1, 8), (2, 3, 7, 5), (2, 49, 197, 24), (3, 100, 49, 40)]
 CPU_IDS = [shape_id(B=b, M=m, N=n, C=c) for b, m, n, c in CPU_SHAPES]
 
 
-def _grads(fn, inp, grad_out):  # noqa: ANN001, ANN202
+def _grads(fn, inp, grad_out):
     out = fn(inp.logits, inp.x, inp.weight, inp.bias)
     out.backward(grad_out)
     return out.detach(), [t.grad.clone() for t in (inp.logits, inp.x, inp.weight, inp.bias)]
@@ -156,8 +156,8 @@ def _grads(fn, inp, grad_out):  # noqa: ANN001, ANN202
 @needs_ext
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=CPU_IDS)
-def test_cpu_cluster_pool_forward_backward_match_reference(shape, contiguous):  # noqa: ANN001
-    B, M, N, C = shape  # noqa: N806
+def test_cpu_cluster_pool_forward_backward_match_reference(shape, contiguous):
+    B, M, N, C = shape
     kw = {"requires_grad": True, "contiguous": contiguous}
     a = make_cluster_pool_inputs(B, M, N, C, **kw)
     b = make_cluster_pool_inputs(B, M, N, C, **kw)
@@ -224,7 +224,7 @@ def test_cpu_cluster_pool_extreme_logits():
 
 @needs_ext
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-def test_cpu_cluster_pool_opcheck(affine):  # noqa: ANN001
+def test_cpu_cluster_pool_opcheck(affine):
     inp = make_cluster_pool_inputs(2, 3, 7, 5, affine=affine, requires_grad=True)
     torch.library.opcheck(
         torch.ops.paca_kernels.cluster_pool_fwd, (inp.logits, inp.x, inp.weight, inp.bias, 1e-6)
@@ -241,7 +241,7 @@ def test_cpu_cluster_pool_opcheck(affine):  # noqa: ANN001
 def test_cpu_cluster_pool_compiles_fullgraph_forward_and_backward():
     torch._dynamo.reset()
 
-    def f(logits, x, w, b):  # noqa: ANN001, ANN202
+    def f(logits, x, w, b):
         return ops.cluster_pool(logits, x, w, b, backend="cpu").square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -259,7 +259,7 @@ def test_cpu_cluster_pool_compiles_fullgraph_forward_and_backward():
 @needs_ext
 def test_cpu_cluster_pool_export_keeps_the_op():
     class Pool(torch.nn.Module):
-        def forward(self, logits, x):  # noqa: ANN001, ANN202
+        def forward(self, logits, x):
             return ops.cluster_pool(logits, x, backend="cpu")
 
     inp = make_cluster_pool_inputs(1, 3, 5, 4, affine=False)

@@ -13,10 +13,10 @@ from paca_kernels.testing import assert_close, make_cluster_pool_inputs, make_p2
 POOL_SHAPES = [(1, 1, 1, 4), (2, 3, 7, 5), (2, 49, 197, 24), (3, 100, 49, 40)]
 
 
-def _explicit_cluster_pool(logits, x, weight, bias, eps):  # noqa: ANN001, ANN202
+def _explicit_cluster_pool(logits, x, weight, bias, eps):
     """Loops over b, m: softmax by exp/sum, weighted sum, then mean/var normalisation."""
-    B, M, N = logits.shape  # noqa: N806
-    C = x.shape[2]  # noqa: N806
+    B, M, _ = logits.shape
+    C = x.shape[2]
     out = torch.empty(B, M, C, dtype=torch.float64)
     for b in range(B):
         for m in range(M):
@@ -37,8 +37,8 @@ def _explicit_cluster_pool(logits, x, weight, bias, eps):  # noqa: ANN001, ANN20
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=[shape_id(B=b, M=m, N=n, C=c) for b, m, n, c in POOL_SHAPES])
-def test_cluster_pool_matches_explicit_formula(shape, affine):  # noqa: ANN001
-    B, M, N, C = shape  # noqa: N806
+def test_cluster_pool_matches_explicit_formula(shape, affine):
+    B, M, N, C = shape
     inp = make_cluster_pool_inputs(B, M, N, C, dtype=torch.float64, affine=affine)
     got = reference.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias, eps=1e-6)
     want = _explicit_cluster_pool(inp.logits, inp.x, inp.weight, inp.bias, 1e-6)
@@ -65,8 +65,8 @@ def test_cluster_pool_eps_matters():
 ATTN_SHAPES = [(1, 1, 1, 1, 8), (2, 7, 3, 2, 24), (2, 197, 49, 3, 40), (1, 16, 100, 1, 48)]
 
 
-def _explicit_p2c(q, k, v, scale):  # noqa: ANN001, ANN202
-    B, N, h, d = q.shape  # noqa: N806
+def _explicit_p2c(q, k, v, scale):
+    B, N, h, _ = q.shape
     out = torch.empty_like(q)
     for b in range(B):
         for head in range(h):
@@ -81,8 +81,8 @@ def _explicit_p2c(q, k, v, scale):  # noqa: ANN001, ANN202
 @pytest.mark.parametrize(
     "shape", ATTN_SHAPES, ids=[shape_id(B=b, N=n, M=m, H=h, D=d) for b, n, m, h, d in ATTN_SHAPES]
 )
-def test_p2c_attention_matches_explicit_formula(shape):  # noqa: ANN001
-    B, N, M, h, d = shape  # noqa: N806
+def test_p2c_attention_matches_explicit_formula(shape):
+    B, N, M, h, d = shape
     inp = make_p2c_inputs(B, N, M, h, d, dtype=torch.float64)
     got = reference.p2c_attention(inp.q, inp.k, inp.v)
     assert got.shape == (B, N, h, d)

@@ -77,7 +77,7 @@ class _TimmImportHook(importlib.abc.MetaPathFinder):
             _remove_hook()
             try:
                 register_timm_models()
-            except Exception as exc:  # a broken timm must not break the user's import
+            except Exception as exc:  # noqa: BLE001 (a broken timm must not break the import)
                 _log.warning("paca_kernels: could not register models with timm: %s", exc)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
@@ -97,7 +97,7 @@ def install_timm_hook() -> None:
     if "timm" in sys.modules and hasattr(sys.modules["timm"], "models"):
         try:
             register_timm_models()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (same)
             _log.warning("paca_kernels: could not register models with timm: %s", exc)
         return
     if os.environ.get("PACA_KERNELS_NO_TIMM_HOOK") == "1" or _HOOK in sys.meta_path:

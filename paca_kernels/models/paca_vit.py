@@ -54,7 +54,7 @@ def _mixer_unit(
     )
 
 
-class PaCaTeacher_ConvMixer(nn.Module):  # noqa: N801 (official class name)
+class PaCaTeacher_ConvMixer(nn.Module):
     """The external clustering teacher: a ConvMixer-style pyramid with a top-down path.
 
     Input: the backbone's patch embedding (B, C0, H, W) (or an image when it has its own stem).
@@ -322,7 +322,7 @@ class PaCaViT(nn.Module):
             )
         outs: list[Tensor] = []
         for i in range(self.num_stages):
-            b, c, h, w = x.shape
+            b, _, h, w = x.shape
             x = x.flatten(2).transpose(1, 2)
             logits = logits_list[i] if logits_list is not None and i < len(logits_list) else None
             for block in getattr(self, f"stage{i + 1}"):

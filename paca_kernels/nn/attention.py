@@ -28,7 +28,7 @@ from .layers import build_norm
 __all__ = ["PaCaAttention", "PaCaLayer", "check_tokens"]
 
 
-def check_tokens(x: object, H: int, W: int, dim: int | None = None) -> Tensor:  # noqa: N803
+def check_tokens(x: object, H: int, W: int, dim: int | None = None) -> Tensor:
     """Validate patch tokens x (B, N, C) on an H×W grid; ValueError/TypeError naming the problem."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (B, N, C), got {type(x).__name__}")
@@ -186,7 +186,7 @@ class PaCaAttention(nn.Module):
         return out, attn
 
     def _run(
-        self, x: Tensor, H: int, W: int, logits: Tensor | None, z: Tensor | None, return_attn: bool,  # noqa: N803
+        self, x: Tensor, H: int, W: int, logits: Tensor | None, z: Tensor | None, return_attn: bool,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         check_tokens(x, H, W, self.dim)
         if self.num_clusters == 0:
@@ -209,7 +209,7 @@ class PaCaAttention(nn.Module):
         return out, logits, attn
 
     def forward(
-        self, x: Tensor, H: int, W: int, z: Tensor | None = None, *, return_attn: bool = False,  # noqa: N803
+        self, x: Tensor, H: int, W: int, z: Tensor | None = None, *, return_attn: bool = False,
     ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
         """Official interface.
 
@@ -231,8 +231,8 @@ class PaCaAttention(nn.Module):
     def forward_logits(
         self,
         x: Tensor,
-        H: int,  # noqa: N803
-        W: int,  # noqa: N803
+        H: int,
+        W: int,
         logits: Tensor | None = None,
         *,
         return_attn: bool = False,

@@ -40,8 +40,8 @@ class DWConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, 1, (kernel_size - 1) // 2, bias=bias, groups=dim)
         self.with_shortcut = with_shortcut
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803
-        b, n, c = x.shape
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        b, _, c = x.shape
         y = self.dwconv(x.transpose(1, 2).reshape(b, c, H, W)).flatten(2).transpose(1, 2)
         return y + x if self.with_shortcut else y
 
@@ -68,7 +68,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         x = self.fc1(x)
         if self.dwconv is not None:
             x = self.dwconv(x, H, W)
@@ -141,7 +141,7 @@ class PaCaBlock(nn.Module):
             self.gamma1 = nn.Parameter(layer_scale * torch.ones(dim))
             self.gamma2 = nn.Parameter(layer_scale * torch.ones(dim))
 
-    def _pos(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803
+    def _pos(self, x: Tensor, H: int, W: int) -> Tensor:
         pos = self.pos_embed
         if self.input_resolution != (H, W):
             h0, w0 = self.input_resolution
@@ -150,7 +150,7 @@ class PaCaBlock(nn.Module):
             pos = grid.flatten(2).transpose(1, 2)
         return self.pos_drop(x + pos)
 
-    def _run(self, x: Tensor, H: int, W: int, a_fn: Any) -> tuple[Tensor, Any, Any]:  # noqa: N803
+    def _run(self, x: Tensor, H: int, W: int, a_fn: Any) -> tuple[Tensor, Any, Any]:
         if self.with_pos_embed:
             x = self._pos(x, H, W)
         a, *rest = a_fn(self.norm1_before(x))
@@ -164,7 +164,7 @@ class PaCaBlock(nn.Module):
         return x, *rest
 
     def forward(
-        self, x: Tensor, H: int, W: int, z: Tensor | None = None, *, return_attn: bool = False,  # noqa: N803
+        self, x: Tensor, H: int, W: int, z: Tensor | None = None, *, return_attn: bool = False,
     ) -> tuple[Tensor, ...]:
         """Official interface: x (B, N, C), grid H×W, shared assignment z (B, M, N) or None.
 
@@ -173,7 +173,7 @@ class PaCaBlock(nn.Module):
         return self._run(x, H, W, lambda t: self.attn(t, H, W, z, return_attn=return_attn))
 
     def forward_logits(
-        self, x: Tensor, H: int, W: int, logits: Tensor | None = None, *, return_attn: bool = False,  # noqa: N803
+        self, x: Tensor, H: int, W: int, logits: Tensor | None = None, *, return_attn: bool = False,
     ) -> tuple[Tensor, ...]:
         """As :meth:`forward` with the assignment as logits (see PaCaAttention.forward_logits)."""
         return self._run(

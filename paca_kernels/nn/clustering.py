@@ -38,7 +38,7 @@ class P2CLinear(nn.Module):
         super().__init__()
         self.clustering = nn.Sequential(nn.Linear(dim, num_clusters, bias=False), _Transpose12())
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803 (official signature)
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         """x (B, N, C) -> logits (B, M, N)."""
         return self.clustering(x)
 
@@ -63,7 +63,7 @@ class P2CMlp(nn.Module):
             _Transpose12(),
         )
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         """x (B, N, C) -> logits (B, M, N)."""
         return self.clustering(x)
 
@@ -91,9 +91,9 @@ class P2CConv2d(nn.Module):
             _Flatten2(),
         )
 
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:  # noqa: N803
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         """x (B, N, C) with N = H·W -> logits (B, M, N)."""
-        b, n, c = x.shape
+        b, _, c = x.shape
         return self.clustering(x.transpose(1, 2).reshape(b, c, H, W))
 
 

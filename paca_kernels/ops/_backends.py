@@ -23,9 +23,9 @@ import torch
 
 __all__ = [
     "AUTO_PRIORITY",
+    "ENV_VAR",
     "Backend",
     "BackendError",
-    "ENV_VAR",
     "backend_names",
     "get_backend",
     "register_backend",

@@ -48,7 +48,7 @@ def check_cluster_pool(
     """Validate cluster_pool inputs: logits (B, M, N), x (B, N, C), weight/bias (C,) or None."""
     check_tensor("logits", logits, 3, "B, M, N")
     check_tensor("x", x, 3, "B, N, C")
-    b, m, n = logits.shape
+    b, _, n = logits.shape
     if x.shape[0] != b or x.shape[1] != n:
         raise ValueError(
             f"logits (B, M, N) = {tuple(logits.shape)} and x (B, N, C) = {tuple(x.shape)} "
