@@ -6,13 +6,19 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: demo test setup build lint clean
+.PHONY: demo test bench setup build lint clean
 
 demo: build
 	$(PY) -m paca_kernels
 
 test: build
 	$(PY) -m pytest tests -q -ra --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks -q -ra --benchmark-disable -p no:cacheprovider
+
+# Full benchmark run on this machine's default device; JSON under benchmarks/results/.
+bench: build
+	$(PY) -m pytest benchmarks --benchmark-only \
+		--benchmark-json=benchmarks/results/$$($(PY) -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu")')-$$(date +%F).json
 
 setup: $(VENV)/.paca-setup
 
