@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ __all__ = [
     "make_p2c_inputs",
     "max_error",
     "noncontiguous",
+    "poisoned_outputs",
     "shape_id",
 ]
 
@@ -49,6 +52,21 @@ def noncontiguous(t: Tensor) -> Tensor:
     wide[..., ::2] = t.detach()
     out = wide[..., ::2]
     return out.requires_grad_(t.requires_grad)
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Fill every new allocation with NaN while active (C++ ``at::empty`` and ``torch.empty_like``
+    included): an output element a kernel forgets to write shows up as NaN, never as a stale value."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
 @dataclass
