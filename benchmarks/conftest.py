@@ -120,3 +120,17 @@ def run(benchmark, device: torch.device, ceilings: Ceilings, smoke: bool):
         info["ceiling_matmul_tflops"] = ceilings.matmul_flops_per_s / 1e12
 
     return _run
+
+
+@pytest.fixture
+def compile_fn(smoke: bool):
+    """torch.compile for the "-compiled" providers. In smoke mode the aot_eager backend: the graph is
+    still traced with fullgraph semantics (so the suite cannot rot), without minutes of Inductor
+    code generation on a 2-core CI machine."""
+
+    def _compile(fn, mode: str | None = None):
+        if smoke:
+            return torch.compile(fn, backend="aot_eager")
+        return torch.compile(fn, mode=mode) if mode else torch.compile(fn)
+
+    return _compile

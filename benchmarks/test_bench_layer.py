@@ -44,7 +44,7 @@ def official_forward(layer: PaCaAttention, x: torch.Tensor, H: int, W: int) -> t
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_paca_attention_layer(benchmark, run, shape: Shape, provider: str, device, dtype):
+def test_paca_attention_layer(benchmark, run, shape: Shape, provider: str, device, dtype, compile_fn):
     benchmark.group = f"PaCaAttention-fwd-{shape.id}"
     s = shape
     layer = PaCaAttention(s.C, s.h, s.M, clustering="conv").to(device=device, dtype=dtype).eval()
@@ -60,7 +60,7 @@ def test_paca_attention_layer(benchmark, run, shape: Shape, provider: str, devic
         layer.backend = backend
         fn = lambda t: layer(t, s.H, s.W)[0]
     if provider.endswith("-compiled"):
-        fn = torch.compile(fn)
+        fn = compile_fn(fn)
     with torch.no_grad():
         ref = official_forward(layer, x, s.H, s.W)
         torch.testing.assert_close(fn(x), ref, rtol=2e-2, atol=2e-2)

@@ -31,14 +31,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("shape", shapes, ids=[s.id for s in shapes])
 
 
-def _compiled(fn: Callable, provider: str, device: torch.device) -> Callable:
+def _compiled(fn: Callable, provider: str, device: torch.device, compile_fn: Callable) -> Callable:
     if provider == "reference":
         return fn
     if provider == "reference-max-autotune":
         if device.type != "cuda":
             pytest.skip("max-autotune is benchmarked on CUDA only")
-        return torch.compile(fn, mode="max-autotune-no-cudagraphs")
-    return torch.compile(fn)
+        return compile_fn(fn, mode="max-autotune-no-cudagraphs")
+    return compile_fn(fn)
 
 
 def _bench(run, fn: Callable, inputs: list[torch.Tensor], mode: str, provider: str,
@@ -62,7 +62,7 @@ def _bench(run, fn: Callable, inputs: list[torch.Tensor], mode: str, provider: s
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", POOL_PROVIDERS)
-def test_cluster_pool(benchmark, run, shape: Shape, provider: str, mode: str, device, dtype):
+def test_cluster_pool(benchmark, run, shape: Shape, provider: str, mode: str, device, dtype, compile_fn):
     benchmark.group = f"cluster_pool-{mode}-{shape.id}"
     s = shape
     logits = torch.randn(s.B, s.M, s.N, device=device, dtype=dtype) * 3
@@ -75,7 +75,7 @@ def test_cluster_pool(benchmark, run, shape: Shape, provider: str, mode: str, de
             pytest.skip(f"{provider}: {'; '.join(reasons)}")
         fn = lambda lg, xx, ww, bb: ops.cluster_pool(lg, xx, ww, bb, backend=provider)
     else:
-        fn = _compiled(reference.cluster_pool, provider, device)
+        fn = _compiled(reference.cluster_pool, provider, device, compile_fn)
     e = logits.element_size()
     flops = 2 * s.B * s.M * s.N * s.C
     bytes_fwd = e * (s.B * s.M * s.N + s.B * s.N * s.C + s.B * s.M * s.C)
@@ -90,7 +90,7 @@ def _sdpa(q, k, v):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", ATTN_PROVIDERS)
-def test_p2c_attention(benchmark, run, shape: Shape, provider: str, mode: str, device, dtype):
+def test_p2c_attention(benchmark, run, shape: Shape, provider: str, mode: str, device, dtype, compile_fn):
     benchmark.group = f"p2c_attention-{mode}-{shape.id}"
     s = shape
     q = torch.randn(s.B, s.N, s.h, s.d, device=device, dtype=dtype)
@@ -109,7 +109,7 @@ def test_p2c_attention(benchmark, run, shape: Shape, provider: str, mode: str, d
             pytest.skip("xformers memory_efficient_attention is benchmarked on CUDA only")
         fn = xops.memory_efficient_attention
     else:
-        fn = _compiled(reference.p2c_attention, provider, device)
+        fn = _compiled(reference.p2c_attention, provider, device, compile_fn)
     e = q.element_size()
     flops = 4 * s.B * s.h * s.N * s.M * s.d
     qn, kn = s.B * s.N * s.C, s.B * s.M * s.C
