@@ -7,6 +7,7 @@ Options: --bench-device (cpu/cuda), --bench-dtype (float32/bfloat16/float16).
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ def dtype(request: pytest.FixtureRequest, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -76,7 +84,7 @@ def ceilings(device: torch.device, dtype: torch.dtype, smoke: bool) -> Ceilings:
     dst = torch.empty_like(src)
     dst.copy_(src)
     t_copy = _median_seconds(lambda: dst.copy_(src), device, 3 if smoke else 20)
-    n = 256 if smoke else (8192 if device.type == "cuda" else 1024)
+    n = 256 if smoke else (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -85,7 +93,7 @@ def ceilings(device: torch.device, dtype: torch.dtype, smoke: bool) -> Ceilings:
 
 
 @pytest.fixture
-def run(benchmark, device: torch.device, ceilings: Ceilings, smoke: bool):
+def run(benchmark, device: torch.device, dtype: torch.dtype, ceilings: Ceilings, smoke: bool):
     """run(fn, provider=..., flops=..., min_bytes=...): warm up, time with synchronisation, record
     FLOPs, bytes, achieved rates, share of the ceilings and peak memory in extra_info."""
 
@@ -105,7 +113,8 @@ def run(benchmark, device: torch.device, ceilings: Ceilings, smoke: bool):
             benchmark.pedantic(timed, rounds=15, iterations=1, warmup_rounds=3)
         info = benchmark.extra_info
         info.update(provider=provider, device=str(device), flops=flops, min_bytes=min_bytes,
-                    torch=torch.__version__, cuda=torch.version.cuda)
+                    torch=torch.__version__, cuda=torch.version.cuda, triton=_triton_version(),
+                    dtype=str(dtype).removeprefix("torch."))
         if device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(device)
             info["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
