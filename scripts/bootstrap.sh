@@ -42,4 +42,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]}"
     "$PY" -m pip install -q "${missing[@]}"
 fi
+# Triton: the GPU backend, and its CPU interpreter for the tests (TRITON_INTERPRET=1). Optional: where
+# it cannot be installed, the triton backend reports itself unavailable and its tests skip with why.
+if ! "$PY" -c "import triton" 2>/dev/null; then
+    echo "bootstrap: installing triton==3.9.0"
+    "$PY" -m pip install -q "triton==3.9.0" || echo "bootstrap: triton could not be installed" >&2
+fi
 "$PY" -c 'import torch; print(f"bootstrap: torch {torch.__version__} in '"$VENV"'")'
