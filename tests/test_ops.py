@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from paca_kernels import _ext, ops, reference
-from paca_kernels.ops import BackendError
+from paca_kernels.ops import BackendError, _backends
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
@@ -36,26 +36,43 @@ def test_unknown_backend_lists_known_ones():
         ops.cluster_pool(inp.logits, inp.x, backend="nope")
 
 
-def test_explicit_backend_that_cannot_serve_lists_every_reason():
+@pytest.fixture
+def pool_only_backend(monkeypatch):
+    """A registered backend that serves cluster_pool only (what a partial backend looks like)."""
+    backend = ops.Backend(
+        name="pool-only", description="test backend", device_types=("cpu",), dtypes=(torch.float32,),
+        impls={"cluster_pool": reference.cluster_pool},
+    )
+    monkeypatch.setitem(_backends._REGISTRY, "pool-only", backend)
+    return backend
+
+
+def test_explicit_backend_that_cannot_serve_lists_every_reason(pool_only_backend):
     p = make_p2c_inputs(1, 3, 2, 1, 8)
-    # The cpu backend has no p2c_attention kernel yet (or no extension at all): it must say so,
-    # and the message lists every backend.
     with pytest.raises(BackendError) as info:
-        ops.p2c_attention(p.q, p.k, p.v, backend="cpu")
+        ops.p2c_attention(p.q, p.k, p.v, backend="pool-only")
     msg = str(info.value)
-    assert "backend='cpu'" in msg and "p2c_attention" in msg
+    assert "backend='pool-only'" in msg and "p2c_attention" in msg
+    assert "pool-only: has no p2c_attention implementation" in msg
     for name in ops.backend_names():
         assert f"  {name}: " in msg
     assert "reference: can serve this call" in msg
+    # A float64 call: the dtype reason is listed too.
+    p64 = make_p2c_inputs(1, 3, 2, 1, 8, dtype=torch.float64)
+    with pytest.raises(BackendError, match="pool-only: has no p2c_attention"):
+        ops.p2c_attention(p64.q, p64.k, p64.v, backend="pool-only")
+    inp = make_cluster_pool_inputs(1, 2, 3, 4, dtype=torch.float64)
+    with pytest.raises(BackendError, match=r"pool-only: does not support float64 \(supports float32\)"):
+        ops.cluster_pool(inp.logits, inp.x, backend="pool-only")
 
 
-def test_env_var_selects_and_is_strict(monkeypatch):
+def test_env_var_selects_and_is_strict(monkeypatch, pool_only_backend):
     p = make_p2c_inputs(1, 3, 2, 1, 8)
-    monkeypatch.setenv(ops.ENV_VAR, "cpu")
+    monkeypatch.setenv(ops.ENV_VAR, "pool-only")
     with pytest.raises(BackendError, match=f"{ops.ENV_VAR}="):
         ops.p2c_attention(p.q, p.k, p.v)
     # A preference list falls through to the first backend that can serve the call.
-    monkeypatch.setenv(ops.ENV_VAR, "cpu,reference")
+    monkeypatch.setenv(ops.ENV_VAR, "pool-only,reference")
     assert_close(ops.p2c_attention(p.q, p.k, p.v), reference.p2c_attention(p.q, p.k, p.v))
     # The argument wins over the environment.
     monkeypatch.setenv(ops.ENV_VAR, "nope")
