@@ -1,10 +1,10 @@
-// CPU kernel of paca_kernels::cluster_pool_fwd (schema and semantics: csrc/registration.cpp).
+// CPU kernels of paca_kernels::cluster_pool_fwd and cluster_pool_bwd (schemas and semantics:
+// csrc/registration.cpp; the backward math is spelled out in paca_kernels/ops/cluster_pool.py).
 //
-// One task per (b, m) row: an online softmax over N (running max and running sum, the
-// accumulator rescaled whenever the max grows) accumulates softmax(logits) . x in a single pass,
-// then LayerNorm over C. This is the algorithm the fast kernels use; here it is written plainly
-// and reads inputs through their strides, so non-contiguous and expanded (stride-0) inputs work
-// without copies.
+// Forward: an online softmax over N (running max and running sum, the accumulator rescaled
+// whenever the max grows) accumulates softmax(logits) . x in a single pass, then LayerNorm over C.
+// Backward: one streaming pass over N. Inputs are read through their strides, so non-contiguous
+// and expanded (stride-0) inputs work without copies; outputs are written contiguous.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,30 +19,50 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "common/check.h"
+#include "cpu/cpu_math.h"
 
 namespace paca_kernels {
 namespace {
 
 constexpr const char* kOp = "paca_kernels::cluster_pool_fwd";
-// Multiply-adds per parallel task; same value as at::internal::GRAIN_SIZE, which lives in the
-// heavy ATen/TensorIterator.h.
-constexpr int64_t kGrainSize = 32768;
+constexpr const char* kBwdOp = "paca_kernels::cluster_pool_bwd";
+// Patches per tile: the tile's x rows (kPatchTile x C) and weights (M x kPatchTile) stay in cache
+// while the products with them are formed (forward P.x; backward x.dP^T and S^T.dP).
+constexpr int64_t kPatchTile = 256;
+// Patches per forward task (one partial softmax state per split, merged in split order).
+constexpr int64_t kSplitRows = 512;
 
-// Element strides of a 3-d tensor, as int64 so that > 2^31-element tensors index correctly.
-struct Strides3 {
-  int64_t s0, s1, s2;
-  explicit Strides3(const at::Tensor& t) : s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
-};
+// The M logits rows of a tile are M short runs far apart (row stride N), too many streams for
+// the hardware prefetchers: ask for the next tile's run of each row while this one is processed.
+template <typename scalar_t>
+inline void prefetch_next_tile(const scalar_t* row_tile, int64_t stride, int64_t nt,
+                               int64_t next) {
+#if defined(__GNUC__)
+  if (stride != 1) return;  // strided logits: leave it to the hardware
+  const scalar_t* nxt = row_tile + nt;
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));  // elements per line
+  for (int64_t i = 0; i < next; i += kLine) __builtin_prefetch(nxt + i);
+#endif
+}
 
+// Forward. Parallel over (b, split of N): each task streams its kSplitRows patches in tiles of
+// kPatchTile and keeps, for all M clusters at once, the online-softmax state (running max, running
+// sum, and the (M, C) accumulator rescaled whenever a row's max grows). Handling every cluster
+// per tile means each x row is read (and converted) once per task, not M times, and the update
+// acc += P.x_tile is a register-blocked product. The splits (flash-decoding style: enough tasks
+// even at batch 1) are merged per cluster in split order, then LayerNorm over C. The split size
+// depends only on N, so results do not depend on the thread count.
 template <typename scalar_t>
 void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
                              const at::Tensor* weight, const at::Tensor* bias, double eps,
                              at::Tensor& out, at::Tensor& pooled, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  const Strides3 sl(logits), sx(x);
+  const Strides sl(logits), sx(x);
   const scalar_t* lp = logits.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   // weight/bias were converted to contiguous acc_t by the caller (they are only (C,)).
@@ -54,35 +74,101 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
   const acc_t eps_acc = static_cast<acc_t>(eps);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  // Each row costs ~N*C multiply-adds.
-  const int64_t grain = std::max<int64_t>(1, kGrainSize / (N * C));
-  at::parallel_for(0, B * M, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / M, m = row % M;
-      const scalar_t* lrow = lp + b * sl.s0 + m * sl.s1;
-      const scalar_t* xb = xp + b * sx.s0;
-      acc_t* prow = pp + row * C;  // pooled is freshly allocated, hence contiguous
-
-      // Online softmax: invariant prow = sum_{n seen} exp(l_n - mx) * x_n, s = sum exp(l_n - mx).
-      std::fill(prow, prow + C, acc_t(0));
-      acc_t mx = kNegInf, s = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const acc_t l = static_cast<acc_t>(lrow[n * sl.s2]);
-        // exp(-inf - mx) is 0: skipping keeps an all -inf prefix from producing (-inf) - (-inf).
-        if (l == kNegInf) continue;
-        if (l > mx) {
-          const acc_t r = std::exp(mx - l);  // 0 on the first finite logit (mx = -inf)
-          s *= r;
-          for (int64_t c = 0; c < C; ++c) prow[c] *= r;
-          mx = l;
+  // x rows are used in place when they already are contiguous acc_t vectors (no copy).
+  const bool x_direct = std::is_same_v<scalar_t, acc_t> && sx[2] == 1;
+  const int64_t nsplit = (N + kSplitRows - 1) / kSplitRows;
+  const int64_t MC = M * C;
+  // Per (b, split): accumulator (M x C), running max (M) and running sum (M).
+  std::vector<acc_t> acc_part(B * nsplit * MC), mx_part(B * nsplit * M), sum_part(B * nsplit * M);
+  parallel_for(0, B * nsplit, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> xbuf(x_direct ? 0 : kPatchTile * C), pt(M * kPatchTile);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / nsplit, split = task % nsplit;
+      acc_t* acc = acc_part.data() + task * MC;
+      acc_t* mx = mx_part.data() + task * M;
+      acc_t* sum = sum_part.data() + task * M;
+      std::fill(acc, acc + MC, acc_t(0));
+      std::fill(mx, mx + M, kNegInf);
+      std::fill(sum, sum + M, acc_t(0));
+      const int64_t s_end = std::min(N, (split + 1) * kSplitRows);
+      for (int64_t n0 = split * kSplitRows; n0 < s_end; n0 += kPatchTile) {
+        const int64_t nt = std::min(kPatchTile, s_end - n0);
+        const acc_t* xa;
+        int64_t ldx;
+        if (x_direct) {
+          xa = reinterpret_cast<const acc_t*>(xp + b * sx[0] + n0 * sx[1]);
+          ldx = sx[1];
+        } else {
+          for (int64_t i = 0; i < nt; ++i) {
+            const scalar_t* xr = xp + b * sx[0] + (n0 + i) * sx[1];
+            for (int64_t c = 0; c < C; ++c) xbuf[i * C + c] = static_cast<acc_t>(xr[c * sx[2]]);
+          }
+          xa = xbuf.data();
+          ldx = C;
         }
-        const acc_t p = std::exp(l - mx);  // NaN logits propagate NaN, like torch.softmax
-        s += p;
-        const scalar_t* xrow = xb + n * sx.s1;
-        for (int64_t c = 0; c < C; ++c) prow[c] += p * static_cast<acc_t>(xrow[c * sx.s2]);
+        for (int64_t m = 0; m < M; ++m) {
+          const scalar_t* lr = lp + b * sl[0] + m * sl[1] + n0 * sl[2];
+          prefetch_next_tile(lr, sl[2], nt, std::min(kPatchTile, s_end - n0 - nt));
+          acc_t* prow = pt.data() + m * nt;
+          const acc_t* lsrc = prow;  // the tile's logits as contiguous acc_t
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            if (sl[2] == 1) lsrc = lr;
+          }
+          if (lsrc == prow) {
+            for (int64_t i = 0; i < nt; ++i) prow[i] = static_cast<acc_t>(lr[i * sl[2]]);
+          }
+          const acc_t tile_mx = row_max(lsrc, nt);
+          acc_t tile_sum;
+          if (!(tile_mx > kNegInf)) {
+            // Everything -inf so far in this tile (or NaN only): weights exp(-inf) = 0, but a
+            // NaN must still poison the row like torch.softmax; exp(NaN - 0) does that.
+            tile_sum = exp_shifted(lsrc, mx[m] > kNegInf ? mx[m] : acc_t(0), prow, nt);
+          } else {
+            if (tile_mx > mx[m]) {
+              // exp(-inf) = 0 on the first finite tile: acc and sum are 0 anyway.
+              const acc_t r = std::exp(mx[m] - tile_mx);
+              sum[m] *= r;
+              acc_t* arow = acc + m * C;
+              for (int64_t c = 0; c < C; ++c) arow[c] *= r;
+              mx[m] = tile_mx;
+            }
+            tile_sum = exp_shifted(lsrc, mx[m], prow, nt);
+          }
+          sum[m] += tile_sum;
+        }
+        gemm_nn(pt.data(), nt, xa, ldx, acc, C, M, nt, C, /*accumulate=*/true);
       }
-      // s == 0 only for all -inf rows: lse = -inf and 0/0 = NaN pooled, as torch does.
-      lsep[row] = mx + std::log(s);
+    }
+  });
+
+  // Merge the splits (in split order), normalise, LayerNorm.
+  const int64_t merge_grain = std::max<int64_t>(1, kGrainSize / (nsplit * C + 4 * C));
+  parallel_for(0, B * M, merge_grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t b = row / M, m = row % M;
+      acc_t gmx = kNegInf;
+      for (int64_t k = 0; k < nsplit; ++k) {
+        const acc_t v = mx_part[(b * nsplit + k) * M + m];
+        gmx = v > gmx ? v : gmx;
+      }
+      acc_t* prow = pp + row * C;  // pooled is freshly allocated, hence contiguous
+      std::fill(prow, prow + C, acc_t(0));
+      acc_t s = 0;
+      for (int64_t k = 0; k < nsplit; ++k) {
+        const int64_t t = b * nsplit + k;
+        // Splits whose logits were all -inf have mx = -inf and contribute exp(-inf) = 0 (the
+        // row with no finite logit at all is handled below).
+        const acc_t wgt = std::exp(mx_part[t * M + m] - gmx);
+        s += wgt * sum_part[t * M + m];
+        const acc_t* arow = acc_part.data() + t * MC + m * C;
+        for (int64_t c = 0; c < C; ++c) prow[c] += wgt * arow[c];
+      }
+      if (!(gmx > kNegInf)) {
+        // All logits -inf: lse = -inf and NaN pooled/out, as torch.softmax gives.
+        s = acc_t(0);
+        std::fill(prow, prow + C, std::numeric_limits<acc_t>::quiet_NaN());
+      }
+      lsep[row] = gmx + std::log(s);
       const acc_t inv_s = acc_t(1) / s;
       for (int64_t c = 0; c < C; ++c) prow[c] *= inv_s;
 
@@ -145,9 +231,217 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
   return {out, pooled, lse};
 }
 
+// ---- backward ---------------------------------------------------------------------------------
+//
+// Phase 1, on the small (B, M, C) rows: LayerNorm backward gives dP (the gradient w.r.t. pooled),
+// rowdot[b, m] = <dP, pooled> = rowsum(S o dS) (so the softmax backward needs no extra pass over
+// N), and per-batch partial sums of dweight/dbias.
+// Phase 2, one streaming pass over N in tiles of kPatchTile patches, parallel over (b, tile):
+//   dS = dP.x^T, S = exp(logits - lse), dlogits = S o (dS - rowdot), dx = S^T.dP.
+// Each tile's dlogits columns and dx rows are written by exactly one task: no atomics, and no
+// reduction whose order could depend on the thread count.
+template <typename scalar_t, typename param_t>
+void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logits,
+                             const at::Tensor& x, const at::Tensor* weight,
+                             const at::Tensor& pooled, const at::Tensor& lse, double eps,
+                             at::Tensor& dlogits, at::Tensor& dx, at::Tensor& dweight,
+                             at::Tensor& dbias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
+  const Strides sg(grad_out), sl(logits), sx(x), sp(pooled), sls(lse);
+  const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* lp = logits.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const acc_t* pp = pooled.const_data_ptr<acc_t>();
+  const acc_t* lsep = lse.const_data_ptr<acc_t>();
+  // weight was converted to contiguous acc_t by the caller (it is only (C,)).
+  const acc_t* wp = weight ? weight->const_data_ptr<acc_t>() : nullptr;
+  const acc_t eps_acc = static_cast<acc_t>(eps);
+
+  // Phase 1.
+  std::vector<acc_t> dp(B * M * C), dpt(B * C * M), rowdot(B * M), dw_part(B * C, acc_t(0)),
+      db_part(B * C, acc_t(0));
+  const int64_t ln_grain = std::max<int64_t>(1, kGrainSize / (8 * M * C));
+  parallel_for(0, B, ln_grain, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> prow(C), xhat(C), g(C);
+    for (int64_t b = lo; b < hi; ++b) {
+      acc_t* dwb = dw_part.data() + b * C;
+      acc_t* dbb = db_part.data() + b * C;
+      for (int64_t m = 0; m < M; ++m) {
+        const acc_t* psrc = pp + b * sp[0] + m * sp[1];
+        const scalar_t* gsrc = gp + b * sg[0] + m * sg[1];
+        for (int64_t c = 0; c < C; ++c) prow[c] = psrc[c * sp[2]];
+        acc_t mean = 0;
+        for (int64_t c = 0; c < C; ++c) mean += prow[c];
+        mean /= static_cast<acc_t>(C);
+        acc_t var = 0;
+        for (int64_t c = 0; c < C; ++c) var += (prow[c] - mean) * (prow[c] - mean);
+        var /= static_cast<acc_t>(C);
+        const acc_t rstd = acc_t(1) / std::sqrt(var + eps_acc);
+        acc_t mean_g = 0, mean_gx = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t go = static_cast<acc_t>(gsrc[c * sg[2]]);
+          xhat[c] = (prow[c] - mean) * rstd;
+          dwb[c] += go * xhat[c];
+          dbb[c] += go;
+          g[c] = wp ? go * wp[c] : go;
+          mean_g += g[c];
+          mean_gx += g[c] * xhat[c];
+        }
+        mean_g /= static_cast<acc_t>(C);
+        mean_gx /= static_cast<acc_t>(C);
+        acc_t* dprow = dp.data() + (b * M + m) * C;
+        acc_t* dptb = dpt.data() + b * C * M;  // dP^T (C x M), the right operand of x.dP^T
+        acc_t rd = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          dprow[c] = rstd * (g[c] - mean_g - xhat[c] * mean_gx);
+          dptb[c * M + m] = dprow[c];
+          rd += dprow[c] * prow[c];
+        }
+        rowdot[b * M + m] = rd;
+      }
+    }
+  });
+  {
+    param_t* dwp = dweight.mutable_data_ptr<param_t>();
+    param_t* dbp = dbias.mutable_data_ptr<param_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t sw = 0, sb = 0;
+      for (int64_t b = 0; b < B; ++b) {  // fixed order over the batch
+        sw += dw_part[b * C + c];
+        sb += db_part[b * C + c];
+      }
+      dwp[c] = static_cast<param_t>(sw);
+      dbp[c] = static_cast<param_t>(sb);
+    }
+  }
+
+  // Phase 2.
+  scalar_t* dlp = dlogits.mutable_data_ptr<scalar_t>();  // (B, M, N) contiguous
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();       // (B, N, C) contiguous
+  // x rows are used in place when they already are contiguous acc_t vectors (no copy).
+  const bool x_direct = std::is_same_v<scalar_t, acc_t> && sx[2] == 1;
+  const int64_t ntile = (N + kPatchTile - 1) / kPatchTile;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / (2 * M * C * kPatchTile));
+  parallel_for(0, B * ntile, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> xbuf(x_direct ? 0 : kPatchTile * C), s(M * kPatchTile), dst(kPatchTile * M),
+        dxb(std::is_same_v<scalar_t, acc_t> ? 0 : kPatchTile * C);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / ntile, n0 = (task % ntile) * kPatchTile;
+      const int64_t nt = std::min(kPatchTile, N - n0);
+      const acc_t* xa;
+      int64_t ldx;
+      if (x_direct) {
+        xa = reinterpret_cast<const acc_t*>(xp + b * sx[0] + n0 * sx[1]);
+        ldx = sx[1];
+      } else {
+        for (int64_t i = 0; i < nt; ++i) {
+          const scalar_t* xr = xp + b * sx[0] + (n0 + i) * sx[1];
+          for (int64_t c = 0; c < C; ++c) xbuf[i * C + c] = static_cast<acc_t>(xr[c * sx[2]]);
+        }
+        xa = xbuf.data();
+        ldx = C;
+      }
+      // dS^T = x.dP^T (nt x M), with x rows as the left operand so that they need no transpose.
+      gemm_nn(xa, ldx, dpt.data() + b * C * M, M, dst.data(), M, nt, C, M, /*accumulate=*/false);
+      for (int64_t m = 0; m < M; ++m) {
+        const scalar_t* lr = lp + b * sl[0] + m * sl[1] + n0 * sl[2];
+        if (task + 1 < hi && (task + 1) % ntile != 0) {
+          prefetch_next_tile(lr, sl[2], nt, std::min(kPatchTile, N - n0 - nt));
+        }
+        acc_t* srow = s.data() + m * nt;
+        const acc_t* lsrc = srow;  // the tile's logits as contiguous acc_t
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (sl[2] == 1) lsrc = lr;
+        }
+        if (lsrc == srow) {
+          for (int64_t i = 0; i < nt; ++i) srow[i] = static_cast<acc_t>(lr[i * sl[2]]);
+        }
+        // S = exp(logits - lse); an all -inf row (lse = -inf) gives NaN, like the reference.
+        exp_shifted(lsrc, lsep[b * sls[0] + m * sls[1]], srow, nt);
+        const acc_t rd = rowdot[b * M + m];
+        const acc_t* dscol = dst.data() + m;
+        scalar_t* dlr = dlp + (b * M + m) * N + n0;
+        for (int64_t i = 0; i < nt; ++i) {
+          dlr[i] = static_cast<scalar_t>(srow[i] * (dscol[i * M] - rd));
+        }
+      }
+      // dx = S^T.dP, accumulated straight into the output when it has the acc dtype.
+      scalar_t* dxr = dxp + (b * N + n0) * C;
+      acc_t* dxa = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dxr) : dxb.data();
+      std::fill(dxa, dxa + nt * C, acc_t(0));
+      gemm_tn_acc(s.data(), nt, dp.data() + b * M * C, C, dxa, C, M, nt, C);
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t e = 0; e < nt * C; ++e) dxr[e] = static_cast<scalar_t>(dxb[e]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& x,
+    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& lse,
+    double eps) {
+  check_dim(logits, 3, kBwdOp, "logits", "(B, M, N)");
+  check_dim(x, 3, kBwdOp, "x", "(B, N, C)");
+  check_supported_float(x, kBwdOp, "x");
+  check_same_dtype(logits, x, kBwdOp, "logits", "x");
+  check_same_dtype(grad_out, x, kBwdOp, "grad_out", "x");
+  check_same_device(logits, x, kBwdOp, "logits", "x");
+  check_same_device(grad_out, x, kBwdOp, "grad_out", "x");
+  check_same_device(pooled, x, kBwdOp, "pooled", "x");
+  check_same_device(lse, x, kBwdOp, "lse", "x");
+  const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
+  check_size(x, 0, B, kBwdOp, "batch size B of x (B, N, C) vs logits (B, M, N)");
+  check_size(x, 1, N, kBwdOp, "number of patches N of x (B, N, C) vs logits (B, M, N)");
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == M &&
+                  grad_out.size(2) == C,
+              kBwdOp, ": expected grad_out of shape (B, M, C) = (", B, ", ", M, ", ", C, "), got ",
+              grad_out.sizes());
+  TORCH_CHECK(pooled.sizes() == grad_out.sizes() && pooled.scalar_type() == acc, kBwdOp,
+              ": expected pooled of shape (B, M, C) = ", grad_out.sizes(), " and dtype ", acc,
+              ", got shape ", pooled.sizes(), " and dtype ", pooled.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == M && lse.scalar_type() == acc,
+              kBwdOp, ": expected lse of shape (B, M) = (", B, ", ", M, ") and dtype ", acc,
+              ", got shape ", lse.sizes(), " and dtype ", lse.scalar_type());
+  TORCH_CHECK(N > 0 && C > 0, kBwdOp, ": expected N > 0 patches and C > 0 channels, got N=", N,
+              ", C=", C);
+  check_affine(weight, x, C, kBwdOp, "weight");
+  TORCH_CHECK(eps >= 0, kBwdOp, ": expected eps >= 0, got ", eps);
+
+  const at::ScalarType pdtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
+  at::Tensor dlogits = at::empty({B, M, N}, logits.options());
+  at::Tensor dx = at::empty({B, N, C}, x.options());
+  at::Tensor dweight = at::empty({C}, x.options().dtype(pdtype));
+  at::Tensor dbias = at::empty({C}, x.options().dtype(pdtype));
+  if (B * M == 0) {  // no clusters: nothing flows back
+    dx.zero_();
+    dweight.zero_();
+    dbias.zero_();
+    return {dlogits, dx, dweight, dbias};
+  }
+  std::optional<at::Tensor> w;
+  if (weight.has_value()) w = weight->to(acc).contiguous();
+
+  const at::Tensor* wptr = w ? &*w : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "cluster_pool_bwd", [&] {
+        if (pdtype == x.scalar_type()) {
+          cluster_pool_bwd_kernel<scalar_t, scalar_t>(grad_out, logits, x, wptr, pooled, lse, eps,
+                                                      dlogits, dx, dweight, dbias);
+        } else {  // float32 LayerNorm parameters with half/bfloat16 activations
+          cluster_pool_bwd_kernel<scalar_t, float>(grad_out, logits, x, wptr, pooled, lse, eps,
+                                                   dlogits, dx, dweight, dbias);
+        }
+      });
+  return {dlogits, dx, dweight, dbias};
+}
+
 }  // namespace
 }  // namespace paca_kernels
 
 TORCH_LIBRARY_IMPL(paca_kernels, CPU, m) {
   m.impl("cluster_pool_fwd", &paca_kernels::cluster_pool_fwd_cpu);
+  m.impl("cluster_pool_bwd", &paca_kernels::cluster_pool_bwd_cpu);
 }

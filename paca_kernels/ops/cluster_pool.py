@@ -42,7 +42,8 @@ def cluster_pool_backward_math(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The cluster_pool backward in plain PyTorch, in the accumulation dtype (see module docstring).
 
-    Used as the CPU kernel of ``cluster_pool_bwd`` until the fused C++ backward lands.
+    The unfused statement of what the fused kernels compute (the C++ CPU kernel of ``cluster_pool_bwd``
+    lives in csrc/cpu/cluster_pool.cpp); kept as a readable specification and for debugging.
     Returns dlogits (B, M, N), dx (B, N, C), dweight (C,), dbias (C,).
     """
     acc = pooled.dtype
@@ -93,7 +94,7 @@ def _fake_bwd(
     )
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
+def _setup_context(ctx, inputs, output) -> None:
     logits, x, weight, bias, eps = inputs
     _, pooled, lse = output
     ctx.save_for_backward(logits, x, weight, pooled, lse)
@@ -103,7 +104,7 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library'
     ctx.mark_non_differentiable(pooled, lse)
 
 
-def _backward(ctx, grad_out: Tensor, _grad_pooled: Tensor | None, _grad_lse: Tensor | None):  # noqa: ANN001, ANN202
+def _backward(ctx, grad_out: Tensor, _grad_pooled: Tensor | None, _grad_lse: Tensor | None):
     logits, x, weight, pooled, lse = ctx.saved_tensors
     dlogits, dx, dweight, dbias = torch.ops.paca_kernels.cluster_pool_bwd(
         grad_out, logits, x, weight, pooled, lse, ctx.eps
@@ -124,8 +125,6 @@ def _register() -> bool:
     ns = torch.ops.paca_kernels
     torch.library.register_fake(f"{_LIB}::cluster_pool_fwd")(_fake_fwd)
     torch.library.register_fake(f"{_LIB}::cluster_pool_bwd")(_fake_bwd)
-    # Python CPU kernel of the backward, until csrc/cpu has a fused one.
-    torch.library.impl(f"{_LIB}::cluster_pool_bwd", "CPU")(cluster_pool_backward_math)
     torch.library.register_autograd(
         f"{_LIB}::cluster_pool_fwd", _backward, setup_context=_setup_context
     )
@@ -133,12 +132,12 @@ def _register() -> bool:
     # FlopCounterMode counts these like their unfused equivalents: the forward is one bmm
     # (2·B·M·N·C), the backward two (dS = dP·xᵀ and dx = Sᵀ·dP), as autograd of bmm would count.
     @register_flop_formula(ns.cluster_pool_fwd)
-    def _fwd_flops(logits_shape, x_shape, *args, **kwargs) -> int:  # noqa: ANN001
+    def _fwd_flops(logits_shape, x_shape, *args, **kwargs) -> int:
         b, m, n = logits_shape
         return 2 * b * m * n * x_shape[2]
 
     @register_flop_formula(ns.cluster_pool_bwd)
-    def _bwd_flops(grad_shape, logits_shape, x_shape, *args, **kwargs) -> int:  # noqa: ANN001
+    def _bwd_flops(grad_shape, logits_shape, x_shape, *args, **kwargs) -> int:
         b, m, n = logits_shape
         return 4 * b * m * n * x_shape[2]
 

@@ -1,0 +1,503 @@
+// Small dense building blocks shared by the CPU kernels of paca_kernels (csrc/cpu/*.cpp).
+//
+// The extension is compiled for the baseline x86-64 ISA (SSE2), so that one wheel runs anywhere.
+// Each float32 hot spot (small matrix products, exp, row max) therefore exists twice: a portable
+// template that the compiler auto-vectorises for the baseline ISA (axpy-shaped loops, no
+// floating-point reductions to reassociate without -ffast-math), and an AVX2+FMA kernel with
+// intrinsics, compiled with a target attribute and selected at run time from cpuid
+// (Float32Kernels). float64 (gradcheck, reference precision) always uses the portable templates.
+// The two float32 builds may differ in the last bits (FMA), each one is deterministic.
+//
+// Everything lives in an unnamed namespace: each translation unit gets its own copy, and no
+// symbol leaks or clashes between the kernel files.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define PACA_X86_DISPATCH 1
+#define PACA_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define PACA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PACA_X86_DISPATCH 0
+#define PACA_TARGET_AVX2
+#define PACA_ALWAYS_INLINE inline
+#endif
+
+namespace paca_kernels {
+namespace {
+
+// Multiply-adds per parallel task; same value as at::internal::GRAIN_SIZE, which lives in the
+// heavy ATen/TensorIterator.h.
+constexpr int64_t kGrainSize = 32768;
+
+// ---- parallel loops ----------------------------------------------------------------------------
+//
+// at::parallel_for (torch's intra-op pool: OpenMP in torch's CPU builds; CMakeLists.txt compiles
+// with -fopenmp so the pragma is live). Every kernel writes disjoint outputs, or per-task partials
+// reduced in a fixed order, so the split never changes a result.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, f);
+}
+
+// Element strides of a tensor of rank <= 4, as int64 so that > 2^31-element tensors index
+// correctly. Reading through strides (instead of .contiguous()) avoids copying big inputs and
+// handles expanded (stride-0) gradients.
+struct Strides {
+  int64_t s[4] = {0, 0, 0, 0};
+  explicit Strides(const at::Tensor& t) {
+    for (int64_t i = 0; i < t.dim(); ++i) s[i] = t.stride(i);
+  }
+  int64_t operator[](int64_t i) const { return s[i]; }
+};
+
+// exp for float32 that vectorises: Cephes' expf (range reduction by ln 2, degree-5 polynomial,
+// ~1 ulp for the arguments <= 0 that softmax uses), on 8-lane GCC vector types so that it compiles
+// to SIMD code in both builds (std::exp stays a scalar libm call without -ffast-math, and scalar
+// code with ?: selects is not if-converted under the default -ftrapping-math).
+// exp(-inf) = 0, NaN propagates, results below FLT_MIN flush to 0 (irrelevant softmax weights),
+// arguments above ~88.38 saturate at ~2.4e38 (softmax arguments are <= 0).
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // the 32-byte vector helpers are always inlined
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+PACA_ALWAYS_INLINE v8f exp_v8(v8f x) {
+  const v8f lo = v8f{} + -87.3365f;  // exp(lo) ~ FLT_MIN: the exponent k stays >= -126
+  const v8f hi = v8f{} + 88.3762f;   // k stays <= 127
+  const v8f rnd = v8f{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to integer
+  v8f xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const v8f kf = (xc * 1.44269504088896341f + rnd) - rnd;
+  const v8f r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;  // ln 2 split in two
+  v8f p = v8f{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v8i k = __builtin_convertvector(kf, v8i);
+  const v8f y = p * reinterpret_cast<v8f>((k + 127) << 23);  // p * 2^k
+  const v8f z = x < lo ? v8f{} : y;
+  return x != x ? x : z;
+}
+
+// out[i] = exp(in[i] - shift), i < n (in == out allowed); returns sum_i out[i] (in a fixed order).
+PACA_ALWAYS_INLINE float exp_shifted_impl(const float* in, float shift, float* out, int64_t n) {
+  v8f acc = v8f{};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8f v;
+    std::memcpy(&v, in + i, sizeof(v));
+    v = exp_v8(v - shift);
+    acc += v;
+    std::memcpy(out + i, &v, sizeof(v));
+  }
+  float tail = 0.0f;
+  if (i < n) {
+    v8f v = v8f{};
+    for (int64_t j = 0; j < n - i; ++j) v[j] = in[i + j] - shift;
+    v = exp_v8(v);
+    for (int64_t j = 0; j < n - i; ++j) {
+      out[i + j] = v[j];
+      tail += v[j];
+    }
+  }
+  return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail;
+}
+#pragma GCC diagnostic pop
+#else
+PACA_ALWAYS_INLINE float exp_shifted_impl(const float* in, float shift, float* out, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += (out[i] = std::exp(in[i] - shift));
+  return sum;
+}
+#endif
+
+PACA_ALWAYS_INLINE double exp_shifted_impl(const double* in, double shift, double* out, int64_t n) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += (out[i] = std::exp(in[i] - shift));
+  return sum;
+}
+
+// C[r, :] (+)= sum_k A[r, k] * B[k, :] for r < rows; A (rows x K, row stride lda), B (K x cols,
+// row stride ldb), C (rows x cols, row stride ldc), all row-major. Four rows of C are updated
+// per pass over B so each loaded B row feeds four FMA streams; the inner loop over cols is an
+// axpy, which auto-vectorises without reassociation.
+template <typename T>
+PACA_ALWAYS_INLINE void gemm_nn_impl(const T* __restrict A, int64_t lda, const T* __restrict B,
+                                     int64_t ldb, T* __restrict C, int64_t ldc, int64_t rows,
+                                     int64_t K, int64_t cols, bool accumulate) {
+  if (!accumulate) {
+    for (int64_t r = 0; r < rows; ++r) std::fill(C + r * ldc, C + r * ldc + cols, T(0));
+  }
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    T* __restrict c0 = C + r * ldc;
+    T* __restrict c1 = c0 + ldc;
+    T* __restrict c2 = c1 + ldc;
+    T* __restrict c3 = c2 + ldc;
+    const T* a = A + r * lda;
+    for (int64_t k = 0; k < K; ++k) {
+      const T a0 = a[k], a1 = a[lda + k], a2 = a[2 * lda + k], a3 = a[3 * lda + k];
+      const T* __restrict b = B + k * ldb;
+      for (int64_t j = 0; j < cols; ++j) {
+        const T bj = b[j];
+        c0[j] += a0 * bj;
+        c1[j] += a1 * bj;
+        c2[j] += a2 * bj;
+        c3[j] += a3 * bj;
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    T* __restrict c0 = C + r * ldc;
+    const T* a = A + r * lda;
+    for (int64_t k = 0; k < K; ++k) {
+      const T a0 = a[k];
+      const T* __restrict b = B + k * ldb;
+      for (int64_t j = 0; j < cols; ++j) c0[j] += a0 * b[j];
+    }
+  }
+}
+
+// C[k, :] += sum_r A[r, k] * B[r, :] for k < K (C = C + A^T B); A (rows x K, lda),
+// B (rows x cols, ldb), C (K x cols, ldc). Four rows of A/B per pass over C, so each C row is
+// loaded and stored once per four rank-1 updates. Accumulation order over r is fixed (the row
+// order), which keeps results independent of threading.
+template <typename T>
+PACA_ALWAYS_INLINE void gemm_tn_acc_impl(const T* __restrict A, int64_t lda, const T* __restrict B,
+                                         int64_t ldb, T* __restrict C, int64_t ldc, int64_t rows,
+                                         int64_t K, int64_t cols) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* a = A + r * lda;
+    const T* __restrict b0 = B + r * ldb;
+    const T* __restrict b1 = b0 + ldb;
+    const T* __restrict b2 = b1 + ldb;
+    const T* __restrict b3 = b2 + ldb;
+    for (int64_t k = 0; k < K; ++k) {
+      const T a0 = a[k], a1 = a[lda + k], a2 = a[2 * lda + k], a3 = a[3 * lda + k];
+      T* __restrict c = C + k * ldc;
+      for (int64_t j = 0; j < cols; ++j) {
+        c[j] = (((c[j] + a0 * b0[j]) + a1 * b1[j]) + a2 * b2[j]) + a3 * b3[j];
+      }
+    }
+  }
+  for (; r < rows; ++r) {
+    const T* a = A + r * lda;
+    const T* __restrict b0 = B + r * ldb;
+    for (int64_t k = 0; k < K; ++k) {
+      const T a0 = a[k];
+      T* __restrict c = C + k * ldc;
+      for (int64_t j = 0; j < cols; ++j) c[j] += a0 * b0[j];
+    }
+  }
+}
+
+// Maximum of n values (NaN entries are skipped; they propagate through the exp instead).
+// Eight independent partial maxima let the compiler vectorise without reassociation concerns
+// (max is exact, so the order does not change the result).
+template <typename T>
+PACA_ALWAYS_INLINE T row_max_impl(const T* x, int64_t n) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T part[8] = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] = x[i + j] > part[j] ? x[i + j] : part[j];
+  }
+  for (; i < n; ++i) part[0] = x[i] > part[0] ? x[i] : part[0];
+  T m = part[0];
+  for (int j = 1; j < 8; ++j) m = part[j] > m ? part[j] : m;
+  return m;
+}
+
+// ---- float32 entry points: the baseline build of the templates, and AVX2+FMA kernels --------
+
+using GemmNNFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                          int64_t, int64_t, bool);
+using GemmTNFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                          int64_t, int64_t);
+using ExpFn = float (*)(const float*, float, float*, int64_t);
+using MaxFn = float (*)(const float*, int64_t);
+
+void gemm_nn_f32_base(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, int64_t rows, int64_t K, int64_t cols, bool accumulate) {
+  gemm_nn_impl<float>(A, lda, B, ldb, C, ldc, rows, K, cols, accumulate);
+}
+void gemm_tn_acc_f32_base(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                          int64_t ldc, int64_t rows, int64_t K, int64_t cols) {
+  gemm_tn_acc_impl<float>(A, lda, B, ldb, C, ldc, rows, K, cols);
+}
+float exp_shifted_f32_base(const float* in, float shift, float* out, int64_t n) {
+  return exp_shifted_impl(in, shift, out, n);
+}
+float row_max_f32_base(const float* x, int64_t n) { return row_max_impl(x, n); }
+
+#if PACA_X86_DISPATCH
+// The same Cephes exp as exp_v8, with FMAs (the compiler does not contract a*b+c here).
+PACA_TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365f), hi = _mm256_set1_ps(88.3762f);
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 kf = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(kf, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y =
+      _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i k = _mm256_cvtps_epi32(kf);
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23);
+  const __m256 pow2k = _mm256_castsi256_ps(bits);  // 2^k
+  __m256 z = _mm256_mul_ps(y, pow2k);
+  z = _mm256_blendv_ps(z, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));  // underflow
+  return _mm256_blendv_ps(z, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));             // NaN stays NaN
+}
+
+PACA_TARGET_AVX2 float exp_shifted_f32_avx2(const float* in, float shift, float* out, int64_t n) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(in + i), sh));
+    acc = _mm256_add_ps(acc, e);
+    _mm256_storeu_ps(out + i, e);
+  }
+  if (i < n) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(in + i, mask), sh));
+    _mm256_maskstore_ps(out + i, mask, e);
+    acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));  // valid lanes only
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
+PACA_TARGET_AVX2 float row_max_f32_avx2(const float* x, int64_t n) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m = neg_inf;
+  int64_t i = 0;
+  // max_ps(v, m) returns m when v is NaN: NaN entries are skipped, as in row_max_impl.
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + i), m);
+  if (i < n) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 v =
+        _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(x + i, mask), _mm256_castsi256_ps(mask));
+    m = _mm256_max_ps(v, m);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = lanes[0];
+  for (int j = 1; j < 8; ++j) r = lanes[j] > r ? lanes[j] : r;
+  return r;
+}
+
+// Register-blocked tile: C[R x (8*NV)] (+)= sum_{t < T} A(i, t) * B[t, cols], with A(i, t) at
+// A[i * a_row + t * a_red] (so one kernel serves A.B and A^T.B). The R*NV accumulators stay in
+// registers for the whole reduction; each step loads NV vectors of B and broadcasts R values of A
+// (compute-bound rather than load/store-bound like an axpy loop). `mask` limits the last vector
+// to the valid columns of a ragged edge.
+template <int R, int NV, bool kMasked>
+PACA_TARGET_AVX2 inline void tile_avx2(const float* A, int64_t a_row, int64_t a_red,
+                                       const float* B, int64_t ldb, float* C, int64_t ldc,
+                                       int64_t T, bool accumulate, __m256i mask) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      if (!accumulate) {
+        acc[i][v] = _mm256_setzero_ps();
+      } else if (kMasked && v == NV - 1) {
+        acc[i][v] = _mm256_maskload_ps(C + i * ldc + 8 * v, mask);
+      } else {
+        acc[i][v] = _mm256_loadu_ps(C + i * ldc + 8 * v);
+      }
+    }
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    const float* b = B + t * ldb;
+    __m256 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = (kMasked && v == NV - 1) ? _mm256_maskload_ps(b + 8 * v, mask)
+                                        : _mm256_loadu_ps(b + 8 * v);
+    }
+    const float* a = A + t * a_red;
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * a_row);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      if (kMasked && v == NV - 1) {
+        _mm256_maskstore_ps(C + i * ldc + 8 * v, mask, acc[i][v]);
+      } else {
+        _mm256_storeu_ps(C + i * ldc + 8 * v, acc[i][v]);
+      }
+    }
+  }
+}
+
+// All column tiles of R rows: 16 columns at a time, then a (masked) 8- or 16-wide edge.
+template <int R>
+PACA_TARGET_AVX2 inline void row_block_avx2(const float* A, int64_t a_row, int64_t a_red,
+                                            const float* B, int64_t ldb, float* C, int64_t ldc,
+                                            int64_t T, int64_t cols, bool accumulate) {
+  const __m256i full = _mm256_set1_epi32(-1);
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) {
+    tile_avx2<R, 2, false>(A, a_row, a_red, B + j, ldb, C + j, ldc, T, accumulate, full);
+  }
+  const int64_t rem = cols - j;
+  if (rem == 0) return;
+  const int64_t last = rem > 8 ? rem - 8 : rem;  // valid lanes of the last vector
+  const __m256i mask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)),
+                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (rem > 8) {
+    tile_avx2<R, 2, true>(A, a_row, a_red, B + j, ldb, C + j, ldc, T, accumulate, mask);
+  } else {
+    tile_avx2<R, 1, true>(A, a_row, a_red, B + j, ldb, C + j, ldc, T, accumulate, mask);
+  }
+}
+
+PACA_TARGET_AVX2 inline void gemm_avx2(const float* A, int64_t a_row, int64_t a_red,
+                                       const float* B, int64_t ldb, float* C, int64_t ldc,
+                                       int64_t rows, int64_t T, int64_t cols, bool accumulate) {
+  // 6 x 16 tiles: 12 accumulators + 2 B vectors + 1 broadcast fill the 16 ymm registers, and
+  // each step issues 8 loads for 12 FMAs.
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) {
+    row_block_avx2<6>(A + r * a_row, a_row, a_red, B, ldb, C + r * ldc, ldc, T, cols, accumulate);
+  }
+  const float* Ar = A + r * a_row;
+  float* Cr = C + r * ldc;
+  switch (rows - r) {
+    case 5: row_block_avx2<5>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    case 4: row_block_avx2<4>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    case 3: row_block_avx2<3>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    case 2: row_block_avx2<2>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    case 1: row_block_avx2<1>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    default: break;
+  }
+}
+
+PACA_TARGET_AVX2 void gemm_nn_f32_avx2(const float* A, int64_t lda, const float* B, int64_t ldb,
+                                       float* C, int64_t ldc, int64_t rows, int64_t K,
+                                       int64_t cols, bool accumulate) {
+  // C[r, :] (+)= sum_k A[r, k] B[k, :]
+  gemm_avx2(A, lda, 1, B, ldb, C, ldc, rows, K, cols, accumulate);
+}
+
+PACA_TARGET_AVX2 void gemm_tn_acc_f32_avx2(const float* A, int64_t lda, const float* B,
+                                           int64_t ldb, float* C, int64_t ldc, int64_t rows,
+                                           int64_t K, int64_t cols) {
+  // C[k, :] += sum_r A[r, k] B[r, :]: C has K rows, the reduction runs over the `rows` rows.
+  gemm_avx2(A, 1, lda, B, ldb, C, ldc, K, rows, cols, /*accumulate=*/true);
+}
+#endif  // PACA_X86_DISPATCH
+
+// The float32 kernels for this CPU, chosen once (cpuid) on first use.
+// PACA_KERNELS_CPU_ISA=baseline in the environment forces the baseline build (so that the tests
+// can exercise it on AVX2 machines).
+struct Float32Kernels {
+  GemmNNFn gemm_nn = gemm_nn_f32_base;
+  GemmTNFn gemm_tn_acc = gemm_tn_acc_f32_base;
+  ExpFn exp_shifted = exp_shifted_f32_base;
+  MaxFn row_max = row_max_f32_base;
+
+  static const Float32Kernels& get() {
+    static const Float32Kernels k = [] {
+      Float32Kernels r;
+#if PACA_X86_DISPATCH
+      const char* isa = std::getenv("PACA_KERNELS_CPU_ISA");
+      const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+      __builtin_cpu_init();
+      if (!forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        r.gemm_nn = gemm_nn_f32_avx2;
+        r.gemm_tn_acc = gemm_tn_acc_f32_avx2;
+        r.exp_shifted = exp_shifted_f32_avx2;
+        r.row_max = row_max_f32_avx2;
+      }
+#endif
+      return r;
+    }();
+    return k;
+  }
+};
+
+// Type-generic front ends: float32 goes through the dispatched kernels, float64 (the gradcheck
+// and reference-precision path) through the plain template.
+inline void gemm_nn(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                    int64_t ldc, int64_t rows, int64_t K, int64_t cols, bool accumulate) {
+  Float32Kernels::get().gemm_nn(A, lda, B, ldb, C, ldc, rows, K, cols, accumulate);
+}
+inline void gemm_nn(const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+                    int64_t ldc, int64_t rows, int64_t K, int64_t cols, bool accumulate) {
+  gemm_nn_impl<double>(A, lda, B, ldb, C, ldc, rows, K, cols, accumulate);
+}
+inline void gemm_tn_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                        int64_t ldc, int64_t rows, int64_t K, int64_t cols) {
+  Float32Kernels::get().gemm_tn_acc(A, lda, B, ldb, C, ldc, rows, K, cols);
+}
+inline void gemm_tn_acc(const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+                        int64_t ldc, int64_t rows, int64_t K, int64_t cols) {
+  gemm_tn_acc_impl<double>(A, lda, B, ldb, C, ldc, rows, K, cols);
+}
+// out[i] = exp(in[i] - shift) for i < n (in == out allowed); returns the sum of the out[i].
+inline float exp_shifted(const float* in, float shift, float* out, int64_t n) {
+  return Float32Kernels::get().exp_shifted(in, shift, out, n);
+}
+inline double exp_shifted(const double* in, double shift, double* out, int64_t n) {
+  return exp_shifted_impl(in, shift, out, n);
+}
+// Maximum of n values; NaN entries are skipped (they propagate through the exp instead).
+inline float row_max(const float* x, int64_t n) { return Float32Kernels::get().row_max(x, n); }
+inline double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
+
+// Sum of a[i] * b[i] in a fixed order (eight interleaved partial sums, then combined): the same
+// inputs always give the same bits.
+template <typename T>
+inline T row_dot(const T* a, const T* b, int64_t n) {
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
+  }
+  for (; i < n; ++i) part[0] += a[i] * b[i];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+}  // namespace
+}  // namespace paca_kernels

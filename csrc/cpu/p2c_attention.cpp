@@ -1,0 +1,348 @@
+// CPU kernels of paca_kernels::p2c_attention_fwd / p2c_attention_bwd (schemas and semantics:
+// csrc/registration.cpp).
+//
+// Patch-to-cluster attention has few keys (M clusters, at most a few hundred) and many queries
+// (N patches). So, per (batch, head), the keys and values are packed once into small contiguous
+// accumulation-typed buffers that stay in cache, and the queries are streamed in blocks of
+// kQueryBlock rows: scores = q.k^T (scale folded into the packed keys), row softmax over M, times
+// v. The (N, M) score matrix only ever exists one block at a time. The inputs are read through
+// their strides (q may be a view of a fused qkv projection), outputs are written contiguous.
+//
+// Backward (flash-attention style, P recomputed from q, k and the saved log-sum-exp):
+//   D_n = <dO_n, O_n>,  dP = dO.v^T,  dS = P o (dP - D),
+//   dq = scale * dS.k,  dk = scale * sum_n dS^T.q,  dv = sum_n P^T.dO.
+// dq rows belong to one task. dk/dv are reductions over N: each task owns a fixed chunk of
+// kChunkRows queries and writes a partial (M, d) sum, and the partials are added in chunk order
+// afterwards. The chunking depends only on N, never on the thread count, so the result is
+// bitwise reproducible: the backward is always deterministic on CPU.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "common/check.h"
+#include "cpu/cpu_math.h"
+
+namespace paca_kernels {
+namespace {
+
+constexpr const char* kFwdOp = "paca_kernels::p2c_attention_fwd";
+constexpr const char* kBwdOp = "paca_kernels::p2c_attention_bwd";
+// Query rows per inner block: the block's scores (kQueryBlock x M) and its q/dO rows stay in L1/L2.
+constexpr int64_t kQueryBlock = 32;
+// Query rows per backward task (one partial dk/dv buffer each). Fixed, so that the reduction
+// order does not depend on the number of threads.
+constexpr int64_t kChunkRows = 256;
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  check_dim(q, 4, op, "q", "(B, N, h, d)");
+  check_dim(k, 4, op, "k", "(B, M, h, d)");
+  check_dim(v, 4, op, "v", "(B, M, h, d)");
+  check_supported_float(q, op, "q");
+  check_same_dtype(q, k, op, "q", "k");
+  check_same_dtype(q, v, op, "q", "v");
+  check_same_device(q, k, op, "q", "k");
+  check_same_device(q, v, op, "q", "v");
+  check_size(k, 0, q.size(0), op, "batch size B of k (B, M, h, d) vs q (B, N, h, d)");
+  check_size(k, 2, q.size(2), op, "number of heads h of k (B, M, h, d) vs q (B, N, h, d)");
+  check_size(k, 3, q.size(3), op, "head dim d of k (B, M, h, d) vs q (B, N, h, d)");
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": expected k and v to have the same shape, got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0, op, ": expected at least one cluster (M > 0), got k of shape ",
+              k.sizes());
+}
+
+// Copies head `hd` of batch `b` of a (B, M, h, d) tensor into dst as acc_t, scaled by `mul`:
+// transposed (d x M, for scores = q.k^T as an axpy over M) or as is (M x d).
+template <typename scalar_t, typename acc_t>
+void pack_head(const scalar_t* src, const Strides& st, int64_t b, int64_t hd, int64_t M, int64_t D,
+               acc_t mul, bool transpose, acc_t* dst) {
+  const scalar_t* base = src + b * st[0] + hd * st[2];
+  for (int64_t m = 0; m < M; ++m) {
+    const scalar_t* row = base + m * st[1];
+    for (int64_t j = 0; j < D; ++j) {
+      const acc_t val = static_cast<acc_t>(row[j * st[3]]) * mul;
+      if (transpose) {
+        dst[j * M + m] = val;
+      } else {
+        dst[m * D + j] = val;
+      }
+    }
+  }
+}
+
+// Rows n0 .. n0+rows-1 of head hd of batch b of a (B, N, h, d) tensor into dst (rows x D) as acc_t.
+template <typename scalar_t, typename acc_t>
+void load_rows(const scalar_t* src, const Strides& st, int64_t b, int64_t hd, int64_t n0,
+               int64_t rows, int64_t D, acc_t* dst) {
+  const scalar_t* base = src + b * st[0] + hd * st[2] + n0 * st[1];
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* row = base + i * st[1];
+    for (int64_t j = 0; j < D; ++j) dst[i * D + j] = static_cast<acc_t>(row[j * st[3]]);
+  }
+}
+
+// Rows n0 .. n0+rows-1 of head hd of batch b as an acc_t matrix: in place (returning its row
+// stride) when the tensor already holds contiguous acc_t head vectors, else copied into buf.
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> rows_as_acc(const scalar_t* src, const Strides& st, int64_t b,
+                                             int64_t hd, int64_t n0, int64_t rows, int64_t D,
+                                             acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (st[3] == 1) return {src + b * st[0] + hd * st[2] + n0 * st[1], st[1]};
+  }
+  load_rows(src, st, b, hd, n0, rows, D, buf);
+  return {buf, D};
+}
+
+template <typename scalar_t>
+void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                    at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
+  const Strides sq(q), sk(k), sv(v);
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, h, d) contiguous
+  acc_t* lp = lse.mutable_data_ptr<acc_t>();         // (B, h, N) contiguous
+  const acc_t sc = static_cast<acc_t>(scale);
+
+  // Packed keys (scaled, d x M) and values (M x d) per (b, head): B*h*M*d elements each, small.
+  std::vector<acc_t> kt(static_cast<size_t>(B * H * M * D)), vv(static_cast<size_t>(B * H * M * D));
+  const int64_t pack_grain = std::max<int64_t>(1, kGrainSize / (M * D));
+  parallel_for(0, B * H, pack_grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, hd = bh % H;
+      pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, kt.data() + bh * M * D);
+      pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/false, vv.data() + bh * M * D);
+    }
+  });
+
+  const int64_t nblk = (N + kQueryBlock - 1) / kQueryBlock;
+  // One task = one query block of one (b, head): ~2 * kQueryBlock * M * D multiply-adds.
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / (2 * kQueryBlock * M * D));
+  parallel_for(0, B * H * nblk, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> qbuf(kQueryBlock * D), obuf(kQueryBlock * D), s(kQueryBlock * M);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t bh = task / nblk, blk = task % nblk;
+      const int64_t b = bh / H, hd = bh % H;
+      const int64_t n0 = blk * kQueryBlock, rows = std::min(kQueryBlock, N - n0);
+      const acc_t* ktp = kt.data() + bh * M * D;
+      const acc_t* vvp = vv.data() + bh * M * D;
+      const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf.data());
+      gemm_nn(qa, ldq, ktp, M, s.data(), M, rows, D, M, /*accumulate=*/false);
+      acc_t* lrow = lp + bh * N + n0;
+      acc_t inv[kQueryBlock];
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t* srow = s.data() + i * M;
+        // Softmax over M with the max subtracted; an all -inf (or +inf/NaN) row gives NaN,
+        // as torch.softmax does.
+        const acc_t mx = row_max(srow, M);
+        const acc_t sum = exp_shifted(srow, mx, srow, M);
+        lrow[i] = mx + std::log(sum);
+        inv[i] = acc_t(1) / sum;
+      }
+      scalar_t* out0 = op + ((b * N + n0) * H + hd) * D;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        // Straight into the output rows (row stride h*d), normalised in place.
+        gemm_nn(s.data(), M, vvp, D, out0, H * D, rows, M, D, /*accumulate=*/false);
+        for (int64_t i = 0; i < rows; ++i) {
+          acc_t* orow = out0 + i * H * D;
+          for (int64_t j = 0; j < D; ++j) orow[j] *= inv[i];
+        }
+      } else {
+        gemm_nn(s.data(), M, vvp, D, obuf.data(), D, rows, M, D, /*accumulate=*/false);
+        for (int64_t i = 0; i < rows; ++i) {
+          scalar_t* orow = out0 + i * H * D;
+          const acc_t* src = obuf.data() + i * D;
+          for (int64_t j = 0; j < D; ++j) orow[j] = static_cast<scalar_t>(src[j] * inv[i]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, double scale) {
+  check_inputs(q, k, v, kFwdOp);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+  const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({B, N, H, D}, q.options());
+  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(acc));
+  if (out.numel() == 0) {
+    // Only d == 0 leaves lse non-empty: every score is 0, so lse = log M (out is empty).
+    if (lse.numel() > 0) lse.fill_(std::log(static_cast<double>(k.size(1))));
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "p2c_attention_fwd",
+                                  [&] { p2c_fwd_kernel<scalar_t>(q, k, v, scale, out, lse); });
+  return {out, lse};
+}
+
+template <typename scalar_t>
+void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                    double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
+  const Strides sq(q), sk(k), sv(v), sg(grad_out), so(out), sl(lse);
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* outp = out.const_data_ptr<scalar_t>();
+  const acc_t* lp = lse.const_data_ptr<acc_t>();
+  scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();  // all three (B, *, h, d) contiguous
+  scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
+  scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
+  const acc_t sc = static_cast<acc_t>(scale);
+  const int64_t MD = M * D;
+
+  // Per (b, head): k^T scaled (d x M) for the scores, v^T (d x M) for dP = dO.v^T, and k scaled
+  // (M x d) for dq = dS.(scale k).
+  std::vector<acc_t> kt(B * H * MD), vt(B * H * MD), ks(B * H * MD);
+  parallel_for(0, B * H, std::max<int64_t>(1, kGrainSize / MD), [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, hd = bh % H;
+      pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, kt.data() + bh * MD);
+      pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/true, vt.data() + bh * MD);
+      pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/false, ks.data() + bh * MD);
+    }
+  });
+
+  const int64_t nchunk = (N + kChunkRows - 1) / kChunkRows;
+  // Partial sums over each chunk's queries: dS^T.q (scaled at the end) and P^T.dO.
+  std::vector<acc_t> dk_part(B * H * nchunk * MD), dv_part(B * H * nchunk * MD);
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / (5 * kChunkRows * MD));
+  parallel_for(0, B * H * nchunk, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> qbuf(kQueryBlock * D), gbuf(kQueryBlock * D), obuf(kQueryBlock * D),
+        dqbuf(kQueryBlock * D), p(kQueryBlock * M), ds(kQueryBlock * M);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t bh = task / nchunk, chunk = task % nchunk;
+      const int64_t b = bh / H, hd = bh % H;
+      const acc_t* ktp = kt.data() + bh * MD;
+      const acc_t* vtp = vt.data() + bh * MD;
+      const acc_t* ksp = ks.data() + bh * MD;
+      acc_t* dkc = dk_part.data() + task * MD;
+      acc_t* dvc = dv_part.data() + task * MD;
+      std::fill(dkc, dkc + MD, acc_t(0));
+      std::fill(dvc, dvc + MD, acc_t(0));
+      const int64_t c_end = std::min(N, (chunk + 1) * kChunkRows);
+      for (int64_t n0 = chunk * kChunkRows; n0 < c_end; n0 += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, c_end - n0);
+        const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf.data());
+        const auto [ga, ldg] = rows_as_acc(gp, sg, b, hd, n0, rows, D, gbuf.data());
+        const auto [oa, ldo] = rows_as_acc(outp, so, b, hd, n0, rows, D, obuf.data());
+        // P = exp(q.k^T * scale - lse), recomputed rather than stored by the forward.
+        gemm_nn(qa, ldq, ktp, M, p.data(), M, rows, D, M, /*accumulate=*/false);
+        // dP = dO.v^T
+        gemm_nn(ga, ldg, vtp, M, ds.data(), M, rows, D, M, /*accumulate=*/false);
+        const acc_t* lrow = lp + b * sl[0] + hd * sl[1] + n0 * sl[2];
+        for (int64_t i = 0; i < rows; ++i) {
+          acc_t* prow = p.data() + i * M;
+          acc_t* dsrow = ds.data() + i * M;
+          exp_shifted(prow, lrow[i * sl[2]], prow, M);
+          // D_i = <dO_i, O_i> = rowsum(P o dP): the softmax Jacobian's rank-one part.
+          const acc_t di = row_dot(ga + i * ldg, oa + i * ldo, D);
+          for (int64_t m = 0; m < M; ++m) dsrow[m] = prow[m] * (dsrow[m] - di);
+        }
+        scalar_t* dq0 = dqp + ((b * N + n0) * H + hd) * D;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          gemm_nn(ds.data(), M, ksp, D, dq0, H * D, rows, M, D, /*accumulate=*/false);
+        } else {
+          gemm_nn(ds.data(), M, ksp, D, dqbuf.data(), D, rows, M, D, /*accumulate=*/false);
+          for (int64_t i = 0; i < rows; ++i) {
+            scalar_t* dst = dq0 + i * H * D;
+            for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(dqbuf[i * D + j]);
+          }
+        }
+        gemm_tn_acc(ds.data(), M, qa, ldq, dkc, D, rows, M, D);
+        gemm_tn_acc(p.data(), M, ga, ldg, dvc, D, rows, M, D);
+      }
+    }
+  });
+
+  // Fixed-order reduction of the chunk partials into dk, dv (B, M, h, d).
+  parallel_for(0, B * H, std::max<int64_t>(1, kGrainSize / (nchunk * MD)),
+                   [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> dks(MD), dvs(MD);
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, hd = bh % H;
+      std::fill(dks.begin(), dks.end(), acc_t(0));
+      std::fill(dvs.begin(), dvs.end(), acc_t(0));
+      for (int64_t c = 0; c < nchunk; ++c) {
+        const acc_t* pk = dk_part.data() + (bh * nchunk + c) * MD;
+        const acc_t* pv = dv_part.data() + (bh * nchunk + c) * MD;
+        for (int64_t e = 0; e < MD; ++e) {
+          dks[e] += pk[e];
+          dvs[e] += pv[e];
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        scalar_t* dkr = dkp + ((b * M + m) * H + hd) * D;
+        scalar_t* dvr = dvp + ((b * M + m) * H + hd) * D;
+        for (int64_t j = 0; j < D; ++j) {
+          dkr[j] = static_cast<scalar_t>(dks[m * D + j] * sc);
+          dvr[j] = static_cast<scalar_t>(dvs[m * D + j]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic) {
+  // `deterministic` needs no special path: the CPU reduction over N is always in a fixed order.
+  check_inputs(q, k, v, kBwdOp);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kBwdOp,
+              ": expected grad_out and out of the shape of q ", q.sizes(), ", got ",
+              grad_out.sizes(), " and ", out.sizes());
+  check_same_dtype(grad_out, q, kBwdOp, "grad_out", "q");
+  check_same_dtype(out, q, kBwdOp, "out", "q");
+  check_same_device(grad_out, q, kBwdOp, "grad_out", "q");
+  check_same_device(out, q, kBwdOp, "out", "q");
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+  const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N, kBwdOp,
+              ": expected lse of shape (B, h, N) = (", B, ", ", H, ", ", N, "), got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == acc, kBwdOp, ": expected lse of dtype ", acc,
+              " (the accumulation dtype of ", q.scalar_type(), "), got ", lse.scalar_type());
+  check_same_device(lse, q, kBwdOp, "lse", "q");
+
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (B * H * D == 0) return {dq, dk, dv};
+  if (N == 0) {  // no queries: nothing flows into k and v
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "p2c_attention_bwd",
+                                  [&] {
+                                    p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, out, lse, scale,
+                                                             dq, dk, dv);
+                                  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace paca_kernels
+
+TORCH_LIBRARY_IMPL(paca_kernels, CPU, m) {
+  m.impl("p2c_attention_fwd", &paca_kernels::p2c_attention_fwd_cpu);
+  m.impl("p2c_attention_bwd", &paca_kernels::p2c_attention_bwd_cpu);
+}
