@@ -26,7 +26,9 @@ from ._backends import (
     select_backend,
 )
 from ._checks import check_cluster_pool, check_p2c_attention
+from ._triton import make_backend as _make_triton_backend
 from .cluster_pool import cluster_pool_cpp
+from .p2c_attention import p2c_attention_cpp
 
 __all__ = [
     "AUTO_PRIORITY",
@@ -110,10 +112,14 @@ register_backend(
 register_backend(
     Backend(
         name="cpu",
-        description="C++ CPU kernels (paca_kernels._C); p2c_attention comes with the CPU kernels",
+        description="C++ CPU kernels (paca_kernels._C): fused cluster_pool and p2c_attention",
         device_types=("cpu",),
         dtypes=_ALL_FLOATS,
-        impls={"cluster_pool": cluster_pool_cpp},
+        impls={"cluster_pool": cluster_pool_cpp, "p2c_attention": p2c_attention_cpp},
         availability=lambda: None if _ext.load() else _ext.unavailable_reason(),
     )
 )
+
+# Triton: the automatic choice on CUDA; on the CPU (its interpreter) only when asked for by name.
+register_backend(_make_triton_backend())
+AUTO_PRIORITY["cuda"] = ["triton", "reference"]
