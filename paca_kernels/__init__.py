@@ -15,7 +15,7 @@ from __future__ import annotations
 from . import _ext, ops, reference
 from .models import PaCaTeacher_ConvMixer, PaCaViT, create_model, list_models
 from .models._timm import install_timm_hook, register_timm_models
-from .nn import PaCaAttention, PaCaBlock, PaCaLayer
+from .nn import PaCaAttention, PaCaBlock, PaCaLayer, convert_paca_layers
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "PaCaTeacher_ConvMixer",
     "PaCaViT",
     "__version__",
+    "convert_paca_layers",
     "create_model",
     "list_models",
     "ops",

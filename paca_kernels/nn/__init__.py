@@ -3,6 +3,7 @@
 from .attention import PaCaAttention, PaCaLayer, check_tokens, paca_layer_kwargs
 from .block import DEFAULT_PACA_CFG, DWConv, Mlp, PaCaBlock
 from .clustering import CLUSTERING_HEADS, P2CConv2d, P2CLinear, P2CMlp, build_clustering
+from .convert import convert_paca_layers
 from .layers import BlurConv2d, DownsampleV1, DropPath, LayerNorm2d, build_act, build_norm
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "build_clustering",
     "build_norm",
     "check_tokens",
+    "convert_paca_layers",
     "paca_layer_kwargs",
 ]
