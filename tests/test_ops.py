@@ -278,3 +278,57 @@ def test_cpu_cluster_pool_flops_match_unfused():
         return fc.get_total_flops()
 
     assert count("cpu") == count("reference") == 3 * 2 * 2 * 5 * 12 * 8
+
+
+# -- autocast -----------------------------------------------------------------------------------------
+
+AUTOCAST_BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
+
+
+@pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
+def test_ops_run_in_the_autocast_dtype(backend):
+    inp = make_cluster_pool_inputs(2, 5, 11, 8, requires_grad=True)
+    p = make_p2c_inputs(2, 9, 5, 2, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # Mixed input dtypes, as autocast produces them (a conv's bf16 logits, fp32 LayerNorm output).
+        pooled = ops.cluster_pool(inp.logits.to(torch.bfloat16), inp.x, inp.weight, inp.bias, backend=backend)
+        attn = ops.p2c_attention(p.q, p.k.to(torch.bfloat16), p.v, backend=backend)
+    assert pooled.dtype == torch.bfloat16 and attn.dtype == torch.bfloat16
+    exact = reference.cluster_pool(*(t.detach().double() for t in (inp.logits, inp.x, inp.weight, inp.bias)))
+    low = reference.cluster_pool(*(t.detach().to(torch.bfloat16) for t in (inp.logits, inp.x, inp.weight,
+                                                                           inp.bias)))
+    assert_low_precision_ok(pooled, low, exact)
+    exact = reference.p2c_attention(*(t.detach().double() for t in (p.q, p.k, p.v)))
+    low = reference.p2c_attention(*(t.detach().to(torch.bfloat16) for t in (p.q, p.k, p.v)))
+    assert_low_precision_ok(attn, low, exact)
+    (pooled.float().sum() + attn.float().sum()).backward()
+    for t in (inp.logits, inp.x, inp.weight, inp.bias, p.q, p.k, p.v):
+        assert t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+
+
+@needs_ext
+def test_autocast_compiles_fullgraph():
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.p2c_attention(q, k, v, backend="cpu")
+
+    p = make_p2c_inputs(1, 7, 3, 2, 8)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(p.q, p.k, p.v)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, f(p.q, p.k, p.v))
+
+
+@pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
+def test_model_forward_under_autocast(backend):  # noqa: ANN001
+    from paca_kernels import create_model
+
+    model = create_model("pacavit_tiny_p2cconv_100_0", num_classes=5, backend=backend).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(images)
+    assert torch.isfinite(got).all()
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 0.05

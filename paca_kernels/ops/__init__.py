@@ -47,6 +47,22 @@ __all__ = [
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under ``torch.autocast`` for the inputs' device, floating inputs go to the autocast dtype,
+    as F.scaled_dot_product_attention does (the kernels accumulate in fp32 whatever the input)."""
+    first = tensors[0]
+    if not isinstance(first, Tensor):
+        return tensors
+    device_type = first.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
 def cluster_pool(
     logits: Tensor,
     x: Tensor,
@@ -66,8 +82,9 @@ def cluster_pool(
         backend: backend name or comma-separated preference list (None: env var, then automatic).
 
     Returns:
-        (B, M, C) in x's dtype.
+        (B, M, C) in x's dtype (the autocast dtype under ``torch.autocast``).
     """
+    logits, x, weight, bias = _autocast(logits, x, weight, bias)
     check_cluster_pool(logits, x, weight, bias, eps)
     impl = select_backend("cluster_pool", (logits, x), backend).impls["cluster_pool"]
     return impl(logits, x, weight, bias, eps)
@@ -85,8 +102,9 @@ def p2c_attention(
         backend: backend name or comma-separated preference list (None: env var, then automatic).
 
     Returns:
-        (B, N, h, d) in q's dtype.
+        (B, N, h, d) in q's dtype (the autocast dtype under ``torch.autocast``).
     """
+    q, k, v = _autocast(q, k, v)
     check_p2c_attention(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
