@@ -6,7 +6,6 @@ program instance costs ~1 ms: shapes are small, and every case checks the forwar
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -20,6 +19,7 @@ from paca_kernels.testing import (
     assert_low_precision_ok,
     make_cluster_pool_inputs,
     make_p2c_inputs,
+    poisoned_outputs,
     shape_id,
 )
 from paca_kernels.triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON
@@ -41,20 +41,6 @@ POOL_BWD = torch.ops.paca_kernels.cluster_pool_bwd_triton
 # gradients ≤ 6.1e-6: dbias/dweight sum B·M rows, dk/dv sum N = 197 queries), with ~3-5× headroom.
 FWD_TOL = {"rtol": 1e-5, "atol": 1e-5}
 BWD_TOL = {"rtol": 3e-5, "atol": 3e-5}
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    """Every torch.empty is filled with NaN: an output element a kernel forgets to write shows up."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
 @pytest.fixture
@@ -505,3 +491,72 @@ def test_kernels_compile_for_sm90():
     if "SKIP" in proc.stdout:
         pytest.skip(f"this Triton's ahead-of-time compile API differs: {proc.stdout.strip()}")
     assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_ops_export_keeps_the_triton_ops():
+    class Core(torch.nn.Module):
+        def forward(self, logits, x, q):
+            z = ops.cluster_pool(logits, x, backend="triton")
+            kv = z.view(z.shape[0], z.shape[1], 2, -1)
+            return ops.p2c_attention(q, kv, kv, backend="triton")
+
+    inp = make_cluster_pool_inputs(1, 3, 6, 32, affine=False, device=DEVICE)
+    q = torch.randn(1, 6, 2, 16, device=DEVICE)
+    ep = torch.export.export(Core(), (inp.logits, inp.x, q))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "paca_kernels.cluster_pool_fwd_triton.default" in targets
+    assert "paca_kernels.p2c_attention_fwd_triton.default" in targets
+    assert_close(ep.module()(inp.logits, inp.x, q), Core()(inp.logits, inp.x, q))
+
+
+def test_paca_attention_module_on_triton_compiles_and_matches():
+    from paca_kernels import PaCaAttention
+
+    torch._dynamo.reset()
+    layer = PaCaAttention(32, 2, 7, clustering="conv", clustering_kernel_size=3, backend="triton").to(DEVICE)
+    ref = PaCaAttention(32, 2, 7, clustering="conv", clustering_kernel_size=3, backend="reference").to(DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 15, 32, device=DEVICE)
+
+    def step(mod, fn):
+        mod.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        out, z = fn(xx)
+        (out.square().sum() + z.sum()).backward()
+        return out.detach(), xx.grad, [p.grad.clone() for p in mod.parameters()]
+
+    got = step(layer, torch.compile(lambda t: layer(t, 3, 5), fullgraph=True, backend="aot_eager"))
+    want = step(ref, lambda t: ref(t, 3, 5))
+    assert_close(got[0], want[0], **FWD_TOL)
+    assert_close(got[1], want[1], **BWD_TOL)
+    for g, w in zip(got[2], want[2], strict=True):
+        assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+# -- past 2^31 elements (GPU only: ~9 GB of inputs) ---------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_p2c_index_arithmetic_past_2_pow_31():
+    h, d, m = 2, 64, 16
+    n = 2**31 // (h * d) + 4099  # q and out hold more than 2^31 elements
+    q = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, m, h, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, m, h, d, device="cuda", dtype=torch.bfloat16)
+    out = ops.p2c_attention(q, k, v, backend="triton")
+    tail = slice(n - 300, n)
+    want = reference.p2c_attention(q[:, tail].float(), k.float(), v.float())
+    assert_close(out[:, tail].float(), want, rtol=2e-2, atol=2e-2)
+    del q, out
+
+
+@pytest.mark.gpu
+def test_cluster_pool_index_arithmetic_past_2_pow_31():
+    m, c = 8, 64
+    n = 2**31 // c + 4099  # x holds more than 2^31 elements
+    x = torch.randn(1, n, c, device="cuda", dtype=torch.bfloat16)
+    logits = torch.full((1, m, n), float("-inf"), device="cuda", dtype=torch.bfloat16)
+    logits[..., -5:] = torch.randn(1, m, 5, device="cuda", dtype=torch.bfloat16)  # mass only at the end
+    out = ops.cluster_pool(logits, x, backend="triton")
+    want = reference.cluster_pool(logits[..., -5:].float(), x[:, -5:].float())
+    assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
