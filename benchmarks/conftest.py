@@ -100,6 +100,12 @@ def run(benchmark, device: torch.device, dtype: torch.dtype, ceilings: Ceilings,
     def _run(fn: Callable[[], object], *, provider: str, flops: int, min_bytes: int) -> None:
         fn()  # warm-up: compilation, allocator, caches
         sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        once = time.perf_counter() - t0
+        # ~15 rounds, fewer for slow rows (a Base train step on a 2-core CPU takes seconds).
+        rounds = max(5, min(15, int(3.0 / max(once, 1e-9))))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
@@ -110,7 +116,7 @@ def run(benchmark, device: torch.device, dtype: torch.dtype, ceilings: Ceilings,
         if smoke:
             benchmark.pedantic(timed, rounds=1, iterations=1)
         else:
-            benchmark.pedantic(timed, rounds=15, iterations=1, warmup_rounds=3)
+            benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
         info = benchmark.extra_info
         info.update(provider=provider, device=str(device), flops=flops, min_bytes=min_bytes,
                     torch=torch.__version__, cuda=torch.version.cuda, triton=_triton_version(),
