@@ -35,12 +35,9 @@ MAX_CHANNELS = 1024
 
 
 if TRITON_AVAILABLE:
-    from torch.utils.flop_counter import register_flop_formula
-
     from ..triton import cluster_pool as _cp
     from ..triton import p2c_attention as _p2c
-    from .cluster_pool import _fake_bwd as _cp_fake_bwd
-    from .cluster_pool import _fake_fwd as _cp_fake_fwd
+    from ._registration import register_cluster_pool, register_p2c_attention
 
     assert _p2c.MAX_KEYS == MAX_KEYS and _p2c.MAX_HEAD_DIM == MAX_HEAD_DIM
     assert _cp.MAX_CHANNELS == MAX_CHANNELS
@@ -51,11 +48,6 @@ if TRITON_AVAILABLE:
     def p2c_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """softmax(q·kᵀ·scale over M)·v: out (B, N, h, d) and lse (B, h, N) fp32."""
         return _p2c.p2c_attention_fwd(q, k, v, scale)
-
-    @p2c_attention_fwd_triton.register_fake
-    def _p2c_fwd_fake(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        b, n, h, d = q.shape
-        return q.new_empty((b, n, h, d)), q.new_empty((b, h, n), dtype=torch.float32)
 
     @torch.library.custom_op(f"{_LIB}::p2c_attention_bwd_triton", mutates_args=())
     def p2c_attention_bwd_triton(
@@ -71,52 +63,11 @@ if TRITON_AVAILABLE:
         """dq (B, N, h, d), dk and dv (B, M, h, d) of p2c attention (see the kernel module for the math)."""
         return _p2c.p2c_attention_bwd(grad_out, q, k, v, out, lse, scale, deterministic)
 
-    @p2c_attention_bwd_triton.register_fake
-    def _p2c_bwd_fake(
-        grad_out: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        scale: float,
-        deterministic: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return (
-            q.new_empty(q.shape),
-            k.new_empty(k.shape),
-            v.new_empty(v.shape),
-        )
-
-    def _p2c_setup_context(ctx, inputs, output) -> None:
-        q, k, v, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-
-    def _p2c_backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
-        # Bitwise-reproducible dk/dv whenever PyTorch is asked for deterministic algorithms.
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        dq, dk, dv = torch.ops.paca_kernels.p2c_attention_bwd_triton(
-            grad_out, q, k, v, out, lse, ctx.scale, deterministic
-        )
-        return dq, dk, dv, None
-
-    p2c_attention_fwd_triton.register_autograd(_p2c_backward, setup_context=_p2c_setup_context)
-
-    # FlopCounterMode counts these like the unfused reference: two bmms forward (q·kᵀ and P·v,
-    # 2·B·h·N·M·d each), four backward (autograd of the two bmms).
-    @register_flop_formula(torch.ops.paca_kernels.p2c_attention_fwd_triton)
-    def _p2c_fwd_flops(q_shape, k_shape, *args, **kwargs) -> int:
-        b, n, h, d = q_shape
-        return 4 * b * h * n * k_shape[1] * d
-
-    @register_flop_formula(torch.ops.paca_kernels.p2c_attention_bwd_triton)
-    def _p2c_bwd_flops(grad_shape, q_shape, k_shape, *args, **kwargs) -> int:
-        b, n, h, d = q_shape
-        return 8 * b * h * n * k_shape[1] * d
+    # Bitwise-reproducible dk/dv whenever PyTorch is asked for deterministic algorithms.
+    register_p2c_attention(
+        f"{_LIB}::p2c_attention_fwd_triton", f"{_LIB}::p2c_attention_bwd_triton",
+        lambda q: torch.are_deterministic_algorithms_enabled(),
+    )
 
     # -- cluster_pool -------------------------------------------------------------------------------
 
@@ -126,9 +77,6 @@ if TRITON_AVAILABLE:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """LayerNorm(softmax(logits over N)·x): out (B, M, C), pooled (B, M, C) fp32, lse (B, M) fp32."""
         return _cp.cluster_pool_fwd(logits, x, weight, bias, eps)
-
-    # One fake kernel per op, shared with the C++ twin (same outputs, same dtypes).
-    cluster_pool_fwd_triton.register_fake(_cp_fake_fwd)
 
     @torch.library.custom_op(f"{_LIB}::cluster_pool_bwd_triton", mutates_args=())
     def cluster_pool_bwd_triton(
@@ -143,36 +91,8 @@ if TRITON_AVAILABLE:
         """dlogits (B, M, N), dx (B, N, C), dweight (C,), dbias (C,) of cluster_pool."""
         return _cp.cluster_pool_bwd(grad_out, logits, x, weight, pooled, lse, eps)
 
-    cluster_pool_bwd_triton.register_fake(_cp_fake_bwd)
-
-    def _cp_setup_context(ctx, inputs, output) -> None:
-        logits, x, weight, bias, eps = inputs
-        _, pooled, lse = output
-        ctx.save_for_backward(logits, x, weight, pooled, lse)
-        ctx.eps = eps
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(pooled, lse)
-
-    def _cp_backward(ctx, grad_out: Tensor, _gp: Tensor | None, _gl: Tensor | None):
-        logits, x, weight, pooled, lse = ctx.saved_tensors
-        dlogits, dx, dweight, dbias = torch.ops.paca_kernels.cluster_pool_bwd_triton(
-            grad_out, logits, x, weight, pooled, lse, ctx.eps
-        )
-        return dlogits, dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
-
-    cluster_pool_fwd_triton.register_autograd(_cp_backward, setup_context=_cp_setup_context)
-
-    # Counted like the unfused bmm: forward S·x (2·B·M·N·C), backward dP·xᵀ and Sᵀ·dP.
-    @register_flop_formula(torch.ops.paca_kernels.cluster_pool_fwd_triton)
-    def _cp_fwd_flops(logits_shape, x_shape, *args, **kwargs) -> int:
-        b, m, n = logits_shape
-        return 2 * b * m * n * x_shape[2]
-
-    @register_flop_formula(torch.ops.paca_kernels.cluster_pool_bwd_triton)
-    def _cp_bwd_flops(grad_shape, logits_shape, x_shape, *args, **kwargs) -> int:
-        b, m, n = logits_shape
-        return 4 * b * m * n * x_shape[2]
+    # Fake kernels, autograd and FLOP formulas shared with the C++ twins (same outputs, same dtypes).
+    register_cluster_pool(f"{_LIB}::cluster_pool_fwd_triton", f"{_LIB}::cluster_pool_bwd_triton")
 
 
 def p2c_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:

@@ -1,0 +1,139 @@
+"""What every backend's raw ops share: fake kernels, autograd wiring and FLOP formulas.
+
+The C++ ops (``cluster_pool_fwd``/``_bwd``, ``p2c_attention_fwd``/``_bwd``) and their Triton twins
+(``*_triton``) have the same signatures and outputs, so each pair is registered from one place.
+
+FLOP formulas count like the unfused reference, so FlopCounterMode gives the same totals whatever the
+backend: cluster_pool is one bmm forward (2·B·M·N·C) and two backward; p2c_attention two bmms
+forward (q·kᵀ and P·v, 2·B·h·N·M·d each) and four backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+__all__ = ["acc_dtype", "register_cluster_pool", "register_p2c_attention"]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# -- cluster_pool ------------------------------------------------------------------------------------
+
+
+def _pool_fake_fwd(
+    logits: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    b, m, _ = logits.shape
+    c = x.shape[2]
+    acc = acc_dtype(x.dtype)
+    return x.new_empty((b, m, c)), x.new_empty((b, m, c), dtype=acc), x.new_empty((b, m), dtype=acc)
+
+
+def _pool_fake_bwd(
+    grad_out: Tensor, logits: Tensor, x: Tensor, weight: Tensor | None, pooled: Tensor, lse: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    c = x.shape[2]
+    pdtype = weight.dtype if weight is not None else x.dtype
+    return (
+        torch.empty_like(logits, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((c,), dtype=pdtype),
+        x.new_empty((c,), dtype=pdtype),
+    )
+
+
+def _pool_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    logits, x, weight, bias, eps = inputs
+    _, pooled, lse = output
+    ctx.save_for_backward(logits, x, weight, pooled, lse)
+    ctx.eps = eps
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(pooled, lse)
+
+
+def register_cluster_pool(fwd: str, bwd: str) -> None:
+    """Fake kernels, autograd (backward = the ``bwd`` op) and FLOP formulas for a cluster_pool pair,
+    given their qualified names ("paca_kernels::cluster_pool_fwd", ...)."""
+    torch.library.register_fake(fwd)(_pool_fake_fwd)
+    torch.library.register_fake(bwd)(_pool_fake_bwd)
+    bwd_op = _resolve(bwd)
+
+    def backward(ctx: Any, grad_out: Tensor, _grad_pooled: Tensor | None, _grad_lse: Tensor | None):
+        logits, x, weight, pooled, lse = ctx.saved_tensors
+        dlogits, dx, dweight, dbias = bwd_op(grad_out, logits, x, weight, pooled, lse, ctx.eps)
+        return dlogits, dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=_pool_setup_context)
+
+    @register_flop_formula(_resolve(fwd))
+    def _fwd_flops(logits_shape, x_shape, *args, **kwargs) -> int:
+        b, m, n = logits_shape
+        return 2 * b * m * n * x_shape[2]
+
+    @register_flop_formula(bwd_op)
+    def _bwd_flops(grad_shape, logits_shape, x_shape, *args, **kwargs) -> int:
+        b, m, n = logits_shape
+        return 4 * b * m * n * x_shape[2]
+
+
+# -- p2c_attention -----------------------------------------------------------------------------------
+
+
+def _p2c_fake_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    b, n, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, n), dtype=acc_dtype(q.dtype))
+
+
+def _p2c_fake_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _p2c_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def register_p2c_attention(fwd: str, bwd: str, deterministic: Callable[[Tensor], bool]) -> None:
+    """Fake kernels, autograd and FLOP formulas for a p2c_attention pair; ``deterministic(q)`` gives
+    the backward's flag (fixed-order dk/dv reduction) at backward time."""
+    torch.library.register_fake(fwd)(_p2c_fake_fwd)
+    torch.library.register_fake(bwd)(_p2c_fake_bwd)
+    bwd_op = _resolve(bwd)
+
+    def backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, ctx.scale, deterministic(q))
+        return dq, dk, dv, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=_p2c_setup_context)
+
+    @register_flop_formula(_resolve(fwd))
+    def _fwd_flops(q_shape, k_shape, *args, **kwargs) -> int:
+        b, n, h, d = q_shape
+        return 4 * b * h * n * k_shape[1] * d
+
+    @register_flop_formula(bwd_op)
+    def _bwd_flops(grad_shape, q_shape, k_shape, *args, **kwargs) -> int:
+        b, n, h, d = q_shape
+        return 8 * b * h * n * k_shape[1] * d
+
+
+def _resolve(qualname: str) -> Any:
+    ns, name = qualname.split("::")
+    return getattr(getattr(torch.ops, ns), name)
