@@ -24,6 +24,7 @@ from paca_kernels.testing import (
     assert_low_precision_ok,
     make_cluster_pool_inputs,
     make_p2c_inputs,
+    poisoned_outputs,
     shape_id,
 )
 
@@ -31,21 +32,6 @@ pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.u
 
 if _ext.load():
     from paca_kernels.ops.p2c_attention import p2c_attention_cpp
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    """Every torch.empty (C++ at::empty included) is filled with NaN: an output element the kernel
-    forgets to write shows up as NaN."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev)
-        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
 @contextlib.contextmanager
