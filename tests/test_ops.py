@@ -332,3 +332,16 @@ def test_model_forward_under_autocast(backend):  # noqa: ANN001
             got = model(images)
     assert torch.isfinite(got).all()
     assert float((got.float() - want).abs().max() / want.abs().max()) < 0.05
+
+
+@needs_ext
+def test_paper_macs_hold_with_the_fused_cpu_backend():
+    from paca_kernels import create_model
+
+    def macs(backend: str) -> int:
+        model = create_model("pacavit_tiny_p2cconv_100_0", backend=backend).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(torch.randn(1, 3, 224, 224))
+        return fc.get_total_flops() // 2
+
+    assert macs("cpu") == macs("reference") == 3_219_262_208  # the official count (compat README)
