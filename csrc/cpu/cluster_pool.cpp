@@ -36,6 +36,23 @@ constexpr int64_t kPatchTile = 256;
 // Patches per forward task (one partial softmax state per split, merged in split order).
 constexpr int64_t kSplitRows = 512;
 
+// Rows n0 .. n0+nt of x[b] as an acc_t matrix with leading dimension ldx: read in place when x is
+// already acc_t with contiguous rows (x_direct), else converted into buf (nt x C).
+template <typename scalar_t, typename acc_t, typename Strides>
+const acc_t* x_tile(const scalar_t* xp, const Strides& sx, int64_t b, int64_t n0, int64_t nt,
+                    int64_t C, bool x_direct, acc_t* buf, int64_t& ldx) {
+  if (x_direct) {
+    ldx = sx[1];
+    return reinterpret_cast<const acc_t*>(xp + b * sx[0] + n0 * sx[1]);
+  }
+  for (int64_t i = 0; i < nt; ++i) {
+    const scalar_t* xr = xp + b * sx[0] + (n0 + i) * sx[1];
+    for (int64_t c = 0; c < C; ++c) buf[i * C + c] = static_cast<acc_t>(xr[c * sx[2]]);
+  }
+  ldx = C;
+  return buf;
+}
+
 // The M logits rows of a tile are M short runs far apart (row stride N), too many streams for
 // the hardware prefetchers: ask for the next tile's run of each row while this one is processed.
 template <typename scalar_t>
@@ -93,19 +110,8 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
       const int64_t s_end = std::min(N, (split + 1) * kSplitRows);
       for (int64_t n0 = split * kSplitRows; n0 < s_end; n0 += kPatchTile) {
         const int64_t nt = std::min(kPatchTile, s_end - n0);
-        const acc_t* xa;
         int64_t ldx;
-        if (x_direct) {
-          xa = reinterpret_cast<const acc_t*>(xp + b * sx[0] + n0 * sx[1]);
-          ldx = sx[1];
-        } else {
-          for (int64_t i = 0; i < nt; ++i) {
-            const scalar_t* xr = xp + b * sx[0] + (n0 + i) * sx[1];
-            for (int64_t c = 0; c < C; ++c) xbuf[i * C + c] = static_cast<acc_t>(xr[c * sx[2]]);
-          }
-          xa = xbuf.data();
-          ldx = C;
-        }
+        const acc_t* xa = x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
         for (int64_t m = 0; m < M; ++m) {
           const scalar_t* lr = lp + b * sl[0] + m * sl[1] + n0 * sl[2];
           prefetch_next_tile(lr, sl[2], nt, std::min(kPatchTile, s_end - n0 - nt));
@@ -329,19 +335,8 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / ntile, n0 = (task % ntile) * kPatchTile;
       const int64_t nt = std::min(kPatchTile, N - n0);
-      const acc_t* xa;
       int64_t ldx;
-      if (x_direct) {
-        xa = reinterpret_cast<const acc_t*>(xp + b * sx[0] + n0 * sx[1]);
-        ldx = sx[1];
-      } else {
-        for (int64_t i = 0; i < nt; ++i) {
-          const scalar_t* xr = xp + b * sx[0] + (n0 + i) * sx[1];
-          for (int64_t c = 0; c < C; ++c) xbuf[i * C + c] = static_cast<acc_t>(xr[c * sx[2]]);
-        }
-        xa = xbuf.data();
-        ldx = C;
-      }
+      const acc_t* xa = x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
       // dS^T = x.dP^T (nt x M), with x rows as the left operand so that they need no transpose.
       gemm_nn(xa, ldx, dpt.data() + b * C * M, M, dst.data(), M, nt, C, M, /*accumulate=*/false);
       for (int64_t m = 0; m < M; ++m) {
