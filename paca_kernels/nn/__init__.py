@@ -3,6 +3,7 @@
 from .attention import PaCaAttention, PaCaLayer, check_tokens, paca_layer_kwargs
 from .block import DEFAULT_PACA_CFG, DWConv, Mlp, PaCaBlock
 from .clustering import CLUSTERING_HEADS, P2CConv2d, P2CLinear, P2CMlp, build_clustering
+from .clustering_variants import GMMClustering, SoftKMeansClustering
 from .convert import convert_paca_layers
 from .layers import BlurConv2d, DownsampleV1, DropPath, LayerNorm2d, build_act, build_norm
 
@@ -13,6 +14,7 @@ __all__ = [
     "DWConv",
     "DownsampleV1",
     "DropPath",
+    "GMMClustering",
     "LayerNorm2d",
     "Mlp",
     "P2CConv2d",
@@ -21,6 +23,7 @@ __all__ = [
     "PaCaAttention",
     "PaCaBlock",
     "PaCaLayer",
+    "SoftKMeansClustering",
     "build_act",
     "build_clustering",
     "build_norm",

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .clustering_variants import GMMClustering, SoftKMeansClustering
 from .layers import build_act
 
 __all__ = ["CLUSTERING_HEADS", "P2CConv2d", "P2CLinear", "P2CMlp", "build_clustering"]
@@ -105,6 +106,11 @@ CLUSTERING_HEADS: dict[str, type[nn.Module]] = {
     "P2CConv2d": P2CConv2d,
     "P2CMlp": P2CMlp,
     "P2CLinear": P2CLinear,
+    # Distance-based variants (nn/clustering_variants.py).
+    "kmeans": SoftKMeansClustering,
+    "gmm": GMMClustering,
+    "SoftKMeansClustering": SoftKMeansClustering,
+    "GMMClustering": GMMClustering,
 }
 
 
@@ -116,23 +122,24 @@ def build_clustering(
     kernel_size: int = 7,
     mlp_ratio: float = 4.0,
     act_cfg: Mapping[str, Any] | str | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
-    """A clustering head by name ("conv", "mlp", "linear" or the official class name) or class.
+    """A clustering head by name ("conv", "mlp", "linear", "kmeans", "gmm" or a class name in
+    :data:`CLUSTERING_HEADS`) or class.
 
     A custom class must take ``(dim, num_clusters, **kwargs)`` and map (x (B, N, C), H, W) to
-    logits (B, M, N).
+    logits (B, M, N). Extra ``kwargs`` (e.g. ``temperature`` of the k-means/GMM heads) go to the class.
     """
     if isinstance(kind, str):
         try:
             cls = CLUSTERING_HEADS[kind]
         except KeyError:
             raise ValueError(
-                f"unknown clustering head {kind!r}; known: conv, mlp, linear "
-                "(or P2CConv2d, P2CMlp, P2CLinear)"
+                f"unknown clustering head {kind!r}; known: {', '.join(CLUSTERING_HEADS)}"
             ) from None
     else:
         cls = kind
     return cls(
         dim=dim, num_clusters=num_clusters, kernel_size=kernel_size, mlp_ratio=mlp_ratio,
-        act_cfg=act_cfg,
+        act_cfg=act_cfg, **kwargs,
     )
