@@ -5,6 +5,7 @@ Public API:
     paca_kernels.reference                          the pure-PyTorch oracle
     PaCaAttention, PaCaLayer, PaCaBlock, PaCaViT    drop-in modules for the official code
     create_model, list_models                       the official PaCa-ViT variants
+    PaCaSegHead, PaCaSegmentor                      the official segmentation head, backbone + head
 
 Importing never fails because the C++ extension is missing or stale: the ops then run on the
 reference backend and ``paca_kernels.ops.backend_status()`` (or ``python -m paca_kernels``) says why.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from . import _ext, ops, reference
 from .models import PaCaTeacher_ConvMixer, PaCaViT, create_model, list_models
 from .models._timm import install_timm_hook, register_timm_models
-from .nn import PaCaAttention, PaCaBlock, PaCaLayer, convert_paca_layers
+from .nn import PaCaAttention, PaCaBlock, PaCaLayer, PaCaSegHead, PaCaSegmentor, convert_paca_layers
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,8 @@ __all__ = [
     "PaCaAttention",
     "PaCaBlock",
     "PaCaLayer",
+    "PaCaSegHead",
+    "PaCaSegmentor",
     "PaCaTeacher_ConvMixer",
     "PaCaViT",
     "__version__",

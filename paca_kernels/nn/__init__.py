@@ -6,6 +6,7 @@ from .clustering import CLUSTERING_HEADS, P2CConv2d, P2CLinear, P2CMlp, build_cl
 from .clustering_variants import GMMClustering, SoftKMeansClustering
 from .convert import convert_paca_layers
 from .layers import BlurConv2d, DownsampleV1, DropPath, LayerNorm2d, build_act, build_norm
+from .seg_head import PaCaSegHead, PaCaSegmentor
 
 __all__ = [
     "CLUSTERING_HEADS",
@@ -23,6 +24,8 @@ __all__ = [
     "PaCaAttention",
     "PaCaBlock",
     "PaCaLayer",
+    "PaCaSegHead",
+    "PaCaSegmentor",
     "SoftKMeansClustering",
     "build_act",
     "build_clustering",
