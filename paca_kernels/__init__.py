@@ -6,6 +6,7 @@ Public API:
     PaCaAttention, PaCaLayer, PaCaBlock, PaCaViT    drop-in modules for the official code
     create_model, list_models                       the official PaCa-ViT variants
     PaCaSegHead, PaCaSegmentor                      the official segmentation head, backbone + head
+    paca_kernels.explain                            cluster maps, attention maps, importance masks, PNGs
 
 Importing never fails because the C++ extension is missing or stale: the ops then run on the
 reference backend and ``paca_kernels.ops.backend_status()`` (or ``python -m paca_kernels``) says why.
@@ -13,7 +14,7 @@ reference backend and ``paca_kernels.ops.backend_status()`` (or ``python -m paca
 
 from __future__ import annotations
 
-from . import _ext, ops, reference
+from . import _ext, explain, ops, reference
 from .models import PaCaTeacher_ConvMixer, PaCaViT, create_model, list_models
 from .models._timm import install_timm_hook, register_timm_models
 from .nn import PaCaAttention, PaCaBlock, PaCaLayer, PaCaSegHead, PaCaSegmentor, convert_paca_layers
@@ -31,6 +32,7 @@ __all__ = [
     "__version__",
     "convert_paca_layers",
     "create_model",
+    "explain",
     "list_models",
     "ops",
     "reference",
