@@ -7,20 +7,63 @@ Module and parameter names are the official ones, so official state dicts load w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from ..nn.block import DEFAULT_PACA_CFG, PaCaBlock
 from ..nn.layers import BlurConv2d, DownsampleV1, DropPath, build_act, build_norm
 
 __all__ = ["PaCaTeacher_ConvMixer", "PaCaViT", "Residual"]
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """Within the context, BatchNorm layers of ``module`` in training mode normalise with the batch
+    statistics as usual but leave running_mean/var and num_batches_tracked as they were.
+
+    Why: activation checkpointing runs a block's forward twice (once more during the backward); without
+    this, every BatchNorm (or SyncBatchNorm) inside would update its running statistics twice per step.
+    Momentum 0 makes the running update ``(1 - 0)·running + 0·batch``, an exact no-op, while the op
+    itself (and what it saves for the backward, which checkpointing checks) stays the same;
+    num_batches_tracked, which the forward increments, is put back afterwards.
+    """
+    frozen = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+              for m in module.modules()
+              if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    for m, _, _ in frozen:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in frozen:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _checkpointed(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
+    """``fn(*args)`` under non-reentrant activation checkpointing (the RNG state is restored for the
+    recomputation, so dropout/drop_path masks match). BatchNorm running statistics inside ``module`` are
+    updated once, by the first forward (see :func:`_frozen_bn_stats`)."""
+    if any(isinstance(m, _BatchNorm) for m in module.modules()):
+        return checkpoint(fn, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _frozen_bn_stats(module)))
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def _checkpoint_active(module: nn.Module) -> bool:
+    """Checkpoint only where it saves memory: training mode with autograd recording."""
+    return bool(getattr(module, "grad_checkpointing", False)) and module.training and torch.is_grad_enabled()
 
 
 class Residual(nn.Module):
@@ -81,6 +124,7 @@ class PaCaTeacher_ConvMixer(nn.Module):
         self.num_stages = len(depths)
         self.num_clusters = list(clusters)
         self.return_outs = return_outs
+        self.grad_checkpointing = False
         dpr = [float(r) for r in torch.linspace(0, drop_path_rate, sum(depths))]
         self.stem = None
         if stem_cfg is not None:
@@ -105,6 +149,21 @@ class PaCaTeacher_ConvMixer(nn.Module):
             setattr(self, f"to_clusters{i + 1}", to_clusters)
             cur += depths[i]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing (timm's spelling): in training, each mixer unit of the bottom-up
+        stages (``block{i}[j]``) runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``,
+        so its activations are recomputed in the backward instead of stored. Outputs, gradients and
+        BatchNorm running statistics are those of the plain forward."""
+        self.grad_checkpointing = bool(enable)
+
+    def _run_stage(self, i: int, x: Tensor) -> Tensor:
+        stage = getattr(self, f"block{i + 1}")
+        if not _checkpoint_active(self):
+            return stage(x)
+        for unit in stage:
+            x = _checkpointed(unit, unit, x)
+        return x
+
     def forward(
         self, x: Tensor, *, return_logits: bool = False
     ) -> tuple[list[Tensor], list[Tensor] | None]:
@@ -118,7 +177,7 @@ class PaCaTeacher_ConvMixer(nn.Module):
             x = self.stem(x)
         outs: list[Tensor] = []
         for i in range(self.num_stages):
-            x = getattr(self, f"block{i + 1}")(x)
+            x = self._run_stage(i, x)
             outs.append(x)
             if i < self.num_stages - 1:
                 x = getattr(self, f"transition{i + 1}")(x)
@@ -193,6 +252,7 @@ class PaCaViT(nn.Module):
                 raise ValueError("only DownsampleV1 stems/transitions are supported")
 
         self.num_classes = num_classes
+        self.grad_checkpointing = False
         self.depths = list(arch_cfg["depths"])
         self.num_stages = len(self.depths)
         self.out_indices = list(out_indices)
@@ -289,6 +349,17 @@ class PaCaViT(nn.Module):
                     if m.bias is not None:
                         m.bias.zero_()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing (timm's spelling): in training (``model.train()`` with autograd on),
+        each PaCaBlock runs under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` and its
+        activations are recomputed in the backward; the clustering teacher, if any, checkpoints its
+        mixer units. Outputs and gradients equal the plain forward's (dropout/drop_path included: the
+        RNG state is replayed). Inference and ``torch.no_grad`` are unaffected.
+        """
+        self.grad_checkpointing = bool(enable)
+        if self.paca_teacher is not None:
+            self.paca_teacher.set_grad_checkpointing(enable)
+
     def _check_image(self, x: object) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"images must be a torch.Tensor (B, 3, H, W), got {type(x).__name__}")
@@ -325,8 +396,13 @@ class PaCaViT(nn.Module):
             b, _, h, w = x.shape
             x = x.flatten(2).transpose(1, 2)
             logits = logits_list[i] if logits_list is not None and i < len(logits_list) else None
+            ckpt = _checkpoint_active(self)
             for block in getattr(self, f"stage{i + 1}"):
-                x, logits = block.forward_logits(x, h, w, logits)
+                if ckpt:
+                    # h, w are ints and logits may be None: non-reentrant checkpointing takes any args.
+                    x, logits = _checkpointed(block.forward_logits, block, x, h, w, logits)
+                else:
+                    x, logits = block.forward_logits(x, h, w, logits)
             if teacher_outs is not None and i < len(teacher_outs):
                 x = x + teacher_outs[i]
             x = getattr(self, f"norm{i + 1}")(x)
