@@ -36,6 +36,15 @@
 //   Gradient of out of p2c_attention_fwd given grad_out (B, N, h, d) and the saved out/lse;
 //   grad_q/grad_k/grad_v have the shapes and dtypes of q/k/v. deterministic=True forbids
 //   atomics in the reduction over N for grad_k/grad_v (bitwise reproducible results).
+//
+// conv_cluster_logits(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2) -> logits
+//   The official convolutional clustering head (P2CConv2d with GELU) in one pass, inference only
+//   (no autograd: callers use the unfused modules when gradients are needed).
+//   x (B, N, C) patch tokens of an H x W grid (N = H*W); dw_weight (C, 1, k, k), k odd, zero
+//   padding (k-1)/2; w1 (C, C, 1, 1); w2 (M, C, 1, 1); biases (C,), (C,), (M,) optional.
+//   logits[b,m,n] (B, M, N) dtype of x
+//     = (GELU(GELU(depthwise_conv(x) + dw_bias) . w1^T + b1) . w2^T + b2)[b, n, m]
+//   with exact (erf) GELU, accumulated in acc.
 
 #include <Python.h>
 
@@ -56,6 +65,9 @@ TORCH_LIBRARY(paca_kernels, m) {
       "p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, float scale, bool deterministic)"
       " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def(
+      "conv_cluster_logits(Tensor x, int H, int W, Tensor dw_weight, Tensor? dw_bias, Tensor w1, "
+      "Tensor? b1, Tensor w2, Tensor? b2) -> Tensor");
 }
 
 // `import paca_kernels._C` only has to dlopen this library: the static initialisers above

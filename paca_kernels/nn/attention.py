@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
+from ..ops.clustering_head import conv_cluster_logits, fused_head_applies
 from .clustering import build_clustering
 from .layers import build_norm
 
@@ -121,6 +122,20 @@ class PaCaAttention(nn.Module):
         self.attn_viz = nn.Identity()
 
     # -- the cluster tokens -------------------------------------------------------------------------
+    def _clustering_logits(self, x: Tensor, H: int, W: int) -> Tensor:
+        """Logits (B, M, N) of the on-site clustering head: in inference on the cpu backend, the
+        conv head runs as one fused kernel (see :mod:`paca_kernels.ops.clustering_head`)."""
+        if fused_head_applies(self.clustering, x) and self._uses_cpu_backend(x):
+            return conv_cluster_logits(self.clustering, x, H, W)
+        return self.clustering(x, H, W)
+
+    def _uses_cpu_backend(self, x: Tensor) -> bool:
+        """Whether this layer's backend setting resolves to the fused C++ backend for x's pooling."""
+        try:
+            return ops.select_backend("cluster_pool", (x, x), self.backend).name == "cpu"
+        except (ops.BackendError, ValueError):
+            return False  # the pooling call itself reports the problem
+
     def _cluster_tokens(self, x: Tensor, logits: Tensor | None, z: Tensor | None) -> Tensor:
         """(B, M, C) cluster tokens from logits (fused op where possible) or from probabilities z."""
         fused = logits is not None and not self.cluster_pos_embed and self._ln_eps is not None
@@ -193,7 +208,7 @@ class PaCaAttention(nn.Module):
             out, attn = self._attend(x, x, self._want_maps(return_attn))
             return out, None, attn
         if self.onsite_clustering:
-            logits = self.clustering(x, H, W)
+            logits = self._clustering_logits(x, H, W)
             z = None
         elif logits is not None:
             self._check_assignment("logits", logits, x)

@@ -1,0 +1,95 @@
+"""The fused convolutional clustering head (inference): ``torch.ops.paca_kernels.conv_cluster_logits``.
+
+The official P2CConv2d head is depthwise k×k conv, GELU, 1×1 conv, GELU, 1×1 conv to M channels. Run
+as four PyTorch ops it writes and re-reads three (B, C, H, W) intermediates and transposes the tokens
+to NCHW first; the C++ kernel (csrc/cpu/conv_clustering.cpp) reads x (B, N, C) as the NHWC image it
+already is and computes each band of image rows end to end in cache:
+
+    logits[b, m, n] = (GELU(GELU(dwconv(x) + dw_b) · W1ᵀ + b1) · W2ᵀ + b2)[b, n, m]      (B, M, N)
+
+It has no backward: :class:`~paca_kernels.nn.PaCaAttention` uses it only when no gradient is needed
+(see :func:`fused_head_applies`), and the module path otherwise. The fake kernel makes it traceable
+by ``torch.compile``; the FLOP formula counts it like the three convolutions it replaces, so
+``FlopCounterMode`` totals do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import _ext
+
+__all__ = ["REGISTERED", "conv_cluster_logits", "fused_head_applies"]
+
+_LIB = "paca_kernels"
+
+
+def _register() -> bool:
+    if not _ext.load():
+        return False
+    op = torch.ops.paca_kernels.conv_cluster_logits
+
+    @torch.library.register_fake(f"{_LIB}::conv_cluster_logits")
+    def _fake(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2):
+        return x.new_empty(x.shape[0], w2.shape[0], x.shape[1])
+
+    def _no_grad_only(ctx, *grads):
+        raise RuntimeError(
+            "paca_kernels::conv_cluster_logits is inference-only (no backward); PaCaAttention runs "
+            "the clustering head's modules when gradients are needed"
+        )
+
+    torch.library.register_autograd(f"{_LIB}::conv_cluster_logits", _no_grad_only)
+
+    @register_flop_formula(op)
+    def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, *args, **kwargs) -> int:
+        b, n, c = x_shape
+        k2 = dw_shape[2] * dw_shape[3]
+        # Exactly what FlopCounterMode counts for the three convolutions (biases are not counted).
+        return 2 * b * n * c * (k2 + w1_shape[0] + w2_shape[0])
+
+    return True
+
+
+REGISTERED = _register()
+
+
+def conv_cluster_logits(head: nn.Module, x: Tensor, H: int, W: int) -> Tensor:
+    """Logits (B, M, N) of a fusable :class:`~paca_kernels.nn.clustering.P2CConv2d` ``head`` for
+    tokens x (B, N, C) on an H×W grid, through the fused kernel (no autograd)."""
+    seq = head.clustering
+    return torch.ops.paca_kernels.conv_cluster_logits(
+        x, H, W, seq[0].weight, seq[0].bias, seq[2].weight, seq[2].bias, seq[4].weight, seq[4].bias
+    )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def fused_head_applies(head: nn.Module, x: Tensor) -> bool:
+    """Whether ``head`` (a clustering head) may run as the fused kernel on ``x``: a P2CConv2d with
+    exact GELUs and "same" padding, the extension loaded, CPU tensors outside autocast, no gradient
+    wanted, and no forward hooks on the head's modules (which the fused kernel would bypass)."""
+    from ..nn.clustering import P2CConv2d
+
+    if not (REGISTERED and isinstance(head, P2CConv2d) and x.device.type == "cpu"):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in head.parameters())):
+        return False
+    seq = head.clustering
+    dw, c1, c2 = seq[0], seq[2], seq[4]
+    k = dw.kernel_size[0]
+    return (
+        all(isinstance(a, nn.GELU) and a.approximate == "none" for a in (seq[1], seq[3]))
+        and dw.kernel_size == (k, k) and k % 2 == 1 and dw.padding == ((k - 1) // 2,) * 2
+        and dw.stride == (1, 1) and dw.dilation == (1, 1) and dw.groups == dw.in_channels
+        and dw.padding_mode == "zeros"
+        and c1.kernel_size == (1, 1) and c2.kernel_size == (1, 1)
+        and c1.stride == (1, 1) and c2.stride == (1, 1) and c1.groups == 1 and c2.groups == 1
+        and not _has_hooks(head)
+    )

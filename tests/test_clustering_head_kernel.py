@@ -1,0 +1,230 @@
+"""The fused convolutional clustering head (``paca_kernels::conv_cluster_logits``, csrc/cpu/conv_clustering.cpp)
+against the module path it replaces (depthwise conv, GELU, 1×1 conv, GELU, 1×1 conv) run in float64,
+and its use by PaCaAttention (inference only, the cpu backend, no hooks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from paca_kernels import PaCaAttention, _ext
+from paca_kernels.nn import attention as attention_mod
+from paca_kernels.nn.clustering import P2CConv2d
+from paca_kernels.ops.clustering_head import conv_cluster_logits, fused_head_applies
+from paca_kernels.testing import assert_close, assert_low_precision_ok, noncontiguous, poisoned_outputs
+
+pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
+
+# (B, H, W, C, M, k): odd grids, channel counts that leave masked vector tails (40, 24, 20), k = 3/5/7
+# larger than the grid (halo wider than the image), one cluster, and a stage-like shape.
+SHAPES = [
+    (2, 7, 9, 40, 49, 7),
+    (1, 5, 3, 24, 7, 7),
+    (3, 11, 6, 20, 1, 3),
+    (2, 14, 14, 64, 100, 7),
+    (1, 1, 1, 16, 5, 5),
+    (2, 9, 12, 33, 10, 5),
+]
+
+
+def _head(C: int, M: int, k: int, *, bias2: bool = False) -> P2CConv2d:
+    head = P2CConv2d(C, M, kernel_size=k)
+    if bias2:  # the official head has no bias on the last conv; the kernel supports one anyway
+        head.clustering[4] = nn.Conv2d(C, M, 1, bias=True)
+    with torch.no_grad():
+        for p in head.parameters():  # not the default init: larger, sign-mixed values exercise GELU
+            p.copy_(torch.randn_like(p) * (1.5 / p[0].numel() ** 0.5))
+    return head
+
+
+def _ids(s: tuple) -> str:
+    return "B{}-H{}-W{}-C{}-M{}-k{}".format(*s)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+def test_fused_head_matches_modules_float32(shape, contiguous):
+    B, H, W, C, M, k = shape
+    head = _head(C, M, k, bias2=(M % 2 == 1))
+    x = torch.randn(B, H * W, C)
+    xin = x if contiguous else noncontiguous(x)
+    with torch.no_grad(), poisoned_outputs():
+        out = conv_cluster_logits(head, xin, H, W)
+    exact = head.double()(x.double(), H, W)
+    assert out.shape == (B, M, H * W) and out.dtype == torch.float32 and out.is_contiguous()
+    assert_close(out.double(), exact, rtol=1e-5, atol=2e-6, name="logits")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=_ids)
+def test_fused_head_float64_exact(shape):
+    B, H, W, C, M, k = shape
+    head = _head(C, M, k).double()
+    x = torch.randn(B, H * W, C, dtype=torch.float64)
+    with torch.no_grad():
+        out = conv_cluster_logits(head, x, H, W)
+        exact = head(x, H, W)
+    assert out.dtype == torch.float64
+    assert_close(out, exact, rtol=1e-12, atol=1e-12, name="logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_head_low_precision_within_flash_attention_rule(dtype):
+    B, H, W, C, M, k = 2, 9, 7, 40, 49, 7
+    head = _head(C, M, k)
+    x = torch.randn(B, H * W, C)
+    with torch.no_grad():
+        exact = head.double()(x.double(), H, W)
+        low = head.to(dtype)
+        out = conv_cluster_logits(low, x.to(dtype), H, W)
+        ref_low = low(x.to(dtype), H, W)
+    assert out.dtype == dtype
+    assert_low_precision_ok(out, ref_low, exact, name="logits")
+
+
+def test_fused_head_deterministic_across_thread_counts():
+    head = _head(48, 30, 7)
+    x = torch.randn(3, 10 * 13, 48)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(conv_cluster_logits(head, x, 10, 13))
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_fused_head_errors():
+    head = _head(16, 4, 7)
+    s = head.clustering
+    op = torch.ops.paca_kernels.conv_cluster_logits
+    x = torch.randn(2, 12, 16)
+    with pytest.raises(RuntimeError, match="H \\* W == N"):
+        op(x, 3, 5, s[0].weight, s[0].bias, s[2].weight, s[2].bias, s[4].weight, None)
+    with pytest.raises(RuntimeError, match="w1 of shape"):
+        op(x, 3, 4, s[0].weight, s[0].bias, s[4].weight, s[2].bias, s[4].weight, None)
+    with pytest.raises(RuntimeError, match="k odd"):
+        op(x, 3, 4, torch.randn(16, 1, 4, 4), None, s[2].weight, None, s[4].weight, None)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        xg = x.clone().requires_grad_()
+        op(xg, 3, 4, s[0].weight, s[0].bias, s[2].weight, s[2].bias, s[4].weight, None).sum().backward()
+
+
+def test_fused_head_opcheck():
+    head = _head(24, 7, 5)
+    s = head.clustering
+    x = torch.randn(2, 6 * 5, 24)
+    args = (x, 6, 5, *(t.detach() for t in (s[0].weight, s[0].bias, s[2].weight, s[2].bias, s[4].weight)), None)
+    torch.library.opcheck(
+        torch.ops.paca_kernels.conv_cluster_logits.default, args,
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
+
+
+def test_fused_head_flops_equal_the_convolutions():
+    head = _head(32, 10, 7)
+    x = torch.randn(2, 8 * 6, 32)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fused:
+            conv_cluster_logits(head, x, 8, 6)
+        with FlopCounterMode(display=False) as unfused:
+            head(x, 8, 6)
+    assert fused.get_total_flops() == unfused.get_total_flops() > 0
+
+
+# -- use by PaCaAttention --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused-head calls made by PaCaAttention."""
+    calls = []
+    real = attention_mod.conv_cluster_logits
+
+    def spy(head, x, H, W):
+        calls.append(tuple(x.shape))
+        return real(head, x, H, W)
+
+    monkeypatch.setattr(attention_mod, "conv_cluster_logits", spy)
+    return calls
+
+
+def test_attention_uses_fused_head_in_inference_only(fused_calls):
+    layer = PaCaAttention(40, 2, 13, backend="cpu").eval()
+    x = torch.randn(2, 9 * 7, 40)
+    with torch.no_grad():
+        out, z = layer(x, 9, 7)
+    assert len(fused_calls) == 1
+    ref = PaCaAttention(40, 2, 13, backend="reference").eval()
+    ref.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        out_ref, z_ref = ref(x, 9, 7)
+    assert len(fused_calls) == 1  # the reference backend keeps the module path
+    assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
+    # Gradients wanted: the modules run (the fused kernel has no backward).
+    layer(x, 9, 7)[0].sum().backward()
+    assert len(fused_calls) == 1 and layer.clustering.clustering[0].weight.grad is not None
+
+
+def test_fused_head_skipped_with_hooks_autocast_or_other_heads():
+    layer = PaCaAttention(32, 2, 8, backend="cpu").eval()
+    x = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        assert fused_head_applies(layer.clustering, x)
+        handle = layer.clustering.clustering[1].register_forward_hook(lambda *a: None)
+        assert not fused_head_applies(layer.clustering, x)
+        handle.remove()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused_head_applies(layer.clustering, x)
+        tanh = PaCaAttention(32, 2, 8, act_cfg={"type": "GELU", "approximate": "tanh"}).eval()
+        assert not fused_head_applies(tanh.clustering, x)
+        assert not fused_head_applies(PaCaAttention(32, 2, 8, clustering="mlp").clustering, x)
+    assert not fused_head_applies(layer.clustering, x.requires_grad_())
+
+
+def test_attention_compiles_fullgraph_with_fused_head(fused_calls):
+    layer = PaCaAttention(24, 2, 7, backend="cpu").eval()
+    x = torch.randn(2, 5 * 6, 24)
+    with torch.no_grad():
+        eager = layer(x, 5, 6)[0]
+        compiled = torch.compile(lambda t: layer(t, 5, 6)[0], fullgraph=True, backend="aot_eager")(x)
+    assert fused_calls  # traced through the fused op
+    assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+_BASELINE = textwrap.dedent(
+    """
+    import torch
+    from paca_kernels.nn.clustering import P2CConv2d
+    from paca_kernels.ops.clustering_head import conv_cluster_logits
+    torch.manual_seed(0)
+    for B, H, W, C, M, k in [(2, 7, 9, 40, 49, 7), (1, 5, 6, 20, 3, 3)]:
+        head = P2CConv2d(C, M, kernel_size=k)
+        x = torch.randn(B, H * W, C)
+        with torch.no_grad():
+            out = conv_cluster_logits(head, x, H, W).double()
+            exact = head.double()(x.double(), H, W)
+        err = (out - exact).abs().max().item()
+        assert err < 1e-5, err
+    print("baseline ok")
+    """
+)
+
+
+def test_fused_head_baseline_isa():
+    """The float32 kernel without AVX2 (PACA_KERNELS_CPU_ISA=baseline)."""
+    env = {**os.environ, "PACA_KERNELS_CPU_ISA": "baseline"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _BASELINE], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "baseline ok" in proc.stdout, proc.stdout + proc.stderr
