@@ -31,14 +31,15 @@ def fully_shard_paca(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
     Units (each all-gathers its parameters just before it runs and frees them after):
     every :class:`~paca_kernels.nn.block.PaCaBlock` (with ``forward_logits`` registered as a forward
     method), every mixer unit ``block{i}[j]`` of a :class:`PaCaTeacher_ConvMixer` (the units its
-    activation checkpointing calls) and the teacher itself, then the root (stem, transitions, norms, head). Works on any model holding PaCaBlocks, not only
-    PaCaViT.
+    activation checkpointing calls) and the teacher itself, then the root (stem, transitions, norms,
+    head). Works on any model holding PaCaBlocks, not only PaCaViT.
 
     Args:
         model: a PaCaViT (or any module with PaCaBlocks), on the training device, not yet wrapped.
         **fsdp_kwargs: passed to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``,
-            ``mp_policy``, ``offload_policy``, ...). Without ``mesh``, FSDP2 uses the default process group,
-            which must already be initialised.
+            ``mp_policy``, ``offload_policy``, ...). Without ``mesh``: a 1-D mesh over the default process
+            group (which must be initialised) on the device type of the model's parameters. (FSDP2's own
+            default is a CUDA mesh whenever CUDA is available, which would move a CPU model to the GPU.)
 
     FSDP2 warns once per block class that the block "returned a view tensor" (the cluster logits): an
     in-place op on that output would skip FSDP's pre-backward hook. PaCaViT never modifies block outputs
@@ -57,6 +58,12 @@ def fully_shard_paca(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
             "fully_shard_paca: torch.distributed is not initialised; call "
             "torch.distributed.init_process_group first (or pass mesh=)"
         )
+    if fsdp_kwargs.get("mesh") is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        param = next(model.parameters(), None)
+        device_type = param.device.type if param is not None else "cpu"
+        fsdp_kwargs["mesh"] = init_device_mesh(device_type, (dist.get_world_size(),))
     # Innermost units first: fully_shard on a parent skips parameters that children already manage.
     for module in list(model.modules()):
         if isinstance(module, PaCaBlock):

@@ -381,6 +381,16 @@ def test_grad_checkpointing_matches(teacher: bool) -> None:
         torch.testing.assert_close(ckpt(img), model.eval()(img), atol=0, rtol=0)
 
 
+def test_fully_shard_paca_errors() -> None:
+    from paca_kernels.distributed import fully_shard_paca
+
+    with pytest.raises(TypeError, match="nn.Module, got function"):
+        fully_shard_paca(make_batches)  # type: ignore[arg-type]
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="not initialised"):
+            fully_shard_paca(make_model())
+
+
 # ---------------------------------------------------------------------------------------------------
 # The torchrun example
 # ---------------------------------------------------------------------------------------------------
