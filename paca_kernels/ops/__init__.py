@@ -26,6 +26,7 @@ from ._backends import (
     select_backend,
 )
 from ._checks import check_cluster_pool, check_p2c_attention
+from ._cuda import make_backend as _make_cuda_backend
 from ._triton import make_backend as _make_triton_backend
 from .cluster_pool import cluster_pool_cpp
 from .p2c_attention import p2c_attention_cpp
@@ -140,4 +141,6 @@ register_backend(
 
 # Triton: the automatic choice on CUDA; on the CPU (its interpreter) only when asked for by name.
 register_backend(_make_triton_backend())
-AUTO_PRIORITY["cuda"] = ["triton", "reference"]
+# CUDA C++ kernels: after Triton until a GPU measurement decides between them.
+register_backend(_make_cuda_backend())
+AUTO_PRIORITY["cuda"] = ["triton", "cuda", "reference"]

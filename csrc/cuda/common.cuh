@@ -1,0 +1,225 @@
+// Device helpers shared by the paca_kernels CUDA kernels: dtype conversion, warp reductions,
+// shared-memory carving, strided tile loads, and one block-level matrix product from shared memory
+// that runs on tensor cores (WMMA: fp16/bf16 16x16x16, or TF32 16x16x8 on float operands) or on
+// plain FMA (float32 inputs: "fp32 with fp32 math").
+//
+// Everything is in an unnamed namespace: each .cu file gets its own copy, no symbol clashes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/launchers.h"
+
+namespace paca_kernels::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+
+// ---- dtypes ------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---- small integer helpers (host and device) ---------------------------------------------------
+
+__host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+__host__ __device__ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ constexpr int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Shared-memory regions are carved from one dynamic buffer at 128-byte boundaries (WMMA needs
+// 32-byte aligned tile pointers; 128 also keeps regions on separate cache lines).
+__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) & ~size_t(127); }
+
+// ---- warp reductions (butterfly: every lane gets the same, order-fixed result) ------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// ---- strided tile loads ------------------------------------------------------------------------
+
+// dst[r * ld + c] = src(row0 + r, c) for r < rows, c < cols (cols is the padded width), where
+// src(i, j) = base[i * s_row + j * s_col] when i < row_end and j < col_end, else `fill`.
+// Columns vary fastest across threads, so contiguous rows load coalesced. 64-bit offsets.
+template <int kThreads, typename TSrc, typename TDst>
+__device__ __forceinline__ void load_tile(TDst* dst, int ld, const TSrc* base, int64_t s_row,
+                                          int64_t s_col, int64_t row0, int64_t row_end,
+                                          int64_t col_end, int rows, int cols, float fill) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
+    const int r = idx / cols, c = idx - r * cols;
+    const int64_t i = row0 + r;
+    float val = fill;
+    if (i < row_end && c < col_end) val = to_float(base[i * s_row + c * s_col]);
+    dst[r * ld + c] = from_float<TDst>(val);
+  }
+}
+
+// ---- block matrix product from shared memory ---------------------------------------------------
+
+enum class Mma { kSimt, kHalf, kTf32 };
+enum class Lay { kRow, kCol };
+
+// C (R x Cc, float, leading dim ldc) = A (R x K) . B (K x Cc)  [+ C when accumulate], all in shared
+// memory, computed by the whole CTA (kThreads threads; call it from every thread, uniformly).
+//   A(r, k) = kRow ? A[r * lda + k] : A[k * lda + r];   B(k, c) = kRow ? B[k * ldb + c] : B[c * ldb + k]
+// kHalf: T is __half/__nv_bfloat16; R, Cc, K multiples of 16; lda/ldb multiples of 8.
+// kTf32: T is float (rounded to TF32 in the fragments); R, Cc multiples of 16, K of 8; ld multiples
+//        of 4. Tile pointers must be 32-byte aligned: callers keep row/column offsets multiples of 16
+//        elements (8 for TF32 K offsets) from 128-byte aligned bases.
+// kSimt: T is float; any sizes; fp32 fused multiply-adds in the order k = 0..K-1.
+// Each output element (or 16x16 output tile) is owned by one thread (warp): no atomics, fixed order.
+template <Mma kMma, Lay kLA, Lay kLB, int kThreads, typename T>
+__device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int lda, const T* B,
+                                           int ldb, int R, int Cc, int K, bool accumulate) {
+  if constexpr (kMma == Mma::kSimt) {
+    static_assert(std::is_same_v<T, float>, "the FMA path multiplies float operands");
+    // A 2x2 register block per thread halves the shared-memory reads per multiply-add.
+    const int R2 = (R + 1) / 2, C2 = (Cc + 1) / 2;
+    for (int idx = threadIdx.x; idx < R2 * C2; idx += kThreads) {
+      const int r = (idx / C2) * 2, c = (idx - (idx / C2) * C2) * 2;
+      const bool r1 = r + 1 < R, c1 = c + 1 < Cc;
+      float a00 = 0.f, a01 = 0.f, a10 = 0.f, a11 = 0.f;
+      if (accumulate) {
+        a00 = C[r * ldc + c];
+        if (c1) a01 = C[r * ldc + c + 1];
+        if (r1) a10 = C[(r + 1) * ldc + c];
+        if (r1 && c1) a11 = C[(r + 1) * ldc + c + 1];
+      }
+      for (int k = 0; k < K; ++k) {
+        // Out-of-range rows/columns read a valid neighbour (clamped) and are never stored.
+        const int rr = r1 ? r + 1 : r, cc = c1 ? c + 1 : c;
+        const float x0 = kLA == Lay::kRow ? A[r * lda + k] : A[k * lda + r];
+        const float x1 = kLA == Lay::kRow ? A[rr * lda + k] : A[k * lda + rr];
+        const float y0 = kLB == Lay::kRow ? B[k * ldb + c] : B[c * ldb + k];
+        const float y1 = kLB == Lay::kRow ? B[k * ldb + cc] : B[cc * ldb + k];
+        a00 = fmaf(x0, y0, a00);
+        a01 = fmaf(x0, y1, a01);
+        a10 = fmaf(x1, y0, a10);
+        a11 = fmaf(x1, y1, a11);
+      }
+      C[r * ldc + c] = a00;
+      if (c1) C[r * ldc + c + 1] = a01;
+      if (r1) C[(r + 1) * ldc + c] = a10;
+      if (r1 && c1) C[(r + 1) * ldc + c + 1] = a11;
+    }
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // bf16 and TF32 fragments need sm_80; the glue refuses older devices
+#else
+    namespace wmma = nvcuda::wmma;
+    constexpr bool kTf32 = kMma == Mma::kTf32;
+    static_assert(!kTf32 || std::is_same_v<T, float>, "TF32 fragments load float operands");
+    static_assert(kTf32 || !std::is_same_v<T, float>, "kHalf multiplies fp16/bf16 operands");
+    using FragT = std::conditional_t<kTf32, wmma::precision::tf32, T>;
+    constexpr int kK = kTf32 ? 8 : 16;
+    using LA = std::conditional_t<kLA == Lay::kRow, wmma::row_major, wmma::col_major>;
+    using LB = std::conditional_t<kLB == Lay::kRow, wmma::row_major, wmma::col_major>;
+    constexpr int kWarps = kThreads / kWarp;
+    const int warp = threadIdx.x / kWarp;
+    const int tiles_c = Cc / 16, tiles = (R / 16) * tiles_c;
+    for (int t = warp; t < tiles; t += kWarps) {
+      const int i = (t / tiles_c) * 16, j = (t % tiles_c) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc;
+      float* cp = C + i * ldc + j;
+      if (accumulate) {
+        wmma::load_matrix_sync(acc, cp, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc, 0.f);
+      }
+      // Unrolled by 2 only: the K loop is short, and a full unroll hoists every fragment load and
+      // exceeds the 128 registers of two 256-thread CTAs per multiprocessor (ptxas then spills).
+#pragma unroll 2
+      for (int k = 0; k < K; k += kK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, kK, FragT, LA> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, kK, FragT, LB> b;
+        wmma::load_matrix_sync(a, kLA == Lay::kRow ? A + i * lda + k : A + k * lda + i, lda);
+        wmma::load_matrix_sync(b, kLB == Lay::kRow ? B + k * ldb + j : B + j * ldb + k, ldb);
+        if constexpr (kTf32) {
+#pragma unroll
+          for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);
+#pragma unroll
+          for (int e = 0; e < b.num_elements; ++e) b.x[e] = wmma::__float_to_tf32(b.x[e]);
+        }
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(cp, acc, ldc, wmma::mem_row_major);
+    }
+#endif
+  }
+}
+
+// ---- launch helpers ----------------------------------------------------------------------------
+
+// Lets `kernel` use `bytes` of dynamic shared memory (above the 48 KiB default needs an opt-in).
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+// gridDim.y and gridDim.z are limited to 65535: kernels loop over the rest (grid-stride).
+constexpr int64_t kMaxGridYZ = 65535;
+
+// Calls f(T{}) with T the element type of `dtype` (float, __half, __nv_bfloat16).
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat16:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// The CUDA error of the launch just made (configuration errors surface here, not at the launch).
+inline cudaError_t launch_status() { return cudaGetLastError(); }
+
+}  // namespace
+}  // namespace paca_kernels::cuda

@@ -1,0 +1,107 @@
+"""The CUDA C++ backend: the ``torch.ops.paca_kernels`` ops' CUDA kernels (csrc/cuda), and :func:`make_backend`.
+
+The CUDA kernels register on the same schemas as the CPU kernels (``TORCH_LIBRARY_IMPL(paca_kernels, CUDA,
+m)`` in csrc/cuda/torch_glue.cpp), so the fake kernels, autograd and FLOP formulas that
+:mod:`.cluster_pool` and :mod:`.p2c_attention` attach to those ops serve both devices; the p2c backward gets
+``deterministic=torch.are_deterministic_algorithms_enabled()`` (fixed-order dk/dv reduction instead of
+fp32 atomics). The backend is available when ``_C`` was built with its CUDA kernels (a CUDA build of torch
+and nvcc at build time, ``PACA_KERNELS_BUILD_CUDA``) and a CUDA device is visible.
+
+Kernels: fp16/bf16 on tensor cores (WMMA; cluster_pool in TF32 on float probabilities), float32 with
+fp32 FMA; compute capability 8.0 or newer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ._backends import Backend
+from .cluster_pool import cluster_pool_cpp
+from .p2c_attention import p2c_attention_cpp
+
+__all__ = ["MAX_CHANNELS", "MAX_HEAD_DIM", "MAX_KEYS", "make_backend"]
+
+#: Limits of the CUDA kernels (csrc/cuda/launchers.h: kMaxKeys, kMaxHeadDim, kMaxChannels).
+MAX_KEYS = 256
+MAX_HEAD_DIM = 128
+MAX_CHANNELS = 1024
+#: cluster_pool's backward needs ~200 KiB of shared memory per block above this many channels (sm_90
+#: has 227 KiB, sm_80 163 KiB).
+_MAX_CHANNELS_SMALL_SMEM = 512
+_LARGE_SMEM = 200 * 1024
+
+_AVAILABILITY: list[str | None] = []
+
+
+def _availability() -> str | None:
+    """None when ``_C`` holds CUDA kernels and a CUDA device is visible (computed once)."""
+    if not _AVAILABILITY:
+        reason: str | None = None
+        if not _ext.load():
+            reason = _ext.unavailable_reason()
+        elif not torch._C._dispatch_has_kernel_for_dispatch_key("paca_kernels::cluster_pool_fwd", "CUDA"):
+            info = _ext.build_info() or {}
+            why = (
+                "torch is a CPU-only build" if torch.version.cuda is None
+                else "nvcc was not found or PACA_KERNELS_BUILD_CUDA=0" if not info.get("cuda_built")
+                else "the CUDA kernels did not register"
+            )
+            reason = (
+                f"paca_kernels._C was built without CUDA kernels ({why}): rebuild with a CUDA build of torch "
+                "and nvcc (`PACA_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .`)"
+            )
+        elif not torch.cuda.is_available():
+            reason = "no CUDA device is visible"
+        _AVAILABILITY.append(reason)
+    return _AVAILABILITY[0]
+
+
+def _device_reasons(t: Tensor) -> list[str]:
+    if t.device.type != "cuda":
+        return []  # the generic device check reports it
+    major, _ = torch.cuda.get_device_capability(t.device)
+    return [] if major >= 8 else [f"needs compute capability >= 8.0 (sm_80), {t.device} is sm_{major}x"]
+
+
+def _p2c_limits(inputs: Sequence[Tensor]) -> list[str]:
+    q, k = inputs[0], inputs[1]
+    reasons = _device_reasons(q)
+    if k.shape[1] > MAX_KEYS:
+        reasons.append(f"p2c_attention holds all keys on chip: M = {k.shape[1]} > {MAX_KEYS}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"p2c_attention head dim d = {q.shape[-1]} > {MAX_HEAD_DIM}")
+    return reasons
+
+
+def _max_channels(device: torch.device) -> int:
+    if device.type != "cuda":
+        return MAX_CHANNELS
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    return MAX_CHANNELS if smem >= _LARGE_SMEM else _MAX_CHANNELS_SMALL_SMEM
+
+
+def _cp_limits(inputs: Sequence[Tensor]) -> list[str]:
+    x = inputs[1]
+    reasons = _device_reasons(x)
+    limit = MAX_CHANNELS if x.shape[-1] <= _MAX_CHANNELS_SMALL_SMEM else _max_channels(x.device)
+    if x.shape[-1] > limit:
+        reasons.append(f"cluster_pool holds a cluster's channels on chip: C = {x.shape[-1]} > {limit}")
+    return reasons
+
+
+def make_backend() -> Backend:
+    """The "cuda" backend (register with :func:`paca_kernels.ops.register_backend`)."""
+    return Backend(
+        name="cuda",
+        description="CUDA C++ kernels (paca_kernels._C): fused cluster_pool and p2c_attention, tensor cores",
+        device_types=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        impls={"cluster_pool": cluster_pool_cpp, "p2c_attention": p2c_attention_cpp},
+        availability=_availability,
+        limits={"cluster_pool": _cp_limits, "p2c_attention": _p2c_limits},
+    )
