@@ -1,7 +1,10 @@
-"""``python -m paca_kernels``: the environment, every backend with its status, and a self-check.
+"""``python -m paca_kernels``: the environment, every backend with its status, a self-check, and a
+speed table.
 
 Each backend that can run on the chosen device is checked against the reference on fresh random
-inputs (odd shapes, forward and every gradient); the exit status is 1 on any mismatch.
+inputs (odd shapes, forward and every gradient); the exit status is 1 on any mismatch. Then one
+PaCa-ViT-Tiny stage-1 layer (PaCaAttention, C = 96, h = 2, M = 100 conv clusters, 56×56 patches) is
+timed with the reference eager and compiled and with each available backend (``--speed``).
 """
 
 from __future__ import annotations
@@ -119,17 +122,137 @@ def self_check(device: torch.device, dtype: torch.dtype) -> bool:
     return all_ok
 
 
+# -- speed table --------------------------------------------------------------------------------------
+
+#: PaCa-ViT-Tiny stage 1 at 224²: C = 96 channels, h = 2 heads, M = 100 clusters, a 56×56 patch grid.
+_STAGE1 = {"dim": 96, "heads": 2, "clusters": 100, "H": 56, "W": 56}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn, device: torch.device, reps: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` runs after ``warmup`` (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def speed_table(
+    device: torch.device,
+    dtype: torch.dtype,
+    mode: str = "quick",
+    *,
+    batch: int | None = None,
+    compile_backend: str = "inductor",
+    grid: tuple[int, int] | None = None,
+) -> list[tuple[str, str, float | None, str]]:
+    """Time one PaCa-ViT-Tiny stage-1 layer per provider and print the table (with progress).
+
+    Args:
+        mode: "quick" (inference forward, small batch, few repetitions) or "full" (the benchmark
+            suite's batch, B = 8 on the CPU and 64 on CUDA; forward, and forward + backward).
+        batch, grid: override the batch size and the patch grid (tests use tiny ones).
+        compile_backend: torch.compile backend of the "compiled" rows.
+
+    Returns:
+        rows of (provider, pass, median ms or None when skipped, note).
+    """
+    from .nn import PaCaAttention
+
+    full = mode == "full"
+    b = batch or ((64 if device.type == "cuda" else 8) if full else (8 if device.type == "cuda" else 2))
+    H, W = grid or (_STAGE1["H"], _STAGE1["W"])
+    reps, warmup = (20, 5) if full else (5, 2)
+    layer = PaCaAttention(_STAGE1["dim"], _STAGE1["heads"], _STAGE1["clusters"]).to(device, dtype)
+    x = torch.randn(b, H * W, _STAGE1["dim"], device=device, dtype=dtype)
+    probe = (x, x)
+    providers: list[tuple[str, str | None, bool]] = [("reference", "reference", False),
+                                                     ("reference compiled", "reference", True)]
+    for name in ops.backend_names():
+        if name != "reference":
+            providers.append((name, name, False))
+    passes = ["forward", "forward+backward"] if full else ["forward"]
+    print(f"\nspeed: PaCa-ViT-Tiny stage-1 layer (B={b}, N={H * W}, C={_STAGE1['dim']}, "
+          f"h={_STAGE1['heads']}, M={_STAGE1['clusters']}), {str(dtype).removeprefix('torch.')}, {device}, "
+          f"{mode} mode (median of {reps} after {warmup} warm-up runs)")
+    rows: list[tuple[str, str, float | None, str]] = []
+    total = len(providers) * len(passes)
+    step = 0
+    for pass_name in passes:
+        train = pass_name != "forward"
+        layer.train(train)
+        base = None
+        for label, backend, compiled in providers:
+            step += 1
+            # Progress: the row's label is printed first, its result appended when it is measured.
+            print(f"  [{step}/{total}] {label:<20} {pass_name:<16}", end="", flush=True)
+            be = ops.get_backend(backend)
+            reasons = be.not_supported_reasons("cluster_pool", probe) + be.not_supported_reasons("p2c_attention", probe)
+            if reasons:
+                note = "skipped: " + "; ".join(dict.fromkeys(reasons))
+                print(f" {note}")
+                rows.append((label, pass_name, None, note))
+                continue
+            layer.backend = backend
+            xin = x.detach().requires_grad_(train)
+
+            def call(t: torch.Tensor = xin) -> torch.Tensor:
+                return layer(t, H, W)[0]
+
+            fn = torch.compile(call, backend=compile_backend) if compiled else call
+            if train:
+                def step_fn(fn=fn, xin=xin) -> None:
+                    fn(xin).float().square().mean().backward()
+            else:
+                def step_fn(fn=fn, xin=xin) -> None:
+                    with torch.no_grad():
+                        fn(xin)
+            if compiled:
+                print(" (compiling)", end="", flush=True)
+            try:
+                ms = _median_ms(step_fn, device, reps, warmup)
+            # One provider failing (e.g. no C compiler for Inductor) must not hide the others.
+            except Exception as exc:  # noqa: BLE001
+                note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                print(f" {note}")
+                rows.append((label, pass_name, None, note))
+                continue
+            if base is None:
+                base = ms
+            note = f"{base / ms:.3g}x reference eager"
+            print(f" {ms:9.2f} ms   {note}")
+            rows.append((label, pass_name, ms, note))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m paca_kernels",
-        description="Report the environment and the paca_kernels backends, and check every available "
-        "backend against the pure-PyTorch reference (exit status 1 on a mismatch).",
+        description="Report the environment and the paca_kernels backends, check every available "
+        "backend against the pure-PyTorch reference (exit status 1 on a mismatch), then time one "
+        "PaCa-ViT-Tiny stage-1 layer with each provider (--speed).",
     )
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:N, or auto (cuda when available; default)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES),
                         help="dtype of the self-check inputs (default float32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
+    parser.add_argument(
+        "--speed", default="quick", choices=["none", "quick", "full"],
+        help="speed table of one PaCa-ViT-Tiny stage-1 layer after the self-check: quick (inference, "
+        "small batch; default), full (B = 8 on CPU / 64 on CUDA, forward and forward+backward), none",
+    )
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                           else args.device)
@@ -138,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     report_backends()
     ok = self_check(device, _DTYPES[args.dtype])
     print("\nall available backends match the reference" if ok else "\nMISMATCH: see above")
+    if args.speed != "none":
+        speed_table(device, _DTYPES[args.dtype], args.speed)
     return 0 if ok else 1
 
 

@@ -23,7 +23,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def test_main_job_reports_and_passes():
-    res = _run("--device", "cpu")
+    res = _run("--device", "cpu", "--speed", "none")
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     for needle in ("torch", "triton", "backends", "reference", "cpu", "self-check",
@@ -33,7 +33,7 @@ def test_main_job_reports_and_passes():
 
 
 def test_main_job_without_extension_says_why():
-    res = _run("--device", "cpu", env={"PACA_KERNELS_DISABLE_EXT": "1"})
+    res = _run("--device", "cpu", "--speed", "none", env={"PACA_KERNELS_DISABLE_EXT": "1"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "PACA_KERNELS_DISABLE_EXT" in res.stdout  # the reason, in the backends table
     assert "cluster_pool   reference  ok" in res.stdout
@@ -76,3 +76,30 @@ def test_main_help_documents_options():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
 def test_main_job_other_dtypes(dtype):
     assert main_mod.main(["--device", "cpu", "--dtype", dtype]) == 0
+
+
+def test_speed_table_times_every_available_provider(capsys):
+    """The speed table on a tiny grid: one row per provider, a time for each that can run and a
+    reason for each that cannot; the compiled row uses a cheap compile backend here."""
+    rows = main_mod.speed_table(torch.device("cpu"), torch.float32, "full", batch=1, grid=(5, 6),
+                                compile_backend="aot_eager")
+    out = capsys.readouterr().out
+    labels = {label for label, _, _, _ in rows}
+    assert {"reference", "reference compiled", "cpu"} <= labels
+    assert {p for _, p, _, _ in rows} == {"forward", "forward+backward"}
+    for label, _pass, ms, note in rows:
+        backend = ops.get_backend(label.split()[0])
+        if backend.unavailable_reason() is None:  # reference and cpu here; triton under its interpreter
+            assert ms is not None and ms > 0, (label, note)
+            assert note.endswith("x reference eager")
+        else:
+            assert ms is None and note.startswith("skipped"), (label, note)
+    assert next(ms for label, _, ms, _ in rows if label == "cpu") is not None
+    assert "[1/" in out and "speed: PaCa-ViT-Tiny stage-1 layer" in out
+
+
+def test_main_help_documents_speed_options():
+    res = _run("--help")
+    assert res.returncode == 0
+    for needle in ("--device", "--dtype", "--speed", "quick", "full"):
+        assert needle in res.stdout
