@@ -70,7 +70,9 @@ def test_outputs_unchanged_and_hooks_removed(tiny: nn.Module) -> None:
     with torch.no_grad():
         ref = tiny(x)
         ex = E.explain(tiny, x)
-        torch.testing.assert_close(ex.output, ref, rtol=0, atol=0)  # clustering hooks only read
+        # Clustering hooks only read; but a hooked conv head runs as its modules instead of the
+        # fused CPU kernel (which would bypass the hooks): same math, rounding-level differences.
+        torch.testing.assert_close(ex.output, ref, rtol=1e-5, atol=1e-6)
         ex_attn = E.explain(tiny, x, attention=True)
         # attention maps switch the layers to the explicit path: same math, so close
         torch.testing.assert_close(ex_attn.output, ref, rtol=1e-5, atol=1e-5)

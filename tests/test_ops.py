@@ -24,9 +24,13 @@ needs_ext = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.un
 # -- selection --------------------------------------------------------------------------------------
 
 
-def test_automatic_choice_on_cpu_is_reference(monkeypatch):
+def test_automatic_choice_on_cpu_is_the_cpu_backend_then_reference(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     inp = make_cluster_pool_inputs(1, 2, 3, 4)
+    want = "cpu" if _ext.load() else "reference"
+    assert ops.select_backend("cluster_pool", (inp.logits, inp.x), None).name == want
+    # Without the extension the reference serves the call.
+    monkeypatch.setattr(ops.get_backend("cpu"), "availability", lambda: "extension disabled for the test")
     assert ops.select_backend("cluster_pool", (inp.logits, inp.x), None).name == "reference"
 
 
@@ -94,12 +98,18 @@ def test_backend_status_reports_every_backend():
         assert status["cpu"] == _ext.unavailable_reason()
 
 
-def test_functional_ops_default_to_reference_numbers():
+def test_functional_ops_default_to_the_automatic_backend(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
     inp = make_cluster_pool_inputs(2, 5, 11, 6)
+    auto = ops.select_backend("cluster_pool", (inp.logits, inp.x), None).name
+    assert_close(  # bitwise: the default call is the automatic backend's call
+        ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias),
+        ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias, backend=auto),
+        rtol=0, atol=0,
+    )
     assert_close(
         ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias),
         reference.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias),
-        rtol=0, atol=0,
     )
     p = make_p2c_inputs(2, 7, 3, 2, 8)
     assert_close(ops.p2c_attention(p.q, p.k, p.v, 0.5), reference.p2c_attention(p.q, p.k, p.v, 0.5))
@@ -321,7 +331,7 @@ def test_autocast_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
-def test_model_forward_under_autocast(backend):  # noqa: ANN001
+def test_model_forward_under_autocast(backend):
     from paca_kernels import create_model
 
     model = create_model("pacavit_tiny_p2cconv_100_0", num_classes=5, backend=backend).eval()

@@ -138,6 +138,9 @@ register_backend(
         availability=lambda: None if _ext.load() else _ext.unavailable_reason(),
     )
 )
+# The automatic choice on the CPU: at the layer level (PaCaAttention at the PaCa-ViT-Tiny stages,
+# BENCHMARKS.md) the fused kernels beat the reference; the reference serves what they cannot.
+AUTO_PRIORITY["cpu"] = ["cpu", "reference"]
 
 # Triton: the automatic choice on CUDA; on the CPU (its interpreter) only when asked for by name.
 register_backend(_make_triton_backend())

@@ -91,7 +91,6 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 
 #: Automatic choice per device type, best first. A backend is taken when it can serve the call.
-#: The C++ "cpu" backend joins the CPU list once its kernels beat the reference (CPU kernels issue).
 AUTO_PRIORITY: dict[str, list[str]] = {"cpu": ["reference"], "cuda": ["reference"]}  # filled in by ops/__init__
 
 
