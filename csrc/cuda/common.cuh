@@ -146,7 +146,11 @@ __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int ld
       if (r1 && c1) C[(r + 1) * ldc + c + 1] = a11;
     }
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#if !defined(__CUDACC__)
+    // A host-compiler build (the tests' CPU emulation of the kernels) has no tensor cores: only the
+    // FMA path (float32) is instantiated there.
+    static_assert(kMma == Mma::kSimt, "tensor-core products need nvcc");
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // bf16 and TF32 fragments need sm_80; the glue refuses older devices
 #else
     namespace wmma = nvcuda::wmma;
@@ -193,13 +197,37 @@ __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int ld
 
 // ---- launch helpers ----------------------------------------------------------------------------
 
-// Lets `kernel` use `bytes` of dynamic shared memory (above the 48 KiB default needs an opt-in).
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+#if defined(__CUDACC__)
+// The CTA's dynamic shared memory (one buffer; the kernels carve it with their layouts).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char smem_[];
+  return smem_;
 }
+
+// How the kernels' host code (the *_run templates of the .cuh files) reaches the GPU: launches on
+// one stream. The tests substitute a CPU emulation with the same interface (launch, zero).
+struct CudaRuntime {
+  cudaStream_t stream;
+
+  template <typename... KArgs, typename... Args>
+  cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                     Args&&... args) const {
+    if (smem > 48 * 1024) {  // above the 48 KiB default needs an opt-in
+      const cudaError_t err = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+    }
+    kernel<<<grid, block, smem, stream>>>(static_cast<Args&&>(args)...);
+    return cudaGetLastError();  // configuration errors surface here, not at the launch
+  }
+
+  cudaError_t zero(void* ptr, size_t bytes) const {
+    return cudaMemsetAsync(ptr, 0, bytes, stream);
+  }
+};
+#else
+unsigned char* dynamic_smem();  // defined by the host-compiler build (CPU emulation)
+#endif
 
 // gridDim.y and gridDim.z are limited to 65535: kernels loop over the rest (grid-stride).
 constexpr int64_t kMaxGridYZ = 65535;
@@ -217,9 +245,6 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   }
   return cudaErrorInvalidValue;
 }
-
-// The CUDA error of the launch just made (configuration errors surface here, not at the launch).
-inline cudaError_t launch_status() { return cudaGetLastError(); }
 
 }  // namespace
 }  // namespace paca_kernels::cuda
