@@ -48,4 +48,15 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
     echo "bootstrap: installing triton==3.9.0"
     "$PY" -m pip install -q "triton==3.9.0" || echo "bootstrap: triton could not be installed" >&2
 fi
+# Optional extras the tests exercise when present (explain's PNG overlays and the benchmark plots:
+# matplotlib; the digits example: scikit-learn). Neither depends on torch; where they cannot be
+# installed, those tests skip and say why.
+extras=()
+for pair in matplotlib:matplotlib sklearn:scikit-learn; do
+    "$PY" -c "import ${pair%%:*}" 2>/dev/null || extras+=("${pair#*:}")
+done
+if [ ${#extras[@]} -gt 0 ]; then
+    echo "bootstrap: installing optional ${extras[*]}"
+    "$PY" -m pip install -q "${extras[@]}" || echo "bootstrap: ${extras[*]} could not be installed" >&2
+fi
 "$PY" -c 'import torch; print(f"bootstrap: torch {torch.__version__} in '"$VENV"'")'
