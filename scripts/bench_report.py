@@ -96,6 +96,10 @@ def render(files: list[Path]) -> str:
             f"- raw data: [`benchmarks/results/{path.name}`](benchmarks/results/{path.name})",
             "",
         ]
+        # Notes on how the run was made (written with the raw data, e.g. machine load), verbatim.
+        notes = path.with_name(f"{path.stem}.notes.md")
+        if notes.exists():
+            lines += [notes.read_text().strip(), ""]
         groups: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
             groups[r["group"]].append(r)
