@@ -203,21 +203,11 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
-  check_dim(logits, 3, kOp, "logits", "(B, M, N)");
-  check_dim(x, 3, kOp, "x", "(B, N, C)");
   check_supported_float(x, kOp, "x");
-  check_same_dtype(logits, x, kOp, "logits", "x");
-  check_same_device(logits, x, kOp, "logits", "x");
-  const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  check_size(x, 0, B, kOp, "batch size B of x (B, N, C) vs logits (B, M, N)");
-  check_size(x, 1, N, kOp, "number of patches N of x (B, N, C) vs logits (B, M, N)");
-  TORCH_CHECK(N > 0 && C > 0, kOp, ": expected N > 0 patches and C > 0 channels, got N=", N,
-              ", C=", C);
-  check_affine(weight, x, C, kOp, "weight");
-  check_affine(bias, x, C, kOp, "bias");
-  TORCH_CHECK(eps >= 0, kOp, ": expected eps >= 0, got ", eps);
+  check_pool_args(logits, x, weight, bias, eps, kOp);
+  const int64_t B = logits.size(0), M = logits.size(1), C = x.size(2);
 
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType acc = acc_dtype(x);
   at::Tensor out = at::empty({B, M, C}, x.options());
   at::Tensor pooled = at::empty({B, M, C}, x.options().dtype(acc));
   at::Tensor lse = at::empty({B, M}, x.options().dtype(acc));
@@ -377,33 +367,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& x,
     const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& lse,
     double eps) {
-  check_dim(logits, 3, kBwdOp, "logits", "(B, M, N)");
-  check_dim(x, 3, kBwdOp, "x", "(B, N, C)");
   check_supported_float(x, kBwdOp, "x");
-  check_same_dtype(logits, x, kBwdOp, "logits", "x");
-  check_same_dtype(grad_out, x, kBwdOp, "grad_out", "x");
-  check_same_device(logits, x, kBwdOp, "logits", "x");
-  check_same_device(grad_out, x, kBwdOp, "grad_out", "x");
-  check_same_device(pooled, x, kBwdOp, "pooled", "x");
-  check_same_device(lse, x, kBwdOp, "lse", "x");
+  check_pool_bwd_args(grad_out, logits, x, weight, pooled, lse, eps, kBwdOp);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  check_size(x, 0, B, kBwdOp, "batch size B of x (B, N, C) vs logits (B, M, N)");
-  check_size(x, 1, N, kBwdOp, "number of patches N of x (B, N, C) vs logits (B, M, N)");
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == M &&
-                  grad_out.size(2) == C,
-              kBwdOp, ": expected grad_out of shape (B, M, C) = (", B, ", ", M, ", ", C, "), got ",
-              grad_out.sizes());
-  TORCH_CHECK(pooled.sizes() == grad_out.sizes() && pooled.scalar_type() == acc, kBwdOp,
-              ": expected pooled of shape (B, M, C) = ", grad_out.sizes(), " and dtype ", acc,
-              ", got shape ", pooled.sizes(), " and dtype ", pooled.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == M && lse.scalar_type() == acc,
-              kBwdOp, ": expected lse of shape (B, M) = (", B, ", ", M, ") and dtype ", acc,
-              ", got shape ", lse.sizes(), " and dtype ", lse.scalar_type());
-  TORCH_CHECK(N > 0 && C > 0, kBwdOp, ": expected N > 0 patches and C > 0 channels, got N=", N,
-              ", C=", C);
-  check_affine(weight, x, C, kBwdOp, "weight");
-  TORCH_CHECK(eps >= 0, kBwdOp, ": expected eps >= 0, got ", eps);
+  const at::ScalarType acc = acc_dtype(x);
 
   const at::ScalarType pdtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
   at::Tensor dlogits = at::empty({B, M, N}, logits.options());

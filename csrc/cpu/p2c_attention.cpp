@@ -46,21 +46,8 @@ constexpr int64_t kQueryBlock = 32;
 constexpr int64_t kChunkRows = 256;
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  check_dim(q, 4, op, "q", "(B, N, h, d)");
-  check_dim(k, 4, op, "k", "(B, M, h, d)");
-  check_dim(v, 4, op, "v", "(B, M, h, d)");
   check_supported_float(q, op, "q");
-  check_same_dtype(q, k, op, "q", "k");
-  check_same_dtype(q, v, op, "q", "v");
-  check_same_device(q, k, op, "q", "k");
-  check_same_device(q, v, op, "q", "v");
-  check_size(k, 0, q.size(0), op, "batch size B of k (B, M, h, d) vs q (B, N, h, d)");
-  check_size(k, 2, q.size(2), op, "number of heads h of k (B, M, h, d) vs q (B, N, h, d)");
-  check_size(k, 3, q.size(3), op, "head dim d of k (B, M, h, d) vs q (B, N, h, d)");
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": expected k and v to have the same shape, got ",
-              k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(1) > 0, op, ": expected at least one cluster (M > 0), got k of shape ",
-              k.sizes());
+  check_p2c_args(q, k, v, op);
 }
 
 // Copies head `hd` of batch `b` of a (B, M, h, d) tensor into dst as acc_t, scaled by `mul`:
@@ -306,21 +293,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic) {
   // `deterministic` needs no special path: the CPU reduction over N is always in a fixed order.
-  check_inputs(q, k, v, kBwdOp);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kBwdOp,
-              ": expected grad_out and out of the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes(), " and ", out.sizes());
-  check_same_dtype(grad_out, q, kBwdOp, "grad_out", "q");
-  check_same_dtype(out, q, kBwdOp, "out", "q");
-  check_same_device(grad_out, q, kBwdOp, "grad_out", "q");
-  check_same_device(out, q, kBwdOp, "out", "q");
+  check_supported_float(q, kBwdOp, "q");
+  check_p2c_bwd_args(grad_out, q, k, v, out, lse, kBwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
-  const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N, kBwdOp,
-              ": expected lse of shape (B, h, N) = (", B, ", ", H, ", ", N, "), got ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == acc, kBwdOp, ": expected lse of dtype ", acc,
-              " (the accumulation dtype of ", q.scalar_type(), "), got ", lse.scalar_type());
-  check_same_device(lse, q, kBwdOp, "lse", "q");
 
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());

@@ -80,21 +80,8 @@ at::Tensor float_workspace(int64_t elems, const at::Tensor& like) {
 
 void check_p2c_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const char* op) {
-  check_dim(q, 4, op, "q", "(B, N, h, d)");
-  check_dim(k, 4, op, "k", "(B, M, h, d)");
-  check_dim(v, 4, op, "v", "(B, M, h, d)");
-  check_same_dtype(q, k, op, "q", "k");
-  check_same_dtype(q, v, op, "q", "v");
   check_cuda(q, op, "q");
-  check_same_device(q, k, op, "q", "k");
-  check_same_device(q, v, op, "q", "v");
-  check_size(k, 0, q.size(0), op, "batch size B of k (B, M, h, d) vs q (B, N, h, d)");
-  check_size(k, 2, q.size(2), op, "number of heads h of k (B, M, h, d) vs q (B, N, h, d)");
-  check_size(k, 3, q.size(3), op, "head dim d of k (B, M, h, d) vs q (B, N, h, d)");
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": expected k and v to have the same shape, got ",
-              k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(1) > 0, op, ": expected at least one cluster (M > 0), got k of shape ",
-              k.sizes());
+  check_p2c_args(q, k, v, op);
   TORCH_CHECK(k.size(1) <= cuda::kMaxKeys, op, ": holds all keys on chip: expected M <= ",
               cuda::kMaxKeys, ", got k of shape ", k.sizes());
   TORCH_CHECK(q.size(3) <= cuda::kMaxHeadDim, op, ": expected head dim d <= ", cuda::kMaxHeadDim,
@@ -139,22 +126,11 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cuda(const at::Tensor& q, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic) {
-  check_p2c_inputs(q, k, v, kP2CBwdOp);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kP2CBwdOp,
-              ": expected grad_out and out of the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes(), " and ", out.sizes());
-  check_same_dtype(grad_out, q, kP2CBwdOp, "grad_out", "q");
-  check_same_dtype(out, q, kP2CBwdOp, "out", "q");
-  check_same_device(grad_out, q, kP2CBwdOp, "grad_out", "q");
-  check_same_device(out, q, kP2CBwdOp, "out", "q");
-  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N,
-              kP2CBwdOp, ": expected lse of shape (B, h, N) = (", B, ", ", H, ", ", N, "), got ",
-              lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, kP2CBwdOp,
-              ": expected lse of dtype float32 (the accumulation dtype), got ", lse.scalar_type());
-  check_same_device(lse, q, kP2CBwdOp, "lse", "q");
+  // The dtype first: an unsupported one is reported as such, not as a mismatch of saved tensors.
   const cuda::DType dtype = kernel_dtype(q, kP2CBwdOp, "q");
+  check_p2c_inputs(q, k, v, kP2CBwdOp);
+  check_p2c_bwd_args(grad_out, q, k, v, out, lse, kP2CBwdOp);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
   const c10::cuda::CUDAGuard guard(q.device());
 
   at::Tensor dq = at::empty(q.sizes(), q.options());
@@ -205,21 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
   const char* op = kPoolFwdOp;
-  check_dim(logits, 3, op, "logits", "(B, M, N)");
-  check_dim(x, 3, op, "x", "(B, N, C)");
-  check_same_dtype(logits, x, op, "logits", "x");
   check_cuda(x, op, "x");
-  check_same_device(logits, x, op, "logits", "x");
+  check_pool_args(logits, x, weight, bias, eps, op);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  check_size(x, 0, B, op, "batch size B of x (B, N, C) vs logits (B, M, N)");
-  check_size(x, 1, N, op, "number of patches N of x (B, N, C) vs logits (B, M, N)");
-  TORCH_CHECK(N > 0 && C > 0, op, ": expected N > 0 patches and C > 0 channels, got N=", N,
-              ", C=", C);
   TORCH_CHECK(C <= cuda::kMaxChannels, op, ": holds a cluster's channels on chip: expected C <= ",
               cuda::kMaxChannels, ", got x of shape ", x.sizes());
-  check_affine(weight, x, C, op, "weight");
-  check_affine(bias, x, C, op, "bias");
-  TORCH_CHECK(eps >= 0, op, ": expected eps >= 0, got ", eps);
   const cuda::DType dtype = kernel_dtype(x, op, "x");
   const c10::cuda::CUDAGuard guard(x.device());
 
@@ -263,37 +229,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cuda
     const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& lse,
     double eps) {
   const char* op = kPoolBwdOp;
-  check_dim(logits, 3, op, "logits", "(B, M, N)");
-  check_dim(x, 3, op, "x", "(B, N, C)");
-  check_same_dtype(logits, x, op, "logits", "x");
-  check_same_dtype(grad_out, x, op, "grad_out", "x");
+  // The dtype first: an unsupported one is reported as such, not as a mismatch of saved tensors.
+  const cuda::DType dtype = kernel_dtype(x, op, "x");
   check_cuda(x, op, "x");
-  check_same_device(logits, x, op, "logits", "x");
-  check_same_device(grad_out, x, op, "grad_out", "x");
-  check_same_device(pooled, x, op, "pooled", "x");
-  check_same_device(lse, x, op, "lse", "x");
+  check_pool_bwd_args(grad_out, logits, x, weight, pooled, lse, eps, op);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  check_size(x, 0, B, op, "batch size B of x (B, N, C) vs logits (B, M, N)");
-  check_size(x, 1, N, op, "number of patches N of x (B, N, C) vs logits (B, M, N)");
-  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == M &&
-                  grad_out.size(2) == C,
-              op, ": expected grad_out of shape (B, M, C) = (", B, ", ", M, ", ", C, "), got ",
-              grad_out.sizes());
-  TORCH_CHECK(pooled.sizes() == grad_out.sizes() && pooled.scalar_type() == at::kFloat, op,
-              ": expected pooled of shape (B, M, C) = ", grad_out.sizes(),
-              " and dtype float32, got shape ", pooled.sizes(), " and dtype ",
-              pooled.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == M &&
-                  lse.scalar_type() == at::kFloat,
-              op, ": expected lse of shape (B, M) = (", B, ", ", M,
-              ") and dtype float32, got shape ", lse.sizes(), " and dtype ", lse.scalar_type());
-  TORCH_CHECK(N > 0 && C > 0, op, ": expected N > 0 patches and C > 0 channels, got N=", N,
-              ", C=", C);
   TORCH_CHECK(C <= cuda::kMaxChannels, op, ": holds a cluster's channels on chip: expected C <= ",
               cuda::kMaxChannels, ", got x of shape ", x.sizes());
-  check_affine(weight, x, C, op, "weight");
-  TORCH_CHECK(eps >= 0, op, ": expected eps >= 0, got ", eps);
-  const cuda::DType dtype = kernel_dtype(x, op, "x");
   const c10::cuda::CUDAGuard guard(x.device());
 
   const at::ScalarType pdtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
