@@ -18,6 +18,7 @@ Environment knobs:
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import re
@@ -111,34 +112,27 @@ def _torch_arch_list(archs: str) -> str | None:
     return ";".join(out) or None
 
 
-def _ninja() -> str:
+def _tool(module: str, bin_dir_attr: str, name: str, hint: str) -> str:
+    """The ``name`` binary shipped by the pip package ``module`` (at ``module.<bin_dir_attr>``), else
+    the one on PATH; SetupError with ``hint`` when neither exists."""
     try:
-        import ninja  # the pip package ships the binary
-
-        path = Path(ninja.BIN_DIR) / "ninja"
+        path = Path(getattr(importlib.import_module(module), bin_dir_attr)) / name
         if path.is_file():
             return str(path)
     except ImportError:
         pass
-    found = shutil.which("ninja")
+    found = shutil.which(name)
     if found is None:
-        raise SetupError("ninja not found: `pip install ninja` (or put ninja on PATH)")
+        raise SetupError(f"{name} not found: {hint}")
     return found
+
+
+def _ninja() -> str:
+    return _tool("ninja", "BIN_DIR", "ninja", "`pip install ninja` (or put ninja on PATH)")
 
 
 def _cmake() -> str:
-    try:
-        import cmake  # the pip package ships the binary
-
-        path = Path(cmake.CMAKE_BIN_DIR) / "cmake"
-        if path.is_file():
-            return str(path)
-    except ImportError:
-        pass
-    found = shutil.which("cmake")
-    if found is None:
-        raise SetupError("cmake not found: `pip install cmake` (or put cmake >= 3.26 on PATH)")
-    return found
+    return _tool("cmake", "CMAKE_BIN_DIR", "cmake", "`pip install cmake` (or put cmake >= 3.26 on PATH)")
 
 
 class CMakeExtension(Extension):
