@@ -215,6 +215,7 @@ POOL_SHAPES = [
     (3, 100, 7, 48),
     (2, 100, 197, 64),
     (2, 3, 600, 96),
+    (2, 3, 1100, 20),  # more than one forward split (kSplitRows = 1024), ragged last tile
 ]
 POOL_IDS = [shape_id(B=b, M=m, N=n, C=c) for b, m, n, c in POOL_SHAPES]
 
@@ -323,6 +324,21 @@ def test_cluster_pool_extreme_logits_backward_finite():
         grad = getattr(a, name).grad
         assert torch.isfinite(grad).all()
         assert_close(grad, getattr(b, name).grad, rtol=5e-3, atol=5e-3, name=f"d{name}")
+
+
+@pytest.mark.parametrize("N", [600, 2100], ids=["one-split", "three-splits"])
+def test_cluster_pool_masked_prefix_and_growing_max(N):
+    """Online-softmax edge cases of the forward: a row whose first tiles (and, at N = 2100, whole
+    first split) are -inf, so the first finite tile rescales an accumulator that is still unwritten;
+    and a row whose max grows tile after tile, so every tile rescales the running sums."""
+    inp = make_cluster_pool_inputs(2, 4, N, 24)
+    logits = inp.logits.clone()
+    logits[0, 1, : N - 300] = float("-inf")
+    logits[1, 2] = torch.linspace(-20.0, 20.0, N) + 0.1 * torch.randn(N)
+    with poisoned_outputs():
+        got = ops.cluster_pool(logits, inp.x, inp.weight, inp.bias, backend="cpu")
+    want = reference.cluster_pool(logits, inp.x, inp.weight, inp.bias)
+    assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
 def test_cluster_pool_all_masked_row_is_nan_like_torch():

@@ -34,7 +34,7 @@ constexpr const char* kBwdOp = "paca_kernels::cluster_pool_bwd";
 // while the products with them are formed (forward P.x; backward x.dP^T and S^T.dP).
 constexpr int64_t kPatchTile = 256;
 // Patches per forward task (one partial softmax state per split, merged in split order).
-constexpr int64_t kSplitRows = 512;
+constexpr int64_t kSplitRows = 1024;
 
 // Rows n0 .. n0+nt of x[b] as an acc_t matrix with leading dimension ldx: read in place when x is
 // already acc_t with contiguous rows (x_direct), else converted into buf (nt x C).
@@ -66,13 +66,70 @@ inline void prefetch_next_tile(const scalar_t* row_tile, int64_t stride, int64_t
 #endif
 }
 
+// Sum of x[c] and sum of (x[c] - mean)^2 over one row with eight interleaved partial sums: the
+// compiler vectorises them (a single running sum is a serial chain of dependent adds, which made
+// the LayerNorm epilogue a fifth of the forward), and the fixed order keeps results reproducible.
+template <typename T>
+inline T row_sum(const T* x, int64_t n) {
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += x[i + j];
+  }
+  for (; i < n; ++i) part[0] += x[i];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+template <typename T>
+inline T row_sq_dev(const T* x, T mean, int64_t n) {
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += (x[i + j] - mean) * (x[i + j] - mean);
+  }
+  for (; i < n; ++i) part[0] += (x[i] - mean) * (x[i] - mean);
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+// The epilogue of one cluster row: prow (C, the unnormalised sum exp(l - mx) . x, in place) is
+// divided by the softmax denominator s, lse = mx + log s is stored, then LayerNorm over C (biased
+// variance, two passes) into orow. A row with no finite logit (mx = -inf) gives lse = -inf and
+// NaN pooled/out, as torch.softmax does.
+template <typename scalar_t, typename acc_t>
+inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const acc_t* bp,
+                       acc_t eps, int64_t C, acc_t* lse_out, scalar_t* orow) {
+  if (!(mx > -std::numeric_limits<acc_t>::infinity())) {
+    s = acc_t(0);
+    std::fill(prow, prow + C, std::numeric_limits<acc_t>::quiet_NaN());
+  }
+  *lse_out = mx + std::log(s);
+  const acc_t inv_s = acc_t(1) / s;
+  for (int64_t c = 0; c < C; ++c) prow[c] *= inv_s;
+  const acc_t mean = row_sum(prow, C) / static_cast<acc_t>(C);
+  const acc_t var = row_sq_dev(prow, mean, C) / static_cast<acc_t>(C);
+  const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
+  if (wp && bp) {
+    for (int64_t c = 0; c < C; ++c) {
+      orow[c] = static_cast<scalar_t>((prow[c] - mean) * rstd * wp[c] + bp[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t y = (prow[c] - mean) * rstd;
+      if (wp) y *= wp[c];
+      if (bp) y += bp[c];
+      orow[c] = static_cast<scalar_t>(y);
+    }
+  }
+}
+
 // Forward. Parallel over (b, split of N): each task streams its kSplitRows patches in tiles of
 // kPatchTile and keeps, for all M clusters at once, the online-softmax state (running max, running
 // sum, and the (M, C) accumulator rescaled whenever a row's max grows). Handling every cluster
 // per tile means each x row is read (and converted) once per task, not M times, and the update
 // acc += P.x_tile is a register-blocked product. The splits (flash-decoding style: enough tasks
 // even at batch 1) are merged per cluster in split order, then LayerNorm over C. The split size
-// depends only on N, so results do not depend on the thread count.
+// depends only on N, so results do not depend on the thread count. With a single split (N <=
+// kSplitRows: the 224² stages 2-4) the task accumulates straight into `pooled` and finishes its
+// rows itself while they are still in cache: no partial buffers, no second pass.
 template <typename scalar_t>
 void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
                              const at::Tensor* weight, const at::Tensor* bias, double eps,
@@ -96,19 +153,21 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
   const int64_t nsplit = (N + kSplitRows - 1) / kSplitRows;
   const int64_t MC = M * C;
   // Per (b, split): accumulator (M x C), running max (M) and running sum (M).
-  std::vector<acc_t> acc_part(B * nsplit * MC), mx_part(B * nsplit * M), sum_part(B * nsplit * M);
+  const bool single = nsplit == 1;
+  std::vector<acc_t> acc_part(single ? 0 : B * nsplit * MC), mx_part(B * nsplit * M),
+      sum_part(B * nsplit * M);
   parallel_for(0, B * nsplit, 1, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> xbuf(x_direct ? 0 : kPatchTile * C), pt(M * kPatchTile);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / nsplit, split = task % nsplit;
-      acc_t* acc = acc_part.data() + task * MC;
+      // pooled is freshly allocated, hence contiguous.
+      acc_t* acc = single ? pp + task * MC : acc_part.data() + task * MC;
       acc_t* mx = mx_part.data() + task * M;
       acc_t* sum = sum_part.data() + task * M;
-      std::fill(acc, acc + MC, acc_t(0));
       std::fill(mx, mx + M, kNegInf);
       std::fill(sum, sum + M, acc_t(0));
-      const int64_t s_end = std::min(N, (split + 1) * kSplitRows);
-      for (int64_t n0 = split * kSplitRows; n0 < s_end; n0 += kPatchTile) {
+      const int64_t s_begin = split * kSplitRows, s_end = std::min(N, s_begin + kSplitRows);
+      for (int64_t n0 = s_begin; n0 < s_end; n0 += kPatchTile) {
         const int64_t nt = std::min(kPatchTile, s_end - n0);
         int64_t ldx;
         const acc_t* xa = x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
@@ -134,18 +193,28 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
               // exp(-inf) = 0 on the first finite tile: acc and sum are 0 anyway.
               const acc_t r = std::exp(mx[m] - tile_mx);
               sum[m] *= r;
-              acc_t* arow = acc + m * C;
-              for (int64_t c = 0; c < C; ++c) arow[c] *= r;
+              if (n0 != s_begin) {  // acc is written (not read) by the first tile's product
+                acc_t* arow = acc + m * C;
+                for (int64_t c = 0; c < C; ++c) arow[c] *= r;
+              }
               mx[m] = tile_mx;
             }
             tile_sum = exp_shifted(lsrc, mx[m], prow, nt);
           }
           sum[m] += tile_sum;
         }
-        gemm_nn(pt.data(), nt, xa, ldx, acc, C, M, nt, C, /*accumulate=*/true);
+        // The first tile overwrites acc (no zero fill, no reads).
+        gemm_nn(pt.data(), nt, xa, ldx, acc, C, M, nt, C, /*accumulate=*/n0 != s_begin);
+      }
+      if (single) {
+        for (int64_t m = 0; m < M; ++m) {
+          finish_row(acc + m * C, mx[m], sum[m], wp, bp, eps_acc, C, lsep + b * M + m,
+                     op + (b * M + m) * C);
+        }
       }
     }
   });
+  if (single) return;
 
   // Merge the splits (in split order), normalise, LayerNorm.
   const int64_t merge_grain = std::max<int64_t>(1, kGrainSize / (nsplit * C + 4 * C));
@@ -169,33 +238,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
         const acc_t* arow = acc_part.data() + t * MC + m * C;
         for (int64_t c = 0; c < C; ++c) prow[c] += wgt * arow[c];
       }
-      if (!(gmx > kNegInf)) {
-        // All logits -inf: lse = -inf and NaN pooled/out, as torch.softmax gives.
-        s = acc_t(0);
-        std::fill(prow, prow + C, std::numeric_limits<acc_t>::quiet_NaN());
-      }
-      lsep[row] = gmx + std::log(s);
-      const acc_t inv_s = acc_t(1) / s;
-      for (int64_t c = 0; c < C; ++c) prow[c] *= inv_s;
-
-      // LayerNorm over C (two passes over the row, biased variance).
-      acc_t mean = 0;
-      for (int64_t c = 0; c < C; ++c) mean += prow[c];
-      mean /= static_cast<acc_t>(C);
-      acc_t var = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = prow[c] - mean;
-        var += d * d;
-      }
-      var /= static_cast<acc_t>(C);
-      const acc_t rstd = acc_t(1) / std::sqrt(var + eps_acc);
-      scalar_t* orow = op + row * C;
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t y = (prow[c] - mean) * rstd;
-        if (wp) y *= wp[c];
-        if (bp) y += bp[c];
-        orow[c] = static_cast<scalar_t>(y);
-      }
+      finish_row(prow, gmx, s, wp, bp, eps_acc, C, lsep + row, op + row * C);
     }
   });
 }

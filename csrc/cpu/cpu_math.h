@@ -392,11 +392,78 @@ PACA_TARGET_AVX2 inline void row_block_avx2(const float* A, int64_t a_row, int64
   }
 }
 
+// One packed panel (T x 8*NV, row stride 16) against all rows of A: 6-row tiles, then the rest.
+template <int NV, bool kMasked>
+PACA_TARGET_AVX2 inline void panel_rows_avx2(const float* A, int64_t a_row, int64_t a_red,
+                                             const float* panel, float* C, int64_t ldc,
+                                             int64_t rows, int64_t T, bool accumulate,
+                                             __m256i mask) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) {
+    tile_avx2<6, NV, kMasked>(A + r * a_row, a_row, a_red, panel, 16, C + r * ldc, ldc, T,
+                              accumulate, mask);
+  }
+  const float* Ar = A + r * a_row;
+  float* Cr = C + r * ldc;
+  switch (rows - r) {
+    case 5: tile_avx2<5, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 4: tile_avx2<4, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 3: tile_avx2<3, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 2: tile_avx2<2, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 1: tile_avx2<1, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    default: break;
+  }
+}
+
+// Reduction steps per packed panel: a 256 x 16 float panel is 16 KiB, half of a 32 KiB L1d.
+constexpr int64_t kPanelSteps = 256;
+
 PACA_TARGET_AVX2 inline void gemm_avx2(const float* A, int64_t a_row, int64_t a_red,
                                        const float* B, int64_t ldb, float* C, int64_t ldc,
                                        int64_t rows, int64_t T, int64_t cols, bool accumulate) {
   // 6 x 16 tiles: 12 accumulators + 2 B vectors + 1 broadcast fill the 16 ymm registers, and
   // each step issues 8 loads for 12 FMAs.
+  //
+  // When B (T x cols) is too big to stay in L1 while all row tiles pass over it (the pooling's
+  // x tile, the clustering head's weights: 100-400 KiB), each row tile would stream its 16
+  // columns of B from L2 again, with a large row stride. So B is cut into panels of 16 columns
+  // by kPanelSteps reduction steps, each packed contiguous once (it then stays in L1) and used
+  // by every row tile before the next one is packed. The accumulators are stored and reloaded
+  // between the reduction chunks, which keeps every output's sum in the same order as the
+  // unpacked loop: both paths give the same bits.
+  if (rows >= 12 && T * cols > 8192) {
+    alignas(64) float panel[kPanelSteps * 16];
+    for (int64_t j = 0; j < cols; j += 16) {
+      const int64_t w = std::min<int64_t>(16, cols - j);
+      const int64_t last = w > 8 ? w - 8 : w;  // valid lanes of the last vector
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      for (int64_t t0 = 0; t0 < T; t0 += kPanelSteps) {
+        const int64_t kc = std::min(kPanelSteps, T - t0);
+        const float* Bt = B + t0 * ldb + j;
+        if (w == 16) {
+          for (int64_t t = 0; t < kc; ++t) {
+            _mm256_store_ps(panel + 16 * t, _mm256_loadu_ps(Bt + t * ldb));
+            _mm256_store_ps(panel + 16 * t + 8, _mm256_loadu_ps(Bt + t * ldb + 8));
+          }
+        } else {
+          for (int64_t t = 0; t < kc; ++t) {
+            for (int64_t c = 0; c < w; ++c) panel[16 * t + c] = Bt[t * ldb + c];
+          }
+        }
+        const float* At = A + t0 * a_red;
+        const bool acc = accumulate || t0 > 0;
+        if (w == 16) {
+          panel_rows_avx2<2, false>(At, a_row, a_red, panel, C + j, ldc, rows, kc, acc, mask);
+        } else if (w > 8) {
+          panel_rows_avx2<2, true>(At, a_row, a_red, panel, C + j, ldc, rows, kc, acc, mask);
+        } else {
+          panel_rows_avx2<1, true>(At, a_row, a_red, panel, C + j, ldc, rows, kc, acc, mask);
+        }
+      }
+    }
+    return;
+  }
   int64_t r = 0;
   for (; r + 6 <= rows; r += 6) {
     row_block_avx2<6>(A + r * a_row, a_row, a_red, B, ldb, C + r * ldc, ldc, T, cols, accumulate);
