@@ -45,6 +45,14 @@
 //   logits[b,m,n] (B, M, N) dtype of x
 //     = (GELU(GELU(depthwise_conv(x) + dw_bias) . w1^T + b1) . w2^T + b2)[b, n, m]
 //   with exact (erf) GELU, accumulated in acc.
+//
+// mlp_dwconv(x, H, W, weight, bias, in_bias, shortcut, gelu) -> y
+//   The depthwise conv of the PaCa-ViT MLP (DWConv, with its shortcut) and the GELU after it, in
+//   one pass, optionally with the bias of the fc1 before it; inference only (no autograd).
+//   x (B, N, C) tokens of an H x W grid; weight (C, 1, k, k), k odd, zero padding (k-1)/2;
+//   bias, in_bias (C,) optional. With u = x + in_bias:
+//   y[b,n,c] (B, N, C) dtype of x = act(depthwise_conv(u) + bias + (u if shortcut))[b, n, c],
+//   act = exact GELU if gelu else identity, accumulated in acc.
 
 #include <Python.h>
 
@@ -68,6 +76,9 @@ TORCH_LIBRARY(paca_kernels, m) {
   m.def(
       "conv_cluster_logits(Tensor x, int H, int W, Tensor dw_weight, Tensor? dw_bias, Tensor w1, "
       "Tensor? b1, Tensor w2, Tensor? b2) -> Tensor");
+  m.def(
+      "mlp_dwconv(Tensor x, int H, int W, Tensor weight, Tensor? bias, Tensor? in_bias, "
+      "bool shortcut, bool gelu) -> Tensor");
 }
 
 // `import paca_kernels._C` only has to dlopen this library: the static initialisers above

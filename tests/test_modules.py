@@ -215,7 +215,12 @@ def test_forward_logits_equals_forward_softmax(backend: str | None) -> None:
     out_z, _ = layer(x, hh, ww, torch.softmax(logits, -1))
     assert_close(out_l, out_z)
     g = torch.randn_like(out_l)
-    assert_close(torch.autograd.grad(out_l, (x, logits), g), torch.autograd.grad(out_z, (x, logits), g))
+    # The two paths round differently (fused pooling vs softmax then matmul); gradients reach ~10 in
+    # magnitude, so the float32 tolerance is relative to each gradient's largest entry.
+    for got, want in zip(
+        torch.autograd.grad(out_l, (x, logits), g), torch.autograd.grad(out_z, (x, logits), g), strict=True
+    ):
+        assert rel_err(got, want) < 1e-5
 
 
 def test_self_attention_without_clusters() -> None:

@@ -263,6 +263,45 @@ inline void gelu_inplace(float* x, int64_t n) { HeadKernels::get().gelu(x, n); }
 
 // ---- the fused head ---------------------------------------------------------------------------
 
+// The zero-padded band of image rows y0 - pad .. y0 + nr + pad - 1 of image b of x (B, N, C), read
+// through its strides, as acc_t ((nr + k - 1) x (W + k - 1) x C): the input of dwconv_band.
+//
+// in_bias (C,), if given, is added to every pixel inside the image (not to the zero padding): the
+// band is then that of x + in_bias, e.g. of a linear layer's output whose bias was left out.
+template <typename scalar_t, typename acc_t>
+void load_band(const scalar_t* xp, const Strides& sx, int64_t b, int64_t y0, int64_t nr, int64_t H,
+               int64_t W, int64_t C, int64_t k, acc_t* band, const acc_t* in_bias = nullptr) {
+  const int64_t pad = (k - 1) / 2, in_w = W + k - 1;
+  for (int64_t r = 0; r < nr + k - 1; ++r) {
+    const int64_t y = y0 - pad + r;
+    acc_t* drow = band + r * in_w * C;
+    if (y < 0 || y >= H) {
+      std::fill(drow, drow + in_w * C, acc_t(0));
+      continue;
+    }
+    std::fill(drow, drow + pad * C, acc_t(0));
+    std::fill(drow + (pad + W) * C, drow + in_w * C, acc_t(0));
+    acc_t* dst = drow + pad * C;
+    const scalar_t* xr = xp + b * sx[0] + y * W * sx[1];
+    if (sx[2] == 1 && sx[1] == C) {  // the image row is one contiguous run of W * C values
+      for (int64_t i = 0; i < W * C; ++i) dst[i] = static_cast<acc_t>(xr[i]);
+    } else if (sx[2] == 1) {
+      for (int64_t j = 0; j < W; ++j) {
+        for (int64_t c = 0; c < C; ++c) dst[j * C + c] = static_cast<acc_t>(xr[j * sx[1] + c]);
+      }
+    } else {
+      for (int64_t j = 0; j < W; ++j) {
+        for (int64_t c = 0; c < C; ++c) dst[j * C + c] = static_cast<acc_t>(xr[j * sx[1] + c * sx[2]]);
+      }
+    }
+    if (in_bias != nullptr) {
+      for (int64_t j = 0; j < W; ++j) {
+        for (int64_t c = 0; c < C; ++c) dst[j * C + c] += in_bias[c];
+      }
+    }
+  }
+}
+
 // The (C,)-, (k*k, C)-, (C, C)- and (C, M)-shaped parameters as contiguous acc_t, transposed so
 // that every product reads its right-hand side row by row.
 template <typename acc_t>
@@ -289,7 +328,6 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
                                 at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  const int64_t pad = (k - 1) / 2;
   const Strides sx(x);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
@@ -307,32 +345,7 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / bands, y0 = (task % bands) * rows;
       const int64_t nr = std::min(rows, H - y0), nt = nr * W, n0 = y0 * W;
-      // The zero-padded input band: image rows y0 - pad .. y0 + nr + pad - 1.
-      for (int64_t r = 0; r < nr + k - 1; ++r) {
-        const int64_t y = y0 - pad + r;
-        acc_t* drow = band.data() + r * in_w * C;
-        if (y < 0 || y >= H) {
-          std::fill(drow, drow + in_w * C, acc_t(0));
-          continue;
-        }
-        std::fill(drow, drow + pad * C, acc_t(0));
-        std::fill(drow + (pad + W) * C, drow + in_w * C, acc_t(0));
-        acc_t* dst = drow + pad * C;
-        const scalar_t* xr = xp + b * sx[0] + y * W * sx[1];
-        if (sx[2] == 1 && sx[1] == C) {  // the image row is one contiguous run of W * C values
-          for (int64_t i = 0; i < W * C; ++i) dst[i] = static_cast<acc_t>(xr[i]);
-        } else if (sx[2] == 1) {
-          for (int64_t j = 0; j < W; ++j) {
-            for (int64_t c = 0; c < C; ++c) dst[j * C + c] = static_cast<acc_t>(xr[j * sx[1] + c]);
-          }
-        } else {
-          for (int64_t j = 0; j < W; ++j) {
-            for (int64_t c = 0; c < C; ++c) {
-              dst[j * C + c] = static_cast<acc_t>(xr[j * sx[1] + c * sx[2]]);
-            }
-          }
-        }
-      }
+      load_band(xp, sx, b, y0, nr, H, W, C, k, band.data());
       dwconv_band(band.data(), in_w, prm.dw_t.data(), prm.has_dw_b ? prm.dw_b.data() : nullptr,
                   t0.data(), nr, W, C, k);
       gelu_inplace(t0.data(), nt * C);
@@ -412,9 +425,112 @@ at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
   return out;
 }
 
+// ---- the MLP's depthwise conv -----------------------------------------------------------------
+//
+// paca_kernels::mlp_dwconv: y = act(depthwise_kxk(u) + bias [+ u]) with u = x [+ in_bias] on (B, N, C)
+// tokens: the DWConv (+ shortcut) and GELU of the PaCa-ViT MLP, and optionally the bias of the fc1
+// before it (fc1 then runs as a plain matrix product, without the pass that broadcasts its bias
+// into the output). Through PyTorch this is a transpose to NCHW, a
+// depthwise convolution on a channels-last-strided input (oneDNN's slowest case: about a quarter of
+// PaCa-ViT-Tiny's CPU inference time, for 1 % of its FLOPs), a transpose back, the shortcut add
+// and the GELU, each a pass over the 4x-wide hidden activations. Here: one pass per band of image
+// rows, with the shortcut folded into the centre tap (w_centre + 1, so it costs nothing) and the
+// GELU applied while the band's outputs are in cache.
+template <typename scalar_t>
+void mlp_dwconv_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
+                       const std::vector<at::opmath_type<scalar_t>>& wt,
+                       const at::opmath_type<scalar_t>* bias,
+                       const at::opmath_type<scalar_t>* in_bias, bool gelu, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), C = x.size(2);
+  const Strides sx(x);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, C) contiguous
+  // Rows per band: about 128 outputs (the hidden width C is 4x the block width), but enough bands
+  // for every thread when B is small. The band split never changes a result (each output is
+  // computed by one task, in a fixed order).
+  int64_t rows = std::clamp<int64_t>(128 / W, 1, H);
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+  while (rows > 1 && B * ((H + rows - 1) / rows) < want) rows = (rows + 1) / 2;
+  const int64_t bands = (H + rows - 1) / rows;
+  const int64_t in_w = W + k - 1;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // write the output in place
+
+  parallel_for(0, B * bands, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> band((rows + k - 1) * in_w * C), tmp(kDirect ? 0 : rows * W * C);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / bands, y0 = (task % bands) * rows;
+      const int64_t nr = std::min(rows, H - y0), n0 = y0 * W;
+      load_band(xp, sx, b, y0, nr, H, W, C, k, band.data(), in_bias);
+      acc_t* dst;
+      if constexpr (kDirect) {
+        dst = op + (b * H * W + n0) * C;
+      } else {
+        dst = tmp.data();
+      }
+      dwconv_band(band.data(), in_w, wt.data(), bias, dst, nr, W, C, k);
+      if (gelu) gelu_inplace(dst, nr * W * C);
+      if constexpr (!kDirect) {
+        scalar_t* o = op + (b * H * W + n0) * C;
+        for (int64_t i = 0; i < nr * W * C; ++i) o[i] = static_cast<scalar_t>(dst[i]);
+      }
+    }
+  });
+}
+
+void check_vec(const std::optional<at::Tensor>& v, const at::Tensor& x, int64_t C, const char* op,
+               const char* name) {
+  if (!v) return;
+  TORCH_CHECK(v->sizes() == at::IntArrayRef({C}), op, ": expected ", name, " of shape (", C,
+              "), got ", v->sizes());
+  TORCH_CHECK(v->is_floating_point(), op, ": expected a floating ", name, ", got ",
+              v->scalar_type());
+  check_same_device(*v, x, op, name, "x");
+}
+
+at::Tensor mlp_dwconv_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& in_bias, bool shortcut, bool gelu) {
+  constexpr const char* kMlpOp = "paca_kernels::mlp_dwconv";
+  check_dim(x, 3, kMlpOp, "x", "(B, N, C)");
+  check_supported_float(x, kMlpOp, "x");
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  TORCH_CHECK(H > 0 && W > 0 && H * W == N, kMlpOp, ": expected H * W == N with H, W > 0, got H=",
+              H, ", W=", W, ", N=", N);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+              kMlpOp, ": expected weight of shape (C, 1, k, k) with k odd, got ", weight.sizes());
+  const int64_t k = weight.size(2);
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef({C, 1, k, k}), kMlpOp,
+              ": expected weight of shape (C, 1, k, k) = (", C, ", 1, ", k, ", ", k, "), got ",
+              weight.sizes());
+  TORCH_CHECK(weight.is_floating_point(), kMlpOp, ": expected a floating weight, got ",
+              weight.scalar_type());
+  check_same_device(weight, x, kMlpOp, "weight", "x");
+  check_vec(bias, x, C, kMlpOp, "bias");
+  check_vec(in_bias, x, C, kMlpOp, "in_bias");
+  at::Tensor out = at::empty({B, N, C}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlp_dwconv", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Taps as (k*k, C); the shortcut is the identity tap, added to the centre one.
+    std::vector<acc_t> wt = transposed<acc_t>(weight.reshape({C, k * k}));
+    if (shortcut) {
+      const int64_t centre = (k / 2) * k + k / 2;
+      for (int64_t c = 0; c < C; ++c) wt[centre * C + c] += acc_t(1);
+    }
+    std::vector<acc_t> bv, ibv;
+    if (bias) bv = to_vector<acc_t>(*bias);
+    if (in_bias) ibv = to_vector<acc_t>(*in_bias);
+    mlp_dwconv_kernel<scalar_t>(x, H, W, k, wt, bias ? bv.data() : nullptr,
+                                in_bias ? ibv.data() : nullptr, gelu, out);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace paca_kernels
 
 TORCH_LIBRARY_IMPL(paca_kernels, CPU, m) {
   m.impl("conv_cluster_logits", &paca_kernels::conv_cluster_logits_cpu);
+  m.impl("mlp_dwconv", &paca_kernels::mlp_dwconv_cpu);
 }

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
+from ..ops.mlp_dwconv import fused_dwconv_applies, mlp_dwconv
 from .attention import PaCaAttention, paca_layer_kwargs
 from .layers import DropPath, build_act, build_norm, to_2tuple
 
@@ -47,7 +49,12 @@ class DWConv(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> [DWConv] -> act -> drop -> fc2 -> drop, on (B, N, C) tokens."""
+    """fc1 -> [DWConv] -> act -> drop -> fc2 -> drop, on (B, N, C) tokens.
+
+    ``backend`` is the ops backend of the enclosing block: when it resolves to the fused C++ CPU
+    backend and no gradient is wanted, the DWConv and a GELU after it run as one kernel
+    (:mod:`paca_kernels.ops.mlp_dwconv`); otherwise, and always on other backends, the modules run.
+    """
 
     def __init__(
         self,
@@ -58,8 +65,10 @@ class Mlp(nn.Module):
         with_dwconv: bool = False,
         with_shortcut: bool = False,
         act_cfg: Mapping[str, Any] | str | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        self.backend = backend
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features)
@@ -69,11 +78,40 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        x = self.fc1(x)
-        if self.dwconv is not None:
-            x = self.dwconv(x, H, W)
-        x = self.drop(self.act(x))
+        if self._fused_applies(x):
+            # fc1's bias is added inside the fused kernel, as it loads its input.
+            x = mlp_dwconv(
+                self.dwconv, F.linear(x, self.fc1.weight), H, W, gelu=isinstance(self.act, nn.GELU),
+                in_bias=self.fc1.bias,
+            )
+        else:
+            x = self.fc1(x)
+            if self.dwconv is not None:
+                x = self.dwconv(x, H, W)
+            x = self.act(x)
+        x = self.drop(x)
         return self.drop(self.fc2(x))
+
+    def _fused_applies(self, x: Tensor) -> bool:
+        """Whether fc1's bias, the DWConv and the activation may run as the fused kernel on x: see
+        :func:`~paca_kernels.ops.mlp_dwconv.fused_dwconv_applies`, plus the same conditions (no
+        gradient wanted, no hooks) for fc1, and a backend that resolves to "cpu"."""
+        if not fused_dwconv_applies(self.dwconv, self.act, x):
+            return False
+        fc1 = self.fc1
+        if fc1._forward_hooks or fc1._forward_pre_hooks:
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in fc1.parameters()):
+            return False
+        return self._uses_cpu_backend(x)
+
+    def _uses_cpu_backend(self, x: Tensor) -> bool:
+        """Whether the backend setting resolves to the fused C++ backend for x (as for the block's
+        attention: an explicit "cpu", or automatic selection on a CPU tensor)."""
+        try:
+            return ops.select_backend("cluster_pool", (x, x), self.backend).name == "cpu"
+        except (ops.BackendError, ValueError):
+            return False
 
 
 class PaCaBlock(nn.Module):
@@ -132,7 +170,7 @@ class PaCaBlock(nn.Module):
         self.mlp = Mlp(
             in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop,
             with_dwconv=cfg["with_dwconv_in_mlp"], with_shortcut=cfg["with_shortcut_in_mlp"],
-            act_cfg=act_cfg,
+            act_cfg=act_cfg, backend=backend,
         )
         self.norm2_after = build_norm(cfg["norm_cfg2"], dim) if post else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

@@ -1,0 +1,104 @@
+"""The fused MLP depthwise conv (inference): ``torch.ops.paca_kernels.mlp_dwconv``.
+
+The PaCa-ViT MLP is fc1, depthwise 3×3 conv with a shortcut (``DWConv``), GELU, fc2. Through PyTorch
+the middle part transposes the 4×-wide hidden tokens to NCHW, runs a depthwise convolution (on the
+CPU one of oneDNN's slowest cases: about a quarter of PaCa-ViT-Tiny's inference time for about 1 %
+of its FLOPs), transposes back, adds the shortcut and applies GELU, each a pass over memory. The C++
+kernel (csrc/cpu/conv_clustering.cpp) reads the tokens (B, N, C) as the NHWC image they are and
+does it in one pass per band of image rows:
+
+    u = x + b1,   y[b, n, c] = GELU(depthwise_conv(u)[b, n, c] + bias[c] + u[b, n, c])     (B, N, C)
+
+with b1 the bias of fc1, which :class:`~paca_kernels.nn.Mlp` leaves to this kernel (fc1 then runs as
+a plain matrix product, without the extra pass that broadcasts its bias into the output).
+
+It has no backward: :class:`~paca_kernels.nn.Mlp` uses it only when no gradient is needed (see
+:func:`fused_dwconv_applies`) and its modules otherwise. The fake kernel makes it traceable by
+``torch.compile``; the FLOP formula counts it like the convolution it replaces, so
+``FlopCounterMode`` totals do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import _ext
+
+__all__ = ["REGISTERED", "fused_dwconv_applies", "mlp_dwconv"]
+
+_LIB = "paca_kernels"
+
+
+def _register() -> bool:
+    if not _ext.load() or not hasattr(torch.ops.paca_kernels, "mlp_dwconv"):
+        return False
+    op = torch.ops.paca_kernels.mlp_dwconv
+
+    @torch.library.register_fake(f"{_LIB}::mlp_dwconv")
+    def _fake(x, H, W, weight, bias, in_bias, shortcut, gelu):
+        return x.new_empty(x.shape)
+
+    def _no_grad_only(ctx, *grads):
+        raise RuntimeError(
+            "paca_kernels::mlp_dwconv is inference-only (no backward); Mlp runs its DWConv and "
+            "activation modules when gradients are needed"
+        )
+
+    torch.library.register_autograd(f"{_LIB}::mlp_dwconv", _no_grad_only)
+
+    @register_flop_formula(op)
+    def _flops(x_shape, H, W, w_shape, *args, **kwargs) -> int:
+        b, n, c = x_shape
+        # What FlopCounterMode counts for the depthwise convolution (bias, shortcut and GELU are
+        # not counted).
+        return 2 * b * n * c * w_shape[2] * w_shape[3]
+
+    return True
+
+
+REGISTERED = _register()
+
+
+def mlp_dwconv(
+    dwconv: nn.Module, x: Tensor, H: int, W: int, gelu: bool, in_bias: Tensor | None = None
+) -> Tensor:
+    """``act(dwconv(u, H, W))`` with u = x + in_bias for a :class:`~paca_kernels.nn.DWConv`
+    ``dwconv`` on tokens x (B, N, C) of an H×W grid, act = exact GELU if ``gelu`` else identity,
+    through the fused kernel (no autograd). ``in_bias`` (C,) is the bias of the linear layer that
+    produced x, if it was left out there."""
+    conv = dwconv.dwconv
+    return torch.ops.paca_kernels.mlp_dwconv(
+        x, H, W, conv.weight, conv.bias, in_bias, bool(dwconv.with_shortcut), gelu
+    )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def fused_dwconv_applies(dwconv: nn.Module | None, act: nn.Module, x: Tensor) -> bool:
+    """Whether an Mlp's ``dwconv`` (a DWConv) followed by ``act`` may run as the fused kernel on x:
+    a "same"-padded odd square depthwise conv, an exact GELU (or identity) activation, the extension
+    loaded, CPU tensors outside autocast, no gradient wanted, and no forward hooks on the modules
+    (which the fused kernel would bypass)."""
+    from ..nn.block import DWConv
+
+    if not (REGISTERED and isinstance(dwconv, DWConv) and x.device.type == "cpu"):
+        return False
+    if not (isinstance(act, nn.Identity) or (isinstance(act, nn.GELU) and act.approximate == "none")):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    params = list(dwconv.parameters())
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    conv = dwconv.dwconv
+    k = conv.kernel_size[0]
+    return (
+        conv.kernel_size == (k, k) and k % 2 == 1 and conv.padding == ((k - 1) // 2,) * 2
+        and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == conv.in_channels
+        and conv.in_channels == conv.out_channels and conv.padding_mode == "zeros"
+        and not _has_hooks(dwconv) and not _has_hooks(act)
+    )
