@@ -1,0 +1,196 @@
+"""Interleaved timing of the layer- and model-level comparisons, for machines whose speed drifts.
+
+pytest-benchmark times one provider's rounds back to back, so on a shared machine a busy minute lands
+on whichever provider runs then (on the 2-core development machine the same layer varied by ±50 %
+minutes apart). Here every round runs each provider of a group once, in a rotating order, so slow
+periods are spread over all providers, and the ratios compare samples taken side by side.
+
+    python benchmarks/interleaved.py [--rounds 15] [--models tiny,small,base] [--out FILE.json]
+
+Groups: the PaCaAttention layer (conv clustering, 100 clusters) at the three PaCa-Tiny stage shapes
+against the official layer's path, eager and compiled; PaCa-ViT inference per model, reference
+against cpu backend, eager and compiled. CPU only (the GPU suite synchronises per call and has
+steadier clocks). The JSON has pytest-benchmark's layout (``benchmarks`` rows with ``group``,
+``stats`` and ``extra_info``), so ``scripts/bench_report.py`` renders it like the suite's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from shapes import stage_shapes
+from test_bench_layer import official_forward
+
+from paca_kernels import PaCaAttention, create_model
+
+MODELS = {"tiny": "pacavit_tiny_p2cconv_100_0", "small": "pacavit_small_p2cconv_100_0",
+          "base": "pacavit_base_p2cconv_100_0"}
+
+
+def _interleave(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Each round calls every function once, starting one further along the list each round."""
+    names = list(fns)
+    with torch.no_grad():
+        for f in fns.values():  # warm-up: compilation, allocator, caches
+            f()
+            f()
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                t = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - t)
+    return samples
+
+
+def _rows(group: str, samples: dict[str, list[float]], flops: dict[str, int], ceil: dict) -> list[dict]:
+    rows = []
+    for provider, s in samples.items():
+        med = statistics.median(s)
+        q = statistics.quantiles(s, n=4) if len(s) > 1 else [med, med, med]
+        rows.append({
+            "group": group, "name": f"{group}[{provider}]",
+            "stats": {"median": med, "min": min(s), "max": max(s), "mean": statistics.fmean(s),
+                      "q1": q[0], "q3": q[2], "iqr": q[2] - q[0], "rounds": len(s), "data": s},
+            "extra_info": {
+                "provider": provider, "device": "cpu", "dtype": "float32", "torch": torch.__version__,
+                "cuda": None, "triton": None, "flops": flops[provider], "min_bytes": 0,
+                "tflops": flops[provider] / med / 1e12, "gbps": 0.0,
+                "share_of_matmul_rate": flops[provider] / med / ceil["matmul"],
+                "ceiling_copy_gbps": ceil["copy"] / 1e9, "ceiling_matmul_tflops": ceil["matmul"] / 1e12,
+                "timing": "interleaved rounds",
+            },
+        })
+    return rows
+
+
+def _ceilings() -> dict:
+    src = torch.randn(1 << 25)
+    dst = torch.empty_like(src)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    s = _interleave({"copy": lambda: dst.copy_(src), "mm": lambda: a @ b}, 10)
+    return {"copy": 2 * src.numel() * 4 / statistics.median(s["copy"]),
+            "matmul": 2 * 2048**3 / statistics.median(s["mm"])}
+
+
+def layer_groups(rounds: int, ceil: dict) -> list[dict]:
+    rows = []
+    for s in stage_shapes("cpu", smoke=False)[:3]:
+        torch.manual_seed(0)
+        layer = PaCaAttention(s.C, s.h, s.M, clustering="conv").eval()
+        x = torch.randn(s.B, s.N, s.C)
+        cpu = PaCaAttention(s.C, s.h, s.M, clustering="conv", backend="cpu").eval()
+        cpu.load_state_dict(layer.state_dict())
+        ref = PaCaAttention(s.C, s.h, s.M, clustering="conv", backend="reference").eval()
+        ref.load_state_dict(layer.state_dict())
+
+        def official(t, layer=layer, s=s):
+            return official_forward(layer, t, s.H, s.W)
+
+        def paca_cpu(t, cpu=cpu, s=s):
+            return cpu(t, s.H, s.W)[0]
+
+        def paca_ref(t, ref=ref, s=s):
+            return ref(t, s.H, s.W)[0]
+
+        base = {"official": official, "paca-reference": paca_ref, "paca-cpu": paca_cpu}
+        fns = dict(base)
+        fns.update({f"{k}-compiled": torch.compile(v) for k, v in base.items()})
+        with torch.no_grad():
+            want = official(x)
+            for name, f in fns.items():
+                torch.testing.assert_close(f(x), want, rtol=2e-2, atol=2e-2, msg=name)
+        # As in test_bench_layer: the attention core (pooling, two attention matmuls) + 4 projections.
+        flops = (2 * s.B * s.M * s.N * s.C + 4 * s.B * s.N * s.M * s.C
+                 + 2 * s.C * s.C * (2 * s.B * s.N + 2 * s.B * s.M))
+        samples = _interleave({k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, rounds)
+        rows += _rows(f"PaCaAttention-fwd-{s.id} (interleaved)", samples, dict.fromkeys(fns, flops), ceil)
+        _print(rows[-len(fns):])
+    return rows
+
+
+def model_groups(names: list[str], rounds: int, ceil: dict) -> list[dict]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = []
+    for key in names:
+        name = MODELS[key]
+        torch.manual_seed(0)
+        images = torch.randn(8, 3, 224, 224)
+        ref = create_model(name, backend="reference").eval()
+        cpu = create_model(name, backend="cpu").eval()
+        cpu.load_state_dict(ref.state_dict())
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            ref(images[:1])
+        flops = fc.get_total_flops() * images.shape[0]
+        fns = {"reference": ref, "cpu": cpu, "reference-compiled": torch.compile(ref),
+               "cpu-compiled": torch.compile(cpu)}
+        with torch.no_grad():
+            want = ref(images)
+            for n, f in fns.items():
+                torch.testing.assert_close(f(images), want, rtol=1e-3, atol=1e-3, msg=n)
+        samples = _interleave({k: (lambda f=f, im=images: f(im)) for k, f in fns.items()}, rounds)
+        rows += _rows(f"inference-{name} (interleaved)", samples, dict.fromkeys(fns, flops), ceil)
+        _print(rows[-len(fns):])
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    base = {r["extra_info"]["provider"]: r["stats"]["median"] for r in rows}
+    print(rows[0]["group"], flush=True)
+    for r in rows:
+        p, t = r["extra_info"]["provider"], r["stats"]["median"]
+        ratios = "  ".join(f"x{b}={base[b] / t:.2f}" for b in ("official", "official-compiled",
+                                                              "reference", "reference-compiled") if b in base)
+        print(f"  {p:26s} median {t * 1e3:9.2f} ms  min {r['stats']['min'] * 1e3:9.2f} ms  {ratios}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--models", default="tiny", help="comma-separated subset of tiny,small,base; '' for none")
+    ap.add_argument("--no-layer", action="store_true", help="skip the layer groups")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
+    args = ap.parse_args(argv)
+    ceil = _ceilings()
+    rows = [] if args.no_layer else layer_groups(args.rounds, ceil)
+    rows += model_groups([m for m in args.models.split(",") if m], args.rounds, ceil)
+    if args.out:
+        git = ["git", "rev-parse", "HEAD"]
+        commit = subprocess.run(git, check=False, capture_output=True, text=True, cwd=HERE).stdout.strip()
+        data = {"machine_info": {"cpu": {"brand_raw": _cpu_name(),
+                                         "count": torch.get_num_threads()}},
+                "commit_info": {"id": commit}, "datetime": dt.datetime.now(dt.UTC).isoformat(),
+                "benchmarks": rows}
+        args.out.write_text(json.dumps(data, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
