@@ -88,9 +88,10 @@ def _ceilings() -> dict:
             "matmul": 2 * 2048**3 / statistics.median(s["mm"])}
 
 
-def layer_groups(rounds: int, ceil: dict) -> list[dict]:
+def layer_groups(rounds: int, ceil: dict, smoke: bool = False) -> list[dict]:
     rows = []
-    for s in stage_shapes("cpu", smoke=False)[:3]:
+    compile_kw = {"backend": "aot_eager"} if smoke else {}
+    for s in stage_shapes("cpu", smoke=smoke)[:3]:
         torch.manual_seed(0)
         layer = PaCaAttention(s.C, s.h, s.M, clustering="conv").eval()
         x = torch.randn(s.B, s.N, s.C)
@@ -110,7 +111,7 @@ def layer_groups(rounds: int, ceil: dict) -> list[dict]:
 
         base = {"official": official, "paca-reference": paca_ref, "paca-cpu": paca_cpu}
         fns = dict(base)
-        fns.update({f"{k}-compiled": torch.compile(v) for k, v in base.items()})
+        fns.update({f"{k}-compiled": torch.compile(v, **compile_kw) for k, v in base.items()})
         with torch.no_grad():
             want = official(x)
             for name, f in fns.items():
@@ -176,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny", help="comma-separated subset of tiny,small,base; '' for none")
     ap.add_argument("--no-layer", action="store_true", help="skip the layer groups")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one tiny layer shape, aot_eager compilation (what make test runs)")
     args = ap.parse_args(argv)
     ceil = _ceilings()
-    rows = [] if args.no_layer else layer_groups(args.rounds, ceil)
+    rows = [] if args.no_layer else layer_groups(args.rounds, ceil, smoke=args.smoke)
     rows += model_groups([m for m in args.models.split(",") if m], args.rounds, ceil)
     if args.out:
         git = ["git", "rev-parse", "HEAD"]

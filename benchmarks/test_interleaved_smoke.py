@@ -1,0 +1,16 @@
+"""Smoke run of benchmarks/interleaved.py (tiny layer shape, aot_eager), so that the script cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import interleaved
+
+
+def test_interleaved_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    assert interleaved.main(["--smoke", "--rounds", "2", "--models", "", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["benchmarks"]
+    providers = {r["extra_info"]["provider"] for r in rows}
+    assert {"official", "paca-cpu", "paca-cpu-compiled", "official-compiled"} <= providers
+    assert all(len(r["stats"]["data"]) == 2 and r["stats"]["median"] > 0 for r in rows)
