@@ -209,3 +209,18 @@ def assert_low_precision_ok(
             f"{name}: max error {err:.3g} against the exact result exceeds {factor:g} × the "
             f"low-precision PyTorch reference's error {ref_err:.3g} (+ {floor:g})"
         )
+
+
+def assert_passes_on_baseline_isa(script: str, timeout: float = 120) -> None:
+    """Run ``script`` (Python source that prints "baseline ok" when its checks pass) in a fresh
+    interpreter with ``PACA_KERNELS_CPU_ISA=baseline``: the C++ kernels' portable float32 build, which
+    is chosen once per process at first use, so it needs a process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PACA_KERNELS_CPU_ISA": "baseline"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0 and "baseline ok" in proc.stdout, proc.stdout + proc.stderr

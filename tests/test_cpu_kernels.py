@@ -9,9 +9,6 @@ torch.compile (fullgraph), determinism across thread counts, extreme inputs and 
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -22,6 +19,7 @@ from paca_kernels import _ext, ops, reference
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
+    assert_passes_on_baseline_isa,
     make_cluster_pool_inputs,
     make_p2c_inputs,
     poisoned_outputs,
@@ -389,8 +387,4 @@ _BASELINE_SCRIPT = textwrap.dedent(
 
 def test_baseline_isa_build_matches_reference():
     """The float32 kernels without AVX2 (forced by PACA_KERNELS_CPU_ISA=baseline, read at first use)."""
-    env = {**os.environ, "PACA_KERNELS_CPU_ISA": "baseline"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE_SCRIPT], check=False, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0 and "baseline ok" in proc.stdout, proc.stdout + proc.stderr
+    assert_passes_on_baseline_isa(_BASELINE_SCRIPT)

@@ -4,9 +4,6 @@ Mlp / PaCaBlock / the models (inference only, the cpu backend, no hooks)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,7 +16,13 @@ from paca_kernels import _ext, create_model
 from paca_kernels.nn import block as block_mod
 from paca_kernels.nn.block import DWConv, Mlp
 from paca_kernels.ops.mlp_dwconv import fused_dwconv_applies, mlp_dwconv
-from paca_kernels.testing import assert_close, assert_low_precision_ok, noncontiguous, poisoned_outputs
+from paca_kernels.testing import (
+    assert_close,
+    assert_low_precision_ok,
+    assert_passes_on_baseline_isa,
+    noncontiguous,
+    poisoned_outputs,
+)
 
 pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
 
@@ -264,8 +267,4 @@ _BASELINE = textwrap.dedent(
 
 def test_fused_dwconv_baseline_isa():
     """The float32 kernel without AVX2 (PACA_KERNELS_CPU_ISA=baseline)."""
-    env = {**os.environ, "PACA_KERNELS_CPU_ISA": "baseline"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE], check=False, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0 and "baseline ok" in proc.stdout, proc.stdout + proc.stderr
+    assert_passes_on_baseline_isa(_BASELINE)

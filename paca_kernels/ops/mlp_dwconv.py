@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _ext
+from .clustering_head import _has_hooks
 
 __all__ = ["REGISTERED", "fused_dwconv_applies", "mlp_dwconv"]
 
@@ -72,10 +73,6 @@ def mlp_dwconv(
     return torch.ops.paca_kernels.mlp_dwconv(
         x, H, W, conv.weight, conv.bias, in_bias, bool(dwconv.with_shortcut), gelu
     )
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def fused_dwconv_applies(dwconv: nn.Module | None, act: nn.Module, x: Tensor) -> bool:
