@@ -369,12 +369,37 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
   });
 }
 
-void check_param(const at::Tensor& p, const at::Tensor& x, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(p.sizes() == shape, kOp, ": expected ", name, " of shape ", shape, ", got ",
+// The argument checks shared by the two conv ops (op: the name their messages start with).
+
+// One parameter: its shape, a floating dtype, x's device.
+void check_param(const char* op, const at::Tensor& p, const at::Tensor& x, at::IntArrayRef shape,
+                 const char* name) {
+  TORCH_CHECK(p.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
               p.sizes());
-  TORCH_CHECK(p.is_floating_point(), kOp, ": expected ", name, " to be floating, got ",
+  TORCH_CHECK(p.is_floating_point(), op, ": expected ", name, " to be floating, got ",
               p.scalar_type());
-  check_same_device(p, x, kOp, name, "x");
+  check_same_device(p, x, op, name, "x");
+}
+void check_param(const char* op, const std::optional<at::Tensor>& p, const at::Tensor& x,
+                 at::IntArrayRef shape, const char* name) {
+  if (p) check_param(op, *p, x, shape, name);
+}
+
+// x (B, N, C) floating tokens of an H x W grid (N = H*W, C > 0) and a depthwise weight
+// (C, 1, k, k) with k odd; returns k.
+int64_t check_grid_and_depthwise(const char* op, const at::Tensor& x, int64_t H, int64_t W,
+                                 const at::Tensor& dw, const char* dw_name) {
+  check_dim(x, 3, op, "x", "(B, N, C)");
+  check_supported_float(x, op, "x");
+  const int64_t N = x.size(1), C = x.size(2);
+  TORCH_CHECK(H > 0 && W > 0 && H * W == N, op, ": expected H * W == N with H, W > 0, got H=", H,
+              ", W=", W, ", N=", N);
+  TORCH_CHECK(C > 0, op, ": expected C > 0 channels");
+  TORCH_CHECK(dw.dim() == 4 && dw.size(2) == dw.size(3) && dw.size(2) % 2 == 1, op, ": expected ",
+              dw_name, " of shape (C, 1, k, k) with k odd, got ", dw.sizes());
+  const int64_t k = dw.size(2);
+  check_param(op, dw, x, {C, 1, k, k}, dw_name);
+  return k;
 }
 
 at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
@@ -382,24 +407,15 @@ at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
                                    const std::optional<at::Tensor>& dw_bias, const at::Tensor& w1,
                                    const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                    const std::optional<at::Tensor>& b2) {
-  check_dim(x, 3, kOp, "x", "(B, N, C)");
-  check_supported_float(x, kOp, "x");
+  const int64_t k = check_grid_and_depthwise(kOp, x, H, W, dw_weight, "dw_weight");
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  TORCH_CHECK(H > 0 && W > 0 && H * W == N, kOp, ": expected H * W == N with H, W > 0, got H=", H,
-              ", W=", W, ", N=", N);
-  TORCH_CHECK(C > 0, kOp, ": expected C > 0 channels");
-  TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(2) == dw_weight.size(3) &&
-                  dw_weight.size(2) % 2 == 1,
-              kOp, ": expected dw_weight of shape (C, 1, k, k) with k odd, got ", dw_weight.sizes());
-  const int64_t k = dw_weight.size(2);
-  check_param(dw_weight, x, {C, 1, k, k}, "dw_weight");
   TORCH_CHECK(w2.dim() == 4, kOp, ": expected w2 of shape (M, C, 1, 1), got ", w2.sizes());
   const int64_t M = w2.size(0);
-  check_param(w1, x, {C, C, 1, 1}, "w1");
-  check_param(w2, x, {M, C, 1, 1}, "w2");
-  if (dw_bias) check_param(*dw_bias, x, {C}, "dw_bias");
-  if (b1) check_param(*b1, x, {C}, "b1");
-  if (b2) check_param(*b2, x, {M}, "b2");
+  check_param(kOp, w1, x, {C, C, 1, 1}, "w1");
+  check_param(kOp, w2, x, {M, C, 1, 1}, "w2");
+  check_param(kOp, dw_bias, x, {C}, "dw_bias");
+  check_param(kOp, b1, x, {C}, "b1");
+  check_param(kOp, b2, x, {M}, "b2");
 
   at::Tensor out = at::empty({B, M, N}, x.options());
   if (B * M == 0) return out;
@@ -478,36 +494,14 @@ void mlp_dwconv_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
   });
 }
 
-void check_vec(const std::optional<at::Tensor>& v, const at::Tensor& x, int64_t C, const char* op,
-               const char* name) {
-  if (!v) return;
-  TORCH_CHECK(v->sizes() == at::IntArrayRef({C}), op, ": expected ", name, " of shape (", C,
-              "), got ", v->sizes());
-  TORCH_CHECK(v->is_floating_point(), op, ": expected a floating ", name, ", got ",
-              v->scalar_type());
-  check_same_device(*v, x, op, name, "x");
-}
-
 at::Tensor mlp_dwconv_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& in_bias, bool shortcut, bool gelu) {
   constexpr const char* kMlpOp = "paca_kernels::mlp_dwconv";
-  check_dim(x, 3, kMlpOp, "x", "(B, N, C)");
-  check_supported_float(x, kMlpOp, "x");
+  const int64_t k = check_grid_and_depthwise(kMlpOp, x, H, W, weight, "weight");
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  TORCH_CHECK(H > 0 && W > 0 && H * W == N, kMlpOp, ": expected H * W == N with H, W > 0, got H=",
-              H, ", W=", W, ", N=", N);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
-              kMlpOp, ": expected weight of shape (C, 1, k, k) with k odd, got ", weight.sizes());
-  const int64_t k = weight.size(2);
-  TORCH_CHECK(weight.sizes() == at::IntArrayRef({C, 1, k, k}), kMlpOp,
-              ": expected weight of shape (C, 1, k, k) = (", C, ", 1, ", k, ", ", k, "), got ",
-              weight.sizes());
-  TORCH_CHECK(weight.is_floating_point(), kMlpOp, ": expected a floating weight, got ",
-              weight.scalar_type());
-  check_same_device(weight, x, kMlpOp, "weight", "x");
-  check_vec(bias, x, C, kMlpOp, "bias");
-  check_vec(in_bias, x, C, kMlpOp, "in_bias");
+  check_param(kMlpOp, bias, x, {C}, "bias");
+  check_param(kMlpOp, in_bias, x, {C}, "in_bias");
   at::Tensor out = at::empty({B, N, C}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlp_dwconv", [&] {

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
+from ..ops._inference import backend_is_cpu
 from ..ops.clustering_head import conv_cluster_logits, fused_head_applies
 from .clustering import build_clustering
 from .layers import build_norm
@@ -125,16 +126,9 @@ class PaCaAttention(nn.Module):
     def _clustering_logits(self, x: Tensor, H: int, W: int) -> Tensor:
         """Logits (B, M, N) of the on-site clustering head: in inference on the cpu backend, the
         conv head runs as one fused kernel (see :mod:`paca_kernels.ops.clustering_head`)."""
-        if fused_head_applies(self.clustering, x) and self._uses_cpu_backend(x):
+        if fused_head_applies(self.clustering, x) and backend_is_cpu(self.backend, x):
             return conv_cluster_logits(self.clustering, x, H, W)
         return self.clustering(x, H, W)
-
-    def _uses_cpu_backend(self, x: Tensor) -> bool:
-        """Whether this layer's backend setting resolves to the fused C++ backend for x's pooling."""
-        try:
-            return ops.select_backend("cluster_pool", (x, x), self.backend).name == "cpu"
-        except (ops.BackendError, ValueError):
-            return False  # the pooling call itself reports the problem
 
     def _cluster_tokens(self, x: Tensor, logits: Tensor | None, z: Tensor | None) -> Tensor:
         """(B, M, C) cluster tokens from logits (fused op where possible) or from probabilities z."""

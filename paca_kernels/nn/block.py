@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from ..ops._inference import backend_is_cpu
 from ..ops.mlp_dwconv import fused_dwconv_applies, mlp_dwconv
 from .attention import PaCaAttention, paca_layer_kwargs
 from .layers import DropPath, build_act, build_norm, to_2tuple
@@ -94,24 +94,9 @@ class Mlp(nn.Module):
 
     def _fused_applies(self, x: Tensor) -> bool:
         """Whether fc1's bias, the DWConv and the activation may run as the fused kernel on x: see
-        :func:`~paca_kernels.ops.mlp_dwconv.fused_dwconv_applies`, plus the same conditions (no
-        gradient wanted, no hooks) for fc1, and a backend that resolves to "cpu"."""
-        if not fused_dwconv_applies(self.dwconv, self.act, x):
-            return False
-        fc1 = self.fc1
-        if fc1._forward_hooks or fc1._forward_pre_hooks:
-            return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in fc1.parameters()):
-            return False
-        return self._uses_cpu_backend(x)
-
-    def _uses_cpu_backend(self, x: Tensor) -> bool:
-        """Whether the backend setting resolves to the fused C++ backend for x (as for the block's
-        attention: an explicit "cpu", or automatic selection on a CPU tensor)."""
-        try:
-            return ops.select_backend("cluster_pool", (x, x), self.backend).name == "cpu"
-        except (ops.BackendError, ValueError):
-            return False
+        :func:`~paca_kernels.ops.mlp_dwconv.fused_dwconv_applies` (fc1 included), and a backend that
+        resolves to "cpu"."""
+        return fused_dwconv_applies(self.dwconv, self.act, x, self.fc1) and backend_is_cpu(self.backend, x)
 
 
 class PaCaBlock(nn.Module):

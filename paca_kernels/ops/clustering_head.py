@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _ext
+from ._inference import fusable_in_inference, is_same_depthwise
 
 __all__ = ["REGISTERED", "conv_cluster_logits", "fused_head_applies"]
 
@@ -65,31 +66,19 @@ def conv_cluster_logits(head: nn.Module, x: Tensor, H: int, W: int) -> Tensor:
     )
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
-
-
 def fused_head_applies(head: nn.Module, x: Tensor) -> bool:
     """Whether ``head`` (a clustering head) may run as the fused kernel on ``x``: a P2CConv2d with
     exact GELUs and "same" padding, the extension loaded, CPU tensors outside autocast, no gradient
     wanted, and no forward hooks on the head's modules (which the fused kernel would bypass)."""
     from ..nn.clustering import P2CConv2d
 
-    if not (REGISTERED and isinstance(head, P2CConv2d) and x.device.type == "cpu"):
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in head.parameters())):
+    if not (REGISTERED and isinstance(head, P2CConv2d) and fusable_in_inference(x, head)):
         return False
     seq = head.clustering
-    dw, c1, c2 = seq[0], seq[2], seq[4]
-    k = dw.kernel_size[0]
+    c1, c2 = seq[2], seq[4]
     return (
         all(isinstance(a, nn.GELU) and a.approximate == "none" for a in (seq[1], seq[3]))
-        and dw.kernel_size == (k, k) and k % 2 == 1 and dw.padding == ((k - 1) // 2,) * 2
-        and dw.stride == (1, 1) and dw.dilation == (1, 1) and dw.groups == dw.in_channels
-        and dw.padding_mode == "zeros"
+        and is_same_depthwise(seq[0])
         and c1.kernel_size == (1, 1) and c2.kernel_size == (1, 1)
         and c1.stride == (1, 1) and c2.stride == (1, 1) and c1.groups == 1 and c2.groups == 1
-        and not _has_hooks(head)
     )

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _ext
-from .clustering_head import _has_hooks
+from ._inference import fusable_in_inference, is_same_depthwise
 
 __all__ = ["REGISTERED", "fused_dwconv_applies", "mlp_dwconv"]
 
@@ -75,27 +75,15 @@ def mlp_dwconv(
     )
 
 
-def fused_dwconv_applies(dwconv: nn.Module | None, act: nn.Module, x: Tensor) -> bool:
+def fused_dwconv_applies(dwconv: nn.Module | None, act: nn.Module, x: Tensor, *more: nn.Module) -> bool:
     """Whether an Mlp's ``dwconv`` (a DWConv) followed by ``act`` may run as the fused kernel on x:
     a "same"-padded odd square depthwise conv, an exact GELU (or identity) activation, the extension
-    loaded, CPU tensors outside autocast, no gradient wanted, and no forward hooks on the modules
-    (which the fused kernel would bypass)."""
+    loaded, CPU tensors outside autocast, no gradient wanted, and no forward hooks on these modules or
+    on ``more`` (modules whose work the kernel also takes over, e.g. fc1's bias)."""
     from ..nn.block import DWConv
 
-    if not (REGISTERED and isinstance(dwconv, DWConv) and x.device.type == "cpu"):
+    if not (REGISTERED and isinstance(dwconv, DWConv) and is_same_depthwise(dwconv.dwconv)):
         return False
     if not (isinstance(act, nn.Identity) or (isinstance(act, nn.GELU) and act.approximate == "none")):
         return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    params = list(dwconv.parameters())
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return False
-    conv = dwconv.dwconv
-    k = conv.kernel_size[0]
-    return (
-        conv.kernel_size == (k, k) and k % 2 == 1 and conv.padding == ((k - 1) // 2,) * 2
-        and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == conv.in_channels
-        and conv.in_channels == conv.out_channels and conv.padding_mode == "zeros"
-        and not _has_hooks(dwconv) and not _has_hooks(act)
-    )
+    return fusable_in_inference(x, dwconv, act, *more)
