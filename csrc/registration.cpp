@@ -53,6 +53,15 @@
 //   bias, in_bias (C,) optional. With u = x + in_bias:
 //   y[b,n,c] (B, N, C) dtype of x = act(depthwise_conv(u) + bias + (u if shortcut))[b, n, c],
 //   act = exact GELU if gelu else identity, accumulated in acc.
+//
+// mlp_fused(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight,
+//           fc2_bias) -> out
+//   The whole PaCa-ViT MLP (fc1, DWConv with optional shortcut, GELU or identity, fc2) without
+//   its hidden activations ever leaving the cache; inference only (no autograd).
+//   x (B, N, C) tokens of an H x W grid; fc1_weight (Hd, C); dw_weight (Hd, 1, k, k), k odd, zero
+//   padding (k-1)/2; fc2_weight (Co, Hd); biases (Hd,), (Hd,), (Co,) optional. With
+//   u = x . fc1_weight^T + fc1_bias (B, N, Hd) and g = act(depthwise_conv(u) + dw_bias + (u if
+//   shortcut)): out (B, N, Co) dtype of x = g . fc2_weight^T + fc2_bias, accumulated in acc.
 
 #include <Python.h>
 
@@ -79,6 +88,9 @@ TORCH_LIBRARY(paca_kernels, m) {
   m.def(
       "mlp_dwconv(Tensor x, int H, int W, Tensor weight, Tensor? bias, Tensor? in_bias, "
       "bool shortcut, bool gelu) -> Tensor");
+  m.def(
+      "mlp_fused(Tensor x, int H, int W, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, "
+      "Tensor? dw_bias, bool shortcut, bool gelu, Tensor fc2_weight, Tensor? fc2_bias) -> Tensor");
 }
 
 // `import paca_kernels._C` only has to dlopen this library: the static initialisers above

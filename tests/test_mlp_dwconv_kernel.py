@@ -1,5 +1,6 @@
 """The fused MLP depthwise conv (``paca_kernels::mlp_dwconv``, csrc/cpu/conv_clustering.cpp) against
-the modules it replaces (fc1's bias, DWConv with its shortcut, GELU) run in float64, and its use by
+the modules it replaces (fc1's bias, DWConv with its shortcut, GELU) run in float64, and the use of
+the fused MLP kernels (this one and the whole-MLP ``mlp_fused``, tests/test_mlp_fused_kernel.py) by
 Mlp / PaCaBlock / the models (inference only, the cpu backend, no hooks)."""
 
 from __future__ import annotations
@@ -165,15 +166,21 @@ def test_fused_dwconv_flops_equal_the_convolution():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the fused calls made by Mlp."""
+    """Counts the fused calls made by Mlp: ("dwconv", shape) for mlp_dwconv, ("mlp", shape) for the
+    whole-MLP kernel."""
     calls = []
-    real = block_mod.mlp_dwconv
+    real, real_mlp = block_mod.mlp_dwconv, block_mod.mlp_fused
 
     def spy(dwconv, x, H, W, gelu, in_bias=None):
-        calls.append(tuple(x.shape))
+        calls.append(("dwconv", tuple(x.shape)))
         return real(dwconv, x, H, W, gelu, in_bias=in_bias)
 
+    def spy_mlp(mlp, x, H, W):
+        calls.append(("mlp", tuple(x.shape)))
+        return real_mlp(mlp, x, H, W)
+
     monkeypatch.setattr(block_mod, "mlp_dwconv", spy)
+    monkeypatch.setattr(block_mod, "mlp_fused", spy_mlp)
     return calls
 
 
@@ -242,6 +249,8 @@ def test_model_on_cpu_backend_uses_fused_mlp_and_matches_reference(fused_calls):
         out_ref = ref(x)
     assert n_fused == sum(1 for m in cpu.modules() if isinstance(m, Mlp) and m.dwconv is not None) > 0
     assert len(fused_calls) == n_fused
+    # Small weights (stages 1-2): the whole-MLP kernel; larger ones: mlp_dwconv between the matmuls.
+    assert {kind for kind, _ in fused_calls} == {"mlp", "dwconv"}
     assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
 
 

@@ -112,9 +112,58 @@ PACA_ALWAYS_INLINE void dwconv_band_impl(const T* in, int64_t in_w, const T* wt,
   }
 }
 
+// The same convolution read straight from the image (no padded copy): pixel (y, j) at
+// img[((y - y_base)*W + j)*px] (channels contiguous), each pixel's window clipped to the image, so
+// the sums are those of the padded band without its exact-zero terms. u = x + in_bias is
+// convolved when in_bias is given (the zero padding stays unbiased). The portable counterpart of
+// dwconv_direct_avx2 (float64, and float32 in the baseline build), GELU left to the caller.
+template <typename T>
+void dwconv_rows_impl(const T* img, int64_t px, int64_t y_base, int64_t H, int64_t W, int64_t y0,
+                      int64_t rows, const T* wt, const T* bias, const T* in_bias, T* out,
+                      int64_t C, int64_t k) {
+  const int64_t pad = (k - 1) / 2;
+  std::vector<T> u(static_cast<size_t>(C));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = y0 + r;
+    const int64_t ky0 = std::max<int64_t>(0, pad - y), ky1 = std::min<int64_t>(k, H + pad - y);
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t kx0 = std::max<int64_t>(0, pad - j), kx1 = std::min<int64_t>(k, W + pad - j);
+      T* o = out + (r * W + j) * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = bias ? bias[c] : T(0);
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        for (int64_t kx = kx0; kx < kx1; ++kx) {
+          const T* iv = img + ((y - pad + ky - y_base) * W + (j - pad + kx)) * px;
+          const T* wv = wt + (ky * k + kx) * C;
+          if (in_bias != nullptr) {
+            for (int64_t c = 0; c < C; ++c) u[c] = iv[c] + in_bias[c];
+            iv = u.data();
+          }
+          for (int64_t c = 0; c < C; ++c) o[c] += iv[c] * wv[c];
+        }
+      }
+    }
+  }
+}
+
 using DwFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t,
                       int64_t, int64_t);
 using GeluFn = void (*)(float*, int64_t);
+using DwDirectFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            const float*, const float*, const float*, bool, float*, int64_t,
+                            int64_t);
+using TransposeFn = void (*)(const float*, int64_t, int64_t, int64_t, float*, int64_t);
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
+void transpose_f32_base(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                        int64_t ldd) {
+  // Blocks of 32 source rows keep their lines in L1 while they are read column by column.
+  for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+    const int64_t r1 = std::min(rows, r0 + 32);
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+  }
+}
 
 void dwconv_band_f32_base(const float* in, int64_t in_w, const float* wt, const float* bias,
                           float* out, int64_t rows, int64_t W, int64_t C, int64_t k) {
@@ -123,90 +172,19 @@ void dwconv_band_f32_base(const float* in, int64_t in_w, const float* wt, const 
 void gelu_f32_base(float* x, int64_t n) { gelu_impl(x, n); }
 
 #if PACA_X86_DISPATCH
-// AVX2+FMA: P output pixels x NV vectors of 8 channels are accumulated in registers over all
-// k*k taps (each tap's weight vectors are loaded once and reused for the P pixels), instead of
-// reloading and storing the output row for every tap.
-template <int P, int NV, bool kMasked>
-PACA_TARGET_AVX2 PACA_ALWAYS_INLINE void dw_tile_avx2(const float* in, int64_t in_w,
-                                                      const float* wt, const float* bias,
-                                                      float* out, int64_t C, int64_t k,
-                                                      __m256i mask) {
-  __m256 acc[P][NV];
-  for (int v = 0; v < NV; ++v) {
-    const __m256 b0 = bias == nullptr ? _mm256_setzero_ps()
-                      : (kMasked && v == NV - 1) ? _mm256_maskload_ps(bias + 8 * v, mask)
-                                                 : _mm256_loadu_ps(bias + 8 * v);
-    for (int p = 0; p < P; ++p) acc[p][v] = b0;
-  }
-  for (int64_t ky = 0; ky < k; ++ky) {
-    for (int64_t kx = 0; kx < k; ++kx) {
-      const float* wv = wt + (ky * k + kx) * C;
-      const float* iv = in + (ky * in_w + kx) * C;
-      for (int v = 0; v < NV; ++v) {
-        const bool m = kMasked && v == NV - 1;
-        const __m256 w = m ? _mm256_maskload_ps(wv + 8 * v, mask) : _mm256_loadu_ps(wv + 8 * v);
-        for (int p = 0; p < P; ++p) {
-          const float* ip = iv + p * C + 8 * v;
-          const __m256 xv = m ? _mm256_maskload_ps(ip, mask) : _mm256_loadu_ps(ip);
-          acc[p][v] = _mm256_fmadd_ps(xv, w, acc[p][v]);
-        }
-      }
-    }
-  }
-  for (int p = 0; p < P; ++p) {
-    for (int v = 0; v < NV; ++v) {
-      float* op = out + p * C + 8 * v;
-      if (kMasked && v == NV - 1) {
-        _mm256_maskstore_ps(op, mask, acc[p][v]);
-      } else {
-        _mm256_storeu_ps(op, acc[p][v]);
-      }
-    }
-  }
-}
-
-// All channel tiles of P adjacent output pixels (16 channels at a time, then a masked edge).
-template <int P>
-PACA_TARGET_AVX2 PACA_ALWAYS_INLINE void dw_pixels_avx2(const float* in, int64_t in_w,
-                                                        const float* wt, const float* bias,
-                                                        float* out, int64_t C, int64_t k) {
-  const __m256i full = _mm256_set1_epi32(-1);
-  int64_t c = 0;
-  for (; c + 16 <= C; c += 16) {
-    dw_tile_avx2<P, 2, false>(in + c, in_w, wt + c, bias ? bias + c : nullptr, out + c, C, k, full);
-  }
-  const int64_t rem = C - c;
-  if (rem == 0) return;
-  const int64_t last = rem > 8 ? rem - 8 : rem;
-  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  if (rem > 8) {
-    dw_tile_avx2<P, 2, true>(in + c, in_w, wt + c, bias ? bias + c : nullptr, out + c, C, k, mask);
-  } else {
-    dw_tile_avx2<P, 1, true>(in + c, in_w, wt + c, bias ? bias + c : nullptr, out + c, C, k, mask);
-  }
-}
-
-PACA_TARGET_AVX2 void dwconv_band_f32_avx2(const float* in, int64_t in_w, const float* wt,
-                                           const float* bias, float* out, int64_t rows,
-                                           int64_t W, int64_t C, int64_t k) {
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t j = 0;
-    for (; j + 4 <= W; j += 4) {
-      dw_pixels_avx2<4>(in + (r * in_w + j) * C, in_w, wt, bias, out + (r * W + j) * C, C, k);
-    }
-    for (; j < W; ++j) {
-      dw_pixels_avx2<1>(in + (r * in_w + j) * C, in_w, wt, bias, out + (r * W + j) * C, C, k);
-    }
-  }
-}
 // GELU with FMAs and exp_avx2 (same A&S 7.1.26 erf as gelu_v8).
 PACA_TARGET_AVX2 PACA_ALWAYS_INLINE __m256 gelu_avx2(__m256 v) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 u = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
   const __m256 a = _mm256_andnot_ps(sign, u);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f),
-                                 _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+  // t = 1 / (1 + 0.3275911 a): the approximate reciprocal (12 bits) plus one Newton step
+  // (about 23 bits, below the erf formula's own 1.5e-7 error) costs a third of a vdivps. |u| is
+  // capped at 1e6 here (erf is 1 long before) so that u = inf gives t = 0, not 0 * inf; a NaN
+  // still propagates through the exp below.
+  const __m256 a_t = _mm256_min_ps(a, _mm256_set1_ps(1e6f));
+  const __m256 den = _mm256_fmadd_ps(a_t, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f));
+  const __m256 r0 = _mm256_rcp_ps(den);
+  const __m256 t = _mm256_mul_ps(r0, _mm256_fnmadd_ps(den, r0, _mm256_set1_ps(2.0f)));
   __m256 p = _mm256_set1_ps(1.061405429f);
   p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
   p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
@@ -229,11 +207,195 @@ PACA_TARGET_AVX2 void gelu_f32_avx2(float* x, int64_t n) {
     _mm256_maskstore_ps(x + i, mask, gelu_avx2(_mm256_maskload_ps(x + i, mask)));
   }
 }
+
+// AVX2+FMA: P output pixels x NV vectors of 8 channels are accumulated in registers over the
+// nky x nkx taps of their window (each tap's weight vectors are loaded once and reused for the P
+// pixels), instead of reloading and storing the output row for every tap.
+//
+// `in` is the first tap of pixel 0, `in_row`/`in_px` the float offsets between image rows and
+// between pixels, `wt` the weight of that first tap in the (k*k, C) table: so the same tile reads a
+// zero-padded band (all k x k taps) or the image itself, with the window clipped to the taps that
+// fall inside it (the skipped taps would add exact zeros, so both give the same bits).
+// kInBias: u = x + in_bias is convolved (added as each input vector is loaded, the band's rounding).
+// gelu: GELU applied to the accumulators before they are stored (one pass fewer over the output).
+template <int P, int NV, bool kMasked, bool kInBias>
+PACA_TARGET_AVX2 PACA_ALWAYS_INLINE void dw_tile_avx2(const float* in, int64_t in_row,
+                                                      int64_t in_px, const float* wt, int64_t nky,
+                                                      int64_t nkx, int64_t k, const float* bias,
+                                                      const float* in_bias, bool gelu, float* out,
+                                                      int64_t C, __m256i mask) {
+  __m256 acc[P][NV];
+  [[maybe_unused]] __m256 ib[NV];
+  for (int v = 0; v < NV; ++v) {
+    const bool m = kMasked && v == NV - 1;
+    const __m256 b0 = bias == nullptr ? _mm256_setzero_ps()
+                      : m ? _mm256_maskload_ps(bias + 8 * v, mask) : _mm256_loadu_ps(bias + 8 * v);
+    for (int p = 0; p < P; ++p) acc[p][v] = b0;
+    if constexpr (kInBias) {
+      ib[v] = m ? _mm256_maskload_ps(in_bias + 8 * v, mask) : _mm256_loadu_ps(in_bias + 8 * v);
+    }
+  }
+  for (int64_t ky = 0; ky < nky; ++ky) {
+    for (int64_t kx = 0; kx < nkx; ++kx) {
+      const float* wv = wt + (ky * k + kx) * C;
+      const float* iv = in + ky * in_row + kx * in_px;
+      for (int v = 0; v < NV; ++v) {
+        const bool m = kMasked && v == NV - 1;
+        const __m256 w = m ? _mm256_maskload_ps(wv + 8 * v, mask) : _mm256_loadu_ps(wv + 8 * v);
+        for (int p = 0; p < P; ++p) {
+          const float* ip = iv + p * in_px + 8 * v;
+          __m256 xv = m ? _mm256_maskload_ps(ip, mask) : _mm256_loadu_ps(ip);
+          if constexpr (kInBias) xv = _mm256_add_ps(xv, ib[v]);
+          acc[p][v] = _mm256_fmadd_ps(xv, w, acc[p][v]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    for (int v = 0; v < NV; ++v) {
+      float* op = out + p * C + 8 * v;
+      const __m256 r = gelu ? gelu_avx2(acc[p][v]) : acc[p][v];
+      if (kMasked && v == NV - 1) {
+        _mm256_maskstore_ps(op, mask, r);
+      } else {
+        _mm256_storeu_ps(op, r);
+      }
+    }
+  }
+}
+
+// All channel tiles of P adjacent output pixels (16 channels at a time, then a masked edge).
+template <int P, bool kInBias>
+PACA_TARGET_AVX2 PACA_ALWAYS_INLINE void dw_pixels_avx2(const float* in, int64_t in_row,
+                                                        int64_t in_px, const float* wt,
+                                                        int64_t nky, int64_t nkx, int64_t k,
+                                                        const float* bias, const float* in_bias,
+                                                        bool gelu, float* out, int64_t C) {
+  const __m256i full = _mm256_set1_epi32(-1);
+  const auto at = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    dw_tile_avx2<P, 2, false, kInBias>(in + c, in_row, in_px, wt + c, nky, nkx, k, at(bias, c),
+                                       at(in_bias, c), gelu, out + c, C, full);
+  }
+  const int64_t rem = C - c;
+  if (rem == 0) return;
+  const int64_t last = rem > 8 ? rem - 8 : rem;
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (rem > 8) {
+    dw_tile_avx2<P, 2, true, kInBias>(in + c, in_row, in_px, wt + c, nky, nkx, k, at(bias, c),
+                                      at(in_bias, c), gelu, out + c, C, mask);
+  } else {
+    dw_tile_avx2<P, 1, true, kInBias>(in + c, in_row, in_px, wt + c, nky, nkx, k, at(bias, c),
+                                      at(in_bias, c), gelu, out + c, C, mask);
+  }
+}
+
+PACA_TARGET_AVX2 void dwconv_band_f32_avx2(const float* in, int64_t in_w, const float* wt,
+                                           const float* bias, float* out, int64_t rows,
+                                           int64_t W, int64_t C, int64_t k) {
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t j = 0;
+    for (; j + 4 <= W; j += 4) {
+      dw_pixels_avx2<4, false>(in + (r * in_w + j) * C, in_w * C, C, wt, k, k, k, bias, nullptr,
+                               false, out + (r * W + j) * C, C);
+    }
+    for (; j < W; ++j) {
+      dw_pixels_avx2<1, false>(in + (r * in_w + j) * C, in_w * C, C, wt, k, k, k, bias, nullptr,
+                               false, out + (r * W + j) * C, C);
+    }
+  }
+}
+
+// Image rows y0 .. y0 + rows - 1 of the depthwise convolution, read straight from the image
+// (float32, channels contiguous, `px` floats between pixels, pixel (y, j) at
+// img[((y - y_base)*W + j)*px]: img may hold only the rows from y_base on): no padded copy. Each pixel's window is clipped to the image; pixels whose window is whole
+// (all but the (k-1)/2 columns at each side) go four at a time.
+template <bool kInBias>
+PACA_TARGET_AVX2 void dwconv_direct_avx2(const float* img, int64_t px, int64_t y_base, int64_t H,
+                                         int64_t W, int64_t y0, int64_t rows, const float* wt,
+                                         const float* bias, const float* in_bias, bool gelu,
+                                         float* out, int64_t C, int64_t k) {
+  const int64_t pad = (k - 1) / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = y0 + r;
+    const int64_t ky0 = std::max<int64_t>(0, pad - y), ky1 = std::min<int64_t>(k, H + pad - y);
+    const int64_t row0 = y - pad + ky0 - y_base;  // first valid tap row, relative to img
+    float* orow = out + r * W * C;
+    int64_t j = 0;
+    while (j < W) {
+      if (j >= pad && j + 4 <= W - pad) {
+        dw_pixels_avx2<4, kInBias>(img + (row0 * W + j - pad) * px, W * px, px, wt + ky0 * k * C,
+                                   ky1 - ky0, k, k, bias, in_bias, gelu, orow + j * C, C);
+        j += 4;
+      } else {
+        const int64_t kx0 = std::max<int64_t>(0, pad - j), kx1 = std::min<int64_t>(k, W + pad - j);
+        dw_pixels_avx2<1, kInBias>(img + (row0 * W + j - pad + kx0) * px, W * px, px,
+                                   wt + (ky0 * k + kx0) * C, ky1 - ky0, kx1 - kx0, k, bias,
+                                   in_bias, gelu, orow + j * C, C);
+        j += 1;
+      }
+    }
+  }
+}
+
+PACA_TARGET_AVX2 void dwconv_direct_f32_avx2(const float* img, int64_t px, int64_t y_base,
+                                             int64_t H, int64_t W, int64_t y0, int64_t rows,
+                                             const float* wt, const float* bias,
+                                             const float* in_bias, bool gelu, float* out,
+                                             int64_t C, int64_t k) {
+  if (in_bias != nullptr) {
+    dwconv_direct_avx2<true>(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, gelu, out, C, k);
+  } else {
+    dwconv_direct_avx2<false>(img, px, y_base, H, W, y0, rows, wt, bias, nullptr, gelu, out, C, k);
+  }
+}
+
+
+// dst[c * ldd + r] = src[r * lds + c]: 8 x 8 blocks transposed in registers (the logits tile
+// (patches x M) into the (M, N) output rows), the ragged edges by the scalar loop.
+PACA_TARGET_AVX2 void transpose_f32_avx2(const float* src, int64_t lds, int64_t rows,
+                                         int64_t cols, float* dst, int64_t ldd) {
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t r = 0; r < r8; r += 8) {
+    for (int64_t c = 0; c < c8; c += 8) {
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + (r + i) * lds + c);
+      // Standard 8x8 transpose: unpack pairs, shuffle quads, swap 128-bit halves.
+      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      _mm256_storeu_ps(dst + (c + 0) * ldd + r, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(dst + (c + 1) * ldd + r, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(dst + (c + 2) * ldd + r, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(dst + (c + 3) * ldd + r, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(dst + (c + 4) * ldd + r, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(dst + (c + 5) * ldd + r, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(dst + (c + 6) * ldd + r, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(dst + (c + 7) * ldd + r, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (int64_t c = c8; c < cols; ++c) {
+      for (int64_t i = 0; i < 8; ++i) dst[c * ldd + r + i] = src[(r + i) * lds + c];
+    }
+  }
+  for (int64_t r = r8; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
 #endif
 
 struct HeadKernels {
   DwFn dwconv = dwconv_band_f32_base;
   GeluFn gelu = gelu_f32_base;
+  // The unpadded float32 convolution; none in the baseline build (which copies a padded band).
+  DwDirectFn dwconv_direct = nullptr;
+  TransposeFn transpose = transpose_f32_base;
   static const HeadKernels& get() {
     static const HeadKernels k = [] {
       HeadKernels r;
@@ -243,6 +405,8 @@ struct HeadKernels {
       if (Float32Kernels::get().gemm_nn != gemm_nn_f32_base) {
         r.dwconv = dwconv_band_f32_avx2;
         r.gelu = gelu_f32_avx2;
+        r.dwconv_direct = dwconv_direct_f32_avx2;
+        r.transpose = transpose_f32_avx2;
       }
 #endif
       return r;
@@ -260,6 +424,25 @@ inline void dwconv_band(const double* in, int64_t in_w, const double* wt, const 
   dwconv_band_impl(in, in_w, wt, bias, out, rows, W, C, k);
 }
 inline void gelu_inplace(float* x, int64_t n) { HeadKernels::get().gelu(x, n); }
+
+// Depthwise convolution of image rows y0 .. y0 + rows - 1 read in place (see dwconv_rows_impl),
+// GELU applied if `gelu`: the AVX2 kernel for float32 where available.
+inline void dwconv_rows(const float* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
+                        int64_t y0, int64_t rows, const float* wt, const float* bias,
+                        const float* in_bias, bool gelu, float* out, int64_t C, int64_t k) {
+  if (const DwDirectFn direct = HeadKernels::get().dwconv_direct) {
+    direct(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, gelu, out, C, k);
+    return;
+  }
+  dwconv_rows_impl(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, out, C, k);
+  if (gelu) gelu_inplace(out, rows * W * C);
+}
+inline void dwconv_rows(const double* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
+                        int64_t y0, int64_t rows, const double* wt, const double* bias,
+                        const double* in_bias, bool gelu, double* out, int64_t C, int64_t k) {
+  dwconv_rows_impl(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, out, C, k);
+  if (gelu) gelu_inplace(out, rows * W * C);
+}
 
 // ---- the fused head ---------------------------------------------------------------------------
 
@@ -306,8 +489,11 @@ void load_band(const scalar_t* xp, const Strides& sx, int64_t b, int64_t y0, int
 // that every product reads its right-hand side row by row.
 template <typename acc_t>
 struct HeadParams {
-  std::vector<acc_t> dw_t, dw_b, w1_t, b1, w2_t, b2;
+  std::vector<acc_t> dw_t, dw_b, b1, b2;
+  PackedMatrix<acc_t> w1_t, w2_t;  // (C, C) and (C, M)
   bool has_dw_b = false, has_b2 = false;
+  HeadParams(std::vector<acc_t> w1, std::vector<acc_t> w2, int64_t C, int64_t M)
+      : w1_t(std::move(w1), C, C), w2_t(std::move(w2), C, M) {}
 };
 
 template <typename acc_t>
@@ -339,30 +525,47 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
   const int64_t bands = (H + rows - 1) / rows;
   const int64_t in_w = W + k - 1;
 
+  // float32 with contiguous channels: the convolution reads x in place and applies the GELU as it
+  // stores (AVX2 build); otherwise a zero-padded float32/float64 copy of the band is convolved.
+  const DwDirectFn direct = std::is_same_v<scalar_t, float> && sx[2] == 1
+                                ? HeadKernels::get().dwconv_direct : nullptr;
+
   parallel_for(0, B * bands, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> band((rows + k - 1) * in_w * C), t0(rows * W * C), t1(rows * W * C),
-        lt(rows * W * M);
+    std::vector<acc_t> band(direct ? 0 : (rows + k - 1) * in_w * C), t0(rows * W * C),
+        t1(rows * W * C), lt(rows * W * M);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / bands, y0 = (task % bands) * rows;
       const int64_t nr = std::min(rows, H - y0), nt = nr * W, n0 = y0 * W;
-      load_band(xp, sx, b, y0, nr, H, W, C, k, band.data());
-      dwconv_band(band.data(), in_w, prm.dw_t.data(), prm.has_dw_b ? prm.dw_b.data() : nullptr,
-                  t0.data(), nr, W, C, k);
-      gelu_inplace(t0.data(), nt * C);
+      const acc_t* dw_b = prm.has_dw_b ? prm.dw_b.data() : nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (direct != nullptr) {
+          direct(xp + b * sx[0], sx[1], 0, H, W, y0, nr, prm.dw_t.data(), dw_b, nullptr,
+                 /*gelu=*/true, t0.data(), C, k);
+        }
+      }
+      if (direct == nullptr) {
+        load_band(xp, sx, b, y0, nr, H, W, C, k, band.data());
+        dwconv_band(band.data(), in_w, prm.dw_t.data(), dw_b, t0.data(), nr, W, C, k);
+        gelu_inplace(t0.data(), nt * C);
+      }
       for (int64_t i = 0; i < nt; ++i) std::copy(prm.b1.begin(), prm.b1.end(), t1.data() + i * C);
-      gemm_nn(t0.data(), C, prm.w1_t.data(), C, t1.data(), C, nt, C, C, /*accumulate=*/true);
+      prm.w1_t.mul(t0.data(), C, t1.data(), C, nt, /*accumulate=*/true);
       gelu_inplace(t1.data(), nt * C);
       if (prm.has_b2) {
         for (int64_t i = 0; i < nt; ++i) std::copy(prm.b2.begin(), prm.b2.end(), lt.data() + i * M);
       }
-      gemm_nn(t1.data(), C, prm.w2_t.data(), M, lt.data(), M, nt, C, M, prm.has_b2);
-      // (nt, M) tile -> out[b, :, n0 : n0 + nt], per cluster one contiguous run. Blocks of 32
-      // patches keep the block's tile rows in L1 while it is read column by column.
-      for (int64_t i0 = 0; i0 < nt; i0 += 32) {
-        const int64_t i1 = std::min(nt, i0 + 32);
-        for (int64_t m = 0; m < M; ++m) {
-          scalar_t* orow = op + (b * M + m) * N + n0;
-          for (int64_t i = i0; i < i1; ++i) orow[i] = static_cast<scalar_t>(lt[i * M + m]);
+      prm.w2_t.mul(t1.data(), C, lt.data(), M, nt, prm.has_b2);
+      // (nt, M) tile -> out[b, :, n0 : n0 + nt], per cluster one contiguous run.
+      scalar_t* ob = op + b * M * N + n0;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        HeadKernels::get().transpose(lt.data(), M, nt, M, ob, N);
+      } else {
+        // Blocks of 32 patches keep the block's tile rows in L1 while it is read column by column.
+        for (int64_t i0 = 0; i0 < nt; i0 += 32) {
+          const int64_t i1 = std::min(nt, i0 + 32);
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t i = i0; i < i1; ++i) ob[m * N + i] = static_cast<scalar_t>(lt[i * M + m]);
+          }
         }
       }
     }
@@ -386,19 +589,21 @@ void check_param(const char* op, const std::optional<at::Tensor>& p, const at::T
 }
 
 // x (B, N, C) floating tokens of an H x W grid (N = H*W, C > 0) and a depthwise weight
-// (C, 1, k, k) with k odd; returns k.
+// (channels, 1, k, k) with k odd (channels: C unless given, e.g. the MLP's hidden width); returns k.
 int64_t check_grid_and_depthwise(const char* op, const at::Tensor& x, int64_t H, int64_t W,
-                                 const at::Tensor& dw, const char* dw_name) {
+                                 const at::Tensor& dw, const char* dw_name,
+                                 int64_t channels = -1) {
   check_dim(x, 3, op, "x", "(B, N, C)");
   check_supported_float(x, op, "x");
   const int64_t N = x.size(1), C = x.size(2);
   TORCH_CHECK(H > 0 && W > 0 && H * W == N, op, ": expected H * W == N with H, W > 0, got H=", H,
               ", W=", W, ", N=", N);
   TORCH_CHECK(C > 0, op, ": expected C > 0 channels");
+  const int64_t ch = channels < 0 ? C : channels;
   TORCH_CHECK(dw.dim() == 4 && dw.size(2) == dw.size(3) && dw.size(2) % 2 == 1, op, ": expected ",
-              dw_name, " of shape (C, 1, k, k) with k odd, got ", dw.sizes());
+              dw_name, " of shape (", ch, ", 1, k, k) with k odd, got ", dw.sizes());
   const int64_t k = dw.size(2);
-  check_param(op, dw, x, {C, 1, k, k}, dw_name);
+  check_param(op, dw, x, {ch, 1, k, k}, dw_name);
   return k;
 }
 
@@ -423,15 +628,14 @@ at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_cluster_logits",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    HeadParams<acc_t> prm;
+    HeadParams<acc_t> prm(transposed<acc_t>(w1.reshape({C, C})), transposed<acc_t>(w2.reshape({M, C})),
+                          C, M);
     prm.dw_t = transposed<acc_t>(dw_weight.reshape({C, k * k}));
     if (dw_bias) {
       prm.dw_b = to_vector<acc_t>(*dw_bias);
       prm.has_dw_b = true;
     }
-    prm.w1_t = transposed<acc_t>(w1.reshape({C, C}));
     prm.b1 = b1 ? to_vector<acc_t>(*b1) : std::vector<acc_t>(C, acc_t(0));
-    prm.w2_t = transposed<acc_t>(w2.reshape({M, C}));
     if (b2) {
       prm.b2 = to_vector<acc_t>(*b2);
       prm.has_b2 = true;
@@ -472,11 +676,24 @@ void mlp_dwconv_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
   const int64_t in_w = W + k - 1;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // write the output in place
 
+  // float32 with contiguous channels (AVX2 build): convolve x in place, GELU as the outputs are
+  // stored, no padded copy of the band.
+  const DwDirectFn direct = std::is_same_v<scalar_t, float> && sx[2] == 1
+                                ? HeadKernels::get().dwconv_direct : nullptr;
+
   parallel_for(0, B * bands, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> band((rows + k - 1) * in_w * C), tmp(kDirect ? 0 : rows * W * C);
+    std::vector<acc_t> band(direct ? 0 : (rows + k - 1) * in_w * C),
+        tmp(kDirect ? 0 : rows * W * C);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / bands, y0 = (task % bands) * rows;
       const int64_t nr = std::min(rows, H - y0), n0 = y0 * W;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (direct != nullptr) {
+          direct(xp + b * sx[0], sx[1], 0, H, W, y0, nr, wt.data(), bias, in_bias, gelu,
+                 op + (b * H * W + n0) * C, C, k);
+          continue;
+        }
+      }
       load_band(xp, sx, b, y0, nr, H, W, C, k, band.data(), in_bias);
       acc_t* dst;
       if constexpr (kDirect) {
@@ -521,10 +738,161 @@ at::Tensor mlp_dwconv_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::T
   return out;
 }
 
+// ---- the whole MLP -----------------------------------------------------------------------------
+//
+// paca_kernels::mlp_fused: out = fc2(act(dwconv(fc1(x)))) for the PaCa-ViT MLP (DWConv with its
+// shortcut, act = exact GELU or identity), in inference. The hidden activations are 4x wider than
+// the tokens: through PyTorch each of them (fc1's output, the conv's, the GELU's) is a fresh
+// tensor of B*N*4C values written to and read back from memory (at PaCa-ViT-Tiny's first stage,
+// B = 8: 38.5 MB each, which glibc maps fresh and page-faults in on every call). Here they never
+// leave the cache: each task walks down the image rows of its chunk, `nr` output rows at a time,
+// computing fc1 for the rows that enter the conv's window (rows already computed for the previous
+// step are kept, so a hidden row is computed once per chunk), the conv + GELU for the nr rows, and
+// fc2 for them straight into the output. fc1's bias is added as the conv loads its input (so the
+// zero padding stays unbiased, as for the module), the shortcut is folded into the centre tap.
+// Every output is computed by one task in a fixed order: results do not depend on the thread count.
+template <typename scalar_t>
+void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
+                      const PackedMatrix<at::opmath_type<scalar_t>>& w1_t,
+                      const at::opmath_type<scalar_t>* b1,
+                      const std::vector<at::opmath_type<scalar_t>>& wt,
+                      const at::opmath_type<scalar_t>* dw_b, bool gelu,
+                      const PackedMatrix<at::opmath_type<scalar_t>>& w2_t,
+                      const at::opmath_type<scalar_t>* b2, int64_t Hd, int64_t Co,
+                      at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t pad = (k - 1) / 2;
+  const Strides sx(x);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, Co) contiguous
+  // Output rows per step: about 128 tokens, so that the step's hidden rows ((nr + k - 1) x W x 4C)
+  // stay in L2. Chunks of rows per task: whole images when there are enough of them for every
+  // thread, else halves, quarters... (a chunk boundary costs k - 1 recomputed hidden rows).
+  const int64_t nr = std::clamp<int64_t>(128 / W, 1, H);
+  int64_t parts = 1;
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+  while (B * parts < want && (H + 2 * parts - 1) / (2 * parts) >= nr) parts *= 2;
+  const int64_t chunk = (H + parts - 1) / parts;
+  constexpr bool kInPlaceA = std::is_same_v<scalar_t, acc_t>;
+  const bool x_direct = kInPlaceA && sx[2] == 1;  // fc1 reads x's rows in place
+  const int64_t cap = nr + 2 * pad;               // hidden rows held at once
+
+  parallel_for(0, B * parts, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> hbuf(cap * W * Hd), g(nr * W * Hd), xa(x_direct ? 0 : cap * W * C),
+        ob(kInPlaceA ? 0 : nr * W * Co);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / parts, ya = (task % parts) * chunk;
+      const int64_t yb = std::min(H, ya + chunk);
+      if (ya >= yb) continue;
+      int64_t h_lo = std::max<int64_t>(0, ya - pad), h_hi = h_lo;  // hidden rows in hbuf
+      for (int64_t y = ya; y < yb; y += nr) {
+        const int64_t rows = std::min(nr, yb - y);
+        const int64_t need_lo = std::max<int64_t>(0, y - pad);
+        const int64_t need_hi = std::min<int64_t>(H, y + rows + pad);
+        if (need_lo > h_lo) {  // drop the rows above the window, keep the overlap
+          const int64_t keep = std::max<int64_t>(0, h_hi - need_lo);
+          if (keep > 0) {
+            std::memmove(hbuf.data(), hbuf.data() + (need_lo - h_lo) * W * Hd,
+                         sizeof(acc_t) * keep * W * Hd);
+          }
+          h_lo = need_lo;
+          h_hi = need_lo + keep;
+        }
+        if (need_hi > h_hi) {  // fc1 (without its bias) for the rows entering the window
+          const int64_t nt = (need_hi - h_hi) * W;
+          const int64_t n0 = h_hi * W;
+          const acc_t* a;
+          int64_t lda;
+          if (x_direct) {
+            if constexpr (kInPlaceA) a = xp + b * sx[0] + n0 * sx[1];
+            lda = sx[1];
+          } else {
+            const scalar_t* xb = xp + b * sx[0] + n0 * sx[1];
+            for (int64_t i = 0; i < nt; ++i) {
+              for (int64_t c = 0; c < C; ++c) {
+                xa[i * C + c] = static_cast<acc_t>(xb[i * sx[1] + c * sx[2]]);
+              }
+            }
+            a = xa.data();
+            lda = C;
+          }
+          w1_t.mul(a, lda, hbuf.data() + (h_hi - h_lo) * W * Hd, Hd, nt, /*accumulate=*/false);
+          h_hi = need_hi;
+        }
+        dwconv_rows(hbuf.data(), Hd, h_lo, H, W, y, rows, wt.data(), dw_b, b1, gelu, g.data(), Hd,
+                    k);
+        const int64_t nt = rows * W;
+        acc_t* dst;
+        if constexpr (kInPlaceA) {
+          dst = op + (b * N + y * W) * Co;
+        } else {
+          dst = ob.data();
+        }
+        if (b2 != nullptr) {
+          for (int64_t i = 0; i < nt; ++i) std::copy(b2, b2 + Co, dst + i * Co);
+        }
+        w2_t.mul(g.data(), Hd, dst, Co, nt, b2 != nullptr);
+        if constexpr (!kInPlaceA) {
+          scalar_t* o = op + (b * N + y * W) * Co;
+          for (int64_t i = 0; i < nt * Co; ++i) o[i] = static_cast<scalar_t>(dst[i]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor mlp_fused_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::Tensor& fc1_weight,
+                         const std::optional<at::Tensor>& fc1_bias, const at::Tensor& dw_weight,
+                         const std::optional<at::Tensor>& dw_bias, bool shortcut, bool gelu,
+                         const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias) {
+  constexpr const char* kMlpOp = "paca_kernels::mlp_fused";
+  check_dim(x, 3, kMlpOp, "x", "(B, N, C)");
+  const int64_t C = x.size(2);
+  TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.size(1) == C, kMlpOp,
+              ": expected fc1_weight of shape (hidden, C) with C = ", C, ", got ",
+              fc1_weight.sizes());
+  const int64_t Hd = fc1_weight.size(0);
+  TORCH_CHECK(fc2_weight.dim() == 2 && fc2_weight.size(1) == Hd, kMlpOp,
+              ": expected fc2_weight of shape (out, hidden) with hidden = ", Hd, ", got ",
+              fc2_weight.sizes());
+  const int64_t Co = fc2_weight.size(0);
+  const int64_t k = check_grid_and_depthwise(kMlpOp, x, H, W, dw_weight, "dw_weight", Hd);
+  TORCH_CHECK(Hd > 0 && Co > 0, kMlpOp, ": expected hidden and out widths > 0, got ", Hd, " and ",
+              Co);
+  check_param(kMlpOp, fc1_weight, x, {Hd, C}, "fc1_weight");
+  check_param(kMlpOp, fc1_bias, x, {Hd}, "fc1_bias");
+  check_param(kMlpOp, dw_bias, x, {Hd}, "dw_bias");
+  check_param(kMlpOp, fc2_weight, x, {Co, Hd}, "fc2_weight");
+  check_param(kMlpOp, fc2_bias, x, {Co}, "fc2_bias");
+  const int64_t B = x.size(0), N = x.size(1);
+  at::Tensor out = at::empty({B, N, Co}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlp_fused", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const PackedMatrix<acc_t> w1_t(transposed<acc_t>(fc1_weight), C, Hd);  // (C, hidden)
+    const PackedMatrix<acc_t> w2_t(transposed<acc_t>(fc2_weight), Hd, Co);  // (hidden, out)
+    std::vector<acc_t> wt = transposed<acc_t>(dw_weight.reshape({Hd, k * k}));  // (k*k, hidden)
+    if (shortcut) {
+      const int64_t centre = (k / 2) * k + k / 2;
+      for (int64_t c = 0; c < Hd; ++c) wt[centre * Hd + c] += acc_t(1);
+    }
+    std::vector<acc_t> b1v, dbv, b2v;
+    if (fc1_bias) b1v = to_vector<acc_t>(*fc1_bias);
+    if (dw_bias) dbv = to_vector<acc_t>(*dw_bias);
+    if (fc2_bias) b2v = to_vector<acc_t>(*fc2_bias);
+    mlp_fused_kernel<scalar_t>(x, H, W, k, w1_t, fc1_bias ? b1v.data() : nullptr, wt,
+                               dw_bias ? dbv.data() : nullptr, gelu, w2_t,
+                               fc2_bias ? b2v.data() : nullptr, Hd, Co, out);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace paca_kernels
 
 TORCH_LIBRARY_IMPL(paca_kernels, CPU, m) {
   m.impl("conv_cluster_logits", &paca_kernels::conv_cluster_logits_cpu);
   m.impl("mlp_dwconv", &paca_kernels::mlp_dwconv_cpu);
+  m.impl("mlp_fused", &paca_kernels::mlp_fused_cpu);
 }

@@ -22,6 +22,8 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -230,6 +232,8 @@ PACA_ALWAYS_INLINE T row_max_impl(const T* x, int64_t n) {
 
 // ---- float32 entry points: the baseline build of the templates, and AVX2+FMA kernels --------
 
+using GemmPackedFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t,
+                              int64_t, int64_t, bool);
 using GemmNNFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
                           int64_t, int64_t, bool);
 using GemmTNFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
@@ -480,6 +484,32 @@ PACA_TARGET_AVX2 inline void gemm_avx2(const float* A, int64_t a_row, int64_t a_
   }
 }
 
+// C[r, :] (+)= sum_t A[r, t] P[t, :] with P pre-packed by pack_panels (16-column panels, each
+// T x 16 contiguous): gemm_avx2's panel path without packing on every call, for the constant
+// weights that every task of a kernel multiplies by. Same sums in the same order as gemm_nn.
+PACA_TARGET_AVX2 void gemm_packed_f32_avx2(const float* A, int64_t lda, const float* P, float* C,
+                                           int64_t ldc, int64_t rows, int64_t T, int64_t cols,
+                                           bool accumulate) {
+  for (int64_t j = 0; j < cols; j += 16) {
+    const int64_t w = std::min<int64_t>(16, cols - j);
+    const int64_t last = w > 8 ? w - 8 : w;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const float* panel = P + (j / 16) * T * 16;
+    for (int64_t t0 = 0; t0 < T; t0 += kPanelSteps) {
+      const int64_t kc = std::min(kPanelSteps, T - t0);
+      const bool acc = accumulate || t0 > 0;
+      if (w == 16) {
+        panel_rows_avx2<2, false>(A + t0, lda, 1, panel + 16 * t0, C + j, ldc, rows, kc, acc, mask);
+      } else if (w > 8) {
+        panel_rows_avx2<2, true>(A + t0, lda, 1, panel + 16 * t0, C + j, ldc, rows, kc, acc, mask);
+      } else {
+        panel_rows_avx2<1, true>(A + t0, lda, 1, panel + 16 * t0, C + j, ldc, rows, kc, acc, mask);
+      }
+    }
+  }
+}
+
 PACA_TARGET_AVX2 void gemm_nn_f32_avx2(const float* A, int64_t lda, const float* B, int64_t ldb,
                                        float* C, int64_t ldc, int64_t rows, int64_t K,
                                        int64_t cols, bool accumulate) {
@@ -503,6 +533,7 @@ struct Float32Kernels {
   GemmTNFn gemm_tn_acc = gemm_tn_acc_f32_base;
   ExpFn exp_shifted = exp_shifted_f32_base;
   MaxFn row_max = row_max_f32_base;
+  GemmPackedFn gemm_packed = nullptr;  // AVX2 build only (PackedMatrix falls back to gemm_nn)
 
   static const Float32Kernels& get() {
     static const Float32Kernels k = [] {
@@ -516,6 +547,7 @@ struct Float32Kernels {
         r.gemm_tn_acc = gemm_tn_acc_f32_avx2;
         r.exp_shifted = exp_shifted_f32_avx2;
         r.row_max = row_max_f32_avx2;
+        r.gemm_packed = gemm_packed_f32_avx2;
       }
 #endif
       return r;
@@ -552,6 +584,42 @@ inline double exp_shifted(const double* in, double shift, double* out, int64_t n
 // Maximum of n values; NaN entries are skipped (they propagate through the exp instead).
 inline float row_max(const float* x, int64_t n) { return Float32Kernels::get().row_max(x, n); }
 inline double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
+
+// A constant right-hand side B (T x cols, row-major) multiplied by many row blocks: for float32 with
+// the AVX2 kernels it is also kept as 16-column panels (each T x 16 contiguous, the last one
+// zero-padded), so the products skip the per-call packing. mul() gives the same bits either way.
+template <typename T>
+struct PackedMatrix {
+  std::vector<T> plain;      // T x cols
+  std::vector<float> panels;  // float32 + AVX2 only
+  int64_t steps = 0, cols = 0;
+
+  PackedMatrix(std::vector<T> b, int64_t t, int64_t c) : plain(std::move(b)), steps(t), cols(c) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (Float32Kernels::get().gemm_packed != nullptr) {
+        const int64_t np = (c + 15) / 16;
+        panels.assign(static_cast<size_t>(np * t * 16), 0.0f);
+        for (int64_t p = 0; p < np; ++p) {
+          const int64_t w = std::min<int64_t>(16, c - 16 * p);
+          for (int64_t i = 0; i < t; ++i) {
+            for (int64_t j = 0; j < w; ++j) panels[(p * t + i) * 16 + j] = plain[i * c + 16 * p + j];
+          }
+        }
+      }
+    }
+  }
+  // C[r, :] (+)= sum_t A[r, t] B[t, :] for r < rows (A row stride lda, C row stride ldc).
+  void mul(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, bool accumulate) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!panels.empty()) {
+        Float32Kernels::get().gemm_packed(A, lda, panels.data(), C, ldc, rows, steps, cols,
+                                          accumulate);
+        return;
+      }
+    }
+    gemm_nn(A, lda, plain.data(), cols, C, ldc, rows, steps, cols, accumulate);
+  }
+};
 
 // Sum of a[i] * b[i] in a fixed order (eight interleaved partial sums, then combined): the same
 // inputs always give the same bits.

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._inference import backend_is_cpu
-from ..ops.mlp_dwconv import fused_dwconv_applies, mlp_dwconv
+from ..ops._inference import backend_is_cpu, fusable_in_inference
+from ..ops.mlp_dwconv import FUSED_MLP_MAX_WEIGHT, fused_dwconv_applies, mlp_dwconv, mlp_fused
 from .attention import PaCaAttention, paca_layer_kwargs
 from .layers import DropPath, build_act, build_norm, to_2tuple
 
@@ -78,6 +78,9 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        if self._fused_applies(x) and self._whole_mlp_pays(x):
+            # fc1, DWConv, GELU and fc2 in one pass; the dropouts are identities here (eval, or p = 0).
+            return mlp_fused(self, x, H, W)
         if self._fused_applies(x):
             # fc1's bias is added inside the fused kernel, as it loads its input.
             x = mlp_dwconv(
@@ -97,6 +100,16 @@ class Mlp(nn.Module):
         :func:`~paca_kernels.ops.mlp_dwconv.fused_dwconv_applies` (fc1 included), and a backend that
         resolves to "cpu"."""
         return fused_dwconv_applies(self.dwconv, self.act, x, self.fc1) and backend_is_cpu(self.backend, x)
+
+    def _whole_mlp_pays(self, x: Tensor) -> bool:
+        """Whether the whole MLP may run as one kernel (given :meth:`_fused_applies`): fc2 and the
+        dropout fusable too (no gradient, no hooks), dropout inactive, and weights small enough for
+        the kernel to beat the matmuls (:data:`~paca_kernels.ops.mlp_dwconv.FUSED_MLP_MAX_WEIGHT`)."""
+        return (
+            (not self.training or self.drop.p == 0.0)
+            and self.fc1.weight.numel() <= FUSED_MLP_MAX_WEIGHT
+            and fusable_in_inference(x, self.fc2, self.drop)
+        )
 
 
 class PaCaBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""The fused MLP depthwise conv (inference): ``torch.ops.paca_kernels.mlp_dwconv``.
+"""The fused MLP kernels (inference): ``torch.ops.paca_kernels.mlp_dwconv`` and ``mlp_fused``.
 
 The PaCa-ViT MLP is fc1, depthwise 3×3 conv with a shortcut (``DWConv``), GELU, fc2. Through PyTorch
 the middle part transposes the 4×-wide hidden tokens to NCHW, runs a depthwise convolution (on the
@@ -12,7 +12,14 @@ does it in one pass per band of image rows:
 with b1 the bias of fc1, which :class:`~paca_kernels.nn.Mlp` leaves to this kernel (fc1 then runs as
 a plain matrix product, without the extra pass that broadcasts its bias into the output).
 
-It has no backward: :class:`~paca_kernels.nn.Mlp` uses it only when no gradient is needed (see
+``mlp_fused`` is the whole MLP, fc2(act(DWConv(fc1(x)))), in one pass over the tokens: each task
+walks down its image rows and keeps the 4×-wide hidden rows in cache (fc1 for the rows entering the
+conv window, the conv + GELU, fc2 straight into the output), so none of the three hidden tensors is
+written to memory. It pays where those tensors are large and the weights small (the first stages);
+:class:`~paca_kernels.nn.Mlp` uses it when fc1's weight has at most :data:`FUSED_MLP_MAX_WEIGHT`
+entries (L2-resident), and ``mlp_dwconv`` otherwise.
+
+Neither has a backward: :class:`~paca_kernels.nn.Mlp` uses them only when no gradient is needed (see
 :func:`fused_dwconv_applies`) and its modules otherwise. The fake kernel makes it traceable by
 ``torch.compile``; the FLOP formula counts it like the convolution it replaces, so
 ``FlopCounterMode`` totals do not change.
@@ -27,7 +34,13 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import _ext
 from ._inference import fusable_in_inference, is_same_depthwise
 
-__all__ = ["REGISTERED", "fused_dwconv_applies", "mlp_dwconv"]
+__all__ = ["FUSED_MLP_MAX_WEIGHT", "REGISTERED", "fused_dwconv_applies", "mlp_dwconv", "mlp_fused"]
+
+#: Largest fc1 weight (hidden × C entries) for which Mlp runs the whole-MLP kernel: about 640 KB
+#: of float32, so fc1's and fc2's weights stay in a 1-2 MB L2 while every task multiplies by them.
+#: Measured on the 2-core development machine (fp32, B = 1-8): the whole-MLP kernel is 2-4× the
+#: modules at C = 96 (hidden 384), 1.0-1.4× at C = 192, and slower than mlp_dwconv at C = 320.
+FUSED_MLP_MAX_WEIGHT = 160_000
 
 _LIB = "paca_kernels"
 
@@ -55,6 +68,31 @@ def _register() -> bool:
         # What FlopCounterMode counts for the depthwise convolution (bias, shortcut and GELU are
         # not counted).
         return 2 * b * n * c * w_shape[2] * w_shape[3]
+
+    if not hasattr(torch.ops.paca_kernels, "mlp_fused"):
+        return False
+    fused = torch.ops.paca_kernels.mlp_fused
+
+    @torch.library.register_fake(f"{_LIB}::mlp_fused")
+    def _fake_fused(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight,
+                    fc2_bias):
+        return x.new_empty((*x.shape[:2], fc2_weight.shape[0]))
+
+    def _no_grad_only_fused(ctx, *grads):
+        raise RuntimeError(
+            "paca_kernels::mlp_fused is inference-only (no backward); Mlp runs its modules when "
+            "gradients are needed"
+        )
+
+    torch.library.register_autograd(f"{_LIB}::mlp_fused", _no_grad_only_fused)
+
+    @register_flop_formula(fused)
+    def _flops_fused(x_shape, H, W, w1_shape, b1_shape, dw_shape, db_shape, shortcut, gelu,
+                     w2_shape, *args, **kwargs) -> int:
+        b, n, c = x_shape
+        hidden, out = w1_shape[0], w2_shape[0]
+        # What FlopCounterMode counts for fc1, the depthwise convolution and fc2.
+        return 2 * b * n * hidden * (c + dw_shape[2] * dw_shape[3] + out)
 
     return True
 
@@ -87,3 +125,13 @@ def fused_dwconv_applies(dwconv: nn.Module | None, act: nn.Module, x: Tensor, *m
     if not (isinstance(act, nn.Identity) or (isinstance(act, nn.GELU) and act.approximate == "none")):
         return False
     return fusable_in_inference(x, dwconv, act, *more)
+
+
+def mlp_fused(mlp: nn.Module, x: Tensor, H: int, W: int) -> Tensor:
+    """The whole :class:`~paca_kernels.nn.Mlp` ``mlp`` (fc1, DWConv, GELU or identity, fc2) on tokens
+    x (B, N, C) of an H×W grid through the fused kernel (no autograd, dropout not applied)."""
+    conv = mlp.dwconv.dwconv
+    return torch.ops.paca_kernels.mlp_fused(
+        x, H, W, mlp.fc1.weight, mlp.fc1.bias, conv.weight, conv.bias,
+        bool(mlp.dwconv.with_shortcut), isinstance(mlp.act, nn.GELU), mlp.fc2.weight, mlp.fc2.bias,
+    )
