@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ._backends import BackendError, select_backend
 
-__all__ = ["backend_is_cpu", "fusable_in_inference", "has_hooks"]
+__all__ = ["backend_is_cpu", "fusable_in_inference", "has_hooks", "register_inference_only"]
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -49,3 +49,14 @@ def is_same_depthwise(conv: nn.Module) -> bool:
         and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == conv.in_channels
         and conv.in_channels == conv.out_channels and conv.padding_mode == "zeros"
     )
+
+
+def register_inference_only(name: str, modules_note: str) -> None:
+    """Register an autograd formula for the custom op ``paca_kernels::<name>`` that raises a clear
+    error: the fused inference kernels have no backward, and their callers run the modules (as
+    ``modules_note`` says) whenever gradients are wanted, so reaching it means a direct op call."""
+
+    def _no_grad_only(ctx, *grads):
+        raise RuntimeError(f"paca_kernels::{name} is inference-only (no backward); {modules_note}")
+
+    torch.library.register_autograd(f"paca_kernels::{name}", _no_grad_only)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _ext
-from ._inference import fusable_in_inference, is_same_depthwise
+from ._inference import fusable_in_inference, is_same_depthwise, register_inference_only
 
 __all__ = ["REGISTERED", "conv_cluster_logits", "fused_head_applies"]
 
@@ -36,13 +36,9 @@ def _register() -> bool:
     def _fake(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2):
         return x.new_empty(x.shape[0], w2.shape[0], x.shape[1])
 
-    def _no_grad_only(ctx, *grads):
-        raise RuntimeError(
-            "paca_kernels::conv_cluster_logits is inference-only (no backward); PaCaAttention runs "
-            "the clustering head's modules when gradients are needed"
-        )
-
-    torch.library.register_autograd(f"{_LIB}::conv_cluster_logits", _no_grad_only)
+    register_inference_only(
+        "conv_cluster_logits", "PaCaAttention runs the clustering head's modules when gradients are needed"
+    )
 
     @register_flop_formula(op)
     def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, *args, **kwargs) -> int:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _ext
-from ._inference import fusable_in_inference, is_same_depthwise
+from ._inference import fusable_in_inference, is_same_depthwise, register_inference_only
 
 __all__ = ["FUSED_MLP_MAX_WEIGHT", "REGISTERED", "fused_dwconv_applies", "mlp_dwconv", "mlp_fused"]
 
@@ -54,13 +54,9 @@ def _register() -> bool:
     def _fake(x, H, W, weight, bias, in_bias, shortcut, gelu):
         return x.new_empty(x.shape)
 
-    def _no_grad_only(ctx, *grads):
-        raise RuntimeError(
-            "paca_kernels::mlp_dwconv is inference-only (no backward); Mlp runs its DWConv and "
-            "activation modules when gradients are needed"
-        )
-
-    torch.library.register_autograd(f"{_LIB}::mlp_dwconv", _no_grad_only)
+    register_inference_only(
+        "mlp_dwconv", "Mlp runs its DWConv and activation modules when gradients are needed"
+    )
 
     @register_flop_formula(op)
     def _flops(x_shape, H, W, w_shape, *args, **kwargs) -> int:
@@ -78,13 +74,7 @@ def _register() -> bool:
                     fc2_bias):
         return x.new_empty((*x.shape[:2], fc2_weight.shape[0]))
 
-    def _no_grad_only_fused(ctx, *grads):
-        raise RuntimeError(
-            "paca_kernels::mlp_fused is inference-only (no backward); Mlp runs its modules when "
-            "gradients are needed"
-        )
-
-    torch.library.register_autograd(f"{_LIB}::mlp_fused", _no_grad_only_fused)
+    register_inference_only("mlp_fused", "Mlp runs its modules when gradients are needed")
 
     @register_flop_formula(fused)
     def _flops_fused(x_shape, H, W, w1_shape, b1_shape, dw_shape, db_shape, shortcut, gelu,
