@@ -58,6 +58,21 @@ inline void check_affine(const std::optional<at::Tensor>& p, const at::Tensor& r
   check_same_device(t, ref, op, name, "x");
 }
 
+// A module parameter a fused kernel reads (converted to its accumulation dtype): exactly `shape`,
+// floating, on x's device.
+inline void check_param(const char* op, const at::Tensor& p, const at::Tensor& x,
+                        at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(p.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
+              p.sizes());
+  TORCH_CHECK(p.is_floating_point(), op, ": expected ", name, " to be floating, got ",
+              p.scalar_type());
+  check_same_device(p, x, op, name, "x");
+}
+inline void check_param(const char* op, const std::optional<at::Tensor>& p, const at::Tensor& x,
+                        at::IntArrayRef shape, const char* name) {
+  if (p) check_param(op, *p, x, shape, name);
+}
+
 // Accumulation dtype of the kernels for inputs of t's dtype: float64 stays float64, everything
 // else accumulates in float32 (the dtype of the saved pooled/lse tensors).
 inline at::ScalarType acc_dtype(const at::Tensor& t) {

@@ -496,18 +496,6 @@ struct HeadParams {
       : w1_t(std::move(w1), C, C), w2_t(std::move(w2), C, M) {}
 };
 
-template <typename acc_t>
-std::vector<acc_t> to_vector(const at::Tensor& t) {
-  const at::Tensor c = t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const acc_t* p = c.const_data_ptr<acc_t>();
-  return std::vector<acc_t>(p, p + c.numel());
-}
-
-template <typename acc_t>
-std::vector<acc_t> transposed(const at::Tensor& t2d) {
-  return to_vector<acc_t>(t2d.t());  // .contiguous() inside to_vector materialises the transpose
-}
-
 template <typename scalar_t>
 void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
                                 const HeadParams<at::opmath_type<scalar_t>>& prm, int64_t M,
@@ -523,6 +511,8 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
   const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
   while (rows > 1 && B * ((H + rows - 1) / rows) < want) rows = (rows + 1) / 2;
   const int64_t bands = (H + rows - 1) / rows;
+  // Even bands (H = 28: 4 x 7 rows rather than 3 x 9 + 1), so that no task is a sliver.
+  rows = (H + bands - 1) / bands;
   const int64_t in_w = W + k - 1;
 
   // float32 with contiguous channels: the convolution reads x in place and applies the GELU as it
@@ -573,20 +563,6 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
 }
 
 // The argument checks shared by the two conv ops (op: the name their messages start with).
-
-// One parameter: its shape, a floating dtype, x's device.
-void check_param(const char* op, const at::Tensor& p, const at::Tensor& x, at::IntArrayRef shape,
-                 const char* name) {
-  TORCH_CHECK(p.sizes() == shape, op, ": expected ", name, " of shape ", shape, ", got ",
-              p.sizes());
-  TORCH_CHECK(p.is_floating_point(), op, ": expected ", name, " to be floating, got ",
-              p.scalar_type());
-  check_same_device(p, x, op, name, "x");
-}
-void check_param(const char* op, const std::optional<at::Tensor>& p, const at::Tensor& x,
-                 at::IntArrayRef shape, const char* name) {
-  if (p) check_param(op, *p, x, shape, name);
-}
 
 // x (B, N, C) floating tokens of an H x W grid (N = H*W, C > 0) and a depthwise weight
 // (channels, 1, k, k) with k odd (channels: C unless given, e.g. the MLP's hidden width); returns k.
@@ -673,6 +649,8 @@ void mlp_dwconv_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
   const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
   while (rows > 1 && B * ((H + rows - 1) / rows) < want) rows = (rows + 1) / 2;
   const int64_t bands = (H + rows - 1) / rows;
+  // Even bands (H = W = 14: 2 x 7 rows rather than 9 + 5), so that no task is a sliver.
+  rows = (H + bands - 1) / bands;
   const int64_t in_w = W + k - 1;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // write the output in place
 

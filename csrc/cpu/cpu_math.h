@@ -585,6 +585,20 @@ inline double exp_shifted(const double* in, double shift, double* out, int64_t n
 inline float row_max(const float* x, int64_t n) { return Float32Kernels::get().row_max(x, n); }
 inline double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
 
+// A parameter tensor as a contiguous std::vector of acc_t (any dtype and strides in).
+template <typename acc_t>
+std::vector<acc_t> to_vector(const at::Tensor& t) {
+  const at::Tensor c = t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* p = c.const_data_ptr<acc_t>();
+  return std::vector<acc_t>(p, p + c.numel());
+}
+
+// A 2-D weight (out, in) as its transpose (in, out), row-major: the right-hand side of x . W^T.
+template <typename acc_t>
+std::vector<acc_t> transposed(const at::Tensor& t2d) {
+  return to_vector<acc_t>(t2d.t());  // .contiguous() inside to_vector materialises the transpose
+}
+
 // A constant right-hand side B (T x cols, row-major) multiplied by many row blocks: for float32 with
 // the AVX2 kernels it is also kept as 16-column panels (each T x 16 contiguous, the last one
 // zero-padded), so the products skip the per-call packing. mul() gives the same bits either way.

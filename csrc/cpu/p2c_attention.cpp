@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -314,10 +315,170 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// ---- paca_kernels::p2c_attention_proj: q projection, attention and output projection ----------
+//
+// Inference only. Through PyTorch the layer's query path is q = x.Wq^T + bq, the attention, and
+// proj = o.Wp^T + bp: q and o are (B, N, C) tensors written to memory and read back, and each
+// linear with a bias first broadcasts the bias into a freshly allocated output (at PaCa-ViT-Tiny's
+// second stage, B = 8, fp32, one thread: 2 ms per linear for that copy, mostly page faults of the
+// new 4.8 MB tensor). Here each task takes kProjBlock query rows of one image through the whole
+// chain, all heads: the rows' q, scores, and o live in a few tens of KiB of cache, the two weights
+// stay packed in L2, and the only tensor written is the output. Every output row is computed by
+// one task in a fixed order: results do not depend on the thread count.
+constexpr const char* kProjOp = "paca_kernels::p2c_attention_proj";
+// Query rows per task: enough rows to amortise each pass over the packed weights (C x C, up to a
+// few hundred KiB), few enough that the q, score and o tiles stay in L1/L2.
+constexpr int64_t kProjBlock = 64;
+constexpr int64_t kMaxProjBlock = 72;  // kProjBlock evened out and rounded up to a multiple of 6
+
+template <typename scalar_t>
+void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& k, const at::Tensor& v,
+                     const PackedMatrix<at::opmath_type<scalar_t>>& wq_t,
+                     const at::opmath_type<scalar_t>* bq,
+                     const PackedMatrix<at::opmath_type<scalar_t>>& wp_t,
+                     const at::opmath_type<scalar_t>* bp, double scale, int64_t Co,
+                     at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t M = k.size(1), H = k.size(2), D = k.size(3), HD = H * D;
+  const Strides sx(x), sk(k), sv(v);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* kp = k.const_data_ptr<scalar_t>();
+  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, Co) contiguous
+  const acc_t sc = static_cast<acc_t>(scale);
+
+  // Packed keys (scaled, d x M) and values (M x d) per (b, head), as in p2c_fwd_kernel.
+  std::vector<acc_t> kt(static_cast<size_t>(B * H * M * D)), vv(static_cast<size_t>(B * H * M * D));
+  const int64_t pack_grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, M * D));
+  parallel_for(0, B * H, pack_grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, hd = bh % H;
+      pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, kt.data() + bh * M * D);
+      pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/false, vv.data() + bh * M * D);
+    }
+  });
+
+  constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+  const bool x_direct = kSame && sx[2] == 1;  // the q projection reads x's rows in place
+  // Blocks of about kProjBlock rows, evened out (N = 784: 12 x 66 + 58 rather than 12 x 64 + 16)
+  // so that the last block of each image is not a sliver, and rounded to the 6-row tiles of the
+  // products. The split depends on N only, never on the thread count.
+  const int64_t nblk0 = (N + kProjBlock - 1) / kProjBlock;
+  const int64_t blk = std::min<int64_t>(kMaxProjBlock, ((N + nblk0 - 1) / nblk0 + 5) / 6 * 6);
+  const int64_t nblk = (N + blk - 1) / blk;
+  parallel_for(0, B * nblk, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> xa(x_direct ? 0 : blk * C), qb(blk * HD), s(blk * M), ob(blk * HD),
+        yb(kSame ? 0 : blk * Co);
+    acc_t inv[kMaxProjBlock];
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / nblk, n0 = (task % nblk) * blk;
+      const int64_t rows = std::min(blk, N - n0);
+      // q = x . Wq^T + bq for the block's rows, all heads (rows x h*d).
+      const scalar_t* xr = xp + b * sx[0] + n0 * sx[1];
+      const acc_t* a;
+      int64_t lda;
+      if (x_direct) {
+        if constexpr (kSame) a = xr;
+        lda = sx[1];
+      } else {
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t c = 0; c < C; ++c) xa[i * C + c] = static_cast<acc_t>(xr[i * sx[1] + c * sx[2]]);
+        }
+        a = xa.data();
+        lda = C;
+      }
+      if (bq != nullptr) {
+        for (int64_t i = 0; i < rows; ++i) std::copy(bq, bq + HD, qb.data() + i * HD);
+      }
+      wq_t.mul(a, lda, qb.data(), HD, rows, /*accumulate=*/bq != nullptr);
+      // Per head: scores over the M clusters, softmax, times v, into the head's columns of o.
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const int64_t bh = b * H + hd;
+        gemm_nn(qb.data() + hd * D, HD, kt.data() + bh * M * D, M, s.data(), M, rows, D, M,
+                /*accumulate=*/false);
+        for (int64_t i = 0; i < rows; ++i) {
+          acc_t* srow = s.data() + i * M;
+          // As in p2c_fwd_kernel: an all -inf (or +inf/NaN) row gives NaN, as torch.softmax does.
+          const acc_t mx = row_max(srow, M);
+          inv[i] = acc_t(1) / exp_shifted(srow, mx, srow, M);
+        }
+        acc_t* oh = ob.data() + hd * D;
+        gemm_nn(s.data(), M, vv.data() + bh * M * D, D, oh, HD, rows, M, D, /*accumulate=*/false);
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t j = 0; j < D; ++j) oh[i * HD + j] *= inv[i];
+        }
+      }
+      // out = o . Wp^T + bp, straight into the output rows when they are acc_t.
+      acc_t* dst;
+      if constexpr (kSame) {
+        dst = op + (b * N + n0) * Co;
+      } else {
+        dst = yb.data();
+      }
+      if (bp != nullptr) {
+        for (int64_t i = 0; i < rows; ++i) std::copy(bp, bp + Co, dst + i * Co);
+      }
+      wp_t.mul(ob.data(), HD, dst, Co, rows, /*accumulate=*/bp != nullptr);
+      if constexpr (!kSame) {
+        scalar_t* o = op + (b * N + n0) * Co;
+        for (int64_t i = 0; i < rows * Co; ++i) o[i] = static_cast<scalar_t>(dst[i]);
+      }
+    }
+  });
+}
+
+at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& q_weight,
+                                  const std::optional<at::Tensor>& q_bias,
+                                  const at::Tensor& proj_weight,
+                                  const std::optional<at::Tensor>& proj_bias, double scale) {
+  check_dim(x, 3, kProjOp, "x", "(B, N, C)");
+  check_supported_float(x, kProjOp, "x");
+  check_dim(k, 4, kProjOp, "k", "(B, M, h, d)");
+  check_dim(v, 4, kProjOp, "v", "(B, M, h, d)");
+  check_same_dtype(x, k, kProjOp, "x", "k");
+  check_same_dtype(x, v, kProjOp, "x", "v");
+  check_same_device(x, k, kProjOp, "x", "k");
+  check_same_device(x, v, kProjOp, "x", "v");
+  check_size(k, 0, x.size(0), kProjOp, "batch size B of k (B, M, h, d) vs x (B, N, C)");
+  TORCH_CHECK(v.sizes() == k.sizes(), kProjOp, ": expected k and v to have the same shape, got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0, kProjOp, ": expected at least one cluster (M > 0), got k of shape ",
+              k.sizes());
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), HD = k.size(2) * k.size(3);
+  TORCH_CHECK(C > 0 && HD > 0, kProjOp, ": expected C > 0 channels and h*d > 0, got x of shape ",
+              x.sizes(), " and k of shape ", k.sizes());
+  TORCH_CHECK(q_weight.dim() == 2, kProjOp, ": expected q_weight of shape (h*d, C) = (", HD, ", ",
+              C, "), got ", q_weight.sizes());
+  check_param(kProjOp, q_weight, x, {HD, C}, "q_weight");
+  check_param(kProjOp, q_bias, x, {HD}, "q_bias");
+  TORCH_CHECK(proj_weight.dim() == 2 && proj_weight.size(1) == HD, kProjOp,
+              ": expected proj_weight of shape (out, h*d) with h*d = ", HD, ", got ",
+              proj_weight.sizes());
+  const int64_t Co = proj_weight.size(0);
+  check_param(kProjOp, proj_bias, x, {Co}, "proj_bias");
+  at::Tensor out = at::empty({B, N, Co}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "p2c_attention_proj",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const PackedMatrix<acc_t> wq_t(transposed<acc_t>(q_weight), C, HD);       // (C, h*d)
+    const PackedMatrix<acc_t> wp_t(transposed<acc_t>(proj_weight), HD, Co);  // (h*d, out)
+    std::vector<acc_t> bqv, bpv;
+    if (q_bias) bqv = to_vector<acc_t>(*q_bias);
+    if (proj_bias) bpv = to_vector<acc_t>(*proj_bias);
+    p2c_proj_kernel<scalar_t>(x, k, v, wq_t, q_bias ? bqv.data() : nullptr, wp_t,
+                              proj_bias ? bpv.data() : nullptr, scale, Co, out);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace paca_kernels
 
 TORCH_LIBRARY_IMPL(paca_kernels, CPU, m) {
   m.impl("p2c_attention_fwd", &paca_kernels::p2c_attention_fwd_cpu);
   m.impl("p2c_attention_bwd", &paca_kernels::p2c_attention_bwd_cpu);
+  m.impl("p2c_attention_proj", &paca_kernels::p2c_attention_proj_cpu);
 }
