@@ -63,13 +63,15 @@
 //   u = x . fc1_weight^T + fc1_bias (B, N, Hd) and g = act(depthwise_conv(u) + dw_bias + (u if
 //   shortcut)): out (B, N, Co) dtype of x = g . fc2_weight^T + fc2_bias, accumulated in acc.
 
-// p2c_attention_proj(x, k, v, q_weight, q_bias, proj_weight, proj_bias, scale) -> out
-//   The query side of a PaCa layer in one pass, inference only (no autograd): the q projection,
-//   patch-to-cluster attention over all heads and the output projection, with no (B, N, C)
-//   intermediate in memory. x (B, N, C); k, v (B, M, h, d), M > 0; q_weight (h*d, C);
-//   proj_weight (Co, h*d); biases (h*d,), (Co,) optional. With q = x . q_weight^T + q_bias
-//   viewed (B, N, h, d) and o = softmax(scale * q . k^T over M) . v per head, viewed (B, N, h*d):
-//   out (B, N, Co) dtype of x = o . proj_weight^T + proj_bias, accumulated in acc.
+// p2c_attention_proj(x, c, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight,
+//                    proj_bias, num_heads, scale) -> out
+//   The attention of a PaCa layer after the pooling, in one pass, inference only (no autograd):
+//   the q/k/v projections, patch-to-cluster attention over all heads and the output projection,
+//   with no (B, N, C) intermediate in memory. x (B, N, C) patch tokens; c (B, M, C) cluster
+//   tokens, M > 0; q/k/v_weight (h*d, C); proj_weight (Co, h*d); biases (h*d,), (Co,) optional.
+//   With q = x . q_weight^T + q_bias, k and v likewise from c, each viewed (B, *, h, d), and
+//   o = softmax(scale * q . k^T over M) . v per head, viewed (B, N, h*d):
+//   out (B, N, Co) dtype of x = o . proj_weight^T + proj_bias, accumulated in acc (k and v too).
 
 #include <Python.h>
 
@@ -100,8 +102,9 @@ TORCH_LIBRARY(paca_kernels, m) {
       "mlp_fused(Tensor x, int H, int W, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, "
       "Tensor? dw_bias, bool shortcut, bool gelu, Tensor fc2_weight, Tensor? fc2_bias) -> Tensor");
   m.def(
-      "p2c_attention_proj(Tensor x, Tensor k, Tensor v, Tensor q_weight, Tensor? q_bias, "
-      "Tensor proj_weight, Tensor? proj_bias, float scale) -> Tensor");
+      "p2c_attention_proj(Tensor x, Tensor c, Tensor q_weight, Tensor? q_bias, Tensor k_weight, "
+      "Tensor? k_bias, Tensor v_weight, Tensor? v_bias, Tensor proj_weight, Tensor? proj_bias, "
+      "int num_heads, float scale) -> Tensor");
 }
 
 // `import paca_kernels._C` only has to dlopen this library: the static initialisers above

@@ -1,11 +1,12 @@
-"""The fused query side of a PaCa layer (``paca_kernels::p2c_attention_proj``, csrc/cpu/p2c_attention.cpp:
-q projection, attention over the M clusters for all heads, output projection, one block of query rows
+"""The fused attention of a PaCa layer (``paca_kernels::p2c_attention_proj``, csrc/cpu/p2c_attention.cpp:
+q/k/v projections, attention over the M clusters for all heads, output projection, one block of query rows
 at a time) against the unfused math in float64, and when PaCaAttention uses it."""
 
 from __future__ import annotations
 
 import math
 import textwrap
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -43,134 +44,147 @@ def _ids(s: tuple) -> str:
     return "B{}-N{}-C{}-h{}-d{}-M{}-Co{}".format(*s)
 
 
-def _inputs(shape, dtype=torch.float32, bias=True):
+class Args(NamedTuple):
+    x: torch.Tensor  # (B, N, C)
+    c: torch.Tensor  # (B, M, C)
+    wq: torch.Tensor
+    bq: torch.Tensor | None
+    wk: torch.Tensor
+    bk: torch.Tensor | None
+    wv: torch.Tensor
+    bv: torch.Tensor | None
+    wp: torch.Tensor
+    bp: torch.Tensor | None
+    heads: int
+
+    def to(self, dtype: torch.dtype) -> Args:
+        return Args(*(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in self))
+
+
+def _inputs(shape, dtype=torch.float32, bias=True) -> Args:
     B, N, C, h, d, M, Co = shape
-    x = torch.randn(B, N, C, dtype=dtype)
-    # Keys/values as views of one fused (B, M, 2, h, d) projection: strided like a real kv split.
-    kv = torch.randn(B, M, 2, h, d, dtype=dtype)
-    k, v = kv[:, :, 0], kv[:, :, 1]
-    wq = torch.randn(h * d, C, dtype=dtype) / math.sqrt(C)
-    wp = torch.randn(Co, h * d, dtype=dtype) / math.sqrt(h * d)
-    bq = torch.randn(h * d, dtype=dtype) if bias else None
-    bp = torch.randn(Co, dtype=dtype) if bias else None
-    return x, k, v, wq, bq, wp, bp
+
+    def lin(o, i):
+        return torch.randn(o, i, dtype=dtype) / math.sqrt(i), (torch.randn(o, dtype=dtype) if bias else None)
+
+    wq, bq = lin(h * d, C)
+    wk, bk = lin(h * d, C)
+    wv, bv = lin(h * d, C)
+    wp, bp = lin(Co, h * d)
+    return Args(torch.randn(B, N, C, dtype=dtype), torch.randn(B, M, C, dtype=dtype),
+                wq, bq, wk, bk, wv, bv, wp, bp, h)
 
 
-def _unfused(x, k, v, wq, bq, wp, bp):
-    """proj(softmax(q·kᵀ/√d)·v) with q = x·Wqᵀ + bq, step by step (what the kernel replaces)."""
-    B, N, _ = x.shape
-    h, d = k.shape[2], k.shape[3]
-    q = F.linear(x, wq, bq).view(B, N, h, d)
+def _unfused(a: Args) -> torch.Tensor:
+    """proj(softmax(q·kᵀ/√d)·v) with q, k, v from their linears, step by step (what the kernel
+    replaces)."""
+    B, N, _ = a.x.shape
+    M, h = a.c.shape[1], a.heads
+    d = a.wq.shape[0] // h
+    q = F.linear(a.x, a.wq, a.bq).view(B, N, h, d)
+    k = F.linear(a.c, a.wk, a.bk).view(B, M, h, d)
+    v = F.linear(a.c, a.wv, a.bv).view(B, M, h, d)
     s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d)
     o = torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v).reshape(B, N, h * d)
-    return F.linear(o, wp, bp)
+    return F.linear(o, a.wp, a.bp)
 
 
-def _run(x, k, v, wq, bq, wp, bp):
-    return op(x, k, v, wq, bq, wp, bp, 1.0 / math.sqrt(k.shape[-1]))
-
-
-def _double(args):
-    return [None if t is None else t.double() for t in args]
+def _run(a: Args) -> torch.Tensor:
+    return op(*a, 1.0 / math.sqrt(a.wq.shape[0] // max(a.heads, 1)))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("layout", ["contig", "strided", "nobias"])
 def test_attention_proj_matches_unfused_float32(shape, layout):
-    args = list(_inputs(shape, bias=layout != "nobias"))
-    if layout == "contig":
-        args[1], args[2] = args[1].contiguous(), args[2].contiguous()
-    elif layout == "strided":
-        args[0] = noncontiguous(args[0])
+    a = _inputs(shape, bias=layout != "nobias")
+    if layout == "strided":
+        a = a._replace(x=noncontiguous(a.x), c=noncontiguous(a.c))
     with poisoned_outputs():
-        out = _run(*args)
-    exact = _unfused(*_double(args))
+        out = _run(a)
+    exact = _unfused(a.to(torch.float64))
     assert out.shape == exact.shape and out.dtype == torch.float32 and out.is_contiguous()
     assert_close(out.double(), exact, rtol=1e-5, atol=1e-5, name="out")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_attention_proj_float64_exact(shape):
-    args = _inputs(shape, dtype=torch.float64)
-    out = _run(*args)
+    a = _inputs(shape, dtype=torch.float64)
+    out = _run(a)
     assert out.dtype == torch.float64
-    assert_close(out, _unfused(*args), rtol=1e-12, atol=1e-12, name="out")
+    assert_close(out, _unfused(a), rtol=1e-12, atol=1e-12, name="out")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_attention_proj_low_precision_within_flash_attention_rule(dtype):
-    args = _inputs((2, 97, 24, 3, 8, 49, 24))
-    exact = _unfused(*_double(args))
-    low = [t.to(dtype) for t in args]
-    out = _run(*low)
+    a = _inputs((2, 97, 24, 3, 8, 49, 24))
+    exact = _unfused(a.to(torch.float64))
+    low = a.to(dtype)
+    out = _run(low)
     assert out.dtype == dtype
-    assert_low_precision_ok(out, _unfused(*low), exact, name="out")
+    assert_low_precision_ok(out, _unfused(low), exact, name="out")
 
 
 def test_attention_proj_deterministic_across_thread_counts():
-    args = _inputs((3, 150, 24, 3, 8, 20, 24))
+    a = _inputs((3, 150, 24, 3, 8, 20, 24))
     prev = torch.get_num_threads()
     try:
         outs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(_run(*args))
+            outs.append(_run(a))
     finally:
         torch.set_num_threads(prev)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_attention_proj_softmax_of_an_all_minus_inf_row_is_nan_like_torch():
-    x, k, v, wq, bq, wp, bp = _inputs((1, 3, 8, 1, 8, 4, 8))
-    k = torch.full_like(k, -math.inf)
-    x = x.abs() + 1
-    wq, bq = wq.abs(), bq.abs()  # positive q: every score is -inf
-    out = _run(x, k, v, wq, bq, wp, bp)
-    assert torch.isnan(out).all() and torch.isnan(_unfused(x, k, v, wq, bq, wp, bp)).all()
+    a = _inputs((1, 3, 8, 1, 8, 4, 8))
+    # Positive q and keys of -inf: every score is -inf.
+    a = a._replace(x=a.x.abs() + 1, wq=a.wq.abs(), bq=a.bq.abs(), bk=torch.full_like(a.bk, -math.inf))
+    out = _run(a)
+    assert torch.isnan(out).all() and torch.isnan(_unfused(a)).all()
 
 
 def test_attention_proj_errors():
-    x, k, v, wq, bq, wp, bp = _inputs((2, 6, 12, 2, 4, 5, 10))
-    with pytest.raises(RuntimeError, match="\\(B, N, C\\)"):
-        _run(x[0], k, v, wq, bq, wp, bp)
-    with pytest.raises(RuntimeError, match="k to have 4 dimensions"):
-        _run(x, k[0], v, wq, bq, wp, bp)
-    with pytest.raises(RuntimeError, match="batch size B"):
-        _run(x, k[:1], v[:1], wq, bq, wp, bp)
-    with pytest.raises(RuntimeError, match="same shape"):
-        _run(x, k, v[:, :4], wq, bq, wp, bp)
-    with pytest.raises(RuntimeError, match="same dtype"):
-        _run(x, k.double(), v, wq, bq, wp, bp)
-    with pytest.raises(RuntimeError, match="M > 0"):
-        _run(x, k[:, :0], v[:, :0], wq, bq, wp, bp)
-    with pytest.raises(RuntimeError, match="q_weight of shape"):
-        _run(x, k, v, wq[:, :11], bq, wp, bp)
-    with pytest.raises(RuntimeError, match="q_bias of shape"):
-        _run(x, k, v, wq, bq[:7], wp, bp)
-    with pytest.raises(RuntimeError, match="proj_weight of shape \\(out, h\\*d\\)"):
-        _run(x, k, v, wq, bq, wp[:, :7], bp)
-    with pytest.raises(RuntimeError, match="proj_bias of shape"):
-        _run(x, k, v, wq, bq, wp, bp[:3])
-    with pytest.raises(RuntimeError, match="float64, float32, float16 or bfloat16"):
-        _run(x.int(), k.int(), v.int(), wq, bq, wp, bp)
+    a = _inputs((2, 6, 12, 2, 4, 5, 10))
+    bad = [
+        ("\\(B, N, C\\)", {"x": a.x[0]}),
+        ("c to have 3 dimensions", {"c": a.c[0]}),
+        ("batch size B of c", {"c": a.c[:1]}),
+        ("channels C of c", {"c": a.c[..., :11]}),
+        ("same dtype", {"c": a.c.double()}),
+        ("M > 0", {"c": a.c[:, :0]}),
+        ("q_weight of shape", {"wq": a.wq[:, :11]}),
+        ("q_bias of shape", {"bq": a.bq[:7]}),
+        ("k_weight of shape", {"wk": a.wk[:7]}),
+        ("v_bias of shape", {"bv": a.bv[:7]}),
+        ("proj_weight of shape \\(out, h\\*d\\)", {"wp": a.wp[:, :7]}),
+        ("proj_bias of shape", {"bp": a.bp[:3]}),
+        ("num_heads > 0 dividing", {"heads": 3}),
+        ("num_heads > 0 dividing", {"heads": 0}),
+        ("float64, float32, float16 or bfloat16", {"x": a.x.int(), "c": a.c.int()}),
+    ]
+    for msg, change in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            _run(a._replace(**change))
     with pytest.raises(RuntimeError, match="inference-only"):
-        _run(x.clone().requires_grad_(), k, v, wq, bq, wp, bp).sum().backward()
+        _run(a._replace(x=a.x.clone().requires_grad_())).sum().backward()
 
 
 def test_attention_proj_opcheck():
-    args = _inputs((2, 9, 12, 2, 4, 5, 10))
+    a = _inputs((2, 9, 12, 2, 4, 5, 10))
     torch.library.opcheck(
-        op.default, (*args, 0.5),
+        op.default, (*a, 0.5),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
     )
 
 
 def test_attention_proj_flops_equal_the_unfused_ops():
-    args = _inputs((2, 20, 16, 2, 8, 7, 12))
+    a = _inputs((2, 20, 16, 2, 8, 7, 12))
     with FlopCounterMode(display=False) as fused:
-        _run(*args)
+        _run(a)
     with FlopCounterMode(display=False) as unfused:
-        _unfused(*args)
+        _unfused(a)
     assert fused.get_total_flops() == unfused.get_total_flops() > 0
 
 
@@ -200,8 +214,8 @@ def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch):
         # Attention maps wanted: the modules run.
         layer(x, H, W, return_attn=True)
         assert len(calls) == 1
-        # A hook on q or proj would be skipped by the kernel: the modules run.
-        for mod in (layer.q, layer.proj):
+        # A hook on a projection would be skipped by the kernel: the modules run.
+        for mod in (layer.q, layer.k, layer.v, layer.proj):
             hook = mod.register_forward_hook(lambda *a: None)
             layer(x, H, W)
             hook.remove()
@@ -243,13 +257,16 @@ _BASELINE = textwrap.dedent(
     import paca_kernels  # noqa: F401  (loads the extension's ops)
     torch.manual_seed(0)
     for B, N, C, h, d, M in [(2, 70, 24, 3, 7, 49), (1, 5, 16, 2, 8, 3)]:
-        x = torch.randn(B, N, C).double()
-        k, v = torch.randn(2, B, M, h, d).double()
-        wq, bq = torch.randn(h * d, C).double() / C ** 0.5, torch.randn(h * d).double()
+        x, c = torch.randn(B, N, C).double(), torch.randn(B, M, C).double()
+        w = [torch.randn(h * d, C).double() / C ** 0.5 for _ in range(3)]
+        b = [torch.randn(h * d).double() for _ in range(3)]
         wp, bp = torch.randn(C, h * d).double() / (h * d) ** 0.5, torch.randn(C).double()
+        args = (x, c, w[0], b[0], w[1], b[1], w[2], b[2], wp, bp)
         out = torch.ops.paca_kernels.p2c_attention_proj(
-            *(t.float() for t in (x, k, v, wq, bq, wp, bp)), 1 / math.sqrt(d)).double()
-        q = F.linear(x, wq, bq).view(B, N, h, d)
+            *(t.float() for t in args), h, 1 / math.sqrt(d)).double()
+        q = F.linear(x, w[0], b[0]).view(B, N, h, d)
+        k = F.linear(c, w[1], b[1]).view(B, M, h, d)
+        v = F.linear(c, w[2], b[2]).view(B, M, h, d)
         s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d)
         o = torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v).reshape(B, N, h * d)
         err = (out - F.linear(o, wp, bp)).abs().max().item()

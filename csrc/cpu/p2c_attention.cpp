@@ -315,47 +315,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
-// ---- paca_kernels::p2c_attention_proj: q projection, attention and output projection ----------
+// ---- paca_kernels::p2c_attention_proj: the whole attention of a PaCa layer after the pooling ------
 //
-// Inference only. Through PyTorch the layer's query path is q = x.Wq^T + bq, the attention, and
-// proj = o.Wp^T + bp: q and o are (B, N, C) tensors written to memory and read back, and each
-// linear with a bias first broadcasts the bias into a freshly allocated output (at PaCa-ViT-Tiny's
-// second stage, B = 8, fp32, one thread: 2 ms per linear for that copy, mostly page faults of the
-// new 4.8 MB tensor). Here each task takes kProjBlock query rows of one image through the whole
-// chain, all heads: the rows' q, scores, and o live in a few tens of KiB of cache, the two weights
-// stay packed in L2, and the only tensor written is the output. Every output row is computed by
-// one task in a fixed order: results do not depend on the thread count.
+// Inference only. Through PyTorch the rest of the layer is five ops: q = x.Wq^T + bq over the N
+// patches, k and v over the M cluster tokens, the attention, and proj = o.Wp^T + bp. q and o are
+// (B, N, C) tensors written to memory and read back, and each linear with a bias first broadcasts
+// the bias into a freshly allocated output (at PaCa-ViT-Tiny's second stage, B = 8, fp32, one
+// thread: 2 ms per patch linear for that copy, mostly page faults of the new 4.8 MB tensor). Here
+// k and v are computed straight into the per-head packed layout the attention reads, and then each
+// task takes a block of query rows of one image through the whole chain, all heads: the rows' q,
+// scores and o live in a few tens of KiB of cache, the weights stay packed in L2, and the only
+// tensor written is the output. Every output row is computed by one task in a fixed order: results
+// do not depend on the thread count.
 constexpr const char* kProjOp = "paca_kernels::p2c_attention_proj";
 // Query rows per task: enough rows to amortise each pass over the packed weights (C x C, up to a
 // few hundred KiB), few enough that the q, score and o tiles stay in L1/L2.
 constexpr int64_t kProjBlock = 64;
 constexpr int64_t kMaxProjBlock = 72;  // kProjBlock evened out and rounded up to a multiple of 6
 
+// A linear layer's weights as the kernel uses them: W^T (in x out) packed, and the bias (or none).
+template <typename acc_t>
+struct PackedLinear {
+  PackedMatrix<acc_t> wt;
+  std::vector<acc_t> bias;
+  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b)
+      : wt(transposed<acc_t>(w), w.size(1), w.size(0)) {
+    if (b) bias = to_vector<acc_t>(*b);
+  }
+  // Y[r, :] = A[r, :] . W^T + bias for r < rows (A row stride lda, Y row stride ldy).
+  void apply(const acc_t* A, int64_t lda, acc_t* Y, int64_t ldy, int64_t rows) const {
+    if (!bias.empty()) {
+      for (int64_t i = 0; i < rows; ++i) std::copy(bias.begin(), bias.end(), Y + i * ldy);
+    }
+    wt.mul(A, lda, Y, ldy, rows, /*accumulate=*/!bias.empty());
+  }
+};
+
 template <typename scalar_t>
-void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& k, const at::Tensor& v,
-                     const PackedMatrix<at::opmath_type<scalar_t>>& wq_t,
-                     const at::opmath_type<scalar_t>* bq,
-                     const PackedMatrix<at::opmath_type<scalar_t>>& wp_t,
-                     const at::opmath_type<scalar_t>* bp, double scale, int64_t Co,
+void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
+                     const PackedLinear<at::opmath_type<scalar_t>>& lq,
+                     const PackedLinear<at::opmath_type<scalar_t>>& lk,
+                     const PackedLinear<at::opmath_type<scalar_t>>& lv,
+                     const PackedLinear<at::opmath_type<scalar_t>>& lp, int64_t H, double scale,
                      at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  const int64_t M = k.size(1), H = k.size(2), D = k.size(3), HD = H * D;
-  const Strides sx(x), sk(k), sv(v);
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), M = c.size(1);
+  const int64_t HD = lq.wt.cols, D = HD / H, Co = lp.wt.cols;
+  const Strides sx(x), sc_(c);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* kp = k.const_data_ptr<scalar_t>();
-  const scalar_t* vp = v.const_data_ptr<scalar_t>();
+  const scalar_t* cp = c.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, Co) contiguous
   const acc_t sc = static_cast<acc_t>(scale);
 
-  // Packed keys (scaled, d x M) and values (M x d) per (b, head), as in p2c_fwd_kernel.
+  // Keys and values of the M cluster tokens, k = c . Wk^T + bk and v = c . Wv^T + bv (M x h*d per
+  // image, in acc_t: never rounded to the input dtype), packed per (b, head) as the attention
+  // reads them: keys scaled and transposed (d x M), values as they are (M x d). One task per
+  // (image, k or v).
   std::vector<acc_t> kt(static_cast<size_t>(B * H * M * D)), vv(static_cast<size_t>(B * H * M * D));
-  const int64_t pack_grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, M * D));
-  parallel_for(0, B * H, pack_grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / H, hd = bh % H;
-      pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, kt.data() + bh * M * D);
-      pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/false, vv.data() + bh * M * D);
+  parallel_for(0, 2 * B, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> ca(M * C), kv(M * HD);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / 2;
+      const bool is_k = task % 2 == 0;
+      const scalar_t* cb = cp + b * sc_[0];
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t j = 0; j < C; ++j) ca[m * C + j] = static_cast<acc_t>(cb[m * sc_[1] + j * sc_[2]]);
+      }
+      (is_k ? lk : lv).apply(ca.data(), C, kv.data(), HD, M);
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const acc_t* src = kv.data() + hd * D;
+        acc_t* dst = (is_k ? kt.data() : vv.data()) + (b * H + hd) * M * D;
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t j = 0; j < D; ++j) {
+            if (is_k) {
+              dst[j * M + m] = src[m * HD + j] * sc;
+            } else {
+              dst[m * D + j] = src[m * HD + j];
+            }
+          }
+        }
+      }
     }
   });
 
@@ -388,10 +427,7 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& k, const at::Tensor&
         a = xa.data();
         lda = C;
       }
-      if (bq != nullptr) {
-        for (int64_t i = 0; i < rows; ++i) std::copy(bq, bq + HD, qb.data() + i * HD);
-      }
-      wq_t.mul(a, lda, qb.data(), HD, rows, /*accumulate=*/bq != nullptr);
+      lq.apply(a, lda, qb.data(), HD, rows);
       // Per head: scores over the M clusters, softmax, times v, into the head's columns of o.
       for (int64_t hd = 0; hd < H; ++hd) {
         const int64_t bh = b * H + hd;
@@ -416,10 +452,7 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& k, const at::Tensor&
       } else {
         dst = yb.data();
       }
-      if (bp != nullptr) {
-        for (int64_t i = 0; i < rows; ++i) std::copy(bp, bp + Co, dst + i * Co);
-      }
-      wp_t.mul(ob.data(), HD, dst, Co, rows, /*accumulate=*/bp != nullptr);
+      lp.apply(ob.data(), HD, dst, Co, rows);
       if constexpr (!kSame) {
         scalar_t* o = op + (b * N + n0) * Co;
         for (int64_t i = 0; i < rows * Co; ++i) o[i] = static_cast<scalar_t>(dst[i]);
@@ -428,48 +461,52 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& k, const at::Tensor&
   });
 }
 
-at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& k, const at::Tensor& v,
+at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
                                   const at::Tensor& q_weight,
                                   const std::optional<at::Tensor>& q_bias,
+                                  const at::Tensor& k_weight,
+                                  const std::optional<at::Tensor>& k_bias,
+                                  const at::Tensor& v_weight,
+                                  const std::optional<at::Tensor>& v_bias,
                                   const at::Tensor& proj_weight,
-                                  const std::optional<at::Tensor>& proj_bias, double scale) {
+                                  const std::optional<at::Tensor>& proj_bias, int64_t num_heads,
+                                  double scale) {
   check_dim(x, 3, kProjOp, "x", "(B, N, C)");
   check_supported_float(x, kProjOp, "x");
-  check_dim(k, 4, kProjOp, "k", "(B, M, h, d)");
-  check_dim(v, 4, kProjOp, "v", "(B, M, h, d)");
-  check_same_dtype(x, k, kProjOp, "x", "k");
-  check_same_dtype(x, v, kProjOp, "x", "v");
-  check_same_device(x, k, kProjOp, "x", "k");
-  check_same_device(x, v, kProjOp, "x", "v");
-  check_size(k, 0, x.size(0), kProjOp, "batch size B of k (B, M, h, d) vs x (B, N, C)");
-  TORCH_CHECK(v.sizes() == k.sizes(), kProjOp, ": expected k and v to have the same shape, got ",
-              k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(1) > 0, kProjOp, ": expected at least one cluster (M > 0), got k of shape ",
-              k.sizes());
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), HD = k.size(2) * k.size(3);
-  TORCH_CHECK(C > 0 && HD > 0, kProjOp, ": expected C > 0 channels and h*d > 0, got x of shape ",
-              x.sizes(), " and k of shape ", k.sizes());
-  TORCH_CHECK(q_weight.dim() == 2, kProjOp, ": expected q_weight of shape (h*d, C) = (", HD, ", ",
-              C, "), got ", q_weight.sizes());
+  check_dim(c, 3, kProjOp, "c", "(B, M, C)");
+  check_same_dtype(x, c, kProjOp, "x", "c");
+  check_same_device(x, c, kProjOp, "x", "c");
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), M = c.size(1);
+  check_size(c, 0, B, kProjOp, "batch size B of c (B, M, C) vs x (B, N, C)");
+  check_size(c, 2, C, kProjOp, "channels C of c (B, M, C) vs x (B, N, C)");
+  TORCH_CHECK(M > 0, kProjOp, ": expected at least one cluster (M > 0), got c of shape ",
+              c.sizes());
+  TORCH_CHECK(C > 0, kProjOp, ": expected C > 0 channels, got x of shape ", x.sizes());
+  TORCH_CHECK(q_weight.dim() == 2 && q_weight.size(0) > 0, kProjOp,
+              ": expected q_weight of shape (h*d, C) with h*d > 0, got ", q_weight.sizes());
+  const int64_t HD = q_weight.size(0);
+  TORCH_CHECK(num_heads > 0 && HD % num_heads == 0, kProjOp, ": expected num_heads > 0 dividing ",
+              "h*d = ", HD, " (the rows of q_weight), got num_heads = ", num_heads);
   check_param(kProjOp, q_weight, x, {HD, C}, "q_weight");
   check_param(kProjOp, q_bias, x, {HD}, "q_bias");
-  TORCH_CHECK(proj_weight.dim() == 2 && proj_weight.size(1) == HD, kProjOp,
-              ": expected proj_weight of shape (out, h*d) with h*d = ", HD, ", got ",
-              proj_weight.sizes());
+  check_param(kProjOp, k_weight, x, {HD, C}, "k_weight");
+  check_param(kProjOp, k_bias, x, {HD}, "k_bias");
+  check_param(kProjOp, v_weight, x, {HD, C}, "v_weight");
+  check_param(kProjOp, v_bias, x, {HD}, "v_bias");
+  TORCH_CHECK(proj_weight.dim() == 2 && proj_weight.size(1) == HD && proj_weight.size(0) > 0,
+              kProjOp, ": expected proj_weight of shape (out, h*d) with h*d = ", HD,
+              " and out > 0, got ", proj_weight.sizes());
   const int64_t Co = proj_weight.size(0);
+  check_param(kProjOp, proj_weight, x, {Co, HD}, "proj_weight");
   check_param(kProjOp, proj_bias, x, {Co}, "proj_bias");
   at::Tensor out = at::empty({B, N, Co}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "p2c_attention_proj",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PackedMatrix<acc_t> wq_t(transposed<acc_t>(q_weight), C, HD);       // (C, h*d)
-    const PackedMatrix<acc_t> wp_t(transposed<acc_t>(proj_weight), HD, Co);  // (h*d, out)
-    std::vector<acc_t> bqv, bpv;
-    if (q_bias) bqv = to_vector<acc_t>(*q_bias);
-    if (proj_bias) bpv = to_vector<acc_t>(*proj_bias);
-    p2c_proj_kernel<scalar_t>(x, k, v, wq_t, q_bias ? bqv.data() : nullptr, wp_t,
-                              proj_bias ? bpv.data() : nullptr, scale, Co, out);
+    const PackedLinear<acc_t> lq(q_weight, q_bias), lk(k_weight, k_bias), lv(v_weight, v_bias),
+        lp(proj_weight, proj_bias);
+    p2c_proj_kernel<scalar_t>(x, c, lq, lk, lv, lp, num_heads, scale, out);
   });
   return out;
 }

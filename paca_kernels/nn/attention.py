@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import ops, reference
 from ..ops._inference import backend_is_cpu
-from ..ops.attention_proj import fused_query_side_applies, p2c_attention_proj
+from ..ops.attention_proj import fused_attention_applies, p2c_attention_proj
 from ..ops.clustering_head import conv_cluster_logits, fused_head_applies
 from .clustering import build_clustering
 from .layers import build_norm
@@ -169,12 +169,9 @@ class PaCaAttention(nn.Module):
         b, n, _ = x.shape
         m = c.shape[1]
         h, d = self.num_heads, self.head_dim
-        if self.num_clusters > 0 and not want_maps and fused_query_side_applies(self, x):
-            # q projection, attention over the clusters and output projection in one pass over the
-            # patches (k and v, M rows each, still come from their modules).
-            k = self.k(c).view(b, m, h, d)
-            v = self.v(c).view(b, m, h, d)
-            return p2c_attention_proj(self, x, k, v), None
+        if self.num_clusters > 0 and not want_maps and fused_attention_applies(self, x):
+            # The projections and the attention over the clusters in one pass over the patches.
+            return p2c_attention_proj(self, x, c), None
         q = self.q(x).view(b, n, h, d)
         k = self.k(c).view(b, m, h, d)
         v = self.v(c).view(b, m, h, d)
