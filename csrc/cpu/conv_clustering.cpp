@@ -485,15 +485,15 @@ void load_band(const scalar_t* xp, const Strides& sx, int64_t b, int64_t y0, int
   }
 }
 
-// The (C,)-, (k*k, C)-, (C, C)- and (C, M)-shaped parameters as contiguous acc_t, transposed so
-// that every product reads its right-hand side row by row.
+// The head's parameters as contiguous acc_t: the (C,)-shaped biases, the depthwise weight
+// transposed to (k*k, C), and the 1x1 convs' weights (C, C) and (M, C) packed as the right-hand
+// sides of the products (C, C) and (C, M).
 template <typename acc_t>
 struct HeadParams {
   std::vector<acc_t> dw_t, dw_b, b1, b2;
   PackedMatrix<acc_t> w1_t, w2_t;  // (C, C) and (C, M)
   bool has_dw_b = false, has_b2 = false;
-  HeadParams(std::vector<acc_t> w1, std::vector<acc_t> w2, int64_t C, int64_t M)
-      : w1_t(std::move(w1), C, C), w2_t(std::move(w2), C, M) {}
+  HeadParams(const at::Tensor& w1, const at::Tensor& w2) : w1_t(w1), w2_t(w2) {}
 };
 
 template <typename scalar_t>
@@ -604,8 +604,7 @@ at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_cluster_logits",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    HeadParams<acc_t> prm(transposed<acc_t>(w1.reshape({C, C})), transposed<acc_t>(w2.reshape({M, C})),
-                          C, M);
+    HeadParams<acc_t> prm(w1.reshape({C, C}), w2.reshape({M, C}));
     prm.dw_t = transposed<acc_t>(dw_weight.reshape({C, k * k}));
     if (dw_bias) {
       prm.dw_b = to_vector<acc_t>(*dw_bias);
@@ -848,8 +847,8 @@ at::Tensor mlp_fused_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::Te
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlp_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PackedMatrix<acc_t> w1_t(transposed<acc_t>(fc1_weight), C, Hd);  // (C, hidden)
-    const PackedMatrix<acc_t> w2_t(transposed<acc_t>(fc2_weight), Hd, Co);  // (hidden, out)
+    const PackedMatrix<acc_t> w1_t(fc1_weight);  // fc1_weight^T (C, hidden)
+    const PackedMatrix<acc_t> w2_t(fc2_weight);  // fc2_weight^T (hidden, out)
     std::vector<acc_t> wt = transposed<acc_t>(dw_weight.reshape({Hd, k * k}));  // (k*k, hidden)
     if (shortcut) {
       const int64_t centre = (k / 2) * k + k / 2;

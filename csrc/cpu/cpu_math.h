@@ -599,33 +599,44 @@ std::vector<acc_t> transposed(const at::Tensor& t2d) {
   return to_vector<acc_t>(t2d.t());  // .contiguous() inside to_vector materialises the transpose
 }
 
-// A constant right-hand side B (T x cols, row-major) multiplied by many row blocks: for float32 with
-// the AVX2 kernels it is also kept as 16-column panels (each T x 16 contiguous, the last one
-// zero-padded), so the products skip the per-call packing. mul() gives the same bits either way.
+// The constant right-hand side B = W^T (T x cols) of the products x . W^T with a linear layer's
+// weight W (cols x T, any dtype and strides), multiplied by many row blocks. For float32 with the
+// AVX2 kernels it is kept only as 16-column panels (each T x 16 contiguous, the last one
+// zero-padded), filled straight from W's rows: no transposed copy of W is made, and the products
+// skip the per-call packing. Otherwise it is kept as the plain row-major W^T. mul() gives the same
+// bits either way.
 template <typename T>
 struct PackedMatrix {
-  std::vector<T> plain;      // T x cols
+  std::vector<T> plain;       // T x cols, when there are no panels
   std::vector<float> panels;  // float32 + AVX2 only
   int64_t steps = 0, cols = 0;
+  bool packed = false;  // panels in use
 
-  PackedMatrix(std::vector<T> b, int64_t t, int64_t c) : plain(std::move(b)), steps(t), cols(c) {
+  explicit PackedMatrix(const at::Tensor& weight)
+      : steps(weight.size(1)), cols(weight.size(0)) {
+    const std::vector<T> w = to_vector<T>(weight);  // cols x steps, row-major
     if constexpr (std::is_same_v<T, float>) {
       if (Float32Kernels::get().gemm_packed != nullptr) {
-        const int64_t np = (c + 15) / 16;
-        panels.assign(static_cast<size_t>(np * t * 16), 0.0f);
-        for (int64_t p = 0; p < np; ++p) {
-          const int64_t w = std::min<int64_t>(16, c - 16 * p);
-          for (int64_t i = 0; i < t; ++i) {
-            for (int64_t j = 0; j < w; ++j) panels[(p * t + i) * 16 + j] = plain[i * c + 16 * p + j];
-          }
+        const int64_t np = (cols + 15) / 16;
+        panels.assign(static_cast<size_t>(np * steps * 16), 0.0f);
+        packed = true;
+        for (int64_t o = 0; o < cols; ++o) {  // W's row o is column o % 16 of panel o / 16
+          float* dst = panels.data() + (o / 16) * steps * 16 + o % 16;
+          const float* src = w.data() + o * steps;
+          for (int64_t i = 0; i < steps; ++i) dst[i * 16] = src[i];
         }
+        return;
       }
+    }
+    plain.resize(static_cast<size_t>(steps * cols));
+    for (int64_t o = 0; o < cols; ++o) {
+      for (int64_t i = 0; i < steps; ++i) plain[i * cols + o] = w[o * steps + i];
     }
   }
   // C[r, :] (+)= sum_t A[r, t] B[t, :] for r < rows (A row stride lda, C row stride ldc).
   void mul(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, bool accumulate) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (!panels.empty()) {
+      if (packed) {
         Float32Kernels::get().gemm_packed(A, lda, panels.data(), C, ldc, rows, steps, cols,
                                           accumulate);
         return;

@@ -338,8 +338,7 @@ template <typename acc_t>
 struct PackedLinear {
   PackedMatrix<acc_t> wt;
   std::vector<acc_t> bias;
-  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b)
-      : wt(transposed<acc_t>(w), w.size(1), w.size(0)) {
+  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b) : wt(w) {
     if (b) bias = to_vector<acc_t>(*b);
   }
   // Y[r, :] = A[r, :] . W^T + bias for r < rows (A row stride lda, Y row stride ldy).
