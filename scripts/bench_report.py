@@ -1,6 +1,6 @@
 """Turn pytest-benchmark JSON under benchmarks/results/ into BENCHMARKS.md and PNG plots.
 
-    python scripts/bench_report.py [results/*.json ...]   (default: every JSON in benchmarks/results)
+    python scripts/bench_report.py [results/*.json ...]   (default: every JSON in benchmarks/results, newest first)
 
 BENCHMARKS.md is generated: never edit it by hand. For every results file (one device, one date) it
 gives the device, date and torch/Triton/CUDA versions, the measured ceilings, and per benchmark group
@@ -132,7 +132,10 @@ def render(files: list[Path]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    files = [Path(a) for a in argv] or sorted(RESULTS.glob("*.json"))
+    # Default: every result file, newest run first (by the run's own timestamp).
+    files = [Path(a) for a in argv] or sorted(
+        RESULTS.glob("*.json"), key=lambda p: json.loads(p.read_text()).get("datetime", ""), reverse=True
+    )
     (ROOT / "BENCHMARKS.md").write_text(render(files))
     print(f"wrote BENCHMARKS.md from {len(files)} result file(s)")
     return 0
