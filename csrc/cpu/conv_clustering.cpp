@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/check.h"
@@ -444,6 +445,18 @@ inline void dwconv_rows(const double* img, int64_t px, int64_t y_base, int64_t H
   if (gelu) gelu_inplace(out, rows * W * C);
 }
 
+// How the B images of an H x W grid are cut into bands of whole rows, one band per task: about
+// `tokens` patches per band, halved until there are two bands per thread (small B), then evened
+// out (H = 28, 9 rows: 4 x 7 rather than 3 x 9 + 1) so that no task is a sliver. Returns
+// {rows per band, bands per image}.
+inline std::pair<int64_t, int64_t> row_bands(int64_t B, int64_t H, int64_t W, int64_t tokens) {
+  int64_t rows = std::clamp<int64_t>(tokens / W, 1, H);
+  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
+  while (rows > 1 && B * ((H + rows - 1) / rows) < want) rows = (rows + 1) / 2;
+  const int64_t bands = (H + rows - 1) / rows;
+  return {(H + bands - 1) / bands, bands};  // ceil(H / that) is `bands` again
+}
+
 // ---- the fused head ---------------------------------------------------------------------------
 
 // The zero-padded band of image rows y0 - pad .. y0 + nr + pad - 1 of image b of x (B, N, C), read
@@ -506,13 +519,9 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
 
-  // Rows per band: about kTilePatches patches, but enough bands for every thread when B is small.
-  int64_t rows = std::clamp<int64_t>(kTilePatches / W, 1, H);
-  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
-  while (rows > 1 && B * ((H + rows - 1) / rows) < want) rows = (rows + 1) / 2;
-  const int64_t bands = (H + rows - 1) / rows;
-  // Even bands (H = 28: 4 x 7 rows rather than 3 x 9 + 1), so that no task is a sliver.
-  rows = (H + bands - 1) / bands;
+  // Rows per band: about kTilePatches patches.
+  const auto split = row_bands(B, H, W, kTilePatches);
+  const int64_t rows = split.first, bands = split.second;
   const int64_t in_w = W + k - 1;
 
   // float32 with contiguous channels: the convolution reads x in place and applies the GELU as it
@@ -641,15 +650,10 @@ void mlp_dwconv_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
   const Strides sx(x);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, C) contiguous
-  // Rows per band: about 128 outputs (the hidden width C is 4x the block width), but enough bands
-  // for every thread when B is small. The band split never changes a result (each output is
-  // computed by one task, in a fixed order).
-  int64_t rows = std::clamp<int64_t>(128 / W, 1, H);
-  const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
-  while (rows > 1 && B * ((H + rows - 1) / rows) < want) rows = (rows + 1) / 2;
-  const int64_t bands = (H + rows - 1) / rows;
-  // Even bands (H = W = 14: 2 x 7 rows rather than 9 + 5), so that no task is a sliver.
-  rows = (H + bands - 1) / bands;
+  // Rows per band: about 128 outputs (the hidden width C is 4x the block width). The band split
+  // never changes a result (each output is computed by one task, in a fixed order).
+  const auto split = row_bands(B, H, W, 128);
+  const int64_t rows = split.first, bands = split.second;
   const int64_t in_w = W + k - 1;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // write the output in place
 
