@@ -137,6 +137,25 @@ def test_attention_proj_deterministic_across_thread_counts():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def test_attention_proj_scratch_buffers_carry_nothing_between_calls():
+    # The kernel's temporaries are per-thread buffers reused across calls (cpu_math.h, Scratch):
+    # a call that fills them with NaN (NaN inputs, a bigger shape) must not leak into the next one.
+    nan = _inputs((3, 150, 40, 4, 10, 60, 40))
+    nan = Args(*(t.fill_(math.nan) if isinstance(t, torch.Tensor) else t for t in nan))
+    assert torch.isnan(_run(nan)).all()
+    for shape in SHAPES[:4]:
+        a = _inputs(shape)
+        assert_close(_run(a).double(), _unfused(a.to(torch.float64)), rtol=1e-5, atol=1e-5,
+                     name=f"out after a NaN call, {_ids(shape)}")
+
+
+def test_attention_proj_beyond_the_scratch_cap():
+    # Keys and values of B*M*h*d = 8*512*1056 floats (17 MB): above kScratchMaxBytes (16 MiB), so
+    # allocated for the call rather than kept by the thread; same results.
+    a = _inputs((8, 5, 8, 8, 132, 512, 8))
+    assert_close(_run(a).double(), _unfused(a.to(torch.float64)), rtol=1e-5, atol=1e-5, name="out")
+
+
 def test_attention_proj_softmax_of_an_all_minus_inf_row_is_nan_like_torch():
     a = _inputs((1, 3, 8, 1, 8, 4, 8))
     # Positive q and keys of -inf: every score is -inf.

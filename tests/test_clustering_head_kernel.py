@@ -65,6 +65,22 @@ def test_fused_head_matches_modules_float32(shape, contiguous):
     assert_close(out.double(), exact, rtol=1e-5, atol=2e-6, name="logits")
 
 
+def test_fused_head_scratch_buffers_carry_nothing_between_calls():
+    # Per-thread scratch buffers are reused across calls (cpu_math.h, Scratch): a call that fills
+    # them with NaN (NaN input and weights, a bigger grid) must not change the next results by a bit.
+    heads = [(_head(C, M, k, bias2=(M % 2 == 1)), torch.randn(B, H * W, C), H, W)
+             for B, H, W, C, M, k in SHAPES[:4]]
+    big = _head(48, 60, 7)
+    with torch.no_grad():
+        before = [conv_cluster_logits(h, x, H, W) for h, x, H, W in heads]
+        for p in big.parameters():
+            p.fill_(float("nan"))
+        assert torch.isnan(conv_cluster_logits(big, torch.full((3, 16 * 16, 48), float("nan")), 16, 16)).all()
+        for (h, x, H, W), want in zip(heads, before, strict=True):
+            got = conv_cluster_logits(h, x, H, W)
+            assert not torch.isnan(want).any() and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=_ids)
 def test_fused_head_float64_exact(shape):
     B, H, W, C, M, k = shape

@@ -9,6 +9,7 @@ torch.compile (fullgraph), determinism across thread counts, extreme inputs and 
 from __future__ import annotations
 
 import contextlib
+import math
 import textwrap
 
 import pytest
@@ -307,6 +308,20 @@ def test_cluster_pool_forward_deterministic_across_thread_counts():
             outs.append(torch.ops.paca_kernels.cluster_pool_fwd(inp.logits, inp.x, inp.weight, inp.bias, 1e-6))
     for x, y in zip(*outs, strict=True):
         assert torch.equal(x, y)
+
+
+def test_cluster_pool_forward_scratch_buffers_carry_nothing_between_calls():
+    # Per-thread scratch buffers (the split partials, the tiles) are reused across calls: after a
+    # NaN call with more splits, a smaller one still matches the reference.
+    nan = make_cluster_pool_inputs(2, 30, 2500, 40)
+    for t in (nan.logits, nan.x):
+        t.fill_(math.nan)
+    out = torch.ops.paca_kernels.cluster_pool_fwd(nan.logits, nan.x, nan.weight, nan.bias, 1e-6)[0]
+    assert torch.isnan(out).all()
+    for B, M, N, C in [(2, 3, 1100, 20), (1, 49, 197, 40)]:
+        inp = make_cluster_pool_inputs(B, M, N, C)
+        got = ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias, backend="cpu")
+        assert_close(got, reference.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias), rtol=1e-5, atol=2e-5)
 
 
 def test_cluster_pool_extreme_logits_backward_finite():

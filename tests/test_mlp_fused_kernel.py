@@ -124,6 +124,21 @@ def test_mlp_fused_deterministic_across_thread_counts(B):
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def test_mlp_fused_scratch_buffers_carry_nothing_between_calls():
+    # Per-thread scratch buffers are reused across calls (cpu_math.h, Scratch): after a call that
+    # fills them with NaN (NaN input and weights, a bigger grid), results are still exact.
+    big = _mlp(24, 48)
+    with torch.no_grad():
+        for p in big.parameters():
+            p.fill_(float("nan"))
+        assert torch.isnan(mlp_fused(big, torch.full((2, 20 * 20, 24), float("nan")), 20, 20)).all()
+        for B, H, W, C, hidden, k in SHAPES[:3]:
+            m = _mlp(C, hidden, k)
+            x = torch.randn(B, H * W, C)
+            assert_close(mlp_fused(m, x, H, W).double(), _modules(m.double(), x.double(), H, W),
+                         rtol=1e-5, atol=1e-5, name=f"out after a NaN call, {_ids((B, H, W, C, hidden, k))}")
+
+
 def test_mlp_fused_errors():
     m = _mlp(16, 24)
     w1, b1, w2, b2 = m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias

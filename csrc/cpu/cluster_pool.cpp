@@ -154,10 +154,11 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
   const int64_t MC = M * C;
   // Per (b, split): accumulator (M x C), running max (M) and running sum (M).
   const bool single = nsplit == 1;
-  std::vector<acc_t> acc_part(single ? 0 : B * nsplit * MC), mx_part(B * nsplit * M),
-      sum_part(B * nsplit * M);
+  const Scratch<acc_t> acc_part(ScratchSlot::kCall0, single ? 0 : B * nsplit * MC),
+      mx_part(ScratchSlot::kCall1, B * nsplit * M), sum_part(ScratchSlot::kCall2, B * nsplit * M);
   parallel_for(0, B * nsplit, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> xbuf(x_direct ? 0 : kPatchTile * C), pt(M * kPatchTile);
+    const Scratch<acc_t> xbuf(ScratchSlot::kTask0, x_direct ? 0 : kPatchTile * C),
+        pt(ScratchSlot::kTask1, M * kPatchTile);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / nsplit, split = task % nsplit;
       // pooled is freshly allocated, hence contiguous.

@@ -506,7 +506,8 @@ struct HeadParams {
   std::vector<acc_t> dw_t, dw_b, b1, b2;
   PackedMatrix<acc_t> w1_t, w2_t;  // (C, C) and (C, M)
   bool has_dw_b = false, has_b2 = false;
-  HeadParams(const at::Tensor& w1, const at::Tensor& w2) : w1_t(w1), w2_t(w2) {}
+  HeadParams(const at::Tensor& w1, const at::Tensor& w2)
+      : w1_t(w1, ScratchSlot::kCall0), w2_t(w2, ScratchSlot::kCall1) {}
 };
 
 template <typename scalar_t>
@@ -530,8 +531,9 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
                                 ? HeadKernels::get().dwconv_direct : nullptr;
 
   parallel_for(0, B * bands, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> band(direct ? 0 : (rows + k - 1) * in_w * C), t0(rows * W * C),
-        t1(rows * W * C), lt(rows * W * M);
+    const Scratch<acc_t> band(ScratchSlot::kTask0, direct ? 0 : (rows + k - 1) * in_w * C),
+        t0(ScratchSlot::kTask1, rows * W * C), t1(ScratchSlot::kTask2, rows * W * C),
+        lt(ScratchSlot::kTask3, rows * W * M);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / bands, y0 = (task % bands) * rows;
       const int64_t nr = std::min(rows, H - y0), nt = nr * W, n0 = y0 * W;
@@ -663,8 +665,8 @@ void mlp_dwconv_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
                                 ? HeadKernels::get().dwconv_direct : nullptr;
 
   parallel_for(0, B * bands, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> band(direct ? 0 : (rows + k - 1) * in_w * C),
-        tmp(kDirect ? 0 : rows * W * C);
+    const Scratch<acc_t> band(ScratchSlot::kTask0, direct ? 0 : (rows + k - 1) * in_w * C),
+        tmp(ScratchSlot::kTask1, kDirect ? 0 : rows * W * C);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / bands, y0 = (task % bands) * rows;
       const int64_t nr = std::min(rows, H - y0), n0 = y0 * W;
@@ -760,8 +762,9 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
   const int64_t cap = nr + 2 * pad;               // hidden rows held at once
 
   parallel_for(0, B * parts, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> hbuf(cap * W * Hd), g(nr * W * Hd), xa(x_direct ? 0 : cap * W * C),
-        ob(kInPlaceA ? 0 : nr * W * Co);
+    const Scratch<acc_t> hbuf(ScratchSlot::kTask0, cap * W * Hd), g(ScratchSlot::kTask1, nr * W * Hd),
+        xa(ScratchSlot::kTask2, x_direct ? 0 : cap * W * C),
+        ob(ScratchSlot::kTask3, kInPlaceA ? 0 : nr * W * Co);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / parts, ya = (task % parts) * chunk;
       const int64_t yb = std::min(H, ya + chunk);
@@ -851,8 +854,8 @@ at::Tensor mlp_fused_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::Te
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlp_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PackedMatrix<acc_t> w1_t(fc1_weight);  // fc1_weight^T (C, hidden)
-    const PackedMatrix<acc_t> w2_t(fc2_weight);  // fc2_weight^T (hidden, out)
+    const PackedMatrix<acc_t> w1_t(fc1_weight, ScratchSlot::kCall0);  // fc1_weight^T (C, hidden)
+    const PackedMatrix<acc_t> w2_t(fc2_weight, ScratchSlot::kCall1);  // fc2_weight^T (hidden, out)
     std::vector<acc_t> wt = transposed<acc_t>(dw_weight.reshape({Hd, k * k}));  // (k*k, hidden)
     if (shortcut) {
       const int64_t centre = (k / 2) * k + k / 2;

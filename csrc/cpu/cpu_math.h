@@ -21,6 +21,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -599,50 +601,137 @@ std::vector<acc_t> transposed(const at::Tensor& t2d) {
   return to_vector<acc_t>(t2d.t());  // .contiguous() inside to_vector materialises the transpose
 }
 
+// ---- scratch memory ----------------------------------------------------------------------------
+//
+// The kernels need temporaries of 100 KiB to a few MiB on every call: packed weights, keys and
+// values, per-task tiles. Allocated per call, blocks that big come from mmap (glibc's threshold is
+// 128 KiB), and the kernel zeroes and page-faults them in again every time: at PaCa-ViT-Tiny's
+// third stage (B = 8) that was about 1 ms of a 9 ms p2c_attention_proj, spent on the calling
+// thread while the other threads waited. Each thread instead keeps one grow-only buffer per slot,
+// reused by every later call on that thread. A kernel gives each of its live temporaries its own
+// slot (the calling thread also runs tasks: its slots for the whole call and the tasks' slots must
+// differ). Requests above kScratchMaxBytes are allocated per call (and freed) instead, so a one-off
+// huge input does not pin its memory to the thread. Contents are uninitialised.
+enum class ScratchSlot : int {
+  kCall0, kCall1, kCall2, kCall3, kCall4, kCall5,  // for the whole call (weights, k/v)
+  kTask0, kTask1, kTask2, kTask3, kTask4,          // inside parallel tasks
+  kCount
+};
+constexpr size_t kScratchMaxBytes = size_t(16) << 20;
+
+struct ScratchPool {
+  struct Buf {
+    void* p = nullptr;
+    size_t bytes = 0;
+  };
+  Buf buf[static_cast<int>(ScratchSlot::kCount)];
+  ScratchPool() = default;
+  ScratchPool(const ScratchPool&) = delete;
+  ScratchPool& operator=(const ScratchPool&) = delete;
+  ~ScratchPool() {
+    for (Buf& b : buf) std::free(b.p);
+  }
+  // The thread's buffer for `slot`, at least `bytes` long (64-byte aligned).
+  static void* get(ScratchSlot slot, size_t bytes) {
+    thread_local ScratchPool pool;
+    Buf& b = pool.buf[static_cast<int>(slot)];
+    if (b.bytes < bytes) {
+      std::free(b.p);
+      b.p = nullptr;
+      b.bytes = 0;
+      const size_t rounded = (bytes + 65535) / 65536 * 65536;
+      b.p = std::aligned_alloc(64, rounded);
+      if (b.p == nullptr) throw std::bad_alloc();
+      b.bytes = rounded;
+    }
+    return b.p;
+  }
+};
+
+// n uninitialised values of a trivial type T: the thread's buffer for `slot`, or an owned
+// allocation when n * sizeof(T) > kScratchMaxBytes. Valid until the next Scratch of the same slot
+// on the same thread.
+template <typename T>
+class Scratch {
+  static_assert(std::is_trivially_copyable_v<T> && std::is_trivially_default_constructible_v<T>);
+
+ public:
+  Scratch(ScratchSlot slot, int64_t n) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+    if (bytes > kScratchMaxBytes) {
+      own_.reset(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+      p_ = own_.get();
+    } else {
+      p_ = static_cast<T*>(ScratchPool::get(slot, bytes));
+    }
+  }
+  Scratch(Scratch&&) = default;
+  T* data() const { return p_; }
+  T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  T* p_ = nullptr;
+  std::unique_ptr<T[]> own_;
+};
+
 // The constant right-hand side B = W^T (T x cols) of the products x . W^T with a linear layer's
 // weight W (cols x T, any dtype and strides), multiplied by many row blocks. For float32 with the
 // AVX2 kernels it is kept only as 16-column panels (each T x 16 contiguous, the last one
 // zero-padded), filled straight from W's rows: no transposed copy of W is made, and the products
 // skip the per-call packing. Otherwise it is kept as the plain row-major W^T. mul() gives the same
-// bits either way.
+// bits either way. The storage is the calling thread's scratch `slot` (see Scratch); big matrices
+// are packed by all threads.
 template <typename T>
 struct PackedMatrix {
-  std::vector<T> plain;       // T x cols, when there are no panels
-  std::vector<float> panels;  // float32 + AVX2 only
   int64_t steps = 0, cols = 0;
-  bool packed = false;  // panels in use
+  bool packed = false;  // 16-column panels (float32 + AVX2), else plain W^T (steps x cols)
+  Scratch<T> store;
 
-  explicit PackedMatrix(const at::Tensor& weight)
-      : steps(weight.size(1)), cols(weight.size(0)) {
-    const std::vector<T> w = to_vector<T>(weight);  // cols x steps, row-major
-    if constexpr (std::is_same_v<T, float>) {
-      if (Float32Kernels::get().gemm_packed != nullptr) {
-        const int64_t np = (cols + 15) / 16;
-        panels.assign(static_cast<size_t>(np * steps * 16), 0.0f);
-        packed = true;
-        for (int64_t o = 0; o < cols; ++o) {  // W's row o is column o % 16 of panel o / 16
-          float* dst = panels.data() + (o / 16) * steps * 16 + o % 16;
-          const float* src = w.data() + o * steps;
-          for (int64_t i = 0; i < steps; ++i) dst[i * 16] = src[i];
+  PackedMatrix(const at::Tensor& weight, ScratchSlot slot)
+      : steps(weight.size(1)),
+        cols(weight.size(0)),
+        packed(std::is_same_v<T, float> && Float32Kernels::get().gemm_packed != nullptr),
+        store(slot, packed ? (cols + 15) / 16 * 16 * weight.size(1) : weight.numel()) {
+    // W (cols x steps) as contiguous T: the weight itself when it already is (no copy).
+    const at::Tensor w = weight.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const T* src = w.const_data_ptr<T>();
+    T* dst = store.data();
+    // One task per 16-column panel (or per 16 columns of the plain layout); in parallel only when
+    // the matrix is big enough to pay for waking the threads.
+    const int64_t ntask = (cols + 15) / 16;
+    const auto fill = [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        const int64_t o0 = p * 16, o1 = std::min<int64_t>(cols, o0 + 16);
+        if (packed) {  // W's row o is column o % 16 of panel o / 16
+          T* panel = dst + p * steps * 16;
+          for (int64_t i = 0; i < steps; ++i) {
+            T* d = panel + i * 16;
+            for (int64_t o = o0; o < o1; ++o) d[o - o0] = src[o * steps + i];
+            for (int64_t o = o1; o < o0 + 16; ++o) d[o - o0] = T(0);  // padding of the last panel
+          }
+        } else {
+          for (int64_t i = 0; i < steps; ++i) {
+            for (int64_t o = o0; o < o1; ++o) dst[i * cols + o] = src[o * steps + i];
+          }
         }
-        return;
       }
-    }
-    plain.resize(static_cast<size_t>(steps * cols));
-    for (int64_t o = 0; o < cols; ++o) {
-      for (int64_t i = 0; i < steps; ++i) plain[i * cols + o] = w[o * steps + i];
+    };
+    if (cols * steps >= 65536) {
+      parallel_for(0, ntask, 1, fill);
+    } else {
+      fill(0, ntask);
     }
   }
   // C[r, :] (+)= sum_t A[r, t] B[t, :] for r < rows (A row stride lda, C row stride ldc).
   void mul(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, bool accumulate) const {
     if constexpr (std::is_same_v<T, float>) {
       if (packed) {
-        Float32Kernels::get().gemm_packed(A, lda, panels.data(), C, ldc, rows, steps, cols,
+        Float32Kernels::get().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols,
                                           accumulate);
         return;
       }
     }
-    gemm_nn(A, lda, plain.data(), cols, C, ldc, rows, steps, cols, accumulate);
+    gemm_nn(A, lda, store.data(), cols, C, ldc, rows, steps, cols, accumulate);
   }
 };
 

@@ -338,7 +338,8 @@ template <typename acc_t>
 struct PackedLinear {
   PackedMatrix<acc_t> wt;
   std::vector<acc_t> bias;
-  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b) : wt(w) {
+  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b, ScratchSlot slot)
+      : wt(w, slot) {
     if (b) bias = to_vector<acc_t>(*b);
   }
   // Y[r, :] = A[r, :] . W^T + bias for r < rows (A row stride lda, Y row stride ldy).
@@ -370,9 +371,9 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
   // image, in acc_t: never rounded to the input dtype), packed per (b, head) as the attention
   // reads them: keys scaled and transposed (d x M), values as they are (M x d). One task per
   // (image, k or v).
-  std::vector<acc_t> kt(static_cast<size_t>(B * H * M * D)), vv(static_cast<size_t>(B * H * M * D));
+  const Scratch<acc_t> kt(ScratchSlot::kCall4, B * H * M * D), vv(ScratchSlot::kCall5, B * H * M * D);
   parallel_for(0, 2 * B, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> ca(M * C), kv(M * HD);
+    const Scratch<acc_t> ca(ScratchSlot::kTask0, M * C), kv(ScratchSlot::kTask1, M * HD);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / 2;
       const bool is_k = task % 2 == 0;
@@ -406,8 +407,9 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
   const int64_t blk = std::min<int64_t>(kMaxProjBlock, ((N + nblk0 - 1) / nblk0 + 5) / 6 * 6);
   const int64_t nblk = (N + blk - 1) / blk;
   parallel_for(0, B * nblk, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> xa(x_direct ? 0 : blk * C), qb(blk * HD), s(blk * M), ob(blk * HD),
-        yb(kSame ? 0 : blk * Co);
+    const Scratch<acc_t> xa(ScratchSlot::kTask0, x_direct ? 0 : blk * C),
+        qb(ScratchSlot::kTask1, blk * HD), s(ScratchSlot::kTask2, blk * M),
+        ob(ScratchSlot::kTask3, blk * HD), yb(ScratchSlot::kTask4, kSame ? 0 : blk * Co);
     acc_t inv[kMaxProjBlock];
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / nblk, n0 = (task % nblk) * blk;
@@ -503,8 +505,9 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "p2c_attention_proj",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PackedLinear<acc_t> lq(q_weight, q_bias), lk(k_weight, k_bias), lv(v_weight, v_bias),
-        lp(proj_weight, proj_bias);
+    const PackedLinear<acc_t> lq(q_weight, q_bias, ScratchSlot::kCall0),
+        lk(k_weight, k_bias, ScratchSlot::kCall1), lv(v_weight, v_bias, ScratchSlot::kCall2),
+        lp(proj_weight, proj_bias, ScratchSlot::kCall3);
     p2c_proj_kernel<scalar_t>(x, c, lq, lk, lv, lp, num_heads, scale, out);
   });
   return out;
