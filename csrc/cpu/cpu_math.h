@@ -327,8 +327,10 @@ PACA_TARGET_AVX2 float row_max_f32_avx2(const float* x, int64_t n) {
 // A[i * a_row + t * a_red] (so one kernel serves A.B and A^T.B). The R*NV accumulators stay in
 // registers for the whole reduction; each step loads NV vectors of B and broadcasts R values of A
 // (compute-bound rather than load/store-bound like an axpy loop). `mask` limits the last vector
-// to the valid columns of a ragged edge.
-template <int R, int NV, bool kMasked>
+// to the valid columns of a ragged edge; kMaskB = false reads B's last vector whole anyway (a
+// zero-padded packed panel: the extra lanes only reach accumulator lanes that are never stored,
+// and an unmasked load costs less than vmaskmovps).
+template <int R, int NV, bool kMasked, bool kMaskB = kMasked>
 PACA_TARGET_AVX2 inline void tile_avx2(const float* A, int64_t a_row, int64_t a_red,
                                        const float* B, int64_t ldb, float* C, int64_t ldc,
                                        int64_t T, bool accumulate, __m256i mask) {
@@ -351,7 +353,7 @@ PACA_TARGET_AVX2 inline void tile_avx2(const float* A, int64_t a_row, int64_t a_
     __m256 bv[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
-      bv[v] = (kMasked && v == NV - 1) ? _mm256_maskload_ps(b + 8 * v, mask)
+      bv[v] = (kMaskB && v == NV - 1) ? _mm256_maskload_ps(b + 8 * v, mask)
                                         : _mm256_loadu_ps(b + 8 * v);
     }
     const float* a = A + t * a_red;
@@ -362,12 +364,19 @@ PACA_TARGET_AVX2 inline void tile_avx2(const float* A, int64_t a_row, int64_t a_
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
+  // The ragged last vector goes out through a stack copy and scalar stores: vmaskmovps stores
+  // are slow on AMD cores (they were a tenth of the time of a 100-column product).
+  [[maybe_unused]] const int valid =
+      kMasked ? __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(mask))) : 8;
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       if (kMasked && v == NV - 1) {
-        _mm256_maskstore_ps(C + i * ldc + 8 * v, mask, acc[i][v]);
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, acc[i][v]);
+        float* dst = C + i * ldc + 8 * v;
+        for (int l = 0; l < valid; ++l) dst[l] = lanes[l];
       } else {
         _mm256_storeu_ps(C + i * ldc + 8 * v, acc[i][v]);
       }
@@ -398,7 +407,8 @@ PACA_TARGET_AVX2 inline void row_block_avx2(const float* A, int64_t a_row, int64
   }
 }
 
-// One packed panel (T x 8*NV, row stride 16) against all rows of A: 6-row tiles, then the rest.
+// One packed panel (T x 8*NV, row stride 16, zero-padded to 16 columns) against all rows of A:
+// 6-row tiles, then the rest.
 template <int NV, bool kMasked>
 PACA_TARGET_AVX2 inline void panel_rows_avx2(const float* A, int64_t a_row, int64_t a_red,
                                              const float* panel, float* C, int64_t ldc,
@@ -406,17 +416,17 @@ PACA_TARGET_AVX2 inline void panel_rows_avx2(const float* A, int64_t a_row, int6
                                              __m256i mask) {
   int64_t r = 0;
   for (; r + 6 <= rows; r += 6) {
-    tile_avx2<6, NV, kMasked>(A + r * a_row, a_row, a_red, panel, 16, C + r * ldc, ldc, T,
+    tile_avx2<6, NV, kMasked, false>(A + r * a_row, a_row, a_red, panel, 16, C + r * ldc, ldc, T,
                               accumulate, mask);
   }
   const float* Ar = A + r * a_row;
   float* Cr = C + r * ldc;
   switch (rows - r) {
-    case 5: tile_avx2<5, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
-    case 4: tile_avx2<4, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
-    case 3: tile_avx2<3, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
-    case 2: tile_avx2<2, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
-    case 1: tile_avx2<1, NV, kMasked>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 5: tile_avx2<5, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 4: tile_avx2<4, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 3: tile_avx2<3, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 2: tile_avx2<2, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    case 1: tile_avx2<1, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
     default: break;
   }
 }
@@ -455,6 +465,7 @@ PACA_TARGET_AVX2 inline void gemm_avx2(const float* A, int64_t a_row, int64_t a_
         } else {
           for (int64_t t = 0; t < kc; ++t) {
             for (int64_t c = 0; c < w; ++c) panel[16 * t + c] = Bt[t * ldb + c];
+            for (int64_t c = w; c < 16; ++c) panel[16 * t + c] = 0.0f;  // read unmasked
           }
         }
         const float* At = A + t0 * a_red;
