@@ -676,7 +676,6 @@ class Scratch {
       p_ = static_cast<T*>(ScratchPool::get(slot, bytes));
     }
   }
-  Scratch(Scratch&&) = default;
   T* data() const { return p_; }
   T& operator[](int64_t i) const { return p_[i]; }
 
