@@ -25,7 +25,7 @@ from paca_kernels.testing import (
 
 pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
 
-# (B, H, W, C, M, k): odd grids, channel counts that leave masked vector tails (40, 24, 20), k = 3/5/7
+# (B, H, W, C, M, k): odd grids, channel counts that leave masked vector tails (24, 20, 33, 37), k = 3/5/7
 # larger than the grid (halo wider than the image), one cluster, and a stage-like shape.
 SHAPES = [
     (2, 7, 9, 40, 49, 7),
@@ -34,6 +34,8 @@ SHAPES = [
     (2, 14, 14, 64, 100, 7),
     (1, 1, 1, 16, 5, 5),
     (2, 9, 12, 33, 10, 5),
+    (1, 8, 10, 37, 9, 7),  # k = 7 sliding tiles with a masked channel tail and an overlapping last tile
+    (1, 4, 5, 264, 12, 3),  # C > 256: the 1x1 convs' reduction in two chunks (bias first, GELU last)
 ]
 
 

@@ -36,6 +36,7 @@ SHAPES = [
     (2, 14, 14, 64, 3),
     (1, 1, 1, 16, 3),
     (2, 3, 2, 24, 7),
+    (1, 6, 11, 45, 3),  # k = 3 sliding tiles with a masked channel tail and an overlapping last tile
 ]
 
 

@@ -39,55 +39,6 @@ constexpr const char* kOp = "paca_kernels::conv_cluster_logits";
 // stay in L2 between the three stages.
 constexpr int64_t kTilePatches = 256;
 
-// ---- GELU (exact, erf form) -------------------------------------------------------------------
-//
-// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, below float32's resolution of GELU's
-// output), with the vectorised exp of cpu_math.h; PyTorch's vectorised CPU erf uses the same
-// approximation. gelu(v) = 0.5 v (1 + erf(v / sqrt 2)).
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-PACA_ALWAYS_INLINE v8f gelu_v8(v8f v) {
-  const v8f u = v * 0.70710678118654752f;
-  const v8f a = u < 0.0f ? -u : u;
-  const v8f t = 1.0f / (1.0f + 0.3275911f * a);
-  v8f p = v8f{} + 1.061405429f;
-  p = p * t + -1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t + -0.284496736f;
-  p = p * t + 0.254829592f;
-  p = p * t;
-  const v8f e = 1.0f - p * exp_v8(-a * a);  // erf(|u|)
-  const v8f erf_u = u < 0.0f ? -e : e;
-  return 0.5f * v * (1.0f + erf_u);
-}
-
-PACA_ALWAYS_INLINE void gelu_impl(float* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    v8f v;
-    std::memcpy(&v, x + i, sizeof(v));
-    v = gelu_v8(v);
-    std::memcpy(x + i, &v, sizeof(v));
-  }
-  if (i < n) {
-    v8f v = v8f{};
-    for (int64_t j = 0; j < n - i; ++j) v[j] = x[i + j];
-    v = gelu_v8(v);
-    for (int64_t j = 0; j < n - i; ++j) x[i + j] = v[j];
-  }
-}
-#pragma GCC diagnostic pop
-#else
-PACA_ALWAYS_INLINE void gelu_impl(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678f));
-}
-#endif
-
-inline void gelu_inplace(double* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = 0.5 * x[i] * (1.0 + std::erf(x[i] * 0.70710678118654752440));
-}
-
 // ---- depthwise k x k convolution of one band of rows -------------------------------------------
 //
 // out[r, j, :] = bias + sum_{ky, kx} in[r + ky, j + kx, :] * wt[ky * k + kx, :], with `in` the
@@ -148,66 +99,17 @@ void dwconv_rows_impl(const T* img, int64_t px, int64_t y_base, int64_t H, int64
 
 using DwFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t,
                       int64_t, int64_t);
-using GeluFn = void (*)(float*, int64_t);
 using DwDirectFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                             const float*, const float*, const float*, bool, float*, int64_t,
                             int64_t);
-using TransposeFn = void (*)(const float*, int64_t, int64_t, int64_t, float*, int64_t);
 
-// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
-void transpose_f32_base(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
-                        int64_t ldd) {
-  // Blocks of 32 source rows keep their lines in L1 while they are read column by column.
-  for (int64_t r0 = 0; r0 < rows; r0 += 32) {
-    const int64_t r1 = std::min(rows, r0 + 32);
-    for (int64_t c = 0; c < cols; ++c) {
-      for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
-    }
-  }
-}
 
 void dwconv_band_f32_base(const float* in, int64_t in_w, const float* wt, const float* bias,
                           float* out, int64_t rows, int64_t W, int64_t C, int64_t k) {
   dwconv_band_impl(in, in_w, wt, bias, out, rows, W, C, k);
 }
-void gelu_f32_base(float* x, int64_t n) { gelu_impl(x, n); }
 
 #if PACA_X86_DISPATCH
-// GELU with FMAs and exp_avx2 (same A&S 7.1.26 erf as gelu_v8).
-PACA_TARGET_AVX2 PACA_ALWAYS_INLINE __m256 gelu_avx2(__m256 v) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 u = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
-  const __m256 a = _mm256_andnot_ps(sign, u);
-  // t = 1 / (1 + 0.3275911 a): the approximate reciprocal (12 bits) plus one Newton step
-  // (about 23 bits, below the erf formula's own 1.5e-7 error) costs a third of a vdivps. |u| is
-  // capped at 1e6 here (erf is 1 long before) so that u = inf gives t = 0, not 0 * inf; a NaN
-  // still propagates through the exp below.
-  const __m256 a_t = _mm256_min_ps(a, _mm256_set1_ps(1e6f));
-  const __m256 den = _mm256_fmadd_ps(a_t, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f));
-  const __m256 r0 = _mm256_rcp_ps(den);
-  const __m256 t = _mm256_mul_ps(r0, _mm256_fnmadd_ps(den, r0, _mm256_set1_ps(2.0f)));
-  __m256 p = _mm256_set1_ps(1.061405429f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-  p = _mm256_mul_ps(p, t);
-  const __m256 ex = exp_avx2(_mm256_mul_ps(_mm256_xor_ps(a, sign), a));  // exp(-a^2)
-  const __m256 e = _mm256_fnmadd_ps(p, ex, _mm256_set1_ps(1.0f));       // erf(|u|)
-  const __m256 erf_u = _mm256_or_ps(e, _mm256_and_ps(u, sign));          // erf(u), odd
-  const __m256 hv = _mm256_mul_ps(v, _mm256_set1_ps(0.5f));
-  return _mm256_fmadd_ps(hv, erf_u, hv);
-}
-
-PACA_TARGET_AVX2 void gelu_f32_avx2(float* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu_avx2(_mm256_loadu_ps(x + i)));
-  if (i < n) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    _mm256_maskstore_ps(x + i, mask, gelu_avx2(_mm256_maskload_ps(x + i, mask)));
-  }
-}
 
 // AVX2+FMA: P output pixels x NV vectors of 8 channels are accumulated in registers over the
 // nky x nkx taps of their window (each tap's weight vectors are loaded once and reused for the P
@@ -309,10 +211,102 @@ PACA_TARGET_AVX2 void dwconv_band_f32_avx2(const float* in, int64_t in_w, const 
   }
 }
 
+// Sliding-window tile for a compile-time kernel width K: P adjacent output pixels of one image row
+// x 8 channels. Per tap row, the K weight vectors are loaded once into registers and each input
+// pixel once, then feeds every output whose window holds it (up to K of the P accumulators): P + K
+// - 1 input loads and K weight loads for P * K FMAs (P = 7, K = 7: 20 loads for 49 FMAs), where
+// dw_tile_avx2 loads an input vector and a weight for every FMA or two. The depthwise convolution
+// is load-bound otherwise.
+//
+// `in` is the first valid tap row at output pixel 0's column (the window's columns are at offsets
+// (i - pad) * in_px, i < P + K - 1); inputs i < ilo or i >= ihi lie outside the image and are
+// skipped, exactly as dw_tile_avx2 clips the window (their taps would add exact zeros). Each
+// output's sum runs over the taps in the same order (ky, then kx) as dw_tile_avx2: same bits.
+template <int K, int P, bool kMasked, bool kInBias>
+PACA_TARGET_AVX2 PACA_ALWAYS_INLINE void dw_slide_avx2(const float* in, int64_t in_row,
+                                                       int64_t in_px, const float* wt,
+                                                       int64_t nky, int ilo, int ihi,
+                                                       const float* bias, const float* in_bias,
+                                                       bool gelu, float* out, int64_t C,
+                                                       __m256i mask) {
+  constexpr int kPad = (K - 1) / 2;
+  const auto load = [mask](const float* p) PACA_TARGET_AVX2 {
+    return kMasked ? _mm256_maskload_ps(p, mask) : _mm256_loadu_ps(p);
+  };
+  const __m256 b0 = bias == nullptr ? _mm256_setzero_ps() : load(bias);
+  __m256 acc[P];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) acc[p] = b0;
+  [[maybe_unused]] __m256 ib;
+  if constexpr (kInBias) ib = load(in_bias);
+  for (int64_t ky = 0; ky < nky; ++ky) {
+    const float* irow = in + ky * in_row;
+    __m256 w[K];
+#pragma GCC unroll 16
+    for (int kx = 0; kx < K; ++kx) w[kx] = load(wt + (ky * K + kx) * C);
+#pragma GCC unroll 32
+    for (int i = 0; i < P + K - 1; ++i) {
+      if (i < ilo || i >= ihi) continue;
+      __m256 xv = load(irow + (i - kPad) * in_px);
+      if constexpr (kInBias) xv = _mm256_add_ps(xv, ib);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        // Output p takes input i through tap kx = i - p (increasing kx order, as i increases).
+        if (i - p >= 0 && i - p < K) acc[p] = _mm256_fmadd_ps(xv, w[i - p], acc[p]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    const __m256 r = gelu ? gelu_avx2(acc[p]) : acc[p];
+    if constexpr (kMasked) {
+      _mm256_maskstore_ps(out + p * C, mask, r);
+    } else {
+      _mm256_storeu_ps(out + p * C, r);
+    }
+  }
+}
+
+// One output row (W pixels, all C channels) of a K-wide depthwise convolution by sliding tiles of P
+// pixels; a last tile that would stick out is moved left to end at the row's end (it recomputes a
+// few outputs, with the same bits). Needs W >= P. `in` is the first valid tap row at column 0, `wt`
+// that tap row's weights, out the row's first output (pixel stride C).
+template <int K, int P, bool kInBias>
+PACA_TARGET_AVX2 void dw_row_slide_avx2(const float* in, int64_t in_row, int64_t in_px,
+                                        int64_t W, const float* wt, int64_t nky,
+                                        const float* bias, const float* in_bias, bool gelu,
+                                        float* out, int64_t C) {
+  constexpr int kPad = (K - 1) / 2;
+  const auto at = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
+  int64_t c = 0;
+  for (; c < C; c += 8) {
+    const bool masked = C - c < 8;
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(C - c)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int64_t j0 = 0; j0 < W; j0 += P) {
+      const int64_t j = std::min<int64_t>(j0, W - P);
+      // Window inputs i (column j - pad + i) that fall inside the image.
+      const int ilo = static_cast<int>(std::max<int64_t>(0, kPad - j));
+      const int ihi = static_cast<int>(std::min<int64_t>(P + K - 1, W + kPad - j));
+      const float* ip = in + j * in_px + c;
+      float* op = out + j * C + c;
+      if (masked) {
+        dw_slide_avx2<K, P, true, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi, at(bias, c),
+                                           at(in_bias, c), gelu, op, C, mask);
+      } else {
+        dw_slide_avx2<K, P, false, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi, at(bias, c),
+                                            at(in_bias, c), gelu, op, C, mask);
+      }
+    }
+  }
+}
+
 // Image rows y0 .. y0 + rows - 1 of the depthwise convolution, read straight from the image
 // (float32, channels contiguous, `px` floats between pixels, pixel (y, j) at
-// img[((y - y_base)*W + j)*px]: img may hold only the rows from y_base on): no padded copy. Each pixel's window is clipped to the image; pixels whose window is whole
-// (all but the (k-1)/2 columns at each side) go four at a time.
+// img[((y - y_base)*W + j)*px]: img may hold only the rows from y_base on): no padded copy. Each
+// pixel's window is clipped to the image. Kernel widths 3, 5 and 7 go through the sliding tiles
+// above; other widths take pixels whose window is whole (all but the (k-1)/2 columns at each side)
+// four at a time, the others one by one.
 template <bool kInBias>
 PACA_TARGET_AVX2 void dwconv_direct_avx2(const float* img, int64_t px, int64_t y_base, int64_t H,
                                          int64_t W, int64_t y0, int64_t rows, const float* wt,
@@ -324,6 +318,22 @@ PACA_TARGET_AVX2 void dwconv_direct_avx2(const float* img, int64_t px, int64_t y
     const int64_t ky0 = std::max<int64_t>(0, pad - y), ky1 = std::min<int64_t>(k, H + pad - y);
     const int64_t row0 = y - pad + ky0 - y_base;  // first valid tap row, relative to img
     float* orow = out + r * W * C;
+    // The common kernel widths slide (7: the clustering head, 3: the MLP's DWConv).
+    if (k == 7 && W >= 7) {
+      dw_row_slide_avx2<7, 7, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
+                                       ky1 - ky0, bias, in_bias, gelu, orow, C);
+      continue;
+    }
+    if (k == 5 && W >= 8) {
+      dw_row_slide_avx2<5, 8, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
+                                       ky1 - ky0, bias, in_bias, gelu, orow, C);
+      continue;
+    }
+    if (k == 3 && W >= 8) {
+      dw_row_slide_avx2<3, 8, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
+                                       ky1 - ky0, bias, in_bias, gelu, orow, C);
+      continue;
+    }
     int64_t j = 0;
     while (j < W) {
       if (j >= pad && j + 4 <= W - pad) {
@@ -354,49 +364,12 @@ PACA_TARGET_AVX2 void dwconv_direct_f32_avx2(const float* img, int64_t px, int64
 }
 
 
-// dst[c * ldd + r] = src[r * lds + c]: 8 x 8 blocks transposed in registers (the logits tile
-// (patches x M) into the (M, N) output rows), the ragged edges by the scalar loop.
-PACA_TARGET_AVX2 void transpose_f32_avx2(const float* src, int64_t lds, int64_t rows,
-                                         int64_t cols, float* dst, int64_t ldd) {
-  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
-  for (int64_t r = 0; r < r8; r += 8) {
-    for (int64_t c = 0; c < c8; c += 8) {
-      __m256 v[8];
-      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + (r + i) * lds + c);
-      // Standard 8x8 transpose: unpack pairs, shuffle quads, swap 128-bit halves.
-      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-      const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-      const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-      const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-      _mm256_storeu_ps(dst + (c + 0) * ldd + r, _mm256_permute2f128_ps(u0, u4, 0x20));
-      _mm256_storeu_ps(dst + (c + 1) * ldd + r, _mm256_permute2f128_ps(u1, u5, 0x20));
-      _mm256_storeu_ps(dst + (c + 2) * ldd + r, _mm256_permute2f128_ps(u2, u6, 0x20));
-      _mm256_storeu_ps(dst + (c + 3) * ldd + r, _mm256_permute2f128_ps(u3, u7, 0x20));
-      _mm256_storeu_ps(dst + (c + 4) * ldd + r, _mm256_permute2f128_ps(u0, u4, 0x31));
-      _mm256_storeu_ps(dst + (c + 5) * ldd + r, _mm256_permute2f128_ps(u1, u5, 0x31));
-      _mm256_storeu_ps(dst + (c + 6) * ldd + r, _mm256_permute2f128_ps(u2, u6, 0x31));
-      _mm256_storeu_ps(dst + (c + 7) * ldd + r, _mm256_permute2f128_ps(u3, u7, 0x31));
-    }
-    for (int64_t c = c8; c < cols; ++c) {
-      for (int64_t i = 0; i < 8; ++i) dst[c * ldd + r + i] = src[(r + i) * lds + c];
-    }
-  }
-  for (int64_t r = r8; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
-  }
-}
 #endif
 
 struct HeadKernels {
   DwFn dwconv = dwconv_band_f32_base;
-  GeluFn gelu = gelu_f32_base;
   // The unpadded float32 convolution; none in the baseline build (which copies a padded band).
   DwDirectFn dwconv_direct = nullptr;
-  TransposeFn transpose = transpose_f32_base;
   static const HeadKernels& get() {
     static const HeadKernels k = [] {
       HeadKernels r;
@@ -405,9 +378,7 @@ struct HeadKernels {
       // PACA_KERNELS_CPU_ISA allow the AVX2 build.
       if (Float32Kernels::get().gemm_nn != gemm_nn_f32_base) {
         r.dwconv = dwconv_band_f32_avx2;
-        r.gelu = gelu_f32_avx2;
         r.dwconv_direct = dwconv_direct_f32_avx2;
-        r.transpose = transpose_f32_avx2;
       }
 #endif
       return r;
@@ -424,7 +395,6 @@ inline void dwconv_band(const double* in, int64_t in_w, const double* wt, const 
                         double* out, int64_t rows, int64_t W, int64_t C, int64_t k) {
   dwconv_band_impl(in, in_w, wt, bias, out, rows, W, C, k);
 }
-inline void gelu_inplace(float* x, int64_t n) { HeadKernels::get().gelu(x, n); }
 
 // Depthwise convolution of image rows y0 .. y0 + rows - 1 read in place (see dwconv_rows_impl),
 // GELU applied if `gelu`: the AVX2 kernel for float32 where available.
@@ -549,17 +519,13 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
         dwconv_band(band.data(), in_w, prm.dw_t.data(), dw_b, t0.data(), nr, W, C, k);
         gelu_inplace(t0.data(), nt * C);
       }
-      for (int64_t i = 0; i < nt; ++i) std::copy(prm.b1.begin(), prm.b1.end(), t1.data() + i * C);
-      prm.w1_t.mul(t0.data(), C, t1.data(), C, nt, /*accumulate=*/true);
-      gelu_inplace(t1.data(), nt * C);
-      if (prm.has_b2) {
-        for (int64_t i = 0; i < nt; ++i) std::copy(prm.b2.begin(), prm.b2.end(), lt.data() + i * M);
-      }
-      prm.w2_t.mul(t1.data(), C, lt.data(), M, nt, prm.has_b2);
+      prm.w1_t.linear(t0.data(), C, t1.data(), C, nt, prm.b1.data(), /*gelu=*/true);
+      prm.w2_t.linear(t1.data(), C, lt.data(), M, nt, prm.has_b2 ? prm.b2.data() : nullptr,
+                      /*gelu=*/false);
       // (nt, M) tile -> out[b, :, n0 : n0 + nt], per cluster one contiguous run.
       scalar_t* ob = op + b * M * N + n0;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        HeadKernels::get().transpose(lt.data(), M, nt, M, ob, N);
+        transpose(lt.data(), M, nt, M, ob, N);
       } else {
         // Blocks of 32 patches keep the block's tile rows in L1 while it is read column by column.
         for (int64_t i0 = 0; i0 < nt; i0 += 32) {
@@ -813,10 +779,7 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
         } else {
           dst = ob.data();
         }
-        if (b2 != nullptr) {
-          for (int64_t i = 0; i < nt; ++i) std::copy(b2, b2 + Co, dst + i * Co);
-        }
-        w2_t.mul(g.data(), Hd, dst, Co, nt, b2 != nullptr);
+        w2_t.linear(g.data(), Hd, dst, Co, nt, b2, /*gelu=*/false);
         if constexpr (!kInPlaceA) {
           scalar_t* o = op + (b * N + y * W) * Co;
           for (int64_t i = 0; i < nt * Co; ++i) o[i] = static_cast<scalar_t>(dst[i]);

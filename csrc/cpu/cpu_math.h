@@ -232,16 +232,79 @@ PACA_ALWAYS_INLINE T row_max_impl(const T* x, int64_t n) {
   return m;
 }
 
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
+template <typename T>
+void transpose_impl(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  // Blocks of 32 source rows keep their lines in L1 while they are read column by column.
+  for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+    const int64_t r1 = std::min(rows, r0 + 32);
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = src[r * lds + c];
+    }
+  }
+}
+
+// ---- GELU (exact, erf form) -------------------------------------------------------------------
+//
+// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, below float32's resolution of GELU's
+// output), with the vectorised exp of cpu_math.h; PyTorch's vectorised CPU erf uses the same
+// approximation. gelu(v) = 0.5 v (1 + erf(v / sqrt 2)).
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+PACA_ALWAYS_INLINE v8f gelu_v8(v8f v) {
+  const v8f u = v * 0.70710678118654752f;
+  const v8f a = u < 0.0f ? -u : u;
+  const v8f t = 1.0f / (1.0f + 0.3275911f * a);
+  v8f p = v8f{} + 1.061405429f;
+  p = p * t + -1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t + -0.284496736f;
+  p = p * t + 0.254829592f;
+  p = p * t;
+  const v8f e = 1.0f - p * exp_v8(-a * a);  // erf(|u|)
+  const v8f erf_u = u < 0.0f ? -e : e;
+  return 0.5f * v * (1.0f + erf_u);
+}
+
+PACA_ALWAYS_INLINE void gelu_impl(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v8f v;
+    std::memcpy(&v, x + i, sizeof(v));
+    v = gelu_v8(v);
+    std::memcpy(x + i, &v, sizeof(v));
+  }
+  if (i < n) {
+    v8f v = v8f{};
+    for (int64_t j = 0; j < n - i; ++j) v[j] = x[i + j];
+    v = gelu_v8(v);
+    for (int64_t j = 0; j < n - i; ++j) x[i + j] = v[j];
+  }
+}
+#pragma GCC diagnostic pop
+#else
+PACA_ALWAYS_INLINE void gelu_impl(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678f));
+}
+#endif
+
+inline void gelu_inplace(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = 0.5 * x[i] * (1.0 + std::erf(x[i] * 0.70710678118654752440));
+}
+
 // ---- float32 entry points: the baseline build of the templates, and AVX2+FMA kernels --------
 
 using GemmPackedFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t,
-                              int64_t, int64_t, bool);
+                              int64_t, int64_t, bool, const float*, bool);
 using GemmNNFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
                           int64_t, int64_t, bool);
 using GemmTNFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
                           int64_t, int64_t);
 using ExpFn = float (*)(const float*, float, float*, int64_t);
 using MaxFn = float (*)(const float*, int64_t);
+using TransposeFn = void (*)(const float*, int64_t, int64_t, int64_t, float*, int64_t);
+using GeluFn = void (*)(float*, int64_t);
 
 void gemm_nn_f32_base(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                       int64_t ldc, int64_t rows, int64_t K, int64_t cols, bool accumulate) {
@@ -255,6 +318,11 @@ float exp_shifted_f32_base(const float* in, float shift, float* out, int64_t n) 
   return exp_shifted_impl(in, shift, out, n);
 }
 float row_max_f32_base(const float* x, int64_t n) { return row_max_impl(x, n); }
+void gelu_f32_base(float* x, int64_t n) { gelu_impl(x, n); }
+void transpose_f32_base(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                        int64_t ldd) {
+  transpose_impl(src, lds, rows, cols, dst, ldd);
+}
 
 #if PACA_X86_DISPATCH
 // The same Cephes exp as exp_v8, with FMAs (the compiler does not contract a*b+c here).
@@ -323,6 +391,42 @@ PACA_TARGET_AVX2 float row_max_f32_avx2(const float* x, int64_t n) {
   return r;
 }
 
+// GELU with FMAs and exp_avx2 (same A&S 7.1.26 erf as gelu_v8).
+PACA_TARGET_AVX2 PACA_ALWAYS_INLINE __m256 gelu_avx2(__m256 v) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 u = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 a = _mm256_andnot_ps(sign, u);
+  // t = 1 / (1 + 0.3275911 a): the approximate reciprocal (12 bits) plus one Newton step
+  // (about 23 bits, below the erf formula's own 1.5e-7 error) costs a third of a vdivps. |u| is
+  // capped at 1e6 here (erf is 1 long before) so that u = inf gives t = 0, not 0 * inf; a NaN
+  // still propagates through the exp below.
+  const __m256 a_t = _mm256_min_ps(a, _mm256_set1_ps(1e6f));
+  const __m256 den = _mm256_fmadd_ps(a_t, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f));
+  const __m256 r0 = _mm256_rcp_ps(den);
+  const __m256 t = _mm256_mul_ps(r0, _mm256_fnmadd_ps(den, r0, _mm256_set1_ps(2.0f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 ex = exp_avx2(_mm256_mul_ps(_mm256_xor_ps(a, sign), a));  // exp(-a^2)
+  const __m256 e = _mm256_fnmadd_ps(p, ex, _mm256_set1_ps(1.0f));       // erf(|u|)
+  const __m256 erf_u = _mm256_or_ps(e, _mm256_and_ps(u, sign));          // erf(u), odd
+  const __m256 hv = _mm256_mul_ps(v, _mm256_set1_ps(0.5f));
+  return _mm256_fmadd_ps(hv, erf_u, hv);
+}
+
+PACA_TARGET_AVX2 void gelu_f32_avx2(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu_avx2(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(x + i, mask, gelu_avx2(_mm256_maskload_ps(x + i, mask)));
+  }
+}
+
 // Register-blocked tile: C[R x (8*NV)] (+)= sum_{t < T} A(i, t) * B[t, cols], with A(i, t) at
 // A[i * a_row + t * a_red] (so one kernel serves A.B and A^T.B). The R*NV accumulators stay in
 // registers for the whole reduction; each step loads NV vectors of B and broadcasts R values of A
@@ -330,17 +434,24 @@ PACA_TARGET_AVX2 float row_max_f32_avx2(const float* x, int64_t n) {
 // to the valid columns of a ragged edge; kMaskB = false reads B's last vector whole anyway (a
 // zero-padded packed panel: the extra lanes only reach accumulator lanes that are never stored,
 // and an unmasked load costs less than vmaskmovps).
+//
+// init (the tile's 8*NV columns of a bias row, or nullptr for zeros) starts the sums when not
+// accumulating; gelu applies GELU to the sums as they are stored (the same bits as storing them and
+// running gelu_inplace after).
 template <int R, int NV, bool kMasked, bool kMaskB = kMasked>
 PACA_TARGET_AVX2 inline void tile_avx2(const float* A, int64_t a_row, int64_t a_red,
                                        const float* B, int64_t ldb, float* C, int64_t ldc,
-                                       int64_t T, bool accumulate, __m256i mask) {
+                                       int64_t T, bool accumulate, __m256i mask,
+                                       const float* init = nullptr, bool gelu = false) {
   __m256 acc[R][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       if (!accumulate) {
-        acc[i][v] = _mm256_setzero_ps();
+        acc[i][v] = init == nullptr ? _mm256_setzero_ps()
+                    : (kMasked && v == NV - 1) ? _mm256_maskload_ps(init + 8 * v, mask)
+                                               : _mm256_loadu_ps(init + 8 * v);
       } else if (kMasked && v == NV - 1) {
         acc[i][v] = _mm256_maskload_ps(C + i * ldc + 8 * v, mask);
       } else {
@@ -372,6 +483,7 @@ PACA_TARGET_AVX2 inline void tile_avx2(const float* A, int64_t a_row, int64_t a_
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
+      if (gelu) acc[i][v] = gelu_avx2(acc[i][v]);
       if (kMasked && v == NV - 1) {
         alignas(32) float lanes[8];
         _mm256_store_ps(lanes, acc[i][v]);
@@ -413,22 +525,29 @@ template <int NV, bool kMasked>
 PACA_TARGET_AVX2 inline void panel_rows_avx2(const float* A, int64_t a_row, int64_t a_red,
                                              const float* panel, float* C, int64_t ldc,
                                              int64_t rows, int64_t T, bool accumulate,
-                                             __m256i mask) {
+                                             __m256i mask, const float* init = nullptr,
+                                             bool gelu = false) {
   int64_t r = 0;
   for (; r + 6 <= rows; r += 6) {
     tile_avx2<6, NV, kMasked, false>(A + r * a_row, a_row, a_red, panel, 16, C + r * ldc, ldc, T,
-                              accumulate, mask);
+                                     accumulate, mask, init, gelu);
   }
   const float* Ar = A + r * a_row;
   float* Cr = C + r * ldc;
+#define PACA_PANEL_TAIL(R)                                                                        \
+  case R:                                                                                         \
+    tile_avx2<R, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask,   \
+                                     init, gelu);                                                 \
+    break;
   switch (rows - r) {
-    case 5: tile_avx2<5, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
-    case 4: tile_avx2<4, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
-    case 3: tile_avx2<3, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
-    case 2: tile_avx2<2, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
-    case 1: tile_avx2<1, NV, kMasked, false>(Ar, a_row, a_red, panel, 16, Cr, ldc, T, accumulate, mask); break;
+    PACA_PANEL_TAIL(5)
+    PACA_PANEL_TAIL(4)
+    PACA_PANEL_TAIL(3)
+    PACA_PANEL_TAIL(2)
+    PACA_PANEL_TAIL(1)
     default: break;
   }
+#undef PACA_PANEL_TAIL
 }
 
 // Reduction steps per packed panel: a 256 x 16 float panel is 16 KiB, half of a 32 KiB L1d.
@@ -497,27 +616,33 @@ PACA_TARGET_AVX2 inline void gemm_avx2(const float* A, int64_t a_row, int64_t a_
   }
 }
 
-// C[r, :] (+)= sum_t A[r, t] P[t, :] with P pre-packed by pack_panels (16-column panels, each
+// C[r, :] (+)= sum_t A[r, t] P[t, :] with P pre-packed by PackedMatrix (16-column panels, each
 // T x 16 contiguous): gemm_avx2's panel path without packing on every call, for the constant
 // weights that every task of a kernel multiplies by. Same sums in the same order as gemm_nn.
+// bias (cols,), only when not accumulating: the sums start from it (as if C's rows held it and
+// were accumulated into). gelu: GELU applied to the finished sums as they are stored.
 PACA_TARGET_AVX2 void gemm_packed_f32_avx2(const float* A, int64_t lda, const float* P, float* C,
                                            int64_t ldc, int64_t rows, int64_t T, int64_t cols,
-                                           bool accumulate) {
+                                           bool accumulate, const float* bias, bool gelu) {
   for (int64_t j = 0; j < cols; j += 16) {
     const int64_t w = std::min<int64_t>(16, cols - j);
     const int64_t last = w > 8 ? w - 8 : w;
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const float* panel = P + (j / 16) * T * 16;
+    const float* init = bias == nullptr ? nullptr : bias + j;
     for (int64_t t0 = 0; t0 < T; t0 += kPanelSteps) {
       const int64_t kc = std::min(kPanelSteps, T - t0);
       const bool acc = accumulate || t0 > 0;
+      const bool act = gelu && t0 + kc == T;  // after the last chunk of the reduction
+      const float* a = A + t0;
+      const float* pt = panel + 16 * t0;
       if (w == 16) {
-        panel_rows_avx2<2, false>(A + t0, lda, 1, panel + 16 * t0, C + j, ldc, rows, kc, acc, mask);
+        panel_rows_avx2<2, false>(a, lda, 1, pt, C + j, ldc, rows, kc, acc, mask, init, act);
       } else if (w > 8) {
-        panel_rows_avx2<2, true>(A + t0, lda, 1, panel + 16 * t0, C + j, ldc, rows, kc, acc, mask);
+        panel_rows_avx2<2, true>(a, lda, 1, pt, C + j, ldc, rows, kc, acc, mask, init, act);
       } else {
-        panel_rows_avx2<1, true>(A + t0, lda, 1, panel + 16 * t0, C + j, ldc, rows, kc, acc, mask);
+        panel_rows_avx2<1, true>(a, lda, 1, pt, C + j, ldc, rows, kc, acc, mask, init, act);
       }
     }
   }
@@ -536,6 +661,43 @@ PACA_TARGET_AVX2 void gemm_tn_acc_f32_avx2(const float* A, int64_t lda, const fl
   // C[k, :] += sum_r A[r, k] B[r, :]: C has K rows, the reduction runs over the `rows` rows.
   gemm_avx2(A, 1, lda, B, ldb, C, ldc, K, rows, cols, /*accumulate=*/true);
 }
+
+// dst[c * ldd + r] = src[r * lds + c]: 8 x 8 blocks transposed in registers (the clustering head's
+// logits tile into the (M, N) output rows, the keys into their per-head (d x M) layout), the ragged
+// edges by the scalar loop.
+PACA_TARGET_AVX2 void transpose_f32_avx2(const float* src, int64_t lds, int64_t rows,
+                                         int64_t cols, float* dst, int64_t ldd) {
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t r = 0; r < r8; r += 8) {
+    for (int64_t c = 0; c < c8; c += 8) {
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + (r + i) * lds + c);
+      // Standard 8x8 transpose: unpack pairs, shuffle quads, swap 128-bit halves.
+      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      _mm256_storeu_ps(dst + (c + 0) * ldd + r, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(dst + (c + 1) * ldd + r, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(dst + (c + 2) * ldd + r, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(dst + (c + 3) * ldd + r, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(dst + (c + 4) * ldd + r, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(dst + (c + 5) * ldd + r, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(dst + (c + 6) * ldd + r, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(dst + (c + 7) * ldd + r, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (int64_t c = c8; c < cols; ++c) {
+      for (int64_t i = 0; i < 8; ++i) dst[c * ldd + r + i] = src[(r + i) * lds + c];
+    }
+  }
+  for (int64_t r = r8; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
 #endif  // PACA_X86_DISPATCH
 
 // The float32 kernels for this CPU, chosen once (cpuid) on first use.
@@ -547,6 +709,8 @@ struct Float32Kernels {
   ExpFn exp_shifted = exp_shifted_f32_base;
   MaxFn row_max = row_max_f32_base;
   GemmPackedFn gemm_packed = nullptr;  // AVX2 build only (PackedMatrix falls back to gemm_nn)
+  TransposeFn transpose = transpose_f32_base;
+  GeluFn gelu = gelu_f32_base;
 
   static const Float32Kernels& get() {
     static const Float32Kernels k = [] {
@@ -561,6 +725,8 @@ struct Float32Kernels {
         r.exp_shifted = exp_shifted_f32_avx2;
         r.row_max = row_max_f32_avx2;
         r.gemm_packed = gemm_packed_f32_avx2;
+        r.transpose = transpose_f32_avx2;
+        r.gelu = gelu_f32_avx2;
       }
 #endif
       return r;
@@ -594,6 +760,17 @@ inline float exp_shifted(const float* in, float shift, float* out, int64_t n) {
 inline double exp_shifted(const double* in, double shift, double* out, int64_t n) {
   return exp_shifted_impl(in, shift, out, n);
 }
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
+inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                      int64_t ldd) {
+  Float32Kernels::get().transpose(src, lds, rows, cols, dst, ldd);
+}
+inline void transpose(const double* src, int64_t lds, int64_t rows, int64_t cols, double* dst,
+                      int64_t ldd) {
+  transpose_impl(src, lds, rows, cols, dst, ldd);
+}
+// x[i] = GELU(x[i]) (exact erf form) for i < n.
+inline void gelu_inplace(float* x, int64_t n) { Float32Kernels::get().gelu(x, n); }
 // Maximum of n values; NaN entries are skipped (they propagate through the exp instead).
 inline float row_max(const float* x, int64_t n) { return Float32Kernels::get().row_max(x, n); }
 inline double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
@@ -714,6 +891,10 @@ struct PackedMatrix {
         const int64_t o0 = p * 16, o1 = std::min<int64_t>(cols, o0 + 16);
         if (packed) {  // W's row o is column o % 16 of panel o / 16
           T* panel = dst + p * steps * 16;
+          if (o1 - o0 == 16) {  // a whole panel: the transpose of W's 16 rows, in 8 x 8 blocks
+            transpose(src + o0 * steps, steps, 16, steps, panel, 16);
+            continue;
+          }
           for (int64_t i = 0; i < steps; ++i) {
             T* d = panel + i * 16;
             for (int64_t o = o0; o < o1; ++o) d[o - o0] = src[o * steps + i];
@@ -737,11 +918,32 @@ struct PackedMatrix {
     if constexpr (std::is_same_v<T, float>) {
       if (packed) {
         Float32Kernels::get().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols,
-                                          accumulate);
+                                          accumulate, nullptr, false);
         return;
       }
     }
     gemm_nn(A, lda, store.data(), cols, C, ldc, rows, steps, cols, accumulate);
+  }
+  // C[r, :] = act(bias + sum_t A[r, t] B[t, :]) for r < rows: a linear layer, bias (cols,) or
+  // nullptr, act GELU if gelu else the identity. The packed kernel starts its sums from the bias
+  // and applies GELU as it stores them (no passes over C before and after); the other builds do
+  // those passes. Both give the bits of the bias copy + accumulate + gelu_inplace sequence.
+  void linear(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, const T* bias,
+              bool gelu) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed) {
+        Float32Kernels::get().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols,
+                                          /*accumulate=*/false, bias, gelu);
+        return;
+      }
+    }
+    if (bias != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) std::copy(bias, bias + cols, C + r * ldc);
+    }
+    gemm_nn(A, lda, store.data(), cols, C, ldc, rows, steps, cols, bias != nullptr);
+    if (gelu) {
+      for (int64_t r = 0; r < rows; ++r) gelu_inplace(C + r * ldc, cols);
+    }
   }
 };
 

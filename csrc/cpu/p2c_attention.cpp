@@ -344,10 +344,7 @@ struct PackedLinear {
   }
   // Y[r, :] = A[r, :] . W^T + bias for r < rows (A row stride lda, Y row stride ldy).
   void apply(const acc_t* A, int64_t lda, acc_t* Y, int64_t ldy, int64_t rows) const {
-    if (!bias.empty()) {
-      for (int64_t i = 0; i < rows; ++i) std::copy(bias.begin(), bias.end(), Y + i * ldy);
-    }
-    wt.mul(A, lda, Y, ldy, rows, /*accumulate=*/!bias.empty());
+    wt.linear(A, lda, Y, ldy, rows, bias.empty() ? nullptr : bias.data(), /*gelu=*/false);
   }
 };
 
@@ -368,12 +365,12 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
   const acc_t sc = static_cast<acc_t>(scale);
 
   // Keys and values of the M cluster tokens, k = c . Wk^T + bk and v = c . Wv^T + bv (M x h*d per
-  // image, in acc_t: never rounded to the input dtype), packed per (b, head) as the attention
-  // reads them: keys scaled and transposed (d x M), values as they are (M x d). One task per
-  // (image, k or v).
-  const Scratch<acc_t> kt(ScratchSlot::kCall4, B * H * M * D), vv(ScratchSlot::kCall5, B * H * M * D);
+  // image, in acc_t: never rounded to the input dtype), laid out as the attention reads them: the
+  // keys scaled and transposed (h*d x M per image: head hd's d x M block at row hd*d), the values
+  // per head (M x d per (image, head)). One task per (image, k or v).
+  const Scratch<acc_t> kt(ScratchSlot::kCall4, B * HD * M), vv(ScratchSlot::kCall5, B * M * HD);
   parallel_for(0, 2 * B, 1, [&](int64_t lo, int64_t hi) {
-    const Scratch<acc_t> ca(ScratchSlot::kTask0, M * C), kv(ScratchSlot::kTask1, M * HD);
+    const Scratch<acc_t> ca(ScratchSlot::kTask0, M * C), kb(ScratchSlot::kTask1, M * HD);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / 2;
       const bool is_k = task % 2 == 0;
@@ -381,20 +378,21 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       for (int64_t m = 0; m < M; ++m) {
         for (int64_t j = 0; j < C; ++j) ca[m * C + j] = static_cast<acc_t>(cb[m * sc_[1] + j * sc_[2]]);
       }
-      (is_k ? lk : lv).apply(ca.data(), C, kv.data(), HD, M);
-      for (int64_t hd = 0; hd < H; ++hd) {
-        const acc_t* src = kv.data() + hd * D;
-        acc_t* dst = (is_k ? kt.data() : vv.data()) + (b * H + hd) * M * D;
-        for (int64_t m = 0; m < M; ++m) {
-          for (int64_t j = 0; j < D; ++j) {
-            if (is_k) {
-              dst[j * M + m] = src[m * HD + j] * sc;
-            } else {
-              dst[m * D + j] = src[m * HD + j];
-            }
+      if (!is_k) {
+        // Each head's values as one contiguous (M x d) block: the attention's B operand then
+        // spans 100 adjacent rows in cache, not 100 rows h*d apart.
+        lv.apply(ca.data(), C, kb.data(), HD, M);
+        for (int64_t hd = 0; hd < H; ++hd) {
+          acc_t* dst = vv.data() + (b * H + hd) * M * D;
+          for (int64_t m = 0; m < M; ++m) {
+            std::copy(kb.data() + m * HD + hd * D, kb.data() + m * HD + (hd + 1) * D, dst + m * D);
           }
         }
+        continue;
       }
+      lk.apply(ca.data(), C, kb.data(), HD, M);
+      for (int64_t i = 0; i < M * HD; ++i) kb[i] *= sc;
+      transpose(kb.data(), HD, M, HD, kt.data() + b * HD * M, M);
     }
   });
 
@@ -431,9 +429,8 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       lq.apply(a, lda, qb.data(), HD, rows);
       // Per head: scores over the M clusters, softmax, times v, into the head's columns of o.
       for (int64_t hd = 0; hd < H; ++hd) {
-        const int64_t bh = b * H + hd;
-        gemm_nn(qb.data() + hd * D, HD, kt.data() + bh * M * D, M, s.data(), M, rows, D, M,
-                /*accumulate=*/false);
+        gemm_nn(qb.data() + hd * D, HD, kt.data() + (b * HD + hd * D) * M, M, s.data(), M, rows,
+                D, M, /*accumulate=*/false);
         for (int64_t i = 0; i < rows; ++i) {
           acc_t* srow = s.data() + i * M;
           // As in p2c_fwd_kernel: an all -inf (or +inf/NaN) row gives NaN, as torch.softmax does.
@@ -441,7 +438,8 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
           inv[i] = acc_t(1) / exp_shifted(srow, mx, srow, M);
         }
         acc_t* oh = ob.data() + hd * D;
-        gemm_nn(s.data(), M, vv.data() + bh * M * D, D, oh, HD, rows, M, D, /*accumulate=*/false);
+        gemm_nn(s.data(), M, vv.data() + (b * H + hd) * M * D, D, oh, HD, rows, M, D,
+                /*accumulate=*/false);
         for (int64_t i = 0; i < rows; ++i) {
           for (int64_t j = 0; j < D; ++j) oh[i * HD + j] *= inv[i];
         }
