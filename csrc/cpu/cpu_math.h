@@ -508,6 +508,10 @@ PACA_TARGET_AVX2 inline void row_block_avx2(const float* A, int64_t a_row, int64
   }
   const int64_t rem = cols - j;
   if (rem == 0) return;
+  if (rem == 8) {  // a whole vector (d = 40 heads at PaCa-ViT's third stage): no masks
+    tile_avx2<R, 1, false>(A, a_row, a_red, B + j, ldb, C + j, ldc, T, accumulate, full);
+    return;
+  }
   const int64_t last = rem > 8 ? rem - 8 : rem;  // valid lanes of the last vector
   const __m256i mask =
       _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)),
