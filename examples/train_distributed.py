@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {args.steps} steps in {seconds:.1f} s "
                   f"({args.steps * args.batch_size * world / seconds:.1f} images/s), "
                   f"loss {first:.3f} (first {k} steps) -> {last:.3f} (last {k}){mem}", flush=True)
+        # Every rank done with its collectives before the group is torn down: a gloo peer that
+        # closes while the other still has work in flight can abort the process at exit
+        # ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
