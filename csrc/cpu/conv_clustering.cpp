@@ -103,7 +103,6 @@ using DwDirectFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, in
                             const float*, const float*, const float*, bool, float*, int64_t,
                             int64_t);
 
-
 void dwconv_band_f32_base(const float* in, int64_t in_w, const float* wt, const float* bias,
                           float* out, int64_t rows, int64_t W, int64_t C, int64_t k) {
   dwconv_band_impl(in, in_w, wt, bias, out, rows, W, C, k);
@@ -278,8 +277,7 @@ PACA_TARGET_AVX2 void dw_row_slide_avx2(const float* in, int64_t in_row, int64_t
                                         float* out, int64_t C) {
   constexpr int kPad = (K - 1) / 2;
   const auto at = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
-  int64_t c = 0;
-  for (; c < C; c += 8) {
+  for (int64_t c = 0; c < C; c += 8) {
     const bool masked = C - c < 8;
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(C - c)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -362,7 +360,6 @@ PACA_TARGET_AVX2 void dwconv_direct_f32_avx2(const float* img, int64_t px, int64
     dwconv_direct_avx2<false>(img, px, y_base, H, W, y0, rows, wt, bias, nullptr, gelu, out, C, k);
   }
 }
-
 
 #endif
 
@@ -767,7 +764,8 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
             a = xa.data();
             lda = C;
           }
-          w1_t.mul(a, lda, hbuf.data() + (h_hi - h_lo) * W * Hd, Hd, nt, /*accumulate=*/false);
+          w1_t.linear(a, lda, hbuf.data() + (h_hi - h_lo) * W * Hd, Hd, nt, nullptr,
+                      /*gelu=*/false);
           h_hi = need_hi;
         }
         dwconv_rows(hbuf.data(), Hd, h_lo, H, W, y, rows, wt.data(), dw_b, b1, gelu, g.data(), Hd,

@@ -1,7 +1,7 @@
 // Small dense building blocks shared by the CPU kernels of paca_kernels (csrc/cpu/*.cpp).
 //
 // The extension is compiled for the baseline x86-64 ISA (SSE2), so that one wheel runs anywhere.
-// Each float32 hot spot (small matrix products, exp, row max) therefore exists twice: a portable
+// Each float32 hot spot (small matrix products, exp, row max, GELU, transpose) therefore exists twice: a portable
 // template that the compiler auto-vectorises for the baseline ISA (axpy-shaped loops, no
 // floating-point reductions to reassociate without -ffast-math), and an AVX2+FMA kernel with
 // intrinsics, compiled with a target attribute and selected at run time from cpuid
@@ -247,7 +247,7 @@ void transpose_impl(const T* src, int64_t lds, int64_t rows, int64_t cols, T* ds
 // ---- GELU (exact, erf form) -------------------------------------------------------------------
 //
 // erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, below float32's resolution of GELU's
-// output), with the vectorised exp of cpu_math.h; PyTorch's vectorised CPU erf uses the same
+// output), with exp_v8 above; PyTorch's vectorised CPU erf uses the same
 // approximation. gelu(v) = 0.5 v (1 + erf(v / sqrt 2)).
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
@@ -296,7 +296,7 @@ inline void gelu_inplace(double* x, int64_t n) {
 // ---- float32 entry points: the baseline build of the templates, and AVX2+FMA kernels --------
 
 using GemmPackedFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t,
-                              int64_t, int64_t, bool, const float*, bool);
+                              int64_t, int64_t, const float*, bool);
 using GemmNNFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
                           int64_t, int64_t, bool);
 using GemmTNFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
@@ -620,14 +620,14 @@ PACA_TARGET_AVX2 inline void gemm_avx2(const float* A, int64_t a_row, int64_t a_
   }
 }
 
-// C[r, :] (+)= sum_t A[r, t] P[t, :] with P pre-packed by PackedMatrix (16-column panels, each
-// T x 16 contiguous): gemm_avx2's panel path without packing on every call, for the constant
-// weights that every task of a kernel multiplies by. Same sums in the same order as gemm_nn.
-// bias (cols,), only when not accumulating: the sums start from it (as if C's rows held it and
-// were accumulated into). gelu: GELU applied to the finished sums as they are stored.
+// C[r, :] = act(bias + sum_t A[r, t] P[t, :]) with P pre-packed by PackedMatrix (16-column
+// panels, each T x 16 contiguous): gemm_avx2's panel path without packing on every call, for the
+// constant weights that every task of a kernel multiplies by. Same sums in the same order as
+// gemm_nn. bias (cols,) or nullptr: the sums start from it (as if C's rows held it and were
+// accumulated into). gelu: GELU applied to the finished sums as they are stored.
 PACA_TARGET_AVX2 void gemm_packed_f32_avx2(const float* A, int64_t lda, const float* P, float* C,
                                            int64_t ldc, int64_t rows, int64_t T, int64_t cols,
-                                           bool accumulate, const float* bias, bool gelu) {
+                                           const float* bias, bool gelu) {
   for (int64_t j = 0; j < cols; j += 16) {
     const int64_t w = std::min<int64_t>(16, cols - j);
     const int64_t last = w > 8 ? w - 8 : w;
@@ -637,7 +637,7 @@ PACA_TARGET_AVX2 void gemm_packed_f32_avx2(const float* A, int64_t lda, const fl
     const float* init = bias == nullptr ? nullptr : bias + j;
     for (int64_t t0 = 0; t0 < T; t0 += kPanelSteps) {
       const int64_t kc = std::min(kPanelSteps, T - t0);
-      const bool acc = accumulate || t0 > 0;
+      const bool acc = t0 > 0;  // later chunks add to the stored partial sums
       const bool act = gelu && t0 + kc == T;  // after the last chunk of the reduction
       const float* a = A + t0;
       const float* pt = panel + 16 * t0;
@@ -869,8 +869,8 @@ class Scratch {
 // weight W (cols x T, any dtype and strides), multiplied by many row blocks. For float32 with the
 // AVX2 kernels it is kept only as 16-column panels (each T x 16 contiguous, the last one
 // zero-padded), filled straight from W's rows: no transposed copy of W is made, and the products
-// skip the per-call packing. Otherwise it is kept as the plain row-major W^T. mul() gives the same
-// bits either way. The storage is the calling thread's scratch `slot` (see Scratch); big matrices
+// skip the per-call packing. Otherwise it is kept as the plain row-major W^T. linear() gives the
+// same bits either way. The storage is the calling thread's scratch `slot` (see Scratch); big matrices
 // are packed by all threads.
 template <typename T>
 struct PackedMatrix {
@@ -917,27 +917,16 @@ struct PackedMatrix {
       fill(0, ntask);
     }
   }
-  // C[r, :] (+)= sum_t A[r, t] B[t, :] for r < rows (A row stride lda, C row stride ldc).
-  void mul(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, bool accumulate) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed) {
-        Float32Kernels::get().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols,
-                                          accumulate, nullptr, false);
-        return;
-      }
-    }
-    gemm_nn(A, lda, store.data(), cols, C, ldc, rows, steps, cols, accumulate);
-  }
-  // C[r, :] = act(bias + sum_t A[r, t] B[t, :]) for r < rows: a linear layer, bias (cols,) or
-  // nullptr, act GELU if gelu else the identity. The packed kernel starts its sums from the bias
+  // C[r, :] = act(bias + sum_t A[r, t] B[t, :]) for r < rows (A row stride lda, C row stride
+  // ldc): a linear layer, bias (cols,) or nullptr, act GELU if gelu else the identity. The packed kernel starts its sums from the bias
   // and applies GELU as it stores them (no passes over C before and after); the other builds do
   // those passes. Both give the bits of the bias copy + accumulate + gelu_inplace sequence.
   void linear(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, const T* bias,
               bool gelu) const {
     if constexpr (std::is_same_v<T, float>) {
       if (packed) {
-        Float32Kernels::get().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols,
-                                          /*accumulate=*/false, bias, gelu);
+        Float32Kernels::get().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols, bias,
+                                          gelu);
         return;
       }
     }
