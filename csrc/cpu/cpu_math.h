@@ -1,10 +1,10 @@
 // Small dense building blocks shared by the CPU kernels of paca_kernels (csrc/cpu/*.cpp).
 //
 // The extension is compiled for the baseline x86-64 ISA (SSE2), so that one wheel runs anywhere.
-// Each float32 hot spot (small matrix products, exp, row max, GELU, transpose) therefore exists twice: a portable
-// template that the compiler auto-vectorises for the baseline ISA (axpy-shaped loops, no
-// floating-point reductions to reassociate without -ffast-math), and an AVX2+FMA kernel with
-// intrinsics, compiled with a target attribute and selected at run time from cpuid
+// Each float32 hot spot (small matrix products, exp, row max, GELU, transpose) therefore exists
+// twice: a portable template that the compiler auto-vectorises for the baseline ISA (axpy-shaped
+// loops, no floating-point reductions to reassociate without -ffast-math), and an AVX2+FMA kernel
+// with intrinsics, compiled with a target attribute and selected at run time from cpuid
 // (Float32Kernels). float64 (gradcheck, reference precision) always uses the portable templates.
 // The two float32 builds may differ in the last bits (FMA), each one is deterministic.
 //
@@ -870,8 +870,8 @@ class Scratch {
 // AVX2 kernels it is kept only as 16-column panels (each T x 16 contiguous, the last one
 // zero-padded), filled straight from W's rows: no transposed copy of W is made, and the products
 // skip the per-call packing. Otherwise it is kept as the plain row-major W^T. linear() gives the
-// same bits either way. The storage is the calling thread's scratch `slot` (see Scratch); big matrices
-// are packed by all threads.
+// same bits either way. The storage is the calling thread's scratch `slot` (see Scratch); big
+// matrices are packed by all threads.
 template <typename T>
 struct PackedMatrix {
   int64_t steps = 0, cols = 0;
@@ -918,9 +918,9 @@ struct PackedMatrix {
     }
   }
   // C[r, :] = act(bias + sum_t A[r, t] B[t, :]) for r < rows (A row stride lda, C row stride
-  // ldc): a linear layer, bias (cols,) or nullptr, act GELU if gelu else the identity. The packed kernel starts its sums from the bias
-  // and applies GELU as it stores them (no passes over C before and after); the other builds do
-  // those passes. Both give the bits of the bias copy + accumulate + gelu_inplace sequence.
+  // ldc): a linear layer, bias (cols,) or nullptr, act GELU if gelu else the identity. The packed
+  // kernel starts its sums from the bias and applies GELU as it stores them (no passes over C
+  // before and after); the other builds do those passes. Both give the bits of the bias copy + accumulate + gelu_inplace sequence.
   void linear(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, const T* bias,
               bool gelu) const {
     if constexpr (std::is_same_v<T, float>) {
