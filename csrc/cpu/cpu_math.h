@@ -52,7 +52,8 @@ constexpr int64_t kGrainSize = 32768;
 // ---- parallel loops ----------------------------------------------------------------------------
 //
 // f(lo, hi) over disjoint chunks covering [begin, end), on torch's intra-op threads (OpenMP in
-// torch's CPU builds). at::parallel_for hands each thread one fixed slice; here the threads claim
+// torch's CPU builds; CMakeLists.txt compiles with -fopenmp so at::parallel_for's pragma is live
+// in these files). at::parallel_for hands each thread one fixed slice; here the threads claim
 // chunks of at least `grain` iterations from a shared counter until none are left. On a shared
 // or virtualised machine two cores running the same work routinely differ by 5-10% over a few
 // milliseconds (measured: 0.3-0.7 ms of a 6 ms phase of p2c_attention_proj at B = 8), and with a
