@@ -5,6 +5,7 @@ Mlp / PaCaBlock / the models (inference only, the cpu backend, no hooks)."""
 
 from __future__ import annotations
 
+import inspect
 import textwrap
 
 import pytest
@@ -278,3 +279,49 @@ _BASELINE = textwrap.dedent(
 def test_fused_dwconv_baseline_isa():
     """The float32 kernel without AVX2 (PACA_KERNELS_CPU_ISA=baseline)."""
     assert_passes_on_baseline_isa(_BASELINE)
+
+
+# The kernels' GELU on its own: a depthwise conv whose taps are all zero, with the shortcut (folded
+# into the centre tap as 1), passes x through exactly, so mlp_dwconv(gelu=True) returns gelu(x).
+def _check_gelu() -> None:
+    """Asserts on mlp_dwconv(gelu=True) through an identity depthwise conv (see above)."""
+    torch.manual_seed(0)
+    C = 37  # a masked vector tail as well
+    sweep = torch.linspace(-12.0, 12.0, 40 * 37 * 37)  # dense over the fitted range and the tails
+    extremes = torch.tensor([1e30, -1e30, 3e38, -3e38, 1e4, -1e4, 6.0, -6.0, 5.66, -5.66, 1e-30,
+                             -1e-30, 0.0, -0.0] * 2 + [float("nan")] * 9)
+    rand = torch.randn(37 * 37 * 3) * 3
+    v = torch.cat([sweep, extremes, rand])
+    v = torch.cat([v, torch.randn((-v.numel()) % C)])
+    m = DWConv(C, kernel_size=3, bias=False, with_shortcut=True)
+    with torch.no_grad():
+        m.dwconv.weight.zero_()
+        x = v.view(1, -1, C)
+        out = mlp_dwconv(m, x, 1, x.shape[1], gelu=True).flatten()
+    exact = F.gelu(v.double())
+    # A NaN input also reaches its two neighbours along W (as 0 * NaN): leave those out.
+    nan = v.isnan()
+    near_nan = nan | torch.roll(nan, C) | torch.roll(nan, -C)
+    fin = v.isfinite() & (v.abs() < 1e6) & ~near_nan
+    # erf within 3.2e-7 (the fit's float32 evaluation), output rounding 6e-8 relative.
+    err = (out[fin].double() - exact[fin]).abs()
+    bound = 2.5e-7 * v[fin].double().abs() + 1e-37
+    assert bool((err <= bound).all()), (err / bound).max().item()
+    # Saturated tails: exactly v above, exactly 0 below (PyTorch gives the same).
+    big = v.isfinite() & (v >= 6.0) & ~near_nan
+    small = v.isfinite() & (v <= -6.0) & ~near_nan
+    assert torch.equal(out[big], v[big]), (out[big] - v[big]).abs().max()
+    assert bool((out[small] == 0).all()), out[small].abs().max()
+    assert bool(out[nan].isnan().all())
+
+
+def test_kernel_gelu_accuracy_tails_and_nan():
+    """The kernels' rational-erf GELU (AVX2 where the CPU has it) against float64: tails, NaN."""
+    _check_gelu()
+
+
+def test_kernel_gelu_baseline_isa():
+    """The same checks for the portable float32 build's GELU."""
+    script = ("import torch\nimport torch.nn.functional as F\nfrom paca_kernels.nn.block import DWConv\n"
+              "from paca_kernels.ops.mlp_dwconv import mlp_dwconv\n\n")
+    assert_passes_on_baseline_isa(script + inspect.getsource(_check_gelu) + "\n_check_gelu()\nprint('baseline ok')\n")
