@@ -279,7 +279,7 @@ void transpose_impl(const T* src, int64_t lds, int64_t rows, int64_t cols, T* ds
 // within 1.5e-8: the clamped x = +-1 gives exactly +-1 (P6 was nudged by 36 ulp so that x P(1) /
 // Q(1) rounds to 1; the portable version selects +-1 explicitly), so gelu(v) = v for large v and
 // exactly 0 for large negative v, as in PyTorch. NaN propagates (the clamps keep a NaN operand).
-// Cost: 11 FMAs, one division and 6 other operations per vector, about half of an erf built on
+// Cost: 12 FMAs, one division and 6 other operations per vector, about half of an erf built on
 // exp (Abramowitz & Stegun 7.1.26, which this replaced: it was two fifths of the depthwise conv's
 // time in the clustering head). The division is exact IEEE, so the bits do not depend on the
 // CPU vendor (the approximate reciprocal vrcpps does).
