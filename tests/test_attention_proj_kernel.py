@@ -239,6 +239,14 @@ def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch):
             layer(x, H, W)
             hook.remove()
         assert len(calls) == 1
+        # So would a global hook (it fires for every module call): the modules run, and it sees q.
+        seen = []
+        hook = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, args, out: seen.append(mod)
+        )
+        layer(x, H, W)
+        hook.remove()
+        assert len(calls) == 1 and any(m is layer.q for m in seen)
         # Training with active dropout: the modules run.
         layer.proj_drop.p = 0.5
         layer.train()

@@ -205,6 +205,13 @@ def test_fused_head_skipped_with_hooks_autocast_or_other_heads():
         handle = layer.clustering.clustering[1].register_forward_hook(lambda *a: None)
         assert not fused_head_applies(layer.clustering, x)
         handle.remove()
+        # Global hooks fire for every module call, so they would miss the fused head's modules too.
+        for register in (torch.nn.modules.module.register_module_forward_hook,
+                         torch.nn.modules.module.register_module_forward_pre_hook):
+            handle = register(lambda *a: None)
+            assert not fused_head_applies(layer.clustering, x)
+            handle.remove()
+        assert fused_head_applies(layer.clustering, x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not fused_head_applies(layer.clustering, x)
         tanh = PaCaAttention(32, 2, 8, act_cfg={"type": "GELU", "approximate": "tanh"}).eval()

@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ._backends import BackendError, select_backend
 
 __all__ = ["backend_is_cpu", "fusable_in_inference", "has_hooks", "register_inference_only"]
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` or any submodule has forward (pre-)hooks, which a fused kernel would skip."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+def _hooked(m: nn.Module) -> bool:
+    if m._forward_hooks or m._forward_pre_hooks:
+        return True
+    # No memo of visited modules (as named_modules keeps): a shared submodule is merely checked twice,
+    # and a module nested in itself already breaks state_dict() and repr().
+    return any(c is not None and _hooked(c) for c in m._modules.values())
+
+
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` or their submodules has forward (pre-)hooks, which a fused kernel
+    would skip, or global forward (pre-)hooks are registered (``register_module_forward_hook``:
+    they would fire for every submodule the kernel replaces)."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return True
+    return any(_hooked(m) for m in modules)
 
 
 def fusable_in_inference(x: Tensor, *modules: nn.Module) -> bool:
@@ -25,7 +38,7 @@ def fusable_in_inference(x: Tensor, *modules: nn.Module) -> bool:
         x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())
     ):
         return False
-    return not any(has_hooks(m) for m in modules)
+    return not has_hooks(*modules)
 
 
 def backend_is_cpu(backend: str | None, x: Tensor) -> bool:

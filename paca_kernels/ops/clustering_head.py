@@ -56,9 +56,10 @@ REGISTERED = _register()
 def conv_cluster_logits(head: nn.Module, x: Tensor, H: int, W: int) -> Tensor:
     """Logits (B, M, N) of a fusable :class:`~paca_kernels.nn.clustering.P2CConv2d` ``head`` for
     tokens x (B, N, C) on an H×W grid, through the fused kernel (no autograd)."""
-    seq = head.clustering
+    # The Sequential's modules as a list: its __getitem__ costs about 1.4 us per index.
+    dw, _, c1, _, c2 = list(head.clustering._modules.values())[:5]
     return torch.ops.paca_kernels.conv_cluster_logits(
-        x, H, W, seq[0].weight, seq[0].bias, seq[2].weight, seq[2].bias, seq[4].weight, seq[4].bias
+        x, H, W, dw.weight, dw.bias, c1.weight, c1.bias, c2.weight, c2.bias
     )
 
 
@@ -70,7 +71,9 @@ def fused_head_applies(head: nn.Module, x: Tensor) -> bool:
 
     if not (REGISTERED and isinstance(head, P2CConv2d) and fusable_in_inference(x, head)):
         return False
-    seq = head.clustering
+    seq = list(head.clustering._modules.values())  # cheaper than the Sequential's __getitem__
+    if len(seq) < 5:
+        return False
     c1, c2 = seq[2], seq[4]
     return (
         all(isinstance(a, nn.GELU) and a.approximate == "none" for a in (seq[1], seq[3]))
