@@ -72,6 +72,15 @@
 //   With q = x . q_weight^T + q_bias, k and v likewise from c, each viewed (B, *, h, d), and
 //   o = softmax(scale * q . k^T over M) . v per head, viewed (B, N, h*d):
 //   out (B, N, Co) dtype of x = o . proj_weight^T + proj_bias, accumulated in acc (k and v too).
+//
+// conv_paca_layer(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2, norm_weight, norm_bias, eps,
+//                 q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
+//                 num_heads, scale, probs) -> (out, assign)
+//   A whole PaCa layer with the convolutional clustering head, inference only (no autograd): with
+//   logits = conv_cluster_logits(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2) (B, M, N), M > 0,
+//   c = cluster_pool_fwd(logits, x, norm_weight, norm_bias, eps).out (B, M, C) and
+//   out = p2c_attention_proj(x, c, q_weight, ..., proj_bias, num_heads, scale) (B, N, Co);
+//   assign (B, M, N) dtype of x = softmax(logits over N) (the layer's z) if probs, else logits.
 
 #include <Python.h>
 
@@ -105,6 +114,12 @@ TORCH_LIBRARY(paca_kernels, m) {
       "p2c_attention_proj(Tensor x, Tensor c, Tensor q_weight, Tensor? q_bias, Tensor k_weight, "
       "Tensor? k_bias, Tensor v_weight, Tensor? v_bias, Tensor proj_weight, Tensor? proj_bias, "
       "int num_heads, float scale) -> Tensor");
+  m.def(
+      "conv_paca_layer(Tensor x, int H, int W, Tensor dw_weight, Tensor? dw_bias, Tensor w1, "
+      "Tensor? b1, Tensor w2, Tensor? b2, Tensor? norm_weight, Tensor? norm_bias, float eps, "
+      "Tensor q_weight, Tensor? q_bias, Tensor k_weight, Tensor? k_bias, Tensor v_weight, "
+      "Tensor? v_bias, Tensor proj_weight, Tensor? proj_bias, int num_heads, float scale, "
+      "bool probs) -> (Tensor out, Tensor assign)");
 }
 
 // `import paca_kernels._C` only has to dlopen this library: the static initialisers above

@@ -216,6 +216,9 @@ def _layer(C=24, h=3, M=10) -> PaCaAttention:
 
 
 def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch):
+    # The per-part path (test_paca_layer_kernel covers the whole-layer op, which takes precedence
+    # where it applies; the layer falls back to this one e.g. with a cluster position embedding).
+    monkeypatch.setattr(attention_mod, "fused_layer_applies", lambda *a: False)
     calls = []
     real = attention_mod.p2c_attention_proj
     monkeypatch.setattr(attention_mod, "p2c_attention_proj", lambda *a: calls.append(1) or real(*a))
@@ -267,7 +270,8 @@ def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch):
     assert len(calls) == 2 and layer.q.weight.grad is not None and layer.proj.weight.grad is not None
 
 
-def test_layer_with_fused_query_side_compiles_fullgraph():
+def test_layer_with_fused_query_side_compiles_fullgraph(monkeypatch):
+    monkeypatch.setattr(attention_mod, "fused_layer_applies", lambda *a: False)  # the per-part path
     layer = _layer()
     x = torch.randn(2, 4 * 6, 24)
     with torch.no_grad():

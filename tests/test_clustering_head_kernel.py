@@ -167,7 +167,10 @@ def test_fused_head_flops_equal_the_convolutions():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the fused-head calls made by PaCaAttention."""
+    """Counts the fused-head calls made by PaCaAttention on its per-part path (the whole-layer op,
+    tested in test_paca_layer_kernel, is switched off: the layer falls back to this path e.g. with a
+    cluster position embedding)."""
+    monkeypatch.setattr(attention_mod, "fused_layer_applies", lambda *a: False)
     calls = []
     real = attention_mod.conv_cluster_logits
 

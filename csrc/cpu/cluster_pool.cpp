@@ -24,6 +24,7 @@
 
 #include "common/check.h"
 #include "cpu/cpu_math.h"
+#include "cpu/cpu_ops.h"
 
 namespace paca_kernels {
 namespace {
@@ -262,6 +263,9 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
   });
 }
 
+}  // namespace
+
+// Declared in cpu/cpu_ops.h: the layer composite (paca_layer.cpp) calls it directly.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {
@@ -288,6 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
                                   });
   return {out, pooled, lse};
 }
+
+namespace {
 
 // ---- backward ---------------------------------------------------------------------------------
 //

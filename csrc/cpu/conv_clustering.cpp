@@ -30,6 +30,7 @@
 
 #include "common/check.h"
 #include "cpu/cpu_math.h"
+#include "cpu/cpu_ops.h"
 
 namespace paca_kernels {
 namespace {
@@ -557,6 +558,9 @@ int64_t check_grid_and_depthwise(const char* op, const at::Tensor& x, int64_t H,
   return k;
 }
 
+}  // namespace
+
+// Declared in cpu/cpu_ops.h: the layer composite (paca_layer.cpp) calls it directly.
 at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
                                    const at::Tensor& dw_weight,
                                    const std::optional<at::Tensor>& dw_bias, const at::Tensor& w1,
@@ -593,6 +597,8 @@ at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
   });
   return out;
 }
+
+namespace {
 
 // ---- the MLP's depthwise conv -----------------------------------------------------------------
 //

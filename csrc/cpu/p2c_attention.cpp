@@ -34,6 +34,7 @@
 
 #include "common/check.h"
 #include "cpu/cpu_math.h"
+#include "cpu/cpu_ops.h"
 
 namespace paca_kernels {
 namespace {
@@ -460,6 +461,9 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
   });
 }
 
+}  // namespace
+
+// Declared in cpu/cpu_ops.h: the layer composite (paca_layer.cpp) calls it directly.
 at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
                                   const at::Tensor& q_weight,
                                   const std::optional<at::Tensor>& q_bias,
@@ -511,7 +515,6 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
   return out;
 }
 
-}  // namespace
 }  // namespace paca_kernels
 
 TORCH_LIBRARY_IMPL(paca_kernels, CPU, m) {

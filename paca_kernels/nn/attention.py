@@ -25,6 +25,7 @@ from .. import ops, reference
 from ..ops._inference import backend_is_cpu
 from ..ops.attention_proj import fused_attention_applies, p2c_attention_proj
 from ..ops.clustering_head import conv_cluster_logits, fused_head_applies
+from ..ops.paca_layer import conv_paca_layer, fused_layer_applies
 from .clustering import build_clustering
 from .layers import build_norm
 
@@ -236,6 +237,8 @@ class PaCaAttention(nn.Module):
         Returns:
             (out (B, N, C), z (B, M, N) or None when M = 0), plus the maps when ``return_attn``.
         """
+        if not return_attn and self._fused(x, H, W):
+            return conv_paca_layer(self, x, H, W, probs=True)
         out, logits, attn = self._run(x, H, W, None, z, return_attn)
         if self.num_clusters > 0 and logits is not None:
             z = reference.cluster_assign(logits)
@@ -255,8 +258,16 @@ class PaCaAttention(nn.Module):
         This is the path the models use: the fused pooling consumes logits directly, so sharing an
         assignment across the blocks of a stage never materialises the (B, M, N) probabilities.
         """
+        if not return_attn and self._fused(x, H, W):
+            return conv_paca_layer(self, x, H, W, probs=False)
         out, logits, attn = self._run(x, H, W, logits, None, return_attn)
         return (out, logits, attn) if return_attn else (out, logits)
+
+    def _fused(self, x: Tensor, H: int, W: int) -> bool:
+        """Whether the whole forward runs as one op (:mod:`paca_kernels.ops.paca_layer`: inference
+        on the cpu backend, where nothing could tell); validates x first either way."""
+        check_tokens(x, H, W, self.dim)
+        return fused_layer_applies(self, x)
 
     def extra_repr(self) -> str:
         return (

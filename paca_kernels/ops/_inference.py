@@ -16,8 +16,12 @@ def _hooked(m: nn.Module) -> bool:
     if m._forward_hooks or m._forward_pre_hooks:
         return True
     # No memo of visited modules (as named_modules keeps): a shared submodule is merely checked twice,
-    # and a module nested in itself already breaks state_dict() and repr().
-    return any(c is not None and _hooked(c) for c in m._modules.values())
+    # and a module nested in itself already breaks state_dict() and repr(). A plain loop, not any()
+    # over a generator: this walk runs on every inference call of a layer (about 20 modules).
+    for c in m._modules.values():
+        if c is not None and _hooked(c):
+            return True
+    return False
 
 
 def has_hooks(*modules: nn.Module) -> bool:

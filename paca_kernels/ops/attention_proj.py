@@ -28,7 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import _ext
 from ._inference import backend_is_cpu, fusable_in_inference, register_inference_only
 
-__all__ = ["REGISTERED", "fused_attention_applies", "p2c_attention_proj"]
+__all__ = ["REGISTERED", "attention_is_fusable", "fused_attention_applies", "p2c_attention_proj"]
 
 _LIB = "paca_kernels"
 
@@ -73,13 +73,22 @@ def p2c_attention_proj(layer: nn.Module, x: Tensor, c: Tensor) -> Tensor:
 
 def fused_attention_applies(layer: nn.Module, x: Tensor) -> bool:
     """Whether ``layer``'s q/k/v projections, attention and output projection may run as the fused
-    kernel on x: the extension loaded, a backend that resolves to "cpu", plain ``nn.Linear``
-    projections (a subclass could compute something else), inactive dropouts, CPU tensors outside
-    autocast, no gradient wanted, and no forward hooks on the projections or the dropout (which the
-    kernel would skip)."""
+    kernel on x: fusable modules (see :func:`attention_is_fusable`), a backend that resolves to
+    "cpu", CPU tensors outside autocast, no gradient wanted, and no forward hooks on the projections
+    or the dropout (which the kernel would skip)."""
+    if not attention_is_fusable(layer):
+        return False
     linears = (layer.q, layer.k, layer.v, layer.proj)
-    if not (REGISTERED and all(type(m) is nn.Linear for m in linears)):
-        return False
-    if layer.training and (layer.attn_drop > 0.0 or layer.proj_drop.p > 0.0):
-        return False
     return fusable_in_inference(x, *linears, layer.proj_drop) and backend_is_cpu(layer.backend, x)
+
+
+def attention_is_fusable(layer: nn.Module) -> bool:
+    """Whether the kernel computes what ``layer``'s attention does (structure only, no input): the
+    extension loaded, plain ``nn.Linear`` projections (a subclass could compute something else) and
+    inactive dropouts. Reads the module dict directly (nn.Module.__getattr__ is slow), as it runs on
+    every inference call."""
+    mods = layer._modules
+    if not (REGISTERED and type(mods["q"]) is nn.Linear and type(mods["k"]) is nn.Linear
+            and type(mods["v"]) is nn.Linear and type(mods["proj"]) is nn.Linear):
+        return False
+    return not (layer.training and (layer.attn_drop > 0.0 or mods["proj_drop"].p > 0.0))

@@ -15,6 +15,8 @@ by ``torch.compile``; the FLOP formula counts it like the three convolutions it 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
@@ -22,7 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import _ext
 from ._inference import fusable_in_inference, is_same_depthwise, register_inference_only
 
-__all__ = ["REGISTERED", "conv_cluster_logits", "fused_head_applies"]
+__all__ = ["REGISTERED", "conv_cluster_logits", "fused_head_applies", "head_is_fusable"]
 
 _LIB = "paca_kernels"
 
@@ -64,20 +66,36 @@ def conv_cluster_logits(head: nn.Module, x: Tensor, H: int, W: int) -> Tensor:
 
 
 def fused_head_applies(head: nn.Module, x: Tensor) -> bool:
-    """Whether ``head`` (a clustering head) may run as the fused kernel on ``x``: a P2CConv2d with
-    exact GELUs and "same" padding, the extension loaded, CPU tensors outside autocast, no gradient
-    wanted, and no forward hooks on the head's modules (which the fused kernel would bypass)."""
-    from ..nn.clustering import P2CConv2d
+    """Whether ``head`` (a clustering head) may run as the fused kernel on ``x``: a fusable head (see
+    :func:`head_is_fusable`), CPU tensors outside autocast, no gradient wanted, and no forward hooks
+    on the head's modules (which the fused kernel would bypass)."""
+    return head_is_fusable(head) and fusable_in_inference(x, head)
 
-    if not (REGISTERED and isinstance(head, P2CConv2d) and fusable_in_inference(x, head)):
+
+def head_is_fusable(head: nn.Module) -> bool:
+    """Whether ``head`` computes what the fused kernel does: a P2CConv2d with exact GELUs, a "same"
+    depthwise conv and plain 1×1 convs, and the extension loaded (structure only, no input).
+
+    It runs on every inference call, so it reads the module dicts directly: nn.Module.__getattr__
+    and the Sequential's __getitem__ cost about a microsecond per access."""
+    if not (REGISTERED and isinstance(head, _p2c_conv2d())):
         return False
-    seq = list(head.clustering._modules.values())  # cheaper than the Sequential's __getitem__
+    seq = list(head._modules["clustering"]._modules.values())
     if len(seq) < 5:
         return False
-    c1, c2 = seq[2], seq[4]
+    a1, c1, a2, c2 = seq[1:5]
     return (
-        all(isinstance(a, nn.GELU) and a.approximate == "none" for a in (seq[1], seq[3]))
-        and is_same_depthwise(seq[0])
+        type(a1) is nn.GELU and type(a2) is nn.GELU and a1.approximate == "none"
+        and a2.approximate == "none" and is_same_depthwise(seq[0])
+        and type(c1) is nn.Conv2d and type(c2) is nn.Conv2d
         and c1.kernel_size == (1, 1) and c2.kernel_size == (1, 1)
         and c1.stride == (1, 1) and c2.stride == (1, 1) and c1.groups == 1 and c2.groups == 1
     )
+
+
+@functools.cache
+def _p2c_conv2d() -> type:
+    # Imported on first use: paca_kernels.nn imports this module.
+    from ..nn.clustering import P2CConv2d
+
+    return P2CConv2d

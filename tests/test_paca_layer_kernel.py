@@ -1,0 +1,358 @@
+"""The whole-layer inference op (``paca_kernels::conv_paca_layer``, csrc/cpu/paca_layer.cpp: conv
+clustering head, pooling with LayerNorm, q/k/v projections, attention and output projection, and
+the assignment probabilities z) against the unfused math in float64, and when PaCaAttention uses it."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from paca_kernels import PaCaAttention, _ext
+from paca_kernels.nn import attention as attention_mod
+from paca_kernels.testing import (
+    assert_close,
+    assert_low_precision_ok,
+    assert_passes_on_baseline_isa,
+    noncontiguous,
+    poisoned_outputs,
+)
+
+pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
+
+op = torch.ops.paca_kernels.conv_paca_layer if _ext.load() else None
+
+# (B, H, W, C, h, M, k): N = 197 (a 1 x 197 grid) with M = 49, head dims that are not powers of two
+# (10, 7), 100 clusters, one head and one cluster with a 1 x 1 "depthwise" kernel, grids smaller than
+# the kernel.
+SHAPES = [
+    (2, 5, 7, 24, 3, 10, 7),
+    (1, 1, 197, 20, 2, 49, 3),
+    (2, 9, 7, 21, 3, 13, 5),
+    (1, 14, 14, 40, 4, 100, 7),
+    (3, 4, 4, 12, 1, 1, 1),
+    (1, 2, 3, 16, 2, 5, 7),
+]
+
+
+def _ids(s: tuple) -> str:
+    return "B{}-H{}-W{}-C{}-h{}-M{}-k{}".format(*s)
+
+
+class Args(NamedTuple):
+    x: torch.Tensor  # (B, N, C)
+    H: int
+    W: int
+    dw: torch.Tensor  # (C, 1, k, k)
+    dw_b: torch.Tensor | None
+    w1: torch.Tensor  # (C, C, 1, 1)
+    b1: torch.Tensor | None
+    w2: torch.Tensor  # (M, C, 1, 1)
+    b2: torch.Tensor | None
+    ln_w: torch.Tensor | None
+    ln_b: torch.Tensor | None
+    eps: float
+    wq: torch.Tensor
+    bq: torch.Tensor | None
+    wk: torch.Tensor
+    bk: torch.Tensor | None
+    wv: torch.Tensor
+    bv: torch.Tensor | None
+    wp: torch.Tensor
+    bp: torch.Tensor | None
+    heads: int
+    scale: float
+    probs: bool
+
+    def to(self, dtype: torch.dtype) -> Args:
+        return Args(*(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in self))
+
+
+def _inputs(shape, dtype=torch.float32, bias=True, probs=True) -> Args:
+    B, H, W, C, h, M, k = shape
+    d = C // h
+
+    def r(*s, std=1.0):
+        return torch.randn(*s, dtype=dtype) * std
+
+    def b(n):
+        return r(n, std=0.5) if bias else None
+
+    return Args(
+        r(B, H * W, C), H, W, r(C, 1, k, k, std=1 / k), b(C), r(C, C, 1, 1, std=C ** -0.5), b(C),
+        r(M, C, 1, 1, std=C ** -0.5), b(M), 1 + r(C, std=0.1) if bias else None, b(C), 1e-6,
+        r(C, C, std=C ** -0.5), b(C), r(C, C, std=C ** -0.5), b(C), r(C, C, std=C ** -0.5), b(C),
+        r(C, C, std=C ** -0.5), b(C), h, 1 / math.sqrt(d), probs,
+    )
+
+
+def _run(a: Args) -> tuple[torch.Tensor, torch.Tensor]:
+    return op(*a)
+
+
+def _unfused(a: Args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's math step by step with PyTorch ops (what the op replaces)."""
+    B, N, C = a.x.shape
+    k = a.dw.shape[-1]
+    img = a.x.transpose(1, 2).reshape(B, C, a.H, a.W)
+    t = F.gelu(F.conv2d(img, a.dw, a.dw_b, padding=(k - 1) // 2, groups=C))
+    t = F.gelu(F.conv2d(t, a.w1, a.b1))
+    logits = F.conv2d(t, a.w2, a.b2).flatten(2)  # (B, M, N)
+    z = logits.softmax(-1)
+    c = F.layer_norm(z @ a.x, (C,), a.ln_w, a.ln_b, a.eps)
+    h, M = a.heads, logits.shape[1]
+    q = F.linear(a.x, a.wq, a.bq).view(B, N, h, -1).transpose(1, 2)
+    kk = F.linear(c, a.wk, a.bk).view(B, M, h, -1).transpose(1, 2)
+    v = F.linear(c, a.wv, a.bv).view(B, M, h, -1).transpose(1, 2)
+    o = ((q @ kk.transpose(-1, -2)) * a.scale).softmax(-1) @ v
+    out = F.linear(o.transpose(1, 2).reshape(B, N, -1), a.wp, a.bp)
+    return out, (z if a.probs else logits)
+
+
+def _check(out, assign, exact, a: Args, rtol, atol):
+    eout, eassign = exact
+    assert out.shape == eout.shape and assign.shape == eassign.shape
+    assert out.dtype == assign.dtype == a.x.dtype and out.is_contiguous() and assign.is_contiguous()
+    assert_close(out.to(eout.dtype), eout, rtol=rtol, atol=atol, name="out")
+    assert_close(assign.to(eout.dtype), eassign, rtol=rtol, atol=atol, name="z" if a.probs else "logits")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("layout", ["contig", "strided", "nobias", "logits"])
+def test_layer_op_matches_unfused_float32(shape, layout):
+    a = _inputs(shape, bias=layout != "nobias", probs=layout != "logits")
+    if layout == "strided":
+        a = a._replace(x=noncontiguous(a.x), wq=noncontiguous(a.wq), w1=noncontiguous(a.w1))
+    with poisoned_outputs():
+        out, assign = _run(a)
+    _check(out, assign, _unfused(a.to(torch.float64)), a, rtol=2e-5, atol=2e-5)
+
+
+def test_layer_op_probabilities_are_softmax_of_its_logits():
+    # z from the op's own logits to fp32 rounding, independent of the head's error.
+    a = _inputs((2, 9, 7, 21, 3, 13, 5))
+    _, z = _run(a)
+    _, logits = _run(a._replace(probs=False))
+    assert_close(z, logits.double().softmax(-1).float(), rtol=1e-6, atol=1e-7, name="z")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=_ids)
+def test_layer_op_float64_exact(shape):
+    a = _inputs(shape, dtype=torch.float64)
+    out, z = _run(a)
+    _check(out, z, _unfused(a), a, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_layer_op_low_precision_within_flash_attention_rule(dtype):
+    a = _inputs((2, 7, 9, 24, 3, 49, 7))
+    exact = _unfused(a.to(torch.float64))
+    low = a.to(dtype)
+    out, z = _run(low)
+    ref_out, ref_z = _unfused(low)
+    assert out.dtype == z.dtype == dtype
+    assert_low_precision_ok(out, ref_out, exact[0], name="out")
+    assert_low_precision_ok(z, ref_z, exact[1], name="z")
+
+
+def test_layer_op_deterministic_across_thread_counts():
+    a = _inputs((3, 12, 10, 24, 3, 20, 7))
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(_run(a))
+    finally:
+        torch.set_num_threads(prev)
+    for o in outs[1:]:
+        assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
+
+
+def test_layer_op_nan_tokens_give_nan_rows_like_torch():
+    a = _inputs((1, 4, 4, 16, 2, 5, 3))
+    x = a.x.clone()
+    x[0, 5] = math.nan
+    out, z = _run(a._replace(x=x))
+    ref_out, ref_z = _unfused(a._replace(x=x).to(torch.float64))
+    assert torch.equal(torch.isnan(z), torch.isnan(ref_z)) and torch.isnan(z).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref_out))
+
+
+def test_layer_op_errors():
+    a = _inputs((2, 3, 4, 12, 2, 5, 3))
+    bad = [
+        ("H \\* W == N", {"H": 4}),
+        ("x to have 3 dimensions", {"x": a.x[0]}),
+        ("w2 of shape", {"w2": a.w2[..., 0, 0]}),
+        ("w1", {"w1": a.w1[:7]}),
+        ("weight of shape \\(12,\\)", {"ln_w": a.ln_w[:5]}),
+        ("q_weight of shape", {"wq": a.wq[:, :11]}),
+        ("proj_bias of shape", {"bp": a.bp[:3]}),
+        ("num_heads > 0 dividing", {"heads": 5}),
+        ("float64, float32, float16 or bfloat16", {"x": a.x.int()}),
+    ]
+    for msg, change in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            _run(a._replace(**change))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        _run(a._replace(x=a.x.clone().requires_grad_()))[0].sum().backward()
+
+
+def test_layer_op_opcheck():
+    a = _inputs((2, 3, 4, 12, 2, 5, 3))
+    torch.library.opcheck(
+        op.default, tuple(a), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
+
+
+def test_layer_op_flops_equal_the_unfused_layer():
+    layer = _layer(C=24, h=3, M=10)
+    x = torch.randn(2, 5 * 7, 24)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fused:
+            attention_mod.conv_paca_layer(layer, x, 5, 7, True)
+        layer.backend = "reference"
+        with FlopCounterMode(display=False) as unfused:
+            layer(x, 5, 7)
+    assert fused.get_total_flops() == unfused.get_total_flops() > 0
+
+
+# -- use by PaCaAttention --------------------------------------------------------------------------
+
+
+def _layer(C=24, h=3, M=10, **kw) -> PaCaAttention:
+    layer = PaCaAttention(C, h, M, **{"clustering": "conv", "backend": "cpu", **kw}).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return layer
+
+
+@pytest.fixture
+def layer_calls(monkeypatch):
+    """Counts PaCaAttention's calls of the whole-layer op."""
+    calls = []
+    real = attention_mod.conv_paca_layer
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_mod, "conv_paca_layer", spy)
+    return calls
+
+
+def test_layer_results_equal_the_reference_backend(layer_calls):
+    layer = _layer()
+    ref = _layer()
+    ref.load_state_dict(layer.state_dict())
+    ref.backend = "reference"
+    x = torch.randn(2, 5 * 7, 24)
+    with torch.no_grad():
+        out, z = layer(x, 5, 7)
+        out_l, logits = layer.forward_logits(x, 5, 7)
+        assert len(layer_calls) == 2
+        ref_out, ref_z = ref(x, 5, 7)
+        _, ref_logits = ref.forward_logits(x, 5, 7)
+    assert_close(out, ref_out, rtol=1e-5, atol=1e-5, name="out")
+    assert_close(z, ref_z, rtol=1e-5, atol=1e-6, name="z")
+    assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5, name="logits")
+    assert torch.equal(out_l, out)
+
+
+def test_layer_uses_the_op_only_where_nothing_could_tell(layer_calls):
+    layer = _layer()
+    x = torch.randn(2, 4 * 6, 24)
+
+    def used(fn=lambda: layer(x, 4, 6), grad: bool = False) -> bool:
+        before = len(layer_calls)
+        with torch.set_grad_enabled(grad):
+            fn()
+        return len(layer_calls) > before
+
+    assert used()
+    assert not used(lambda: layer(x, 4, 6, return_attn=True))  # the maps are wanted
+    # A hook anywhere in the layer would be skipped (one on attn_viz asks for the maps).
+    for mod in (layer.clustering.clustering[0], layer.cluster_norm, layer.q, layer.proj_drop,
+                layer.attn_viz, layer):
+        for register in (mod.register_forward_hook, mod.register_forward_pre_hook):
+            handle = register(lambda *a: None)
+            assert not used(), mod
+            handle.remove()
+    for register in (torch.nn.modules.module.register_module_forward_hook,
+                     torch.nn.modules.module.register_module_forward_pre_hook):
+        handle = register(lambda *a: None)
+        assert not used()
+        handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not used()
+    layer.backend = "reference"
+    assert not used()
+    layer.backend = "cpu"
+    layer.train()
+    assert used()  # training, but no dropout and no gradient: nothing could tell
+    layer.proj_drop.p = 0.5
+    assert not used()
+    layer.proj_drop.p = 0.0
+    layer.eval()
+    # Gradients wanted: the modules and autograd ops run, and gradients flow.
+    assert not used(lambda: layer(x, 4, 6)[0].sum().backward(), grad=True)
+    assert layer.q.weight.grad is not None and layer.clustering.clustering[0].weight.grad is not None
+    layer.requires_grad_(False)
+    assert used(grad=True)  # frozen parameters, x without grad: nothing could tell
+    assert not used(lambda: layer(x.clone().requires_grad_(), 4, 6), grad=True)
+    layer.requires_grad_(True)
+    # Layers the op does not compute: their own paths.
+    for kw in ({"cluster_pos_embed": True}, {"clustering": "mlp"}, {"cluster_norm": False},
+               {"act_cfg": {"type": "GELU", "approximate": "tanh"}}):
+        other = _layer(**kw)
+        assert not used(lambda other=other: other(x, 4, 6)), kw
+    shared = _layer(onsite_clustering=False)
+    assert not used(lambda: shared(x, 4, 6, z=torch.rand(2, 10, 24).softmax(-1)))
+    # A subclass of the modules could compute something else.
+    layer.q = type("MyLinear", (torch.nn.Linear,), {})(24, 24)
+    assert not used()
+    layer.q = torch.nn.Linear(24, 24)
+    assert used()
+
+
+def test_layer_with_the_op_compiles_fullgraph(layer_calls):
+    layer = _layer()
+    x = torch.randn(2, 5 * 6, 24)
+    with torch.no_grad():
+        eager = layer(x, 5, 6)
+        compiled = torch.compile(lambda t: layer(t, 5, 6), fullgraph=True, backend="aot_eager")(x)
+    assert layer_calls  # traced through the op
+    assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6, name="out")
+    assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-6, name="z")
+
+
+_BASELINE = textwrap.dedent(
+    """
+    import torch
+    from paca_kernels import PaCaAttention
+    torch.manual_seed(0)
+    for B, H, W, C, h, M in [(2, 5, 7, 24, 3, 10), (1, 3, 4, 16, 2, 49)]:
+        layer = PaCaAttention(C, h, M, clustering="conv", backend="cpu").eval()
+        ref = PaCaAttention(C, h, M, clustering="conv", backend="reference").eval().double()
+        ref.load_state_dict(layer.state_dict())
+        x = torch.randn(B, H * W, C)
+        with torch.no_grad():
+            out, z = layer(x, H, W)
+            rout, rz = ref(x.double(), H, W)
+        err = max((out.double() - rout).abs().max().item(), (z.double() - rz).abs().max().item())
+        assert err < 1e-5, err
+    print("baseline ok")
+    """
+)
+
+
+def test_layer_op_baseline_isa():
+    """The float32 kernels without AVX2 (PACA_KERNELS_CPU_ISA=baseline)."""
+    assert_passes_on_baseline_isa(_BASELINE)
