@@ -15,8 +15,6 @@ by ``torch.compile``; the FLOP formula counts it like the three convolutions it 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
@@ -78,7 +76,9 @@ def head_is_fusable(head: nn.Module) -> bool:
 
     It runs on every inference call, so it reads the module dicts directly: nn.Module.__getattr__
     and the Sequential's __getitem__ cost about a microsecond per access."""
-    if not (REGISTERED and isinstance(head, _p2c_conv2d())):
+    from ..nn.clustering import P2CConv2d  # here: paca_kernels.nn imports this module
+
+    if not (REGISTERED and isinstance(head, P2CConv2d)):
         return False
     seq = list(head._modules["clustering"]._modules.values())
     if len(seq) < 5:
@@ -92,10 +92,3 @@ def head_is_fusable(head: nn.Module) -> bool:
         and c1.stride == (1, 1) and c2.stride == (1, 1) and c1.groups == 1 and c2.groups == 1
     )
 
-
-@functools.cache
-def _p2c_conv2d() -> type:
-    # Imported on first use: paca_kernels.nn imports this module.
-    from ..nn.clustering import P2CConv2d
-
-    return P2CConv2d
