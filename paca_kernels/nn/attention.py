@@ -202,7 +202,7 @@ class PaCaAttention(nn.Module):
     def _run(
         self, x: Tensor, H: int, W: int, logits: Tensor | None, z: Tensor | None, return_attn: bool,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        check_tokens(x, H, W, self.dim)
+        # x was validated by the caller (forward / forward_logits).
         if self.num_clusters == 0:
             out, attn = self._attend(x, x, self._want_maps(return_attn))
             return out, None, attn
@@ -237,7 +237,9 @@ class PaCaAttention(nn.Module):
         Returns:
             (out (B, N, C), z (B, M, N) or None when M = 0), plus the maps when ``return_attn``.
         """
-        if not return_attn and self._fused(x, H, W):
+        check_tokens(x, H, W, self.dim)
+        if not return_attn and fused_layer_applies(self, x):
+            # The whole forward as one op (inference on the cpu backend, where nothing could tell).
             return conv_paca_layer(self, x, H, W, probs=True)
         out, logits, attn = self._run(x, H, W, None, z, return_attn)
         if self.num_clusters > 0 and logits is not None:
@@ -258,16 +260,12 @@ class PaCaAttention(nn.Module):
         This is the path the models use: the fused pooling consumes logits directly, so sharing an
         assignment across the blocks of a stage never materialises the (B, M, N) probabilities.
         """
-        if not return_attn and self._fused(x, H, W):
+        check_tokens(x, H, W, self.dim)
+        if not return_attn and fused_layer_applies(self, x):
+            # The whole forward as one op (inference on the cpu backend, where nothing could tell).
             return conv_paca_layer(self, x, H, W, probs=False)
         out, logits, attn = self._run(x, H, W, logits, None, return_attn)
         return (out, logits, attn) if return_attn else (out, logits)
-
-    def _fused(self, x: Tensor, H: int, W: int) -> bool:
-        """Whether the whole forward runs as one op (:mod:`paca_kernels.ops.paca_layer`: inference
-        on the cpu backend, where nothing could tell); validates x first either way."""
-        check_tokens(x, H, W, self.dim)
-        return fused_layer_applies(self, x)
 
     def extra_repr(self) -> str:
         return (

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import _ext
 from ._inference import backend_is_cpu, fusable_in_inference, register_inference_only
 
-__all__ = ["REGISTERED", "attention_is_fusable", "fused_attention_applies", "p2c_attention_proj"]
+__all__ = ["REGISTERED", "attention_is_fusable", "attention_proj_flops", "fused_attention_applies", "p2c_attention_proj"]
 
 _LIB = "paca_kernels"
 
@@ -50,12 +50,17 @@ def _register() -> bool:
     @register_flop_formula(op)
     def _flops(x_shape, c_shape, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape, wp_shape,
                *args, **kwargs) -> int:
-        b, n, c = x_shape
-        m, hd = c_shape[1], wq_shape[0]
-        # What FlopCounterMode counts for the q, k, v linears, the attention (two matmuls) and proj.
-        return 2 * b * (n + 2 * m) * c * hd + 4 * b * n * m * hd + 2 * b * n * hd * wp_shape[0]
+        return attention_proj_flops(x_shape, c_shape[1], wq_shape, wp_shape)
 
     return True
+
+
+def attention_proj_flops(x_shape, m: int, wq_shape, wp_shape) -> int:
+    """What FlopCounterMode counts for the q, k, v linears (k and v over m cluster tokens), the
+    attention's two matmuls and the output projection."""
+    b, n, c = x_shape
+    hd = wq_shape[0]
+    return 2 * b * (n + 2 * m) * c * hd + 4 * b * n * m * hd + 2 * b * n * hd * wp_shape[0]
 
 
 REGISTERED = _register()

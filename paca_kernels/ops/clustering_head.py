@@ -22,7 +22,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import _ext
 from ._inference import fusable_in_inference, is_same_depthwise, register_inference_only
 
-__all__ = ["REGISTERED", "conv_cluster_logits", "fused_head_applies", "head_is_fusable"]
+__all__ = ["REGISTERED", "conv_cluster_logits", "fused_head_applies", "head_flops", "head_is_fusable"]
 
 _LIB = "paca_kernels"
 
@@ -42,12 +42,15 @@ def _register() -> bool:
 
     @register_flop_formula(op)
     def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, *args, **kwargs) -> int:
-        b, n, c = x_shape
-        k2 = dw_shape[2] * dw_shape[3]
-        # Exactly what FlopCounterMode counts for the three convolutions (biases are not counted).
-        return 2 * b * n * c * (k2 + w1_shape[0] + w2_shape[0])
+        return head_flops(x_shape, dw_shape, w1_shape, w2_shape)
 
     return True
+
+
+def head_flops(x_shape, dw_shape, w1_shape, w2_shape) -> int:
+    """What FlopCounterMode counts for the head's three convolutions (biases are not counted)."""
+    b, n, c = x_shape
+    return 2 * b * n * c * (dw_shape[2] * dw_shape[3] + w1_shape[0] + w2_shape[0])
 
 
 REGISTERED = _register()

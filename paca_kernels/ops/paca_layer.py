@@ -29,8 +29,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import _ext
 from ._inference import backend_is_cpu, fusable_in_inference, register_inference_only
-from .attention_proj import attention_is_fusable
-from .clustering_head import head_is_fusable
+from .attention_proj import attention_is_fusable, attention_proj_flops
+from .clustering_head import head_flops, head_is_fusable
 
 __all__ = ["REGISTERED", "conv_paca_layer", "fused_layer_applies"]
 
@@ -57,15 +57,12 @@ def _register() -> bool:
     def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, b2_shape,
                nw_shape, nb_shape, eps, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape,
                wp_shape, *args, **kwargs) -> int:
+        # What FlopCounterMode counts for the ops it replaces: the head's convolutions, the
+        # pooling's bmm (2·B·M·N·C, as cluster_pool's formula), and the attention with projections.
         b, n, c = x_shape
-        m, hd = w2_shape[0], wq_shape[0]
-        k2 = dw_shape[2] * dw_shape[3]
-        # What FlopCounterMode counts for the ops it replaces: the head's three convolutions, the
-        # pooling's bmm, and the q/k/v linears, the attention's two matmuls and the projection.
-        head = 2 * b * n * c * (k2 + w1_shape[0] + m)
-        pool = 2 * b * m * n * c
-        attention = 2 * b * (n + 2 * m) * c * hd + 4 * b * n * m * hd + 2 * b * n * hd * wp_shape[0]
-        return head + pool + attention
+        m = w2_shape[0]
+        return (head_flops(x_shape, dw_shape, w1_shape, w2_shape) + 2 * b * m * n * c
+                + attention_proj_flops(x_shape, m, wq_shape, wp_shape))
 
     return True
 
