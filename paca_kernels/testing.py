@@ -211,16 +211,19 @@ def assert_low_precision_ok(
         )
 
 
-def assert_passes_on_baseline_isa(script: str, timeout: float = 120) -> None:
-    """Run ``script`` (Python source that prints "baseline ok" when its checks pass) in a fresh
-    interpreter with ``PACA_KERNELS_CPU_ISA=baseline``: the C++ kernels' portable float32 build, which
-    is chosen once per process at first use, so it needs a process of its own."""
+def assert_passes_on_cpu_isa(script: str, isa: str = "baseline", timeout: float = 120) -> None:
+    """Run ``script`` (Python source that prints "isa ok" when its checks pass) in a fresh
+    interpreter with ``PACA_KERNELS_CPU_ISA=isa``: ``"baseline"`` for the C++ kernels' portable
+    float32 build, ``"avx2"`` for the AVX2 products on a CPU that would otherwise use the AVX-512
+    ones. The build is chosen once per process at first use, so it needs a process of its own."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "PACA_KERNELS_CPU_ISA": "baseline"}
+    if isa not in ("baseline", "avx2"):
+        raise ValueError(f"isa must be 'baseline' or 'avx2', got {isa!r}")
+    env = {**os.environ, "PACA_KERNELS_CPU_ISA": isa}
     proc = subprocess.run(
         [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0 and "baseline ok" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "isa ok" in proc.stdout, proc.stdout + proc.stderr

@@ -20,7 +20,7 @@ from paca_kernels import _ext, ops, reference
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
-    assert_passes_on_baseline_isa,
+    assert_passes_on_cpu_isa,
     make_cluster_pool_inputs,
     make_p2c_inputs,
     poisoned_outputs,
@@ -395,11 +395,83 @@ _BASELINE_SCRIPT = textwrap.dedent(
         ref.square().sum().backward()
         for s, d in zip((a.logits, a.x, a.weight, a.bias), (b.logits, b.x, b.weight, b.bias)):
             assert_close(s.grad, d.grad, rtol=1e-4, atol=5e-5)
-    print("baseline ok")
+    print("isa ok")
     """
 )
 
 
-def test_baseline_isa_build_matches_reference():
-    """The float32 kernels without AVX2 (forced by PACA_KERNELS_CPU_ISA=baseline, read at first use)."""
-    assert_passes_on_baseline_isa(_BASELINE_SCRIPT)
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_capped_isa_build_matches_reference(isa: str):
+    """The float32 kernels with the build capped by PACA_KERNELS_CPU_ISA (read at first use): the
+    portable one ("baseline"), and the AVX2 products where the CPU would use the AVX-512 ones."""
+    assert_passes_on_cpu_isa(_BASELINE_SCRIPT, isa)
+
+
+# -- the AVX-512 products against the AVX2 ones ------------------------------------------------------
+
+# Every C++ kernel that multiplies matrices, on shapes whose columns and rows leave ragged tiles
+# (C = 30: a 16-lane vector and 14 masked lanes; M = 7 and 49; 13 x 15 grids), forward and
+# backward, written to the file named by argv[1].
+_ISA_OUTPUTS = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from paca_kernels import PaCaAttention, ops
+    from paca_kernels.nn.block import Mlp
+    from paca_kernels.ops.mlp_dwconv import mlp_fused
+    from paca_kernels.testing import make_cluster_pool_inputs, make_p2c_inputs
+
+    torch.manual_seed(0)
+    outs = []
+    with torch.no_grad():
+        for C, h, M, H, W in [(96, 2, 100, 14, 14), (40, 4, 49, 13, 15), (30, 3, 7, 5, 9)]:
+            layer = PaCaAttention(C, h, M, clustering="conv", backend="cpu").eval()
+            outs += list(layer(torch.randn(2, H * W, C), H, W))
+        for B, H, W, C in [(2, 7, 9, 24), (1, 13, 3, 30)]:
+            m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
+            outs.append(mlp_fused(m, torch.randn(B, H * W, C), H, W))
+    for shape in [(2, 37, 13, 3, 24), (1, 70, 49, 2, 40)]:
+        a = make_p2c_inputs(*shape, requires_grad=True)
+        out = ops.p2c_attention(a.q, a.k, a.v, backend="cpu")
+        out.square().sum().backward()
+        outs += [out.detach(), a.q.grad, a.k.grad, a.v.grad]
+    for shape in [(2, 7, 150, 30), (1, 49, 70, 40)]:
+        a = make_cluster_pool_inputs(*shape, requires_grad=True)
+        out = ops.cluster_pool(a.logits, a.x, a.weight, a.bias, backend="cpu")
+        out.square().sum().backward()
+        outs += [out.detach(), a.logits.grad, a.x.grad, a.weight.grad, a.bias.grad]
+    torch.save(outs, sys.argv[1])
+    print("isa ok")
+    """
+)
+
+
+def _cpu_has_avx512f() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_has_avx512f(), reason="no AVX-512F: the default build is the AVX2 one")
+def test_avx512_products_give_the_avx2_bits(tmp_path):
+    """On an AVX-512 CPU the products run 16-lane tiles by default: every output is the same chain
+    of FMAs in the same order as in the AVX2 tiles, so both builds give the same bits."""
+    import subprocess
+    import sys
+
+    paths = {}
+    for isa in ("default", "avx2"):
+        paths[isa] = tmp_path / f"{isa}.pt"
+        env = {k: v for k, v in __import__("os").environ.items() if k != "PACA_KERNELS_CPU_ISA"}
+        if isa == "avx2":
+            env["PACA_KERNELS_CPU_ISA"] = "avx2"
+        proc = subprocess.run([sys.executable, "-c", _ISA_OUTPUTS, str(paths[isa])], env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0 and "isa ok" in proc.stdout, proc.stdout + proc.stderr
+    default, avx2 = torch.load(paths["default"]), torch.load(paths["avx2"])
+    assert len(default) == len(avx2) == 26
+    for i, (a, b) in enumerate(zip(default, avx2, strict=True)):
+        assert torch.isfinite(a).all(), i
+        assert torch.equal(a, b), f"output {i}: max difference {(a - b).abs().max().item():.3g}"

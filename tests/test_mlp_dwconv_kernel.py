@@ -21,7 +21,7 @@ from paca_kernels.ops.mlp_dwconv import fused_dwconv_applies, mlp_dwconv
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
-    assert_passes_on_baseline_isa,
+    assert_passes_on_cpu_isa,
     noncontiguous,
     poisoned_outputs,
 )
@@ -271,14 +271,16 @@ _BASELINE = textwrap.dedent(
             exact = F.gelu(m.double()(x.double() + b1.double(), H, W))
         err = (out - exact).abs().max().item()
         assert err < 1e-5, err
-    print("baseline ok")
+    print("isa ok")
     """
 )
 
 
-def test_fused_dwconv_baseline_isa():
-    """The float32 kernel without AVX2 (PACA_KERNELS_CPU_ISA=baseline)."""
-    assert_passes_on_baseline_isa(_BASELINE)
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_fused_dwconv_capped_isa(isa: str):
+    """The float32 kernels with the build capped by PACA_KERNELS_CPU_ISA (read at first use): the
+    portable one ("baseline"), and the AVX2 products where the CPU would use the AVX-512 ones."""
+    assert_passes_on_cpu_isa(_BASELINE, isa)
 
 
 # The kernels' GELU on its own: a depthwise conv whose taps are all zero, with the shortcut (folded
@@ -324,4 +326,4 @@ def test_kernel_gelu_baseline_isa():
     """The same checks for the portable float32 build's GELU."""
     script = ("import torch\nimport torch.nn.functional as F\nfrom paca_kernels.nn.block import DWConv\n"
               "from paca_kernels.ops.mlp_dwconv import mlp_dwconv\n\n")
-    assert_passes_on_baseline_isa(script + inspect.getsource(_check_gelu) + "\n_check_gelu()\nprint('baseline ok')\n")
+    assert_passes_on_cpu_isa(script + inspect.getsource(_check_gelu) + "\n_check_gelu()\nprint('isa ok')\n")

@@ -8,10 +8,10 @@ in inference on the cpu backend is three fused kernels in sequence::
     out    = p2c_attention_proj(x, c) (q/k/v, attention, proj) (B, N, C)   ops.attention_proj
 
 plus z = softmax(logits over N), which the official layer returns. The C++ op
-(csrc/cpu/paca_layer.cpp) calls the three kernels directly and derives z from the pooling's
-logsumexp, z = exp(logits − lse), in one pass: the Python between the kernels (module walks,
-backend selection, three dispatches and a torch.softmax) ran on the calling thread while the other
-threads waited, 2-3.5 % of the layer's time at PaCa-ViT-Tiny's stages 2-3.
+(csrc/cpu/paca_layer.cpp) calls the three kernels directly and computes z in one parallel pass
+over the logits, as torch.softmax does (exp(l − max), times 1 / sum). The Python between the
+kernels (module walks, backend selection, three dispatches and a torch.softmax) ran on the calling
+thread while the other threads waited, 2-3.5 % of the layer's time at PaCa-ViT-Tiny's stages 2-3.
 
 It has no backward: :class:`~paca_kernels.nn.PaCaAttention` uses it only when no gradient is needed
 (see :func:`fused_layer_applies`), and its modules and autograd ops otherwise. The fake kernel makes
