@@ -458,13 +458,14 @@ def _cpu_has_avx512f() -> bool:
 def test_avx512_products_give_the_avx2_bits(tmp_path):
     """On an AVX-512 CPU the products run 16-lane tiles by default: every output is the same chain
     of FMAs in the same order as in the AVX2 tiles, so both builds give the same bits."""
+    import os
     import subprocess
     import sys
 
     paths = {}
     for isa in ("default", "avx2"):
         paths[isa] = tmp_path / f"{isa}.pt"
-        env = {k: v for k, v in __import__("os").environ.items() if k != "PACA_KERNELS_CPU_ISA"}
+        env = {k: v for k, v in os.environ.items() if k != "PACA_KERNELS_CPU_ISA"}
         if isa == "avx2":
             env["PACA_KERNELS_CPU_ISA"] = "avx2"
         proc = subprocess.run([sys.executable, "-c", _ISA_OUTPUTS, str(paths[isa])], env=env,
