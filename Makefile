@@ -15,10 +15,12 @@ test: build
 	$(PY) -m pytest tests -q -ra --durations=10 $(PYTEST_ARGS)
 	$(PY) -m pytest benchmarks -q -ra --benchmark-disable -p no:cacheprovider
 
-# Full benchmark run on this machine's default device; JSON under benchmarks/results/.
+# Full benchmark run on this machine's default device; JSON under benchmarks/results/, then
+# BENCHMARKS.md and benchmarks/results/history.csv regenerated from every results file.
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only \
 		--benchmark-json=benchmarks/results/$$($(PY) -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu")')-$$(date +%F).json
+	$(PY) scripts/bench_report.py --plots
 
 setup: $(VENV)/.paca-setup
 

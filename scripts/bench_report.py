@@ -1,52 +1,419 @@
-"""Turn pytest-benchmark JSON under benchmarks/results/ into BENCHMARKS.md and PNG plots.
+"""Turn the raw benchmark JSON under benchmarks/results/ into BENCHMARKS.md and
+benchmarks/results/history.csv, in one command:
 
-    python scripts/bench_report.py [results/*.json ...]   (default: every JSON in benchmarks/results, newest first)
+    python scripts/bench_report.py                     # every JSON in benchmarks/results
+    python scripts/bench_report.py results/a.json ...  # only these files (both outputs cover only them)
+    python scripts/bench_report.py --out-dir DIR       # write DIR/BENCHMARKS.md and DIR/history.csv instead
+    python scripts/bench_report.py --check             # exit 1 if the committed files are stale
+    python scripts/bench_report.py --plots             # also draw a missing <run>-scaling.png (matplotlib)
 
-BENCHMARKS.md is generated: never edit it by hand. For every results file (one device, one date) it
-gives the device, date and torch/Triton/CUDA versions, the measured ceilings, and per benchmark group
-a table of providers with the median time, achieved rates, the share of the ceilings and the speed
-ratio against each baseline provider present in the group. The scaling sweep is also plotted.
+Both outputs are generated (never edit them by hand) and deterministic: the same JSON files (and the
+same benchmarks/NOTES.md, whose run headings BENCHMARKS.md links to) give the same bytes. Nothing
+depends on the clock or on the git HEAD; git is asked only for the commit that added a JSON file
+without commit_info. tests/test_bench_report.py checks that the committed outputs are up to date.
+
+Inputs: pytest-benchmark-layout JSON (`benchmarks` rows with `group`, `stats`, `extra_info`), written
+by `make bench` (the pytest-benchmark suite, benchmarks/test_bench_*.py) or by
+benchmarks/interleaved.py. The run narratives live in benchmarks/NOTES.md, not here.
+
+Suite of a row (and so of a file's rows): "interleaved" when its extra_info.timing is
+"interleaved rounds" (what benchmarks/interleaved.py writes) or, for files without that field, its
+group ends in " (interleaved)"; every other row is "pytest-benchmark". Device of a row: extra_info's
+device_name (a GPU's name) else its device ("cpu"). BENCHMARKS.md shows, for each device, suite and
+dtype, the latest run only (latest by the JSON's `datetime`); history.csv holds every row of every file.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import io
 import json
+import re
+import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-BASELINES = ["reference", "reference-compiled", "official", "official-compiled", "sdpa"]
+NOTES = ROOT / "benchmarks" / "NOTES.md"
+# Ratio columns: each of these present in a table is a "× <baseline>" column (eager and compiled
+# baselines side by side: the official layer for the layer rows, the reference backend for the op and
+# model rows, full self-attention for the scaling sweep).
+BASELINES = ["official", "official-compiled", "reference", "reference-compiled", "full-sdpa"]
+SUITE_TITLE = {
+    "pytest-benchmark": "pytest-benchmark suite (op, layer, model, scaling)",
+    "interleaved": "interleaved layer + model run",
+}
+SUITE_RERUN = {
+    "pytest-benchmark": "`make bench`",
+    "interleaved": ("`python benchmarks/interleaved.py --models tiny,small --out "
+                    "benchmarks/results/<name>.json`, then `python scripts/bench_report.py`"),
+}
+HISTORY_COLUMNS = ["device", "date", "commit", "torch", "triton", "cuda", "suite", "group", "provider",
+                   "shape", "dtype", "median_s", "q1_s", "q3_s", "min_s", "max_s", "rounds", "flops",
+                   "source_file"]
+MISSING = "–"
 
 
-def _fmt_time(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"
+# --------------------------------------------------------------------------------------------------
+# Reading the raw files
 
 
-def _rate(value: float | None, unit: str) -> str:
+@dataclass
+class Run:
+    """One results file's rows of one suite (a file usually holds one suite)."""
+
+    path: Path
+    data: dict
+    suite: str
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def datetime(self) -> str:
+        return self.data.get("datetime", "")
+
+    @property
+    def date(self) -> str:
+        return _short_date(self.datetime)
+
+
+def suite_of(row: dict) -> str:
+    info = row.get("extra_info", {})
+    if info.get("timing") == "interleaved rounds":
+        return "interleaved"
+    if "timing" not in info and row.get("group", "").endswith(" (interleaved)"):
+        return "interleaved"
+    return "pytest-benchmark"
+
+
+def device_of(row: dict) -> str:
+    info = row.get("extra_info", {})
+    return str(info.get("device_name") or info.get("device") or "unknown")
+
+
+def split_group(row: dict) -> tuple[str, str]:
+    """(family, shape) of a row: 'p2c_attention-fwd+bwd-tiny-s1-B8-...' -> ('p2c_attention-fwd+bwd',
+    'tiny-s1-B8-...'); 'inference-pacavit_tiny_p2cconv_100_0' -> ('inference', 'pacavit_tiny_...');
+    a group without a shape part (the scaling sweep) takes the row's own size (N, image side)."""
+    group = row.get("group") or ""
+    base = group.removesuffix(" (interleaved)")
+    info = row.get("extra_info", {})
+    m = re.match(r"^(.+?-(?:fwd\+bwd|fwd|bwd))-(.+)$", base)
+    if m:
+        return m.group(1), m.group(2)
+    m = re.match(r"^(inference|train-step)-(.+)$", base)
+    if m:
+        return m.group(1), m.group(2)
+    if "N" in info:
+        side = info.get("image_size")
+        return base, f"N{info['N']}" + (f"-S{side}" if side is not None else "")
+    return base, ""
+
+
+def _short_date(iso: str) -> str:
+    """'2026-11-22T06:51:43.07+00:00' -> '2026-11-22 06:51 UTC' (the JSON's datetimes are UTC)."""
+    m = re.match(r"^(\d{4}-\d{2}-\d{2})T(\d{2}:\d{2})", iso)
+    return f"{m.group(1)} {m.group(2)} UTC" if m else (iso or "unknown date")
+
+
+_git_cache: dict[Path, str] = {}
+
+
+def commit_of(path: Path, data: dict) -> str:
+    """Short commit of a run: the JSON's commit_info, else the commit that added the file (git)."""
+    info = data.get("commit_info") or {}
+    if info.get("id"):
+        return info["id"][:7] + (" (dirty)" if info.get("dirty") else "")
+    if path not in _git_cache:
+        try:
+            cmd = ["git", "log", "--diff-filter=A", "--format=%h", "--abbrev=7", "--", path.name]
+            done = subprocess.run(cmd, cwd=path.parent, capture_output=True, text=True, check=True)
+            out = done.stdout.split()
+            _git_cache[path] = f"{out[-1]} (added the file)" if out else "uncommitted"
+        except (OSError, subprocess.CalledProcessError):
+            _git_cache[path] = "unknown"
+    return _git_cache[path]
+
+
+def load_runs(files: list[Path]) -> list[Run]:
+    runs = []
+    for path in files:
+        data = json.loads(path.read_text())
+        by_suite: dict[str, list[dict]] = defaultdict(list)
+        for row in data.get("benchmarks", []):
+            by_suite[suite_of(row)].append(row)
+        runs += [Run(path, data, suite, rows) for suite, rows in by_suite.items()]
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------
+# history.csv
+
+
+def _num(value: object) -> str:
     if value is None:
-        return "–"
-    return f"{value * 1e3:.1f} G{unit}" if value < 1 else f"{value:.2f} T{unit}"
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f} %"
+def history_rows(runs: list[Run]) -> list[dict[str, str]]:
+    out = []
+    for run in runs:
+        for row in run.rows:
+            info, stats = row.get("extra_info", {}), row.get("stats") or {}
+            out.append({
+                "device": device_of(row), "date": run.datetime, "commit": commit_of(run.path, run.data),
+                "torch": info.get("torch") or "", "triton": info.get("triton") or "",
+                "cuda": info.get("cuda") or "", "suite": run.suite, "group": row.get("group", ""),
+                "provider": info.get("provider", ""), "shape": split_group(row)[1],
+                "dtype": info.get("dtype") or "", "median_s": _num(stats.get("median")),
+                "q1_s": _num(stats.get("q1")), "q3_s": _num(stats.get("q3")), "min_s": _num(stats.get("min")),
+                "max_s": _num(stats.get("max")), "rounds": _num(stats.get("rounds")),
+                "flops": _num(info.get("flops")), "source_file": run.path.name,
+            })
+    out.sort(key=lambda r: (r["device"], r["date"], r["source_file"], r["suite"], r["group"], r["shape"],
+                            r["provider"], r["median_s"]))
+    return out
 
 
-def _plot_scaling(rows: list[dict], png: Path) -> bool:
+def render_history(runs: list[Run]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history_rows(runs))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# BENCHMARKS.md
+
+
+def natural_key(text: str) -> list:
+    """'N3136' before 'N16384': digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text)]
+
+
+def is_empty_cell(cell: str) -> bool:
+    """A cell that carries nothing: blank, the missing mark, or a zero ("0.0" GB/s where the bytes
+    are too few to show)."""
+    cell = cell.strip()
+    if cell in ("", MISSING, "-"):
+        return True
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        return float(cell) == 0
+    except ValueError:
         return False
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return MISSING
+    ms = seconds * 1e3
+    for limit, digits in ((1000, 0), (100, 1), (10, 2)):
+        if ms >= limit:
+            return f"{ms:.{digits}f}"
+    return f"{ms:.3f}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _notes_link(run: Run, notes_text: str) -> str | None:
+    for line in notes_text.splitlines():
+        if line.startswith("## ") and run.path.stem in line.split():
+            return f"[NOTES.md](benchmarks/NOTES.md#{_slug(line[3:])})"
+    legacy = run.path.with_name(f"{run.path.stem}.notes.md")
+    if legacy.exists():
+        return f"[`{legacy.name}`](benchmarks/results/{legacy.name})"
+    return None
+
+
+def _range(low: float | None, high: float | None) -> str:
+    return MISSING if low is None or high is None else f"{_ms(low)}–{_ms(high)}"
+
+
+def _fixed(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    return MISSING if not value else f"{value * scale:.{digits}f}"
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """One table for one family of groups (e.g. every p2c_attention-fwd shape): a row per shape and
+    provider, fastest first within a shape; columns that would be empty everywhere are left out."""
+    infos = [r["extra_info"] for r in rows]
+    bases = [b for b in BASELINES if any(i.get("provider") == b for i in infos)]
+    tera = max((i.get("tflops") or 0) for i in infos) >= 1
+    varying_rounds = len({r["stats"].get("rounds") for r in rows}) > 1
+    medians = {(split_group(r)[1], r["extra_info"].get("provider")): r["stats"]["median"] for r in rows}
+    ordered = sorted(rows, key=lambda r: (natural_key(split_group(r)[1]), r["stats"]["median"],
+                                          r["extra_info"].get("provider", "")))
+
+    def cells(r: dict) -> dict[str, str]:
+        st, e = r["stats"], r["extra_info"]
+        counted = (e.get("min_bytes") or 0) > 0  # bytes counted: GB/s means something
+        out = {
+            "shape": split_group(r)[1] or MISSING,
+            "provider": e.get("provider", MISSING),
+            "median ms": _ms(st.get("median")),
+            "IQR ms": _range(st.get("q1"), st.get("q3")),
+            "min–max ms": _range(st.get("min"), st.get("max")),
+        }
+        if varying_rounds:
+            out["rounds"] = str(st.get("rounds", MISSING))
+        out["TFLOP/s" if tera else "GFLOP/s"] = _fixed(e.get("tflops"), 1 if tera else 1e3)
+        out["% matmul"] = _fixed(e.get("share_of_matmul_rate"), 100)
+        out["GB/s"] = _fixed(e.get("gbps")) if counted else MISSING
+        out["% copy BW"] = _fixed(e.get("share_of_copy_bandwidth"), 100) if counted else MISSING
+        out["peak MiB"] = _fixed(e.get("peak_memory_bytes"), 2**-20, 0)
+        for b in bases:
+            base = medians.get((split_group(r)[1], b))
+            out[f"× {b}"] = f"{base / st['median']:.2f}" if base else MISSING
+        return out
+
+    table = [cells(r) for r in ordered]
+    header = [h for h in table[0] if not all(is_empty_cell(row[h]) for row in table)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    previous = None
+    for row in table:
+        shape = row["shape"]
+        if shape == previous:
+            row = {**row, "shape": ""}  # the shape is named on its first row only
+        previous = shape
+        lines.append("| " + " | ".join(row[h] for h in header) + " |")
+    return lines
+
+
+def _section(run: Run, newest: Run, notes_text: str) -> list[str]:
+    rows = [r for r in run.rows if r.get("stats")]
+    info0 = rows[0]["extra_info"] if rows else {}
+    machine = run.data.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    threads = f"{cpu['count']} CPU threads" if cpu.get("count") else ""
+    system = " ".join(x for x in (machine.get("system"), machine.get("release")) if x)
+    host = ", ".join(x for x in (cpu.get("brand_raw"), threads, system) if x)
+    dtype = info0.get("dtype") or "?"
+    lines = [f"### {SUITE_TITLE.get(run.suite, run.suite)}, {dtype}: `{run.path.stem}`", ""]
+    commit, newest_commit = commit_of(run.path, run.data), commit_of(newest.path, newest.data)
+    if run.path != newest.path and commit != newest_commit:
+        rerun = SUITE_RERUN.get(run.suite, "`make bench`")
+        lines += [(f"> **Older run**: figures from {run.date}, before the code changes measured since "
+                   f"(newest run on this device: `{newest.path.stem}`, {newest.date}, commit "
+                   f"{newest_commit}). Rerun with {rerun}."), ""]
+    versions = f"torch {info0.get('torch') or '?'}"
+    if info0.get("triton"):
+        versions += f", Triton {info0['triton']}"
+    if info0.get("cuda"):
+        versions += f", CUDA {info0['cuda']}"
+    ceilings = []
+    if any((r["extra_info"].get("min_bytes") or 0) > 0 for r in rows) and info0.get("ceiling_copy_gbps"):
+        ceilings.append(f"copy {info0['ceiling_copy_gbps']:.1f} GB/s")
+    if info0.get("ceiling_matmul_tflops"):
+        t = info0["ceiling_matmul_tflops"]
+        ceilings.append(f"matmul {t:.1f} TFLOP/s" if t >= 1 else f"matmul {t * 1e3:.1f} GFLOP/s")
+    rounds = sorted({r["stats"].get("rounds") for r in rows if r["stats"].get("rounds") is not None})
+    rounds_text = "?" if not rounds else str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}"
+    timing = info0.get("timing") or "pytest-benchmark, each provider's rounds back to back"
+    lines += [
+        f"- date {run.date}, commit {commit}; {versions}; machine: {host or 'not recorded'}",
+        (f"- timing: {timing}, {rounds_text} rounds per row"
+         + (f"; ceilings measured in the run: {', '.join(ceilings)}" if ceilings else "")),
+    ]
+    link = _notes_link(run, notes_text)
+    raw = f"[`{run.path.name}`](benchmarks/results/{run.path.name})"
+    lines += [f"- raw data {raw}" + (f"; how it was made and how to read it: {link}" if link else ""), ""]
+
+    families: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        families[split_group(r)[0]].append(r)
+    for family in sorted(families):
+        png = run.path.with_name(f"{run.path.stem}-scaling.png")
+        plotted = family.startswith("scaling") and png.exists()
+        extra = f" ([plot](benchmarks/results/{png.name}))" if plotted else ""
+        lines += [f"**{family}**{extra}", "", *_table(families[family]), ""]
+    return lines
+
+
+HOW_TO_READ = """\
+## How to read it
+
+- **Sections.** For each device (and dtype), the latest run of each suite. A results file's suite
+  comes from its rows: `extra_info.timing == "interleaved rounds"` (written by
+  `benchmarks/interleaved.py`) is the *interleaved* run, everything else the *pytest-benchmark* suite
+  (`make bench`, `benchmarks/test_bench_*.py`). A section is marked **older run** when a later run on
+  the same device was made at another commit: its figures predate the code measured since.
+- **median ms**: the median wall time of one call over the timed rounds (`time.perf_counter`, device
+  synchronised before and after each call; warm-up calls first, so compilation is not timed).
+  **IQR** (first to third quartile) and **min–max** are the spread over the same rounds: where two
+  providers' ranges overlap, their difference is within this machine's noise.
+- **× baseline**: the baseline provider's median over this row's median, same group and shape
+  (> 1: faster than the baseline). Baselines: `official` / `official-compiled` (the official PaCa
+  layer, eager / `torch.compile`) for the layer, `reference` / `reference-compiled` (this package's
+  pure-PyTorch backend) for the ops and models, `full-sdpa` (full self-attention) for the scaling sweep.
+- **GFLOP/s** and **% matmul**: FLOPs of the row (the unfused equivalent's matmuls) over the median,
+  and that rate's share of a large matmul's rate measured in the same run. **GB/s** and **% copy BW**
+  (only where the benchmark counts bytes: each input read once, each output written once) likewise
+  against a large copy's bandwidth.
+- **Timing.** pytest-benchmark suite: each provider's rounds run back to back (`benchmark.pedantic`,
+  one warm-up round, 5–15 rounds, fewer for slow rows). Interleaved run (CPU, for machines whose speed
+  drifts): every round calls each provider of a group once, in rotating order, so slow periods fall on
+  all providers alike; under `torch.no_grad`.
+- **More.** Every run, row by row: [`benchmarks/results/history.csv`](benchmarks/results/history.csv).
+  Per-run narratives (how each run was made, what changed, how its figures compare):
+  [`benchmarks/NOTES.md`](benchmarks/NOTES.md). Raw data: `benchmarks/results/*.json` and `*.log`.
+"""
+
+
+def render(runs: list[Run], notes_text: str = "") -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        ("Generated by `scripts/bench_report.py` from the raw JSON in `benchmarks/results/`; do not edit by "
+         "hand. Regenerate with `python scripts/bench_report.py` (`make bench` runs the suite, then this)."),
+        "",
+        HOW_TO_READ.rstrip("\n"),
+        "",
+    ]
+    devices: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if any(r.get("stats") for r in run.rows):
+            devices[device_of(run.rows[0])].append(run)
+    for device in sorted(devices):
+        dev_runs = sorted(devices[device], key=lambda r: (r.datetime, r.path.name))
+        newest = dev_runs[-1]
+        latest: dict[tuple[str, str], Run] = {}
+        for run in dev_runs:  # oldest first, so the latest of each (suite, dtype) wins
+            latest[(run.suite, run.rows[0]["extra_info"].get("dtype") or "")] = run
+        lines += [f"## {device}", ""]
+        # newest first, so the current figures lead and older runs follow
+        order = sorted(latest, key=lambda k: (latest[k].datetime, latest[k].path.name), reverse=True)
+        for key in order:
+            lines += _section(latest[key], newest, notes_text)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Scaling plot (only with --plots, and only where the PNG is missing: matplotlib's output varies
+# between versions, so a committed plot is never redrawn; BENCHMARKS.md links it when it exists)
+
+
+def plot_scaling(run: Run) -> Path | None:
+    rows = [r for r in run.rows if r.get("stats") and "N" in r.get("extra_info", {})]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
         series[r["extra_info"]["provider"]].append((r["extra_info"]["N"], r["stats"]["median"]))
-    if not series:
-        return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for provider, pts in sorted(series.items()):
         pts.sort()
@@ -57,87 +424,51 @@ def _plot_scaling(rows: list[dict], png: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    png = run.path.with_name(f"{run.path.stem}-scaling.png")
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    return True
+    return png
 
 
-def render(files: list[Path]) -> str:
-    lines = [
-        "# Benchmarks",
-        "",
-        ("Generated by `scripts/bench_report.py` from the raw pytest-benchmark JSON in "
-        "`benchmarks/results/` — do not edit by hand. Reproduce with `make bench` (GPU: add "
-        "`--bench-dtype`), then `python scripts/bench_report.py`."),
-        "",
-        ("Columns: median time over the timed rounds (device-synchronised); achieved FLOP rate and "
-        "bandwidth from the minimum bytes (each input read once, each output written once); their "
-        "share of the ceilings measured in the same run (a large copy's bandwidth, a large matmul's "
-        "rate); `× <baseline>` is the baseline's time over this row's time (> 1: faster)."),
-        "",
-    ]
-    for path in files:
-        data = json.loads(path.read_text())
-        rows = [b for b in data["benchmarks"] if b.get("stats")]
-        if not rows:
-            continue
-        info0 = rows[0]["extra_info"]
-        machine = data.get("machine_info", {})
-        device = info0.get("device_name") or machine.get("cpu", {}).get("brand_raw") or info0.get("device")
-        lines += [
-            f"## {path.stem}",
-            "",
-            (f"- device: {device} ({info0.get('device')}), {machine.get('cpu', {}).get('count', '?')} CPU "
-            f"threads; dtype {info0.get('dtype')}"),
-            (f"- date: {data.get('datetime', '?')}; torch {info0.get('torch')}, Triton "
-            f"{info0.get('triton') or 'not installed'}, CUDA {info0.get('cuda') or 'none'}"),
-            (f"- measured ceilings: copy {info0.get('ceiling_copy_gbps', 0):.1f} GB/s, matmul "
-            f"{info0.get('ceiling_matmul_tflops', 0) * 1e3:.1f} GFLOP/s"),
-            f"- raw data: [`benchmarks/results/{path.name}`](benchmarks/results/{path.name})",
-            "",
-        ]
-        # Notes on how the run was made (written with the raw data, e.g. machine load), verbatim.
-        notes = path.with_name(f"{path.stem}.notes.md")
-        if notes.exists():
-            lines += [notes.read_text().strip(), ""]
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for r in rows:
-            groups[r["group"]].append(r)
-        for group in sorted(groups):
-            grows = groups[group]
-            if group == "scaling-stage1":
-                png = path.with_name(f"{path.stem}-scaling.png")
-                if _plot_scaling(grows, png):
-                    lines += [f"### {group}", "", f"![scaling]({png.relative_to(ROOT)})", ""]
-                lines += [f"### {group} (table)", "", "| provider | N | median |", "|---|---|---|"]
-                for r in sorted(grows, key=lambda r: (r["extra_info"]["provider"], r["extra_info"]["N"])):
-                    e = r["extra_info"]
-                    lines.append(f"| {e['provider']} | {e['N']} | {_fmt_time(r['stats']['median'])} |")
-                lines.append("")
-                continue
-            times = {r["extra_info"]["provider"]: r["stats"]["median"] for r in grows}
-            bases = [b for b in BASELINES if b in times]
-            header = ["provider", "median", "FLOP/s", "B/s", "% copy BW", "% matmul", *[f"× {b}" for b in bases]]
-            lines += [f"### {group}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            for r in sorted(grows, key=lambda r: r["stats"]["median"]):
-                e = r["extra_info"]
-                t = r["stats"]["median"]
-                cells = [e["provider"], _fmt_time(t), _rate(e.get("tflops"), "FLOP/s"),
-                         f"{e.get('gbps', 0):.1f} GB/s", _pct(e.get("share_of_copy_bandwidth")),
-                         _pct(e.get("share_of_matmul_rate"))]
-                cells += [f"{times[b] / t:.2f}" for b in bases]
-                lines.append("| " + " | ".join(cells) + " |")
-            lines.append("")
-    return "\n".join(lines) + "\n"
+# --------------------------------------------------------------------------------------------------
+
+
+def outputs(files: list[Path]) -> dict[str, str]:
+    """{'BENCHMARKS.md': text, 'history.csv': text} for these result files."""
+    runs = load_runs(sorted(files, key=lambda p: p.name))
+    notes_text = NOTES.read_text() if NOTES.exists() else ""
+    return {"BENCHMARKS.md": render(runs, notes_text), "history.csv": render_history(runs)}
 
 
 def main(argv: list[str]) -> int:
-    # Default: every result file, newest run first (by the run's own timestamp).
-    files = [Path(a) for a in argv] or sorted(
-        RESULTS.glob("*.json"), key=lambda p: json.loads(p.read_text()).get("datetime", ""), reverse=True
-    )
-    (ROOT / "BENCHMARKS.md").write_text(render(files))
-    print(f"wrote BENCHMARKS.md from {len(files)} result file(s)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=Path,
+                        help="result JSON files (default: benchmarks/results/*.json)")
+    parser.add_argument("--out-dir", type=Path, help="write BENCHMARKS.md and history.csv here")
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed files, write nothing")
+    parser.add_argument("--plots", action="store_true",
+                        help="draw the scaling sweep's PNG next to its JSON where it is missing")
+    args = parser.parse_args(argv)
+    files = [p.resolve() for p in args.files] or sorted(RESULTS.glob("*.json"))
+    texts = outputs(files)
+    targets = ({name: args.out_dir / name for name in texts} if args.out_dir else
+               {"BENCHMARKS.md": ROOT / "BENCHMARKS.md", "history.csv": RESULTS / "history.csv"})
+    if args.check:
+        stale = [str(p) for name, p in targets.items() if not p.exists() or p.read_text() != texts[name]]
+        for p in stale:
+            print(f"stale: {p} (run python scripts/bench_report.py)")
+        return 1 if stale else 0
+    if args.plots:
+        for run in load_runs(files):
+            if run.path.with_name(f"{run.path.stem}-scaling.png").exists():
+                continue
+            if (png := plot_scaling(run)) is not None:
+                print(f"wrote {png}")
+    for name, path in targets.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(texts[name])
+    print(f"wrote {targets['BENCHMARKS.md']} and {targets['history.csv']} from {len(files)} result file(s)")
     return 0
 
 

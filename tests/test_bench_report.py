@@ -1,0 +1,85 @@
+"""scripts/bench_report.py on the committed results: BENCHMARKS.md stays short, has no empty columns,
+is deterministic and is up to date; history.csv has one row per benchmark row of the raw JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_report.py"
+RESULTS = ROOT / "benchmarks" / "results"
+HISTORY_COLUMNS = ["device", "date", "commit", "torch", "triton", "cuda", "suite", "group", "provider",
+                   "shape", "dtype", "median_s", "q1_s", "q3_s", "min_s", "max_s", "rounds", "flops",
+                   "source_file"]
+
+
+def _render(out: Path) -> dict[str, bytes]:
+    subprocess.run([sys.executable, str(SCRIPT), "--out-dir", str(out)], check=True, capture_output=True,
+                   cwd=ROOT)
+    return {name: (out / name).read_bytes() for name in ("BENCHMARKS.md", "history.csv")}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    first = _render(tmp_path_factory.mktemp("first"))
+    second = _render(tmp_path_factory.mktemp("second"))
+    assert first == second, "bench_report.py is not deterministic"
+    return first
+
+
+def _tables(markdown: str) -> list[list[list[str]]]:
+    """Every markdown table as rows of cells (header row first, separator row dropped)."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-:") and c for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _empty(cell: str) -> bool:
+    if cell in ("", "–", "-"):
+        return True
+    try:
+        return float(cell.split()[0]) == 0
+    except (ValueError, IndexError):
+        return False
+
+
+def test_benchmarks_md_is_short_and_has_no_empty_column(rendered: dict[str, bytes]) -> None:
+    text = rendered["BENCHMARKS.md"].decode()
+    assert len(text.splitlines()) <= 300
+    tables = _tables(text)
+    assert tables
+    for table in tables:
+        header, body = table[0], table[1:]
+        assert body and all(len(row) == len(header) for row in body), header
+        for i, name in enumerate(header):
+            assert not all(_empty(row[i]) for row in body), f"column {name!r} is empty in {header}"
+
+
+def test_history_has_one_row_per_benchmark_row(rendered: dict[str, bytes]) -> None:
+    want = sum(len(json.loads(p.read_text())["benchmarks"]) for p in RESULTS.glob("*.json"))
+    reader = csv.DictReader(rendered["history.csv"].decode().splitlines())
+    rows = list(reader)
+    assert reader.fieldnames == HISTORY_COLUMNS
+    assert len(rows) == want
+    keys = [(r["source_file"], r["group"], r["provider"], r["shape"]) for r in rows]
+    assert len(set(keys)) == len(keys), "a benchmark row is ambiguous (same file, group, provider, shape)"
+    assert {r["source_file"] for r in rows} == {p.name for p in RESULTS.glob("*.json")}
+
+
+def test_committed_outputs_are_up_to_date(rendered: dict[str, bytes]) -> None:
+    hint = "stale: run `python scripts/bench_report.py` and commit BENCHMARKS.md and history.csv"
+    assert (ROOT / "BENCHMARKS.md").read_bytes() == rendered["BENCHMARKS.md"], hint
+    assert (RESULTS / "history.csv").read_bytes() == rendered["history.csv"], hint
