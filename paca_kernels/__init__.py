@@ -15,9 +15,9 @@ reference backend and ``paca_kernels.ops.backend_status()`` (or ``python -m paca
 from __future__ import annotations
 
 from . import _ext, explain, ops, reference
-from .models import PaCaTeacher_ConvMixer, PaCaViT, create_model, list_models
+from .models import PaCaSegmentor, PaCaTeacher_ConvMixer, PaCaViT, create_model, list_models
 from .models._timm import install_timm_hook, register_timm_models
-from .nn import PaCaAttention, PaCaBlock, PaCaLayer, PaCaSegHead, PaCaSegmentor, convert_paca_layers
+from .nn import PaCaAttention, PaCaBlock, PaCaLayer, PaCaSegHead, convert_paca_layers
 
 __version__ = "0.1.0"
 

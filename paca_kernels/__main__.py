@@ -18,6 +18,7 @@ import time
 import torch
 
 from . import __version__, _ext, ops, reference
+from .nn import PaCaAttention
 from .testing import TOLERANCES, make_cluster_pool_inputs, make_p2c_inputs, max_error
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -168,8 +169,6 @@ def speed_table(
     Returns:
         rows of (provider, pass, median ms or None when skipped, note).
     """
-    from .nn import PaCaAttention
-
     full = mode == "full"
     b = batch or ((64 if device.type == "cuda" else 8) if full else (8 if device.type == "cuda" else 2))
     H, W = grid or (_STAGE1["H"], _STAGE1["W"])

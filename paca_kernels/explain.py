@@ -38,6 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models.paca_vit import PaCaTeacher_ConvMixer
+from .nn.attention import PaCaAttention
+from .nn.seg_head import PaCaSegHead
+
 __all__ = ["Explanation", "PaCaRecorder", "explain", "save_overlays"]
 
 
@@ -181,10 +185,6 @@ class PaCaRecorder:
         self.grids[name] = grid
 
     def __enter__(self) -> Self:
-        from .models.paca_vit import PaCaTeacher_ConvMixer
-        from .nn.attention import PaCaAttention
-        from .nn.seg_head import PaCaSegHead
-
         for name, mod in self.model.named_modules():
             if not self._keep(name):
                 continue

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import paca_kernels.ops.fused.conv_paca_layer as layer_op
+import paca_kernels.ops.fused.p2c_attention_proj as attention_op
 from paca_kernels import PaCaAttention, _ext
-from paca_kernels.nn import attention as attention_mod
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
@@ -218,10 +219,10 @@ def _layer(C=24, h=3, M=10) -> PaCaAttention:
 def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch):
     # The per-part path (test_paca_layer_kernel covers the whole-layer op, which takes precedence
     # where it applies; the layer falls back to this one e.g. with a cluster position embedding).
-    monkeypatch.setattr(attention_mod, "fused_layer_applies", lambda *a: False)
+    monkeypatch.setattr(layer_op, "REGISTERED", False)
     calls = []
-    real = attention_mod.p2c_attention_proj
-    monkeypatch.setattr(attention_mod, "p2c_attention_proj", lambda *a: calls.append(1) or real(*a))
+    real = attention_op.p2c_attention_proj
+    monkeypatch.setattr(attention_op, "p2c_attention_proj", lambda *a: calls.append(1) or real(*a))
     layer = _layer()
     H, W = 5, 7
     x = torch.randn(2, H * W, 24)
@@ -271,7 +272,7 @@ def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch):
 
 
 def test_layer_with_fused_query_side_compiles_fullgraph(monkeypatch):
-    monkeypatch.setattr(attention_mod, "fused_layer_applies", lambda *a: False)  # the per-part path
+    monkeypatch.setattr(layer_op, "REGISTERED", False)  # the per-part path
     layer = _layer()
     x = torch.randn(2, 4 * 6, 24)
     with torch.no_grad():

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import paca_kernels.ops.fused.conv_cluster_logits as head_op
+import paca_kernels.ops.fused.conv_paca_layer as layer_op
 from paca_kernels import PaCaAttention, _ext
-from paca_kernels.nn import attention as attention_mod
+from paca_kernels.nn._fusion import conv_head_tensors
 from paca_kernels.nn.clustering import P2CConv2d
-from paca_kernels.ops.clustering_head import conv_cluster_logits, fused_head_applies
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
@@ -47,6 +48,18 @@ def _head(C: int, M: int, k: int, *, bias2: bool = False) -> P2CConv2d:
         for p in head.parameters():  # not the default init: larger, sign-mixed values exercise GELU
             p.copy_(torch.randn_like(p) * (1.5 / p[0].numel() ** 0.5))
     return head
+
+
+def conv_cluster_logits(head: P2CConv2d, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The fused op on a P2CConv2d's tensors."""
+    tensors = conv_head_tensors(head.clustering)
+    assert tensors is not None
+    return head_op.conv_cluster_logits(x, H, W, *tensors)
+
+
+def _head_fused(layer: PaCaAttention, x: torch.Tensor) -> bool:
+    """Whether the layer's plan runs its conv head as the fused op on x."""
+    return layer._plan(x, None, False).head is not None
 
 
 def _ids(s: tuple) -> str:
@@ -170,15 +183,15 @@ def fused_calls(monkeypatch):
     """Counts the fused-head calls made by PaCaAttention on its per-part path (the whole-layer op,
     tested in test_paca_layer_kernel, is switched off: the layer falls back to this path e.g. with a
     cluster position embedding)."""
-    monkeypatch.setattr(attention_mod, "fused_layer_applies", lambda *a: False)
+    monkeypatch.setattr(layer_op, "REGISTERED", False)
     calls = []
-    real = attention_mod.conv_cluster_logits
+    real = head_op.conv_cluster_logits
 
-    def spy(head, x, H, W):
+    def spy(x, H, W, *tensors):
         calls.append(tuple(x.shape))
-        return real(head, x, H, W)
+        return real(x, H, W, *tensors)
 
-    monkeypatch.setattr(attention_mod, "conv_cluster_logits", spy)
+    monkeypatch.setattr(head_op, "conv_cluster_logits", spy)
     return calls
 
 
@@ -204,23 +217,27 @@ def test_fused_head_skipped_with_hooks_autocast_or_other_heads():
     layer = PaCaAttention(32, 2, 8, backend="cpu").eval()
     x = torch.randn(1, 16, 32)
     with torch.no_grad():
-        assert fused_head_applies(layer.clustering, x)
+        assert _head_fused(layer, x)
         handle = layer.clustering.clustering[1].register_forward_hook(lambda *a: None)
-        assert not fused_head_applies(layer.clustering, x)
+        assert not _head_fused(layer, x)
         handle.remove()
         # Global hooks fire for every module call, so they would miss the fused head's modules too.
         for register in (torch.nn.modules.module.register_module_forward_hook,
                          torch.nn.modules.module.register_module_forward_pre_hook):
             handle = register(lambda *a: None)
-            assert not fused_head_applies(layer.clustering, x)
+            assert not _head_fused(layer, x)
             handle.remove()
-        assert fused_head_applies(layer.clustering, x)
+        assert _head_fused(layer, x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fused_head_applies(layer.clustering, x)
-        tanh = PaCaAttention(32, 2, 8, act_cfg={"type": "GELU", "approximate": "tanh"}).eval()
-        assert not fused_head_applies(tanh.clustering, x)
-        assert not fused_head_applies(PaCaAttention(32, 2, 8, clustering="mlp").clustering, x)
-    assert not fused_head_applies(layer.clustering, x.requires_grad_())
+            assert not _head_fused(layer, x)
+        tanh = PaCaAttention(32, 2, 8, act_cfg={"type": "GELU", "approximate": "tanh"}, backend="cpu").eval()
+        assert not _head_fused(tanh, x)
+        assert not _head_fused(PaCaAttention(32, 2, 8, clustering="mlp", backend="cpu").eval(), x)
+        # A hook elsewhere in the layer (here on q) keeps the head fused: only its own modules count.
+        handle = layer.q.register_forward_hook(lambda *a: None)
+        assert _head_fused(layer, x)
+        handle.remove()
+    assert not _head_fused(layer, x.requires_grad_())
 
 
 def test_attention_compiles_fullgraph_with_fused_head(fused_calls):
@@ -236,14 +253,15 @@ def test_attention_compiles_fullgraph_with_fused_head(fused_calls):
 _BASELINE = textwrap.dedent(
     """
     import torch
+    from paca_kernels.nn._fusion import conv_head_tensors
     from paca_kernels.nn.clustering import P2CConv2d
-    from paca_kernels.ops.clustering_head import conv_cluster_logits
+    from paca_kernels.ops.fused.conv_cluster_logits import conv_cluster_logits
     torch.manual_seed(0)
     for B, H, W, C, M, k in [(2, 7, 9, 40, 49, 7), (1, 5, 6, 20, 3, 3)]:
         head = P2CConv2d(C, M, kernel_size=k)
         x = torch.randn(B, H * W, C)
         with torch.no_grad():
-            out = conv_cluster_logits(head, x, H, W).double()
+            out = conv_cluster_logits(x, H, W, *conv_head_tensors(head.clustering)).double()
             exact = head.double()(x.double(), H, W)
         err = (out - exact).abs().max().item()
         assert err < 1e-5, err

@@ -223,9 +223,9 @@ def test_p2c_flops_match_the_reference():
 
 
 def test_p2c_backend_dispatch_and_limits():
-    from paca_kernels.ops._cuda import make_backend
+    from paca_kernels.ops.backends.cuda import BACKEND
 
-    backend = make_backend()
+    backend = BACKEND
     assert backend.unavailable_reason() is None
     q = torch.empty(1, 4, 1, 8, device="meta")
     big_m = torch.empty(1, 300, 1, 8, device="meta")
@@ -260,10 +260,10 @@ def _pool_id(s):
 
 
 def _pool_supported(c: int) -> bool:
-    from paca_kernels.ops._cuda import make_backend
+    from paca_kernels.ops.backends.cuda import BACKEND
 
     x = torch.empty(1, 1, c, device=DEVICE)
-    return not make_backend().not_supported_reasons("cluster_pool", (torch.empty(1, 1, 1, device=DEVICE), x))
+    return not BACKEND.not_supported_reasons("cluster_pool", (torch.empty(1, 1, 1, device=DEVICE), x))
 
 
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=[_pool_id(s) for s in POOL_SHAPES])
@@ -411,13 +411,13 @@ def test_pool_compiles_fullgraph_forward_and_backward():
 
 
 def test_pool_backend_dispatch_and_limits():
-    from paca_kernels.ops._cuda import make_backend
+    from paca_kernels.ops.backends.cuda import BACKEND
 
     inp = make_cluster_pool_inputs(1, 3, 5, 8, device=DEVICE)
     out = pool_cuda(inp.logits, inp.x, inp.weight, inp.bias)
     assert_close(out, reference.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias), **FWD_TOL)
     wide = make_cluster_pool_inputs(1, 2, 3, 2048, device="meta", affine=False)
-    reasons = make_backend().not_supported_reasons("cluster_pool", (wide.logits, wide.x))
+    reasons = BACKEND.not_supported_reasons("cluster_pool", (wide.logits, wide.x))
     assert any("C = 2048" in r for r in reasons)
 
 

@@ -11,7 +11,7 @@ import torch
 
 import paca_kernels.__main__ as main_mod
 from paca_kernels import ops, reference
-from paca_kernels.ops import _backends
+from paca_kernels.ops import dispatch as _backends
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import paca_kernels.ops.fused.mlp_dwconv as dwconv_op
+import paca_kernels.ops.fused.mlp_fused as mlp_op
 from paca_kernels import _ext, create_model
-from paca_kernels.nn import block as block_mod
 from paca_kernels.nn.block import DWConv, Mlp
-from paca_kernels.ops.mlp_dwconv import fused_dwconv_applies, mlp_dwconv
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
@@ -47,6 +47,13 @@ def _dwconv(C: int, k: int = 3, *, shortcut: bool = True, bias: bool = True) -> 
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
     return m
+
+
+def mlp_dwconv(m: DWConv, x: torch.Tensor, H: int, W: int, gelu: bool,
+               in_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused op on a DWConv's tensors."""
+    conv = m.dwconv
+    return dwconv_op.mlp_dwconv(x, H, W, conv.weight, conv.bias, in_bias, bool(m.with_shortcut), gelu)
 
 
 def _modules(m: DWConv, x: torch.Tensor, H: int, W: int, gelu: bool, in_bias: torch.Tensor | None):
@@ -171,18 +178,18 @@ def fused_calls(monkeypatch):
     """Counts the fused calls made by Mlp: ("dwconv", shape) for mlp_dwconv, ("mlp", shape) for the
     whole-MLP kernel."""
     calls = []
-    real, real_mlp = block_mod.mlp_dwconv, block_mod.mlp_fused
+    real, real_mlp = dwconv_op.mlp_dwconv, mlp_op.mlp_fused
 
-    def spy(dwconv, x, H, W, gelu, in_bias=None):
+    def spy(x, *args):
         calls.append(("dwconv", tuple(x.shape)))
-        return real(dwconv, x, H, W, gelu, in_bias=in_bias)
+        return real(x, *args)
 
-    def spy_mlp(mlp, x, H, W):
+    def spy_mlp(x, *args):
         calls.append(("mlp", tuple(x.shape)))
-        return real_mlp(mlp, x, H, W)
+        return real_mlp(x, *args)
 
-    monkeypatch.setattr(block_mod, "mlp_dwconv", spy)
-    monkeypatch.setattr(block_mod, "mlp_fused", spy_mlp)
+    monkeypatch.setattr(dwconv_op, "mlp_dwconv", spy)
+    monkeypatch.setattr(mlp_op, "mlp_fused", spy_mlp)
     return calls
 
 
@@ -215,18 +222,31 @@ def test_fused_dwconv_skipped_with_hooks_autocast_grad_or_other_activations(fuse
     fused, _ = _mlp_pair()
     x = torch.randn(1, 4 * 4, 24)
     with torch.no_grad():
-        assert fused._fused_applies(x)
+        assert fused._plan(x) != "modules"
         for mod in (fused.fc1, fused.dwconv, fused.act):
             handle = mod.register_forward_hook(lambda *a: None)
-            assert not fused._fused_applies(x)
+            assert fused._plan(x) == "modules"
             handle.remove()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fused._fused_applies(x)
+            assert fused._plan(x) == "modules"
         tanh = Mlp(24, 40, with_dwconv=True, act_cfg={"type": "GELU", "approximate": "tanh"}, backend="cpu")
-        assert not tanh._fused_applies(x)
-        assert not Mlp(24, 40, with_dwconv=False, backend="cpu")._fused_applies(x)
-        assert fused_dwconv_applies(fused.dwconv, nn.Identity(), x)
-    assert not fused._fused_applies(x)  # grad enabled and fc1 parameters require grad
+        assert tanh._plan(x) == "modules"
+        identity = Mlp(24, 40, with_dwconv=True, with_shortcut=True, act_cfg={"type": "Identity"},
+                       backend="cpu").eval()
+        assert identity._plan(x) != "modules"
+    assert fused._plan(x) == "modules"  # grad enabled and fc1 parameters require grad
+    assert not fused_calls
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
+    "package bug: Mlp._plan reads self._modules['dwconv'], absent when with_dwconv=False "
+    "(self.dwconv = None is a plain attribute), see /tmp/helper_tests_bugs.txt"))
+def test_mlp_without_dwconv_runs_its_modules(fused_calls):
+    m = Mlp(24, 40, with_dwconv=False, backend="cpu").eval()
+    x = torch.randn(1, 4 * 4, 24)
+    with torch.no_grad():
+        assert m._plan(x) == "modules"
+        assert_close(m(x, 4, 4), m.fc2(m.act(m.fc1(x))), rtol=0, atol=0)
     assert not fused_calls
 
 
@@ -261,13 +281,13 @@ _BASELINE = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from paca_kernels.nn.block import DWConv
-    from paca_kernels.ops.mlp_dwconv import mlp_dwconv
+    from paca_kernels.ops.fused.mlp_dwconv import mlp_dwconv
     torch.manual_seed(0)
     for B, H, W, C in [(2, 7, 9, 40), (1, 5, 6, 20)]:
         m = DWConv(C, with_shortcut=True)
         x, b1 = torch.randn(B, H * W, C), torch.randn(C)
         with torch.no_grad():
-            out = mlp_dwconv(m, x, H, W, gelu=True, in_bias=b1).double()
+            out = mlp_dwconv(x, H, W, m.dwconv.weight, m.dwconv.bias, b1, True, True).double()
             exact = F.gelu(m.double()(x.double() + b1.double(), H, W))
         err = (out - exact).abs().max().item()
         assert err < 1e-5, err
@@ -299,7 +319,7 @@ def _check_gelu() -> None:
     with torch.no_grad():
         m.dwconv.weight.zero_()
         x = v.view(1, -1, C)
-        out = mlp_dwconv(m, x, 1, x.shape[1], gelu=True).flatten()
+        out = dwconv_op.mlp_dwconv(x, 1, x.shape[1], m.dwconv.weight, None, None, True, True).flatten()
     exact = F.gelu(v.double())
     # A NaN input also reaches its two neighbours along W (as 0 * NaN): leave those out.
     nan = v.isnan()
@@ -325,5 +345,5 @@ def test_kernel_gelu_accuracy_tails_and_nan():
 def test_kernel_gelu_baseline_isa():
     """The same checks for the portable float32 build's GELU."""
     script = ("import torch\nimport torch.nn.functional as F\nfrom paca_kernels.nn.block import DWConv\n"
-              "from paca_kernels.ops.mlp_dwconv import mlp_dwconv\n\n")
+              "import paca_kernels.ops.fused.mlp_dwconv as dwconv_op\n\n")
     assert_passes_on_cpu_isa(script + inspect.getsource(_check_gelu) + "\n_check_gelu()\nprint('isa ok')\n")

@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import paca_kernels.ops.fused.mlp_dwconv as dwconv_op
+import paca_kernels.ops.fused.mlp_fused as mlp_op
 from paca_kernels import _ext
-from paca_kernels.nn import block as block_mod
 from paca_kernels.nn.block import Mlp
-from paca_kernels.ops.mlp_dwconv import FUSED_MLP_MAX_WEIGHT, mlp_fused
+from paca_kernels.ops.fused.mlp_fused import FUSED_MLP_MAX_WEIGHT
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
@@ -51,6 +52,14 @@ def _mlp(C: int, hidden: int, k: int = 3, *, shortcut: bool = True, gelu: bool =
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.4)
     return m
+
+
+def mlp_fused(m: Mlp, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The fused op on an Mlp's tensors."""
+    conv = m.dwconv.dwconv
+    return mlp_op.mlp_fused(x, H, W, m.fc1.weight, m.fc1.bias, conv.weight, conv.bias,
+                            bool(m.dwconv.with_shortcut), type(m.act) is torch.nn.GELU,
+                            m.fc2.weight, m.fc2.bias)
 
 
 def _modules(m: Mlp, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -191,9 +200,9 @@ def test_mlp_fused_flops_equal_the_modules():
 
 def test_mlp_chooses_whole_mlp_kernel_by_weight_size(monkeypatch):
     calls = []
-    real_mlp, real_dw = block_mod.mlp_fused, block_mod.mlp_dwconv
-    monkeypatch.setattr(block_mod, "mlp_fused", lambda *a: calls.append("mlp") or real_mlp(*a))
-    monkeypatch.setattr(block_mod, "mlp_dwconv",
+    real_mlp, real_dw = mlp_op.mlp_fused, dwconv_op.mlp_dwconv
+    monkeypatch.setattr(mlp_op, "mlp_fused", lambda *a: calls.append("mlp") or real_mlp(*a))
+    monkeypatch.setattr(dwconv_op, "mlp_dwconv",
                         lambda *a, **kw: calls.append("dwconv") or real_dw(*a, **kw))
     small = _mlp(16, 64)
     x = torch.randn(1, 4 * 4, 16)
@@ -201,10 +210,10 @@ def test_mlp_chooses_whole_mlp_kernel_by_weight_size(monkeypatch):
         ref = _modules(small, x, 4, 4)
         assert_close(small(x, 4, 4), ref, rtol=1e-5, atol=1e-5)
         assert calls == ["mlp"]
-        monkeypatch.setattr(block_mod, "FUSED_MLP_MAX_WEIGHT", 16 * 64 - 1)
+        monkeypatch.setattr(mlp_op, "FUSED_MLP_MAX_WEIGHT", 16 * 64 - 1)
         assert_close(small(x, 4, 4), ref, rtol=1e-5, atol=1e-5)
         assert calls == ["mlp", "dwconv"]
-        monkeypatch.setattr(block_mod, "FUSED_MLP_MAX_WEIGHT", FUSED_MLP_MAX_WEIGHT)
+        monkeypatch.setattr(mlp_op, "FUSED_MLP_MAX_WEIGHT", FUSED_MLP_MAX_WEIGHT)
         # Dropout active (train mode, no grad): the modules run, the dropout applies.
         drop = _mlp(16, 64)
         drop.drop.p = 0.5
@@ -231,13 +240,15 @@ _BASELINE = textwrap.dedent(
     """
     import torch
     from paca_kernels.nn.block import Mlp
-    from paca_kernels.ops.mlp_dwconv import mlp_fused
+    from paca_kernels.ops.fused.mlp_fused import mlp_fused
     torch.manual_seed(0)
     for B, H, W, C in [(2, 7, 9, 24), (1, 40, 3, 12)]:
         m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
         x = torch.randn(B, H * W, C)
         with torch.no_grad():
-            out = mlp_fused(m, x, H, W).double()
+            c = m.dwconv.dwconv
+            out = mlp_fused(x, H, W, m.fc1.weight, m.fc1.bias, c.weight, c.bias, True, True,
+                            m.fc2.weight, m.fc2.bias).double()
             md = m.double()
             exact = md.fc2(md.act(md.dwconv(md.fc1(x.double()), H, W)))
         err = (out - exact).abs().max().item()

@@ -8,7 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from paca_kernels import _ext, ops, reference
-from paca_kernels.ops import BackendError, _backends
+from paca_kernels.ops import BackendError
+from paca_kernels.ops import dispatch as _backends
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import paca_kernels.ops.fused.conv_paca_layer as layer_op
 from paca_kernels import PaCaAttention, _ext
-from paca_kernels.nn import attention as attention_mod
+from paca_kernels.nn._fusion import conv_head_tensors, linear_tensors
 from paca_kernels.testing import (
     assert_close,
     assert_low_precision_ok,
@@ -216,7 +217,7 @@ def test_layer_op_flops_equal_the_unfused_layer():
     x = torch.randn(2, 5 * 7, 24)
     with torch.no_grad():
         with FlopCounterMode(display=False) as fused:
-            attention_mod.conv_paca_layer(layer, x, 5, 7, True)
+            _layer_op_on(layer, x, 5, 7, True)
         layer.backend = "reference"
         with FlopCounterMode(display=False) as unfused:
             layer(x, 5, 7)
@@ -234,17 +235,27 @@ def _layer(C=24, h=3, M=10, **kw) -> PaCaAttention:
     return layer
 
 
+def _layer_op_on(layer: PaCaAttention, x: torch.Tensor, H: int, W: int, probs: bool):
+    """The whole-layer op on a PaCaAttention's tensors."""
+    norm = layer.cluster_norm
+    return layer_op.conv_paca_layer(
+        x, H, W, conv_head_tensors(layer.clustering.clustering), (norm.weight, norm.bias, norm.eps),
+        linear_tensors(layer.q, layer.k, layer.v, layer.proj), layer.num_heads,
+        1 / math.sqrt(layer.head_dim), probs,
+    )
+
+
 @pytest.fixture
 def layer_calls(monkeypatch):
     """Counts PaCaAttention's calls of the whole-layer op."""
     calls = []
-    real = attention_mod.conv_paca_layer
+    real = layer_op.conv_paca_layer
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention_mod, "conv_paca_layer", spy)
+    monkeypatch.setattr(layer_op, "conv_paca_layer", spy)
     return calls
 
 
@@ -358,3 +369,33 @@ def test_layer_op_capped_isa(isa: str):
     """The float32 kernels with the build capped by PACA_KERNELS_CPU_ISA (read at first use): the
     portable one ("baseline"), and the AVX2 products where the CPU would use the AVX-512 ones."""
     assert_passes_on_cpu_isa(_BASELINE, isa)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
+def test_hook_on_cluster_norm_runs_the_norm_module(monkeypatch, backend, grad):
+    """``ops.cluster_pool`` fuses the LayerNorm as its epilogue, so a forward hook on
+    ``cluster_norm`` (which it would skip) sends the pooling through the norm module instead."""
+    import paca_kernels.ops as ops_mod
+
+    monkeypatch.setattr(layer_op, "REGISTERED", False)  # the per-part path, whose pooling this is
+    pools = []
+    real = ops_mod.cluster_pool
+    monkeypatch.setattr(ops_mod, "cluster_pool", lambda *a, **kw: pools.append(1) or real(*a, **kw))
+    layer = _layer(backend=backend)
+    doubled = _layer(backend=backend)
+    doubled.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        doubled.cluster_norm.weight.mul_(2)
+        doubled.cluster_norm.bias.mul_(2)
+    x = torch.randn(2, 5 * 7, 24)
+    with torch.set_grad_enabled(grad):
+        seen = []
+        handle = layer.cluster_norm.register_forward_hook(lambda m, a, out: seen.append(1) or out * 2)
+        hooked, z = layer(x, 5, 7)
+        assert seen == [1] and not pools  # the hook ran, on the norm module's output
+        handle.remove()
+        want, want_z = doubled(x, 5, 7)  # LN(c)·2 is LN with doubled weight and bias
+        assert pools  # no hook: the fused pooling serves the call
+    assert_close(hooked, want, rtol=1e-5, atol=1e-5, name="out")
+    assert_close(z, want_z, rtol=1e-6, atol=1e-7, name="z")

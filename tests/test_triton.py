@@ -27,7 +27,9 @@ from paca_kernels.triton import TRITON_AVAILABLE, TRITON_UNAVAILABLE_REASON
 if not TRITON_AVAILABLE:
     pytest.skip(f"Triton kernels: {TRITON_UNAVAILABLE_REASON}", allow_module_level=True)
 
-from paca_kernels.ops._triton import cluster_pool_triton, make_backend, p2c_attention_triton
+from paca_kernels.ops.backends.triton import BACKEND as TRITON_BACKEND
+from paca_kernels.ops.cluster_pool import cluster_pool_triton
+from paca_kernels.ops.p2c_attention import p2c_attention_triton
 from paca_kernels.triton.cluster_pool import cluster_pool_bwd, cluster_pool_fwd
 from paca_kernels.triton.p2c_attention import p2c_attention_bwd, p2c_attention_fwd
 
@@ -46,10 +48,10 @@ BWD_TOL = {"rtol": 3e-5, "atol": 3e-5}
 @pytest.fixture
 def triton_backend():
     """The "triton" backend registered in paca_kernels.ops for the test (removed again afterwards)."""
-    from paca_kernels.ops import _backends
+    from paca_kernels.ops import dispatch as _backends
 
     had = _backends._REGISTRY.get("triton")
-    ops.register_backend(make_backend())
+    ops.register_backend(TRITON_BACKEND)
     yield
     if had is None:
         _backends._REGISTRY.pop("triton", None)
@@ -222,9 +224,9 @@ def test_p2c_backend_dispatch_and_limits(triton_backend):
     out = ops.p2c_attention(inp.q, inp.k, inp.v, backend="triton")
     assert_close(out, reference.p2c_attention(inp.q, inp.k, inp.v), **FWD_TOL)
     big = make_p2c_inputs(1, 2, 257, 1, 8, device="meta")
-    assert any("M = 257" in r for r in make_backend().not_supported_reasons("p2c_attention", (big.q, big.k, big.v)))
+    assert any("M = 257" in r for r in TRITON_BACKEND.not_supported_reasons("p2c_attention", (big.q, big.k, big.v)))
     wide = make_p2c_inputs(1, 2, 3, 1, 256, device="meta")
-    reasons = make_backend().not_supported_reasons("p2c_attention", (wide.q, wide.k, wide.v))
+    reasons = TRITON_BACKEND.not_supported_reasons("p2c_attention", (wide.q, wide.k, wide.v))
     assert any("d = 256" in r for r in reasons)
     with pytest.raises(ops.BackendError, match="triton: .*float64"):
         d64 = make_p2c_inputs(1, 2, 3, 1, 8, device=DEVICE, dtype=torch.float64)
@@ -394,7 +396,7 @@ def test_pool_backend_dispatch_and_limits(triton_backend):
     out = ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias, backend="triton")
     assert_close(out, reference.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias), **FWD_TOL)
     wide = make_cluster_pool_inputs(1, 2, 3, 2048, device="meta", affine=False)
-    reasons = make_backend().not_supported_reasons("cluster_pool", (wide.logits, wide.x))
+    reasons = TRITON_BACKEND.not_supported_reasons("cluster_pool", (wide.logits, wide.x))
     assert any("C = 2048" in r for r in reasons)
 
 

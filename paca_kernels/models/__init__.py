@@ -1,10 +1,13 @@
-"""PaCa-ViT models: the official variants, their teacher, create_model / list_models."""
+"""PaCa-ViT models: the official variants, their teacher, create_model / list_models, and the
+segmentor (backbone + PaCa segmentation head)."""
 
 from .paca_vit import PaCaTeacher_ConvMixer, PaCaViT, Residual
+from .segmentor import PaCaSegmentor
 from .zoo import FACTORIES, create_model, list_models, model_config
 
 __all__ = [
     "FACTORIES",
+    "PaCaSegmentor",
     "PaCaTeacher_ConvMixer",
     "PaCaViT",
     "Residual",

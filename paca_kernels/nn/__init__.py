@@ -1,4 +1,7 @@
-"""torch.nn modules of paca_kernels: PaCaAttention, PaCaBlock, clustering heads and layers."""
+"""torch.nn modules of paca_kernels: PaCaAttention, PaCaBlock, clustering heads, layers and the
+segmentation head. Each layer decides in one place (its ``_plan``) which path serves a call: fused
+inference ops (:mod:`paca_kernels.ops.fused`) or its modules and the differentiable ops. Built on
+:mod:`paca_kernels.ops`; the models that assemble these layers are :mod:`paca_kernels.models`."""
 
 from .attention import PaCaAttention, PaCaLayer, check_tokens, paca_layer_kwargs
 from .block import DEFAULT_PACA_CFG, DWConv, Mlp, PaCaBlock
@@ -6,7 +9,7 @@ from .clustering import CLUSTERING_HEADS, P2CConv2d, P2CLinear, P2CMlp, build_cl
 from .clustering_variants import GMMClustering, SoftKMeansClustering
 from .convert import convert_paca_layers
 from .layers import BlurConv2d, DownsampleV1, DropPath, LayerNorm2d, build_act, build_norm
-from .seg_head import PaCaSegHead, PaCaSegmentor
+from .seg_head import PaCaSegHead
 
 __all__ = [
     "CLUSTERING_HEADS",
@@ -25,7 +28,6 @@ __all__ = [
     "PaCaBlock",
     "PaCaLayer",
     "PaCaSegHead",
-    "PaCaSegmentor",
     "SoftKMeansClustering",
     "build_act",
     "build_clustering",

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ..ops._inference import backend_is_cpu
-from ..ops.attention_proj import fused_attention_applies, p2c_attention_proj
-from ..ops.clustering_head import conv_cluster_logits, fused_head_applies
-from ..ops.paca_layer import conv_paca_layer, fused_layer_applies
-from .clustering import build_clustering
+from ..ops.fused import conv_cluster_logits as _head_op
+from ..ops.fused import conv_paca_layer as _layer_op
+from ..ops.fused import p2c_attention_proj as _attention_op
+from ._fusion import conv_head_tensors, cpu_inference, has_hooks, linear_tensors
+from .clustering import P2CConv2d, build_clustering
 from .layers import build_norm
 
 __all__ = ["PaCaAttention", "PaCaLayer", "check_tokens"]
@@ -45,6 +45,23 @@ def check_tokens(x: object, H: int, W: int, dim: int | None = None) -> Tensor:
     if int(H) * int(W) != x.shape[1]:
         raise ValueError(f"H·W = {H}·{W} = {int(H) * int(W)} does not match N = {x.shape[1]} of x")
     return x
+
+
+class _Plan(NamedTuple):
+    """Which path serves one call of a :class:`PaCaAttention` (see ``PaCaAttention._plan``)."""
+
+    #: The whole forward as ``conv_paca_layer`` (uses ``head`` and ``attention``).
+    layer: bool
+    #: The conv head's tensors for ``conv_cluster_logits``, or None: the head's modules run.
+    head: tuple | None
+    #: q/k/v/proj weights and biases for ``p2c_attention_proj``, or None: the modules and
+    #: ``ops.p2c_attention`` run.
+    attention: tuple | None
+    #: Logits are pooled by ``ops.cluster_pool`` with the LayerNorm as its epilogue (else the
+    #: probabilities' matmul, the position embedding and the norm module).
+    fused_pool: bool
+    #: The attention maps are wanted (``return_attn``, or a forward hook on ``attn_viz``).
+    want_maps: bool
 
 
 class PaCaAttention(nn.Module):
@@ -66,6 +83,12 @@ class PaCaAttention(nn.Module):
         mlp_ratio: hidden ratio of the MLP clustering head.
         act_cfg: activation of the clustering head (official dict, name or class; default GELU).
         backend: ops backend for this layer (None: ``PACA_KERNELS_BACKEND``, then automatic).
+
+    Which path serves a call is decided once per call, in :meth:`_plan`: on the cpu backend in
+    inference (no gradient wanted, no autocast, no forward hooks that a kernel would skip) the whole
+    layer runs as one fused op (``paca_kernels.ops.fused.conv_paca_layer``), or its conv head and its
+    attention as fused parts; otherwise the modules and the differentiable ops
+    (``ops.cluster_pool``, ``ops.p2c_attention``) run.
     """
 
     def __init__(
@@ -124,22 +147,61 @@ class PaCaAttention(nn.Module):
         # Forward hooks on attn_viz receive the (B, h, N, M) attention maps, as in the official layer.
         self.attn_viz = nn.Identity()
 
-    # -- the cluster tokens -------------------------------------------------------------------------
-    def _clustering_logits(self, x: Tensor, H: int, W: int) -> Tensor:
-        """Logits (B, M, N) of the on-site clustering head: in inference on the cpu backend, the
-        conv head runs as one fused kernel (see :mod:`paca_kernels.ops.clustering_head`)."""
-        if fused_head_applies(self.clustering, x) and backend_is_cpu(self.backend, x):
-            return conv_cluster_logits(self.clustering, x, H, W)
-        return self.clustering(x, H, W)
+    # -- the one decision point ---------------------------------------------------------------------
+    def _plan(self, x: Tensor, given: Tensor | None, return_attn: bool) -> _Plan:
+        """Decide, once per call, which path serves it (x and ``given``, the logits or z passed in,
+        already validated). Reads module structure and tensor metadata only.
 
-    def _cluster_tokens(self, x: Tensor, logits: Tensor | None, z: Tensor | None) -> Tensor:
-        """(B, M, C) cluster tokens from logits (fused op where possible) or from probabilities z."""
-        fused = logits is not None and not self.cluster_pos_embed and self._ln_eps is not None
-        if fused:
+        - pooling: ``ops.cluster_pool`` (LayerNorm epilogue) where the layer pools logits through a
+          LayerNorm with no position embedding and no hook on the norm (the op would skip it);
+        - fused parts, only in CPU inference on the cpu backend (:func:`._fusion.cpu_inference`:
+          no gradient wanted through x, ``given`` or any parameter, no autocast, no global hooks):
+          the conv head as ``conv_cluster_logits`` (a P2CConv2d the kernel computes exactly, no
+          hooks in it), the attention as ``p2c_attention_proj`` (plain Linear projections, inactive
+          dropouts, no maps wanted, no hooks on the projections or the dropout);
+        - the whole layer as ``conv_paca_layer`` where both parts and the pooling fuse, the norm is
+          exactly an ``nn.LayerNorm`` and no module of the layer has a hook.
+        """
+        mods = self._modules
+        want_maps = return_attn or bool(mods["attn_viz"]._forward_hooks)
+        if self.num_clusters == 0:
+            return _Plan(False, None, None, False, want_maps)
+        norm = mods["cluster_norm"]
+        fused_pool = self._ln_eps is not None and not self.cluster_pos_embed and not has_hooks(norm)
+        if not cpu_inference(self.backend, x, self, given):
+            return _Plan(False, None, None, fused_pool, want_maps)
+        hooked = has_hooks(self)
+        head = None
+        if self.onsite_clustering and _head_op.REGISTERED:
+            clustering = mods["clustering"]
+            if type(clustering) is P2CConv2d and not (hooked and has_hooks(clustering)):
+                head = conv_head_tensors(clustering._modules["clustering"])
+        attention = None
+        if not want_maps and _attention_op.REGISTERED and not (
+            self.training and (self.attn_drop > 0.0 or mods["proj_drop"].p > 0.0)
+        ):
+            q, k, v, proj = mods["q"], mods["k"], mods["v"], mods["proj"]
+            if not (hooked and has_hooks(q, k, v, proj, mods["proj_drop"])):
+                attention = linear_tensors(q, k, v, proj)
+        layer = (
+            _layer_op.REGISTERED and not hooked and head is not None and attention is not None
+            and fused_pool and type(norm) is nn.LayerNorm
+        )
+        return _Plan(layer, head, attention, fused_pool, want_maps)
+
+    # -- the paths ----------------------------------------------------------------------------------
+    def _fused_layer(self, x: Tensor, H: int, W: int, plan: _Plan, probs: bool) -> tuple[Tensor, Tensor]:
+        norm = self._modules["cluster_norm"]
+        return _layer_op.conv_paca_layer(
+            x, H, W, plan.head, (norm.weight, norm.bias, norm.eps), plan.attention, self.num_heads,
+            1.0 / math.sqrt(self.head_dim), probs,
+        )
+
+    def _cluster_tokens(self, x: Tensor, logits: Tensor | None, z: Tensor | None, plan: _Plan) -> Tensor:
+        """(B, M, C) cluster tokens from logits (the fused op where the plan says) or probabilities z."""
+        if logits is not None and plan.fused_pool:
             norm = self.cluster_norm
-            return ops.cluster_pool(
-                logits, x, norm.weight, norm.bias, self._ln_eps, backend=self.backend
-            )
+            return ops.cluster_pool(logits, x, norm.weight, norm.bias, self._ln_eps, backend=self.backend)
         if z is None:
             z = reference.cluster_assign(logits)
         c = torch.matmul(z, x)
@@ -161,26 +223,38 @@ class PaCaAttention(nn.Module):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
-    # -- attention ----------------------------------------------------------------------------------
-    def _want_maps(self, return_attn: bool) -> bool:
-        return return_attn or bool(self.attn_viz._forward_hooks)
+    def _given(self, x: Tensor, logits: Tensor | None, z: Tensor | None) -> Tensor | None:
+        """The validated assignment passed in (logits or z), or None when the layer clusters on site
+        (or has no clusters); ValueError when a layer without a head of its own gets neither."""
+        if self.num_clusters == 0 or self.onsite_clustering:
+            return None
+        if logits is not None:
+            self._check_assignment("logits", logits, x)
+            return logits
+        if z is not None:
+            self._check_assignment("z", z, x)
+            return z
+        raise ValueError(
+            "this PaCa layer has no clustering head of its own (onsite_clustering=False): pass "
+            "the cluster assignment z (B, M, N) computed by an earlier layer or a teacher"
+        )
 
-    def _attend(self, x: Tensor, c: Tensor, want_maps: bool) -> tuple[Tensor, Tensor | None]:
+    def _attend(self, x: Tensor, c: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
         """proj(softmax(q·kᵀ/√d)·v) with q from x (B, N, C) and k, v from c (B, M, C)."""
         b, n, _ = x.shape
         m = c.shape[1]
         h, d = self.num_heads, self.head_dim
-        if self.num_clusters > 0 and not want_maps and fused_attention_applies(self, x):
+        if plan.attention is not None:
             # The projections and the attention over the clusters in one pass over the patches.
-            return p2c_attention_proj(self, x, c), None
+            return _attention_op.p2c_attention_proj(x, c, *plan.attention, h, 1.0 / math.sqrt(d)), None
         q = self.q(x).view(b, n, h, d)
         k = self.k(c).view(b, m, h, d)
         v = self.v(c).view(b, m, h, d)
         drop = self.attn_drop if self.training else 0.0
         attn: Tensor | None = None
-        if want_maps or drop > 0.0:
+        if plan.want_maps or drop > 0.0:
             attn = reference.p2c_attention_weights(q, k)  # (B, h, N, M)
-            if want_maps:
+            if plan.want_maps:
                 attn = self.attn_viz(attn)
             probs = F.dropout(attn, drop, training=True) if drop > 0.0 else attn
             out = torch.matmul(probs, v.transpose(1, 2)).transpose(1, 2)
@@ -200,26 +274,20 @@ class PaCaAttention(nn.Module):
         return out, attn
 
     def _run(
-        self, x: Tensor, H: int, W: int, logits: Tensor | None, z: Tensor | None, return_attn: bool,
+        self, x: Tensor, H: int, W: int, logits: Tensor | None, z: Tensor | None, plan: _Plan,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        # x was validated by the caller (forward / forward_logits).
+        """The per-part path: (out, logits computed on site or None, maps or None)."""
         if self.num_clusters == 0:
-            out, attn = self._attend(x, x, self._want_maps(return_attn))
+            out, attn = self._attend(x, x, plan)
             return out, None, attn
         if self.onsite_clustering:
-            logits = self._clustering_logits(x, H, W)
+            if plan.head is not None:
+                logits = _head_op.conv_cluster_logits(x, H, W, *plan.head)
+            else:
+                logits = self.clustering(x, H, W)
             z = None
-        elif logits is not None:
-            self._check_assignment("logits", logits, x)
-        elif z is not None:
-            self._check_assignment("z", z, x)
-        else:
-            raise ValueError(
-                "this PaCa layer has no clustering head of its own (onsite_clustering=False): pass "
-                "the cluster assignment z (B, M, N) computed by an earlier layer or a teacher"
-            )
-        c = self._cluster_tokens(x, logits, z)
-        out, attn = self._attend(x, c, self._want_maps(return_attn))
+        c = self._cluster_tokens(x, logits, z, plan)
+        out, attn = self._attend(x, c, plan)
         return out, logits, attn
 
     def forward(
@@ -238,11 +306,12 @@ class PaCaAttention(nn.Module):
             (out (B, N, C), z (B, M, N) or None when M = 0), plus the maps when ``return_attn``.
         """
         check_tokens(x, H, W, self.dim)
-        if not return_attn and fused_layer_applies(self, x):
-            # The whole forward as one op (inference on the cpu backend, where nothing could tell).
-            return conv_paca_layer(self, x, H, W, probs=True)
-        out, logits, attn = self._run(x, H, W, None, z, return_attn)
-        if self.num_clusters > 0 and logits is not None:
+        given = self._given(x, None, z)
+        plan = self._plan(x, given, return_attn)
+        if plan.layer:
+            return self._fused_layer(x, H, W, plan, probs=True)
+        out, logits, attn = self._run(x, H, W, None, given, plan)
+        if logits is not None:
             z = reference.cluster_assign(logits)
         return (out, z, attn) if return_attn else (out, z)
 
@@ -261,10 +330,12 @@ class PaCaAttention(nn.Module):
         assignment across the blocks of a stage never materialises the (B, M, N) probabilities.
         """
         check_tokens(x, H, W, self.dim)
-        if not return_attn and fused_layer_applies(self, x):
-            # The whole forward as one op (inference on the cpu backend, where nothing could tell).
-            return conv_paca_layer(self, x, H, W, probs=False)
-        out, logits, attn = self._run(x, H, W, logits, None, return_attn)
+        given = self._given(x, logits, None)
+        plan = self._plan(x, given, return_attn)
+        if plan.layer:
+            return self._fused_layer(x, H, W, plan, probs=False)
+        # The logits computed on site, or the ones passed in (None when M = 0).
+        out, logits, attn = self._run(x, H, W, given, None, plan)
         return (out, logits, attn) if return_attn else (out, logits)
 
     def extra_repr(self) -> str:

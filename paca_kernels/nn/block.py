@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._inference import backend_is_cpu, fusable_in_inference
-from ..ops.mlp_dwconv import FUSED_MLP_MAX_WEIGHT, fused_dwconv_applies, mlp_dwconv, mlp_fused
+from ..ops.fused import mlp_dwconv as _dwconv_op
+from ..ops.fused import mlp_fused as _mlp_op
+from ._fusion import cpu_inference, exact_gelu, has_hooks, same_depthwise
 from .attention import PaCaAttention, paca_layer_kwargs
 from .layers import DropPath, build_act, build_norm, to_2tuple
 
@@ -51,9 +52,10 @@ class DWConv(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> [DWConv] -> act -> drop -> fc2 -> drop, on (B, N, C) tokens.
 
-    ``backend`` is the ops backend of the enclosing block: when it resolves to the fused C++ CPU
-    backend and no gradient is wanted, the DWConv and a GELU after it run as one kernel
-    (:mod:`paca_kernels.ops.mlp_dwconv`); otherwise, and always on other backends, the modules run.
+    ``backend`` is the ops backend of the enclosing block. Which path serves a call is decided once,
+    in :meth:`_plan`: in CPU inference on the cpu backend the whole MLP runs as one fused op
+    (:mod:`paca_kernels.ops.fused.mlp_fused`) where its weights are small, or fc1's bias, the DWConv
+    and the activation as one (:mod:`paca_kernels.ops.fused.mlp_dwconv`); otherwise the modules run.
     """
 
     def __init__(
@@ -77,15 +79,48 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
+    def _plan(self, x: Tensor) -> str:
+        """Decide, once per call, which path serves it: "whole" (``mlp_fused``), "dwconv"
+        (``mlp_dwconv`` between fc1's matrix product and fc2) or "modules".
+
+        The fused ops need CPU inference on the cpu backend (:func:`._fusion.cpu_inference`), a
+        DWConv whose conv is a "same" odd square depthwise conv, an exact GELU or identity
+        activation, a plain ``nn.Linear`` fc1 and no hooks on the modules they replace. The whole
+        MLP also needs a plain fc2, inactive dropout, no hooks on fc2 or the dropout, and fc1's
+        weight at most :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where
+        it beats the matrix products, measured)."""
+        mods = self._modules
+        dwconv, act, fc1 = mods["dwconv"], mods["act"], mods["fc1"]
+        if not (_dwconv_op.REGISTERED and type(dwconv) is DWConv and type(fc1) is nn.Linear
+                and same_depthwise(dwconv._modules["dwconv"])):
+            return "modules"
+        if not (type(act) is nn.Identity or exact_gelu(act)) or not cpu_inference(self.backend, x, self):
+            return "modules"
+        if has_hooks(dwconv, act, fc1):
+            return "modules"
+        fc2, drop = mods["fc2"], mods["drop"]
+        if (
+            _mlp_op.REGISTERED and type(fc2) is nn.Linear and (not self.training or drop.p == 0.0)
+            and fc1.weight.numel() <= _mlp_op.FUSED_MLP_MAX_WEIGHT and not has_hooks(fc2, drop)
+        ):
+            return "whole"
+        return "dwconv"
+
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        if self._fused_applies(x) and self._whole_mlp_pays(x):
+        plan = self._plan(x)
+        if plan == "whole":
             # fc1, DWConv, GELU and fc2 in one pass; the dropouts are identities here (eval, or p = 0).
-            return mlp_fused(self, x, H, W)
-        if self._fused_applies(x):
+            conv = self.dwconv.dwconv
+            return _mlp_op.mlp_fused(
+                x, H, W, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
+                bool(self.dwconv.with_shortcut), type(self.act) is nn.GELU, self.fc2.weight, self.fc2.bias,
+            )
+        if plan == "dwconv":
             # fc1's bias is added inside the fused kernel, as it loads its input.
-            x = mlp_dwconv(
-                self.dwconv, F.linear(x, self.fc1.weight), H, W, gelu=isinstance(self.act, nn.GELU),
-                in_bias=self.fc1.bias,
+            conv = self.dwconv.dwconv
+            x = _dwconv_op.mlp_dwconv(
+                F.linear(x, self.fc1.weight), H, W, conv.weight, conv.bias, self.fc1.bias,
+                bool(self.dwconv.with_shortcut), type(self.act) is nn.GELU,
             )
         else:
             x = self.fc1(x)
@@ -94,22 +129,6 @@ class Mlp(nn.Module):
             x = self.act(x)
         x = self.drop(x)
         return self.drop(self.fc2(x))
-
-    def _fused_applies(self, x: Tensor) -> bool:
-        """Whether fc1's bias, the DWConv and the activation may run as the fused kernel on x: see
-        :func:`~paca_kernels.ops.mlp_dwconv.fused_dwconv_applies` (fc1 included), and a backend that
-        resolves to "cpu"."""
-        return fused_dwconv_applies(self.dwconv, self.act, x, self.fc1) and backend_is_cpu(self.backend, x)
-
-    def _whole_mlp_pays(self, x: Tensor) -> bool:
-        """Whether the whole MLP may run as one kernel (given :meth:`_fused_applies`): fc2 and the
-        dropout fusable too (no gradient, no hooks), dropout inactive, and weights small enough for
-        the kernel to beat the matmuls (:data:`~paca_kernels.ops.mlp_dwconv.FUSED_MLP_MAX_WEIGHT`)."""
-        return (
-            (not self.training or self.drop.p == 0.0)
-            and self.fc1.weight.numel() <= FUSED_MLP_MAX_WEIGHT
-            and fusable_in_inference(x, self.fc2, self.drop)
-        )
 
 
 class PaCaBlock(nn.Module):

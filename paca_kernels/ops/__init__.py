@@ -3,8 +3,14 @@
 - :func:`cluster_pool` (logits (B, M, N), x (B, N, C)) -> LayerNorm(softmax(logits over N)·x), (B, M, C)
 - :func:`p2c_attention` (q (B, N, h, d), k and v (B, M, h, d)) -> softmax(q·kᵀ·scale over M)·v
 
-Both take ``backend=`` (a name, or a comma-separated preference list); see :mod:`._backends` for the
-selection rules. The raw ops are ``torch.ops.paca_kernels.*`` for compile/export users.
+Both take ``backend=`` (a name, or a comma-separated preference list); :mod:`.dispatch` holds the
+selection rules and :mod:`.backends` the backends, one file each. The raw ops are
+``torch.ops.paca_kernels.*`` for compile/export users; the inference-only fusions the layers use
+are in :mod:`.fused`.
+
+Layout: ``ops/<op>.py`` is an op's Python side (fake kernels, autograd, FLOP formulas, the backends'
+entry points), ``ops/fused/<op>.py`` an inference fusion's. Nothing here imports ``paca_kernels.nn``
+or ``paca_kernels.models``: the ops take tensors and numbers, never modules.
 """
 
 from __future__ import annotations
@@ -14,22 +20,19 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _ext, reference
-from ._backends import (
+from . import backends  # registers the backends
+from ._checks import check_cluster_pool, check_p2c_attention
+from .dispatch import (
     AUTO_PRIORITY,
     ENV_VAR,
     Backend,
     BackendError,
     backend_names,
     get_backend,
+    preferred_backend,
     register_backend,
     select_backend,
 )
-from ._checks import check_cluster_pool, check_p2c_attention
-from ._cuda import make_backend as _make_cuda_backend
-from ._triton import make_backend as _make_triton_backend
-from .cluster_pool import cluster_pool_cpp
-from .p2c_attention import p2c_attention_cpp
 
 __all__ = [
     "AUTO_PRIORITY",
@@ -38,9 +41,11 @@ __all__ = [
     "BackendError",
     "backend_names",
     "backend_status",
+    "backends",
     "cluster_pool",
     "get_backend",
     "p2c_attention",
+    "preferred_backend",
     "register_backend",
     "select_backend",
 ]
@@ -117,33 +122,3 @@ def backend_status() -> dict[str, str | None]:
     """Backend name -> None when it can run here, else the reason it cannot."""
     return {name: get_backend(name).unavailable_reason() for name in backend_names()}
 
-
-register_backend(
-    Backend(
-        name="reference",
-        description="pure PyTorch (paca_kernels.reference): the oracle, any device and dtype",
-        device_types=("cpu", "cuda", "mps", "xpu", "meta"),
-        dtypes=_ALL_FLOATS,
-        impls={"cluster_pool": reference.cluster_pool, "p2c_attention": reference.p2c_attention},
-    )
-)
-
-register_backend(
-    Backend(
-        name="cpu",
-        description="C++ CPU kernels (paca_kernels._C): fused cluster_pool and p2c_attention",
-        device_types=("cpu",),
-        dtypes=_ALL_FLOATS,
-        impls={"cluster_pool": cluster_pool_cpp, "p2c_attention": p2c_attention_cpp},
-        availability=lambda: None if _ext.load() else _ext.unavailable_reason(),
-    )
-)
-# The automatic choice on the CPU: at the layer level (PaCaAttention at the PaCa-ViT-Tiny stages,
-# BENCHMARKS.md) the fused kernels beat the reference; the reference serves what they cannot.
-AUTO_PRIORITY["cpu"] = ["cpu", "reference"]
-
-# Triton: the automatic choice on CUDA; on the CPU (its interpreter) only when asked for by name.
-register_backend(_make_triton_backend())
-# CUDA C++ kernels: after Triton until a GPU measurement decides between them.
-register_backend(_make_cuda_backend())
-AUTO_PRIORITY["cuda"] = ["triton", "cuda", "reference"]

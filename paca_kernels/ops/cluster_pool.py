@@ -1,6 +1,7 @@
-"""cluster_pool as a ``torch.library`` op: fake kernel, autograd, FLOP formula, and its backends.
+"""cluster_pool as ``torch.library`` ops: fake kernels, autograd, FLOP formulas, and the backends' entry points.
 
-The schemas live in ``csrc/registration.cpp`` (namespace ``paca_kernels``):
+The C++ schemas live in ``csrc/registration.cpp`` (namespace ``paca_kernels``; CPU kernels in
+csrc/cpu/cluster_pool.cpp, CUDA kernels in csrc/cuda/cluster_pool.cu):
 
 - ``cluster_pool_fwd(logits, x, weight?, bias?, eps) -> (out, pooled, lse)``: out (B, M, C) in x's dtype;
   pooled (B, M, C) = softmax(logits)·x before the LayerNorm and lse (B, M) = logsumexp over N, both in
@@ -13,6 +14,10 @@ normalised form and S = exp(logits − lse):
     dP        = rstd · (g − mean_c g − x̂ · mean_c(g·x̂)),   g = grad_out · weight
     dlogits   = S ∘ (dP·xᵀ − rowsum(S ∘ dP·xᵀ)),   and rowsum(S ∘ dP·xᵀ) = Σ_c dP·P (no extra pass)
     dx        = Sᵀ·dP,   dweight = Σ grad_out·x̂,   dbias = Σ grad_out
+
+The Triton kernels (paca_kernels/triton/cluster_pool.py) have twin ops with the same outputs, defined
+here when Triton imports: ``cluster_pool_fwd_triton`` and ``cluster_pool_bwd_triton``. Their bodies
+launch on the inputs' strides, so nothing is copied (not even stride-0 gradients).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ..triton import TRITON_AVAILABLE
 from ._registration import register_cluster_pool
+
+__all__ = ["REGISTERED", "cluster_pool_backward_math", "cluster_pool_cpp", "cluster_pool_triton"]
 
 _LIB = "paca_kernels"
 
@@ -76,3 +84,38 @@ def cluster_pool_cpp(
 ) -> Tensor:
     """The C++ backend: ``torch.ops.paca_kernels.cluster_pool_fwd`` (differentiable)."""
     return torch.ops.paca_kernels.cluster_pool_fwd(logits, x, weight, bias, eps)[0]
+
+
+if TRITON_AVAILABLE:
+    from ..triton import cluster_pool as _kernels
+
+    @torch.library.custom_op(f"{_LIB}::cluster_pool_fwd_triton", mutates_args=())
+    def cluster_pool_fwd_triton(
+        logits: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """LayerNorm(softmax(logits over N)·x): out (B, M, C), pooled (B, M, C) fp32, lse (B, M) fp32."""
+        return _kernels.cluster_pool_fwd(logits, x, weight, bias, eps)
+
+    @torch.library.custom_op(f"{_LIB}::cluster_pool_bwd_triton", mutates_args=())
+    def cluster_pool_bwd_triton(
+        grad_out: Tensor,
+        logits: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        pooled: Tensor,
+        lse: Tensor,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """dlogits (B, M, N), dx (B, N, C), dweight (C,), dbias (C,) of cluster_pool."""
+        return _kernels.cluster_pool_bwd(grad_out, logits, x, weight, pooled, lse, eps)
+
+    # Fake kernels, autograd and FLOP formulas shared with the C++ ops (same outputs, same dtypes).
+    register_cluster_pool(f"{_LIB}::cluster_pool_fwd_triton", f"{_LIB}::cluster_pool_bwd_triton")
+
+
+def cluster_pool_triton(
+    logits: Tensor, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6
+) -> Tensor:
+    """The Triton backend: ``torch.ops.paca_kernels.cluster_pool_fwd_triton`` (differentiable);
+    logits (B, M, N), x (B, N, C) -> (B, M, C)."""
+    return torch.ops.paca_kernels.cluster_pool_fwd_triton(logits, x, weight, bias, eps)[0]

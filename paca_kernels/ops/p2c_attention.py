@@ -1,6 +1,7 @@
-"""p2c_attention as a ``torch.library`` op: fake kernels, autograd, FLOP formulas, and the C++ backend.
+"""p2c_attention as ``torch.library`` ops: fake kernels, autograd, FLOP formulas, and the backends' entry points.
 
-The schemas live in ``csrc/registration.cpp`` (namespace ``paca_kernels``):
+The C++ schemas live in ``csrc/registration.cpp`` (namespace ``paca_kernels``; CPU kernels in
+csrc/cpu/p2c_attention.cpp, CUDA kernels in csrc/cuda/p2c_attention.cu):
 
 - ``p2c_attention_fwd(q, k, v, scale) -> (out, lse)``: q (B, N, h, d), k and v (B, M, h, d); out
   (B, N, h, d) in q's dtype, lse (B, h, N) = logsumexp over M of the scaled scores, in the accumulation
@@ -11,15 +12,25 @@ Backward math (P = softmax(q·kᵀ·scale over M) recomputed from q, k and lse):
 
     D = rowsum(dO ∘ O),   dS = P ∘ (dO·vᵀ − D)
     dq = dS·k·scale,   dk = dSᵀ·q·scale,   dv = Pᵀ·dO   (the last two summed over N)
+
+The Triton kernels (paca_kernels/triton/p2c_attention.py) have twin ops with the same signatures,
+defined here when Triton imports: ``p2c_attention_fwd_triton`` and ``p2c_attention_bwd_triton``. The
+Triton backward reduces dk/dv with fp32 atomics, or, when ``torch.are_deterministic_algorithms_enabled()``,
+through per-tile partial sums reduced in a fixed order.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from .. import _ext
+from ..triton import TRITON_AVAILABLE
 from ._registration import register_p2c_attention
+
+__all__ = ["REGISTERED", "p2c_attention_cpp", "p2c_attention_triton"]
 
 _LIB = "paca_kernels"
 
@@ -44,3 +55,40 @@ REGISTERED = _register()
 def p2c_attention_cpp(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """The C++ backend: ``torch.ops.paca_kernels.p2c_attention_fwd`` (differentiable); returns out."""
     return torch.ops.paca_kernels.p2c_attention_fwd(q, k, v, scale)[0]
+
+
+if TRITON_AVAILABLE:
+    from ..triton import p2c_attention as _kernels
+
+    @torch.library.custom_op(f"{_LIB}::p2c_attention_fwd_triton", mutates_args=())
+    def p2c_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """softmax(q·kᵀ·scale over M)·v: out (B, N, h, d) and lse (B, h, N) fp32."""
+        return _kernels.p2c_attention_fwd(q, k, v, scale)
+
+    @torch.library.custom_op(f"{_LIB}::p2c_attention_bwd_triton", mutates_args=())
+    def p2c_attention_bwd_triton(
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        scale: float,
+        deterministic: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """dq (B, N, h, d), dk and dv (B, M, h, d) of p2c attention (see the module docstring for the math)."""
+        return _kernels.p2c_attention_bwd(grad_out, q, k, v, out, lse, scale, deterministic)
+
+    # Bitwise-reproducible dk/dv whenever PyTorch is asked for deterministic algorithms.
+    register_p2c_attention(
+        f"{_LIB}::p2c_attention_fwd_triton", f"{_LIB}::p2c_attention_bwd_triton",
+        lambda q: torch.are_deterministic_algorithms_enabled(),
+    )
+
+
+def p2c_attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """The Triton backend: ``torch.ops.paca_kernels.p2c_attention_fwd_triton`` (differentiable); q
+    (B, N, h, d), k and v (B, M, h, d) -> out (B, N, h, d); scale defaults to d^-1/2."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.paca_kernels.p2c_attention_fwd_triton(q, k, v, scale)[0]

@@ -11,7 +11,18 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TRITON_AVAILABLE", "TRITON_UNAVAILABLE_REASON", "interpreted"]
+__all__ = ["MAX_CHANNELS", "MAX_HEAD_DIM", "MAX_KEYS", "TRITON_AVAILABLE", "TRITON_UNAVAILABLE_REASON",
+           "interpreted"]
+
+# The sizes the kernels' launchers were written for, here (importable without Triton) as their one
+# source: the triton backend (paca_kernels.ops.backends.triton) refuses larger calls with these.
+#: p2c_attention: all keys of one (batch, head) sit on chip; beyond this the register/shared-memory
+#: budget is exceeded.
+MAX_KEYS = 256
+#: p2c_attention: head dims up to this are padded to a power of two and held on chip whole.
+MAX_HEAD_DIM = 128
+#: cluster_pool: the whole (padded) channel row of a cluster block lives on chip.
+MAX_CHANNELS = 1024
 
 try:
     import triton

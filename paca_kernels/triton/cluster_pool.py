@@ -30,10 +30,7 @@ from torch import Tensor
 
 from . import interpreted
 
-__all__ = ["MAX_CHANNELS", "cluster_pool_bwd", "cluster_pool_fwd"]
-
-#: The whole (padded) channel row of a cluster block lives on chip.
-MAX_CHANNELS = 1024
+__all__ = ["cluster_pool_bwd", "cluster_pool_fwd"]
 
 
 @triton.jit

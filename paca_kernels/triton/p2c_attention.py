@@ -29,12 +29,7 @@ from torch import Tensor
 
 from . import interpreted
 
-__all__ = ["MAX_HEAD_DIM", "MAX_KEYS", "p2c_attention_bwd", "p2c_attention_fwd"]
-
-#: All keys of one (batch, head) sit on chip: beyond this the register/shared-memory budget is exceeded.
-MAX_KEYS = 256
-#: Head dims up to this are padded to a power of two and held on chip whole.
-MAX_HEAD_DIM = 128
+__all__ = ["p2c_attention_bwd", "p2c_attention_fwd"]
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Backends of the PaCa ops and the choice between them.
+"""The one place that chooses which backend runs a PaCa op call.
 
 A backend is a named implementation of some of the ops (``cluster_pool``, ``p2c_attention``) with the
 devices and dtypes it serves. The choice is made per call, from metadata only (device, dtype, shape), so
@@ -11,6 +11,10 @@ it traces cleanly under ``torch.compile``:
 A single name (``"cpu"``) is strict: if that backend cannot serve the call, a :class:`BackendError`
 lists why each backend cannot. A comma-separated list (``"cpu,reference"``) is an ordered preference:
 the first backend that can serve the call runs it.
+
+The backends themselves are declared one per file in :mod:`paca_kernels.ops.backends` (devices, dtypes,
+limits, test tolerances); this module only holds the :class:`Backend` record, the registry and the
+choice, so that it imports nothing of the kernels.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "BackendError",
     "backend_names",
     "get_backend",
+    "preferred_backend",
     "register_backend",
     "select_backend",
 ]
@@ -54,6 +59,12 @@ class Backend:
         availability: returns None when the backend can run at all here, else why it cannot
             (not built, Triton missing, ...). Called per dispatch: keep it cheap (cache inside).
         limits: op name -> callable(inputs) returning the reasons this call's shapes are out of range.
+        tolerances: dtype -> (rtol, atol) of this backend's forward outputs against the reference in
+            the same dtype (float32/float64), measured on the test shapes; the op tests take them
+            from here. fp16/bf16 are held to FlashAttention's rule instead (error against float64 at
+            most :attr:`low_precision_factor` times the reference's own low-precision error).
+        grad_tolerances: the same for gradients.
+        low_precision_factor: the factor of that rule.
     """
 
     name: str
@@ -63,6 +74,19 @@ class Backend:
     impls: dict[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
     availability: Callable[[], str | None] = lambda: None
     limits: dict[str, Callable[[Sequence[torch.Tensor]], list[str]]] = field(default_factory=dict)
+    tolerances: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+    grad_tolerances: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+    low_precision_factor: float = 2.0
+
+    def tolerance(self, dtype: torch.dtype, *, grad: bool = False) -> dict[str, float]:
+        """``{"rtol": .., "atol": ..}`` for comparing this backend's outputs (or gradients) in
+        ``dtype`` with the reference's; KeyError naming the backend if none is declared."""
+        table = self.grad_tolerances if grad else self.tolerances
+        if dtype not in table:
+            kind = "gradient" if grad else "forward"
+            raise KeyError(f"backend {self.name!r} declares no {kind} tolerance for {dtype}")
+        rtol, atol = table[dtype]
+        return {"rtol": rtol, "atol": atol}
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all in this process, or None."""
@@ -91,7 +115,7 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 
 #: Automatic choice per device type, best first. A backend is taken when it can serve the call.
-AUTO_PRIORITY: dict[str, list[str]] = {"cpu": ["reference"], "cuda": ["reference"]}  # filled in by ops/__init__
+AUTO_PRIORITY: dict[str, list[str]] = {"cpu": ["reference"], "cuda": ["reference"]}  # set by ops.backends
 
 
 def register_backend(backend: Backend) -> None:
@@ -160,3 +184,27 @@ def select_backend(op: str, inputs: Sequence[torch.Tensor], backend: str | None)
     raise BackendError(
         f"no paca_kernels backend can run {op} for {_describe(inputs)}:\n" + _reasons_table(op, inputs)
     )
+
+
+def preferred_backend(backend: str | None, device_type: str) -> str | None:
+    """The name of the backend that a layer's ``backend`` setting (None: the environment variable,
+    then automatic) puts first for tensors on ``device_type``: the first requested (or prioritised)
+    backend that is available and runs on that device, or None.
+
+    Metadata only and cheaper than :func:`select_backend` (no inputs, no per-op limits): the layers
+    use it to decide whether their fused CPU inference path applies, which is exact for the "cpu"
+    backend (it has no shape limits and serves every floating dtype). A setting that cannot serve a
+    call is reported by the op call itself.
+    """
+    request = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if request is not None:
+        names = [n.strip() for n in request.split(",") if n.strip()]
+    else:
+        names = AUTO_PRIORITY.get(device_type, ["reference"])
+    for name in names:
+        b = _REGISTRY.get(name)
+        if b is None:
+            return None  # an unknown name: the op call raises the ValueError that lists the names
+        if device_type in b.device_types and b.unavailable_reason() is None:
+            return name
+    return None

@@ -1,14 +1,16 @@
-"""The CUDA C++ backend: the ``torch.ops.paca_kernels`` ops' CUDA kernels (csrc/cuda), and :func:`make_backend`.
+"""The "cuda" backend: the CUDA C++ kernels of ``paca_kernels._C`` (csrc/cuda).
 
-The CUDA kernels register on the same schemas as the CPU kernels (``TORCH_LIBRARY_IMPL(paca_kernels, CUDA,
-m)`` in csrc/cuda/torch_glue.cpp), so the fake kernels, autograd and FLOP formulas that
-:mod:`.cluster_pool` and :mod:`.p2c_attention` attach to those ops serve both devices; the p2c backward gets
-``deterministic=torch.are_deterministic_algorithms_enabled()`` (fixed-order dk/dv reduction instead of
-fp32 atomics). The backend is available when ``_C`` was built with its CUDA kernels (a CUDA build of torch
-and nvcc at build time, ``PACA_KERNELS_BUILD_CUDA``) and a CUDA device is visible.
+The CUDA kernels register on the same schemas as the CPU kernels (``TORCH_LIBRARY_IMPL(paca_kernels,
+CUDA, m)`` in csrc/cuda/torch_glue.cpp), so the fake kernels, autograd and FLOP formulas that
+:mod:`paca_kernels.ops.cluster_pool` and :mod:`paca_kernels.ops.p2c_attention` attach to those ops serve
+both devices; the p2c backward gets ``deterministic=torch.are_deterministic_algorithms_enabled()``
+(fixed-order dk/dv reduction instead of fp32 atomics). Available when ``_C`` was built with its CUDA
+kernels (a CUDA build of torch and nvcc at build time, ``PACA_KERNELS_BUILD_CUDA``) and a CUDA device
+is visible.
 
 Kernels: fp16/bf16 on tensor cores (WMMA; cluster_pool in TF32 on float probabilities), float32 with
-fp32 FMA; compute capability 8.0 or newer.
+fp32 FMA; compute capability 8.0 or newer. Tolerances as the triton backend's (fp32 FMA, atomics or
+fixed-order partial sums), checked on the CPU through tests/cuda_emulation.cpp.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _ext
-from ._backends import Backend
-from .cluster_pool import cluster_pool_cpp
-from .p2c_attention import p2c_attention_cpp
+from ... import _ext
+from ..cluster_pool import cluster_pool_cpp
+from ..dispatch import Backend
+from ..p2c_attention import p2c_attention_cpp
 
-__all__ = ["MAX_CHANNELS", "MAX_HEAD_DIM", "MAX_KEYS", "make_backend"]
+__all__ = ["BACKEND"]
 
 #: Limits of the CUDA kernels (csrc/cuda/launchers.h: kMaxKeys, kMaxHeadDim, kMaxChannels).
 MAX_KEYS = 256
@@ -94,14 +96,14 @@ def _cp_limits(inputs: Sequence[Tensor]) -> list[str]:
     return reasons
 
 
-def make_backend() -> Backend:
-    """The "cuda" backend (register with :func:`paca_kernels.ops.register_backend`)."""
-    return Backend(
-        name="cuda",
-        description="CUDA C++ kernels (paca_kernels._C): fused cluster_pool and p2c_attention, tensor cores",
-        device_types=("cuda",),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        impls={"cluster_pool": cluster_pool_cpp, "p2c_attention": p2c_attention_cpp},
-        availability=_availability,
-        limits={"cluster_pool": _cp_limits, "p2c_attention": _p2c_limits},
-    )
+BACKEND = Backend(
+    name="cuda",
+    description="CUDA C++ kernels (paca_kernels._C): fused cluster_pool and p2c_attention, tensor cores",
+    device_types=("cuda",),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    impls={"cluster_pool": cluster_pool_cpp, "p2c_attention": p2c_attention_cpp},
+    availability=_availability,
+    limits={"cluster_pool": _cp_limits, "p2c_attention": _p2c_limits},
+    tolerances={torch.float32: (1e-5, 1e-5)},
+    grad_tolerances={torch.float32: (3e-5, 3e-5)},
+)

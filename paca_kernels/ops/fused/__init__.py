@@ -1,0 +1,18 @@
+"""Inference-only fusions of the PaCa layers on the cpu backend (C++ kernels in csrc/cpu/fused).
+
+One file per op, named as the op (``torch.ops.paca_kernels.<op>``):
+
+- :mod:`.conv_cluster_logits`: the conv clustering head (depthwise k×k, GELU, 1×1, GELU, 1×1).
+- :mod:`.p2c_attention_proj`: q/k/v projections, patch-to-cluster attention and the output projection.
+- :mod:`.conv_paca_layer`: a whole PaCa layer (the two above with the pooling in between).
+- :mod:`.mlp_dwconv`: the MLP's bias + depthwise conv + shortcut + GELU.
+- :mod:`.mlp_fused`: the whole MLP (fc1, depthwise conv, GELU, fc2).
+
+Each registers its fake kernel (``torch.compile`` traces it), a FLOP formula that counts like the ops
+it replaces (``FlopCounterMode`` totals do not change), and an autograd formula that raises: none has
+a backward. They take tensors and numbers only; which layer may use them, and when, is decided by
+the layers (:mod:`paca_kernels.nn`), which run their modules whenever gradients are wanted.
+``REGISTERED`` in each module says whether the extension provides the op.
+"""
+
+from __future__ import annotations

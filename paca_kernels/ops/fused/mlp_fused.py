@@ -1,0 +1,69 @@
+"""The whole PaCa-ViT MLP in one pass (inference): ``torch.ops.paca_kernels.mlp_fused``.
+
+fc2(act(DWConv(fc1(x)))) with DWConv a depthwise conv plus shortcut: each task of the C++ kernel
+(csrc/cpu/fused/mlp_fused.cpp) walks down its image rows and keeps the 4×-wide hidden rows in cache
+(fc1 for the rows entering the conv window, the conv + GELU, fc2 straight into the output), so none
+of the three hidden tensors is written to memory. It pays where those tensors are large and the
+weights small (the first stages); :class:`~paca_kernels.nn.Mlp` uses it when fc1's weight has at most
+:data:`FUSED_MLP_MAX_WEIGHT` entries (L2-resident), and :mod:`.mlp_dwconv` otherwise.
+
+It has no backward: :class:`~paca_kernels.nn.Mlp` uses it only when no gradient is needed, and its
+modules otherwise. The FLOP formula counts it like fc1, the depthwise convolution and fc2, so
+``FlopCounterMode`` totals do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from ... import _ext
+from ._common import register_inference_only
+
+__all__ = ["FUSED_MLP_MAX_WEIGHT", "REGISTERED", "mlp_fused"]
+
+#: Largest fc1 weight (hidden × C entries) for which Mlp runs the whole-MLP kernel: about 640 KB
+#: of float32, so fc1's and fc2's weights stay in a 1-2 MB L2 while every task multiplies by them.
+#: Measured on the 2-core development machine (fp32, B = 1-8): the whole-MLP kernel is 2-4× the
+#: modules at C = 96 (hidden 384), 1.0-1.4× at C = 192, and slower than mlp_dwconv at C = 320.
+FUSED_MLP_MAX_WEIGHT = 160_000
+
+_LIB = "paca_kernels"
+
+
+def _register() -> bool:
+    if not _ext.load() or not hasattr(torch.ops.paca_kernels, "mlp_fused"):
+        return False
+    op = torch.ops.paca_kernels.mlp_fused
+
+    @torch.library.register_fake(f"{_LIB}::mlp_fused")
+    def _fake(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias):
+        return x.new_empty((*x.shape[:2], fc2_weight.shape[0]))
+
+    register_inference_only("mlp_fused", "Mlp runs its modules when gradients are needed")
+
+    @register_flop_formula(op)
+    def _flops(x_shape, H, W, w1_shape, b1_shape, dw_shape, db_shape, shortcut, gelu,
+               w2_shape, *args, **kwargs) -> int:
+        b, n, c = x_shape
+        hidden, out = w1_shape[0], w2_shape[0]
+        # What FlopCounterMode counts for fc1, the depthwise convolution and fc2.
+        return 2 * b * n * hidden * (c + dw_shape[2] * dw_shape[3] + out)
+
+    return True
+
+
+REGISTERED = _register()
+
+
+def mlp_fused(
+    x: Tensor, H: int, W: int, fc1_weight: Tensor, fc1_bias: Tensor | None, dw_weight: Tensor,
+    dw_bias: Tensor | None, shortcut: bool, gelu: bool, fc2_weight: Tensor, fc2_bias: Tensor | None,
+) -> Tensor:
+    """The whole MLP on tokens x (B, N, C) of an H×W grid through the fused kernel (no autograd):
+    fc1 (hidden, C), depthwise conv (hidden, 1, k, k) with optional shortcut, exact GELU if ``gelu``
+    else identity, fc2 (Co, hidden). Returns (B, N, Co)."""
+    return torch.ops.paca_kernels.mlp_fused(
+        x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias
+    )
