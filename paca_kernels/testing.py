@@ -18,18 +18,40 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BACKEND_NAMES",
     "TOLERANCES",
     "ClusterPoolInputs",
     "P2CInputs",
     "assert_close",
     "assert_low_precision_ok",
+    "assert_passes_on_cpu_isa",
+    "assert_same_bits_across_thread_counts",
+    "assert_same_flops",
+    "backend_device",
+    "cast_tensors",
+    "check_grads_repeat_bitwise",
+    "check_low_precision",
+    "check_matches_reference",
+    "check_refusal",
+    "clone_leaves",
+    "count_flops",
+    "dtype_id",
+    "grads",
     "make_cluster_pool_inputs",
     "make_p2c_inputs",
     "max_error",
     "noncontiguous",
+    "num_threads",
+    "opcheck_inference_only",
     "poisoned_outputs",
+    "require_backend",
     "shape_id",
 ]
+
+#: Every backend of the ops, in the order the op tests run them (``paca_kernels.ops.get_backend``).
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+
+_DTYPE_IDS = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 #: (rtol, atol) for float comparisons of a kernel against the reference in the same dtype,
 #: from the error measured on the shapes of the test-suite (float32 accumulation everywhere).
@@ -44,6 +66,75 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 def shape_id(**dims: int | str) -> str:
     """``shape_id(B=2, N=197, M=49) -> "B2-N197-M49"`` for readable parametrize ids."""
     return "-".join(f"{k}{v}" for k, v in dims.items())
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    """``torch.float32 -> "fp32"`` (fp64, fp16, bf16) for parametrize ids."""
+    return _DTYPE_IDS[dtype]
+
+
+def backend_device(name: str) -> str:
+    """The device a backend's op tests run on: "cuda" for the cuda backend, the GPU for triton where
+    there is one (else the CPU, under Triton's interpreter), the CPU for the others."""
+    if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def require_backend(backend, op: str | None = None, inputs=None) -> None:
+    """Skip the running test with the backend's own reason where ``backend`` (a
+    :class:`paca_kernels.ops.Backend`) cannot run here at all, or cannot run ``op`` on ``inputs``."""
+    import pytest
+
+    reason = backend.unavailable_reason()
+    reasons = [reason] if reason is not None else []
+    if not reasons and op is not None:
+        reasons = backend.not_supported_reasons(op, inputs)
+    if reasons:
+        pytest.skip(f"{backend.name}: {'; '.join(reasons)}")
+
+
+def cast_tensors(args, dtype: torch.dtype):
+    """A copy of ``args`` (a NamedTuple of an op's arguments) with its tensors in ``dtype``."""
+    return type(args)(*(t.to(dtype) if isinstance(t, Tensor) else t for t in args))
+
+
+def clone_leaves(tensors) -> list[Tensor | None]:
+    """Independent leaf copies (requires_grad) of ``tensors`` (None stays None): the reference's
+    inputs, same values as the kernel's."""
+    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+
+
+def grads(fn, inputs, grad_out: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``fn(*inputs)`` and the gradients of its output (upstream ``grad_out``) with respect to the
+    inputs that are not None, in order."""
+    out = fn(*inputs)
+    used = [t for t in inputs if t is not None]
+    return out, torch.autograd.grad(out, used, grad_out)
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def assert_same_bits_across_thread_counts(fn, counts: tuple[int, ...] = (1, 2, 3)) -> None:
+    """Run ``fn()`` (no gradient) with each intra-op thread count in ``counts``: every run returns
+    the same bits (a tensor, or a tuple of tensors)."""
+    outs = []
+    for n in counts:
+        with num_threads(n), torch.no_grad():
+            out = fn()
+        outs.append(out if isinstance(out, tuple) else (out,))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            assert torch.equal(a, b), f"{counts}: the runs differ by {(a - b).abs().max().item():.3g}"
 
 
 def noncontiguous(t: Tensor) -> Tensor:
@@ -227,3 +318,103 @@ def assert_passes_on_cpu_isa(script: str, isa: str = "baseline", timeout: float 
         [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0 and "isa ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+# -- check bodies shared by the op tests (tests/ops/), whatever the op ----------------------------------
+
+
+def check_matches_reference(fn, ref_fn, args, grad_out: Tensor, names, tol: dict, grad_tol: dict) -> None:
+    """``fn(*args)`` and its gradients (upstream ``grad_out``; allocations NaN-filled, so an unwritten
+    output shows) against ``ref_fn`` on leaf copies of ``args``; ``names`` name the gradients of the
+    inputs that are not None."""
+    with poisoned_outputs():
+        got, got_g = grads(fn, args, grad_out)
+    want, want_g = grads(ref_fn, clone_leaves(args), grad_out)
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert_close(got, want, name="out", **tol)
+    assert len(got_g) == len(want_g)
+    for name, g, w in zip(names, got_g, want_g, strict=False):
+        assert_close(g, w, name=name, **grad_tol)
+
+
+def check_low_precision(fn, ref_fn, args, grad_out: Tensor, names, factor: float, floors=None) -> None:
+    """FlashAttention's rule for an fp16/bf16 ``fn`` against ``ref_fn``: the output and every gradient
+    within ``factor`` times the error of ``ref_fn`` in the same dtype, both against ``ref_fn`` in
+    float64. ``floors``: gradient name -> absolute floor (default 1e-5)."""
+    dtype = args[0].dtype
+    got, got_g = grads(fn, args, grad_out)
+    low, low_g = grads(ref_fn, clone_leaves(args), grad_out)
+    exact, exact_g = grads(ref_fn, [t.detach().double().requires_grad_(True) for t in args], grad_out.double())
+    assert got.dtype == dtype
+    assert_low_precision_ok(got, low, exact, factor=factor)
+    for name, g, lg, eg in zip(names, got_g, low_g, exact_g, strict=True):
+        assert g.dtype == dtype, name
+        floor = (floors or {}).get(name, lambda e: 1e-5)(eg)
+        assert_low_precision_ok(g, lg, eg, factor=factor, floor=floor, name=name)
+
+
+def check_grads_repeat_bitwise(fn, ref_fn, args, names, grad_tol: dict) -> None:
+    """``fn(*args).sum().backward()`` (an expanded, stride-0 upstream gradient) twice with NaN-filled
+    allocations and deterministic algorithms on: finite outputs, gradients close to ``ref_fn``'s, and
+    the same bits both times."""
+    ref = clone_leaves(args)
+    ref_fn(*ref).sum().backward()
+    results = []
+    with poisoned_outputs():
+        for _ in range(2):
+            for t in args:
+                t.grad = None
+            out = fn(*args)
+            assert torch.isfinite(out).all()
+            out.sum().backward()
+            results.append([t.grad.clone() for t in args])
+    for name, g, r in zip(names, results[0], ref, strict=False):
+        assert_close(g, r.grad, name=name, **grad_tol)
+    for g0, g1 in zip(*results, strict=True):
+        assert torch.equal(g0, g1)
+
+
+def check_refusal(backend, op: str, call, inputs, words: str) -> None:
+    """``backend`` (a :class:`paca_kernels.ops.Backend`) refuses ``op`` on ``inputs`` for a reason
+    containing ``words``, from its declared devices, dtypes or limits (whether or not it can run in
+    this process); and ``call(*inputs, backend=name)`` raises the BackendError that lists every
+    backend's reasons, its own among them."""
+    import pytest
+
+    t = inputs[0]
+    declared = backend.limits.get(op, lambda _: [])(inputs)
+    if t.device.type not in backend.device_types:
+        declared.append(f"does not run on {t.device.type}")
+    if t.dtype not in backend.dtypes:
+        declared.append(f"does not support {str(t.dtype).removeprefix('torch.')}")
+    assert any(words in r for r in declared), declared
+    reasons = backend.not_supported_reasons(op, inputs)
+    assert reasons
+    with pytest.raises(ValueError) as info:
+        call(*inputs, backend=backend.name)
+    assert type(info.value).__name__ == "BackendError"
+    msg = str(info.value)
+    assert f"backend={backend.name!r}" in msg and f"  {backend.name}: {'; '.join(reasons)}" in msg
+    assert "reference: can serve this call" in msg
+
+
+def count_flops(fn) -> int:
+    """What ``FlopCounterMode`` counts for ``fn()``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def assert_same_flops(fused, unfused) -> None:
+    """A fused op counts, under ``FlopCounterMode`` and without gradients, what the ops it replaces
+    count: ``fused()`` and ``unfused()`` give the same positive total."""
+    with torch.no_grad():
+        got, want = count_flops(fused), count_flops(unfused)
+    assert got == want > 0, (got, want)
+
+
+def opcheck_inference_only(op, args) -> None:
+    """``torch.library.opcheck`` for an inference-only custom op (no autograd to check)."""
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

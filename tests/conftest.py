@@ -1,4 +1,8 @@
-"""Shared test setup: Triton's CPU interpreter where no GPU is present, seeds, the compat fixtures."""
+"""Shared test setup: Triton's CPU interpreter where no GPU is present, seeds, the compat fixtures, the
+``gpu`` and ``extension`` markers, and a spy on the fused ops' entry points.
+
+The tests live in tests/ (modules, models, tools), tests/ops/ (one module per op, parametrized over every
+backend) and tests/backends/ (backend-only cases); no __init__.py, so module basenames are unique."""
 
 from __future__ import annotations
 
@@ -22,15 +26,19 @@ COMPAT = Path(os.environ.get("PACA_KERNELS_COMPAT_DIR", ROOT.parent / "shared" /
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "extension: needs the C++ extension (paca_kernels._C)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    from paca_kernels import _ext
+
+    no_ext = None if _ext.load() else pytest.mark.skip(reason=f"C++ extension: {_ext.unavailable_reason()}")
+    no_gpu = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if no_gpu is not None and "gpu" in item.keywords:
+            item.add_marker(no_gpu)
+        if no_ext is not None and "extension" in item.keywords:
+            item.add_marker(no_ext)
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +54,23 @@ def compat_dir() -> Path:
     if not (COMPAT / "README.md").exists():
         pytest.skip(f"official compat fixtures not found at {COMPAT} (set PACA_KERNELS_COMPAT_DIR)")
     return COMPAT
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """``spy(module, name)`` replaces the function ``module.name`` for the test with one that records
+    the shape of its first argument, in the returned list, and calls the original."""
+
+    def install(module, name: str, calls: list | None = None, tag=None) -> list:
+        calls = [] if calls is None else calls
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            shape = tuple(args[0].shape)
+            calls.append(shape if tag is None else (tag, shape))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+        return calls
+
+    return install

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from paca_kernels import ops
-from paca_kernels.nn import seg_head
 from paca_kernels.models import PaCaSegmentor
+from paca_kernels.nn import seg_head
 from paca_kernels.nn.seg_head import PaCaSegHead, pool_clusters
 
 

@@ -1,0 +1,190 @@
+"""Checks of the C++ CPU kernels run in a process of their own, with the build capped by
+``PACA_KERNELS_CPU_ISA`` (read once, at first use): test_cpu_isa.py runs this file as a script.
+
+- ``python cpu_isa_checks.py``: every float32 kernel against float64 or the reference (the differentiable
+  ops with their gradients, and the five inference fusions), and the kernels' GELU; prints "isa ok".
+- ``python cpu_isa_checks.py outputs PATH``: every kernel that multiplies matrices, forward and
+  backward, on shapes with ragged tiles, saved to PATH (the AVX-512 and AVX2 builds must agree bitwise).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from paca_kernels import PaCaAttention, ops, reference
+from paca_kernels.nn._fusion import conv_head_tensors
+from paca_kernels.nn.block import DWConv, Mlp
+from paca_kernels.nn.clustering import P2CConv2d
+from paca_kernels.ops.fused.conv_cluster_logits import conv_cluster_logits
+from paca_kernels.ops.fused.mlp_dwconv import mlp_dwconv
+from paca_kernels.ops.fused.mlp_fused import mlp_fused
+from paca_kernels.testing import assert_close, clone_leaves, make_cluster_pool_inputs, make_p2c_inputs
+
+
+def check_ops() -> None:
+    """p2c_attention and cluster_pool on the cpu backend: forward and every gradient."""
+    for shape in [(2, 37, 13, 2, 24), (1, 70, 100, 1, 40)]:
+        a = make_p2c_inputs(*shape, requires_grad=True)
+        b = clone_leaves((a.q, a.k, a.v))
+        ops.p2c_attention(a.q, a.k, a.v, backend="cpu").square().sum().backward()
+        reference.p2c_attention(*b).square().sum().backward()
+        for s, d in zip((a.q, a.k, a.v), b, strict=True):
+            assert_close(s.grad, d.grad, rtol=1e-4, atol=2e-5)
+    for shape in [(2, 5, 150, 24), (1, 100, 70, 40)]:
+        a = make_cluster_pool_inputs(*shape, requires_grad=True)
+        args = (a.logits, a.x, a.weight, a.bias)
+        b = clone_leaves(args)
+        out = ops.cluster_pool(*args, backend="cpu")
+        ref = reference.cluster_pool(*b)
+        assert_close(out, ref, rtol=1e-5, atol=2e-5)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        for s, d in zip(args, b, strict=True):
+            assert_close(s.grad, d.grad, rtol=1e-4, atol=5e-5)
+
+
+def check_conv_cluster_logits() -> None:
+    for B, H, W, C, M, k in [(2, 7, 9, 40, 49, 7), (1, 5, 6, 20, 3, 3)]:
+        head = P2CConv2d(C, M, kernel_size=k)
+        x = torch.randn(B, H * W, C)
+        with torch.no_grad():
+            out = conv_cluster_logits(x, H, W, *conv_head_tensors(head.clustering)).double()
+            exact = head.double()(x.double(), H, W)
+        err = (out - exact).abs().max().item()
+        assert err < 1e-5, ("conv_cluster_logits", err)
+
+
+def check_p2c_attention_proj() -> None:
+    for B, N, C, h, d, M in [(2, 70, 24, 3, 7, 49), (1, 5, 16, 2, 8, 3)]:
+        x, c = torch.randn(B, N, C).double(), torch.randn(B, M, C).double()
+        w = [torch.randn(h * d, C).double() / C**0.5 for _ in range(3)]
+        b = [torch.randn(h * d).double() for _ in range(3)]
+        wp, bp = torch.randn(C, h * d).double() / (h * d) ** 0.5, torch.randn(C).double()
+        args = (x, c, w[0], b[0], w[1], b[1], w[2], b[2], wp, bp)
+        out = torch.ops.paca_kernels.p2c_attention_proj(*(t.float() for t in args), h, 1 / math.sqrt(d)).double()
+        q = F.linear(x, w[0], b[0]).view(B, N, h, d)
+        k = F.linear(c, w[1], b[1]).view(B, M, h, d)
+        v = F.linear(c, w[2], b[2]).view(B, M, h, d)
+        s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d)
+        o = torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v).reshape(B, N, h * d)
+        err = (out - F.linear(o, wp, bp)).abs().max().item()
+        assert err < 1e-5, ("p2c_attention_proj", err)
+
+
+def check_conv_paca_layer() -> None:
+    for B, H, W, C, h, M in [(2, 5, 7, 24, 3, 10), (1, 3, 4, 16, 2, 49)]:
+        layer = PaCaAttention(C, h, M, clustering="conv", backend="cpu").eval()
+        ref = PaCaAttention(C, h, M, clustering="conv", backend="reference").eval().double()
+        ref.load_state_dict(layer.state_dict())
+        x = torch.randn(B, H * W, C)
+        with torch.no_grad():
+            out, z = layer(x, H, W)
+            rout, rz = ref(x.double(), H, W)
+        err = max((out.double() - rout).abs().max().item(), (z.double() - rz).abs().max().item())
+        assert err < 1e-5, ("conv_paca_layer", err)
+
+
+def check_mlp_dwconv() -> None:
+    for B, H, W, C in [(2, 7, 9, 40), (1, 5, 6, 20)]:
+        m = DWConv(C, with_shortcut=True)
+        x, b1 = torch.randn(B, H * W, C), torch.randn(C)
+        with torch.no_grad():
+            out = mlp_dwconv(x, H, W, m.dwconv.weight, m.dwconv.bias, b1, True, True).double()
+            exact = F.gelu(m.double()(x.double() + b1.double(), H, W))
+        err = (out - exact).abs().max().item()
+        assert err < 1e-5, ("mlp_dwconv", err)
+
+
+def check_mlp_fused() -> None:
+    for B, H, W, C in [(2, 7, 9, 24), (1, 40, 3, 12)]:
+        m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
+        x = torch.randn(B, H * W, C)
+        c = m.dwconv.dwconv
+        with torch.no_grad():
+            out = mlp_fused(x, H, W, m.fc1.weight, m.fc1.bias, c.weight, c.bias, True, True,
+                            m.fc2.weight, m.fc2.bias).double()
+            md = m.double()
+            exact = md.fc2(md.act(md.dwconv(md.fc1(x.double()), H, W)))
+        err = (out - exact).abs().max().item()
+        assert err < 1e-5, ("mlp_fused", err)
+
+
+def check_gelu() -> None:
+    """The kernels' rational-erf GELU against float64, tails and NaN: a depthwise conv whose taps are
+    all zero, with the shortcut (folded into the centre tap as 1), passes x through exactly, so
+    mlp_dwconv(gelu=True) returns gelu(x)."""
+    torch.manual_seed(0)
+    C = 37  # a masked vector tail as well
+    sweep = torch.linspace(-12.0, 12.0, 40 * 37 * 37)  # dense over the fitted range and the tails
+    extremes = torch.tensor([1e30, -1e30, 3e38, -3e38, 1e4, -1e4, 6.0, -6.0, 5.66, -5.66, 1e-30,
+                             -1e-30, 0.0, -0.0] * 2 + [float("nan")] * 9)
+    rand = torch.randn(37 * 37 * 3) * 3
+    v = torch.cat([sweep, extremes, rand])
+    v = torch.cat([v, torch.randn((-v.numel()) % C)])
+    weight = torch.zeros(C, 1, 3, 3)
+    with torch.no_grad():
+        x = v.view(1, -1, C)
+        out = mlp_dwconv(x, 1, x.shape[1], weight, None, None, True, True).flatten()
+    exact = F.gelu(v.double())
+    # A NaN input also reaches its two neighbours along W (as 0 * NaN): leave those out.
+    nan = v.isnan()
+    near_nan = nan | torch.roll(nan, C) | torch.roll(nan, -C)
+    fin = v.isfinite() & (v.abs() < 1e6) & ~near_nan
+    # erf within 3.2e-7 (the fit's float32 evaluation), output rounding 6e-8 relative.
+    err = (out[fin].double() - exact[fin]).abs()
+    bound = 2.5e-7 * v[fin].double().abs() + 1e-37
+    assert bool((err <= bound).all()), (err / bound).max().item()
+    # Saturated tails: exactly v above, exactly 0 below (PyTorch gives the same).
+    big = v.isfinite() & (v >= 6.0) & ~near_nan
+    small = v.isfinite() & (v <= -6.0) & ~near_nan
+    assert torch.equal(out[big], v[big]), (out[big] - v[big]).abs().max()
+    assert bool((out[small] == 0).all()), out[small].abs().max()
+    assert bool(out[nan].isnan().all())
+
+
+CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_conv_paca_layer,
+          check_mlp_dwconv, check_mlp_fused, check_gelu]
+
+#: How many tensors :func:`outputs` saves.
+NUM_OUTPUTS = 26
+
+
+def outputs() -> list[torch.Tensor]:
+    """Every C++ kernel that multiplies matrices, on shapes whose columns and rows leave ragged tiles
+    (C = 30: a 16-lane vector and 14 masked lanes; M = 7 and 49; 13 x 15 grids), forward and backward."""
+    torch.manual_seed(0)
+    outs = []
+    with torch.no_grad():
+        for C, h, M, H, W in [(96, 2, 100, 14, 14), (40, 4, 49, 13, 15), (30, 3, 7, 5, 9)]:
+            layer = PaCaAttention(C, h, M, clustering="conv", backend="cpu").eval()
+            outs += list(layer(torch.randn(2, H * W, C), H, W))
+        for B, H, W, C in [(2, 7, 9, 24), (1, 13, 3, 30)]:
+            m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
+            outs.append(m(torch.randn(B, H * W, C), H, W))  # the whole-MLP kernel (small weights)
+    for shape in [(2, 37, 13, 3, 24), (1, 70, 49, 2, 40)]:
+        a = make_p2c_inputs(*shape, requires_grad=True)
+        out = ops.p2c_attention(a.q, a.k, a.v, backend="cpu")
+        out.square().sum().backward()
+        outs += [out.detach(), a.q.grad, a.k.grad, a.v.grad]
+    for shape in [(2, 7, 150, 30), (1, 49, 70, 40)]:
+        a = make_cluster_pool_inputs(*shape, requires_grad=True)
+        out = ops.cluster_pool(a.logits, a.x, a.weight, a.bias, backend="cpu")
+        out.square().sum().backward()
+        outs += [out.detach(), a.logits.grad, a.x.grad, a.weight.grad, a.bias.grad]
+    assert len(outs) == NUM_OUTPUTS
+    return outs
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["outputs"]:
+        torch.save(outputs(), sys.argv[2])
+    else:
+        for check in CHECKS:
+            torch.manual_seed(0)
+            check()
+            print("passed", check.__name__)
+    print("isa ok")

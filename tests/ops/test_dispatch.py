@@ -1,0 +1,196 @@
+"""paca_kernels.ops.dispatch: which backend serves a call (argument, environment variable, automatic
+priority), the errors that list every backend's reasons, and the ops under autocast. The ops
+themselves, on every backend: tests/ops/test_cluster_pool.py and tests/ops/test_p2c_attention.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from paca_kernels import _ext, ops, reference
+from paca_kernels.ops import BackendError
+from paca_kernels.ops import dispatch as _backends
+from paca_kernels.testing import (
+    BACKEND_NAMES,
+    assert_close,
+    assert_low_precision_ok,
+    backend_device,
+    make_cluster_pool_inputs,
+    make_p2c_inputs,
+    require_backend,
+)
+
+needs_ext = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
+
+
+# -- selection --------------------------------------------------------------------------------------
+
+
+def test_automatic_choice_on_cpu_is_the_cpu_backend_then_reference(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    inp = make_cluster_pool_inputs(1, 2, 3, 4)
+    want = "cpu" if _ext.load() else "reference"
+    assert ops.select_backend("cluster_pool", (inp.logits, inp.x), None).name == want
+    # Without the extension the reference serves the call.
+    monkeypatch.setattr(ops.get_backend("cpu"), "availability", lambda: "extension disabled for the test")
+    assert ops.select_backend("cluster_pool", (inp.logits, inp.x), None).name == "reference"
+
+
+def test_unknown_backend_lists_known_ones():
+    inp = make_cluster_pool_inputs(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="unknown paca_kernels backend 'nope'.*reference"):
+        ops.cluster_pool(inp.logits, inp.x, backend="nope")
+
+
+@pytest.fixture
+def pool_only_backend(monkeypatch):
+    """A registered backend that serves cluster_pool only (what a partial backend looks like)."""
+    backend = ops.Backend(
+        name="pool-only", description="test backend", device_types=("cpu",), dtypes=(torch.float32,),
+        impls={"cluster_pool": reference.cluster_pool},
+    )
+    monkeypatch.setitem(_backends._REGISTRY, "pool-only", backend)
+    return backend
+
+
+def test_explicit_backend_that_cannot_serve_lists_every_reason(pool_only_backend):
+    p = make_p2c_inputs(1, 3, 2, 1, 8)
+    with pytest.raises(BackendError) as info:
+        ops.p2c_attention(p.q, p.k, p.v, backend="pool-only")
+    msg = str(info.value)
+    assert "backend='pool-only'" in msg and "p2c_attention" in msg
+    assert "pool-only: has no p2c_attention implementation" in msg
+    for name in ops.backend_names():
+        assert f"  {name}: " in msg
+    assert "reference: can serve this call" in msg
+    # A float64 call: the dtype reason is listed too.
+    p64 = make_p2c_inputs(1, 3, 2, 1, 8, dtype=torch.float64)
+    with pytest.raises(BackendError, match="pool-only: has no p2c_attention"):
+        ops.p2c_attention(p64.q, p64.k, p64.v, backend="pool-only")
+    inp = make_cluster_pool_inputs(1, 2, 3, 4, dtype=torch.float64)
+    with pytest.raises(BackendError, match=r"pool-only: does not support float64 \(supports float32\)"):
+        ops.cluster_pool(inp.logits, inp.x, backend="pool-only")
+
+
+def test_env_var_selects_and_is_strict(monkeypatch, pool_only_backend):
+    p = make_p2c_inputs(1, 3, 2, 1, 8)
+    monkeypatch.setenv(ops.ENV_VAR, "pool-only")
+    with pytest.raises(BackendError, match=f"{ops.ENV_VAR}="):
+        ops.p2c_attention(p.q, p.k, p.v)
+    # A preference list falls through to the first backend that can serve the call.
+    monkeypatch.setenv(ops.ENV_VAR, "pool-only,reference")
+    assert_close(ops.p2c_attention(p.q, p.k, p.v), reference.p2c_attention(p.q, p.k, p.v))
+    # The argument wins over the environment.
+    monkeypatch.setenv(ops.ENV_VAR, "nope")
+    ops.p2c_attention(p.q, p.k, p.v, backend="reference")
+
+
+def test_preferred_backend_is_the_first_available_on_the_device(monkeypatch):
+    """What the layers ask before taking their fused CPU inference path: metadata only."""
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    assert ops.preferred_backend(None, "cpu") == ("cpu" if _ext.load() else "reference")
+    assert ops.preferred_backend("reference", "cpu") == "reference"
+    assert ops.preferred_backend("cuda,reference", "cpu") == "reference"  # cuda does not run on the CPU
+    assert ops.preferred_backend("cuda", "cpu") is None
+    assert ops.preferred_backend("nope", "cpu") is None  # the op call raises the error naming the backends
+    monkeypatch.setenv(ops.ENV_VAR, "reference")
+    assert ops.preferred_backend(None, "cpu") == "reference"
+    monkeypatch.setattr(ops.get_backend("cpu"), "availability", lambda: "extension disabled for the test")
+    assert ops.preferred_backend("cpu,reference", "cpu") == "reference"
+
+
+def test_backend_status_reports_every_backend():
+    status = ops.backend_status()
+    assert status["reference"] is None
+    assert set(status) == set(ops.backend_names())
+    if not _ext.load():
+        assert status["cpu"] == _ext.unavailable_reason()
+
+
+def test_functional_ops_default_to_the_automatic_backend(monkeypatch):
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    inp = make_cluster_pool_inputs(2, 5, 11, 6)
+    auto = ops.select_backend("cluster_pool", (inp.logits, inp.x), None).name
+    assert_close(  # bitwise: the default call is the automatic backend's call
+        ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias),
+        ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias, backend=auto),
+        rtol=0, atol=0,
+    )
+    assert_close(
+        ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias),
+        reference.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias),
+    )
+    p = make_p2c_inputs(2, 7, 3, 2, 8)
+    assert_close(ops.p2c_attention(p.q, p.k, p.v, 0.5), reference.p2c_attention(p.q, p.k, p.v, 0.5))
+
+
+# -- autocast: the ops run in the autocast dtype, on every backend that serves it -----------------------------------------------------------------------------------------
+
+AUTOCAST_BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_ops_run_in_the_autocast_dtype(backend):
+    b = ops.get_backend(backend)
+    require_backend(b)
+    device = backend_device(backend)
+    inp = make_cluster_pool_inputs(2, 5, 11, 8, device=device, requires_grad=True)
+    p = make_p2c_inputs(2, 9, 5, 2, 8, device=device, requires_grad=True)
+    require_backend(b, "p2c_attention", tuple(t.detach().to(torch.bfloat16) for t in (p.q, p.k, p.v)))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        # Mixed input dtypes, as autocast produces them (a conv's bf16 logits, fp32 LayerNorm output).
+        pooled = ops.cluster_pool(inp.logits.to(torch.bfloat16), inp.x, inp.weight, inp.bias, backend=backend)
+        attn = ops.p2c_attention(p.q, p.k.to(torch.bfloat16), p.v, backend=backend)
+    assert pooled.dtype == torch.bfloat16 and attn.dtype == torch.bfloat16
+    exact = reference.cluster_pool(*(t.detach().double() for t in (inp.logits, inp.x, inp.weight, inp.bias)))
+    low = reference.cluster_pool(*(t.detach().to(torch.bfloat16) for t in (inp.logits, inp.x, inp.weight,
+                                                                           inp.bias)))
+    assert_low_precision_ok(pooled, low, exact, factor=b.low_precision_factor)
+    exact = reference.p2c_attention(*(t.detach().double() for t in (p.q, p.k, p.v)))
+    low = reference.p2c_attention(*(t.detach().to(torch.bfloat16) for t in (p.q, p.k, p.v)))
+    assert_low_precision_ok(attn, low, exact, factor=b.low_precision_factor)
+    (pooled.float().sum() + attn.float().sum()).backward()
+    for t in (inp.logits, inp.x, inp.weight, inp.bias, p.q, p.k, p.v):
+        assert t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+
+
+@needs_ext
+def test_autocast_compiles_fullgraph():
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.p2c_attention(q, k, v, backend="cpu")
+
+    p = make_p2c_inputs(1, 7, 3, 2, 8)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(p.q, p.k, p.v)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, f(p.q, p.k, p.v))
+
+
+@pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
+def test_model_forward_under_autocast(backend):
+    from paca_kernels import create_model
+
+    model = create_model("pacavit_tiny_p2cconv_100_0", num_classes=5, backend=backend).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(images)
+    assert torch.isfinite(got).all()
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 0.05
+
+
+@needs_ext
+def test_paper_macs_hold_with_the_fused_cpu_backend():
+    from paca_kernels import create_model
+
+    def macs(backend: str) -> int:
+        model = create_model("pacavit_tiny_p2cconv_100_0", backend=backend).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(torch.randn(1, 3, 224, 224))
+        return fc.get_total_flops() // 2
+
+    assert macs("cpu") == macs("reference") == 3_219_262_208  # the official count (compat README)

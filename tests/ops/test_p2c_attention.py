@@ -1,0 +1,417 @@
+"""p2c_attention on every backend (reference, cpu, triton, cuda) against the reference.
+
+One test body per check, parametrized over the backends, with the tolerances each backend declares
+(``ops.get_backend(name).tolerance(dtype, grad=...)``) and FlashAttention's rule for fp16/bf16
+(``low_precision_factor``). A case its backend cannot run skips with that backend's own reason. Triton
+runs on the GPU where there is one, else in its CPU interpreter (conftest sets TRITON_INTERPRET=1).
+Backend-only cases (CUDA grid strides, CPU thread counts and ISA builds, the Triton compiler) are in
+tests/backends/.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from paca_kernels import ops, reference
+from paca_kernels.testing import (
+    BACKEND_NAMES,
+    assert_close,
+    backend_device,
+    check_grads_repeat_bitwise,
+    check_low_precision,
+    check_matches_reference,
+    check_refusal,
+    clone_leaves,
+    count_flops,
+    dtype_id,
+    grads,
+    make_p2c_inputs,
+    require_backend,
+    shape_id,
+)
+
+OP = "p2c_attention"
+GRAD_NAMES = ("dq", "dk", "dv")
+#: The backends with kernels of their own (raw torch.ops with saved tensors); the reference is PyTorch.
+KERNELS = ("cpu", "triton", "cuda")
+FP32, FP64 = torch.float32, torch.float64
+LOW = (torch.float16, torch.bfloat16)
+
+
+def use(name: str) -> tuple[ops.Backend, str]:
+    """The backend called ``name`` and the device its tests run on; skips where it cannot run."""
+    backend = ops.get_backend(name)
+    require_backend(backend)
+    return backend, backend_device(name)
+
+
+def run(name: str):
+    """p2c_attention through the backend ``name`` (differentiable)."""
+    return lambda q, k, v, scale=None: ops.p2c_attention(q, k, v, scale, backend=name)
+
+
+def raw_ops(name: str):
+    """(forward, backward) raw ops of a backend: forward -> (out, lse fp32); backward takes
+    ``deterministic`` (fixed-order dk/dv reduction) last."""
+    if name == "triton":
+        return torch.ops.paca_kernels.p2c_attention_fwd_triton, torch.ops.paca_kernels.p2c_attention_bwd_triton
+    return torch.ops.paca_kernels.p2c_attention_fwd, torch.ops.paca_kernels.p2c_attention_bwd
+
+
+def tol(backend: ops.Backend, dtype: torch.dtype, *, grad: bool = False) -> dict[str, float]:
+    return backend.tolerance(dtype, grad=grad)
+
+
+def p2c_id(name: str, shape, dtype=FP32, contiguous: bool = True) -> str:
+    b, n, m, h, d = shape
+    return f"{name}-{shape_id(B=b, N=n, M=m, H=h, D=d)}{'' if contiguous else '-strided'}-{dtype_id(dtype)}"
+
+
+# -- forward and every gradient ---------------------------------------------------------------------
+
+
+class Case(NamedTuple):
+    backend: str
+    shape: tuple[int, int, int, int, int]  # (B, N, M, h, d)
+    contiguous: bool = True
+    dtype: torch.dtype = FP32
+
+
+# Every backend: N in {1, 7, 33, 197}, M in {1, 3, 17, 49, 100}, d in {8, 24, 40, 48, 64}, B in
+# {1, 2, 3}, the limits M = 256 and d = 128, and non-power-of-two N/M around one tile; contiguous, and
+# strided (q a view of a wider layout, k and v interleaved as from one linear).
+COMMON = [
+    ((1, 1, 1, 1, 8), True),
+    ((2, 7, 3, 2, 24), True),
+    ((2, 197, 49, 3, 24), False),
+    ((3, 7, 100, 1, 40), True),
+    ((1, 197, 100, 2, 48), False),
+    ((2, 1, 49, 2, 64), False),
+    ((3, 197, 3, 1, 64), True),
+    ((1, 7, 256, 1, 128), False),
+    ((1, 33, 17, 2, 8), True),
+    ((2, 7, 1, 1, 40), False),
+]
+# The cpu backend is cheap to run: more shapes, each contiguous and strided (N = 300 and 600: several
+# query blocks; M = 49 and 100 with d = 40/48/64).
+CPU_SHAPES = [(1, 1, 1, 1, 8), (2, 7, 3, 2, 24), (1, 7, 49, 3, 40), (3, 197, 3, 2, 48), (2, 197, 49, 3, 24),
+              (2, 197, 100, 2, 48), (1, 197, 100, 1, 64), (3, 1, 100, 2, 8), (2, 300, 1, 1, 40),
+              (1, 600, 49, 2, 64)]
+# The cuda backend: padding of M and d (to 16 / 4), one partial query tile, several key chunks.
+CUDA_SHAPES = [((2, 197, 49, 2, 40), True), ((1, 300, 256, 2, 128), True)]
+
+CASES = (
+    [Case(b, s, c, dt) for b in BACKEND_NAMES for dt in (FP32, FP64) for s, c in COMMON]
+    + [Case("cpu", s, c) for s in CPU_SHAPES for c in (True, False)]
+    + [Case("cuda", s, c) for s, c in CUDA_SHAPES]
+)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: p2c_id(c.backend, c.shape, c.dtype, c.contiguous))
+def test_p2c_matches_reference(case: Case):
+    """Forward and every gradient, with NaN-filled allocations (an unwritten output shows as NaN)."""
+    backend, device = use(case.backend)
+    b, n, m, h, d = case.shape
+    inp = make_p2c_inputs(b, n, m, h, d, dtype=case.dtype, device=device, contiguous=case.contiguous,
+                          requires_grad=True)
+    args = (inp.q, inp.k, inp.v)
+    require_backend(backend, OP, args)
+    scale = d**-0.5
+    grad_out = torch.randn(b, n, h, d, device=device, dtype=case.dtype)
+    check_matches_reference(lambda *t: run(case.backend)(*t, scale), lambda *t: reference.p2c_attention(*t, scale),
+                            args, grad_out, GRAD_NAMES, tol(backend, case.dtype), tol(backend, case.dtype, grad=True))
+
+
+LOW_CASES = [
+    pytest.param(name, shape, dtype, id=p2c_id(name, shape, dtype))
+    for name, shape in [*((b, (2, 37, 20, 2, 40)) for b in BACKEND_NAMES), ("cpu", (2, 197, 49, 2, 48)),
+                        ("cpu", (1, 50, 7, 2, 24)), ("cuda", (2, 197, 49, 3, 24)),
+                        ("cuda", (1, 197, 100, 2, 48)), ("cuda", (1, 70, 256, 1, 128))]
+    for dtype in LOW
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "dtype"), LOW_CASES)
+def test_p2c_low_precision_within_flash_attention_rule(name, shape, dtype):
+    """fp16/bf16 (the cuda backend: tensor cores): error against float64 at most
+    ``low_precision_factor`` times the PyTorch reference's own error in that dtype, output and every
+    gradient."""
+    backend, device = use(name)
+    b, n, m, h, d = shape
+    inp = make_p2c_inputs(b, n, m, h, d, device=device, dtype=dtype, requires_grad=True)
+    args = (inp.q, inp.k, inp.v)
+    require_backend(backend, OP, args)
+    grad_out = torch.randn(b, n, h, d, device=device).to(dtype)
+    check_low_precision(run(name), reference.p2c_attention, args, grad_out, GRAD_NAMES, backend.low_precision_factor)
+
+
+STRIDE0_CASES = [
+    pytest.param(name, shape, id=p2c_id(name, shape))
+    for name, shape in [*((b, (2, 40, 20, 2, 24)) for b in BACKEND_NAMES), ("cpu", (2, 13, 5, 2, 8)),
+                        ("cuda", (2, 200, 20, 2, 24))]
+]
+
+
+@pytest.mark.parametrize(("name", "shape"), STRIDE0_CASES)
+def test_p2c_stride0_grad_poisoned_outputs_and_bitwise_deterministic(name, shape):
+    """out.sum().backward() gives an expanded (stride-0) upstream gradient; NaN-filled allocations
+    catch unwritten outputs; with deterministic algorithms on (poisoned_outputs turns them on), dk/dv
+    go through the fixed-order reduction and repeat bitwise."""
+    backend, device = use(name)
+    inp = make_p2c_inputs(*shape, device=device, requires_grad=True)
+    check_grads_repeat_bitwise(run(name), reference.p2c_attention, (inp.q, inp.k, inp.v), GRAD_NAMES,
+                               tol(backend, FP32, grad=True))
+
+
+DETERMINISTIC_CASES = [
+    pytest.param(name, shape, dtype, id=p2c_id(name, shape, dtype))
+    for name, shape, dtype in [
+        ("cpu", (2, 1000, 49, 2, 24), FP32),
+        ("triton", (1, 197, 7, 2, 16), FP32),
+        # (B, h) of 1, a few and many query tiles per deterministic group.
+        *(("cuda", (b, 1000, 49, h, 40), dt) for b, h in ((1, 1), (2, 3), (64, 4))
+          for dt in (FP32, torch.bfloat16)),
+    ]
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "dtype"), DETERMINISTIC_CASES)
+def test_p2c_deterministic_backward_matches_atomics_and_repeats_bitwise(name, shape, dtype):
+    """The raw backward with ``deterministic=True`` (group partials summed in a fixed order) against
+    ``deterministic=False`` (fp32 atomics where the backend uses them), and bitwise across runs."""
+    backend, device = use(name)
+    fwd, bwd = raw_ops(name)
+    inp = make_p2c_inputs(*shape, device=device, dtype=dtype)
+    out, lse = fwd(inp.q, inp.k, inp.v, 0.25)
+    g = torch.randn_like(out)
+    atomic = bwd(g, inp.q, inp.k, inp.v, out, lse, 0.25, False)
+    det = [bwd(g, inp.q, inp.k, inp.v, out, lse, 0.25, True) for _ in range(3)]
+    t = tol(backend, FP32) if dtype == FP32 else {"rtol": 2e-2, "atol": 2e-2}
+    for gname, a, d0, d1, d2 in zip(GRAD_NAMES, atomic, *det, strict=True):
+        assert_close(d0, a, name=gname, **t)
+        assert torch.equal(d0, d1) and torch.equal(d0, d2)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_p2c_backward_against_float64(name):
+    """float64 gradcheck (contiguous and strided) where the backend runs float64; otherwise its
+    float32 gradients against autograd of the float64 reference."""
+    backend, device = use(name)
+    if FP64 in backend.dtypes:
+        for shape, contiguous in (((2, 5, 3, 2, 4), True), ((1, 4, 2, 1, 3), False)):
+            p = make_p2c_inputs(*shape, dtype=FP64, device=device, requires_grad=True, contiguous=contiguous)
+            assert torch.autograd.gradcheck(lambda q, k, v: run(name)(q, k, v, 0.7), (p.q, p.k, p.v))
+        return
+    inp = make_p2c_inputs(2, 5, 3, 2, 8, device=device, requires_grad=True)
+    args = (inp.q, inp.k, inp.v)
+    grad_out = torch.randn(2, 5, 2, 8, device=device)
+    _, got_g = grads(run(name), args, grad_out)
+    _, exact_g = grads(reference.p2c_attention, [t.detach().double().requires_grad_(True) for t in args],
+                       grad_out.double())
+    for gname, g, e in zip(GRAD_NAMES, got_g, exact_g, strict=True):
+        assert_close(g.double(), e, rtol=1e-5, atol=1e-6, name=gname)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_p2c_large_scores_stay_finite(name):
+    """Scaled scores q·kᵀ of order ±1e4: the softmax's running max keeps everything finite."""
+    _backend, device = use(name)
+    inp = make_p2c_inputs(1, 20, 6, 2, 16, device=device, requires_grad=True)
+    q = (inp.q.detach() * 1e3).requires_grad_(True)
+    out = run(name)(q, inp.k, inp.v, 1.0)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    for t in (q, inp.k, inp.v):
+        assert torch.isfinite(t.grad).all()
+    assert_close(out, reference.p2c_attention(q, inp.k, inp.v, 1.0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_p2c_lse_is_logsumexp_of_scores(name):
+    backend, device = use(name)
+    fwd, _ = raw_ops(name)
+    inp = make_p2c_inputs(2, 9, 5, 3, 16, device=device)
+    _, lse = fwd(inp.q, inp.k, inp.v, 0.3)
+    scores = torch.einsum("bnhd,bmhd->bhnm", inp.q, inp.k) * 0.3
+    assert lse.dtype == torch.float32 and lse.shape == (2, 3, 9)
+    assert_close(lse, torch.logsumexp(scores, -1), name="lse", **tol(backend, FP32))
+
+
+# -- as a torch.library op --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [FP32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+@pytest.mark.parametrize("name", KERNELS)
+def test_p2c_opcheck(name, contiguous, dtype):
+    backend, device = use(name)
+    fwd, bwd = raw_ops(name)
+    inp = make_p2c_inputs(2, 7, 3, 2, 8, device=device, dtype=dtype, contiguous=contiguous, requires_grad=True)
+    require_backend(backend, OP, (inp.q, inp.k, inp.v))
+    torch.library.opcheck(fwd, (inp.q, inp.k, inp.v, 0.35))
+    out, lse = fwd(inp.q.detach(), inp.k.detach(), inp.v.detach(), 0.35)
+    g = torch.randn_like(out)
+    for det in (False, True):
+        torch.library.opcheck(bwd, (g, inp.q.detach(), inp.k.detach(), inp.v.detach(), out, lse, 0.35, det))
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_p2c_compiles_fullgraph_forward_and_backward(name):
+    backend, device = use(name)
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        return ops.p2c_attention(q, k, v, backend=name).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    a = make_p2c_inputs(2, 11, 4, 2, 16, device=device, requires_grad=True)
+    b = clone_leaves((a.q, a.k, a.v))
+    compiled(a.q, a.k, a.v).backward()
+    f(*b).backward()
+    for gname, s, d in zip(GRAD_NAMES, (a.q, a.k, a.v), b, strict=True):
+        assert_close(s.grad, d.grad, name=gname, **tol(backend, FP32, grad=True))
+
+
+EXPORTED = {"cpu": "paca_kernels.p2c_attention_fwd.default", "cuda": "paca_kernels.p2c_attention_fwd.default",
+            "triton": "paca_kernels.p2c_attention_fwd_triton.default"}
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_p2c_export_keeps_the_op(name):
+    backend, device = use(name)
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, kv):
+            return ops.p2c_attention(q, kv[:, :, 0], kv[:, :, 1], backend=name)
+
+    q = torch.randn(1, 6, 2, 16, device=device)
+    kv = torch.randn(1, 3, 2, 2, 16, device=device)
+    ep = torch.export.export(Attend(), (q, kv))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert EXPORTED[name] in targets
+    assert_close(ep.module()(q, kv), Attend()(q, kv), **tol(backend, FP32))
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_p2c_flops_equal_the_unfused_matmuls(name):
+    """FlopCounterMode counts the fused op as the two matmuls: 4·BhNMd forward, 8·BhNMd backward."""
+    _, device = use(name)
+
+    def count(backend: str) -> int:
+        p = make_p2c_inputs(2, 12, 5, 3, 8, device=device, requires_grad=True)
+        return count_flops(lambda: ops.p2c_attention(p.q, p.k, p.v, backend=backend).sum().backward())
+
+    assert count(name) == count("reference") == 12 * 2 * 3 * 12 * 5 * 8
+
+
+# -- dispatch ---------------------------------------------------------------------------------------
+
+# Where each backend's declared limits refuse a call, and the words its reason uses (meta tensors).
+REFUSALS = [
+    ("cpu", "device", {"device": "meta"}, "does not run on meta"),
+    ("triton", "dtype", {"dtype": FP64}, "does not support float64"),
+    ("triton", "keys", {"M": 257}, "M = 257"),
+    ("triton", "head-dim", {"d": 256}, "d = 256"),
+    ("cuda", "dtype", {"dtype": FP64}, "does not support float64"),
+    ("cuda", "keys", {"M": 300}, "M = 300"),
+    ("cuda", "head-dim", {"d": 256}, "d = 256"),
+    ("cuda", "device", {"device": "cpu"}, "does not run on cpu"),
+]
+
+
+@pytest.mark.parametrize(("name", "what", "change", "words"), REFUSALS, ids=[f"{r[0]}-{r[1]}" for r in REFUSALS])
+def test_p2c_dispatch_errors_give_each_backends_reason(name, what, change, words):
+    backend = ops.get_backend(name)
+    dims = {"B": 1, "N": 4, "M": 3, "h": 1, "d": 8, "dtype": FP32, "device": "meta", **change}
+    device = dims.pop("device")
+    dtype = dims.pop("dtype")
+    p = make_p2c_inputs(*dims.values(), dtype=dtype, device=device)
+    check_refusal(backend, OP, ops.p2c_attention, (p.q, p.k, p.v), words)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_p2c_named_backend_serves_the_call(name):
+    backend, device = use(name)
+    p = make_p2c_inputs(1, 5, 3, 1, 8, device=device)
+    require_backend(backend, OP, (p.q, p.k, p.v))
+    assert ops.select_backend(OP, (p.q, p.k, p.v), name) is backend
+    assert_close(run(name)(p.q, p.k, p.v), reference.p2c_attention(p.q, p.k, p.v), **tol(backend, FP32))
+
+
+def _p2c_inputs() -> dict[str, torch.Tensor]:
+    return {"q": torch.randn(2, 12, 2, 4), "k": torch.randn(2, 5, 2, 4), "v": torch.randn(2, 5, 2, 4)}
+
+
+@pytest.mark.parametrize(("change", "exc", "match"), [
+    pytest.param({"q": torch.randn(2, 12, 8)}, ValueError, r"q must have shape \(B, N, h, d\)", id="q-3d"),
+    pytest.param({"k": torch.randn(2, 5, 2, 4, 1)}, ValueError, r"k must have shape", id="k-5d"),
+    pytest.param({"q": torch.randn(3, 12, 2, 4)}, ValueError, r"disagree on B, h or d", id="B-mismatch"),
+    pytest.param({"q": torch.randn(2, 12, 2, 3)}, ValueError, r"disagree on B, h or d", id="d-mismatch"),
+    pytest.param({"v": torch.randn(2, 6, 2, 4)}, ValueError, r"k and v must have the same shape",
+                 id="M-mismatch"),
+    pytest.param({"q": torch.randint(0, 3, (2, 12, 2, 4))}, TypeError, r"q must be a floating",
+                 id="int-q"),
+    pytest.param({"v": torch.randn(2, 5, 2, 4, dtype=torch.float64)}, TypeError, r"same dtype",
+                 id="mixed-dtypes"),
+    pytest.param({"k": torch.randn(2, 5, 2, 4, device="meta")}, ValueError, r"same device",
+                 id="k-on-meta"),
+])
+def test_p2c_bad_input_is_refused_before_dispatch(change: dict, exc: type, match: str) -> None:
+    args = _p2c_inputs() | change
+    with pytest.raises(exc, match=match):
+        ops.p2c_attention(args["q"], args["k"], args["v"])
+
+
+# -- past 2^31 elements (GPU only: ~9-20 GB of GPU memory) -------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_p2c_index_arithmetic_past_2_pow_31(name):
+    _backend, device = use(name)
+    h, d, m = 2, 64, 16
+    n = 2**31 // (h * d) + 4099  # q, out, grad_out and dq hold more than 2^31 elements
+    q = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16).requires_grad_(True)
+    k = torch.randn(1, m, h, d, device=device, dtype=torch.bfloat16).requires_grad_(True)
+    v = torch.randn(1, m, h, d, device=device, dtype=torch.bfloat16).requires_grad_(True)
+    out = run(name)(q, k, v)
+    tail = slice(n - 300, n)
+    qt = q.detach()[:, tail].float().requires_grad_(True)
+    want = reference.p2c_attention(qt, k.detach().float(), v.detach().float())
+    assert_close(out[:, tail].float(), want, rtol=2e-2, atol=2e-2)
+    if name == "cuda":  # the triton backward's index arithmetic past 2^31 is not claimed
+        grad = torch.zeros_like(out)
+        grad[:, tail] = 1.0  # only the last rows get a gradient: dq there, dk/dv from them alone
+        out.backward(grad)
+        want.sum().backward()
+        assert_close(q.grad[:, tail].float(), qt.grad, rtol=3e-2, atol=3e-2)
+        assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+
+
+# -- property test ----------------------------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+MAX_EXAMPLES = int(os.environ.get("PACA_KERNELS_HYPOTHESIS_MAX", "10"))
+
+
+@pytest.mark.parametrize("name", KERNELS)
+@hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True)
+@hypothesis.given(
+    b=st.integers(1, 2), n=st.integers(1, 70), m=st.integers(1, 40), h=st.integers(1, 2),
+    d=st.sampled_from([8, 12, 16, 24, 40]), contiguous=st.booleans(), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_p2c_property_matches_reference(name, b, n, m, h, d, contiguous, seed):
+    backend, device = use(name)
+    torch.manual_seed(seed)
+    p = make_p2c_inputs(b, n, m, h, d, device=device, contiguous=contiguous, requires_grad=True)
+    g = torch.randn(b, n, h, d, device=device)
+    got, got_g = grads(run(name), (p.q, p.k, p.v), g)
+    want, want_g = grads(reference.p2c_attention, clone_leaves((p.q, p.k, p.v)), g)
+    assert_close(got, want, **tol(backend, FP32))
+    for gname, a, e in zip(GRAD_NAMES, got_g, want_g, strict=True):
+        assert_close(a, e, name=gname, **tol(backend, FP32, grad=True))
