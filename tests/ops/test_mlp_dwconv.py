@@ -1,32 +1,20 @@
 """The fused MLP depthwise conv (``paca_kernels::mlp_dwconv``, csrc/cpu/conv_clustering.cpp) against
 the modules it replaces (fc1's bias, DWConv with its shortcut, GELU) run in float64, and the use of
-the fused MLP kernels (this one and the whole-MLP ``mlp_fused``, tests/test_mlp_fused_kernel.py) by
+the fused MLP kernels (this one and the whole-MLP ``mlp_fused``, tests/ops/test_mlp_fused.py) by
 Mlp / PaCaBlock / the models (inference only, the cpu backend, no hooks)."""
 
 from __future__ import annotations
 
-import inspect
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import paca_kernels.ops.fused.mlp_dwconv as dwconv_op
 import paca_kernels.ops.fused.mlp_fused as mlp_op
-from paca_kernels import _ext, create_model
+from paca_kernels import create_model, testing
 from paca_kernels.nn.block import DWConv, Mlp
-from paca_kernels.testing import (
-    assert_close,
-    assert_low_precision_ok,
-    assert_passes_on_cpu_isa,
-    noncontiguous,
-    poisoned_outputs,
-)
 
-pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
+pytestmark = pytest.mark.extension
 
 # (B, H, W, C, k): odd grids, channel counts that leave masked vector tails (40, 37, 20), a kernel
 # larger than the grid (halo wider than the image), a 1x1 grid, and a stage-like shape.
@@ -77,13 +65,13 @@ def test_fused_dwconv_matches_modules_float32(shape, contiguous, variant):
     m = _dwconv(C, k, shortcut="noshortcut" not in variant, bias="nobias" not in variant)
     in_bias = torch.randn(C) if "inbias" in variant else None
     x = torch.randn(B, H * W, C)
-    xin = x if contiguous else noncontiguous(x)
-    with torch.no_grad(), poisoned_outputs():
+    xin = x if contiguous else testing.noncontiguous(x)
+    with torch.no_grad(), testing.poisoned_outputs():
         out = mlp_dwconv(m, xin, H, W, gelu=gelu, in_bias=in_bias)
     with torch.no_grad():
         exact = _modules(m.double(), x.double(), H, W, gelu, None if in_bias is None else in_bias.double())
     assert out.shape == x.shape and out.dtype == torch.float32 and out.is_contiguous()
-    assert_close(out.double(), exact, rtol=1e-5, atol=2e-6, name="y")
+    testing.assert_close(out.double(), exact, rtol=1e-5, atol=2e-6, name="y")
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=_ids)
@@ -96,7 +84,7 @@ def test_fused_dwconv_float64_exact(shape):
         out = mlp_dwconv(m, x, H, W, gelu=True, in_bias=b1)
         exact = _modules(m, x, H, W, True, b1)
     assert out.dtype == torch.float64
-    assert_close(out, exact, rtol=1e-12, atol=1e-12, name="y")
+    testing.assert_close(out, exact, rtol=1e-12, atol=1e-12, name="y")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -111,22 +99,13 @@ def test_fused_dwconv_low_precision_within_flash_attention_rule(dtype):
         out = mlp_dwconv(low, x.to(dtype), H, W, gelu=True, in_bias=b1.to(dtype))
         ref_low = _modules(low, x.to(dtype), H, W, True, b1.to(dtype))
     assert out.dtype == dtype
-    assert_low_precision_ok(out, ref_low, exact, name="y")
+    testing.assert_low_precision_ok(out, ref_low, exact, name="y")
 
 
 def test_fused_dwconv_deterministic_across_thread_counts():
     m = _dwconv(48)
     x = torch.randn(3, 10 * 13, 48)
-    prev = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outs.append(mlp_dwconv(m, x, 10, 13, gelu=True))
-    finally:
-        torch.set_num_threads(prev)
-    assert torch.equal(outs[0], outs[1])
+    testing.assert_same_bits_across_thread_counts(lambda: mlp_dwconv(m, x, 10, 13, gelu=True), (1, 2))
 
 
 def test_fused_dwconv_errors():
@@ -153,44 +132,24 @@ def test_fused_dwconv_opcheck():
     m = _dwconv(24)
     x = torch.randn(2, 6 * 5, 24)
     args = (x, 6, 5, m.dwconv.weight.detach(), m.dwconv.bias.detach(), torch.randn(24), True, True)
-    torch.library.opcheck(
-        torch.ops.paca_kernels.mlp_dwconv.default, args,
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )
+    testing.opcheck_inference_only(torch.ops.paca_kernels.mlp_dwconv.default, args)
 
 
 def test_fused_dwconv_flops_equal_the_convolution():
     m = _dwconv(32)
     x = torch.randn(2, 8 * 6, 32)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as fused:
-            mlp_dwconv(m, x, 8, 6, gelu=True)
-        with FlopCounterMode(display=False) as unfused:
-            m(x, 8, 6)
-    assert fused.get_total_flops() == unfused.get_total_flops() > 0
+    testing.assert_same_flops(lambda: mlp_dwconv(m, x, 8, 6, gelu=True), lambda: m(x, 8, 6))
 
 
 # -- use by Mlp, PaCaBlock and the models --------------------------------------------------------
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
+def fused_calls(spy):
     """Counts the fused calls made by Mlp: ("dwconv", shape) for mlp_dwconv, ("mlp", shape) for the
     whole-MLP kernel."""
-    calls = []
-    real, real_mlp = dwconv_op.mlp_dwconv, mlp_op.mlp_fused
-
-    def spy(x, *args):
-        calls.append(("dwconv", tuple(x.shape)))
-        return real(x, *args)
-
-    def spy_mlp(x, *args):
-        calls.append(("mlp", tuple(x.shape)))
-        return real_mlp(x, *args)
-
-    monkeypatch.setattr(dwconv_op, "mlp_dwconv", spy)
-    monkeypatch.setattr(mlp_op, "mlp_fused", spy_mlp)
-    return calls
+    calls = spy(dwconv_op, "mlp_dwconv", tag="dwconv")
+    return spy(mlp_op, "mlp_fused", calls, tag="mlp")
 
 
 def _mlp_pair(C: int = 24, hidden: int = 40) -> tuple[Mlp, Mlp]:
@@ -211,7 +170,7 @@ def test_mlp_uses_fused_kernel_in_inference_only(fused_calls):
         assert len(fused_calls) == 1
         out_ref = ref(x, 7, 5)
     assert len(fused_calls) == 1  # the reference backend keeps the module path
-    assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     # Gradients wanted: the modules run (the fused kernel has no backward).
     fused(x, 7, 5).sum().backward()
     assert len(fused_calls) == 1 and fused.dwconv.dwconv.weight.grad is not None
@@ -240,13 +199,13 @@ def test_fused_dwconv_skipped_with_hooks_autocast_grad_or_other_activations(fuse
 
 @pytest.mark.xfail(strict=True, raises=KeyError, reason=(
     "package bug: Mlp._plan reads self._modules['dwconv'], absent when with_dwconv=False "
-    "(self.dwconv = None is a plain attribute), see /tmp/helper_tests_bugs.txt"))
+    "(self.dwconv = None is a plain attribute): Mlp(with_dwconv=False) cannot run"))
 def test_mlp_without_dwconv_runs_its_modules(fused_calls):
     m = Mlp(24, 40, with_dwconv=False, backend="cpu").eval()
     x = torch.randn(1, 4 * 4, 24)
     with torch.no_grad():
         assert m._plan(x) == "modules"
-        assert_close(m(x, 4, 4), m.fc2(m.act(m.fc1(x))), rtol=0, atol=0)
+        testing.assert_close(m(x, 4, 4), m.fc2(m.act(m.fc1(x))), rtol=0, atol=0)
     assert not fused_calls
 
 
@@ -257,7 +216,7 @@ def test_mlp_compiles_fullgraph_with_fused_kernel(fused_calls):
         eager = fused(x, 5, 6)
         compiled = torch.compile(lambda t: fused(t, 5, 6), fullgraph=True, backend="aot_eager")(x)
     assert fused_calls  # traced through the fused op
-    assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
 
 
 def test_model_on_cpu_backend_uses_fused_mlp_and_matches_reference(fused_calls):
@@ -273,77 +232,4 @@ def test_model_on_cpu_backend_uses_fused_mlp_and_matches_reference(fused_calls):
     assert len(fused_calls) == n_fused
     # Small weights (stages 1-2): the whole-MLP kernel; larger ones: mlp_dwconv between the matmuls.
     assert {kind for kind, _ in fused_calls} == {"mlp", "dwconv"}
-    assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
-
-
-_BASELINE = textwrap.dedent(
-    """
-    import torch
-    import torch.nn.functional as F
-    from paca_kernels.nn.block import DWConv
-    from paca_kernels.ops.fused.mlp_dwconv import mlp_dwconv
-    torch.manual_seed(0)
-    for B, H, W, C in [(2, 7, 9, 40), (1, 5, 6, 20)]:
-        m = DWConv(C, with_shortcut=True)
-        x, b1 = torch.randn(B, H * W, C), torch.randn(C)
-        with torch.no_grad():
-            out = mlp_dwconv(x, H, W, m.dwconv.weight, m.dwconv.bias, b1, True, True).double()
-            exact = F.gelu(m.double()(x.double() + b1.double(), H, W))
-        err = (out - exact).abs().max().item()
-        assert err < 1e-5, err
-    print("isa ok")
-    """
-)
-
-
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
-def test_fused_dwconv_capped_isa(isa: str):
-    """The float32 kernels with the build capped by PACA_KERNELS_CPU_ISA (read at first use): the
-    portable one ("baseline"), and the AVX2 products where the CPU would use the AVX-512 ones."""
-    assert_passes_on_cpu_isa(_BASELINE, isa)
-
-
-# The kernels' GELU on its own: a depthwise conv whose taps are all zero, with the shortcut (folded
-# into the centre tap as 1), passes x through exactly, so mlp_dwconv(gelu=True) returns gelu(x).
-def _check_gelu() -> None:
-    """Asserts on mlp_dwconv(gelu=True) through an identity depthwise conv (see above)."""
-    torch.manual_seed(0)
-    C = 37  # a masked vector tail as well
-    sweep = torch.linspace(-12.0, 12.0, 40 * 37 * 37)  # dense over the fitted range and the tails
-    extremes = torch.tensor([1e30, -1e30, 3e38, -3e38, 1e4, -1e4, 6.0, -6.0, 5.66, -5.66, 1e-30,
-                             -1e-30, 0.0, -0.0] * 2 + [float("nan")] * 9)
-    rand = torch.randn(37 * 37 * 3) * 3
-    v = torch.cat([sweep, extremes, rand])
-    v = torch.cat([v, torch.randn((-v.numel()) % C)])
-    m = DWConv(C, kernel_size=3, bias=False, with_shortcut=True)
-    with torch.no_grad():
-        m.dwconv.weight.zero_()
-        x = v.view(1, -1, C)
-        out = dwconv_op.mlp_dwconv(x, 1, x.shape[1], m.dwconv.weight, None, None, True, True).flatten()
-    exact = F.gelu(v.double())
-    # A NaN input also reaches its two neighbours along W (as 0 * NaN): leave those out.
-    nan = v.isnan()
-    near_nan = nan | torch.roll(nan, C) | torch.roll(nan, -C)
-    fin = v.isfinite() & (v.abs() < 1e6) & ~near_nan
-    # erf within 3.2e-7 (the fit's float32 evaluation), output rounding 6e-8 relative.
-    err = (out[fin].double() - exact[fin]).abs()
-    bound = 2.5e-7 * v[fin].double().abs() + 1e-37
-    assert bool((err <= bound).all()), (err / bound).max().item()
-    # Saturated tails: exactly v above, exactly 0 below (PyTorch gives the same).
-    big = v.isfinite() & (v >= 6.0) & ~near_nan
-    small = v.isfinite() & (v <= -6.0) & ~near_nan
-    assert torch.equal(out[big], v[big]), (out[big] - v[big]).abs().max()
-    assert bool((out[small] == 0).all()), out[small].abs().max()
-    assert bool(out[nan].isnan().all())
-
-
-def test_kernel_gelu_accuracy_tails_and_nan():
-    """The kernels' rational-erf GELU (AVX2 where the CPU has it) against float64: tails, NaN."""
-    _check_gelu()
-
-
-def test_kernel_gelu_baseline_isa():
-    """The same checks for the portable float32 build's GELU."""
-    script = ("import torch\nimport torch.nn.functional as F\nfrom paca_kernels.nn.block import DWConv\n"
-              "import paca_kernels.ops.fused.mlp_dwconv as dwconv_op\n\n")
-    assert_passes_on_cpu_isa(script + inspect.getsource(_check_gelu) + "\n_check_gelu()\nprint('isa ok')\n")
+    testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)

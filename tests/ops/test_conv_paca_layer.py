@@ -5,26 +5,17 @@ the assignment probabilities z) against the unfused math in float64, and when Pa
 from __future__ import annotations
 
 import math
-import textwrap
 from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import paca_kernels.ops.fused.conv_paca_layer as layer_op
-from paca_kernels import PaCaAttention, _ext
+from paca_kernels import PaCaAttention, _ext, testing
 from paca_kernels.nn._fusion import conv_head_tensors, linear_tensors
-from paca_kernels.testing import (
-    assert_close,
-    assert_low_precision_ok,
-    assert_passes_on_cpu_isa,
-    noncontiguous,
-    poisoned_outputs,
-)
 
-pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
+pytestmark = pytest.mark.extension
 
 op = torch.ops.paca_kernels.conv_paca_layer if _ext.load() else None
 
@@ -69,9 +60,6 @@ class Args(NamedTuple):
     heads: int
     scale: float
     probs: bool
-
-    def to(self, dtype: torch.dtype) -> Args:
-        return Args(*(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in self))
 
 
 def _inputs(shape, dtype=torch.float32, bias=True, probs=True) -> Args:
@@ -119,8 +107,8 @@ def _check(out, assign, exact, a: Args, rtol, atol):
     eout, eassign = exact
     assert out.shape == eout.shape and assign.shape == eassign.shape
     assert out.dtype == assign.dtype == a.x.dtype and out.is_contiguous() and assign.is_contiguous()
-    assert_close(out.to(eout.dtype), eout, rtol=rtol, atol=atol, name="out")
-    assert_close(assign.to(eout.dtype), eassign, rtol=rtol, atol=atol, name="z" if a.probs else "logits")
+    testing.assert_close(out.to(eout.dtype), eout, rtol=rtol, atol=atol, name="out")
+    testing.assert_close(assign.to(eout.dtype), eassign, rtol=rtol, atol=atol, name="z" if a.probs else "logits")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
@@ -128,10 +116,10 @@ def _check(out, assign, exact, a: Args, rtol, atol):
 def test_layer_op_matches_unfused_float32(shape, layout):
     a = _inputs(shape, bias=layout != "nobias", probs=layout != "logits")
     if layout == "strided":
-        a = a._replace(x=noncontiguous(a.x), wq=noncontiguous(a.wq), w1=noncontiguous(a.w1))
-    with poisoned_outputs():
+        a = a._replace(x=testing.noncontiguous(a.x), wq=testing.noncontiguous(a.wq), w1=testing.noncontiguous(a.w1))
+    with testing.poisoned_outputs():
         out, assign = _run(a)
-    _check(out, assign, _unfused(a.to(torch.float64)), a, rtol=2e-5, atol=2e-5)
+    _check(out, assign, _unfused(testing.cast_tensors(a, torch.float64)), a, rtol=2e-5, atol=2e-5)
 
 
 def test_layer_op_probabilities_are_softmax_of_its_logits():
@@ -139,7 +127,7 @@ def test_layer_op_probabilities_are_softmax_of_its_logits():
     a = _inputs((2, 9, 7, 21, 3, 13, 5))
     _, z = _run(a)
     _, logits = _run(a._replace(probs=False))
-    assert_close(z, logits.double().softmax(-1).float(), rtol=1e-6, atol=1e-7, name="z")
+    testing.assert_close(z, logits.double().softmax(-1).float(), rtol=1e-6, atol=1e-7, name="z")
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=_ids)
@@ -152,27 +140,18 @@ def test_layer_op_float64_exact(shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_layer_op_low_precision_within_flash_attention_rule(dtype):
     a = _inputs((2, 7, 9, 24, 3, 49, 7))
-    exact = _unfused(a.to(torch.float64))
-    low = a.to(dtype)
+    exact = _unfused(testing.cast_tensors(a, torch.float64))
+    low = testing.cast_tensors(a, dtype)
     out, z = _run(low)
     ref_out, ref_z = _unfused(low)
     assert out.dtype == z.dtype == dtype
-    assert_low_precision_ok(out, ref_out, exact[0], name="out")
-    assert_low_precision_ok(z, ref_z, exact[1], name="z")
+    testing.assert_low_precision_ok(out, ref_out, exact[0], name="out")
+    testing.assert_low_precision_ok(z, ref_z, exact[1], name="z")
 
 
 def test_layer_op_deterministic_across_thread_counts():
     a = _inputs((3, 12, 10, 24, 3, 20, 7))
-    prev = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(_run(a))
-    finally:
-        torch.set_num_threads(prev)
-    for o in outs[1:]:
-        assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
+    testing.assert_same_bits_across_thread_counts(lambda: _run(a))
 
 
 def test_layer_op_nan_tokens_give_nan_rows_like_torch():
@@ -180,7 +159,7 @@ def test_layer_op_nan_tokens_give_nan_rows_like_torch():
     x = a.x.clone()
     x[0, 5] = math.nan
     out, z = _run(a._replace(x=x))
-    ref_out, ref_z = _unfused(a._replace(x=x).to(torch.float64))
+    ref_out, ref_z = _unfused(testing.cast_tensors(a._replace(x=x), torch.float64))
     assert torch.equal(torch.isnan(z), torch.isnan(ref_z)) and torch.isnan(z).any()
     assert torch.equal(torch.isnan(out), torch.isnan(ref_out))
 
@@ -207,21 +186,15 @@ def test_layer_op_errors():
 
 def test_layer_op_opcheck():
     a = _inputs((2, 3, 4, 12, 2, 5, 3))
-    torch.library.opcheck(
-        op.default, tuple(a), test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )
+    testing.opcheck_inference_only(op.default, tuple(a))
 
 
 def test_layer_op_flops_equal_the_unfused_layer():
     layer = _layer(C=24, h=3, M=10)
     x = torch.randn(2, 5 * 7, 24)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as fused:
-            _layer_op_on(layer, x, 5, 7, True)
-        layer.backend = "reference"
-        with FlopCounterMode(display=False) as unfused:
-            layer(x, 5, 7)
-    assert fused.get_total_flops() == unfused.get_total_flops() > 0
+    ref = _layer(C=24, h=3, M=10, backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    testing.assert_same_flops(lambda: _layer_op_on(layer, x, 5, 7, True), lambda: ref(x, 5, 7))
 
 
 # -- use by PaCaAttention --------------------------------------------------------------------------
@@ -246,17 +219,9 @@ def _layer_op_on(layer: PaCaAttention, x: torch.Tensor, H: int, W: int, probs: b
 
 
 @pytest.fixture
-def layer_calls(monkeypatch):
+def layer_calls(spy):
     """Counts PaCaAttention's calls of the whole-layer op."""
-    calls = []
-    real = layer_op.conv_paca_layer
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(layer_op, "conv_paca_layer", spy)
-    return calls
+    return spy(layer_op, "conv_paca_layer")
 
 
 def test_layer_results_equal_the_reference_backend(layer_calls):
@@ -271,9 +236,9 @@ def test_layer_results_equal_the_reference_backend(layer_calls):
         assert len(layer_calls) == 2
         ref_out, ref_z = ref(x, 5, 7)
         _, ref_logits = ref.forward_logits(x, 5, 7)
-    assert_close(out, ref_out, rtol=1e-5, atol=1e-5, name="out")
-    assert_close(z, ref_z, rtol=1e-5, atol=1e-6, name="z")
-    assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5, name="logits")
+    testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5, name="out")
+    testing.assert_close(z, ref_z, rtol=1e-5, atol=1e-6, name="z")
+    testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5, name="logits")
     assert torch.equal(out_l, out)
 
 
@@ -340,35 +305,9 @@ def test_layer_with_the_op_compiles_fullgraph(layer_calls):
         eager = layer(x, 5, 6)
         compiled = torch.compile(lambda t: layer(t, 5, 6), fullgraph=True, backend="aot_eager")(x)
     assert layer_calls  # traced through the op
-    assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6, name="out")
-    assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-6, name="z")
+    testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6, name="out")
+    testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-6, name="z")
 
-
-_BASELINE = textwrap.dedent(
-    """
-    import torch
-    from paca_kernels import PaCaAttention
-    torch.manual_seed(0)
-    for B, H, W, C, h, M in [(2, 5, 7, 24, 3, 10), (1, 3, 4, 16, 2, 49)]:
-        layer = PaCaAttention(C, h, M, clustering="conv", backend="cpu").eval()
-        ref = PaCaAttention(C, h, M, clustering="conv", backend="reference").eval().double()
-        ref.load_state_dict(layer.state_dict())
-        x = torch.randn(B, H * W, C)
-        with torch.no_grad():
-            out, z = layer(x, H, W)
-            rout, rz = ref(x.double(), H, W)
-        err = max((out.double() - rout).abs().max().item(), (z.double() - rz).abs().max().item())
-        assert err < 1e-5, err
-    print("isa ok")
-    """
-)
-
-
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
-def test_layer_op_capped_isa(isa: str):
-    """The float32 kernels with the build capped by PACA_KERNELS_CPU_ISA (read at first use): the
-    portable one ("baseline"), and the AVX2 products where the CPU would use the AVX-512 ones."""
-    assert_passes_on_cpu_isa(_BASELINE, isa)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -397,5 +336,5 @@ def test_hook_on_cluster_norm_runs_the_norm_module(monkeypatch, backend, grad):
         handle.remove()
         want, want_z = doubled(x, 5, 7)  # LN(c)·2 is LN with doubled weight and bias
         assert pools  # no hook: the fused pooling serves the call
-    assert_close(hooked, want, rtol=1e-5, atol=1e-5, name="out")
-    assert_close(z, want_z, rtol=1e-6, atol=1e-7, name="z")
+    testing.assert_close(hooked, want, rtol=1e-5, atol=1e-5, name="out")
+    testing.assert_close(z, want_z, rtol=1e-6, atol=1e-7, name="z")

@@ -4,27 +4,17 @@ and its use by PaCaAttention (inference only, the cpu backend, no hooks)."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import paca_kernels.ops.fused.conv_cluster_logits as head_op
 import paca_kernels.ops.fused.conv_paca_layer as layer_op
-from paca_kernels import PaCaAttention, _ext
+from paca_kernels import PaCaAttention, testing
 from paca_kernels.nn._fusion import conv_head_tensors
 from paca_kernels.nn.clustering import P2CConv2d
-from paca_kernels.testing import (
-    assert_close,
-    assert_low_precision_ok,
-    assert_passes_on_cpu_isa,
-    noncontiguous,
-    poisoned_outputs,
-)
 
-pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
+pytestmark = pytest.mark.extension
 
 # (B, H, W, C, M, k): odd grids, channel counts that leave masked vector tails (24, 20, 33, 37), k = 3/5/7
 # larger than the grid (halo wider than the image), one cluster, and a stage-like shape.
@@ -72,12 +62,12 @@ def test_fused_head_matches_modules_float32(shape, contiguous):
     B, H, W, C, M, k = shape
     head = _head(C, M, k, bias2=(M % 2 == 1))
     x = torch.randn(B, H * W, C)
-    xin = x if contiguous else noncontiguous(x)
-    with torch.no_grad(), poisoned_outputs():
+    xin = x if contiguous else testing.noncontiguous(x)
+    with torch.no_grad(), testing.poisoned_outputs():
         out = conv_cluster_logits(head, xin, H, W)
     exact = head.double()(x.double(), H, W)
     assert out.shape == (B, M, H * W) and out.dtype == torch.float32 and out.is_contiguous()
-    assert_close(out.double(), exact, rtol=1e-5, atol=2e-6, name="logits")
+    testing.assert_close(out.double(), exact, rtol=1e-5, atol=2e-6, name="logits")
 
 
 def test_fused_head_scratch_buffers_carry_nothing_between_calls():
@@ -105,7 +95,7 @@ def test_fused_head_float64_exact(shape):
         out = conv_cluster_logits(head, x, H, W)
         exact = head(x, H, W)
     assert out.dtype == torch.float64
-    assert_close(out, exact, rtol=1e-12, atol=1e-12, name="logits")
+    testing.assert_close(out, exact, rtol=1e-12, atol=1e-12, name="logits")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -119,22 +109,13 @@ def test_fused_head_low_precision_within_flash_attention_rule(dtype):
         out = conv_cluster_logits(low, x.to(dtype), H, W)
         ref_low = low(x.to(dtype), H, W)
     assert out.dtype == dtype
-    assert_low_precision_ok(out, ref_low, exact, name="logits")
+    testing.assert_low_precision_ok(out, ref_low, exact, name="logits")
 
 
 def test_fused_head_deterministic_across_thread_counts():
     head = _head(48, 30, 7)
     x = torch.randn(3, 10 * 13, 48)
-    prev = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outs.append(conv_cluster_logits(head, x, 10, 13))
-    finally:
-        torch.set_num_threads(prev)
-    assert torch.equal(outs[0], outs[1])
+    testing.assert_same_bits_across_thread_counts(lambda: conv_cluster_logits(head, x, 10, 13), (1, 2))
 
 
 def test_fused_head_errors():
@@ -158,41 +139,25 @@ def test_fused_head_opcheck():
     s = head.clustering
     x = torch.randn(2, 6 * 5, 24)
     args = (x, 6, 5, *(t.detach() for t in (s[0].weight, s[0].bias, s[2].weight, s[2].bias, s[4].weight)), None)
-    torch.library.opcheck(
-        torch.ops.paca_kernels.conv_cluster_logits.default, args,
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )
+    testing.opcheck_inference_only(torch.ops.paca_kernels.conv_cluster_logits.default, args)
 
 
 def test_fused_head_flops_equal_the_convolutions():
     head = _head(32, 10, 7)
     x = torch.randn(2, 8 * 6, 32)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as fused:
-            conv_cluster_logits(head, x, 8, 6)
-        with FlopCounterMode(display=False) as unfused:
-            head(x, 8, 6)
-    assert fused.get_total_flops() == unfused.get_total_flops() > 0
+    testing.assert_same_flops(lambda: conv_cluster_logits(head, x, 8, 6), lambda: head(x, 8, 6))
 
 
 # -- use by PaCaAttention --------------------------------------------------------------------------
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
+def fused_calls(monkeypatch, spy):
     """Counts the fused-head calls made by PaCaAttention on its per-part path (the whole-layer op,
-    tested in test_paca_layer_kernel, is switched off: the layer falls back to this path e.g. with a
+    tested in test_conv_paca_layer, is switched off: the layer falls back to this path e.g. with a
     cluster position embedding)."""
     monkeypatch.setattr(layer_op, "REGISTERED", False)
-    calls = []
-    real = head_op.conv_cluster_logits
-
-    def spy(x, H, W, *tensors):
-        calls.append(tuple(x.shape))
-        return real(x, H, W, *tensors)
-
-    monkeypatch.setattr(head_op, "conv_cluster_logits", spy)
-    return calls
+    return spy(head_op, "conv_cluster_logits")
 
 
 def test_attention_uses_fused_head_in_inference_only(fused_calls):
@@ -206,8 +171,8 @@ def test_attention_uses_fused_head_in_inference_only(fused_calls):
     with torch.no_grad():
         out_ref, z_ref = ref(x, 9, 7)
     assert len(fused_calls) == 1  # the reference backend keeps the module path
-    assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
+    testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
     # Gradients wanted: the modules run (the fused kernel has no backward).
     layer(x, 9, 7)[0].sum().backward()
     assert len(fused_calls) == 1 and layer.clustering.clustering[0].weight.grad is not None
@@ -247,31 +212,4 @@ def test_attention_compiles_fullgraph_with_fused_head(fused_calls):
         eager = layer(x, 5, 6)[0]
         compiled = torch.compile(lambda t: layer(t, 5, 6)[0], fullgraph=True, backend="aot_eager")(x)
     assert fused_calls  # traced through the fused op
-    assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
-
-
-_BASELINE = textwrap.dedent(
-    """
-    import torch
-    from paca_kernels.nn._fusion import conv_head_tensors
-    from paca_kernels.nn.clustering import P2CConv2d
-    from paca_kernels.ops.fused.conv_cluster_logits import conv_cluster_logits
-    torch.manual_seed(0)
-    for B, H, W, C, M, k in [(2, 7, 9, 40, 49, 7), (1, 5, 6, 20, 3, 3)]:
-        head = P2CConv2d(C, M, kernel_size=k)
-        x = torch.randn(B, H * W, C)
-        with torch.no_grad():
-            out = conv_cluster_logits(x, H, W, *conv_head_tensors(head.clustering)).double()
-            exact = head.double()(x.double(), H, W)
-        err = (out - exact).abs().max().item()
-        assert err < 1e-5, err
-    print("isa ok")
-    """
-)
-
-
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
-def test_fused_head_capped_isa(isa: str):
-    """The float32 kernels with the build capped by PACA_KERNELS_CPU_ISA (read at first use): the
-    portable one ("baseline"), and the AVX2 products where the CPU would use the AVX-512 ones."""
-    assert_passes_on_cpu_isa(_BASELINE, isa)
+    testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)

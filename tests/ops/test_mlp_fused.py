@@ -1,30 +1,20 @@
 """The whole-MLP kernel (``paca_kernels::mlp_fused``, csrc/cpu/conv_clustering.cpp: fc1, DWConv with
 its shortcut, GELU, fc2 with the hidden rows kept in cache) against the PaCa-ViT Mlp modules run in
-float64, and how Mlp chooses between it and ``mlp_dwconv`` (tests/test_mlp_dwconv_kernel.py covers
+float64, and how Mlp chooses between it and ``mlp_dwconv`` (tests/ops/test_mlp_dwconv.py covers
 the shared gating: inference only, cpu backend, no hooks, no autocast)."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import paca_kernels.ops.fused.mlp_dwconv as dwconv_op
 import paca_kernels.ops.fused.mlp_fused as mlp_op
-from paca_kernels import _ext
+from paca_kernels import testing
 from paca_kernels.nn.block import Mlp
 from paca_kernels.ops.fused.mlp_fused import FUSED_MLP_MAX_WEIGHT
-from paca_kernels.testing import (
-    assert_close,
-    assert_low_precision_ok,
-    assert_passes_on_cpu_isa,
-    noncontiguous,
-    poisoned_outputs,
-)
 
-pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
+pytestmark = pytest.mark.extension
 
 # (B, H, W, C, hidden, k): odd grids and widths that leave masked vector tails (hidden 37, 20, 44;
 # out 13), a kernel wider than the grid, a 1x1 grid, a grid taller than one step of rows (H = 40,
@@ -80,13 +70,13 @@ def test_mlp_fused_matches_modules_float32(shape, contiguous, variant):
     m = _mlp(C, hidden, k, shortcut="noshortcut" not in variant, gelu=variant.startswith("gelu"),
              bias="nobias" not in variant, out=13 if "out13" in variant else None)
     x = torch.randn(B, H * W, C)
-    xin = x if contiguous else noncontiguous(x)
-    with torch.no_grad(), poisoned_outputs():
+    xin = x if contiguous else testing.noncontiguous(x)
+    with torch.no_grad(), testing.poisoned_outputs():
         out = mlp_fused(m, xin, H, W)
     with torch.no_grad():
         exact = _modules(m.double(), x.double(), H, W)
     assert out.shape == exact.shape and out.dtype == torch.float32 and out.is_contiguous()
-    assert_close(out.double(), exact, rtol=1e-5, atol=1e-5, name="out")
+    testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5, name="out")
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[5:], ids=_ids)
@@ -98,7 +88,7 @@ def test_mlp_fused_float64_exact(shape):
         out = mlp_fused(m, x, H, W)
         exact = _modules(m, x, H, W)
     assert out.dtype == torch.float64
-    assert_close(out, exact, rtol=1e-12, atol=1e-12, name="out")
+    testing.assert_close(out, exact, rtol=1e-12, atol=1e-12, name="out")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -112,7 +102,7 @@ def test_mlp_fused_low_precision_within_flash_attention_rule(dtype):
         out = mlp_fused(low, x.to(dtype), H, W)
         ref_low = _modules(low, x.to(dtype), H, W)
     assert out.dtype == dtype
-    assert_low_precision_ok(out, ref_low, exact, name="out")
+    testing.assert_low_precision_ok(out, ref_low, exact, name="out")
 
 
 @pytest.mark.parametrize("B", [1, 3])
@@ -121,16 +111,7 @@ def test_mlp_fused_deterministic_across_thread_counts(B):
     and recomputed hidden rows must give the same bits."""
     m = _mlp(16, 48)
     x = torch.randn(B, 24 * 5, 16)
-    prev = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            with torch.no_grad():
-                outs.append(mlp_fused(m, x, 24, 5))
-    finally:
-        torch.set_num_threads(prev)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    testing.assert_same_bits_across_thread_counts(lambda: mlp_fused(m, x, 24, 5))
 
 
 def test_mlp_fused_scratch_buffers_carry_nothing_between_calls():
@@ -144,8 +125,8 @@ def test_mlp_fused_scratch_buffers_carry_nothing_between_calls():
         for B, H, W, C, hidden, k in SHAPES[:3]:
             m = _mlp(C, hidden, k)
             x = torch.randn(B, H * W, C)
-            assert_close(mlp_fused(m, x, H, W).double(), _modules(m.double(), x.double(), H, W),
-                         rtol=1e-5, atol=1e-5, name=f"out after a NaN call, {_ids((B, H, W, C, hidden, k))}")
+            testing.assert_close(mlp_fused(m, x, H, W).double(), _modules(m.double(), x.double(), H, W),
+                                 rtol=1e-5, atol=1e-5, name=f"out after a NaN call, {_ids((B, H, W, C, hidden, k))}")
 
 
 def test_mlp_fused_errors():
@@ -181,50 +162,39 @@ def test_mlp_fused_opcheck():
     args = (x, 6, 5, *(t.detach() for t in (m.fc1.weight, m.fc1.bias, m.dwconv.dwconv.weight,
                                             m.dwconv.dwconv.bias)), True, True,
             m.fc2.weight.detach(), m.fc2.bias.detach())
-    torch.library.opcheck(
-        torch.ops.paca_kernels.mlp_fused.default, args,
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )
+    testing.opcheck_inference_only(torch.ops.paca_kernels.mlp_fused.default, args)
 
 
 def test_mlp_fused_flops_equal_the_modules():
     m = _mlp(32, 64)
     x = torch.randn(2, 8 * 6, 32)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as fused:
-            mlp_fused(m, x, 8, 6)
-        with FlopCounterMode(display=False) as unfused:
-            _modules(m, x, 8, 6)
-    assert fused.get_total_flops() == unfused.get_total_flops() > 0
+    testing.assert_same_flops(lambda: mlp_fused(m, x, 8, 6), lambda: _modules(m, x, 8, 6))
 
 
-def test_mlp_chooses_whole_mlp_kernel_by_weight_size(monkeypatch):
-    calls = []
-    real_mlp, real_dw = mlp_op.mlp_fused, dwconv_op.mlp_dwconv
-    monkeypatch.setattr(mlp_op, "mlp_fused", lambda *a: calls.append("mlp") or real_mlp(*a))
-    monkeypatch.setattr(dwconv_op, "mlp_dwconv",
-                        lambda *a, **kw: calls.append("dwconv") or real_dw(*a, **kw))
+def test_mlp_chooses_whole_mlp_kernel_by_weight_size(monkeypatch, spy):
+    calls = spy(mlp_op, "mlp_fused", tag="mlp")
+    spy(dwconv_op, "mlp_dwconv", calls, tag="dwconv")
     small = _mlp(16, 64)
     x = torch.randn(1, 4 * 4, 16)
     with torch.no_grad():
         ref = _modules(small, x, 4, 4)
-        assert_close(small(x, 4, 4), ref, rtol=1e-5, atol=1e-5)
-        assert calls == ["mlp"]
+        testing.assert_close(small(x, 4, 4), ref, rtol=1e-5, atol=1e-5)
+        assert [kind for kind, _ in calls] == ["mlp"]
         monkeypatch.setattr(mlp_op, "FUSED_MLP_MAX_WEIGHT", 16 * 64 - 1)
-        assert_close(small(x, 4, 4), ref, rtol=1e-5, atol=1e-5)
-        assert calls == ["mlp", "dwconv"]
+        testing.assert_close(small(x, 4, 4), ref, rtol=1e-5, atol=1e-5)
+        assert [kind for kind, _ in calls] == ["mlp", "dwconv"]
         monkeypatch.setattr(mlp_op, "FUSED_MLP_MAX_WEIGHT", FUSED_MLP_MAX_WEIGHT)
         # Dropout active (train mode, no grad): the modules run, the dropout applies.
         drop = _mlp(16, 64)
         drop.drop.p = 0.5
         drop.train()
         drop(x, 4, 4)
-        assert calls == ["mlp", "dwconv", "dwconv"]
+        assert [kind for kind, _ in calls] == ["mlp", "dwconv", "dwconv"]
         # A hook on fc2: the whole-MLP kernel would skip it.
         h = small.fc2.register_forward_hook(lambda *a: None)
         small(x, 4, 4)
         h.remove()
-        assert calls[-1] == "dwconv"
+        assert calls[-1][0] == "dwconv"
 
 
 def test_mlp_fused_compiles_fullgraph():
@@ -233,33 +203,4 @@ def test_mlp_fused_compiles_fullgraph():
     with torch.no_grad():
         eager = m(x, 5, 6)
         compiled = torch.compile(lambda t: m(t, 5, 6), fullgraph=True, backend="aot_eager")(x)
-    assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
-
-
-_BASELINE = textwrap.dedent(
-    """
-    import torch
-    from paca_kernels.nn.block import Mlp
-    from paca_kernels.ops.fused.mlp_fused import mlp_fused
-    torch.manual_seed(0)
-    for B, H, W, C in [(2, 7, 9, 24), (1, 40, 3, 12)]:
-        m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
-        x = torch.randn(B, H * W, C)
-        with torch.no_grad():
-            c = m.dwconv.dwconv
-            out = mlp_fused(x, H, W, m.fc1.weight, m.fc1.bias, c.weight, c.bias, True, True,
-                            m.fc2.weight, m.fc2.bias).double()
-            md = m.double()
-            exact = md.fc2(md.act(md.dwconv(md.fc1(x.double()), H, W)))
-        err = (out - exact).abs().max().item()
-        assert err < 1e-5, err
-    print("isa ok")
-    """
-)
-
-
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
-def test_mlp_fused_capped_isa(isa: str):
-    """The float32 kernels with the build capped by PACA_KERNELS_CPU_ISA (read at first use): the
-    portable one ("baseline"), and the AVX2 products where the CPU would use the AVX-512 ones."""
-    assert_passes_on_cpu_isa(_BASELINE, isa)
+    testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)

@@ -5,26 +5,17 @@ at a time) against the unfused math in float64, and when PaCaAttention uses it."
 from __future__ import annotations
 
 import math
-import textwrap
 from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import paca_kernels.ops.fused.conv_paca_layer as layer_op
 import paca_kernels.ops.fused.p2c_attention_proj as attention_op
-from paca_kernels import PaCaAttention, _ext
-from paca_kernels.testing import (
-    assert_close,
-    assert_low_precision_ok,
-    assert_passes_on_cpu_isa,
-    noncontiguous,
-    poisoned_outputs,
-)
+from paca_kernels import PaCaAttention, _ext, testing
 
-pytestmark = pytest.mark.skipif(not _ext.load(), reason=f"C++ extension: {_ext.unavailable_reason()}")
+pytestmark = pytest.mark.extension
 
 op = torch.ops.paca_kernels.p2c_attention_proj if _ext.load() else None
 
@@ -57,9 +48,6 @@ class Args(NamedTuple):
     wp: torch.Tensor
     bp: torch.Tensor | None
     heads: int
-
-    def to(self, dtype: torch.dtype) -> Args:
-        return Args(*(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in self))
 
 
 def _inputs(shape, dtype=torch.float32, bias=True) -> Args:
@@ -99,12 +87,12 @@ def _run(a: Args) -> torch.Tensor:
 def test_attention_proj_matches_unfused_float32(shape, layout):
     a = _inputs(shape, bias=layout != "nobias")
     if layout == "strided":
-        a = a._replace(x=noncontiguous(a.x), c=noncontiguous(a.c))
-    with poisoned_outputs():
+        a = a._replace(x=testing.noncontiguous(a.x), c=testing.noncontiguous(a.c))
+    with testing.poisoned_outputs():
         out = _run(a)
-    exact = _unfused(a.to(torch.float64))
+    exact = _unfused(testing.cast_tensors(a, torch.float64))
     assert out.shape == exact.shape and out.dtype == torch.float32 and out.is_contiguous()
-    assert_close(out.double(), exact, rtol=1e-5, atol=1e-5, name="out")
+    testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5, name="out")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
@@ -112,30 +100,22 @@ def test_attention_proj_float64_exact(shape):
     a = _inputs(shape, dtype=torch.float64)
     out = _run(a)
     assert out.dtype == torch.float64
-    assert_close(out, _unfused(a), rtol=1e-12, atol=1e-12, name="out")
+    testing.assert_close(out, _unfused(a), rtol=1e-12, atol=1e-12, name="out")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_attention_proj_low_precision_within_flash_attention_rule(dtype):
     a = _inputs((2, 97, 24, 3, 8, 49, 24))
-    exact = _unfused(a.to(torch.float64))
-    low = a.to(dtype)
+    exact = _unfused(testing.cast_tensors(a, torch.float64))
+    low = testing.cast_tensors(a, dtype)
     out = _run(low)
     assert out.dtype == dtype
-    assert_low_precision_ok(out, _unfused(low), exact, name="out")
+    testing.assert_low_precision_ok(out, _unfused(low), exact, name="out")
 
 
 def test_attention_proj_deterministic_across_thread_counts():
     a = _inputs((3, 150, 24, 3, 8, 20, 24))
-    prev = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs.append(_run(a))
-    finally:
-        torch.set_num_threads(prev)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    testing.assert_same_bits_across_thread_counts(lambda: _run(a))
 
 
 def test_attention_proj_scratch_buffers_carry_nothing_between_calls():
@@ -146,15 +126,16 @@ def test_attention_proj_scratch_buffers_carry_nothing_between_calls():
     assert torch.isnan(_run(nan)).all()
     for shape in SHAPES[:4]:
         a = _inputs(shape)
-        assert_close(_run(a).double(), _unfused(a.to(torch.float64)), rtol=1e-5, atol=1e-5,
-                     name=f"out after a NaN call, {_ids(shape)}")
+        exact = _unfused(testing.cast_tensors(a, torch.float64))
+        testing.assert_close(_run(a).double(), exact, rtol=1e-5, atol=1e-5, name=f"out after a NaN call, {_ids(shape)}")
 
 
 def test_attention_proj_beyond_the_scratch_cap():
     # Keys and values of B*M*h*d = 8*512*1056 floats (17 MB): above kScratchMaxBytes (16 MiB), so
     # allocated for the call rather than kept by the thread; same results.
     a = _inputs((8, 5, 8, 8, 132, 512, 8))
-    assert_close(_run(a).double(), _unfused(a.to(torch.float64)), rtol=1e-5, atol=1e-5, name="out")
+    exact = _unfused(testing.cast_tensors(a, torch.float64))
+    testing.assert_close(_run(a).double(), exact, rtol=1e-5, atol=1e-5, name="out")
 
 
 def test_attention_proj_softmax_of_an_all_minus_inf_row_is_nan_like_torch():
@@ -193,19 +174,12 @@ def test_attention_proj_errors():
 
 def test_attention_proj_opcheck():
     a = _inputs((2, 9, 12, 2, 4, 5, 10))
-    torch.library.opcheck(
-        op.default, (*a, 0.5),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )
+    testing.opcheck_inference_only(op.default, (*a, 0.5))
 
 
 def test_attention_proj_flops_equal_the_unfused_ops():
     a = _inputs((2, 20, 16, 2, 8, 7, 12))
-    with FlopCounterMode(display=False) as fused:
-        _run(a)
-    with FlopCounterMode(display=False) as unfused:
-        _unfused(a)
-    assert fused.get_total_flops() == unfused.get_total_flops() > 0
+    testing.assert_same_flops(lambda: _run(a), lambda: _unfused(a))
 
 
 def _layer(C=24, h=3, M=10) -> PaCaAttention:
@@ -216,13 +190,11 @@ def _layer(C=24, h=3, M=10) -> PaCaAttention:
     return layer
 
 
-def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch):
-    # The per-part path (test_paca_layer_kernel covers the whole-layer op, which takes precedence
+def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch, spy):
+    # The per-part path (test_conv_paca_layer covers the whole-layer op, which takes precedence
     # where it applies; the layer falls back to this one e.g. with a cluster position embedding).
     monkeypatch.setattr(layer_op, "REGISTERED", False)
-    calls = []
-    real = attention_op.p2c_attention_proj
-    monkeypatch.setattr(attention_op, "p2c_attention_proj", lambda *a: calls.append(1) or real(*a))
+    calls = spy(attention_op, "p2c_attention_proj")
     layer = _layer()
     H, W = 5, 7
     x = torch.randn(2, H * W, 24)
@@ -232,7 +204,7 @@ def test_layer_uses_fused_query_side_only_where_nothing_could_tell(monkeypatch):
     with torch.no_grad():
         expected = ref_layer(x, H, W)[0]
         # Inference: fused, same result as the reference backend's modules.
-        assert_close(layer(x, H, W)[0], expected, rtol=1e-5, atol=1e-5, name="out")
+        testing.assert_close(layer(x, H, W)[0], expected, rtol=1e-5, atol=1e-5, name="out")
         assert len(calls) == 1
         # Attention maps wanted: the modules run.
         layer(x, H, W, return_attn=True)
@@ -278,38 +250,4 @@ def test_layer_with_fused_query_side_compiles_fullgraph(monkeypatch):
     with torch.no_grad():
         eager = layer(x, 4, 6)[0]
         compiled = torch.compile(lambda t: layer(t, 4, 6)[0], fullgraph=True, backend="aot_eager")(x)
-    assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
-
-
-_BASELINE = textwrap.dedent(
-    """
-    import math
-    import torch
-    import torch.nn.functional as F
-    import paca_kernels  # noqa: F401  (loads the extension's ops)
-    torch.manual_seed(0)
-    for B, N, C, h, d, M in [(2, 70, 24, 3, 7, 49), (1, 5, 16, 2, 8, 3)]:
-        x, c = torch.randn(B, N, C).double(), torch.randn(B, M, C).double()
-        w = [torch.randn(h * d, C).double() / C ** 0.5 for _ in range(3)]
-        b = [torch.randn(h * d).double() for _ in range(3)]
-        wp, bp = torch.randn(C, h * d).double() / (h * d) ** 0.5, torch.randn(C).double()
-        args = (x, c, w[0], b[0], w[1], b[1], w[2], b[2], wp, bp)
-        out = torch.ops.paca_kernels.p2c_attention_proj(
-            *(t.float() for t in args), h, 1 / math.sqrt(d)).double()
-        q = F.linear(x, w[0], b[0]).view(B, N, h, d)
-        k = F.linear(c, w[1], b[1]).view(B, M, h, d)
-        v = F.linear(c, w[2], b[2]).view(B, M, h, d)
-        s = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d)
-        o = torch.einsum("bhnm,bmhd->bnhd", s.softmax(-1), v).reshape(B, N, h * d)
-        err = (out - F.linear(o, wp, bp)).abs().max().item()
-        assert err < 1e-5, err
-    print("isa ok")
-    """
-)
-
-
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
-def test_attention_proj_capped_isa(isa: str):
-    """The float32 kernels with the build capped by PACA_KERNELS_CPU_ISA (read at first use): the
-    portable one ("baseline"), and the AVX2 products where the CPU would use the AVX-512 ones."""
-    assert_passes_on_cpu_isa(_BASELINE, isa)
+    testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
