@@ -1,4 +1,4 @@
-"""The CUDA kernels' float32 path, run on the CPU: tests/cuda_emulation.cpp compiles the production kernels
+"""The CUDA kernels' float32 path, run on the CPU: tests/backends/cuda_emulation.cpp compiles the production kernels
 and launch sequences (csrc/cuda/*.cuh) with the host compiler over an emulated CUDA runtime (a CTA = one
 std::thread per CUDA thread, __syncthreads = a barrier, NaN-filled shared memory and workspaces), and this
 file compares their results with the reference through ctypes.
@@ -7,8 +7,8 @@ What this checks without a GPU: indexing (strides, padding, partial tiles, key c
 synchronisation structure (a missing barrier or a read of unwritten shared memory gives NaN or wrong
 values), the online softmax and its split-N merge, the LayerNorm epilogue and backward, the fixed-order
 and atomic dk/dv reductions, every tile configuration of cluster_pool. Not covered: the tensor-core
-(fp16/bf16/TF32) products, real GPU memory ordering and timing, and the torch glue (tests/test_cuda.py
-covers those on a GPU).
+(fp16/bf16/TF32) products, real GPU memory ordering and timing, and the torch glue (the cuda
+backend's cases in tests/ops/ cover those on a GPU).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from paca_kernels import reference
 from paca_kernels.testing import assert_close, make_cluster_pool_inputs, make_p2c_inputs, shape_id
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "tests" / "cuda_emulation.cpp"
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = Path(__file__).resolve().with_name("cuda_emulation.cpp")
 HEADERS = sorted((ROOT / "csrc" / "cuda").glob("*.cuh")) + [ROOT / "csrc" / "cuda" / "launchers.h"]
 
 FWD_TOL = {"rtol": 1e-5, "atol": 1e-5}

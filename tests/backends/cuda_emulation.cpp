@@ -1,5 +1,5 @@
 // CPU emulation of the CUDA execution model, to run the float32 (FMA) path of the kernels in
-// csrc/cuda/*.cuh without a GPU (tests/test_cuda_emulation.py builds this with the host compiler
+// csrc/cuda/*.cuh without a GPU (tests/backends/test_cuda_emulation.py builds this with the host compiler
 // and calls it through ctypes).
 //
 // A CTA is block.x std::threads; __syncthreads is a std::barrier over them, __syncwarp and the warp
