@@ -90,7 +90,8 @@ class Mlp(nn.Module):
         weight at most :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where
         it beats the matrix products, measured)."""
         mods = self._modules
-        dwconv, act, fc1 = mods["dwconv"], mods["act"], mods["fc1"]
+        # dwconv is a plain None attribute (not in _modules) when with_dwconv=False.
+        dwconv, act, fc1 = mods.get("dwconv"), mods["act"], mods["fc1"]
         if not (_dwconv_op.REGISTERED and type(dwconv) is DWConv and type(fc1) is nn.Linear
                 and same_depthwise(dwconv._modules["dwconv"])):
             return "modules"
