@@ -124,9 +124,49 @@ def test_import_failure_gives_reason(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The per-ISA translation units (csrc/cpu/math/kernels_*.cpp) keep the ODR rule of dispatch.h
+# Kernel limits: one source (csrc/cuda/limits.h), reaching Python through the build info
 
 ROOT = Path(__file__).resolve().parents[1]
+LIMITS_HEADER = ROOT / "csrc" / "cuda" / "limits.h"
+CUDA_LIMIT_NAMES = {
+    "max_keys": "kMaxKeys",
+    "max_head_dim": "kMaxHeadDim",
+    "max_channels": "kMaxChannels",
+    "max_channels_small_smem": "kMaxChannelsSmallSmem",
+}
+
+
+def _header_constants(header: Path) -> dict[str, int]:
+    found = re.findall(r"^\s*constexpr\s+int64_t\s+(k\w+)\s*=\s*(\d+)\s*;", header.read_text(), re.M)
+    return {name: int(value) for name, value in found}
+
+
+def test_build_info_limits_equal_the_cuda_header() -> None:
+    consts = _header_constants(LIMITS_HEADER)
+    expected = {key: consts[name] for key, name in CUDA_LIMIT_NAMES.items()}
+    assert _ext.kernel_limits("cuda") == expected
+    assert _ext.build_info()["limits"]["cuda"] == expected  # also for CPU-only builds
+    assert _ext.kernel_limits("cpu") is None  # no size limits recorded
+
+
+def test_kernel_limits_without_build_info(tmp_path: Path) -> None:
+    shutil.copy(EXT_PY, tmp_path / "_ext.py")
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, json
+        spec = importlib.util.spec_from_file_location("_ext_probe", {str(tmp_path / "_ext.py")!r})
+        e = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(e)
+        print(json.dumps(e.kernel_limits("cuda")))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(res.stdout.strip().splitlines()[-1]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-ISA translation units (csrc/cpu/math/kernels_*.cpp) keep the ODR rule of dispatch.h
+
 MATH_DIR = ROOT / "csrc" / "cpu" / "math"
 ISA_SAFE_INCLUDES = {"<immintrin.h>", "<cstdint>", '"cpu/math/dispatch.h"', '"cpu/math/gelu_coefficients.h"'}
 
