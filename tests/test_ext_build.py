@@ -137,7 +137,7 @@ CUDA_LIMIT_NAMES = {
 
 
 def _header_constants(header: Path) -> dict[str, int]:
-    found = re.findall(r"^\s*constexpr\s+int64_t\s+(k\w+)\s*=\s*(\d+)\s*;", header.read_text(), re.M)
+    found = re.findall(r"^\s*constexpr\s+int64_t\s+(k\w+)\s*=\s*(\d+)\s*;", header.read_text(), re.MULTILINE)
     return {name: int(value) for name, value in found}
 
 
@@ -172,7 +172,7 @@ ISA_SAFE_INCLUDES = {"<immintrin.h>", "<cstdint>", '"cpu/math/dispatch.h"', '"cp
 
 
 def _includes(path: Path) -> set[str]:
-    return set(re.findall(r"^\s*#\s*include\s+([<\"][^>\"]+[>\"])", path.read_text(), re.M))
+    return set(re.findall(r"^\s*#\s*include\s+([<\"][^>\"]+[>\"])", path.read_text(), re.MULTILINE))
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
