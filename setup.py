@@ -33,6 +33,15 @@ from setuptools.errors import SetupError
 
 ROOT = Path(__file__).resolve().parent
 BUILD_INFO = "_build_info.json"
+# The CUDA kernels' size limits: parsed from their one source, csrc/cuda/limits.h, into the build
+# info (also for CPU-only builds), for paca_kernels._ext.kernel_limits("cuda").
+CUDA_LIMITS_HEADER = ROOT / "csrc" / "cuda" / "limits.h"
+CUDA_LIMITS = {
+    "max_keys": "kMaxKeys",
+    "max_head_dim": "kMaxHeadDim",
+    "max_channels": "kMaxChannels",
+    "max_channels_small_smem": "kMaxChannelsSmallSmem",
+}
 
 
 def _env_flag(name: str) -> bool:
@@ -99,6 +108,33 @@ def _warn_cuda_mismatch(nvcc: Path, torch_cuda: str | None) -> None:
             f"paca_kernels: WARNING: nvcc is CUDA {m[1]}.{m[2]} but torch was built with CUDA "
             f"{torch_cuda}; the extension may fail to load (use a matching toolkit via CUDA_HOME)"
         )
+
+
+def _read_limits(header: Path, names: dict[str, str]) -> dict[str, int]:
+    """{key: value} of the ``constexpr int64_t <name> = <integer>;`` lines of ``header``.
+
+    Strict: each name must be defined exactly once, on one line, with a plain decimal integer;
+    anything else fails the build (SetupError) rather than shipping a limit that differs from the
+    one compiled into the kernels.
+    """
+    try:
+        text = header.read_text()
+    except OSError as exc:
+        raise SetupError(f"cannot read the kernel limits header {header}: {exc}") from exc
+    limits = {}
+    for key, name in names.items():
+        found = re.findall(
+            rf"^[ \t]*constexpr[ \t]+int64_t[ \t]+{re.escape(name)}[ \t]*=[ \t]*(\d+)[ \t]*;",
+            text,
+            flags=re.MULTILINE,
+        )
+        if len(found) != 1:
+            raise SetupError(
+                f"{header}: expected exactly one line `constexpr int64_t {name} = <integer>;`, "
+                f"found {len(found)}"
+            )
+        limits[key] = int(found[0])
+    return limits
 
 
 def _torch_arch_list(archs: str) -> str | None:
@@ -224,6 +260,7 @@ class CMakeBuild(build_ext):
             for line in info_file.read_text().splitlines():
                 key, _, value = line.partition("=")
                 compilers[key] = value.strip() or None
+        limits = {"cuda": _read_limits(CUDA_LIMITS_HEADER, CUDA_LIMITS)}
         info = {
             "torch_version": torch.__version__,  # type: ignore[attr-defined]
             "torch_cuda": torch.version.cuda,  # type: ignore[attr-defined]
@@ -234,6 +271,7 @@ class CMakeBuild(build_ext):
             "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),  # type: ignore[attr-defined]
             "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
             "build_date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "limits": limits,
         }
         (pkg_dir / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
 

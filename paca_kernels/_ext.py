@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available", "build_info", "cuda_built", "load", "unavailable_reason"]
+__all__ = ["available", "build_info", "cuda_built", "kernel_limits", "load", "unavailable_reason"]
 
 _PKG_DIR = Path(__file__).resolve().parent
 _BUILD_INFO_FILE = _PKG_DIR / "_build_info.json"
@@ -130,10 +130,32 @@ def build_info() -> dict[str, Any] | None:
     """Contents of ``_build_info.json`` written by setup.py, or None if there is none.
 
     Keys: torch_version, torch_cuda, cuda_built, cuda_archs, cxx_compiler, cuda_compiler,
-    cxx11_abi, python, build_date. Readable even when the extension itself is unavailable.
+    cxx11_abi, python, build_date, limits (see :func:`kernel_limits`). Readable even when the
+    extension itself is unavailable.
     """
     info = _read_build_info()
     return dict(info) if info is not None else None
+
+
+def kernel_limits(device: str) -> dict[str, int] | None:
+    """The size limits of the compiled kernels for ``device`` (e.g. ``"cuda"``), from the build info.
+
+    For ``"cuda"``: ``{"max_keys": ..., "max_head_dim": ..., "max_channels": ...,
+    "max_channels_small_smem": ...}``, the largest M, head dim d and C the CUDA kernels hold on chip,
+    and the C up to which cluster_pool's backward fits every supported GPU's shared memory. setup.py
+    parses them from csrc/cuda/limits.h, the header the kernels are compiled with, so they are
+    recorded for CPU-only builds too (the header is read whether or not CUDA is compiled).
+
+    Returns a fresh dict, or None when there is no build info, or it records no limits for
+    ``device`` (a build older than the limits, or a device without size limits such as "cpu").
+    Readable even when the extension itself is unavailable.
+    """
+    info = _read_build_info()
+    limits = info.get("limits") if info is not None else None
+    per_device = limits.get(device) if isinstance(limits, dict) else None
+    if not isinstance(per_device, dict):
+        return None
+    return {str(k): int(v) for k, v in per_device.items()}
 
 
 def cuda_built() -> bool:

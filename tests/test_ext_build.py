@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,81 @@ def test_import_failure_gives_reason(tmp_path: Path) -> None:
     loaded, reason = _probe(tmp_path)
     assert not loaded
     assert reason is not None and "failed to import" in reason and "ImportError" in reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel limits: one source (csrc/cuda/limits.h), reaching Python through the build info
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS_HEADER = ROOT / "csrc" / "cuda" / "limits.h"
+CUDA_LIMIT_NAMES = {
+    "max_keys": "kMaxKeys",
+    "max_head_dim": "kMaxHeadDim",
+    "max_channels": "kMaxChannels",
+    "max_channels_small_smem": "kMaxChannelsSmallSmem",
+}
+
+
+def _header_constants(header: Path) -> dict[str, int]:
+    found = re.findall(r"^\s*constexpr\s+int64_t\s+(k\w+)\s*=\s*(\d+)\s*;", header.read_text(), re.MULTILINE)
+    return {name: int(value) for name, value in found}
+
+
+def test_build_info_limits_equal_the_cuda_header() -> None:
+    consts = _header_constants(LIMITS_HEADER)
+    expected = {key: consts[name] for key, name in CUDA_LIMIT_NAMES.items()}
+    assert _ext.kernel_limits("cuda") == expected
+    assert _ext.build_info()["limits"]["cuda"] == expected  # also for CPU-only builds
+    assert _ext.kernel_limits("cpu") is None  # no size limits recorded
+
+
+def test_kernel_limits_without_build_info(tmp_path: Path) -> None:
+    shutil.copy(EXT_PY, tmp_path / "_ext.py")
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, json
+        spec = importlib.util.spec_from_file_location("_ext_probe", {str(tmp_path / "_ext.py")!r})
+        e = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(e)
+        print(json.dumps(e.kernel_limits("cuda")))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(res.stdout.strip().splitlines()[-1]) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-ISA translation units (csrc/cpu/math/kernels_*.cpp) keep the ODR rule of dispatch.h
+
+MATH_DIR = ROOT / "csrc" / "cpu" / "math"
+ISA_SAFE_INCLUDES = {"<immintrin.h>", "<cstdint>", '"cpu/math/dispatch.h"', '"cpu/math/gelu_coefficients.h"'}
+
+
+def _includes(path: Path) -> set[str]:
+    return set(re.findall(r"^\s*#\s*include\s+([<\"][^>\"]+[>\"])", path.read_text(), re.MULTILINE))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_isa_translation_unit_includes_only_code_free_headers(isa: str) -> None:
+    # An inline function or template instantiated with -mavx2 / -mavx512f could be merged by the
+    # linker with the baseline one (and run on a CPU without that ISA): the ISA files may include
+    # only intrinsics and headers without function bodies.
+    assert _includes(MATH_DIR / f"kernels_{isa}.cpp") <= ISA_SAFE_INCLUDES
+    for header in ("dispatch.h", "gelu_coefficients.h"):
+        assert _includes(MATH_DIR / header) <= {"<cstdint>"}
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_isa_object_exports_only_its_registration(isa: str) -> None:
+    nm = shutil.which("nm")
+    objs = sorted((ROOT / "build").glob(f"cmake-*/CMakeFiles/_C.dir/csrc/cpu/math/kernels_{isa}.cpp.o"))
+    if nm is None or not objs:
+        pytest.skip("no nm, or no CMake build directory with the object files")
+    for obj in objs:
+        out = subprocess.run([nm, "--defined-only", str(obj)], capture_output=True, text=True, check=True)
+        # Global (T, D, B, R...), weak (W, V) and unique (u) symbols: only register_kernels.
+        shared = [line for line in out.stdout.splitlines() if line.split()[1:2] and line.split()[1] not in "tdbrn"]
+        assert len(shared) == 1 and "register_kernels" in shared[0], shared
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,10 +23,14 @@
 #include <vector>
 
 #include "common/check.h"
-#include "cpu/cpu_math.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/math/kernels.h"
+#include "cpu/math/parallel.h"
+#include "cpu/math/scratch.h"
+#include "cpu/math/tensor_access.h"
 
 namespace paca_kernels {
+using namespace cpu;
 namespace {
 
 constexpr const char* kOp = "paca_kernels::cluster_pool_fwd";
@@ -265,7 +269,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
 
 }  // namespace
 
-// Declared in cpu/cpu_ops.h: the layer composite (paca_layer.cpp) calls it directly.
+// Declared in cpu/cpu_ops.h: the layer composite (fused/conv_paca_layer.cpp) calls it directly.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps) {

@@ -1,5 +1,6 @@
 // The CPU implementations of the paca_kernels ops that another CPU op calls directly (without a
-// round trip through the dispatcher): conv_paca_layer (paca_layer.cpp) is these three in sequence.
+// round trip through the dispatcher): conv_paca_layer (fused/conv_paca_layer.cpp) is these three in
+// sequence.
 // Schemas and semantics: csrc/registration.cpp.
 #pragma once
 
@@ -11,7 +12,7 @@
 
 namespace paca_kernels {
 
-// conv_clustering.cpp
+// fused/conv_cluster_logits.cpp
 at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
                                    const at::Tensor& dw_weight,
                                    const std::optional<at::Tensor>& dw_bias, const at::Tensor& w1,
@@ -23,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps);
 
-// p2c_attention.cpp
+// fused/p2c_attention_proj.cpp
 at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
                                   const at::Tensor& q_weight,
                                   const std::optional<at::Tensor>& q_bias,

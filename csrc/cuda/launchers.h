@@ -17,15 +17,14 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/limits.h"
+
 namespace paca_kernels::cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Largest shapes the kernels hold on chip (the Python backend reports them as limits).
-constexpr int64_t kMaxKeys = 256;       // p2c_attention: M
-constexpr int64_t kMaxHeadDim = 128;    // p2c_attention: D
-constexpr int64_t kMaxChannels = 1024;  // cluster_pool: C (more shared memory than sm_80 has above 512
-                                        // for the backward: see cluster_pool_bwd_smem_bytes)
+// Largest shapes the kernels hold on chip (kMaxKeys, kMaxHeadDim, kMaxChannels,
+// kMaxChannelsSmallSmem): cuda/limits.h, which setup.py also reads for Python.
 
 // ---- p2c_attention -----------------------------------------------------------------------------
 

@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cuda
   const size_t smem = cuda::cluster_pool_bwd_smem_bytes(dtype, C, info.max_smem);
   TORCH_CHECK(smem > 0, op, ": no tile configuration fits the device's ", info.max_smem,
               " bytes of shared memory per block for C=", C,
-              " (C <= 512 fits every supported GPU)");
+              " (C <= ", cuda::kMaxChannelsSmallSmem, " fits every supported GPU)");
   cuda::PoolBwdArgs a{};
   a.dtype = dtype;
   a.param_fp32 = pdtype == at::kFloat;

@@ -28,7 +28,7 @@ from paca_kernels.testing import assert_close, make_cluster_pool_inputs, make_p2
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = Path(__file__).resolve().with_name("cuda_emulation.cpp")
-HEADERS = sorted((ROOT / "csrc" / "cuda").glob("*.cuh")) + [ROOT / "csrc" / "cuda" / "launchers.h"]
+HEADERS = sorted((ROOT / "csrc" / "cuda").glob("*.cuh")) + [ROOT / "csrc" / "cuda" / h for h in ("launchers.h", "limits.h")]
 
 FWD_TOL = {"rtol": 1e-5, "atol": 1e-5}
 BWD_TOL = {"rtol": 1e-4, "atol": 3e-5}

@@ -1,4 +1,4 @@
-"""The fused convolutional clustering head (``paca_kernels::conv_cluster_logits``, csrc/cpu/conv_clustering.cpp)
+"""The fused convolutional clustering head (``paca_kernels::conv_cluster_logits``, csrc/cpu/fused/conv_cluster_logits.cpp)
 against the module path it replaces (depthwise conv, GELU, 1×1 conv, GELU, 1×1 conv) run in float64,
 and its use by PaCaAttention (inference only, the cpu backend, no hooks)."""
 
@@ -71,7 +71,7 @@ def test_fused_head_matches_modules_float32(shape, contiguous):
 
 
 def test_fused_head_scratch_buffers_carry_nothing_between_calls():
-    # Per-thread scratch buffers are reused across calls (cpu_math.h, Scratch): a call that fills
+    # Per-thread scratch buffers are reused across calls (csrc/cpu/math/scratch.h): a call that fills
     # them with NaN (NaN input and weights, a bigger grid) must not change the next results by a bit.
     heads = [(_head(C, M, k, bias2=(M % 2 == 1)), torch.randn(B, H * W, C), H, W)
              for B, H, W, C, M, k in SHAPES[:4]]

@@ -1,4 +1,4 @@
-"""The whole-layer inference op (``paca_kernels::conv_paca_layer``, csrc/cpu/paca_layer.cpp: conv
+"""The whole-layer inference op (``paca_kernels::conv_paca_layer``, csrc/cpu/fused/conv_paca_layer.cpp: conv
 clustering head, pooling with LayerNorm, q/k/v projections, attention and output projection, and
 the assignment probabilities z) against the unfused math in float64, and when PaCaAttention uses it."""
 

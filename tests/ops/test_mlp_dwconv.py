@@ -1,4 +1,4 @@
-"""The fused MLP depthwise conv (``paca_kernels::mlp_dwconv``, csrc/cpu/conv_clustering.cpp) against
+"""The fused MLP depthwise conv (``paca_kernels::mlp_dwconv``, csrc/cpu/fused/mlp_dwconv.cpp) against
 the modules it replaces (fc1's bias, DWConv with its shortcut, GELU) run in float64, and the use of
 the fused MLP kernels (this one and the whole-MLP ``mlp_fused``, tests/ops/test_mlp_fused.py) by
 Mlp / PaCaBlock / the models (inference only, the cpu backend, no hooks)."""

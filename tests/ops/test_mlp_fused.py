@@ -1,4 +1,4 @@
-"""The whole-MLP kernel (``paca_kernels::mlp_fused``, csrc/cpu/conv_clustering.cpp: fc1, DWConv with
+"""The whole-MLP kernel (``paca_kernels::mlp_fused``, csrc/cpu/fused/mlp_fused.cpp: fc1, DWConv with
 its shortcut, GELU, fc2 with the hidden rows kept in cache) against the PaCa-ViT Mlp modules run in
 float64, and how Mlp chooses between it and ``mlp_dwconv`` (tests/ops/test_mlp_dwconv.py covers
 the shared gating: inference only, cpu backend, no hooks, no autocast)."""
@@ -115,7 +115,7 @@ def test_mlp_fused_deterministic_across_thread_counts(B):
 
 
 def test_mlp_fused_scratch_buffers_carry_nothing_between_calls():
-    # Per-thread scratch buffers are reused across calls (cpu_math.h, Scratch): after a call that
+    # Per-thread scratch buffers are reused across calls (csrc/cpu/math/scratch.h): after a call that
     # fills them with NaN (NaN input and weights, a bigger grid), results are still exact.
     big = _mlp(24, 48)
     with torch.no_grad():

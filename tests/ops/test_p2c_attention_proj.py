@@ -1,4 +1,4 @@
-"""The fused attention of a PaCa layer (``paca_kernels::p2c_attention_proj``, csrc/cpu/p2c_attention.cpp:
+"""The fused attention of a PaCa layer (``paca_kernels::p2c_attention_proj``, csrc/cpu/fused/p2c_attention_proj.cpp:
 q/k/v projections, attention over the M clusters for all heads, output projection, one block of query rows
 at a time) against the unfused math in float64, and when PaCaAttention uses it."""
 
@@ -119,7 +119,7 @@ def test_attention_proj_deterministic_across_thread_counts():
 
 
 def test_attention_proj_scratch_buffers_carry_nothing_between_calls():
-    # The kernel's temporaries are per-thread buffers reused across calls (cpu_math.h, Scratch):
+    # The kernel's temporaries are per-thread buffers reused across calls (csrc/cpu/math/scratch.h):
     # a call that fills them with NaN (NaN inputs, a bigger shape) must not leak into the next one.
     nan = _inputs((3, 150, 40, 4, 10, 60, 40))
     nan = Args(*(t.fill_(math.nan) if isinstance(t, torch.Tensor) else t for t in nan))

@@ -22,10 +22,14 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cpu/cpu_math.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/math/kernels.h"
+#include "cpu/math/parallel.h"
+#include "cpu/math/scratch.h"
+#include "cpu/math/softmax.h"
 
 namespace paca_kernels {
+using namespace cpu;
 namespace {
 
 // z[r, :] = softmax(logits[r, :]) for the B*M rows of contiguous logits (B, M, N), computed as
@@ -55,7 +59,7 @@ void probabilities_kernel(const at::Tensor& logits, at::Tensor& z) {
         src = dst = buf.data();
       }
       // row_max skips NaN entries; exp(NaN - mx) then poisons the sum and so the whole row.
-      const acc_t inv = acc_t(1) / exp_shifted(src, row_max(src, N), dst, N);
+      const acc_t inv = acc_t(1) / exp_minus_row_max(src, dst, N).sum;
       for (int64_t i = 0; i < N; ++i) dst[i] *= inv;
       if constexpr (!kSame) {
         for (int64_t i = 0; i < N; ++i) zp[r * N + i] = static_cast<scalar_t>(buf[i]);

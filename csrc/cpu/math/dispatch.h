@@ -1,0 +1,116 @@
+// The runtime dispatch interface of the CPU kernels: the table of float32 kernels (Float32Kernels)
+// and the functions by which each ISA's translation unit fills it in.
+//
+// The extension is compiled for the baseline x86-64 ISA (SSE2), so that one wheel runs anywhere.
+// Each float32 hot spot (small matrix products, exp, row max, GELU, transpose, the depthwise
+// convolution) therefore exists more than once, one translation unit per ISA, each compiled once
+// with its own flags (CMakeLists.txt, set_source_files_properties), as in ATen's
+// aten/src/ATen/native/cpu/README.md:
+//
+//   kernels_baseline.cpp  no ISA flags     the portable templates (portable.h, gelu.h, dwconv.h)
+//   kernels_avx2.cpp      -mavx2 -mfma     AVX2+FMA intrinsics: products, exp, row max, GELU,
+//                                          transpose, depthwise convolution
+//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products (the rest stays AVX2); same bits
+//
+// dispatch.cpp picks the build once, from cpuid (and the PACA_KERNELS_CPU_ISA cap), and the ops
+// reach it through the inline front ends of kernels.h. float64 (gradcheck, reference precision)
+// always takes the portable templates. The baseline and the vector float32 builds may differ in
+// the last bits (FMA), each one is deterministic; the AVX-512 and AVX2 builds give the same bits.
+//
+// ODR RULE for the ISA translation units (kernels_avx2.cpp, kernels_avx512.cpp):
+//   An inline function or template instantiated in a TU compiled with -mavx2 / -mavx512f is
+//   emitted as a COMDAT (weak) symbol; if a baseline TU instantiates the same entity, the linker
+//   keeps ONE copy, possibly the AVX-512 one, which would then run (and crash with SIGILL) on
+//   CPUs without AVX-512. Therefore:
+//   1. An ISA TU includes only <immintrin.h> (its intrinsics are extern gnu_inline always_inline:
+//      never emitted out of line), the C headers it needs for types, this header (types and
+//      declarations, no function bodies) and gelu_coefficients.h (constexpr data, internal linkage).
+//      Never ATen, never the portable headers (portable.h, gelu.h, dwconv.h, kernels.h, ...), never
+//      a <algorithm>-style header whose templates (std::min, ...) it would instantiate.
+//   2. Its code lives in an unnamed namespace inside its own namespace (paca_kernels::cpu::avx2,
+//      ::avx512): internal linkage, so no symbol of it can be merged with another TU's. The only
+//      external symbol is its register_kernels() below.
+//   3. Helpers it needs (min/max, masks) are written locally, inside that unnamed namespace.
+//   Baseline TUs (the op files, kernels_baseline.cpp, dispatch.cpp) share the inline functions of
+//   the portable headers freely: they are all compiled with the same flags.
+//
+// Compile flags per TU must not change the float32 bits either: the ISA TUs use explicit FMA
+// intrinsics where they fuse, and no mul + add expression that -ffp-contract could fuse
+// differently than under the target attributes the code was first written with (the contraction
+// mode is a global flag, the same for -m flags and target attributes).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define PACA_X86_DISPATCH 1  // cpuid-based selection of the AVX2 / AVX-512 builds
+#else
+#define PACA_X86_DISPATCH 0  // other compilers and architectures: the baseline build only
+#endif
+
+namespace paca_kernels::cpu {
+
+// C[r, :] = act(bias + sum_t A[r, t] P[t, :]) with P packed by PackedMatrix (packing.h).
+using GemmPackedFn = void (*)(const float* A, int64_t lda, const float* P, float* C, int64_t ldc,
+                              int64_t rows, int64_t T, int64_t cols, const float* bias, bool gelu);
+// C[r, :] (+)= sum_k A[r, k] * B[k, :] (gemm_nn_impl in portable.h).
+using GemmNNFn = void (*)(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                          int64_t ldc, int64_t rows, int64_t K, int64_t cols, bool accumulate);
+// C[k, :] += sum_r A[r, k] * B[r, :] (gemm_tn_acc_impl in portable.h).
+using GemmTNFn = void (*)(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                          int64_t ldc, int64_t rows, int64_t K, int64_t cols);
+// out[i] = exp(in[i] - shift), returns their sum.
+using ExpFn = float (*)(const float* in, float shift, float* out, int64_t n);
+// Maximum of n values, NaN skipped.
+using MaxFn = float (*)(const float* x, int64_t n);
+// dst[c * ldd + r] = src[r * lds + c].
+using TransposeFn = void (*)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                             int64_t ldd);
+// x[i] = GELU(x[i]).
+using GeluFn = void (*)(float* x, int64_t n);
+// Depthwise convolution of a zero-padded band (dwconv_band_impl in dwconv.h).
+using DwFn = void (*)(const float* in, int64_t in_w, const float* wt, const float* bias, float* out,
+                      int64_t rows, int64_t W, int64_t C, int64_t k);
+// Depthwise convolution read straight from the image, GELU optional (dwconv_rows_impl in dwconv.h).
+using DwDirectFn = void (*)(const float* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
+                            int64_t y0, int64_t rows, const float* wt, const float* bias,
+                            const float* in_bias, bool gelu, float* out, int64_t C, int64_t k);
+
+// Reduction steps per packed panel in the vector builds' products: a 256 x 16 float panel is
+// 16 KiB, half of a 32 KiB L1d. The AVX2 and AVX-512 products chunk their sums alike (data only).
+constexpr int64_t kPanelSteps = 256;
+
+// The float32 kernels of one build. Filled by the register_kernels() functions below, in order
+// baseline, then avx2, then avx512 (each overwrites what its ISA improves on).
+struct Float32Kernels {
+  const char* isa = "baseline";  // the build chosen: "baseline", "avx2" or "avx512"
+  GemmNNFn gemm_nn = nullptr;
+  GemmTNFn gemm_tn_acc = nullptr;
+  ExpFn exp_shifted = nullptr;
+  MaxFn row_max = nullptr;
+  GemmPackedFn gemm_packed = nullptr;  // vector builds only (PackedMatrix falls back to gemm_nn)
+  TransposeFn transpose = nullptr;
+  GeluFn gelu = nullptr;
+  DwFn dwconv_band = nullptr;
+  DwDirectFn dwconv_direct = nullptr;  // vector builds only (the baseline copies a padded band)
+};
+
+// Each ISA's translation unit. baseline: fills every entry but the vector-only ones. avx2 /
+// avx512: overwrite their kernels and return true, or return false (touching nothing) when the TU
+// was compiled without its ISA flags (non-GCC/Clang compilers, other architectures).
+namespace baseline {
+void register_kernels(Float32Kernels& k);
+}
+namespace avx2 {
+bool register_kernels(Float32Kernels& k);
+}
+namespace avx512 {
+bool register_kernels(Float32Kernels& k);
+}
+
+// The build for this CPU (dispatch.cpp): AVX-512 products where the CPU has AVX-512F, else AVX2+FMA,
+// else the baseline; PACA_KERNELS_CPU_ISA=baseline or =avx2 in the environment caps the choice.
+// Callers use float32_kernels() (kernels.h), which computes it once.
+Float32Kernels select_float32_kernels();
+
+}  // namespace paca_kernels::cpu

@@ -1,0 +1,71 @@
+// The float32 / float64 front ends of the CPU kernels: float32 goes through the kernels dispatched
+// for this CPU (dispatch.h), float64 (the gradcheck and reference-precision path) through the
+// portable templates (portable.h, gelu.h). Baseline translation units only (ODR rule in dispatch.h).
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/math/dispatch.h"
+#include "cpu/math/gelu.h"
+#include "cpu/math/portable.h"
+
+namespace paca_kernels::cpu {
+
+// The float32 kernels for this CPU, chosen once (cpuid) on first use: see select_float32_kernels.
+inline const Float32Kernels& float32_kernels() {
+  static const Float32Kernels k = select_float32_kernels();
+  return k;
+}
+
+inline void gemm_nn(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                    int64_t ldc, int64_t rows, int64_t K, int64_t cols, bool accumulate) {
+  float32_kernels().gemm_nn(A, lda, B, ldb, C, ldc, rows, K, cols, accumulate);
+}
+inline void gemm_nn(const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+                    int64_t ldc, int64_t rows, int64_t K, int64_t cols, bool accumulate) {
+  gemm_nn_impl<double>(A, lda, B, ldb, C, ldc, rows, K, cols, accumulate);
+}
+inline void gemm_tn_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                        int64_t ldc, int64_t rows, int64_t K, int64_t cols) {
+  float32_kernels().gemm_tn_acc(A, lda, B, ldb, C, ldc, rows, K, cols);
+}
+inline void gemm_tn_acc(const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+                        int64_t ldc, int64_t rows, int64_t K, int64_t cols) {
+  gemm_tn_acc_impl<double>(A, lda, B, ldb, C, ldc, rows, K, cols);
+}
+// out[i] = exp(in[i] - shift) for i < n (in == out allowed); returns the sum of the out[i].
+inline float exp_shifted(const float* in, float shift, float* out, int64_t n) {
+  return float32_kernels().exp_shifted(in, shift, out, n);
+}
+inline double exp_shifted(const double* in, double shift, double* out, int64_t n) {
+  return exp_shifted_impl(in, shift, out, n);
+}
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
+inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                      int64_t ldd) {
+  float32_kernels().transpose(src, lds, rows, cols, dst, ldd);
+}
+inline void transpose(const double* src, int64_t lds, int64_t rows, int64_t cols, double* dst,
+                      int64_t ldd) {
+  transpose_impl(src, lds, rows, cols, dst, ldd);
+}
+// x[i] = GELU(x[i]) (exact erf form) for i < n.
+inline void gelu_inplace(float* x, int64_t n) { float32_kernels().gelu(x, n); }
+// Maximum of n values; NaN entries are skipped (they propagate through the exp instead).
+inline float row_max(const float* x, int64_t n) { return float32_kernels().row_max(x, n); }
+inline double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
+
+// Sum of a[i] * b[i] in a fixed order (eight interleaved partial sums, then combined): the same
+// inputs always give the same bits.
+template <typename T>
+inline T row_dot(const T* a, const T* b, int64_t n) {
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
+  }
+  for (; i < n; ++i) part[0] += a[i] * b[i];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+}  // namespace paca_kernels::cpu

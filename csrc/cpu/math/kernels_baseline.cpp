@@ -1,0 +1,56 @@
+// The baseline float32 build of the kernels (see dispatch.h): the portable templates, compiled
+// without ISA flags, so that it runs on any x86-64 (SSE2) CPU or another architecture.
+#include <cstdint>
+
+#include "cpu/math/dispatch.h"
+#include "cpu/math/dwconv.h"
+#include "cpu/math/gelu.h"
+#include "cpu/math/portable.h"
+
+#if defined(__GNUC__)
+// exp_v8 and gelu_v8 (portable.h, gelu.h) pass 32-byte GCC vectors; they are always inlined, so
+// the ABI note about passing them without AVX never applies.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace paca_kernels::cpu::baseline {
+namespace {
+
+void gemm_nn_f32_base(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, int64_t rows, int64_t K, int64_t cols, bool accumulate) {
+  gemm_nn_impl<float>(A, lda, B, ldb, C, ldc, rows, K, cols, accumulate);
+}
+void gemm_tn_acc_f32_base(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                          int64_t ldc, int64_t rows, int64_t K, int64_t cols) {
+  gemm_tn_acc_impl<float>(A, lda, B, ldb, C, ldc, rows, K, cols);
+}
+float exp_shifted_f32_base(const float* in, float shift, float* out, int64_t n) {
+  return exp_shifted_impl(in, shift, out, n);
+}
+float row_max_f32_base(const float* x, int64_t n) { return row_max_impl(x, n); }
+void gelu_f32_base(float* x, int64_t n) { gelu_impl(x, n); }
+void transpose_f32_base(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                        int64_t ldd) {
+  transpose_impl(src, lds, rows, cols, dst, ldd);
+}
+void dwconv_band_f32_base(const float* in, int64_t in_w, const float* wt, const float* bias,
+                          float* out, int64_t rows, int64_t W, int64_t C, int64_t k) {
+  dwconv_band_impl(in, in_w, wt, bias, out, rows, W, C, k);
+}
+
+}  // namespace
+
+void register_kernels(Float32Kernels& k) {
+  k.isa = "baseline";
+  k.gemm_nn = gemm_nn_f32_base;
+  k.gemm_tn_acc = gemm_tn_acc_f32_base;
+  k.exp_shifted = exp_shifted_f32_base;
+  k.row_max = row_max_f32_base;
+  k.gemm_packed = nullptr;
+  k.transpose = transpose_f32_base;
+  k.gelu = gelu_f32_base;
+  k.dwconv_band = dwconv_band_f32_base;
+  k.dwconv_direct = nullptr;
+}
+
+}  // namespace paca_kernels::cpu::baseline

@@ -1,0 +1,93 @@
+// PackedMatrix: a linear layer's weight packed once per call as the right-hand side of the
+// products (16-column panels for the vector builds' gemm_packed). Baseline translation units only
+// (ODR rule in dispatch.h).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/math/kernels.h"
+#include "cpu/math/parallel.h"
+#include "cpu/math/scratch.h"
+
+namespace paca_kernels::cpu {
+
+// The constant right-hand side B = W^T (T x cols) of the products x . W^T with a linear layer's
+// weight W (cols x T, any dtype and strides), multiplied by many row blocks. For float32 with the
+// AVX2 kernels it is kept only as 16-column panels (each T x 16 contiguous, the last one
+// zero-padded), filled straight from W's rows: no transposed copy of W is made, and the products
+// skip the per-call packing. Otherwise it is kept as the plain row-major W^T. linear() gives the
+// same bits either way. The storage is the calling thread's scratch `slot` (see Scratch); big
+// matrices are packed by all threads.
+template <typename T>
+struct PackedMatrix {
+  int64_t steps = 0, cols = 0;
+  bool packed = false;  // 16-column panels (float32 + AVX2), else plain W^T (steps x cols)
+  Scratch<T> store;
+
+  PackedMatrix(const at::Tensor& weight, ScratchSlot slot)
+      : steps(weight.size(1)),
+        cols(weight.size(0)),
+        packed(std::is_same_v<T, float> && float32_kernels().gemm_packed != nullptr),
+        store(slot, packed ? (cols + 15) / 16 * 16 * weight.size(1) : weight.numel()) {
+    // W (cols x steps) as contiguous T: the weight itself when it already is (no copy).
+    const at::Tensor w = weight.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    const T* src = w.const_data_ptr<T>();
+    T* dst = store.data();
+    // One task per 16-column panel (or per 16 columns of the plain layout); in parallel only when
+    // the matrix is big enough to pay for waking the threads.
+    const int64_t ntask = (cols + 15) / 16;
+    const auto fill = [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        const int64_t o0 = p * 16, o1 = std::min<int64_t>(cols, o0 + 16);
+        if (packed) {  // W's row o is column o % 16 of panel o / 16
+          T* panel = dst + p * steps * 16;
+          if (o1 - o0 == 16) {  // a whole panel: the transpose of W's 16 rows, in 8 x 8 blocks
+            transpose(src + o0 * steps, steps, 16, steps, panel, 16);
+            continue;
+          }
+          for (int64_t i = 0; i < steps; ++i) {
+            T* d = panel + i * 16;
+            for (int64_t o = o0; o < o1; ++o) d[o - o0] = src[o * steps + i];
+            for (int64_t o = o1; o < o0 + 16; ++o) d[o - o0] = T(0);  // padding of the last panel
+          }
+        } else {
+          for (int64_t i = 0; i < steps; ++i) {
+            for (int64_t o = o0; o < o1; ++o) dst[i * cols + o] = src[o * steps + i];
+          }
+        }
+      }
+    };
+    if (cols * steps >= 65536) {
+      parallel_for(0, ntask, 1, fill);
+    } else {
+      fill(0, ntask);
+    }
+  }
+  // C[r, :] = act(bias + sum_t A[r, t] B[t, :]) for r < rows (A row stride lda, C row stride
+  // ldc): a linear layer, bias (cols,) or nullptr, act GELU if gelu else the identity. The packed
+  // kernel starts its sums from the bias and applies GELU as it stores them (no passes over C
+  // before and after); the other builds do those passes. Both give the bits of the bias copy + accumulate + gelu_inplace sequence.
+  void linear(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, const T* bias,
+              bool gelu) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed) {
+        float32_kernels().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols, bias,
+                                          gelu);
+        return;
+      }
+    }
+    if (bias != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) std::copy(bias, bias + cols, C + r * ldc);
+    }
+    gemm_nn(A, lda, store.data(), cols, C, ldc, rows, steps, cols, bias != nullptr);
+    if (gelu) {
+      for (int64_t r = 0; r < rows; ++r) gelu_inplace(C + r * ldc, cols);
+    }
+  }
+};
+
+}  // namespace paca_kernels::cpu
