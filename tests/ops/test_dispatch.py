@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from paca_kernels import _ext, ops, reference
 from paca_kernels.ops import BackendError
 from paca_kernels.ops import dispatch as _backends
+from paca_kernels.ops.backends import cuda
 from paca_kernels.testing import (
     BACKEND_NAMES,
     assert_close,
@@ -194,3 +195,27 @@ def test_paper_macs_hold_with_the_fused_cpu_backend():
         return fc.get_total_flops() // 2
 
     assert macs("cpu") == macs("reference") == 3_219_262_208  # the official count (compat README)
+
+
+def test_cuda_limits_come_from_the_build_info(monkeypatch):
+    """The cuda backend refuses shapes past the kernels' limits, read from the build info
+    (csrc/cuda/limits.h through _build_info.json), not restated in Python: a different recorded
+    limit changes the refusal."""
+    lim = cuda.limits()
+    if lim is None:
+        pytest.skip("no _build_info.json (extension not built)")
+    check = cuda.BACKEND.limits["p2c_attention"]
+    q = torch.empty(1, 4, 1, 8, device="meta")
+    fits = torch.empty(1, lim["max_keys"], 1, 8, device="meta")
+    over = torch.empty(1, lim["max_keys"] + 1, 1, 8, device="meta")
+    assert check((q, fits, fits)) == []
+    assert check((q, over, over)) == [
+        f"p2c_attention holds all keys on chip: M = {lim['max_keys'] + 1} > {lim['max_keys']}"]
+    wide = torch.empty(1, 3, lim["max_channels"] + 1, device="meta")
+    assert any(f"C = {lim['max_channels'] + 1}" in r
+               for r in cuda.BACKEND.limits["cluster_pool"]((torch.empty(1, 1, 3, device="meta"), wide)))
+    monkeypatch.setattr(_ext, "kernel_limits", lambda device: {**lim, "max_keys": 4})
+    assert check((q, fits, fits)) == [
+        f"p2c_attention holds all keys on chip: M = {lim['max_keys']} > 4"]
+    monkeypatch.setattr(_ext, "kernel_limits", lambda device: None)
+    assert "no CUDA kernel limits" in check((q, fits, fits))[0]

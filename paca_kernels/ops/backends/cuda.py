@@ -10,7 +10,8 @@ is visible.
 
 Kernels: fp16/bf16 on tensor cores (WMMA; cluster_pool in TF32 on float probabilities), float32 with
 fp32 FMA; compute capability 8.0 or newer. Tolerances as the triton backend's (fp32 FMA, atomics or
-fixed-order partial sums), checked on the CPU through tests/cuda_emulation.cpp.
+fixed-order partial sums), checked on the CPU through tests/backends/cuda_emulation.cpp. Size limits:
+:func:`limits`.
 """
 
 from __future__ import annotations
@@ -25,17 +26,11 @@ from ..cluster_pool import cluster_pool_cpp
 from ..dispatch import Backend
 from ..p2c_attention import p2c_attention_cpp
 
-__all__ = ["BACKEND"]
+__all__ = ["BACKEND", "limits"]
 
-#: Limits of the CUDA kernels (csrc/cuda/launchers.h: kMaxKeys, kMaxHeadDim, kMaxChannels).
-MAX_KEYS = 256
-MAX_HEAD_DIM = 128
-MAX_CHANNELS = 1024
-#: cluster_pool's backward needs ~200 KiB of shared memory per block above this many channels (sm_90
-#: has 227 KiB, sm_80 163 KiB).
-_MAX_CHANNELS_SMALL_SMEM = 512
+#: sm_90 has 227 KiB of shared memory per block, sm_80 163 KiB: cluster_pool's backward above
+#: ``max_channels_small_smem`` channels needs about 200 KiB.
 _LARGE_SMEM = 200 * 1024
-
 _AVAILABILITY: list[str | None] = []
 
 
@@ -69,28 +64,46 @@ def _device_reasons(t: Tensor) -> list[str]:
     return [] if major >= 8 else [f"needs compute capability >= 8.0 (sm_80), {t.device} is sm_{major}x"]
 
 
+def limits() -> dict[str, int] | None:
+    """The CUDA kernels' size limits (``max_keys``, ``max_head_dim``, ``max_channels``,
+    ``max_channels_small_smem``), from their one source, csrc/cuda/limits.h, through the build info
+    (:func:`paca_kernels._ext.kernel_limits`); None without build info (then the backend is
+    unavailable anyway)."""
+    return _ext.kernel_limits("cuda")
+
+
+_NO_LIMITS = "paca_kernels._C records no CUDA kernel limits (no _build_info.json): rebuild it"
+
+
 def _p2c_limits(inputs: Sequence[Tensor]) -> list[str]:
     q, k = inputs[0], inputs[1]
+    lim = limits()
+    if lim is None:
+        return [_NO_LIMITS]
     reasons = _device_reasons(q)
-    if k.shape[1] > MAX_KEYS:
-        reasons.append(f"p2c_attention holds all keys on chip: M = {k.shape[1]} > {MAX_KEYS}")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        reasons.append(f"p2c_attention head dim d = {q.shape[-1]} > {MAX_HEAD_DIM}")
+    if k.shape[1] > lim["max_keys"]:
+        reasons.append(f"p2c_attention holds all keys on chip: M = {k.shape[1]} > {lim['max_keys']}")
+    if q.shape[-1] > lim["max_head_dim"]:
+        reasons.append(f"p2c_attention head dim d = {q.shape[-1]} > {lim['max_head_dim']}")
     return reasons
 
 
-def _max_channels(device: torch.device) -> int:
+def _max_channels(device: torch.device, lim: dict[str, int]) -> int:
     if device.type != "cuda":
-        return MAX_CHANNELS
+        return lim["max_channels"]
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", 0)
-    return MAX_CHANNELS if smem >= _LARGE_SMEM else _MAX_CHANNELS_SMALL_SMEM
+    return lim["max_channels"] if smem >= _LARGE_SMEM else lim["max_channels_small_smem"]
 
 
 def _cp_limits(inputs: Sequence[Tensor]) -> list[str]:
     x = inputs[1]
+    lim = limits()
+    if lim is None:
+        return [_NO_LIMITS]
     reasons = _device_reasons(x)
-    limit = MAX_CHANNELS if x.shape[-1] <= _MAX_CHANNELS_SMALL_SMEM else _max_channels(x.device)
+    small = lim["max_channels_small_smem"]
+    limit = lim["max_channels"] if x.shape[-1] <= small else _max_channels(x.device, lim)
     if x.shape[-1] > limit:
         reasons.append(f"cluster_pool holds a cluster's channels on chip: C = {x.shape[-1]} > {limit}")
     return reasons
