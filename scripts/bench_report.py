@@ -19,7 +19,9 @@ benchmarks/interleaved.py. The run narratives live in benchmarks/NOTES.md, not h
 Suite of a row (and so of a file's rows): "interleaved" when its extra_info.timing is
 "interleaved rounds" (what benchmarks/interleaved.py writes) or, for files without that field, its
 group ends in " (interleaved)"; every other row is "pytest-benchmark". Device of a row: extra_info's
-device_name (a GPU's name) else its device ("cpu"). BENCHMARKS.md shows, for each device, suite and
+device_name (a GPU's name) else its device, for CPU rows with the run's CPU model ("cpu: AMD EPYC";
+runs that recorded only the architecture are "cpu: machine not recorded", kept out of BENCHMARKS.md's
+sections and listed in one line). BENCHMARKS.md shows, for each device, suite and
 dtype, the latest run only (latest by the JSON's `datetime`); history.csv holds every row of every file.
 """
 
@@ -89,9 +91,20 @@ def suite_of(row: dict) -> str:
     return "pytest-benchmark"
 
 
-def device_of(row: dict) -> str:
+#: What ``machine_info.cpu.brand_raw`` holds when only the architecture was found (no model name).
+_ARCH_ONLY = {"", "x86_64", "amd64", "i386", "i686", "aarch64", "arm64"}
+UNRECORDED = "machine not recorded"
+
+
+def device_of(row: dict, data: dict | None = None) -> str:
+    """A row's device: a GPU's name, or for CPU rows "cpu: <the run's CPU model>" (results from
+    different CPU models are not comparable, so each model gets its own section)."""
     info = row.get("extra_info", {})
-    return str(info.get("device_name") or info.get("device") or "unknown")
+    device = str(info.get("device_name") or info.get("device") or "unknown")
+    if device != "cpu" or data is None:
+        return device
+    brand = str((data.get("machine_info") or {}).get("cpu", {}).get("brand_raw") or "").strip()
+    return f"cpu: {brand if brand.lower() not in _ARCH_ONLY else UNRECORDED}"
 
 
 def split_group(row: dict) -> tuple[str, str]:
@@ -167,7 +180,7 @@ def history_rows(runs: list[Run]) -> list[dict[str, str]]:
         for row in run.rows:
             info, stats = row.get("extra_info", {}), row.get("stats") or {}
             out.append({
-                "device": device_of(row), "date": run.datetime, "commit": commit_of(run.path, run.data),
+                "device": device_of(row, run.data), "date": run.datetime, "commit": commit_of(run.path, run.data),
                 "torch": info.get("torch") or "", "triton": info.get("triton") or "",
                 "cuda": info.get("cuda") or "", "suite": run.suite, "group": row.get("group", ""),
                 "provider": info.get("provider", ""), "shape": split_group(row)[1],
@@ -342,11 +355,11 @@ def _section(run: Run, newest: Run, notes_text: str) -> list[str]:
 HOW_TO_READ = """\
 ## How to read it
 
-- **Sections.** For each device (and dtype), the latest run of each suite. A results file's suite
-  comes from its rows: `extra_info.timing == "interleaved rounds"` (written by
-  `benchmarks/interleaved.py`) is the *interleaved* run, everything else the *pytest-benchmark* suite
-  (`make bench`, `benchmarks/test_bench_*.py`). A section is marked **older run** when a later run on
-  the same device was made at another commit: its figures predate the code measured since.
+- **Sections.** For each device (each CPU model is one: their figures do not compare) and dtype, the
+  latest run of each suite. A results file's suite comes from its rows: `extra_info.timing ==
+  "interleaved rounds"` (written by `benchmarks/interleaved.py`) is the *interleaved* run, everything
+  else the *pytest-benchmark* suite (`make bench`, `benchmarks/test_bench_*.py`). A section is marked
+  **older run** when a later run on the same device was made at another commit.
 - **median ms**: the median wall time of one call over the timed rounds (`time.perf_counter`, device
   synchronised before and after each call; warm-up calls first, so compilation is not timed).
   **IQR** (first to third quartile) and **min–max** are the spread over the same rounds: where two
@@ -382,7 +395,11 @@ def render(runs: list[Run], notes_text: str = "") -> str:
     devices: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         if any(r.get("stats") for r in run.rows):
-            devices[device_of(run.rows[0])].append(run)
+            devices[device_of(run.rows[0], run.data)].append(run)
+    unrecorded = devices.pop(f"cpu: {UNRECORDED}", [])
+    if unrecorded:
+        names = ", ".join(f"`{r.path.name}`" for r in sorted(unrecorded, key=lambda r: r.path.name))
+        lines += [f"CPU runs whose machine was not recorded are only in `history.csv`: {names}.", ""]
     for device in sorted(devices):
         dev_runs = sorted(devices[device], key=lambda r: (r.datetime, r.path.name))
         newest = dev_runs[-1]
