@@ -12,9 +12,13 @@ it, so that a checker that found nothing would fail here.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from paca_kernels import PaCaAttention, _ext
 
 PKG = Path(__file__).resolve().parents[1] / "paca_kernels"
 
@@ -217,3 +221,48 @@ def test_checker_finds_cycles_and_lazy_imports(tmp_path: Path) -> None:
     edges, lazy = import_graph(root, "pk")
     assert cycles(edges) == [["nn.a", "nn.b"]]
     assert lazy == ["nn.b imports models.m inside a function (line 4)"]
+
+
+# -- one decision point: a layer call enters each file once -----------------------------------------
+
+
+def _entries_per_file(fn) -> dict[str, int]:
+    """How often each package file is entered from another file while ``fn()`` runs (Python calls)."""
+    counts: dict[str, int] = {}
+
+    def name(frame) -> str | None:
+        f = frame.f_code.co_filename
+        return f.split("paca_kernels/")[-1] if "/paca_kernels/" in f else None
+
+    def prof(frame, event, arg) -> None:
+        if event != "call":
+            return
+        callee = name(frame)
+        if callee is not None and (frame.f_back is None or name(frame.f_back) != callee):
+            counts[callee] = counts.get(callee, 0) + 1
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return counts
+
+
+def test_a_layer_call_enters_each_file_once() -> None:
+    """PaCaAttention.forward in CPU inference asks one function which path serves the call and runs
+    that path: no file of the package is entered twice (before the one decision point, the layer
+    asked three ops in turn whether they applied, each asking the backend registry again: 21 stays
+    in 8 files). The modules' path is not held to this: it runs two differentiable ops, each
+    validated and dispatched, and the modules' own forwards."""
+    if not _ext.load():
+        pytest.skip(f"C++ extension: {_ext.unavailable_reason()}")
+    layer = PaCaAttention(32, 2, 8, backend="cpu").eval()
+    x = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        layer(x, 4, 4)  # warm: first-call imports and registrations
+        counts = _entries_per_file(lambda: layer(x, 4, 4))
+    assert counts.get("nn/attention.py") == 1
+    assert "ops/fused/conv_paca_layer.py" in counts  # the whole layer as one op
+    twice = {f: n for f, n in counts.items() if n > 1}
+    assert not twice, f"files entered more than once in one layer call: {twice} (all: {counts})"

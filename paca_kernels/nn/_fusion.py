@@ -1,27 +1,44 @@
-"""What the layers' decision points ask of their modules before replacing them with a fused
-inference op (:mod:`paca_kernels.ops.fused`): the fused kernels bypass the modules, so they may only
-replace them where nothing could tell.
+"""The layers' decision points: which path serves one call of a layer.
 
-Everything here reads module structure and tensor metadata only. It runs on every inference call of
-a layer, so it reads the module dicts directly (``nn.Module.__getattr__`` and a Sequential's
-``__getitem__`` cost about a microsecond per access) and walks them with plain loops.
+:func:`plan_attention` (for :class:`~paca_kernels.nn.PaCaAttention`) and :func:`plan_mlp` (for
+:class:`~paca_kernels.nn.block.Mlp`) look at every condition once (gradient wanted, autocast, hooks, the
+layer's backend setting, module structure) and return the path; the layer's ``forward`` then runs it
+straight through. A fused inference op (:mod:`paca_kernels.ops.fused`) bypasses the modules it
+replaces, so it may only replace them where nothing could tell.
+
+Everything here reads module structure and tensor metadata only. It runs on every call of a layer,
+so it reads the module dicts directly (``nn.Module.__getattr__`` and a Sequential's ``__getitem__``
+cost about a microsecond per access) and walks them with plain loops.
 """
 
 from __future__ import annotations
+
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..ops import preferred_backend
+from ..ops.fused import conv_cluster_logits as _head_op
+from ..ops.fused import conv_paca_layer as _layer_op
+from ..ops.fused import mlp_dwconv as _dwconv_op
+from ..ops.fused import mlp_fused as _mlp_op
+from ..ops.fused import p2c_attention_proj as _attention_op
+from .clustering import P2CConv2d
+from .layers import DWConv
 
 __all__ = [
+    "AttentionPlan",
+    "MlpPath",
     "conv_head_tensors",
     "cpu_inference",
     "exact_gelu",
     "global_hooks",
     "has_hooks",
     "linear_tensors",
+    "plan_attention",
+    "plan_mlp",
     "same_depthwise",
 ]
 
@@ -123,3 +140,98 @@ def linear_tensors(*linears: nn.Module) -> tuple[Tensor | None, ...] | None:
         out.append(params["weight"])
         out.append(params["bias"])
     return tuple(out)
+
+
+# -- the plans ---------------------------------------------------------------------------------------
+
+
+class AttentionPlan(NamedTuple):
+    """Which path serves one call of a PaCaAttention layer."""
+
+    #: The whole forward as ``conv_paca_layer`` (with ``head`` and ``attention``).
+    layer: bool
+    #: The conv head's tensors for ``conv_cluster_logits``, or None: the head's modules run.
+    head: tuple | None
+    #: q/k/v/proj weights and biases for ``p2c_attention_proj``, or None: the modules and
+    #: ``ops.p2c_attention`` run.
+    attention: tuple | None
+    #: Logits are pooled by ``ops.cluster_pool`` with the LayerNorm as its epilogue (else the
+    #: probabilities' matmul, the position embedding and the norm module).
+    fused_pool: bool
+    #: The attention maps are wanted (``return_attn``, or a forward hook on ``attn_viz``).
+    want_maps: bool
+
+
+def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_attn: bool) -> AttentionPlan:
+    """The path for one call of a PaCaAttention ``layer`` on x (B, N, C), with ``given`` the
+    assignment passed in (logits or z, validated) or None.
+
+    - pooling: ``ops.cluster_pool`` (LayerNorm epilogue) where the layer pools logits through a
+      LayerNorm with no position embedding and no hook on the norm (the op would skip it);
+    - fused parts, only in CPU inference on the cpu backend (:func:`cpu_inference`: no gradient
+      wanted through x, ``given`` or any parameter, no autocast, no global hooks): the conv head as
+      ``conv_cluster_logits`` (a P2CConv2d the kernel computes exactly, no hooks in it), the attention
+      as ``p2c_attention_proj`` (plain Linear projections, inactive dropouts, no maps wanted, no hooks
+      on the projections or the dropout);
+    - the whole layer as ``conv_paca_layer`` where both parts and the pooling fuse, the norm is
+      exactly an ``nn.LayerNorm`` and no module of the layer has a hook.
+    """
+    mods = layer._modules
+    want_maps = return_attn or bool(mods["attn_viz"]._forward_hooks)
+    if layer.num_clusters == 0:
+        return AttentionPlan(False, None, None, False, want_maps)
+    norm = mods["cluster_norm"]
+    fused_pool = layer._ln_eps is not None and not layer.cluster_pos_embed and not has_hooks(norm)
+    if not cpu_inference(layer.backend, x, layer, given):
+        return AttentionPlan(False, None, None, fused_pool, want_maps)
+    hooked = has_hooks(layer)
+    head = None
+    if layer.onsite_clustering and _head_op.REGISTERED:
+        clustering = mods["clustering"]
+        if type(clustering) is P2CConv2d and not (hooked and has_hooks(clustering)):
+            head = conv_head_tensors(clustering._modules["clustering"])
+    attention = None
+    if not want_maps and _attention_op.REGISTERED and not (
+        layer.training and (layer.attn_drop > 0.0 or mods["proj_drop"].p > 0.0)
+    ):
+        q, k, v, proj = mods["q"], mods["k"], mods["v"], mods["proj"]
+        if not (hooked and has_hooks(q, k, v, proj, mods["proj_drop"])):
+            attention = linear_tensors(q, k, v, proj)
+    whole = (
+        _layer_op.REGISTERED and not hooked and head is not None and attention is not None
+        and fused_pool and type(norm) is nn.LayerNorm
+    )
+    return AttentionPlan(whole, head, attention, fused_pool, want_maps)
+
+
+#: The paths of an Mlp call: the whole MLP as ``mlp_fused``, ``mlp_dwconv`` between fc1's matrix
+#: product and fc2, or the modules.
+MlpPath = Literal["whole", "dwconv", "modules"]
+
+
+def plan_mlp(mlp: nn.Module, x: Tensor) -> MlpPath:
+    """The path for one call of an :class:`~paca_kernels.nn.block.Mlp` on x (B, N, C).
+
+    The fused ops need CPU inference on the cpu backend (:func:`cpu_inference`), a :class:`DWConv`
+    whose conv is a "same" odd square depthwise conv, an exact GELU or identity activation, a plain
+    ``nn.Linear`` fc1 and no hooks on the modules they replace. The whole MLP also needs a plain fc2,
+    inactive dropout, no hooks on fc2 or the dropout, and fc1's weight at most
+    :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where it beats the matrix
+    products, measured)."""
+    mods = mlp._modules
+    # dwconv is a plain None attribute (not in _modules) when with_dwconv=False.
+    dwconv, act, fc1 = mods.get("dwconv"), mods["act"], mods["fc1"]
+    if not (_dwconv_op.REGISTERED and type(dwconv) is DWConv and type(fc1) is nn.Linear
+            and same_depthwise(dwconv._modules["dwconv"])):
+        return "modules"
+    if not (type(act) is nn.Identity or exact_gelu(act)) or not cpu_inference(mlp.backend, x, mlp):
+        return "modules"
+    if has_hooks(dwconv, act, fc1):
+        return "modules"
+    fc2, drop = mods["fc2"], mods["drop"]
+    if (
+        _mlp_op.REGISTERED and type(fc2) is nn.Linear and (not mlp.training or drop.p == 0.0)
+        and fc1.weight.numel() <= _mlp_op.FUSED_MLP_MAX_WEIGHT and not has_hooks(fc2, drop)
+    ):
+        return "whole"
+    return "dwconv"

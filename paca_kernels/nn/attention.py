@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,8 @@ from .. import ops, reference
 from ..ops.fused import conv_cluster_logits as _head_op
 from ..ops.fused import conv_paca_layer as _layer_op
 from ..ops.fused import p2c_attention_proj as _attention_op
-from ._fusion import conv_head_tensors, cpu_inference, has_hooks, linear_tensors
-from .clustering import P2CConv2d, build_clustering
+from ._fusion import AttentionPlan, plan_attention
+from .clustering import build_clustering
 from .layers import build_norm
 
 __all__ = ["PaCaAttention", "PaCaLayer", "check_tokens"]
@@ -45,23 +45,6 @@ def check_tokens(x: object, H: int, W: int, dim: int | None = None) -> Tensor:
     if int(H) * int(W) != x.shape[1]:
         raise ValueError(f"H·W = {H}·{W} = {int(H) * int(W)} does not match N = {x.shape[1]} of x")
     return x
-
-
-class _Plan(NamedTuple):
-    """Which path serves one call of a :class:`PaCaAttention` (see ``PaCaAttention._plan``)."""
-
-    #: The whole forward as ``conv_paca_layer`` (uses ``head`` and ``attention``).
-    layer: bool
-    #: The conv head's tensors for ``conv_cluster_logits``, or None: the head's modules run.
-    head: tuple | None
-    #: q/k/v/proj weights and biases for ``p2c_attention_proj``, or None: the modules and
-    #: ``ops.p2c_attention`` run.
-    attention: tuple | None
-    #: Logits are pooled by ``ops.cluster_pool`` with the LayerNorm as its epilogue (else the
-    #: probabilities' matmul, the position embedding and the norm module).
-    fused_pool: bool
-    #: The attention maps are wanted (``return_attn``, or a forward hook on ``attn_viz``).
-    want_maps: bool
 
 
 class PaCaAttention(nn.Module):
@@ -84,7 +67,8 @@ class PaCaAttention(nn.Module):
         act_cfg: activation of the clustering head (official dict, name or class; default GELU).
         backend: ops backend for this layer (None: ``PACA_KERNELS_BACKEND``, then automatic).
 
-    Which path serves a call is decided once per call, in :meth:`_plan`: on the cpu backend in
+    Which path serves a call is decided once per call (:func:`paca_kernels.nn._fusion.plan_attention`):
+    on the cpu backend in
     inference (no gradient wanted, no autocast, no forward hooks that a kernel would skip) the whole
     layer runs as one fused op (``paca_kernels.ops.fused.conv_paca_layer``), or its conv head and its
     attention as fused parts; otherwise the modules and the differentiable ops
@@ -148,56 +132,20 @@ class PaCaAttention(nn.Module):
         self.attn_viz = nn.Identity()
 
     # -- the one decision point ---------------------------------------------------------------------
-    def _plan(self, x: Tensor, given: Tensor | None, return_attn: bool) -> _Plan:
-        """Decide, once per call, which path serves it (x and ``given``, the logits or z passed in,
-        already validated). Reads module structure and tensor metadata only.
-
-        - pooling: ``ops.cluster_pool`` (LayerNorm epilogue) where the layer pools logits through a
-          LayerNorm with no position embedding and no hook on the norm (the op would skip it);
-        - fused parts, only in CPU inference on the cpu backend (:func:`._fusion.cpu_inference`:
-          no gradient wanted through x, ``given`` or any parameter, no autocast, no global hooks):
-          the conv head as ``conv_cluster_logits`` (a P2CConv2d the kernel computes exactly, no
-          hooks in it), the attention as ``p2c_attention_proj`` (plain Linear projections, inactive
-          dropouts, no maps wanted, no hooks on the projections or the dropout);
-        - the whole layer as ``conv_paca_layer`` where both parts and the pooling fuse, the norm is
-          exactly an ``nn.LayerNorm`` and no module of the layer has a hook.
-        """
-        mods = self._modules
-        want_maps = return_attn or bool(mods["attn_viz"]._forward_hooks)
-        if self.num_clusters == 0:
-            return _Plan(False, None, None, False, want_maps)
-        norm = mods["cluster_norm"]
-        fused_pool = self._ln_eps is not None and not self.cluster_pos_embed and not has_hooks(norm)
-        if not cpu_inference(self.backend, x, self, given):
-            return _Plan(False, None, None, fused_pool, want_maps)
-        hooked = has_hooks(self)
-        head = None
-        if self.onsite_clustering and _head_op.REGISTERED:
-            clustering = mods["clustering"]
-            if type(clustering) is P2CConv2d and not (hooked and has_hooks(clustering)):
-                head = conv_head_tensors(clustering._modules["clustering"])
-        attention = None
-        if not want_maps and _attention_op.REGISTERED and not (
-            self.training and (self.attn_drop > 0.0 or mods["proj_drop"].p > 0.0)
-        ):
-            q, k, v, proj = mods["q"], mods["k"], mods["v"], mods["proj"]
-            if not (hooked and has_hooks(q, k, v, proj, mods["proj_drop"])):
-                attention = linear_tensors(q, k, v, proj)
-        layer = (
-            _layer_op.REGISTERED and not hooked and head is not None and attention is not None
-            and fused_pool and type(norm) is nn.LayerNorm
-        )
-        return _Plan(layer, head, attention, fused_pool, want_maps)
+    def _plan(self, x: Tensor, given: Tensor | None, return_attn: bool) -> AttentionPlan:
+        """Which path serves this call (x and ``given``, the logits or z passed in, validated):
+        :func:`paca_kernels.nn._fusion.plan_attention`, which holds every condition."""
+        return plan_attention(self, x, given, return_attn)
 
     # -- the paths ----------------------------------------------------------------------------------
-    def _fused_layer(self, x: Tensor, H: int, W: int, plan: _Plan, probs: bool) -> tuple[Tensor, Tensor]:
+    def _fused_layer(self, x: Tensor, H: int, W: int, plan: AttentionPlan, probs: bool) -> tuple[Tensor, Tensor]:
         norm = self._modules["cluster_norm"]
         return _layer_op.conv_paca_layer(
             x, H, W, plan.head, (norm.weight, norm.bias, norm.eps), plan.attention, self.num_heads,
             1.0 / math.sqrt(self.head_dim), probs,
         )
 
-    def _cluster_tokens(self, x: Tensor, logits: Tensor | None, z: Tensor | None, plan: _Plan) -> Tensor:
+    def _cluster_tokens(self, x: Tensor, logits: Tensor | None, z: Tensor | None, plan: AttentionPlan) -> Tensor:
         """(B, M, C) cluster tokens from logits (the fused op where the plan says) or probabilities z."""
         if logits is not None and plan.fused_pool:
             norm = self.cluster_norm
@@ -239,7 +187,7 @@ class PaCaAttention(nn.Module):
             "the cluster assignment z (B, M, N) computed by an earlier layer or a teacher"
         )
 
-    def _attend(self, x: Tensor, c: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
+    def _attend(self, x: Tensor, c: Tensor, plan: AttentionPlan) -> tuple[Tensor, Tensor | None]:
         """proj(softmax(q·kᵀ/√d)·v) with q from x (B, N, C) and k, v from c (B, M, C)."""
         b, n, _ = x.shape
         m = c.shape[1]
@@ -274,7 +222,7 @@ class PaCaAttention(nn.Module):
         return out, attn
 
     def _run(
-        self, x: Tensor, H: int, W: int, logits: Tensor | None, z: Tensor | None, plan: _Plan,
+        self, x: Tensor, H: int, W: int, logits: Tensor | None, z: Tensor | None, plan: AttentionPlan,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The per-part path: (out, logits computed on site or None, maps or None)."""
         if self.num_clusters == 0:

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from ..ops.fused import mlp_dwconv as _dwconv_op
 from ..ops.fused import mlp_fused as _mlp_op
-from ._fusion import cpu_inference, exact_gelu, has_hooks, same_depthwise
+from ._fusion import MlpPath, plan_mlp
 from .attention import PaCaAttention, paca_layer_kwargs
-from .layers import DropPath, build_act, build_norm, to_2tuple
+from .layers import DropPath, DWConv, build_act, build_norm, to_2tuple
 
 __all__ = ["DEFAULT_PACA_CFG", "DWConv", "Mlp", "PaCaBlock"]
 
@@ -33,27 +33,11 @@ DEFAULT_PACA_CFG: dict[str, Any] = {
 }
 
 
-class DWConv(nn.Module):
-    """Depthwise 3×3 conv over the token grid, optionally with a shortcut: (B, N, C) -> (B, N, C)."""
-
-    def __init__(
-        self, dim: int, kernel_size: int = 3, bias: bool = True, with_shortcut: bool = False
-    ) -> None:
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size, 1, (kernel_size - 1) // 2, bias=bias, groups=dim)
-        self.with_shortcut = with_shortcut
-
-    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
-        b, _, c = x.shape
-        y = self.dwconv(x.transpose(1, 2).reshape(b, c, H, W)).flatten(2).transpose(1, 2)
-        return y + x if self.with_shortcut else y
-
-
 class Mlp(nn.Module):
     """fc1 -> [DWConv] -> act -> drop -> fc2 -> drop, on (B, N, C) tokens.
 
-    ``backend`` is the ops backend of the enclosing block. Which path serves a call is decided once,
-    in :meth:`_plan`: in CPU inference on the cpu backend the whole MLP runs as one fused op
+    ``backend`` is the ops backend of the enclosing block. Which path serves a call is decided once
+    (:func:`paca_kernels.nn._fusion.plan_mlp`): in CPU inference on the cpu backend the whole MLP runs as one fused op
     (:mod:`paca_kernels.ops.fused.mlp_fused`) where its weights are small, or fc1's bias, the DWConv
     and the activation as one (:mod:`paca_kernels.ops.fused.mlp_dwconv`); otherwise the modules run.
     """
@@ -79,33 +63,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
-    def _plan(self, x: Tensor) -> str:
-        """Decide, once per call, which path serves it: "whole" (``mlp_fused``), "dwconv"
-        (``mlp_dwconv`` between fc1's matrix product and fc2) or "modules".
-
-        The fused ops need CPU inference on the cpu backend (:func:`._fusion.cpu_inference`), a
-        DWConv whose conv is a "same" odd square depthwise conv, an exact GELU or identity
-        activation, a plain ``nn.Linear`` fc1 and no hooks on the modules they replace. The whole
-        MLP also needs a plain fc2, inactive dropout, no hooks on fc2 or the dropout, and fc1's
-        weight at most :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where
-        it beats the matrix products, measured)."""
-        mods = self._modules
-        # dwconv is a plain None attribute (not in _modules) when with_dwconv=False.
-        dwconv, act, fc1 = mods.get("dwconv"), mods["act"], mods["fc1"]
-        if not (_dwconv_op.REGISTERED and type(dwconv) is DWConv and type(fc1) is nn.Linear
-                and same_depthwise(dwconv._modules["dwconv"])):
-            return "modules"
-        if not (type(act) is nn.Identity or exact_gelu(act)) or not cpu_inference(self.backend, x, self):
-            return "modules"
-        if has_hooks(dwconv, act, fc1):
-            return "modules"
-        fc2, drop = mods["fc2"], mods["drop"]
-        if (
-            _mlp_op.REGISTERED and type(fc2) is nn.Linear and (not self.training or drop.p == 0.0)
-            and fc1.weight.numel() <= _mlp_op.FUSED_MLP_MAX_WEIGHT and not has_hooks(fc2, drop)
-        ):
-            return "whole"
-        return "dwconv"
+    def _plan(self, x: Tensor) -> MlpPath:
+        """Which path serves this call: :func:`paca_kernels.nn._fusion.plan_mlp`, which holds every
+        condition ("whole", "dwconv" or "modules")."""
+        return plan_mlp(self, x)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         plan = self._plan(x)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BlurConv2d",
+    "DWConv",
     "DownsampleV1",
     "DropPath",
     "LayerNorm2d",
@@ -177,3 +178,19 @@ class BlurConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.conv2d(x, self.blur_filter, stride=1, padding=1, groups=x.shape[1])
         return self.conv(x)
+
+
+class DWConv(nn.Module):
+    """Depthwise 3×3 conv over the token grid, optionally with a shortcut: (B, N, C) -> (B, N, C)."""
+
+    def __init__(
+        self, dim: int, kernel_size: int = 3, bias: bool = True, with_shortcut: bool = False
+    ) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, 1, (kernel_size - 1) // 2, bias=bias, groups=dim)
+        self.with_shortcut = with_shortcut
+
+    def forward(self, x: Tensor, H: int, W: int) -> Tensor:
+        b, _, c = x.shape
+        y = self.dwconv(x.transpose(1, 2).reshape(b, c, H, W)).flatten(2).transpose(1, 2)
+        return y + x if self.with_shortcut else y
