@@ -1,9 +1,11 @@
 """Old vs new code of the architecture change (issue: layers point one way), on one machine.
 
-layer-{old,new}-{1..4}.json: benchmarks/interleaved.py --rounds 15 --models '' (the layer groups),
+layer-{old,new}-{1..6}.json: benchmarks/interleaved.py --rounds 15 --models '' (the layer groups),
 models-{old,new}-{1..3}.json: --rounds 12 --no-layer --models tiny,small, processes alternating old,
-new, old, new, ...; old = main at 0a386b3 (before the change), new = main at 78cc184. full-old.json is
-the old code's full run (layers + Tiny + Small) next to ../cpu-2026-12-06-interleaved-layout.json.
+new, old, new, ...; old = main at 0a386b3 (before the change), new = main at 78cc184 (pairs 1-4 and
+the models) and at a52a825 (layer pairs 5-6, after the plans moved to nn/_fusion.py); each file's
+commit_info says which. full-old.json is the old code's full run (layers + Tiny + Small) next to
+../cpu-2026-12-06-interleaved-layout.json.
 
     python benchmarks/results/ab-2026-12-06-layout/summarize.py
 """
@@ -34,5 +36,5 @@ def compare(kind: str, pairs: int, providers: dict[str, str]) -> None:
                   f"{max(new):.2f}); new/old speed per pair {', '.join(f'{x:.2f}' for x in speed)}")
 
 
-compare("layer", 4, {"paca-cpu": "official", "paca-cpu-compiled": "official-compiled"})
+compare("layer", 6, {"paca-cpu": "official", "paca-cpu-compiled": "official-compiled"})
 compare("models", 3, {"cpu": "reference", "cpu-compiled": "reference-compiled"})
