@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: demo test bench setup build lint clean
+.PHONY: demo test bench gpu-check setup build lint clean
 
 demo: build
 	$(PY) -m paca_kernels
@@ -21,6 +21,13 @@ bench: build
 	$(PY) -m pytest benchmarks --benchmark-only \
 		--benchmark-json=benchmarks/results/$$($(PY) -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu")')-$$(date +%F).json
 	$(PY) scripts/bench_report.py --plots
+
+# One-shot GPU check (scripts/gpu_check.sh): build with CUDA, GPU tests, bf16 benchmarks, all under
+# $(GPU_CHECK_OUT) within 8 minutes. Uses the machine's python3 as is (GPU machines: no network, so no
+# bootstrap); `make test` dry-runs it.
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_OUT)
 
 setup: $(VENV)/.paca-setup
 
