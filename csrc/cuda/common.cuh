@@ -146,10 +146,10 @@ __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int ld
       if (r1 && c1) C[(r + 1) * ldc + c + 1] = a11;
     }
   } else {
-#if !defined(__CUDACC__)
-    // A host-compiler build (the tests' CPU emulation of the kernels) has no tensor cores: only the
-    // FMA path (float32) is instantiated there.
-    static_assert(kMma == Mma::kSimt, "tensor-core products need nvcc");
+#if !defined(__CUDACC__) && !defined(PACA_KERNELS_EMULATED_WMMA)
+    // A host-compiler build has no tensor cores unless it supplies an nvcuda::wmma of its own (the
+    // tests' CPU emulation does: tests/backends/cuda_emulation.cpp).
+    static_assert(kMma == Mma::kSimt, "tensor-core products need nvcc or an emulated nvcuda::wmma");
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // bf16 and TF32 fragments need sm_80; the glue refuses older devices
 #else
@@ -229,8 +229,12 @@ struct CudaRuntime {
 unsigned char* dynamic_smem();  // defined by the host-compiler build (CPU emulation)
 #endif
 
-// gridDim.y and gridDim.z are limited to 65535: kernels loop over the rest (grid-stride).
+// gridDim.y and gridDim.z are limited to 65535: kernels loop over the rest (grid-stride). The CPU
+// emulation defines PACA_KERNELS_EMULATED_GRID_LIMIT and its own (run-time settable) kMaxGridYZ, so
+// that its tests reach the grid-stride loops with a few CTAs.
+#if !defined(PACA_KERNELS_EMULATED_GRID_LIMIT)
 constexpr int64_t kMaxGridYZ = 65535;
+#endif
 
 // Calls f(T{}) with T the element type of `dtype` (float, __half, __nv_bfloat16).
 template <typename F>
