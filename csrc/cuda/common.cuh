@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -197,7 +198,59 @@ __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int ld
 
 // ---- launch helpers ----------------------------------------------------------------------------
 
+// Which kernels have had their dynamic shared-memory limit raised (cudaFuncSetAttribute, a
+// per-function, per-device setting), so that each (kernel, device) pays for it once, not on every
+// launch. Lock-free: a fixed table of slots per device filled by compare-and-swap; two threads that
+// race on a new kernel both set the attribute (idempotent) and one of them records it. A kernel that
+// finds no free slot (more than kSlots kernels with over 48 KiB) sets the attribute on every launch.
+// The attribute is set to the most the device allows (queried once per device), so one setting
+// serves every size a later launch of that kernel may need.
+struct SmemOptInCache {
+  static constexpr int kDevices = 64, kSlots = 64;
+  std::atomic<const void*> kernels[kDevices][kSlots] = {};
+  std::atomic<int> max_smem[kDevices] = {};  // 0: not queried yet
+
+  // query(device) -> the device's opt-in maximum (bytes, > 0) or a negative error;
+  // set(kernel, bytes) -> cudaError_t. Returns the first error, else cudaSuccess.
+  template <typename Query, typename Set>
+  cudaError_t ensure(int device, const void* kernel, Query&& query, Set&& set) {
+    if (device < 0 || device >= kDevices) {
+      const int bytes = query(device);
+      return bytes < 0 ? static_cast<cudaError_t>(-bytes) : set(kernel, bytes);
+    }
+    std::atomic<const void*>* slots = kernels[device];
+    int free_slot = -1;
+    for (int i = 0; i < kSlots; ++i) {
+      const void* k = slots[i].load(std::memory_order_acquire);
+      if (k == kernel) return cudaSuccess;
+      if (k == nullptr) {
+        free_slot = i;
+        break;
+      }
+    }
+    int bytes = max_smem[device].load(std::memory_order_relaxed);
+    if (bytes <= 0) {
+      bytes = query(device);
+      if (bytes < 0) return static_cast<cudaError_t>(-bytes);
+      max_smem[device].store(bytes, std::memory_order_relaxed);
+    }
+    const cudaError_t err = set(kernel, bytes);
+    if (err != cudaSuccess || free_slot < 0) return err;
+    for (int i = free_slot; i < kSlots; ++i) {  // record it in the first free slot
+      const void* expected = nullptr;
+      if (slots[i].compare_exchange_strong(expected, kernel, std::memory_order_acq_rel)) break;
+      if (expected == kernel) break;  // another thread recorded it
+    }
+    return cudaSuccess;
+  }
+};
+
 #if defined(__CUDACC__)
+inline SmemOptInCache& smem_opt_in_cache() {
+  static SmemOptInCache cache;  // per translation unit (unnamed namespace): its own kernels
+  return cache;
+}
+
 // The CTA's dynamic shared memory (one buffer; the kernels carve it with their layouts).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(128) unsigned char smem_[];
@@ -212,9 +265,21 @@ struct CudaRuntime {
   template <typename... KArgs, typename... Args>
   cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                      Args&&... args) const {
-    if (smem > 48 * 1024) {  // above the 48 KiB default needs an opt-in
-      const cudaError_t err = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (smem > 48 * 1024) {  // above the 48 KiB default needs an opt-in, once per kernel and device
+      int device = 0;
+      cudaError_t err = cudaGetDevice(&device);
+      if (err != cudaSuccess) return err;
+      err = smem_opt_in_cache().ensure(
+          device, reinterpret_cast<const void*>(kernel),
+          [](int dev) {
+            int bytes = 0;
+            const cudaError_t e =
+                cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+            return e != cudaSuccess ? -static_cast<int>(e) : bytes;
+          },
+          [kernel](const void*, int bytes) {
+            return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+          });
       if (err != cudaSuccess) return err;
     }
     kernel<<<grid, block, smem, stream>>>(static_cast<Args&&>(args)...);

@@ -422,6 +422,36 @@ void emu_pool_smem(int dtype, int64_t C, int64_t* fwd3, int64_t* bwd3) {
 // The gridDim.y / gridDim.z limit the launch sequences plan with and the emulated launches enforce.
 void emu_set_grid_limit(int64_t limit) { emu::grid_yz_limit = limit; }
 
+// SmemOptInCache (common.cuh: CudaRuntime raises a kernel's shared-memory limit once per kernel and
+// device): `threads` threads each ask for `kernels` distinct kernels on `device`, `rounds` times;
+// counts[0] = attribute settings, counts[1] = device queries. Returns 0, or the first error.
+int emu_opt_in_cache(int device, int kernels, int threads, int rounds, int64_t* counts) {
+  static SmemOptInCache cache;  // persists across calls, as the per-TU cache does in a process
+  std::atomic<int64_t> sets{0}, queries{0};
+  std::atomic<int> error{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&] {
+      for (int r = 0; r < rounds; ++r) {
+        for (int k = 0; k < kernels; ++k) {
+          const void* kernel = reinterpret_cast<const void*>(static_cast<uintptr_t>(0x1000 + 16 * k));
+          const cudaError_t err = cache.ensure(
+              device, kernel, [&](int) { return ++queries, 232448; },
+              [&](const void*, int bytes) {
+                ++sets;
+                return bytes == 232448 ? cudaSuccess : cudaErrorInvalidValue;
+              });
+          if (err != cudaSuccess) error = static_cast<int>(err);
+        }
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  counts[0] = sets;
+  counts[1] = queries;
+  return error;
+}
+
 // The emulated conversions, for the tests to compare with torch's: out[i] = float(T(in[i])).
 void emu_round(int dtype, const float* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {

@@ -225,5 +225,48 @@ def test_cu_files_include_no_torch_headers():
                 assert not m[1].startswith(("torch/", "ATen/", "c10/")), f"{path.name}:{lineno}: {line.strip()}"
 
 
+def _glue_ops() -> dict[str, str]:
+    """{name: body} of the torch glue's op implementations (`<op>_cuda(...) { ... }`)."""
+    text = (CUDA_DIR / "torch_glue.cpp").read_text()
+    ops = {}
+    for m in re.finditer(r"^\S[^;{]*?\b(\w+_(?:fwd|bwd)_cuda)\((?:[^;{])*\)\s*\{", text, re.MULTILINE):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        ops[m[1]] = text[m.end() : i]
+    return ops
+
+
+def test_torch_glue_guards_the_inputs_device():
+    """Every op of the torch glue makes the inputs' device current (CUDAGuard) before it allocates,
+    asks for device properties, takes the current stream or launches; the properties it uses are the
+    inputs' device's (device_info(<input>.device().index(), ...)), never whatever device is current."""
+    ops = _glue_ops()
+    assert set(ops) == {f"{op}_{d}_cuda" for op in ("p2c_attention", "cluster_pool") for d in ("fwd", "bwd")}
+    for name, body in ops.items():
+        guard = re.search(r"CUDAGuard guard\((q|x)\.device\(\)\)", body)
+        assert guard, f"{name}: no CUDAGuard on the inputs' device"
+        for use in ("at::empty(", "device_info(", "getCurrentCUDAStream(", "cuda::p2c_attention_", "cuda::cluster_pool_"):
+            at = body.find(use)
+            assert at == -1 or at > guard.start(), f"{name}: {use} before the device guard"
+        assert re.search(rf"device_info\({guard[1]}\.device\(\)\.index\(\)", body), name
+    assert "cudaGetDevice(" not in (CUDA_DIR / "torch_glue.cpp").read_text()
+
+
+def test_device_properties_are_cached_per_device():
+    """The glue queries a device's attributes once (a per-device table), not on every call: the queries
+    sit in device_info behind its ready flag, and no op body queries attributes itself."""
+    text = (CUDA_DIR / "torch_glue.cpp").read_text()
+    info = text[text.index("DeviceInfo device_info(") :]
+    info = info[: info.index("\n}\n")]
+    first = info.index("cudaDeviceGetAttribute")
+    assert info.rfind("if (!ready[dev].load(", 0, first) != -1
+    assert all("cudaDeviceGetAttribute" not in body and "cudaFuncSetAttribute" not in body for body in _glue_ops().values())
+    common = (CUDA_DIR / "common.cuh").read_text()
+    launch = common[common.index("struct CudaRuntime") :]
+    assert "smem_opt_in_cache().ensure(" in launch  # the opt-in goes through the per-device cache
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

@@ -88,6 +88,8 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     dll.emu_pool_smem.argtypes = [i32, i64, I64P, I64P]
     dll.emu_set_grid_limit.argtypes = [i64]
     dll.emu_round.argtypes = [i32, FP, FP, i64]
+    dll.emu_opt_in_cache.argtypes = [i32, i32, i32, i32, I64P]
+    dll.emu_opt_in_cache.restype = i32
     for name in ("emu_p2c_fwd", "emu_p2c_bwd", "emu_pool_fwd", "emu_pool_bwd"):
         getattr(dll, name).restype = i32
     return dll
@@ -292,6 +294,75 @@ def test_emulation_catches_a_wrong_result(emu):
     assert_close(out, reference.p2c_attention(inp.q, inp.k, inp.v, 0.5), **FWD_TOL)
     with pytest.raises(AssertionError):
         assert_close(out, reference.p2c_attention(inp.q, inp.k, v, 0.5), **FWD_TOL)
+
+
+# -- grid limits, launch attributes -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_grid(emu):
+    """gridDim.y/z limited to 2 (65535 on the GPU): the launch sequences plan with it, the emulated
+    launches reject more, and the kernels' grid-stride loops cover the rest."""
+    emu.emu_set_grid_limit(2)
+    yield emu
+    emu.emu_set_grid_limit(65535)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_p2c_grid_stride_over_batch_heads(small_grid, dtype):
+    """B*h = 7 > the grid limit 2: each CTA row loops over (batch, head) pairs, forward and backward."""
+    emu = small_grid
+    inp = make_p2c_inputs(7, 20, 5, 1, 8, dtype=dtype)
+    out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
+    exact = _exact(inp.q, inp.k, inp.v)
+    want = reference.p2c_attention(*exact, 0.3)
+    low = _low(inp.q, inp.k, inp.v)
+    want_low = reference.p2c_attention(*low, 0.3)
+    g = torch.randn(7, 20, 1, 8).to(dtype)
+    want.backward(g.double())
+    want_low.backward(g)
+    assert_low_precision_ok(out, want_low, want, floor=1e-4)
+    for deterministic in (False, True):
+        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, 0.3, deterministic, 1)
+        for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
+            assert_low_precision_ok(a, lo.grad, ex.grad, name=name, floor=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 5], ids=["one-pass", "split"])
+def test_pool_grid_stride_over_batches(small_grid, splits):
+    """B = 5 > the grid limit 2 (grid axis y) and splits capped at 2 (axis z), forward and backward."""
+    emu = small_grid
+    inp = make_cluster_pool_inputs(5, 3, 100, 8, requires_grad=True)
+    args = (inp.logits, inp.x, inp.weight, inp.bias)
+    det = [t.detach() for t in args]
+    out, pooled, lse, _, used = _pool_fwd(emu, *det, 1e-6, 48 * 1024, splits=splits)
+    assert used == min(splits, 2)
+    want = reference.cluster_pool(*args, 1e-6)
+    assert_close(out, want, **FWD_TOL)
+    g = torch.randn(5, 3, 8)
+    want.backward(g)
+    got = _pool_bwd(emu, g, *det[:3], pooled, lse, 1e-6, 48 * 1024)
+    for name, a, t in zip(("dlogits", "dx", "dweight", "dbias"), got, args, strict=True):
+        assert_close(a, t.grad, name=name, **BWD_TOL)
+
+
+def test_opt_in_cache_sets_each_kernel_once_per_device(emu):
+    """CudaRuntime's shared-memory opt-in (common.cuh SmemOptInCache): one cudaFuncSetAttribute per
+    kernel and device and one device query per device, also under concurrent first calls; past the
+    table's 64 slots a kernel still launches (the attribute is set on each call)."""
+    counts = (ctypes.c_int64 * 2)()
+    assert emu.emu_opt_in_cache(0, 10, 1, 3, counts) == 0
+    assert list(counts) == [10, 1]
+    assert emu.emu_opt_in_cache(0, 10, 1, 1, counts) == 0
+    assert list(counts) == [0, 0]  # cached
+    assert emu.emu_opt_in_cache(1, 30, 8, 5, counts) == 0  # another device, 8 threads at once
+    assert 30 <= counts[0] <= 30 * 8 and 1 <= counts[1] <= 8
+    assert emu.emu_opt_in_cache(1, 30, 8, 5, counts) == 0
+    assert list(counts) == [0, 0]
+    assert emu.emu_opt_in_cache(2, 70, 1, 2, counts) == 0  # 6 kernels over the 64 slots
+    assert list(counts) == [64 + 2 * 6, 1]
+    assert emu.emu_opt_in_cache(99, 1, 1, 2, counts) == 0  # device index past the table
+    assert list(counts) == [2, 2]
 
 
 # -- tensor-core paths (fp16/bf16 WMMA, TF32 WMMA) ------------------------------------------------------
