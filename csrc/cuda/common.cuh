@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/launchers.h"
@@ -82,19 +83,109 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // ---- strided tile loads ------------------------------------------------------------------------
 
+// The CPU emulation counts which path each tile load takes (tests/backends/cuda_emulation.cpp).
+#ifndef PACA_KERNELS_TRACE_LOAD
+#define PACA_KERNELS_TRACE_LOAD(vectorised)
+#endif
+
+// 16 bytes from global to registers and from registers to shared memory (aligned). The host-compiler
+// build (CPU emulation) copies bytes instead of punning types.
+template <typename T, int kN>
+__device__ __forceinline__ void copy16(T (&dst)[kN], const T* src) {
+  static_assert(sizeof(T) * kN == 16, "16 bytes");
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+  std::memcpy(dst, src, 16);
+#endif
+}
+template <typename T, int kN>
+__device__ __forceinline__ void store16(T* dst, const T (&src)[kN]) {
+  static_assert(sizeof(T) * kN == 16, "16 bytes");
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+  std::memcpy(dst, src, 16);
+#endif
+}
+
 // dst[r * ld + c] = src(row0 + r, c) for r < rows, c < cols (cols is the padded width), where
 // src(i, j) = base[i * s_row + j * s_col] when i < row_end and j < col_end, else `fill`.
-// Columns vary fastest across threads, so contiguous rows load coalesced. 64-bit offsets.
+// Chunks of 16 bytes of the source (kVec elements of a row) vary fastest across threads, so
+// contiguous rows load coalesced. Vectorised when the source rows are contiguous (s_col == 1) and
+// every chunk is 16-byte aligned (base and row stride; cols a multiple of kVec): one 16-byte load per
+// chunk (a 16-byte store too when the types match and the destination rows are aligned), element
+// loads for the chunks that straddle col_end; otherwise (strided or misaligned sources) element
+// loads throughout. No division per element: each thread's (row, chunk) indices advance by a
+// constant step, computed once per call. 64-bit offsets.
 template <int kThreads, typename TSrc, typename TDst>
 __device__ __forceinline__ void load_tile(TDst* dst, int ld, const TSrc* base, int64_t s_row,
                                           int64_t s_col, int64_t row0, int64_t row_end,
                                           int64_t col_end, int rows, int cols, float fill) {
-  for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
-    const int r = idx / cols, c = idx - r * cols;
-    const int64_t i = row0 + r;
-    float val = fill;
-    if (i < row_end && c < col_end) val = to_float(base[i * s_row + c * s_col]);
-    dst[r * ld + c] = from_float<TDst>(val);
+  constexpr int kVec = 16 / static_cast<int>(sizeof(TSrc));
+  if (rows <= 0 || cols <= 0) return;
+  const bool vec = s_col == 1 && cols % kVec == 0 &&
+                   reinterpret_cast<uintptr_t>(base) % 16 == 0 &&
+                   (s_row * static_cast<int64_t>(sizeof(TSrc))) % 16 == 0;
+  PACA_KERNELS_TRACE_LOAD(vec);
+  const int width = vec ? kVec : 1;  // elements per step along a row
+  const int per_row = cols / width;  // chunks per row (cols % kVec == 0 when vec)
+  const int total = rows * per_row;
+  // This thread's first chunk and its constant step (kThreads chunks further on).
+  int r = static_cast<int>(threadIdx.x) / per_row;
+  int c = (static_cast<int>(threadIdx.x) - r * per_row) * width;
+  const int step_r = kThreads / per_row;
+  const int step_c = (kThreads - step_r * per_row) * width;
+  if (vec) {
+    const bool vec_store = std::is_same_v<TSrc, TDst> &&
+                           reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+                           (static_cast<int64_t>(ld) * static_cast<int64_t>(sizeof(TDst))) % 16 == 0;
+#pragma unroll 1  // one chunk in flight per thread: the tile kernels are near their register cap
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int64_t i = row0 + r;
+      TDst* d = dst + r * ld + c;
+      const TSrc* src = base + i * s_row + c;
+      if (i < row_end && c + kVec <= col_end) {
+        alignas(16) TSrc e[kVec];
+        copy16(e, src);
+        if constexpr (std::is_same_v<TSrc, TDst>) {
+          if (vec_store) {
+            store16(d, e);
+          } else {
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) d[k] = e[k];
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) d[k] = from_float<TDst>(to_float(e[k]));
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          d[k] = from_float<TDst>(i < row_end && c + k < col_end ? to_float(src[k]) : fill);
+        }
+      }
+      r += step_r;
+      c += step_c;
+      if (c >= cols) {
+        c -= cols;
+        ++r;
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int64_t i = row0 + r;
+      float val = fill;
+      if (i < row_end && c < col_end) val = to_float(base[i * s_row + c * s_col]);
+      dst[r * ld + c] = from_float<TDst>(val);
+      r += step_r;
+      c += step_c;
+      if (c >= cols) {
+        c -= cols;
+        ++r;
+      }
+    }
   }
 }
 

@@ -219,6 +219,12 @@ void mma_sync(fragment<accumulator, m, n, k, float>& d, const fragment<matrix_a,
 }
 }  // namespace nvcuda::wmma
 
+// Which path each tile load takes (per thread: [0] element loads, [1] 16-byte loads).
+namespace emu {
+std::atomic<int64_t> tile_loads[2] = {};
+}  // namespace emu
+#define PACA_KERNELS_TRACE_LOAD(vectorised) (++emu::tile_loads[(vectorised) ? 1 : 0])
+
 #define PACA_KERNELS_EMULATED_WMMA 1
 #define PACA_KERNELS_EMULATED_GRID_LIMIT 1
 namespace paca_kernels::cuda {
@@ -450,6 +456,12 @@ int emu_opt_in_cache(int device, int kernels, int threads, int rounds, int64_t* 
   counts[0] = sets;
   counts[1] = queries;
   return error;
+}
+
+// Tile loads since the last call, per thread: counts[0] element loads, counts[1] 16-byte loads.
+void emu_tile_loads(int64_t* counts) {
+  counts[0] = emu::tile_loads[0].exchange(0);
+  counts[1] = emu::tile_loads[1].exchange(0);
 }
 
 // The emulated conversions, for the tests to compare with torch's: out[i] = float(T(in[i])).

@@ -90,6 +90,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     dll.emu_round.argtypes = [i32, FP, FP, i64]
     dll.emu_opt_in_cache.argtypes = [i32, i32, i32, i32, I64P]
     dll.emu_opt_in_cache.restype = i32
+    dll.emu_tile_loads.argtypes = [I64P]
     for name in ("emu_p2c_fwd", "emu_p2c_bwd", "emu_pool_fwd", "emu_pool_bwd"):
         getattr(dll, name).restype = i32
     return dll
@@ -363,6 +364,34 @@ def test_opt_in_cache_sets_each_kernel_once_per_device(emu):
     assert list(counts) == [64 + 2 * 6, 1]
     assert emu.emu_opt_in_cache(99, 1, 1, 2, counts) == 0  # device index past the table
     assert list(counts) == [2, 2]
+
+
+def _tile_loads(emu) -> tuple[int, int]:
+    counts = (ctypes.c_int64 * 2)()
+    emu.emu_tile_loads(counts)
+    return counts[0], counts[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tile_loads_vectorised_with_a_scalar_fallback(emu, dtype):
+    """Contiguous inputs whose heads start 16-byte aligned load in 16-byte chunks only (d = 24 in fp16 pads
+    to 32: its last chunk is all fill); a misaligned base (storage offset 1), a row stride that breaks the
+    alignment or a column stride != 1 fall back to element loads, with bitwise the same results."""
+    for d in (40, 24):
+        inp = make_p2c_inputs(1, 70, 20, 2, d, dtype=dtype)
+        _tile_loads(emu)
+        out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
+        element, vector = _tile_loads(emu)
+        assert vector > 0 and element == 0, (d, element, vector)
+        # The same values through a misaligned view and a transposed (column stride 2) one.
+        qm = torch.empty(1 + inp.q.numel(), dtype=dtype)[1:].view_as(inp.q).copy_(inp.q)
+        qt = inp.q.transpose(2, 3).contiguous().transpose(2, 3)
+        ks = torch.empty(1, 20, 2, d + 1, dtype=dtype)[..., :d].copy_(inp.k)  # row stride (d+1)*h: misaligned
+        for q, k in ((qm, inp.k), (qt, inp.k), (inp.q, ks)):
+            got, got_lse = _p2c_fwd(emu, q, k, inp.v, 0.3)
+            element, vector = _tile_loads(emu)
+            assert element > 0, (d, q.stride(), k.stride())
+            assert torch.equal(got, out) and torch.equal(got_lse, lse)
 
 
 # -- tensor-core paths (fp16/bf16 WMMA, TF32 WMMA) ------------------------------------------------------
