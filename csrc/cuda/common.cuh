@@ -11,8 +11,10 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/launchers.h"
@@ -81,19 +83,109 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // ---- strided tile loads ------------------------------------------------------------------------
 
+// The CPU emulation counts which path each tile load takes (tests/backends/cuda_emulation.cpp).
+#ifndef PACA_KERNELS_TRACE_LOAD
+#define PACA_KERNELS_TRACE_LOAD(vectorised)
+#endif
+
+// 16 bytes from global to registers and from registers to shared memory (aligned). The host-compiler
+// build (CPU emulation) copies bytes instead of punning types.
+template <typename T, int kN>
+__device__ __forceinline__ void copy16(T (&dst)[kN], const T* src) {
+  static_assert(sizeof(T) * kN == 16, "16 bytes");
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+  std::memcpy(dst, src, 16);
+#endif
+}
+template <typename T, int kN>
+__device__ __forceinline__ void store16(T* dst, const T (&src)[kN]) {
+  static_assert(sizeof(T) * kN == 16, "16 bytes");
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#else
+  std::memcpy(dst, src, 16);
+#endif
+}
+
 // dst[r * ld + c] = src(row0 + r, c) for r < rows, c < cols (cols is the padded width), where
 // src(i, j) = base[i * s_row + j * s_col] when i < row_end and j < col_end, else `fill`.
-// Columns vary fastest across threads, so contiguous rows load coalesced. 64-bit offsets.
+// Chunks of 16 bytes of the source (kVec elements of a row) vary fastest across threads, so
+// contiguous rows load coalesced. Vectorised when the source rows are contiguous (s_col == 1) and
+// every chunk is 16-byte aligned (base and row stride; cols a multiple of kVec): one 16-byte load per
+// chunk (a 16-byte store too when the types match and the destination rows are aligned), element
+// loads for the chunks that straddle col_end; otherwise (strided or misaligned sources) element
+// loads throughout. No division per element: each thread's (row, chunk) indices advance by a
+// constant step, computed once per call. 64-bit offsets.
 template <int kThreads, typename TSrc, typename TDst>
 __device__ __forceinline__ void load_tile(TDst* dst, int ld, const TSrc* base, int64_t s_row,
                                           int64_t s_col, int64_t row0, int64_t row_end,
                                           int64_t col_end, int rows, int cols, float fill) {
-  for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
-    const int r = idx / cols, c = idx - r * cols;
-    const int64_t i = row0 + r;
-    float val = fill;
-    if (i < row_end && c < col_end) val = to_float(base[i * s_row + c * s_col]);
-    dst[r * ld + c] = from_float<TDst>(val);
+  constexpr int kVec = 16 / static_cast<int>(sizeof(TSrc));
+  if (rows <= 0 || cols <= 0) return;
+  const bool vec = s_col == 1 && cols % kVec == 0 &&
+                   reinterpret_cast<uintptr_t>(base) % 16 == 0 &&
+                   (s_row * static_cast<int64_t>(sizeof(TSrc))) % 16 == 0;
+  PACA_KERNELS_TRACE_LOAD(vec);
+  const int width = vec ? kVec : 1;  // elements per step along a row
+  const int per_row = cols / width;  // chunks per row (cols % kVec == 0 when vec)
+  const int total = rows * per_row;
+  // This thread's first chunk and its constant step (kThreads chunks further on).
+  int r = static_cast<int>(threadIdx.x) / per_row;
+  int c = (static_cast<int>(threadIdx.x) - r * per_row) * width;
+  const int step_r = kThreads / per_row;
+  const int step_c = (kThreads - step_r * per_row) * width;
+  if (vec) {
+    const bool vec_store = std::is_same_v<TSrc, TDst> &&
+                           reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+                           (static_cast<int64_t>(ld) * static_cast<int64_t>(sizeof(TDst))) % 16 == 0;
+#pragma unroll 1  // one chunk in flight per thread: the tile kernels are near their register cap
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int64_t i = row0 + r;
+      TDst* d = dst + r * ld + c;
+      const TSrc* src = base + i * s_row + c;
+      if (i < row_end && c + kVec <= col_end) {
+        alignas(16) TSrc e[kVec];
+        copy16(e, src);
+        if constexpr (std::is_same_v<TSrc, TDst>) {
+          if (vec_store) {
+            store16(d, e);
+          } else {
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) d[k] = e[k];
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) d[k] = from_float<TDst>(to_float(e[k]));
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          d[k] = from_float<TDst>(i < row_end && c + k < col_end ? to_float(src[k]) : fill);
+        }
+      }
+      r += step_r;
+      c += step_c;
+      if (c >= cols) {
+        c -= cols;
+        ++r;
+      }
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+      const int64_t i = row0 + r;
+      float val = fill;
+      if (i < row_end && c < col_end) val = to_float(base[i * s_row + c * s_col]);
+      dst[r * ld + c] = from_float<TDst>(val);
+      r += step_r;
+      c += step_c;
+      if (c >= cols) {
+        c -= cols;
+        ++r;
+      }
+    }
   }
 }
 
@@ -146,10 +238,10 @@ __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int ld
       if (r1 && c1) C[(r + 1) * ldc + c + 1] = a11;
     }
   } else {
-#if !defined(__CUDACC__)
-    // A host-compiler build (the tests' CPU emulation of the kernels) has no tensor cores: only the
-    // FMA path (float32) is instantiated there.
-    static_assert(kMma == Mma::kSimt, "tensor-core products need nvcc");
+#if !defined(__CUDACC__) && !defined(PACA_KERNELS_EMULATED_WMMA)
+    // A host-compiler build has no tensor cores unless it supplies an nvcuda::wmma of its own (the
+    // tests' CPU emulation does: tests/backends/cuda_emulation.cpp).
+    static_assert(kMma == Mma::kSimt, "tensor-core products need nvcc or an emulated nvcuda::wmma");
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // bf16 and TF32 fragments need sm_80; the glue refuses older devices
 #else
@@ -197,7 +289,59 @@ __device__ __forceinline__ void block_gemm(float* C, int ldc, const T* A, int ld
 
 // ---- launch helpers ----------------------------------------------------------------------------
 
+// Which kernels have had their dynamic shared-memory limit raised (cudaFuncSetAttribute, a
+// per-function, per-device setting), so that each (kernel, device) pays for it once, not on every
+// launch. Lock-free: a fixed table of slots per device filled by compare-and-swap; two threads that
+// race on a new kernel both set the attribute (idempotent) and one of them records it. A kernel that
+// finds no free slot (more than kSlots kernels with over 48 KiB) sets the attribute on every launch.
+// The attribute is set to the most the device allows (queried once per device), so one setting
+// serves every size a later launch of that kernel may need.
+struct SmemOptInCache {
+  static constexpr int kDevices = 64, kSlots = 64;
+  std::atomic<const void*> kernels[kDevices][kSlots] = {};
+  std::atomic<int> max_smem[kDevices] = {};  // 0: not queried yet
+
+  // query(device) -> the device's opt-in maximum (bytes, > 0) or a negative error;
+  // set(kernel, bytes) -> cudaError_t. Returns the first error, else cudaSuccess.
+  template <typename Query, typename Set>
+  cudaError_t ensure(int device, const void* kernel, Query&& query, Set&& set) {
+    if (device < 0 || device >= kDevices) {
+      const int bytes = query(device);
+      return bytes < 0 ? static_cast<cudaError_t>(-bytes) : set(kernel, bytes);
+    }
+    std::atomic<const void*>* slots = kernels[device];
+    int free_slot = -1;
+    for (int i = 0; i < kSlots; ++i) {
+      const void* k = slots[i].load(std::memory_order_acquire);
+      if (k == kernel) return cudaSuccess;
+      if (k == nullptr) {
+        free_slot = i;
+        break;
+      }
+    }
+    int bytes = max_smem[device].load(std::memory_order_relaxed);
+    if (bytes <= 0) {
+      bytes = query(device);
+      if (bytes < 0) return static_cast<cudaError_t>(-bytes);
+      max_smem[device].store(bytes, std::memory_order_relaxed);
+    }
+    const cudaError_t err = set(kernel, bytes);
+    if (err != cudaSuccess || free_slot < 0) return err;
+    for (int i = free_slot; i < kSlots; ++i) {  // record it in the first free slot
+      const void* expected = nullptr;
+      if (slots[i].compare_exchange_strong(expected, kernel, std::memory_order_acq_rel)) break;
+      if (expected == kernel) break;  // another thread recorded it
+    }
+    return cudaSuccess;
+  }
+};
+
 #if defined(__CUDACC__)
+inline SmemOptInCache& smem_opt_in_cache() {
+  static SmemOptInCache cache;  // per translation unit (unnamed namespace): its own kernels
+  return cache;
+}
+
 // The CTA's dynamic shared memory (one buffer; the kernels carve it with their layouts).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(128) unsigned char smem_[];
@@ -212,9 +356,21 @@ struct CudaRuntime {
   template <typename... KArgs, typename... Args>
   cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                      Args&&... args) const {
-    if (smem > 48 * 1024) {  // above the 48 KiB default needs an opt-in
-      const cudaError_t err = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (smem > 48 * 1024) {  // above the 48 KiB default needs an opt-in, once per kernel and device
+      int device = 0;
+      cudaError_t err = cudaGetDevice(&device);
+      if (err != cudaSuccess) return err;
+      err = smem_opt_in_cache().ensure(
+          device, reinterpret_cast<const void*>(kernel),
+          [](int dev) {
+            int bytes = 0;
+            const cudaError_t e =
+                cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+            return e != cudaSuccess ? -static_cast<int>(e) : bytes;
+          },
+          [kernel](const void*, int bytes) {
+            return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+          });
       if (err != cudaSuccess) return err;
     }
     kernel<<<grid, block, smem, stream>>>(static_cast<Args&&>(args)...);
@@ -229,8 +385,12 @@ struct CudaRuntime {
 unsigned char* dynamic_smem();  // defined by the host-compiler build (CPU emulation)
 #endif
 
-// gridDim.y and gridDim.z are limited to 65535: kernels loop over the rest (grid-stride).
+// gridDim.y and gridDim.z are limited to 65535: kernels loop over the rest (grid-stride). The CPU
+// emulation defines PACA_KERNELS_EMULATED_GRID_LIMIT and its own (run-time settable) kMaxGridYZ, so
+// that its tests reach the grid-stride loops with a few CTAs.
+#if !defined(PACA_KERNELS_EMULATED_GRID_LIMIT)
 constexpr int64_t kMaxGridYZ = 65535;
+#endif
 
 // Calls f(T{}) with T the element type of `dtype` (float, __half, __nv_bfloat16).
 template <typename F>

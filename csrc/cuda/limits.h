@@ -19,4 +19,11 @@ constexpr int64_t kMaxChannels = 1024;  // cluster_pool: C (more shared memory t
 // 163 KiB per block); above it, up to kMaxChannels, it needs ~200 KiB (sm_90 has 227 KiB).
 constexpr int64_t kMaxChannelsSmallSmem = 512;
 
+// Opt-in dynamic shared memory per block of the supported GPUs (bytes): sm_80 (A100) 163 KiB, sm_90
+// (H100/H200) 227 KiB. Every configuration the launchers can choose within the limits above fits
+// sm_80, except the cluster_pool backward above kMaxChannelsSmallSmem, which fits sm_90
+// (tests/backends/test_cuda_compile.py enumerates them through the launchers' own sizing code).
+constexpr int64_t kSmemPerBlockSm80 = 166912;
+constexpr int64_t kSmemPerBlockSm90 = 232448;
+
 }  // namespace paca_kernels::cuda

@@ -155,19 +155,23 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
     __syncthreads();
     // Row softmax over the M real keys (padded keys get probability 0), one warp per row. An all
     // -inf (or NaN) row gives NaN, as torch.softmax does.
+    // One exp per score: each lane keeps its exponentials in its own score slots (m = lane + 32 i,
+    // the same in every loop), so the normalisation reads them back without synchronisation.
     for (int r = warp; r < BN; r += kWarps) {
-      const float* srow = sS + r * L.lds;
+      float* srow = sS + r * L.lds;
       float mx = -INFINITY;
       for (int m = lane; m < M; m += kWarp) mx = fmaxf(mx, srow[m] * a.scale);
       mx = warp_max(mx);
       float sum = 0.f;
-      for (int m = lane; m < M; m += kWarp) sum += expf(srow[m] * a.scale - mx);
+      for (int m = lane; m < M; m += kWarp) {
+        const float e = expf(srow[m] * a.scale - mx);
+        srow[m] = e;
+        sum += e;
+      }
       sum = warp_sum(sum);
       const float inv = 1.f / sum;
       T* prow = sP + r * L.ldp;
-      for (int m = lane; m < L.Mp; m += kWarp) {
-        prow[m] = from_float<T>(m < M ? expf(srow[m] * a.scale - mx) * inv : 0.f);
-      }
+      for (int m = lane; m < L.Mp; m += kWarp) prow[m] = from_float<T>(m < M ? srow[m] * inv : 0.f);
       if (lane == 0 && n0 + r < a.N) a.lse[bh * a.N + n0 + r] = mx + logf(sum);
     }
     __syncthreads();

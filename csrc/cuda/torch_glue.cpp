@@ -14,8 +14,10 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <tuple>
 
@@ -48,23 +50,42 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", t.device());
 }
 
-// Properties of the current device (the guard has selected it).
+// Properties of a device, queried once per device (the attribute queries are driver calls: not on
+// every op call) in a thread-safe per-device table. `device` is the inputs' device, the one the
+// guard has made current.
 struct DeviceInfo {
+  int major = 0, minor = 0;
   int num_sms = 0;
   size_t max_smem = 0;  // opt-in dynamic shared memory per CTA, bytes
 };
 
-DeviceInfo device_info(const char* op) {
-  int dev = 0, major = 0, minor = 0, sms = 0, smem = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+constexpr int kMaxDevices = 64;
+
+DeviceInfo device_info(c10::DeviceIndex device, const char* op) {
+  static std::atomic<bool> ready[kMaxDevices] = {};
+  static DeviceInfo infos[kMaxDevices];
+  static std::mutex mutex;  // the first query per device only; a query that throws leaves it unset
+  const int dev = static_cast<int>(device);
+  TORCH_CHECK(dev >= 0 && dev < kMaxDevices, op, ": device index ", dev, " out of range");
+  if (!ready[dev].load(std::memory_order_acquire)) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (!ready[dev].load(std::memory_order_relaxed)) {
+      DeviceInfo info;
+      int smem = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, dev));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, dev));
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+      info.max_smem = static_cast<size_t>(smem);
+      infos[dev] = info;
+      ready[dev].store(true, std::memory_order_release);
+    }
+  }
+  const DeviceInfo& info = infos[dev];
   // bf16 and TF32 tensor-core fragments (and the compiled archs, sm_80 and newer) need it.
-  TORCH_CHECK(major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, device ",
-              dev, " is ", major, ".", minor);
-  return DeviceInfo{sms, static_cast<size_t>(smem)};
+  TORCH_CHECK(info.major >= 8, op, ": the CUDA kernels need compute capability 8.0 or newer, device ",
+              dev, " is ", info.major, ".", info.minor);
+  return info;
 }
 
 template <size_t K>
@@ -101,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cuda(const at::Tensor& q, c
     if (lse.numel() > 0) lse.fill_(std::log(static_cast<double>(M)));
     return {out, lse};
   }
-  const DeviceInfo info = device_info(kP2CFwdOp);
+  const DeviceInfo info = device_info(q.device().index(), kP2CFwdOp);
   const size_t smem = cuda::p2c_attention_fwd_smem_bytes(dtype, M, D);
   TORCH_CHECK(smem <= info.max_smem, kP2CFwdOp, ": needs ", smem,
               " bytes of shared memory per block for M=", M, ", d=", D, "; the device allows ",
@@ -142,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cuda(
     dv.zero_();
     return {dq, dk, dv};
   }
-  const DeviceInfo info = device_info(kP2CBwdOp);
+  const DeviceInfo info = device_info(q.device().index(), kP2CBwdOp);
   const size_t smem = cuda::p2c_attention_bwd_smem_bytes(dtype, M, D);
   TORCH_CHECK(smem <= info.max_smem, kP2CBwdOp, ": needs ", smem,
               " bytes of shared memory per block for M=", M, ", d=", D, "; the device allows ",
@@ -198,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cuda(
   if (weight.has_value()) w = weight->to(at::kFloat).contiguous();
   if (bias.has_value()) bi = bias->to(at::kFloat).contiguous();
 
-  const DeviceInfo info = device_info(op);
+  const DeviceInfo info = device_info(x.device().index(), op);
   cuda::PoolFwdPlan plan{};
   TORCH_CHECK(cuda::cluster_pool_fwd_plan(dtype, B, M, N, C, info.num_sms, info.max_smem,
                                           /*force_splits=*/0, &plan),
@@ -252,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cuda
   std::optional<at::Tensor> w;
   if (weight.has_value()) w = weight->to(at::kFloat).contiguous();
 
-  const DeviceInfo info = device_info(op);
+  const DeviceInfo info = device_info(x.device().index(), op);
   const size_t smem = cuda::cluster_pool_bwd_smem_bytes(dtype, C, info.max_smem);
   TORCH_CHECK(smem > 0, op, ": no tile configuration fits the device's ", info.max_smem,
               " bytes of shared memory per block for C=", C,

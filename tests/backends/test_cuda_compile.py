@@ -216,6 +216,84 @@ def test_launcher_plans_fit_the_devices(results, tmp_path):
             assert elems == 2 * count if not det else elems % (2 * count) == 0 and elems > 2 * count, v
 
 
+# Every shape within the advertised limits (cuda/limits.h), every dtype: the largest shared memory any
+# configuration the launchers choose needs, from their own sizing code, against the per-block budgets of
+# limits.h (the glue compares with the device's own value at run time).
+_SMEM_DRIVER = r"""
+#include <cstdio>
+#include "cuda/launchers.h"
+#include "cuda/limits.h"
+using namespace paca_kernels::cuda;
+int main() {
+  const DType dts[3] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  const size_t sm80 = kSmemPerBlockSm80, sm90 = kSmemPerBlockSm90;
+  for (int t = 0; t < 3; ++t) {
+    size_t fwd = 0, bwd = 0;
+    for (long m = 1; m <= kMaxKeys; ++m) {
+      for (long d = 1; d <= kMaxHeadDim; ++d) {
+        const size_t f = p2c_attention_fwd_smem_bytes(dts[t], m, d), b = p2c_attention_bwd_smem_bytes(dts[t], m, d);
+        fwd = f > fwd ? f : fwd;
+        bwd = b > bwd ? b : bwd;
+      }
+    }
+    std::printf("p2c %d %zu %zu\n", t, fwd, bwd);
+    size_t pf80 = 0, pf90 = 0, pb80 = 0, pb90 = 0;
+    long fail = 0;
+    for (long c = 1; c <= kMaxChannels; ++c) {
+      for (size_t lim : {sm80, sm90}) {
+        PoolFwdPlan plan{};
+        if (!cluster_pool_fwd_plan(dts[t], 1, 49, 3136, c, 132, lim, 0, &plan) || plan.smem > lim) ++fail;
+        size_t& pf = lim == sm80 ? pf80 : pf90;
+        pf = plan.smem > pf ? plan.smem : pf;
+        const size_t b = cluster_pool_bwd_smem_bytes(dts[t], c, lim);
+        const bool must_fit = lim == sm90 || c <= kMaxChannelsSmallSmem;
+        if ((must_fit && b == 0) || b > lim) ++fail;
+        size_t& pb = lim == sm80 ? pb80 : pb90;
+        pb = b > pb ? b : pb;
+      }
+    }
+    std::printf("pool %d %zu %zu %zu %zu %ld\n", t, pf80, pf90, pb80, pb90, fail);
+  }
+  return 0;
+}
+"""
+
+
+def _header_limits() -> dict[str, int]:
+    text = (CUDA_DIR / "limits.h").read_text()
+    return {m[1]: int(m[2]) for m in re.finditer(r"^constexpr int64_t (\w+) = (\d+);", text, re.MULTILINE)}
+
+
+def test_shared_memory_of_every_launch_fits_the_budgets(results, tmp_path):
+    """Every (dtype, M <= kMaxKeys, d <= kMaxHeadDim) of p2c_attention and every (dtype, C <= kMaxChannels)
+    of cluster_pool, sized by the launchers: within sm_80's 163 KiB per block, except the cluster_pool
+    backward above kMaxChannelsSmallSmem, which must fit sm_90's 227 KiB (and is refused on sm_80)."""
+    limits = _header_limits()
+    assert limits["kSmemPerBlockSm80"] == 163 * 1024 and limits["kSmemPerBlockSm90"] == 227 * 1024
+    objs = [OBJ_DIR[0] / f"{src.stem}.sm90.o" for src in CU_FILES]
+    if any(results[f"{s.name}-sm90"][0] != 0 for s in CU_FILES):
+        pytest.skip("the sm_90 objects did not build (see test_cu_compiles)")
+    driver = tmp_path / "smem_driver.cu"
+    driver.write_text(_SMEM_DRIVER)
+    exe = tmp_path / "smem_driver"
+    rc, out = _run([str(NVCC), "-std=c++20", "-O2", f"-I{ROOT / 'csrc'}", "-gencode=arch=compute_90,code=sm_90",
+                    str(driver), *map(str, objs), "-o", str(exe)])  # fmt: skip
+    assert rc == 0, out
+    rc, out = _run([str(exe)])
+    assert rc == 0, out
+    sm80, sm90 = limits["kSmemPerBlockSm80"], limits["kSmemPerBlockSm90"]
+    rows = [line.split() for line in out.splitlines()]
+    assert len(rows) == 6, out
+    for kind, *v in rows:
+        if kind == "p2c":
+            _, fwd, bwd = map(int, v)
+            assert 0 < fwd <= sm80 and 0 < bwd <= sm80, (v, sm80)
+        else:
+            _, pf80, pf90, pb80, pb90, fail = map(int, v)
+            assert fail == 0, v
+            assert pf80 <= sm80 and pf90 <= sm90 and pb80 <= sm80 and pb90 <= sm90, v
+
+
 def test_cu_files_include_no_torch_headers():
     """The kernels are plain launchers over raw pointers: nvcc compiles them without torch."""
     for path in [*CU_FILES, *CUDA_DIR.glob("*.cuh"), *CUDA_DIR.glob("*.h")]:
@@ -223,6 +301,49 @@ def test_cu_files_include_no_torch_headers():
             m = re.match(r"\s*#\s*include\s*[<\"]([^>\"]+)", line)
             if m:
                 assert not m[1].startswith(("torch/", "ATen/", "c10/")), f"{path.name}:{lineno}: {line.strip()}"
+
+
+def _glue_ops() -> dict[str, str]:
+    """{name: body} of the torch glue's op implementations (`<op>_cuda(...) { ... }`)."""
+    text = (CUDA_DIR / "torch_glue.cpp").read_text()
+    ops = {}
+    for m in re.finditer(r"^\S[^;{]*?\b(\w+_(?:fwd|bwd)_cuda)\((?:[^;{])*\)\s*\{", text, re.MULTILINE):
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        ops[m[1]] = text[m.end() : i]
+    return ops
+
+
+def test_torch_glue_guards_the_inputs_device():
+    """Every op of the torch glue makes the inputs' device current (CUDAGuard) before it allocates,
+    asks for device properties, takes the current stream or launches; the properties it uses are the
+    inputs' device's (device_info(<input>.device().index(), ...)), never whatever device is current."""
+    ops = _glue_ops()
+    assert set(ops) == {f"{op}_{d}_cuda" for op in ("p2c_attention", "cluster_pool") for d in ("fwd", "bwd")}
+    for name, body in ops.items():
+        guard = re.search(r"CUDAGuard guard\((q|x)\.device\(\)\)", body)
+        assert guard, f"{name}: no CUDAGuard on the inputs' device"
+        for use in ("at::empty(", "device_info(", "getCurrentCUDAStream(", "cuda::p2c_attention_", "cuda::cluster_pool_"):
+            at = body.find(use)
+            assert at == -1 or at > guard.start(), f"{name}: {use} before the device guard"
+        assert re.search(rf"device_info\({guard[1]}\.device\(\)\.index\(\)", body), name
+    assert "cudaGetDevice(" not in (CUDA_DIR / "torch_glue.cpp").read_text()
+
+
+def test_device_properties_are_cached_per_device():
+    """The glue queries a device's attributes once (a per-device table), not on every call: the queries
+    sit in device_info behind its ready flag, and no op body queries attributes itself."""
+    text = (CUDA_DIR / "torch_glue.cpp").read_text()
+    info = text[text.index("DeviceInfo device_info(") :]
+    info = info[: info.index("\n}\n")]
+    first = info.index("cudaDeviceGetAttribute")
+    assert info.rfind("if (!ready[dev].load(", 0, first) != -1
+    assert all("cudaDeviceGetAttribute" not in body and "cudaFuncSetAttribute" not in body for body in _glue_ops().values())
+    common = (CUDA_DIR / "common.cuh").read_text()
+    launch = common[common.index("struct CudaRuntime") :]
+    assert "smem_opt_in_cache().ensure(" in launch  # the opt-in goes through the per-device cache
 
 
 if __name__ == "__main__":  # pragma: no cover

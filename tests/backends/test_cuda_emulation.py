@@ -1,13 +1,19 @@
-"""The CUDA kernels' float32 path, run on the CPU: tests/backends/cuda_emulation.cpp compiles the production kernels
-and launch sequences (csrc/cuda/*.cuh) with the host compiler over an emulated CUDA runtime (a CTA = one
-std::thread per CUDA thread, __syncthreads = a barrier, NaN-filled shared memory and workspaces), and this
-file compares their results with the reference through ctypes.
+"""The CUDA kernels run on the CPU: tests/backends/cuda_emulation.cpp compiles the production kernels and
+launch sequences (csrc/cuda/*.cuh) with the host compiler over an emulated CUDA runtime (a CTA = one
+std::thread per CUDA thread, __syncthreads = a barrier, NaN-filled shared memory and workspaces, an
+emulated nvcuda::wmma with the GPU's roundings), and this file compares their results with the reference
+through ctypes.
 
 What this checks without a GPU: indexing (strides, padding, partial tiles, key chunks), the
 synchronisation structure (a missing barrier or a read of unwritten shared memory gives NaN or wrong
 values), the online softmax and its split-N merge, the LayerNorm epilogue and backward, the fixed-order
-and atomic dk/dv reductions, every tile configuration of cluster_pool. Not covered: the tensor-core
-(fp16/bf16/TF32) products, real GPU memory ordering and timing, and the torch glue (the cuda
+and atomic dk/dv reductions, every tile configuration of cluster_pool, the grid-stride loops, and the
+tensor-core paths (fp16/bf16 WMMA for p2c_attention, TF32 WMMA for the half-precision cluster_pool) with
+the GPU's precision choices: fp16/bf16 and TF32 conversions round as the GPU's do, p2c_attention rounds
+the probabilities to fp16/bf16 before P.v, cluster_pool keeps them float and rounds them to TF32, all in
+the production code. The low-precision results are held to FlashAttention's rule (error against float64
+at most 2x the PyTorch reference's own error in the same precision). Not covered: real GPU memory
+ordering and timing, the tensor cores' summation order (float32 rounding), and the torch glue (the cuda
 backend's cases in tests/ops/ cover those on a GPU).
 """
 
@@ -24,7 +30,13 @@ import pytest
 import torch
 
 from paca_kernels import reference
-from paca_kernels.testing import assert_close, make_cluster_pool_inputs, make_p2c_inputs, shape_id
+from paca_kernels.testing import (
+    assert_close,
+    assert_low_precision_ok,
+    make_cluster_pool_inputs,
+    make_p2c_inputs,
+    shape_id,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = Path(__file__).resolve().with_name("cuda_emulation.cpp")
@@ -34,6 +46,9 @@ FWD_TOL = {"rtol": 1e-5, "atol": 1e-5}
 BWD_TOL = {"rtol": 1e-4, "atol": 3e-5}
 I64P = ctypes.POINTER(ctypes.c_int64)
 FP = ctypes.c_void_p
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # launchers.h DType
+LOW = [torch.float16, torch.bfloat16]
+LOW_IDS = ["fp16", "bf16"]
 
 
 def _cuda_include() -> Path | None:
@@ -66,11 +81,16 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     assert proc.returncode == 0, f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr[-8000:]}"
     dll = ctypes.CDLL(str(lib))
     i64, f32, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    dll.emu_p2c_fwd.argtypes = [i64] * 5 + [f32] + [FP, I64P] * 3 + [FP, FP]
-    dll.emu_p2c_bwd.argtypes = [i64] * 5 + [f32, i32, i32] + [FP, I64P] * 6 + [FP] * 3
-    dll.emu_pool_fwd.argtypes = [i64] * 4 + [f32] + [FP, I64P] * 2 + [FP] * 5 + [i32, i64, i64, I64P]
-    dll.emu_pool_bwd.argtypes = [i64] * 4 + [f32] + [FP, I64P] * 3 + [FP] + [FP, I64P] * 2 + [FP] * 4 + [i64]
-    dll.emu_pool_smem.argtypes = [i64, I64P, I64P]
+    dll.emu_p2c_fwd.argtypes = [i32] + [i64] * 5 + [f32] + [FP, I64P] * 3 + [FP, FP]
+    dll.emu_p2c_bwd.argtypes = [i32] + [i64] * 5 + [f32, i32, i32] + [FP, I64P] * 6 + [FP] * 3
+    dll.emu_pool_fwd.argtypes = [i32] + [i64] * 4 + [f32] + [FP, I64P] * 2 + [FP] * 5 + [i32, i64, i64, I64P]
+    dll.emu_pool_bwd.argtypes = [i32] + [i64] * 4 + [f32] + [FP, I64P] * 3 + [FP] + [FP, I64P] * 2 + [FP] * 4 + [i64]
+    dll.emu_pool_smem.argtypes = [i32, i64, I64P, I64P]
+    dll.emu_set_grid_limit.argtypes = [i64]
+    dll.emu_round.argtypes = [i32, FP, FP, i64]
+    dll.emu_opt_in_cache.argtypes = [i32, i32, i32, i32, I64P]
+    dll.emu_opt_in_cache.restype = i32
+    dll.emu_tile_loads.argtypes = [I64P]
     for name in ("emu_p2c_fwd", "emu_p2c_bwd", "emu_pool_fwd", "emu_pool_bwd"):
         getattr(dll, name).restype = i32
     return dll
@@ -84,8 +104,8 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _nan(*shape: int) -> torch.Tensor:
-    return torch.full(shape, math.nan)
+def _nan(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.full(shape, math.nan, dtype=dtype)
 
 
 # -- p2c_attention ----------------------------------------------------------------------------------
@@ -94,8 +114,8 @@ def _nan(*shape: int) -> torch.Tensor:
 def _p2c_fwd(emu, q, k, v, scale):
     b, n, h, d = q.shape
     m = k.shape[1]
-    out, lse = _nan(b, n, h, d), _nan(b, h, n)
-    rc = emu.emu_p2c_fwd(b, n, m, h, d, scale, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v),
+    out, lse = _nan(b, n, h, d, dtype=q.dtype), _nan(b, h, n)
+    rc = emu.emu_p2c_fwd(DTYPE_CODE[q.dtype], b, n, m, h, d, scale, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v),
                          _strides(v), _ptr(out), _ptr(lse))
     assert rc == 0
     return out, lse
@@ -104,8 +124,8 @@ def _p2c_fwd(emu, q, k, v, scale):
 def _p2c_bwd(emu, g, q, k, v, out, lse, scale, deterministic, num_sms):
     b, n, h, d = q.shape
     m = k.shape[1]
-    dq, dk, dv = _nan(b, n, h, d), _nan(b, m, h, d), _nan(b, m, h, d)
-    rc = emu.emu_p2c_bwd(b, n, m, h, d, scale, int(deterministic), num_sms,
+    dq, dk, dv = _nan(b, n, h, d, dtype=q.dtype), _nan(b, m, h, d, dtype=q.dtype), _nan(b, m, h, d, dtype=q.dtype)
+    rc = emu.emu_p2c_bwd(DTYPE_CODE[q.dtype], b, n, m, h, d, scale, int(deterministic), num_sms,
                          _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
                          _ptr(out), _strides(out), _ptr(g), _strides(g), _ptr(lse), _strides(lse),
                          _ptr(dq), _ptr(dk), _ptr(dv))  # fmt: skip
@@ -166,18 +186,19 @@ def test_p2c_deterministic_groups_and_stride0_grad(emu):
 # -- cluster_pool -----------------------------------------------------------------------------------
 
 
-def _smem(emu, c):
+def _smem(emu, c, dtype=torch.float32):
     f3, b3 = (ctypes.c_int64 * 3)(), (ctypes.c_int64 * 3)()
-    emu.emu_pool_smem(c, f3, b3)
+    emu.emu_pool_smem(DTYPE_CODE[dtype], c, f3, b3)
     return list(f3), list(b3)
 
 
 def _pool_fwd(emu, logits, x, w, bias, eps, max_smem, splits=0, num_sms=132):
     b, m, n = logits.shape
     c = x.shape[2]
-    out, pooled, lse = _nan(b, m, c), _nan(b, m, c), _nan(b, m)
+    out, pooled, lse = _nan(b, m, c, dtype=x.dtype), _nan(b, m, c), _nan(b, m)
     used = ctypes.c_int64(0)
-    cfg = emu.emu_pool_fwd(b, m, n, c, eps, _ptr(logits), _strides(logits), _ptr(x), _strides(x), _ptr(w),
+    w, bias = (None if t is None else t.float().contiguous() for t in (w, bias))  # as the glue passes them
+    cfg = emu.emu_pool_fwd(DTYPE_CODE[x.dtype], b, m, n, c, eps, _ptr(logits), _strides(logits), _ptr(x), _strides(x), _ptr(w),
                            _ptr(bias), _ptr(out), _ptr(pooled), _ptr(lse), num_sms, max_smem, splits,
                            ctypes.byref(used))  # fmt: skip
     assert cfg >= 0
@@ -187,8 +208,9 @@ def _pool_fwd(emu, logits, x, w, bias, eps, max_smem, splits=0, num_sms=132):
 def _pool_bwd(emu, g, logits, x, w, pooled, lse, eps, max_smem):
     b, m, n = logits.shape
     c = x.shape[2]
-    dl, dx, dw, db = _nan(b, m, n), _nan(b, n, c), _nan(c), _nan(c)
-    rc = emu.emu_pool_bwd(b, m, n, c, eps, _ptr(g), _strides(g), _ptr(logits), _strides(logits), _ptr(x),
+    dl, dx, dw, db = _nan(b, m, n, dtype=x.dtype), _nan(b, n, c, dtype=x.dtype), _nan(c), _nan(c)
+    w = None if w is None else w.float().contiguous()
+    rc = emu.emu_pool_bwd(DTYPE_CODE[x.dtype], b, m, n, c, eps, _ptr(g), _strides(g), _ptr(logits), _strides(logits), _ptr(x),
                           _strides(x), _ptr(w), _ptr(pooled), _strides(pooled), _ptr(lse), _strides(lse),
                           _ptr(dl), _ptr(dx), _ptr(dw), _ptr(db), max_smem)  # fmt: skip
     assert rc == 0
@@ -273,6 +295,249 @@ def test_emulation_catches_a_wrong_result(emu):
     assert_close(out, reference.p2c_attention(inp.q, inp.k, inp.v, 0.5), **FWD_TOL)
     with pytest.raises(AssertionError):
         assert_close(out, reference.p2c_attention(inp.q, inp.k, v, 0.5), **FWD_TOL)
+
+
+# -- grid limits, launch attributes -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_grid(emu):
+    """gridDim.y/z limited to 2 (65535 on the GPU): the launch sequences plan with it, the emulated
+    launches reject more, and the kernels' grid-stride loops cover the rest."""
+    emu.emu_set_grid_limit(2)
+    yield emu
+    emu.emu_set_grid_limit(65535)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_p2c_grid_stride_over_batch_heads(small_grid, dtype):
+    """B*h = 7 > the grid limit 2: each CTA row loops over (batch, head) pairs, forward and backward."""
+    emu = small_grid
+    inp = make_p2c_inputs(7, 20, 5, 1, 8, dtype=dtype)
+    out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
+    exact = _exact(inp.q, inp.k, inp.v)
+    want = reference.p2c_attention(*exact, 0.3)
+    low = _low(inp.q, inp.k, inp.v)
+    want_low = reference.p2c_attention(*low, 0.3)
+    g = torch.randn(7, 20, 1, 8).to(dtype)
+    want.backward(g.double())
+    want_low.backward(g)
+    assert_low_precision_ok(out, want_low, want, floor=1e-4)
+    for deterministic in (False, True):
+        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, 0.3, deterministic, 1)
+        for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
+            assert_low_precision_ok(a, lo.grad, ex.grad, name=name, floor=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 5], ids=["one-pass", "split"])
+def test_pool_grid_stride_over_batches(small_grid, splits):
+    """B = 5 > the grid limit 2 (grid axis y) and splits capped at 2 (axis z), forward and backward."""
+    emu = small_grid
+    inp = make_cluster_pool_inputs(5, 3, 100, 8, requires_grad=True)
+    args = (inp.logits, inp.x, inp.weight, inp.bias)
+    det = [t.detach() for t in args]
+    out, pooled, lse, _, used = _pool_fwd(emu, *det, 1e-6, 48 * 1024, splits=splits)
+    assert used == min(splits, 2)
+    want = reference.cluster_pool(*args, 1e-6)
+    assert_close(out, want, **FWD_TOL)
+    g = torch.randn(5, 3, 8)
+    want.backward(g)
+    got = _pool_bwd(emu, g, *det[:3], pooled, lse, 1e-6, 48 * 1024)
+    for name, a, t in zip(("dlogits", "dx", "dweight", "dbias"), got, args, strict=True):
+        assert_close(a, t.grad, name=name, **BWD_TOL)
+
+
+def test_opt_in_cache_sets_each_kernel_once_per_device(emu):
+    """CudaRuntime's shared-memory opt-in (common.cuh SmemOptInCache): one cudaFuncSetAttribute per
+    kernel and device and one device query per device, also under concurrent first calls; past the
+    table's 64 slots a kernel still launches (the attribute is set on each call)."""
+    counts = (ctypes.c_int64 * 2)()
+    assert emu.emu_opt_in_cache(0, 10, 1, 3, counts) == 0
+    assert list(counts) == [10, 1]
+    assert emu.emu_opt_in_cache(0, 10, 1, 1, counts) == 0
+    assert list(counts) == [0, 0]  # cached
+    assert emu.emu_opt_in_cache(1, 30, 8, 5, counts) == 0  # another device, 8 threads at once
+    assert 30 <= counts[0] <= 30 * 8 and 1 <= counts[1] <= 8
+    assert emu.emu_opt_in_cache(1, 30, 8, 5, counts) == 0
+    assert list(counts) == [0, 0]
+    assert emu.emu_opt_in_cache(2, 70, 1, 2, counts) == 0  # 6 kernels over the 64 slots
+    assert list(counts) == [64 + 2 * 6, 1]
+    assert emu.emu_opt_in_cache(99, 1, 1, 2, counts) == 0  # device index past the table
+    assert list(counts) == [2, 2]
+
+
+def _tile_loads(emu) -> tuple[int, int]:
+    counts = (ctypes.c_int64 * 2)()
+    emu.emu_tile_loads(counts)
+    return counts[0], counts[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tile_loads_vectorised_with_a_scalar_fallback(emu, dtype):
+    """Contiguous inputs whose heads start 16-byte aligned load in 16-byte chunks only (d = 24 in fp16 pads
+    to 32: its last chunk is all fill); a misaligned base (storage offset 1), a row stride that breaks the
+    alignment or a column stride != 1 fall back to element loads, with bitwise the same results."""
+    for d in (40, 24):
+        inp = make_p2c_inputs(1, 70, 20, 2, d, dtype=dtype)
+        _tile_loads(emu)
+        out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
+        element, vector = _tile_loads(emu)
+        assert vector > 0 and element == 0, (d, element, vector)
+        # The same values through a misaligned view and a transposed (column stride 2) one.
+        qm = torch.empty(1 + inp.q.numel(), dtype=dtype)[1:].view_as(inp.q).copy_(inp.q)
+        qt = inp.q.transpose(2, 3).contiguous().transpose(2, 3)
+        ks = torch.empty(1, 20, 2, d + 1, dtype=dtype)[..., :d].copy_(inp.k)  # row stride (d+1)*h: misaligned
+        for q, k in ((qm, inp.k), (qt, inp.k), (inp.q, ks)):
+            got, got_lse = _p2c_fwd(emu, q, k, inp.v, 0.3)
+            element, vector = _tile_loads(emu)
+            assert element > 0, (d, q.stride(), k.stride())
+            assert torch.equal(got, out) and torch.equal(got_lse, lse)
+
+
+# -- tensor-core paths (fp16/bf16 WMMA, TF32 WMMA) ------------------------------------------------------
+
+
+def _round(emu, x: torch.Tensor, code: int) -> torch.Tensor:
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    emu.emu_round(code, _ptr(x), _ptr(out), x.numel())
+    return out
+
+
+def test_emulated_roundings_match_the_gpu(emu):
+    """fp16/bf16 conversions round to nearest even (as torch's and the GPU's __float2half_rn do), TF32 to
+    nearest with ties away from zero (cvt.rna.tf32.f32, what wmma::__float_to_tf32 executes)."""
+    x = torch.randn(4096) * torch.logspace(-12, 12, 4096)
+    ties = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 + 2**-8, 1 + 2**-9 + 2**-8, 65520.0, 1e-8])
+    x = torch.cat([x, ties, -ties])
+    assert torch.equal(_round(emu, x, 1), x.half().float())
+    assert torch.equal(_round(emu, x, 2), x.bfloat16().float())
+    tf32 = _round(emu, torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 + 2**-12, 1 + 2**-11 + 2**-20]), 3)
+    assert tf32.tolist() == [1 + 2**-10, 1 + 2 * 2**-10, -(1 + 2**-10), 1.0, 1 + 2**-10]
+    r = _round(emu, x, 3)  # 10 mantissa bits kept, within half a unit of the last place
+    assert (r.view(torch.int32) & 0x1FFF).eq(0).all()
+    assert ((r - x).abs() <= x.abs() * 2**-11).all()
+
+
+def _exact(*tensors):
+    """float64 leaves with the same (already rounded) values."""
+    return [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
+
+
+def _low(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+# (B, N, M, h, d, contiguous): N = 197 (a partial 64-query tile), M = 49 and 100 (one and two 64-key
+# chunks forward, two and four 32-key chunks backward; padded to 64 and 112), d = 24 / 40 / 72 (padded to
+# 32 / 48 / 80), strided q and interleaved k/v.
+P2C_LOW_SHAPES = [
+    (2, 197, 49, 2, 24, True),
+    (1, 197, 100, 1, 40, False),
+    (1, 70, 49, 1, 72, True),
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize(
+    "shape", P2C_LOW_SHAPES,
+    ids=[shape_id(B=b, N=n, M=m, H=h, D=d) + ("" if c else "-strided") for b, n, m, h, d, c in P2C_LOW_SHAPES],
+)
+def test_p2c_tensor_cores_within_flash_attention_rule(emu, shape, dtype):
+    """The fp16/bf16 WMMA path, forward and backward (atomic and deterministic dk/dv), against float64 by
+    FlashAttention's rule: at most 2x the error of the PyTorch reference run in the same precision."""
+    b, n, m, h, d, contiguous = shape
+    inp = make_p2c_inputs(b, n, m, h, d, dtype=dtype, contiguous=contiguous)
+    scale = d**-0.5
+    out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, scale)
+    assert out.dtype == dtype
+    low = _low(inp.q, inp.k, inp.v)
+    exact = _exact(inp.q, inp.k, inp.v)
+    want_low = reference.p2c_attention(*low, scale)
+    want = reference.p2c_attention(*exact, scale)
+    assert_low_precision_ok(out, want_low, want, name="out")
+    scores = torch.einsum("bnhd,bmhd->bhnm", *exact[:2]).detach() * scale
+    scores_low = torch.einsum("bnhd,bmhd->bhnm", *low[:2]).detach() * scale
+    assert_low_precision_ok(lse, torch.logsumexp(scores_low, -1), torch.logsumexp(scores, -1), name="lse")
+    g = torch.randn(b, n, h, d).to(dtype)
+    want_low.backward(g)
+    want.backward(g.double())
+    for deterministic in (False, True):
+        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, scale, deterministic, 1)
+        for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
+            assert a.dtype == dtype and torch.isfinite(a).all(), name
+            assert_low_precision_ok(a, lo.grad, ex.grad, name=f"{name} ({'deterministic' if deterministic else 'atomic'})")
+
+
+# (B, M, N, C, contiguous): N = 197 over several tiles and splits, M = 49 (partial cluster blocks), C = 40
+# and 100 (padded to 48 and 112 for the 16-wide TF32 tiles).
+POOL_LOW_SHAPES = [(2, 49, 197, 40, True), (1, 49, 197, 100, False)]
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["one-pass", "split3"])
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+@pytest.mark.parametrize(
+    "shape", POOL_LOW_SHAPES,
+    ids=[shape_id(B=b, M=m, N=n, C=c) + ("" if ct else "-strided") for b, m, n, c, ct in POOL_LOW_SHAPES],
+)
+def test_pool_tensor_cores_within_flash_attention_rule(emu, shape, dtype, splits):
+    """The TF32 WMMA path of half-precision cluster_pool (float probabilities rounded to TF32, float
+    accumulation), forward (one pass and split-N) and backward, by FlashAttention's rule."""
+    b, m, n, c, contiguous = shape
+    inp = make_cluster_pool_inputs(b, m, n, c, dtype=dtype, contiguous=contiguous)
+    args = (inp.logits, inp.x, inp.weight, inp.bias)
+    out, pooled, lse, _, used = _pool_fwd(emu, *args, 1e-6, 227 * 1024, splits=splits)
+    assert out.dtype == dtype and used == splits
+    low, exact = _low(*args), _exact(*args)
+    want_low = reference.cluster_pool(*low, 1e-6)
+    want = reference.cluster_pool(*exact, 1e-6)
+    assert_low_precision_ok(out, want_low, want, name="out")
+    p_low = torch.softmax(low[0].detach(), -1) @ low[1].detach()
+    p_exact = torch.softmax(exact[0].detach(), -1) @ exact[1].detach()
+    assert_low_precision_ok(pooled, p_low, p_exact, name="pooled")
+    assert_low_precision_ok(lse, torch.logsumexp(low[0].detach(), -1), torch.logsumexp(exact[0].detach(), -1),
+                            name="lse")
+    g = torch.randn(b, m, c).to(dtype)
+    want_low.backward(g)
+    want.backward(g.double())
+    got = _pool_bwd(emu, g, inp.logits, inp.x, inp.weight, pooled, lse, 1e-6, 227 * 1024)
+    for name, a, lo, ex in zip(("dlogits", "dx", "dweight", "dbias"), got, low, exact, strict=True):
+        assert torch.isfinite(a).all(), name
+        assert_low_precision_ok(a, lo.grad, ex.grad, name=name)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=LOW_IDS)
+def test_pool_tensor_cores_every_configuration(emu, dtype):
+    """Each of the three tile configurations of the TF32 path (forced through the shared-memory budget)."""
+    inp = make_cluster_pool_inputs(1, 37, 150, 24, dtype=dtype)
+    args = (inp.logits, inp.x, inp.weight, inp.bias)
+    fwd3, bwd3 = _smem(emu, 24, dtype)
+    exact, low = _exact(*args), _low(*args)
+    want, want_low = reference.cluster_pool(*exact, 1e-6), reference.cluster_pool(*low, 1e-6)
+    g = torch.randn(1, 37, 24).to(dtype)
+    want.backward(g.double())
+    want_low.backward(g)
+    for config in range(3):
+        out, pooled, lse, cfg, _ = _pool_fwd(emu, *args, 1e-6, fwd3[config], splits=1)
+        assert cfg == config
+        assert_low_precision_ok(out, want_low, want, name=f"out cfg{config}")
+        got = _pool_bwd(emu, g, inp.logits, inp.x, inp.weight, pooled, lse, 1e-6, bwd3[config])
+        for name, a, lo, ex in zip(("dlogits", "dx"), got, low, exact, strict=False):
+            assert_low_precision_ok(a, lo.grad, ex.grad, name=f"{name} cfg{config}")
+
+
+def test_tensor_core_emulation_catches_a_wrong_result(emu):
+    """The rule can fail on the emulated half path: one value element off by 1/8 (through the kernel)."""
+    inp = make_p2c_inputs(1, 40, 20, 1, 24, dtype=torch.float16)
+    exact = _exact(inp.q, inp.k, inp.v)
+    want, low = reference.p2c_attention(*exact, 0.2), reference.p2c_attention(inp.q, inp.k, inp.v, 0.2)
+    out, _ = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.2)
+    assert_low_precision_ok(out, low, want)
+    v = inp.v.clone()
+    v[0, 3, 0, 5] += 0.125
+    bad, _ = _p2c_fwd(emu, inp.q, inp.k, v, 0.2)
+    with pytest.raises(AssertionError):
+        assert_low_precision_ok(bad, low, want)
 
 
 def test_headers_exist():
