@@ -41,6 +41,8 @@ CUDA_LIMITS = {
     "max_head_dim": "kMaxHeadDim",
     "max_channels": "kMaxChannels",
     "max_channels_small_smem": "kMaxChannelsSmallSmem",
+    "smem_per_block_sm80": "kSmemPerBlockSm80",
+    "smem_per_block_sm90": "kSmemPerBlockSm90",
 }
 
 

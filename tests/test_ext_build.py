@@ -133,6 +133,8 @@ CUDA_LIMIT_NAMES = {
     "max_head_dim": "kMaxHeadDim",
     "max_channels": "kMaxChannels",
     "max_channels_small_smem": "kMaxChannelsSmallSmem",
+    "smem_per_block_sm80": "kSmemPerBlockSm80",
+    "smem_per_block_sm90": "kSmemPerBlockSm90",
 }
 
 
@@ -143,6 +145,8 @@ def _header_constants(header: Path) -> dict[str, int]:
 
 def test_build_info_limits_equal_the_cuda_header() -> None:
     consts = _header_constants(LIMITS_HEADER)
+    # Every constant of the header reaches Python (a new one must be added to setup.py's CUDA_LIMITS).
+    assert set(consts) == set(CUDA_LIMIT_NAMES.values())
     expected = {key: consts[name] for key, name in CUDA_LIMIT_NAMES.items()}
     assert _ext.kernel_limits("cuda") == expected
     assert _ext.build_info()["limits"]["cuda"] == expected  # also for CPU-only builds

@@ -28,9 +28,6 @@ from ..p2c_attention import p2c_attention_cpp
 
 __all__ = ["BACKEND", "limits"]
 
-#: sm_90 has 227 KiB of shared memory per block, sm_80 163 KiB: cluster_pool's backward above
-#: ``max_channels_small_smem`` channels needs about 200 KiB.
-_LARGE_SMEM = 200 * 1024
 _AVAILABILITY: list[str | None] = []
 
 
@@ -66,7 +63,8 @@ def _device_reasons(t: Tensor) -> list[str]:
 
 def limits() -> dict[str, int] | None:
     """The CUDA kernels' size limits (``max_keys``, ``max_head_dim``, ``max_channels``,
-    ``max_channels_small_smem``), from their one source, csrc/cuda/limits.h, through the build info
+    ``max_channels_small_smem``, and the shared memory per block they are sized for,
+    ``smem_per_block_sm80`` / ``smem_per_block_sm90``), from their one source, csrc/cuda/limits.h, through the build info
     (:func:`paca_kernels._ext.kernel_limits`); None without build info (then the backend is
     unavailable anyway)."""
     return _ext.kernel_limits("cuda")
@@ -91,9 +89,11 @@ def _p2c_limits(inputs: Sequence[Tensor]) -> list[str]:
 def _max_channels(device: torch.device, lim: dict[str, int]) -> int:
     if device.type != "cuda":
         return lim["max_channels"]
+    # cluster_pool's backward above max_channels_small_smem channels is sized for sm_90's shared
+    # memory per block (csrc/cuda/limits.h: kSmemPerBlockSm90; sm_80 has kSmemPerBlockSm80).
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", 0)
-    return lim["max_channels"] if smem >= _LARGE_SMEM else lim["max_channels_small_smem"]
+    return lim["max_channels"] if smem >= lim["smem_per_block_sm90"] else lim["max_channels_small_smem"]
 
 
 def _cp_limits(inputs: Sequence[Tensor]) -> list[str]:
