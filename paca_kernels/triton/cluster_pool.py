@@ -78,9 +78,9 @@ def _layer_norm_store(pooled, lse, rows, mask_r, offs_c, mask_c, C, eps, w_ptr, 
     tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_rc)
 
 
-# The flags (weight, bias, number of splits) are runtime arguments, never specialised: one compiled
+# The flags (weight, bias and their strides, number of splits) are runtime arguments, never specialised: one compiled
 # kernel serves them all (fewer variants to compile and to budget, see triton/plan.py).
-@triton.jit(do_not_specialize=["n_splits", "has_w", "has_b"])
+@triton.jit(do_not_specialize=["n_splits", "s_w", "s_b", "has_w", "has_b"])
 def _cluster_pool_fwd_kernel(
     logits_ptr, x_ptr, w_ptr, b_ptr, out_ptr, pooled_ptr, lse_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
@@ -145,7 +145,7 @@ def _cluster_pool_fwd_kernel(
                           w_ptr, b_ptr, s_w, s_b, has_w, has_b, out_ptr, pooled_ptr, lse_ptr)
 
 
-@triton.jit(do_not_specialize=["n_splits", "has_w", "has_b"])
+@triton.jit(do_not_specialize=["n_splits", "s_w", "s_b", "has_w", "has_b"])
 def _cluster_pool_merge_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, w_ptr, b_ptr, out_ptr, pooled_ptr, lse_ptr,
     BM, M, C, n_splits, eps, s_w, s_b, has_w, has_b,

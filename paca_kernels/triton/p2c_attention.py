@@ -116,7 +116,7 @@ def _p2c_bwd_kernel(
     """One program: dq of BLOCK_N queries of one (batch, head), and their share of dk and dv.
     1-D grid as the forward's.
 
-    dk/dv buffers are fp32, contiguous: (B, M, h, d) for atomics, (tiles, B, M, h, d) when
+    dk/dv buffers are fp32, contiguous: (B, M, h, BLOCK_D) for atomics, (tiles, B, M, h, BLOCK_D) when
     ``deterministic`` (a runtime flag; this program owns slice [pid_n] and writes it without atomics).
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -161,15 +161,19 @@ def _p2c_bwd_kernel(
     dv = _dot(tl.trans(p.to(do.dtype)), do, DOT)  # (BLOCK_M, BLOCK_D)
     dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT) * scale
     # Contiguous (B, M, h, d) fp32 layout of the accumulators.
-    acc_off = ((b * M + offs_m[:, None]) * H + hd) * D + offs_d[None, :]
+    # The accumulators' last dim is padded to BLOCK_D (a constant): rows are contiguous and unmasked
+    # along d, so the stores and reductions vectorise whatever D is (with a per-element address and mask
+    # they spilled registers at 128×128 and 256×64 tiles). Padded columns receive zeros.
+    acc_off = ((b * M + offs_m[:, None]) * H + hd) * BLOCK_D + offs_d[None, :]
+    mask_acc = mask_m[:, None] & (offs_d[None, :] < BLOCK_D)
     if deterministic != 0:
-        acc_off += pid_n * B * M * H * D
-        tl.store(dk_ptr + acc_off, dk, mask=mask_md)
-        tl.store(dv_ptr + acc_off, dv, mask=mask_md)
+        acc_off += pid_n * B * M * H * BLOCK_D
+        tl.store(dk_ptr + acc_off, dk, mask=mask_acc)
+        tl.store(dv_ptr + acc_off, dv, mask=mask_acc)
     else:
         # A reduction: relaxed order, result unused (no acq_rel fences, no value returned).
-        tl.atomic_add(dk_ptr + acc_off, dk, mask=mask_md, sem="relaxed")
-        tl.atomic_add(dv_ptr + acc_off, dv, mask=mask_md, sem="relaxed")
+        tl.atomic_add(dk_ptr + acc_off, dk, mask=mask_acc, sem="relaxed")
+        tl.atomic_add(dv_ptr + acc_off, dv, mask=mask_acc, sem="relaxed")
 
 
 def p2c_attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -217,14 +221,15 @@ def p2c_attention_bwd(
     launch = plan.p2c_bwd_plan(bsz, n, m, h, d, plan.dtype_name(q.dtype), device_of(q))
     launch.check_grid()
     tiles = launch.get("tiles")
+    block_d = launch.consts["BLOCK_D"]
     if deterministic:
         # Program (tile, b, head) writes its whole (M, d) block of slice [tile]; the grid covers every
         # (tile, b, head), so no element stays unwritten and empty is enough (the NaN-poison test checks).
-        dk_acc = torch.empty((tiles, bsz, m, h, d), dtype=torch.float32, device=q.device)
-        dv_acc = torch.empty((tiles, bsz, m, h, d), dtype=torch.float32, device=q.device)
+        dk_acc = torch.empty((tiles, bsz, m, h, block_d), dtype=torch.float32, device=q.device)
+        dv_acc = torch.empty((tiles, bsz, m, h, block_d), dtype=torch.float32, device=q.device)
     else:
-        dk_acc = torch.zeros((bsz, m, h, d), dtype=torch.float32, device=q.device)
-        dv_acc = torch.zeros((bsz, m, h, d), dtype=torch.float32, device=q.device)
+        dk_acc = torch.zeros((bsz, m, h, block_d), dtype=torch.float32, device=q.device)
+        dv_acc = torch.zeros((bsz, m, h, block_d), dtype=torch.float32, device=q.device)
     with device_guard(q.device):
         _p2c_bwd_kernel[launch.grid](
             q, k, v, out, grad_out, lse, dq, dk_acc, dv_acc,
@@ -236,4 +241,4 @@ def p2c_attention_bwd(
     if deterministic:
         # torch's sum over a leading dim of a fixed-shape tensor runs in a fixed order: bitwise reproducible.
         dk_acc, dv_acc = dk_acc.sum(0), dv_acc.sum(0)
-    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    return dq, dk_acc[..., :d].to(k.dtype).contiguous(), dv_acc[..., :d].to(v.dtype).contiguous()

@@ -127,7 +127,7 @@ def cluster_pool_fwd_plan(b: int, m: int, n: int, c: int, dtype: str, device: De
     is a weight, a bias or a split are runtime arguments of the kernels (one compiled kernel for all)."""
     block_c = _cp_block_c(c)
     # The fp32 accumulator BLOCK_M × BLOCK_C stays in registers: fewer clusters per program as C grows.
-    block_m = 64 if block_c <= 64 else 32 if block_c <= 256 else 16
+    block_m = 64 if block_c <= 32 else 32 if block_c <= 256 else 16
     block_m = min(block_m, max(16, next_power_of_2(m)))
     block_k = 64 if block_c <= 128 else 32 if block_c <= 512 else 16
     warps = 4 if block_c <= 128 else 8
@@ -154,7 +154,8 @@ def cluster_pool_merge_plan(b: int, m: int, c: int, splits: int, dtype: str, dev
 def cluster_pool_bwd_plan(b: int, m: int, n: int, c: int, dtype: str, device: Device) -> Launch:
     """The backward's launch (shapes b, m, n, c > 0): one program per BLOCK_K patches of one batch element."""
     block_c = _cp_block_c(c)
-    block_m = min(32 if block_c <= 256 else 16, max(16, next_power_of_2(m)))
+    # BLOCK_M = 32 spilled from BLOCK_C = 64 on (the dx accumulator and x tile stay in registers).
+    block_m = min(32 if block_c <= 32 else 16, max(16, next_power_of_2(m)))
     block_k = 64 if block_c <= 128 else 32 if block_c <= 512 else 16
     warps = 4 if block_c <= 128 else 8
     stages = 3 if block_c <= 256 else 2
@@ -166,15 +167,20 @@ def cluster_pool_bwd_plan(b: int, m: int, n: int, c: int, dtype: str, device: De
 # -- p2c_attention ----------------------------------------------------------------------------------
 
 def _p2c_blocks(n: int, m: int, d: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). Every block is a power of two >= 16 (tl.dot's minimum);
-    the query tile shrinks as the on-chip key/value tiles grow (register budget)."""
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). Every block is a power of two >= 16 (tl.dot's minimum).
+
+    Chosen with the resource gate (no spills under Triton 3.6 and 3.9 for sm_90): the query tile
+    shrinks and the warps grow with the on-chip key/value tiles; 256 keys take a head dim of at least
+    32 (at 16 every choice spilled) and, in the backward, 16 queries over 8 warps.
+    """
     block_m = max(16, next_power_of_2(m))
-    block_d = max(16, next_power_of_2(d))
+    block_d = max(16 if block_m < 256 else 32, next_power_of_2(d))
     kv = block_m * block_d
     if backward:
-        block_n = 64 if kv <= 64 * 64 else 32 if kv <= 128 * 128 else 16
-    else:
-        block_n = 128 if kv <= 64 * 64 else 64 if kv <= 128 * 128 else 32
+        if block_m == 256:
+            return 16, block_m, block_d, 8
+        return 64, block_m, block_d, 4 if kv <= 2048 else 8
+    block_n = 64 if block_m == 256 else 128 if kv <= 64 * 64 else 64
     return block_n, block_m, block_d, 8 if kv > 128 * 64 else 4
 
 
@@ -204,8 +210,14 @@ _SIZES_N = (1, 16, 17, 32, 33, 64, 65, 128, 129, 196, 784, 3136, 20_000)
 _SIZES_B = (1, 2, 4, 64, 65_536)
 
 
+def p2c_fits(m: int, d: int, max_keys: int, max_head_dim: int, max_key_tile: int) -> bool:
+    """Whether p2c_attention's launchers serve M keys of head dim d (the triton backend's limits)."""
+    return m <= max_keys and d <= max_head_dim and max(16, next_power_of_2(m)) * max(16, next_power_of_2(d)) \
+        <= max_key_tile
+
+
 def configurations(device: Device = H100, max_keys: int = 256, max_head_dim: int = 128,
-                   max_channels: int = 1024, dtypes: tuple[str, ...] = DTYPES,
+                   max_key_tile: int = 256 * 64, max_channels: int = 1024, dtypes: tuple[str, ...] = DTYPES,
                    sms_choices: tuple[int, ...] = (1, 2, 3, 4, 132)) -> list[tuple[Launch, tuple]]:
     """Every launch the planners can return over the supported range, one per distinct compiled kernel
     (the first shape that gives it), as ``(launch, shape)``; every launch's grid is checked on the way.
@@ -226,6 +238,8 @@ def configurations(device: Device = H100, max_keys: int = 256, max_head_dim: int
                for s in sms_choices]
     for dtype in dtypes:
         for m, d, n, b in product(brackets(max_keys), brackets(max_head_dim), _SIZES_N, _SIZES_B):
+            if not p2c_fits(m, d, max_keys, max_head_dim, max_key_tile):
+                continue
             h = 1 if b > 64 else 2
             add(p2c_fwd_plan(b, n, m, h, d, dtype, device), ("p2c_fwd", b, n, m, h, d))
             add(p2c_bwd_plan(b, n, m, h, d, dtype, device), ("p2c_bwd", b, n, m, h, d))
