@@ -183,6 +183,7 @@ def test_device_guard_makes_the_inputs_device_current(monkeypatch):
     with _launch.device_guard(torch.device("cpu")):
         pass
     assert len(entered) == 1
+    assert _launch.device_of(torch.empty(1)) is plan.INTERPRETER
 
 
 def test_launchers_launch_under_the_inputs_device(monkeypatch):

@@ -6,6 +6,10 @@ setting on machines without a GPU). fp16, bf16 and fp32; the size limits are the
 (:data:`paca_kernels.triton.MAX_KEYS`, ``MAX_HEAD_DIM``, ``MAX_KEY_TILE``, ``MAX_CHANNELS``), held to the
 H100's budgets by the resource gate (tests/backends/test_triton_resources.py).
 
+Under the interpreter fp16/bf16 run the GPU's arithmetic: cluster_pool's operands rounded to TF32 before
+fp32 products (the GPU's TF32 tensor cores), p2c_attention's P and dS rounded to the inputs' dtype before
+their products (as on the GPU); so the low-precision tests' verdicts carry over to the GPU.
+
 Tolerances: fp32 runs its products in IEEE fp32 ("ieee" dot). Measured against float64 on the op
 tests' shapes (interpreter): forward ≤ 3.1e-6, gradients ≤ 6.1e-6 (dbias/dweight sum B·M rows, dk/dv
 sum N queries); the tolerances leave 3-5× headroom.
