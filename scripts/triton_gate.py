@@ -7,10 +7,12 @@ The configurations come from the launchers' own planning code (paca_kernels/trit
 ``configurations(H100)``) over the advertised limits (paca_kernels/triton/__init__.py). Each is compiled
 with the least favourable specialisations Triton's launcher gives a contiguous input: 16-byte aligned
 pointers and unit strides as the constant 1, but no size or stride known to be a multiple of 16 (so
-no vectorised loads: the most registers; aligned shapes compile to fewer). Each is checked: it compiles; shared memory (Triton's dynamic + the cubin's static) <= 227 KiB; for fp16/bf16 no
-stack and no local memory (spills), from ``cuobjdump -res-usage`` of the cubin; its grid within CUDA's
-limits (checked by the planner while enumerating). fp32 variants ("ieee" dot, 10-60 s each to compile)
-are sampled by default: per kernel, the one with the largest tiles and the one with the smallest.
+no vectorised loads: the most registers; aligned shapes compile to fewer). Each is checked: it compiles;
+no returning atomics in the SASS (p2c_attention's dk/dv reduce: REDG, no ATOMG); shared memory
+(Triton's dynamic + the cubin's static) <= 227 KiB; for fp16/bf16 no stack and no local memory (spills),
+from ``cuobjdump -res-usage`` of the cubin; its grid within CUDA's limits (checked by the planner while
+enumerating). fp32 variants ("ieee" dot, 10-60 s each to compile) are sampled by default: per kernel,
+the one with the largest tiles and the one with the smallest.
 
 Compiled kernels land in Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache): a second run
 with the same Triton and kernels compiles nothing. Prints one line per variant and a summary; exits 1
@@ -140,9 +142,16 @@ def _compile_one(item):
     try:
         usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
+        ptx = compiled.asm["ptx"]
+        sass = (subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+                if "atom.global" in ptx else "")  # PTX red.* can only become REDG
     finally:
         os.unlink(f.name)
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    # Returning global atomics (SASS ATOMG) where a reduction (REDG, result unused) would do: dk/dv
+    # must reduce. (Triton 3.6 writes atom.global with dead results in PTX; ptxas makes them REDG.)
+    res["returning_atomics"] = len(re.findall(r"\bATOMG\.", sass))
+    res["reductions"] = len(re.findall(r"\bREDG?\.", sass))
     res.update(ok=True, regs=int(fields.get("REG", -1)), stack=int(fields.get("STACK", 0)),
                local=int(fields.get("LOCAL", 0)),
                shared=int(compiled.metadata.shared) + int(fields.get("SHARED", 0)))
@@ -155,6 +164,8 @@ def _violations(res) -> list[str]:
     out = []
     if res["shared"] > SHARED_LIMIT:
         out.append(f"shared memory {res['shared']} B > {SHARED_LIMIT} B")
+    if res["returning_atomics"]:
+        out.append(f"{res['returning_atomics']} returning atomics (ATOMG) instead of reductions (REDG)")
     if res["dtype"] != "fp32" and (res["stack"] or res["local"]):
         out.append(f"spills: stack {res['stack']} B, local {res['local']} B ({res['regs']} registers)")
     return out
@@ -220,6 +231,7 @@ def main(argv=None) -> int:
         "with_spills": sum(r["ok"] and r["dtype"] != "fp32" and bool(r["stack"] or r["local"]) for r in results),
         "fp32_with_stack": sum(r["ok"] and r["dtype"] == "fp32" and bool(r["stack"] or r["local"])
                                for r in results),
+        "with_returning_atomics": sum(r["ok"] and r["returning_atomics"] > 0 for r in results),
         "failed_to_compile": sum(not r["ok"] for r in results),
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -231,3 +231,24 @@ def test_tf32_rounding_emulation_matches_cvt_rna():
     want = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
     assert torch.equal(y, want)
     assert y[0] == 1 + 2**-10 and y[1] == 1 + 2**-10 and y[2] == float("-inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_p2c_half_precision_is_the_gpus_arithmetic(dtype):
+    """fp16/bf16 p2c_attention on the GPU: q·kᵀ from half operands in fp32, softmax in fp32, P rounded
+    to the inputs' dtype, P·V in fp32. The interpreter runs that (an "emulate" dot: fp32 products of
+    the half operands): it matches the statement of that arithmetic within two output ulps."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("checks the interpreter's emulation")
+    q, k, v = (torch.randn(2, 37, 3, 40).to(dtype), torch.randn(2, 49, 3, 40).to(dtype),
+               torch.randn(2, 49, 3, 40).to(dtype))
+    out, _ = p2c.p2c_attention_fwd(q, k, v, 40**-0.5)
+    s = torch.einsum("bnhd,bmhd->bhnm", q.float(), k.float()) * 40**-0.5
+    p = torch.softmax(s, -1).to(dtype).float()
+    want = torch.einsum("bhnm,bmhd->bnhd", p, v.float()).to(dtype)
+    # Relative to Σ_m P·|v| (the sum's own scale: outputs near 0 cancel): one output rounding (up to an
+    # ulp) plus the rare P that fp32 summation order rounds the other way.
+    ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
+    scale = torch.einsum("bhnm,bmhd->bnhd", p, v.float().abs())
+    err = (out.float() - want.float()).abs() / scale
+    assert float(err.max()) <= 2 * ulp, float(err.max())
