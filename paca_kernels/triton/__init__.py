@@ -4,7 +4,11 @@ Importing this package never fails: when Triton is missing, :data:`TRITON_AVAILA
 :data:`TRITON_UNAVAILABLE_REASON` says why; the kernel modules are then not imported.
 
 - :mod:`.p2c_attention`: fused patch-to-cluster attention forward / backward.
-- :mod:`.cluster_pool`: fused softmax-over-N pooling + LayerNorm forward / backward.
+- :mod:`.cluster_pool`: fused softmax-over-N pooling + LayerNorm forward / backward, split-N merge.
+- :mod:`.plan`: how every launch is planned (tiles, warps, stages, splits, 1-D grids) from the shapes,
+  the dtype and a device description; pure Python, shared by the launchers and the resource gate
+  (scripts/triton_gate.py), which compiles every plan for sm_90 against the H100's budgets.
+- :mod:`._launch`: the inputs' device as the planner sees it, and the guard that launches there.
 """
 
 from __future__ import annotations
