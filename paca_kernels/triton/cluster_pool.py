@@ -11,7 +11,8 @@ over N in BLOCK_K tiles with an online softmax (running max m, running sum l, re
 
 then pooled = acc / l, lse = m + log l, and the LayerNorm runs in the epilogue. When B·⌈M/BLOCK_M⌉ is
 too small to fill the GPU, N is split across programs (flash-decoding style): each writes its partial
-(m, l, acc) and a few torch ops merge them with the same rescaling, then apply the LayerNorm.
+(m, l, acc) and one merge kernel rescales them the same way, then applies the LayerNorm. Tiles, warps,
+splits and the (1-D) grid come from :mod:`.plan`, the code the resource gate compiles for sm_90.
 
 Backward (one streaming pass over N): the LayerNorm backward runs in torch on the small (B, M, C)
 tensors and gives dP; then per N tile, looping over cluster blocks, with S = exp(logits − lse):
@@ -28,43 +29,77 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreted
+from . import plan
+from ._launch import device_guard, device_of
 
 __all__ = ["cluster_pool_bwd", "cluster_pool_fwd"]
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a·b on fp32 operands: "ieee" for fp32 inputs (and the interpreter), TF32 for fp16/bf16 inputs.
+def _round_tf32(a):
+    """a (fp32) rounded to TF32 (10 explicit mantissa bits, to nearest, ties away from zero, as
+    cvt.rna.tf32.f32): what the GPU's TF32 tensor cores see. ±inf stays ±inf (bit 12 is masked off)."""
+    bits = a.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr):
+    """a·b with fp32 accumulation, on fp32 operands. DOT: "ieee" for fp32 inputs, "tf32" for fp16/bf16
+    inputs on the GPU, "emulate" for fp16/bf16 under the interpreter (operands rounded to TF32, then
+    fp32 products: the GPU's arithmetic up to the order of the sums).
 
     The probabilities and dP stay fp32 instead of being rounded to the input's half precision: both
     kernels are bound by memory traffic, and with bf16-rounded operands the saved pooled tokens were
     off enough to triple the dlogits/dx error (the backward subtracts rowdot = Σ_c dP·pooled)."""
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
+    if DOT == "tf32":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    elif DOT == "emulate":
+        return tl.dot(_round_tf32(a.to(tl.float32)), _round_tf32(b.to(tl.float32)), input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
+def _layer_norm_store(pooled, lse, rows, mask_r, offs_c, mask_c, C, eps, w_ptr, b_ptr, s_w, s_b, has_w, has_b,
+                      out_ptr, pooled_ptr, lse_ptr):  # fmt: skip
+    """Store pooled (R, BLOCK_C) fp32, lse (R,) and LayerNorm(pooled) over the C valid channels."""
+    mask_rc = mask_r[:, None] & mask_c[None, :]
+    tl.store(pooled_ptr + rows[:, None] * C + offs_c[None, :], pooled, mask=mask_rc)
+    tl.store(lse_ptr + rows, lse, mask=mask_r)
+    mean = tl.sum(tl.where(mask_c[None, :], pooled, 0.0), axis=1) / C
+    diff = tl.where(mask_c[None, :], pooled - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / C
+    y = diff * (1.0 / tl.sqrt(var + eps))[:, None]
+    if has_w != 0:
+        y = y * tl.load(w_ptr + offs_c * s_w, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if has_b != 0:
+        y = y + tl.load(b_ptr + offs_c * s_b, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_rc)
+
+
+# The flags (weight, bias and their strides, number of splits) are runtime arguments, never specialised: one compiled
+# kernel serves them all (fewer variants to compile and to budget, see triton/plan.py).
+@triton.jit(do_not_specialize=["n_splits", "s_w", "s_b", "has_w", "has_b"])
 def _cluster_pool_fwd_kernel(
     logits_ptr, x_ptr, w_ptr, b_ptr, out_ptr, pooled_ptr, lse_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
-    M, N, C, chunk, eps,
+    M, N, C, chunk, n_splits, m_blocks, eps,
     sl_b, sl_m, sl_n,
     sx_b, sx_n, sx_c,
-    s_w, s_b,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, FP32: tl.constexpr,
+    s_w, s_b, has_w, has_b,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M clusters of batch element b over patches [split·chunk, (split+1)·chunk).
 
-    Outputs are contiguous. SPLIT=False: out (B, M, C), pooled (B, M, C), lse (B, M).
-    SPLIT=True: partials part_m, part_l (B, S, M) and part_acc (B, S, M, C), S = number of splits.
+    The 1-D grid is (m_blocks · n_splits · B): program id = (b · n_splits + split) · m_blocks + m block.
+    Outputs are contiguous. n_splits = 1: out (B, M, C), pooled (B, M, C), lse (B, M).
+    n_splits > 1: partials part_m, part_l (B, S, M) and part_acc (B, S, M, C), merged by the merge kernel.
     """
-    pid_m = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % m_blocks
+    split = (pid // m_blocks) % n_splits
+    b = pid // m_blocks // n_splits
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
     mask_m = offs_m < M
@@ -74,7 +109,7 @@ def _cluster_pool_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     # Loop bounds in int32 (N < 2^31); the offsets are widened to int64 before meeting the strides.
-    n_lo = tl.program_id(2) * chunk
+    n_lo = split.to(tl.int32) * chunk
     n_hi = tl.minimum(n_lo + chunk, N)
     for start in range(n_lo, n_hi, BLOCK_K):
         offs_n = tl.arange(0, BLOCK_K).to(tl.int64) + start
@@ -94,11 +129,10 @@ def _cluster_pool_fwd_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(t - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p, xt, FP32)
+        acc = acc * alpha[:, None] + _dot(p, xt, DOT)
         m_i = m_new
 
-    if SPLIT:
-        n_splits = tl.num_programs(2)
+    if n_splits > 1:
         row = (b * n_splits + split) * M + offs_m
         tl.store(part_m_ptr + row, m_i, mask=mask_m)
         tl.store(part_l_ptr + row, l_i, mask=mask_m)
@@ -107,38 +141,63 @@ def _cluster_pool_fwd_kernel(
     else:
         # Padded rows (l = 0) divide by 1 instead: no NaN/inf is produced where nothing is stored.
         l_i = tl.where(mask_m, l_i, 1.0)
-        pooled = acc / l_i[:, None]
-        row = b * M + offs_m
-        mask_mc = mask_m[:, None] & mask_c[None, :]
-        tl.store(pooled_ptr + row[:, None] * C + offs_c[None, :], pooled, mask=mask_mc)
-        tl.store(lse_ptr + row, m_i + tl.log(l_i), mask=mask_m)
-        # LayerNorm over the C valid channels (padding excluded from both moments).
-        mean = tl.sum(tl.where(mask_c[None, :], pooled, 0.0), axis=1) / C
-        diff = tl.where(mask_c[None, :], pooled - mean[:, None], 0.0)
-        var = tl.sum(diff * diff, axis=1) / C
-        y = diff * (1.0 / tl.sqrt(var + eps))[:, None]
-        if HAS_W:
-            y = y * tl.load(w_ptr + offs_c * s_w, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        if HAS_B:
-            y = y + tl.load(b_ptr + offs_c * s_b, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + row[:, None] * C + offs_c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask_mc)
+        _layer_norm_store(acc / l_i[:, None], m_i + tl.log(l_i), b * M + offs_m, mask_m, offs_c, mask_c, C, eps,
+                          w_ptr, b_ptr, s_w, s_b, has_w, has_b, out_ptr, pooled_ptr, lse_ptr)
+
+
+@triton.jit(do_not_specialize=["n_splits", "s_w", "s_b", "has_w", "has_b"])
+def _cluster_pool_merge_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, w_ptr, b_ptr, out_ptr, pooled_ptr, lse_ptr,
+    BM, M, C, n_splits, eps, s_w, s_b, has_w, has_b,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The split-N merge in one pass: BLOCK_R rows (b, m) of the B·M, each rescaling its n_splits partial
+    softmaxes (m, l, acc) onto a running maximum, then pooled, lse and the LayerNorm."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < BM
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    b = rows // M
+    mm = rows % M
+    m_run = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for s in range(n_splits):
+        part = (b * n_splits + s) * M + mm
+        m_s = tl.load(part_m_ptr + part, mask=mask_r, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + part, mask=mask_r, other=0.0)
+        a_s = tl.load(part_acc_ptr + part[:, None] * C + offs_c[None, :], mask=mask_r[:, None] & mask_c[None, :],
+                      other=0.0)
+        # A split that saw only -inf logits has m = -inf and l = 0: its weight must be 0, not NaN.
+        m_new = tl.maximum(m_run, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_run - m_safe)
+        beta = tl.exp(m_s - m_safe)
+        l_run = l_run * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_run = m_new
+    l_run = tl.where(mask_r, l_run, 1.0)
+    _layer_norm_store(acc / l_run[:, None], m_run + tl.log(l_run), rows, mask_r, offs_c, mask_c, C, eps,
+                      w_ptr, b_ptr, s_w, s_b, has_w, has_b, out_ptr, pooled_ptr, lse_ptr)
 
 
 @triton.jit
 def _cluster_pool_bwd_kernel(
     logits_ptr, x_ptr, lse_ptr, dp_ptr, rowdot_ptr, dlogits_ptr, dx_ptr,
-    M, N, C,
+    M, N, C, n_blocks,
     sl_b, sl_m, sl_n,
     sx_b, sx_n, sx_c,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_K patches of batch element b, all clusters (loop over cluster blocks).
 
+    1-D grid (n_blocks · B): program id = b · n_blocks + N block.
     lse, rowdot (B, M) and dP (B, M, C) are fp32 contiguous; dlogits (B, M, N) and dx (B, N, C) are
     written contiguous. Each program owns its dlogits columns and dx rows: no atomics.
     """
-    pid_n = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid % n_blocks
+    b = pid // n_blocks
     offs_n = pid_n * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, BLOCK_C)
     mask_n = offs_n < N
@@ -158,41 +217,13 @@ def _cluster_pool_bwd_kernel(
         dp = tl.load(dp_ptr + row[:, None] * C + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :],
                      other=0.0)
         s = tl.where(mask_mn, tl.exp(t - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_K)
-        ds = _dot(dp, tl.trans(xt), FP32)  # (BLOCK_M, BLOCK_K)
+        ds = _dot(dp, tl.trans(xt), DOT)  # (BLOCK_M, BLOCK_K)
         dl = s * (ds - rowdot[:, None])
         tl.store(dlogits_ptr + row[:, None] * N + offs_n[None, :], dl.to(dlogits_ptr.dtype.element_ty),
                  mask=mask_mn)
-        dx += _dot(tl.trans(s), dp, FP32)
+        dx += _dot(tl.trans(s), dp, DOT)
     tl.store(dx_ptr + (b * N + offs_n[:, None]) * C + offs_c[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=mask_nc)
-
-
-def _use_fp32_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or interpreted()
-
-
-def _fwd_blocks(m: int, n: int, c: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_C, num_warps); powers of two >= 16 (tl.dot's minimum)."""
-    block_c = max(16, triton.next_power_of_2(c))
-    if interpreted():
-        return min(64, max(16, triton.next_power_of_2(m))), min(128, max(16, triton.next_power_of_2(n))), \
-            block_c, 4
-    # The fp32 accumulator BLOCK_M × BLOCK_C stays in registers: fewer clusters per program as C grows.
-    block_m = 64 if block_c <= 64 else 32 if block_c <= 256 else 16
-    block_m = min(block_m, max(16, triton.next_power_of_2(m)))
-    block_k = 64 if block_c <= 256 else 32
-    return block_m, block_k, block_c, 8 if block_c >= 256 else 4
-
-
-def _num_splits(programs: int, n: int, block_k: int, device: torch.device) -> int:
-    """How many programs share one cluster block's N range, to give small batches enough programs."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= sms:
-        return 1
-    # Aim at ~2 waves of programs, but keep >= 4 tiles of N per split so the merge stays cheap.
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(n, 4 * block_k)))
 
 
 def cluster_pool_fwd(
@@ -203,7 +234,8 @@ def cluster_pool_fwd(
     eps: float,
     num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the forward; any strides. ``num_splits`` forces the split-N path (None: heuristic).
+    """Launch the forward on x's device; any strides. ``num_splits`` forces the split-N path (None:
+    the plan's choice, :func:`plan.cluster_pool_fwd_plan`).
 
     Returns out (B, M, C) in x's dtype, pooled (B, M, C) fp32 and lse (B, M) fp32.
     """
@@ -222,42 +254,37 @@ def cluster_pool_fwd(
         b32 = bias.float() if bias is not None else None
         out.copy_(F.layer_norm(pooled, (c,), w32, b32, eps))
         return out, pooled, lse
-    block_m, block_k, block_c, warps = _fwd_blocks(m, n, c)
-    m_blocks = triton.cdiv(m, block_m)
-    splits = num_splits if num_splits is not None else _num_splits(bsz * m_blocks, n, block_k, dev)
-    splits = max(1, min(splits, triton.cdiv(n, block_k)))
-    chunk = triton.cdiv(triton.cdiv(n, splits), block_k) * block_k  # a whole number of N tiles per split
-    splits = triton.cdiv(n, chunk)
+    dtype = plan.dtype_name(x.dtype)
+    launch = plan.cluster_pool_fwd_plan(bsz, m, n, c, dtype, device_of(x), num_splits)
+    launch.check_grid()
+    splits, chunk = launch.get("splits"), launch.get("chunk")
+    block_m = launch.consts["BLOCK_M"]
     if splits > 1:
         part_m = torch.empty((bsz, splits, m), dtype=torch.float32, device=dev)
         part_l = torch.empty((bsz, splits, m), dtype=torch.float32, device=dev)
         part_acc = torch.empty((bsz, splits, m, c), dtype=torch.float32, device=dev)
     else:
-        part_m = part_l = part_acc = lse  # unused placeholders (SPLIT=False never touches them)
+        part_m = part_l = part_acc = lse  # unused placeholders (one split never touches them)
     w = weight if weight is not None else x
     bb = bias if bias is not None else x
-    _cluster_pool_fwd_kernel[(m_blocks, bsz, splits)](
-        logits, x, w, bb, out, pooled, lse, part_m, part_l, part_acc,
-        m, n, c, chunk, float(eps),
-        *logits.stride(), *x.stride(),
-        weight.stride(0) if weight is not None else 0, bias.stride(0) if bias is not None else 0,
-        HAS_W=weight is not None, HAS_B=bias is not None, SPLIT=splits > 1,
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, FP32=_use_fp32_dot(x.dtype), num_warps=warps,
-    )  # fmt: skip
-    if splits == 1:
-        return out, pooled, lse
-    # Merge the partial softmaxes (same rescaling as the online update): a split that saw only -inf
-    # logits has m = -inf and l = 0, and its weight must be 0, not exp(-inf − (-inf)) = NaN.
-    m_max = part_m.amax(1, keepdim=True)  # (B, 1, M)
-    m_safe = torch.where(torch.isinf(m_max) & (m_max < 0), torch.zeros_like(m_max), m_max)
-    scale = torch.exp(part_m - m_safe)  # (B, S, M)
-    l_tot = (scale * part_l).sum(1)  # (B, M)
-    acc = (scale.unsqueeze(-1) * part_acc).sum(1)  # (B, M, C)
-    pooled = acc / l_tot.unsqueeze(-1)
-    lse = m_max.squeeze(1) + torch.log(l_tot)
-    w32 = weight.float() if weight is not None else None
-    b32 = bias.float() if bias is not None else None
-    out = F.layer_norm(pooled, (c,), w32, b32, eps).to(x.dtype)
+    s_w = weight.stride(0) if weight is not None else 0
+    s_b = bias.stride(0) if bias is not None else 0
+    has_w, has_b = int(weight is not None), int(bias is not None)
+    with device_guard(dev):
+        _cluster_pool_fwd_kernel[launch.grid](
+            logits, x, w, bb, out, pooled, lse, part_m, part_l, part_acc,
+            m, n, c, chunk, splits, triton.cdiv(m, block_m), float(eps),
+            *logits.stride(), *x.stride(), s_w, s_b, has_w, has_b,
+            **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )  # fmt: skip
+        if splits > 1:
+            merge = plan.cluster_pool_merge_plan(bsz, m, c, splits, dtype, device_of(x))
+            merge.check_grid()
+            _cluster_pool_merge_kernel[merge.grid](
+                part_m, part_l, part_acc, w, bb, out, pooled, lse,
+                bsz * m, m, c, splits, float(eps), s_w, s_b, has_w, has_b,
+                **merge.consts, num_warps=merge.num_warps, num_stages=merge.num_stages,
+            )  # fmt: skip
     return out, pooled, lse
 
 
@@ -270,7 +297,7 @@ def cluster_pool_bwd(
     lse: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the backward; any strides (a stride-0 grad_out included).
+    """Launch the backward on x's device; any strides (a stride-0 grad_out included).
 
     Returns dlogits (B, M, N) in logits' dtype, dx (B, N, C) in x's dtype, dweight and dbias (C,) in
     the dtype of weight (x's dtype when there is no weight).
@@ -297,17 +324,13 @@ def cluster_pool_bwd(
     dx = torch.empty((bsz, n, c), dtype=x.dtype, device=dev)
     if bsz * n * c == 0 or m == 0:
         return dlogits.zero_(), dx.zero_(), dweight, dbias
-    block_c = max(16, triton.next_power_of_2(c))
-    if interpreted():
-        block_m, block_k = min(64, max(16, triton.next_power_of_2(m))), min(128, max(16, triton.next_power_of_2(n)))
-    else:
-        block_m = min(32 if block_c <= 256 else 16, max(16, triton.next_power_of_2(m)))
-        block_k = 64 if block_c <= 128 else 32
-    warps = 8 if block_c >= 256 else 4
-    _cluster_pool_bwd_kernel[(triton.cdiv(n, block_k), bsz)](
-        logits, x, lse, dp, rowdot, dlogits, dx,
-        m, n, c,
-        *logits.stride(), *x.stride(),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, FP32=_use_fp32_dot(x.dtype), num_warps=warps,
-    )  # fmt: skip
+    launch = plan.cluster_pool_bwd_plan(bsz, m, n, c, plan.dtype_name(x.dtype), device_of(x))
+    launch.check_grid()
+    with device_guard(dev):
+        _cluster_pool_bwd_kernel[launch.grid](
+            logits, x, lse, dp, rowdot, dlogits, dx,
+            m, n, c, triton.cdiv(n, launch.consts["BLOCK_K"]),
+            *logits.stride(), *x.stride(),
+            **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )  # fmt: skip
     return dlogits, dx, dweight, dbias

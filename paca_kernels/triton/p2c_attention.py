@@ -13,9 +13,10 @@ Backward, per query tile (P recomputed from q, k and the saved lse):
     dS = P ∘ (dP − D)                   dq = dS·k·scale
     dk = Σ_tiles dSᵀ·q·scale            dv = Σ_tiles Pᵀ·dO
 
-dk and dv are reduced over the query tiles either with fp32 atomics (fast, order not fixed) or, in the
+dk and dv are reduced over the query tiles either with relaxed fp32 atomics whose result is unused (a
+reduction: fast, order not fixed) or, in the
 deterministic mode, through a (tiles, B, M, h, d) fp32 buffer of partial sums reduced by torch in a
-fixed order.
+fixed order. Tiles, warps and the (1-D) grid come from :mod:`.plan`.
 """
 
 from __future__ import annotations
@@ -27,34 +28,39 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreted
+from . import plan
+from ._launch import device_guard, device_of
 
 __all__ = ["p2c_attention_bwd", "p2c_attention_fwd"]
 
 
 @triton.jit
-def _dot(a, b, FP32: tl.constexpr):
-    """a·b with fp32 accumulation. FP32: multiply in fp32 ("ieee", no TF32 rounding), used for fp32
-    inputs and under the interpreter, whose half-precision dot is wrong."""
-    if FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
+def _dot(a, b, DOT: tl.constexpr):
+    """a·b with fp32 accumulation. DOT "native": the operands' own precision (fp16/bf16 on the GPU);
+    "ieee": fp32 products, no TF32 rounding (fp32 inputs); "emulate" (fp16/bf16 under the interpreter,
+    whose half-precision dot is wrong): fp32 products of the half-precision operands, which is what the
+    GPU computes: the kernels round P and dS to the inputs' dtype before their products either way."""
+    if DOT == "native":
         return tl.dot(a, b)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
 def _p2c_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
-    N, M, H, D, scale,
+    N, M, H, D, tiles, scale,
     sq_b, sq_n, sq_h, sq_d,
     sk_b, sk_m, sk_h, sk_d,
     sv_b, sv_m, sv_h, sv_d,
     so_b, so_n, so_h, so_d,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_N queries of one (batch, head) against all M keys."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """One program: BLOCK_N queries of one (batch, head) against all M keys. 1-D grid of
+    tiles · B·h programs: program id = (b·h + head) · tiles + query tile."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid % tiles
+    pid_bh = pid // tiles
     b = pid_bh // H
     hd = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,14 +83,14 @@ def _p2c_fwd_kernel(
         mask=mask_m[:, None] & mask_d[None, :], other=0.0,
     )
 
-    s = _dot(q, tl.trans(k), FP32) * scale  # (BLOCK_N, BLOCK_M) fp32
+    s = _dot(q, tl.trans(k), DOT) * scale  # (BLOCK_N, BLOCK_M) fp32
     # Padded keys get -inf so they take no probability; M >= 1 keeps every row max finite.
     s = tl.where(mask_m[None, :], s, float("-inf"))
     row_max = tl.max(s, axis=1)
     p = tl.exp(s - row_max[:, None])
     row_sum = tl.sum(p, axis=1)
     p = p / row_sum[:, None]
-    o = _dot(p.to(v.dtype), v, FP32)  # (BLOCK_N, BLOCK_D) fp32
+    o = _dot(p.to(v.dtype), v, DOT)  # (BLOCK_N, BLOCK_D) fp32
 
     tl.store(
         o_ptr + b * so_b + hd * so_h + offs_n[:, None] * so_n + offs_d[None, :] * so_d,
@@ -94,26 +100,28 @@ def _p2c_fwd_kernel(
     tl.store(lse_ptr + pid_bh * N + offs_n, row_max + tl.log(row_sum), mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["deterministic"])
 def _p2c_bwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
-    N, M, H, D, B, scale,
+    N, M, H, D, B, tiles, scale,
     sq_b, sq_n, sq_h, sq_d,
     sk_b, sk_m, sk_h, sk_d,
     sv_b, sv_m, sv_h, sv_d,
     so_b, so_n, so_h, so_d,
     sdo_b, sdo_n, sdo_h, sdo_d,
     sdq_b, sdq_n, sdq_h, sdq_d,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    deterministic,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """One program: dq of BLOCK_N queries of one (batch, head), and their share of dk and dv.
+    1-D grid as the forward's.
 
-    dk/dv buffers are fp32, contiguous: (B, M, h, d) for atomics, (tiles, B, M, h, d) when
-    DETERMINISTIC (this program owns slice [pid_n] and writes it without atomics).
+    dk/dv buffers are fp32, contiguous: (B, M, h, BLOCK_D) for atomics, (tiles, B, M, h, BLOCK_D) when
+    ``deterministic`` (a runtime flag; this program owns slice [pid_n] and writes it without atomics).
     """
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid % tiles
+    pid_bh = pid // tiles
     b = pid_bh // H
     hd = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,57 +145,39 @@ def _p2c_bwd_kernel(
                  mask=mask_nd, other=0.0)
     lse = tl.load(lse_ptr + pid_bh * N + offs_n, mask=mask_n, other=0.0)
 
-    s = _dot(q, tl.trans(k), FP32) * scale
+    s = _dot(q, tl.trans(k), DOT) * scale
     # Padded rows and keys must contribute nothing to dk/dv: zero their probabilities.
     valid = mask_n[:, None] & mask_m[None, :]
     p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_M) fp32
-    dp = _dot(do, tl.trans(v), FP32)  # (BLOCK_N, BLOCK_M)
+    dp = _dot(do, tl.trans(v), DOT)  # (BLOCK_N, BLOCK_M)
     # D = rowsum(dO ∘ O) = rowsum(P ∘ dP): computed from O (d wide) rather than P (M wide).
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     ds = p * (dp - delta[:, None])
 
-    dq = _dot(ds.to(k.dtype), k, FP32) * scale
+    dq = _dot(ds.to(k.dtype), k, DOT) * scale
     tl.store(dq_ptr + b * sdq_b + hd * sdq_h + offs_n[:, None] * sdq_n + offs_d[None, :] * sdq_d,
              dq.to(dq_ptr.dtype.element_ty), mask=mask_nd)
 
-    dv = _dot(tl.trans(p.to(do.dtype)), do, FP32)  # (BLOCK_M, BLOCK_D)
-    dk = _dot(tl.trans(ds.to(q.dtype)), q, FP32) * scale
+    dv = _dot(tl.trans(p.to(do.dtype)), do, DOT)  # (BLOCK_M, BLOCK_D)
+    dk = _dot(tl.trans(ds.to(q.dtype)), q, DOT) * scale
     # Contiguous (B, M, h, d) fp32 layout of the accumulators.
-    acc_off = ((b * M + offs_m[:, None]) * H + hd) * D + offs_d[None, :]
-    if DETERMINISTIC:
-        acc_off += pid_n * B * M * H * D
-        tl.store(dk_ptr + acc_off, dk, mask=mask_md)
-        tl.store(dv_ptr + acc_off, dv, mask=mask_md)
+    # The accumulators' last dim is padded to BLOCK_D (a constant): rows are contiguous and unmasked
+    # along d, so the stores and reductions vectorise whatever D is (with a per-element address and mask
+    # they spilled registers at 128×128 and 256×64 tiles). Padded columns receive zeros.
+    acc_off = ((b * M + offs_m[:, None]) * H + hd) * BLOCK_D + offs_d[None, :]
+    mask_acc = mask_m[:, None] & (offs_d[None, :] < BLOCK_D)
+    if deterministic != 0:
+        acc_off += pid_n * B * M * H * BLOCK_D
+        tl.store(dk_ptr + acc_off, dk, mask=mask_acc)
+        tl.store(dv_ptr + acc_off, dv, mask=mask_acc)
     else:
-        tl.atomic_add(dk_ptr + acc_off, dk, mask=mask_md)
-        tl.atomic_add(dv_ptr + acc_off, dv, mask=mask_md)
-
-
-def _blocks(n: int, m: int, d: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps). Every block is a power of two >= 16 (tl.dot's minimum).
-
-    On the GPU the query tile shrinks as the on-chip key/value tiles grow (register budget); under the
-    interpreter each program costs ~1 ms, so fewer, larger tiles are faster.
-    """
-    block_m = max(16, triton.next_power_of_2(m))
-    block_d = max(16, triton.next_power_of_2(d))
-    if interpreted():
-        return min(128, max(16, triton.next_power_of_2(n))), block_m, block_d, 4
-    kv = block_m * block_d
-    if backward:
-        block_n = 64 if kv <= 64 * 64 else 32 if kv <= 128 * 128 else 16
-    else:
-        block_n = 128 if kv <= 64 * 64 else 64 if kv <= 128 * 128 else 32
-    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
-    return block_n, block_m, block_d, 8 if kv > 128 * 64 else 4
-
-
-def _use_fp32_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or interpreted()
+        # A reduction: relaxed order, result unused (no acq_rel fences, no value returned).
+        tl.atomic_add(dk_ptr + acc_off, dk, mask=mask_acc, sem="relaxed")
+        tl.atomic_add(dv_ptr + acc_off, dv, mask=mask_acc, sem="relaxed")
 
 
 def p2c_attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Launch the forward. Any strides. Returns out (B, N, h, d) in q's dtype and lse (B, h, N) fp32."""
+    """Launch the forward on q's device. Any strides. Returns out (B, N, h, d) in q's dtype and lse (B, h, N) fp32."""
     bsz, n, h, d = q.shape
     m = k.shape[1]
     out = torch.empty((bsz, n, h, d), dtype=q.dtype, device=q.device)
@@ -195,15 +185,15 @@ def p2c_attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     if bsz * n * h == 0 or d == 0:
         # Nothing to launch; with d = 0 every score is 0, so lse = log M.
         return out, lse.fill_(math.log(m))
-    block_n, block_m, block_d, warps = _blocks(n, m, d, backward=False)
-    grid = (triton.cdiv(n, block_n), bsz * h)
-    _p2c_fwd_kernel[grid](
-        q, k, v, out, lse,
-        n, m, h, d, float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, FP32=_use_fp32_dot(q.dtype),
-        num_warps=warps,
-    )  # fmt: skip
+    launch = plan.p2c_fwd_plan(bsz, n, m, h, d, plan.dtype_name(q.dtype), device_of(q))
+    launch.check_grid()
+    with device_guard(q.device):
+        _p2c_fwd_kernel[launch.grid](
+            q, k, v, out, lse,
+            n, m, h, d, launch.get("tiles"), float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )  # fmt: skip
     return out, lse
 
 
@@ -217,7 +207,7 @@ def p2c_attention_bwd(
     scale: float,
     deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward. Any strides (stride-0 grad_out included); lse contiguous (B, h, N) fp32.
+    """Launch the backward on q's device. Any strides (stride-0 grad_out included); lse contiguous (B, h, N) fp32.
 
     Returns dq (B, N, h, d), dk and dv (B, M, h, d), in the dtypes of q, k and v.
     """
@@ -228,24 +218,27 @@ def p2c_attention_bwd(
     if bsz * n * h == 0 or d == 0:
         return dq.zero_(), torch.zeros_like(k, memory_format=torch.contiguous_format), \
             torch.zeros_like(v, memory_format=torch.contiguous_format)
-    block_n, block_m, block_d, warps = _blocks(n, m, d, backward=True)
-    tiles = triton.cdiv(n, block_n)
+    launch = plan.p2c_bwd_plan(bsz, n, m, h, d, plan.dtype_name(q.dtype), device_of(q))
+    launch.check_grid()
+    tiles = launch.get("tiles")
+    block_d = launch.consts["BLOCK_D"]
     if deterministic:
         # Program (tile, b, head) writes its whole (M, d) block of slice [tile]; the grid covers every
         # (tile, b, head), so no element stays unwritten and empty is enough (the NaN-poison test checks).
-        dk_acc = torch.empty((tiles, bsz, m, h, d), dtype=torch.float32, device=q.device)
-        dv_acc = torch.empty((tiles, bsz, m, h, d), dtype=torch.float32, device=q.device)
+        dk_acc = torch.empty((tiles, bsz, m, h, block_d), dtype=torch.float32, device=q.device)
+        dv_acc = torch.empty((tiles, bsz, m, h, block_d), dtype=torch.float32, device=q.device)
     else:
-        dk_acc = torch.zeros((bsz, m, h, d), dtype=torch.float32, device=q.device)
-        dv_acc = torch.zeros((bsz, m, h, d), dtype=torch.float32, device=q.device)
-    _p2c_bwd_kernel[(tiles, bsz * h)](
-        q, k, v, out, grad_out, lse, dq, dk_acc, dv_acc,
-        n, m, h, d, bsz, float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
-        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, FP32=_use_fp32_dot(q.dtype),
-        DETERMINISTIC=deterministic, num_warps=warps,
-    )  # fmt: skip
+        dk_acc = torch.zeros((bsz, m, h, block_d), dtype=torch.float32, device=q.device)
+        dv_acc = torch.zeros((bsz, m, h, block_d), dtype=torch.float32, device=q.device)
+    with device_guard(q.device):
+        _p2c_bwd_kernel[launch.grid](
+            q, k, v, out, grad_out, lse, dq, dk_acc, dv_acc,
+            n, m, h, d, bsz, tiles, float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+            int(deterministic),
+            **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )  # fmt: skip
     if deterministic:
         # torch's sum over a leading dim of a fixed-shape tensor runs in a fixed order: bitwise reproducible.
         dk_acc, dv_acc = dk_acc.sum(0), dv_acc.sum(0)
-    return dq, dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+    return dq, dk_acc[..., :d].to(k.dtype).contiguous(), dv_acc[..., :d].to(v.dtype).contiguous()

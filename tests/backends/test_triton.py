@@ -1,11 +1,10 @@
-"""Triton-only cases (paca_kernels/triton): the split-N pooling forced through the launchers, and the
-GPU compiler accepting the kernels without a GPU. The op tests (tests/ops/) run the triton backend
-through the same bodies as every other backend."""
+"""Triton-only cases (paca_kernels/triton): the split-N pooling forced through the launchers. The GPU
+compiler's view of every launch (resources, grids) is tests/backends/test_triton_resources.py; the op
+tests (tests/ops/) run the triton backend through the same bodies as every other backend."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -105,65 +104,3 @@ def test_split_n_extreme_logits_no_nan():
     cluster_pool_triton(*args).sum().backward()
     for t in args:
         assert torch.isfinite(t.grad).all()
-
-
-# -- the GPU compiler accepts the kernels (no GPU needed) ---------------------------------------------
-
-# Run in a fresh interpreter without TRITON_INTERPRET: in this process the kernels are interpreted
-# functions, and the interpreter accepts code (tl.dot shapes < 16, non-power-of-two blocks) that the
-# GPU compiler rejects. Ahead-of-time compilation for sm_90 runs Triton's whole pipeline down to ptxas.
-_AOT_SCRIPT = r"""
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import ASTSource
-from paca_kernels.triton import cluster_pool as cp, p2c_attention as p2c
-
-FP32_PTRS = {"lse_ptr", "part_m_ptr", "part_l_ptr", "part_acc_ptr", "dk_ptr", "dv_ptr", "pooled_ptr",
-             "dp_ptr", "rowdot_ptr"}
-
-def check(kernel, dtype, consts, num_warps):
-    names = list(inspect.signature(kernel.fn).parameters)
-    sig = {}
-    for n in names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n.endswith("_ptr"):
-            sig[n] = "*fp32" if n in FP32_PTRS else "*" + dtype
-        elif n in ("scale", "eps"):
-            sig[n] = "fp32"
-        else:
-            sig[n] = "i64" if n.startswith("s") else "i32"
-    try:
-        src = ASTSource(kernel, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    except TypeError as exc:  # another Triton's AOT API: nothing to conclude
-        print("SKIP", exc)
-        sys.exit(0)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    print("ok", kernel.fn.__name__, dtype, consts)
-
-check(p2c._p2c_fwd_kernel, "bf16", dict(BLOCK_N=64, BLOCK_M=64, BLOCK_D=64, FP32=False), 4)
-check(p2c._p2c_bwd_kernel, "fp32", dict(BLOCK_N=16, BLOCK_M=256, BLOCK_D=128, FP32=True, DETERMINISTIC=False), 8)
-check(p2c._p2c_bwd_kernel, "bf16", dict(BLOCK_N=32, BLOCK_M=64, BLOCK_D=32, FP32=False, DETERMINISTIC=True), 4)
-check(cp._cluster_pool_fwd_kernel, "fp16",
-      dict(HAS_W=True, HAS_B=True, SPLIT=False, BLOCK_M=32, BLOCK_K=64, BLOCK_C=128, FP32=False), 4)
-check(cp._cluster_pool_fwd_kernel, "fp32",
-      dict(HAS_W=False, HAS_B=False, SPLIT=True, BLOCK_M=16, BLOCK_K=32, BLOCK_C=512, FP32=True), 8)
-check(cp._cluster_pool_bwd_kernel, "bf16", dict(BLOCK_M=16, BLOCK_K=32, BLOCK_C=256, FP32=False), 8)
-print("ALL OK")
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the other tests compile the kernels")
-def test_kernels_compile_for_sm90():
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    if "SKIP" in proc.stdout:
-        pytest.skip(f"this Triton's ahead-of-time compile API differs: {proc.stdout.strip()}")
-    assert proc.returncode == 0 and "ALL OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -3,7 +3,12 @@
 
 Runs on CUDA, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, the tests'
 setting on machines without a GPU). fp16, bf16 and fp32; the size limits are the launchers'
-(:data:`paca_kernels.triton.MAX_KEYS`, ``MAX_HEAD_DIM``, ``MAX_CHANNELS``).
+(:data:`paca_kernels.triton.MAX_KEYS`, ``MAX_HEAD_DIM``, ``MAX_KEY_TILE``, ``MAX_CHANNELS``), held to the
+H100's budgets by the resource gate (tests/backends/test_triton_resources.py).
+
+Under the interpreter fp16/bf16 run the GPU's arithmetic: cluster_pool's operands rounded to TF32 before
+fp32 products (the GPU's TF32 tensor cores), p2c_attention's P and dS rounded to the inputs' dtype before
+their products (as on the GPU); so the low-precision tests' verdicts carry over to the GPU.
 
 Tolerances: fp32 runs its products in IEEE fp32 ("ieee" dot). Measured against float64 on the op
 tests' shapes (interpreter): forward ≤ 3.1e-6, gradients ≤ 6.1e-6 (dbias/dweight sum B·M rows, dk/dv
@@ -20,6 +25,7 @@ from torch import Tensor
 from ...triton import (
     MAX_CHANNELS,
     MAX_HEAD_DIM,
+    MAX_KEY_TILE,
     MAX_KEYS,
     TRITON_AVAILABLE,
     TRITON_UNAVAILABLE_REASON,
@@ -60,7 +66,16 @@ def _p2c_limits(inputs: Sequence[Tensor]) -> list[str]:
         reasons.append(f"p2c_attention holds all keys on chip: M = {k.shape[1]} > {MAX_KEYS}")
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"p2c_attention head dim d = {q.shape[-1]} > {MAX_HEAD_DIM}")
+    if not reasons and _pad(k.shape[1]) * _pad(q.shape[-1]) > MAX_KEY_TILE:
+        reasons.append(f"p2c_attention holds the keys and values on chip: M = {k.shape[1]} keys of head dim "
+                       f"d = {q.shape[-1]} pad to {_pad(k.shape[1])} × {_pad(q.shape[-1])} > {MAX_KEY_TILE} "
+                       f"(M ≤ 256 takes d ≤ 64; d ≤ 128 takes M ≤ 128)")
     return reasons
+
+
+def _pad(size: int) -> int:
+    """A size padded as the kernels pad it: a power of two, at least 16."""
+    return max(16, 1 << (size - 1).bit_length())
 
 
 def _cp_limits(inputs: Sequence[Tensor]) -> list[str]:
