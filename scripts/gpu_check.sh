@@ -119,8 +119,10 @@ fi
 # the CPU backends', on the GPU).
 pytest_step "gpu tests (-m gpu)" "$BOX_GPU_TESTS" tests-gpu.log tests -m gpu -q -rfE \
     --junitxml="$OUT/tests-gpu.xml"
+# (Deselected: what runs on the CPU anywhere and make test runs: the Triton resource gate, the nvcc
+# compile checks and the CUDA emulation.)
 pytest_step "op suites: cuda, triton" "$BOX_SUITES" tests-suites.log tests/ops tests/backends \
-    -k "cuda or triton" -q -rfE --maxfail=50 --junitxml="$OUT/tests-suites.xml"
+    -k "(cuda or triton) and not h100_budget and not test_cuda_compile and not test_cuda_emulation" -q -rfE --maxfail=50 --junitxml="$OUT/tests-suites.xml"
 
 # 4. The benchmarks: bf16, PaCa-Small stage 1 (the tiny-s1 shape: stage 1 of Tiny and Small is the
 # same layer) and the detection size, one run per (op, shape) so that a time-out loses one JSON only.
