@@ -177,6 +177,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
       load_tile<kThreads>(sL, L.ldl, logits + b * a.sl[0] + nb * a.sl[2], a.sl[1], a.sl[2], m0,
                           a.M, n_hi - nb, BM, BK, -INFINITY);
       // x tile (BK x Cp): zeros outside.
+      // Synchronous loads, not cp.async: the fp16/bf16 N tiles convert T -> float on the way to shared
+      // memory and the logits tile fills -inf, which a cp.async byte copy (zero fill) cannot do; the
+      // float32 x tile could, but stays on the synchronous path (not double buffered).
       load_tile<kThreads>(sX, L.lda, x + b * a.sx[0], a.sx[1], a.sx[2], nb, n_hi, a.C, BK, L.Cp,
                           0.f);
       __syncthreads();

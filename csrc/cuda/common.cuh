@@ -1,5 +1,5 @@
 // Device helpers shared by the paca_kernels CUDA kernels: dtype conversion, warp reductions,
-// shared-memory carving, strided tile loads, and one block-level matrix product from shared memory
+// shared-memory carving, strided tile loads (synchronous, and cp.async for sm_80+), and one block-level matrix product from shared memory
 // that runs on tensor cores (WMMA: fp16/bf16 16x16x16, or TF32 16x16x8 on float operands) or on
 // plain FMA (float32 inputs: "fp32 with fp32 math").
 //
@@ -83,9 +83,10 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // ---- strided tile loads ------------------------------------------------------------------------
 
-// The CPU emulation counts which path each tile load takes (tests/backends/cuda_emulation.cpp).
+// The CPU emulation counts which path each tile load takes: 0 element loads, 1 16-byte loads,
+// 2 cp.async (load_tile_async) (tests/backends/cuda_emulation.cpp).
 #ifndef PACA_KERNELS_TRACE_LOAD
-#define PACA_KERNELS_TRACE_LOAD(vectorised)
+#define PACA_KERNELS_TRACE_LOAD(path)  // 0 element loads, 1 16-byte loads, 2 cp.async
 #endif
 
 // 16 bytes from global to registers and from registers to shared memory (aligned). The host-compiler
@@ -185,6 +186,87 @@ __device__ __forceinline__ void load_tile(TDst* dst, int ld, const TSrc* base, i
         c -= cols;
         ++r;
       }
+    }
+  }
+}
+
+// ---- asynchronous tile loads (cp.async, sm_80+) ---------------------------------------------------
+
+// cp.async.cg.shared.global with a 16-byte copy size: `src_bytes` (0..16) bytes from global memory,
+// the rest of the 16 destination bytes zero-filled (src_bytes = 0: 16 zero bytes, nothing read).
+// dst and src 16-byte aligned. commit_group closes the copies issued since the last commit into a
+// group; wait_group<N> blocks until at most N of this thread's committed groups are still in flight
+// (it does not wait for uncommitted copies). Visibility to the other threads of the CTA needs a
+// __syncthreads after the wait, as for ordinary shared-memory stores. Below sm_80 (the glue refuses
+// those devices) a synchronous copy stands in. The host-compiler build (the tests' CPU emulation,
+// tests/backends/cuda_emulation.cpp) defines these three functions itself, before including this
+// header, with the same semantics (copies deferred until the wait that covers them).
+#if defined(__CUDACC__)
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes)
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  unsigned char* dd = static_cast<unsigned char*>(dst);
+  const unsigned char* ss = static_cast<const unsigned char*>(src);
+  for (int i = 0; i < 16; ++i) dd[i] = i < src_bytes ? ss[i] : 0;
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int kN>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kN) : "memory");
+#endif
+}
+#endif
+
+// Whether load_tile_async can load rows of `base` (element stride s_col, row stride s_row) into a
+// destination of leading dimension `ld` elements, `cols` (padded) columns: contiguous rows, every
+// 16-byte chunk of source and destination aligned. The same condition as load_tile's vector path
+// with matching types (a 16-byte store).
+template <typename T>
+__device__ __forceinline__ bool async_loadable(const T* base, int64_t s_row, int64_t s_col,
+                                               const T* dst, int ld, int cols) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  return s_col == 1 && cols % kVec == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0 &&
+         (s_row * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+         (static_cast<int64_t>(ld) * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+}
+
+// load_tile (same arguments, same result in shared memory, fill 0) for sources that pass
+// async_loadable: one cp.async per 16-byte chunk, zero-filled past row_end and col_end; the caller
+// commits the group and waits for it (cp_async_wait, then __syncthreads) before reading dst.
+template <int kThreads, typename T>
+__device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* base, int64_t s_row,
+                                                int64_t row0, int64_t row_end, int64_t col_end,
+                                                int rows, int cols) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  if (rows <= 0 || cols <= 0) return;
+  PACA_KERNELS_TRACE_LOAD(2);
+  const int per_row = cols / kVec;
+  const int total = rows * per_row;
+  int r = static_cast<int>(threadIdx.x) / per_row;
+  int c = (static_cast<int>(threadIdx.x) - r * per_row) * kVec;
+  const int step_r = kThreads / per_row;
+  const int step_c = (kThreads - step_r * per_row) * kVec;
+#pragma unroll 1
+  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int64_t i = row0 + r;
+    const int64_t left = i < row_end ? imax(0, imin(kVec, col_end - c)) : 0;  // elements to read
+    const T* src = left > 0 ? base + i * s_row + c : base;  // a valid address when nothing is read
+    cp_async16(dst + r * ld + c, src, static_cast<int>(left) * static_cast<int>(sizeof(T)));
+    r += step_r;
+    c += step_c;
+    if (c >= cols) {
+      c -= cols;
+      ++r;
     }
   }
 }

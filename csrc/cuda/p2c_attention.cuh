@@ -8,6 +8,10 @@
 // what the small B*h of detection/segmentation shapes needs. The keys/values are streamed through
 // shared memory in chunks of KC keys (bounded shared memory at M = 256, d = 128, on sm_80 too);
 // the BN x M score block stays in shared memory as float. No N x M matrix reaches global memory.
+// Forward: when the key and value rows are contiguous and 16-byte aligned, the chunks are double
+// buffered with cp.async (the next chunk loads while the current one's product runs); otherwise
+// (strided or misaligned inputs) one buffer and synchronous loads. The backward loads its key/value
+// chunks synchronously (16-byte vector loads where aligned): not double buffered yet.
 //
 // fp16/bf16: every product on tensor cores (WMMA 16x16x16, float accumulation); M and d are padded
 // with zeros to multiples of 16 (padded keys get probability 0). float32: fp32 FMA, padding to 4.
@@ -54,7 +58,7 @@ struct P2CTiles {
 // Shared-memory layout of the forward (host and device compute the same offsets).
 struct FwdLayout {
   int Mp, Dp, ldq, ldkv, lds, ldp;
-  size_t off_kv, off_s, off_p, total;
+  size_t off_kv, off_kv2, off_s, off_p, total;
   template <typename T>
   __host__ __device__ static FwdLayout make(int64_t M, int64_t D) {
     using Tl = P2CTiles<T>;
@@ -69,10 +73,13 @@ struct FwdLayout {
     const size_t kv = align128(sizeof(T) * Tl::kFwdKC * l.ldkv);
     const size_t s = align128(sizeof(float) * Tl::kFwdBN * l.lds);
     const size_t p = align128(sizeof(T) * Tl::kFwdBN * l.ldp);
+    // Two key/value chunk buffers: cp.async fills one while the other is read (double buffering;
+    // every dtype x M <= kMaxKeys x D <= kMaxHeadDim still fits sm_80's 163 KiB: the budget test).
     l.off_kv = q;
-    l.off_s = q + kv;
-    l.off_p = q + kv + s;
-    l.total = q + kv + s + p;
+    l.off_kv2 = q + kv;
+    l.off_s = q + 2 * kv;
+    l.off_p = q + 2 * kv + s;
+    l.total = q + 2 * kv + s + p;
     return l;
   }
 };
@@ -127,6 +134,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
   const FwdLayout L = FwdLayout::make<T>(a.M, a.D);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sKV = reinterpret_cast<T*>(smem + L.off_kv);
+  T* sKV2 = reinterpret_cast<T*>(smem + L.off_kv2);
   float* sS = reinterpret_cast<float*>(smem + L.off_s);
   T* sP = reinterpret_cast<T*>(smem + L.off_p);
 
@@ -142,48 +150,95 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
     const int64_t b = bh / a.H, hd = bh % a.H;
     load_tile<kThreads>(sQ, L.ldq, q + b * a.sq[0] + hd * a.sq[2], a.sq[1], a.sq[3], n0, a.N, D,
                         BN, L.Dp, 0.f);
-    // S = q.k^T, KC keys at a time.
-    for (int k0 = 0; k0 < L.Mp; k0 += KC) {
-      const int kc = static_cast<int>(imin(KC, L.Mp - k0));
-      __syncthreads();  // the previous chunk's product has finished reading sKV
-      load_tile<kThreads>(sKV, L.ldkv, k + b * a.sk[0] + hd * a.sk[2], a.sk[1], a.sk[3], k0, M, D,
-                          kc, L.Dp, 0.f);
-      __syncthreads();
-      block_gemm<Tl::kMma, Lay::kRow, Lay::kCol, kThreads>(sS + k0, L.lds, sQ, L.ldq, sKV, L.ldkv,
-                                                           BN, kc, L.Dp, false);
-    }
-    __syncthreads();
+    const T* kb = k + b * a.sk[0] + hd * a.sk[2];
+    const T* vb = v + b * a.sv[0] + hd * a.sv[2];
     // Row softmax over the M real keys (padded keys get probability 0), one warp per row. An all
     // -inf (or NaN) row gives NaN, as torch.softmax does.
     // One exp per score: each lane keeps its exponentials in its own score slots (m = lane + 32 i,
     // the same in every loop), so the normalisation reads them back without synchronisation.
-    for (int r = warp; r < BN; r += kWarps) {
-      float* srow = sS + r * L.lds;
-      float mx = -INFINITY;
-      for (int m = lane; m < M; m += kWarp) mx = fmaxf(mx, srow[m] * a.scale);
-      mx = warp_max(mx);
-      float sum = 0.f;
-      for (int m = lane; m < M; m += kWarp) {
-        const float e = expf(srow[m] * a.scale - mx);
-        srow[m] = e;
-        sum += e;
+    auto softmax = [&]() {
+      for (int r = warp; r < BN; r += kWarps) {
+        float* srow = sS + r * L.lds;
+        float mx = -INFINITY;
+        for (int m = lane; m < M; m += kWarp) mx = fmaxf(mx, srow[m] * a.scale);
+        mx = warp_max(mx);
+        float sum = 0.f;
+        for (int m = lane; m < M; m += kWarp) {
+          const float e = expf(srow[m] * a.scale - mx);
+          srow[m] = e;
+          sum += e;
+        }
+        sum = warp_sum(sum);
+        const float inv = 1.f / sum;
+        T* prow = sP + r * L.ldp;
+        for (int m = lane; m < L.Mp; m += kWarp) prow[m] = from_float<T>(m < M ? srow[m] * inv : 0.f);
+        if (lane == 0 && n0 + r < a.N) a.lse[bh * a.N + n0 + r] = mx + logf(sum);
       }
-      sum = warp_sum(sum);
-      const float inv = 1.f / sum;
-      T* prow = sP + r * L.ldp;
-      for (int m = lane; m < L.Mp; m += kWarp) prow[m] = from_float<T>(m < M ? srow[m] * inv : 0.f);
-      if (lane == 0 && n0 + r < a.N) a.lse[bh * a.N + n0 + r] = mx + logf(sum);
-    }
-    __syncthreads();
-    // O = P.v, accumulated in float over the key chunks; sS (dead now) holds the BN x Dp block.
-    for (int k0 = 0; k0 < L.Mp; k0 += KC) {
-      const int kc = static_cast<int>(imin(KC, L.Mp - k0));
-      load_tile<kThreads>(sKV, L.ldkv, v + b * a.sv[0] + hd * a.sv[2], a.sv[1], a.sv[3], k0, M, D,
-                          kc, L.Dp, 0.f);
+    };
+    if (async_loadable(kb, a.sk[1], a.sk[3], sKV, L.ldkv, L.Dp) &&
+        async_loadable(vb, a.sv[1], a.sv[3], sKV, L.ldkv, L.Dp)) {
+      // Double-buffered cp.async: one sequence of 2 * chunks loads (the key chunks, then the value
+      // chunks), chunk j into buffer j % 2; chunk j + 1 is in flight while chunk j's product runs
+      // (the first value chunk loads during the last key chunk's product and the softmax).
+      const int chunks = static_cast<int>(cdiv(L.Mp, KC));
+      auto issue = [&](int j) {
+        const bool is_v = j >= chunks;
+        const int k0 = (is_v ? j - chunks : j) * KC;
+        load_tile_async<kThreads>(j % 2 ? sKV2 : sKV, L.ldkv, is_v ? vb : kb,
+                                  is_v ? a.sv[1] : a.sk[1], k0, M, D,
+                                  static_cast<int>(imin(KC, L.Mp - k0)), L.Dp);
+        cp_async_commit();
+      };
+      issue(0);
+#pragma unroll 1
+      for (int j = 0; j < 2 * chunks; ++j) {
+        if (j == chunks) {  // every key chunk's product is in sS: softmax, P into sP
+          __syncthreads();
+          softmax();
+        }
+        __syncthreads();  // chunk j - 1's product has finished reading the buffer chunk j + 1 takes
+        if (j + 1 < 2 * chunks) {
+          issue(j + 1);
+          cp_async_wait<1>();  // this thread's copies of chunk j have landed
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncthreads();  // ... and every thread's
+        const T* buf = j % 2 ? sKV2 : sKV;
+        if (j < chunks) {
+          const int k0 = j * KC, kc = static_cast<int>(imin(KC, L.Mp - k0));
+          block_gemm<Tl::kMma, Lay::kRow, Lay::kCol, kThreads>(sS + k0, L.lds, sQ, L.ldq, buf,
+                                                               L.ldkv, BN, kc, L.Dp, false);
+        } else {
+          const int k0 = (j - chunks) * KC, kc = static_cast<int>(imin(KC, L.Mp - k0));
+          block_gemm<Tl::kMma, Lay::kRow, Lay::kRow, kThreads>(sS, L.lds, sP + k0, L.ldp, buf,
+                                                               L.ldkv, BN, L.Dp, kc, k0 > 0);
+        }
+      }
+      __syncthreads();  // the output block is complete
+    } else {
+      // Synchronous loads (strided or misaligned keys/values): one chunk buffer.
+      // S = q.k^T, KC keys at a time.
+      for (int k0 = 0; k0 < L.Mp; k0 += KC) {
+        const int kc = static_cast<int>(imin(KC, L.Mp - k0));
+        __syncthreads();  // the previous chunk's product has finished reading sKV
+        load_tile<kThreads>(sKV, L.ldkv, kb, a.sk[1], a.sk[3], k0, M, D, kc, L.Dp, 0.f);
+        __syncthreads();
+        block_gemm<Tl::kMma, Lay::kRow, Lay::kCol, kThreads>(sS + k0, L.lds, sQ, L.ldq, sKV,
+                                                             L.ldkv, BN, kc, L.Dp, false);
+      }
       __syncthreads();
-      block_gemm<Tl::kMma, Lay::kRow, Lay::kRow, kThreads>(sS, L.lds, sP + k0, L.ldp, sKV, L.ldkv,
-                                                           BN, L.Dp, kc, k0 > 0);
-      __syncthreads();  // before the next chunk overwrites sKV / before the output is read
+      softmax();
+      __syncthreads();
+      // O = P.v, accumulated in float over the key chunks; sS (dead now) holds the BN x Dp block.
+      for (int k0 = 0; k0 < L.Mp; k0 += KC) {
+        const int kc = static_cast<int>(imin(KC, L.Mp - k0));
+        load_tile<kThreads>(sKV, L.ldkv, vb, a.sv[1], a.sv[3], k0, M, D, kc, L.Dp, 0.f);
+        __syncthreads();
+        block_gemm<Tl::kMma, Lay::kRow, Lay::kRow, kThreads>(sS, L.lds, sP + k0, L.ldp, sKV,
+                                                             L.ldkv, BN, L.Dp, kc, k0 > 0);
+        __syncthreads();  // before the next chunk overwrites sKV / before the output is read
+      }
     }
     // out (B, N, H, D) contiguous.
     for (int idx = threadIdx.x; idx < BN * D; idx += kThreads) {

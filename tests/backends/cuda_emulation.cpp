@@ -32,6 +32,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -219,11 +220,57 @@ void mma_sync(fragment<accumulator, m, n, k, float>& d, const fragment<matrix_a,
 }
 }  // namespace nvcuda::wmma
 
-// Which path each tile load takes (per thread: [0] element loads, [1] 16-byte loads).
+// Which path each tile load takes (per thread: [0] element loads, [1] 16-byte loads, [2] cp.async
+// tile loads); [3] counts the 16-byte cp.async copies themselves.
 namespace emu {
-std::atomic<int64_t> tile_loads[2] = {};
+std::atomic<int64_t> tile_loads[4] = {};
 }  // namespace emu
-#define PACA_KERNELS_TRACE_LOAD(vectorised) (++emu::tile_loads[(vectorised) ? 1 : 0])
+#define PACA_KERNELS_TRACE_LOAD(path) (++emu::tile_loads[static_cast<int>(path)])
+
+// cp.async (common.cuh declares these for nvcc only): each thread queues its copies; commit closes
+// the queued ones into a group; wait<N> performs this thread's oldest committed groups until at
+// most N remain. The copies land late, as on the GPU, so a kernel that reads a buffer before the
+// wait that covers it reads the NaN bytes shared memory is filled with (or the previous chunk).
+// A copy still queued when the kernel returns (uncommitted, or committed and never waited for)
+// fails the launch (emu::cp_async_leftover).
+namespace emu {
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+thread_local std::vector<AsyncCopy> cp_queued;                // issued, not yet committed
+thread_local std::vector<std::vector<AsyncCopy>> cp_groups;  // committed, oldest first
+std::atomic<int64_t> cp_async_leftover{0};
+inline void cp_perform(const AsyncCopy& c) {
+  std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+  std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
+}
+}  // namespace emu
+namespace paca_kernels::cuda {
+namespace {
+inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 ||
+      src_bytes < 0 || src_bytes > 16) {
+    std::abort();  // the PTX instruction's requirements
+  }
+  ++emu::tile_loads[3];
+  emu::cp_queued.push_back({dst, src, src_bytes});
+}
+inline void cp_async_commit() {
+  emu::cp_groups.push_back(std::move(emu::cp_queued));
+  emu::cp_queued.clear();
+}
+template <int kN>
+void cp_async_wait() {
+  static_assert(kN >= 0);
+  while (emu::cp_groups.size() > static_cast<size_t>(kN)) {
+    for (const emu::AsyncCopy& c : emu::cp_groups.front()) emu::cp_perform(c);
+    emu::cp_groups.erase(emu::cp_groups.begin());
+  }
+}
+}  // namespace
+}  // namespace paca_kernels::cuda
 
 #define PACA_KERNELS_EMULATED_WMMA 1
 #define PACA_KERNELS_EMULATED_GRID_LIMIT 1
@@ -284,6 +331,11 @@ struct EmuRuntime {
               cta.all.arrive_and_wait();
               blockIdx = dim3(x, y, z);
               std::apply(kernel, params);
+              if (!emu::cp_queued.empty() || !emu::cp_groups.empty()) {
+                ++emu::cp_async_leftover;  // copies the kernel never waited for
+                emu::cp_queued.clear();
+                emu::cp_groups.clear();
+              }
               cta.all.arrive_and_wait();
             }
           }
@@ -291,6 +343,7 @@ struct EmuRuntime {
       });
     }
     for (auto& th : threads) th.join();
+    if (emu::cp_async_leftover.exchange(0) != 0) return cudaErrorLaunchFailure;
     return cudaSuccess;
   }
   cudaError_t zero(void* ptr, size_t bytes) const {
@@ -458,10 +511,10 @@ int emu_opt_in_cache(int device, int kernels, int threads, int rounds, int64_t* 
   return error;
 }
 
-// Tile loads since the last call, per thread: counts[0] element loads, counts[1] 16-byte loads.
+// Tile loads since the last call, per thread: counts[0] element loads, counts[1] 16-byte loads,
+// counts[2] cp.async tile loads (load_tile_async); counts[3] the 16-byte cp.async copies.
 void emu_tile_loads(int64_t* counts) {
-  counts[0] = emu::tile_loads[0].exchange(0);
-  counts[1] = emu::tile_loads[1].exchange(0);
+  for (int i = 0; i < 4; ++i) counts[i] = emu::tile_loads[i].exchange(0);
 }
 
 // The emulated conversions, for the tests to compare with torch's: out[i] = float(T(in[i])).

@@ -367,9 +367,14 @@ def test_opt_in_cache_sets_each_kernel_once_per_device(emu):
 
 
 def _tile_loads(emu) -> tuple[int, int]:
-    counts = (ctypes.c_int64 * 2)()
+    return _tile_load_paths(emu)[:2]
+
+
+def _tile_load_paths(emu) -> tuple[int, int, int, int]:
+    """Since the last call: element tile loads, 16-byte tile loads, cp.async tile loads, cp.async copies."""
+    counts = (ctypes.c_int64 * 4)()
     emu.emu_tile_loads(counts)
-    return counts[0], counts[1]
+    return tuple(counts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -392,6 +397,41 @@ def test_tile_loads_vectorised_with_a_scalar_fallback(emu, dtype):
             element, vector = _tile_loads(emu)
             assert element > 0, (d, q.stride(), k.stride())
             assert torch.equal(got, out) and torch.equal(got_lse, lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=["fp32", *LOW_IDS])
+@pytest.mark.parametrize("shape", [(1, 70, 20, 2, 40), (2, 33, 100, 2, 6), (1, 40, 256, 1, 128)],
+                         ids=["one-chunk", "tail-zero-fill", "many-chunks"])
+def test_p2c_forward_double_buffers_keys_and_values_with_cp_async(emu, shape, dtype):
+    """Aligned contiguous keys/values stream through the forward's two chunk buffers by cp.async (one
+    16-byte copy per chunk of every padded key row, zero-filled past M and D); the emulated copies land
+    only at the cp.async.wait_group that covers them, and a launch that leaves copies unwaited fails. A
+    misaligned value tensor sends keys and values through the synchronous loader (one buffer): bitwise the
+    same output and lse."""
+    b, n, m, h, d = shape
+    inp = make_p2c_inputs(b, n, m, h, d, dtype=dtype)
+    # Rows of 8 elements' storage per head (d = 6 is a view): every head 16-byte aligned, and d < the
+    # padded width, so the last chunk of a row reads d % 4 (fp32) or 6 (fp16/bf16) elements, zero-fills
+    # the rest, and fp16/bf16's second chunk (columns 8..15) is all zero fill.
+    w = -(-d // 8) * 8
+    q, k, v = (torch.zeros(*t.shape[:-1], w, dtype=dtype)[..., :d].copy_(t) for t in (inp.q, inp.k, inp.v))
+    _tile_load_paths(emu)
+    out, lse = _p2c_fwd(emu, q, k, v, 0.3)
+    element, vector, tiles, copies = _tile_load_paths(emu)
+    fp32 = dtype == torch.float32
+    bn, pad, vec = (32, 4, 4) if fp32 else (64, 16, 8)
+    mp, dp = -(-m // pad) * pad, -(-d // pad) * pad
+    ctas = -(-n // bn) * b * h
+    assert element == 0 and vector > 0 and tiles > 0, (element, vector, tiles)
+    assert copies == ctas * 2 * mp * dp // vec  # keys and values, every chunk of every padded row
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    want = reference.p2c_attention(inp.q.double(), inp.k.double(), inp.v.double(), 0.3)
+    assert_close(out.double(), want, rtol=2e-2 if not fp32 else 1e-5, atol=2e-2 if not fp32 else 1e-5)
+    vm = torch.empty(1 + inp.v.numel(), dtype=dtype)[1:].view_as(inp.v).copy_(inp.v)
+    got, got_lse = _p2c_fwd(emu, q, k, vm, 0.3)
+    element, vector, tiles, copies = _tile_load_paths(emu)
+    assert tiles == 0 and copies == 0 and element > 0, (element, tiles, copies)
+    assert torch.equal(got, out) and torch.equal(got_lse, lse)
 
 
 # -- tensor-core paths (fp16/bf16 WMMA, TF32 WMMA) ------------------------------------------------------
