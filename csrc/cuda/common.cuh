@@ -271,6 +271,39 @@ __device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* base, i
   }
 }
 
+// Two tiles of the same shape (rows x cols, leading dimension ld, same row range), e.g. a key and a
+// value chunk, by cp.async in one walk (one set of indices for both): load_tile_async twice.
+template <int kThreads, typename T>
+__device__ __forceinline__ void load_tile_async2(T* dst0, T* dst1, int ld, const T* base0,
+                                                 int64_t s_row0, const T* base1, int64_t s_row1,
+                                                 int64_t row0, int64_t row_end, int64_t col_end,
+                                                 int rows, int cols) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  if (rows <= 0 || cols <= 0) return;
+  PACA_KERNELS_TRACE_LOAD(2);
+  PACA_KERNELS_TRACE_LOAD(2);
+  const int per_row = cols / kVec;
+  const int total = rows * per_row;
+  int r = static_cast<int>(threadIdx.x) / per_row;
+  int c = (static_cast<int>(threadIdx.x) - r * per_row) * kVec;
+  const int step_r = kThreads / per_row;
+  const int step_c = (kThreads - step_r * per_row) * kVec;
+#pragma unroll 1
+  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int64_t i = row0 + r;
+    const int64_t left = i < row_end ? imax(0, imin(kVec, col_end - c)) : 0;
+    const int bytes = static_cast<int>(left) * static_cast<int>(sizeof(T));
+    cp_async16(dst0 + r * ld + c, left > 0 ? base0 + i * s_row0 + c : base0, bytes);
+    cp_async16(dst1 + r * ld + c, left > 0 ? base1 + i * s_row1 + c : base1, bytes);
+    r += step_r;
+    c += step_c;
+    if (c >= cols) {
+      c -= cols;
+      ++r;
+    }
+  }
+}
+
 // ---- block matrix product from shared memory ---------------------------------------------------
 
 enum class Mma { kSimt, kHalf, kTf32 };

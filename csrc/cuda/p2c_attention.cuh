@@ -11,7 +11,7 @@
 // Forward: when the key and value rows are contiguous and 16-byte aligned, the chunks are double
 // buffered with cp.async (the next chunk loads while the current one's product runs); otherwise
 // (strided or misaligned inputs) one buffer and synchronous loads. The backward loads its key/value
-// chunks synchronously (16-byte vector loads where aligned): not double buffered yet.
+// chunks the same way (double buffered where aligned, one buffer and synchronous loads otherwise).
 //
 // fp16/bf16: every product on tensor cores (WMMA 16x16x16, float accumulation); M and d are padded
 // with zeros to multiples of 16 (padded keys get probability 0). float32: fp32 FMA, padding to 4.
@@ -86,7 +86,7 @@ struct FwdLayout {
 
 struct BwdLayout {
   int Mp, Dp, ldq, ldkv, ldc, ldp, ldf;
-  size_t off_do, off_k, off_v, off_s, off_dp, off_p, off_ds, off_dq, off_stage, off_lse, off_d,
+  size_t off_do, off_k, off_v, off_k2, off_v2, off_s, off_dp, off_p, off_ds, off_dq, off_stage, off_lse, off_d,
       total;
   template <typename T>
   __host__ __device__ static BwdLayout make(int64_t M, int64_t D) {
@@ -110,6 +110,10 @@ struct BwdLayout {
     l.off_do = take(sizeof(T) * BN * l.ldq);
     l.off_k = take(sizeof(T) * KC * l.ldkv);
     l.off_v = take(sizeof(T) * KC * l.ldkv);
+    // The second key/value chunk buffers of the cp.async double buffering (the budget test holds
+    // every configuration to sm_80's 163 KiB).
+    l.off_k2 = take(sizeof(T) * KC * l.ldkv);  // off_k2 - off_k == off_v2 - off_v
+    l.off_v2 = take(sizeof(T) * KC * l.ldkv);
     l.off_s = take(sizeof(float) * BN * l.ldc);
     l.off_dp = take(sizeof(float) * BN * l.ldc);
     l.off_p = take(sizeof(T) * BN * l.ldp);
@@ -255,7 +259,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
 // Tiles [tile_begin, tile_end) of query rows of one CTA; its dk/dv partial sums go to `acc_k` /
 // `acc_v`: atomically (shared (B, M, H, D) buffer) or, deterministic, into the CTA group's private
 // slice (written by its first tile, added to by the next ones, in tile order).
-template <typename T>
+// kAsync: keys and values pass bwd_async_loadable (the host checks): double-buffered cp.async chunk
+// loads; else synchronous loads. Two instantiations rather than a run-time branch: the branch's
+// extra live registers made ptxas spill the fp16/bf16 kernels.
+template <typename T, bool kAsync>
 __global__ void __launch_bounds__(kThreads, kMinCtas)
     p2c_bwd_kernel(const P2CBwdArgs a, float* ws_k, float* ws_v, int64_t tiles_per_cta) {
   using Tl = P2CTiles<T>;
@@ -292,6 +299,20 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
 
   for (int64_t bh = blockIdx.y; bh < a.B * a.H; bh += gridDim.y) {
     const int64_t b = bh / a.H, hd = bh % a.H;
+    // Contiguous, 16-byte aligned keys and values: the chunks are double buffered with cp.async
+    // (chunk c in sK/sV for even c, in the second pair, `pair` elements further on, for odd c;
+    // chunk c + 1 loads during chunk c's products). Otherwise synchronous loads into sK/sV.
+    // (The source pointers are recomputed where used: fewer registers live across the products.)
+    constexpr bool async = kAsync;
+    const int pair = static_cast<int>((L.off_k2 - L.off_k) / sizeof(T));  // = off_v2 - off_v
+    auto issue = [&](int k0) {  // chunk k0 / KC, keys and values, one cp.async group
+      const int shift = (k0 / KC) % 2 != 0 ? pair : 0;
+      const int kc = static_cast<int>(imin(KC, L.Mp - k0));
+      load_tile_async2<kThreads>(sK + shift, sV + shift, L.ldkv, k + b * a.sk[0] + hd * a.sk[2],
+                                 a.sk[1], v + b * a.sv[0] + hd * a.sv[2], a.sv[1], k0, M, D, kc,
+                                 L.Dp);
+      cp_async_commit();
+    };
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t n0 = tile * BN;
       load_tile<kThreads>(sQ, L.ldq, q + b * a.sq[0] + hd * a.sq[2], a.sq[1], a.sq[3], n0, a.N, D,
@@ -320,14 +341,29 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
       for (int k0 = 0; k0 < L.Mp; k0 += KC) {
         const int kc = static_cast<int>(imin(KC, L.Mp - k0));
         __syncthreads();  // sK/sV/sS/sdP/sP/sdS/sStage free again (and the loads above visible)
-        load_tile<kThreads>(sK, L.ldkv, k + b * a.sk[0] + hd * a.sk[2], a.sk[1], a.sk[3], k0, M,
-                            D, kc, L.Dp, 0.f);
-        load_tile<kThreads>(sV, L.ldkv, v + b * a.sv[0] + hd * a.sv[2], a.sv[1], a.sv[3], k0, M,
-                            D, kc, L.Dp, 0.f);
+        const int shift = async && (k0 / KC) % 2 != 0 ? pair : 0;
+        const T* cK = sK + shift;  // this chunk's keys and values
+        const T* cV = sV + shift;
+        if constexpr (kAsync) {
+          // Chunk c + 1 into the buffers chunk c - 1 used (read before the sync above); the first
+          // chunk also issues chunk 0 itself. One issue site (a second inlined copy made ptxas spill).
+#pragma unroll 1
+          for (int c0 = k0 == 0 ? 0 : k0 + KC; c0 <= k0 + KC && c0 < L.Mp; c0 += KC) issue(c0);
+          if (k0 + KC < L.Mp) {
+            cp_async_wait<1>();
+          } else {
+            cp_async_wait<0>();
+          }
+        } else {
+          load_tile<kThreads>(sK, L.ldkv, k + b * a.sk[0] + hd * a.sk[2], a.sk[1], a.sk[3], k0, M,
+                              D, kc, L.Dp, 0.f);
+          load_tile<kThreads>(sV, L.ldkv, v + b * a.sv[0] + hd * a.sv[2], a.sv[1], a.sv[3], k0, M,
+                              D, kc, L.Dp, 0.f);
+        }
         __syncthreads();
-        block_gemm<Tl::kMma, Lay::kRow, Lay::kCol, kThreads>(sS, L.ldc, sQ, L.ldq, sK, L.ldkv, BN,
+        block_gemm<Tl::kMma, Lay::kRow, Lay::kCol, kThreads>(sS, L.ldc, sQ, L.ldq, cK, L.ldkv, BN,
                                                              kc, L.Dp, false);
-        block_gemm<Tl::kMma, Lay::kRow, Lay::kCol, kThreads>(sdP, L.ldc, sdO, L.ldq, sV, L.ldkv,
+        block_gemm<Tl::kMma, Lay::kRow, Lay::kCol, kThreads>(sdP, L.ldc, sdO, L.ldq, cV, L.ldkv,
                                                              BN, kc, L.Dp, false);
         __syncthreads();
         // P and dS; padded rows and keys get exactly 0 so they add nothing to dk/dv/dq.
@@ -341,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
         }
         __syncthreads();
         // dq += dS.k ; dv_c = P^T.dO (the dq and stage products write different buffers).
-        block_gemm<Tl::kMma, Lay::kRow, Lay::kRow, kThreads>(sdQ, L.ldf, sdS, L.ldp, sK, L.ldkv,
+        block_gemm<Tl::kMma, Lay::kRow, Lay::kRow, kThreads>(sdQ, L.ldf, sdS, L.ldp, cK, L.ldkv,
                                                              BN, L.Dp, kc, true);
         block_gemm<Tl::kMma, Lay::kCol, Lay::kRow, kThreads>(sStage, L.ldf, sP, L.ldp, sdO, L.ldq,
                                                              kc, L.Dp, BN, false);
@@ -419,6 +455,16 @@ int64_t bwd_workspace(const P2CBwdArgs& a, int num_sms) {
 
 int64_t reduce_blocks(int64_t count) { return imax(1, imin(cdiv(count, 256), 8192)); }
 
+// Whether every (batch, head) of a (B, M, H, D) tensor with strides s has contiguous, 16-byte
+// aligned rows: the backward's cp.async condition (the shared-memory side always holds: 128-byte
+// aligned buffers, rows of a multiple of 16 bytes, Dp a multiple of the 16-byte chunk).
+template <typename T>
+bool bwd_async_loadable(const void* p, const int64_t (&s)[4]) {
+  const int64_t e = static_cast<int64_t>(sizeof(T));
+  return s[3] == 1 && reinterpret_cast<uintptr_t>(p) % 16 == 0 && (s[0] * e) % 16 == 0 &&
+         (s[1] * e) % 16 == 0 && (s[2] * e) % 16 == 0;
+}
+
 
 // ---- host side: launch sequences over a runtime (CudaRuntime, or the tests' CPU emulation) -------
 
@@ -450,8 +496,11 @@ cudaError_t p2c_bwd_run(const P2CBwdArgs& args, float* workspace, int num_sms, c
     const int64_t tiles = cdiv(args.N, P2CTiles<T>::kBwdBN);
     const dim3 grid(static_cast<unsigned>(cdiv(tiles, tpc)),
                     static_cast<unsigned>(imin(args.B * args.H, kMaxGridYZ)));
-    err = rt.launch(p2c_bwd_kernel<T>, grid, dim3(kThreads), BwdLayout::make<T>(args.M, args.D).total,
-                    args, ws_k, ws_v, tpc);
+    const size_t smem = BwdLayout::make<T>(args.M, args.D).total;
+    err = bwd_async_loadable<T>(args.k, args.sk) && bwd_async_loadable<T>(args.v, args.sv)
+              ? rt.launch(p2c_bwd_kernel<T, true>, grid, dim3(kThreads), smem, args, ws_k, ws_v, tpc)
+              : rt.launch(p2c_bwd_kernel<T, false>, grid, dim3(kThreads), smem, args, ws_k, ws_v,
+                          tpc);
     if (err != cudaSuccess) return err;
   }
   const int64_t groups = per_buffer / count;

@@ -434,6 +434,36 @@ def test_p2c_forward_double_buffers_keys_and_values_with_cp_async(emu, shape, dt
     assert torch.equal(got, out) and torch.equal(got_lse, lse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=["fp32", *LOW_IDS])
+@pytest.mark.parametrize("shape", [(1, 70, 20, 2, 40), (2, 33, 100, 2, 6), (1, 40, 256, 1, 128)],
+                         ids=["one-chunk", "tail-zero-fill", "many-chunks"])
+def test_p2c_backward_double_buffers_keys_and_values_with_cp_async(emu, shape, dtype):
+    """The backward's key/value chunks (32 keys) go through cp.async and two buffer pairs for aligned
+    inputs (exact copy count: every query tile reloads every chunk), and through the synchronous loader
+    for a misaligned value tensor, with bitwise the same dq, dk, dv (deterministic reduction)."""
+    b, n, m, h, d = shape
+    inp = make_p2c_inputs(b, n, m, h, d, dtype=dtype)
+    w = -(-d // 8) * 8
+    q, k, v = (torch.zeros(*t.shape[:-1], w, dtype=dtype)[..., :d].copy_(t) for t in (inp.q, inp.k, inp.v))
+    out, lse = _p2c_fwd(emu, q, k, v, 0.3)
+    g = torch.randn_like(out)
+    _tile_load_paths(emu)
+    grads = _p2c_bwd(emu, g, q, k, v, out, lse, 0.3, True, 2)
+    element, vector, tiles, copies = _tile_load_paths(emu)
+    fp32 = dtype == torch.float32
+    bn, pad, vec = (32, 4, 4) if fp32 else (64, 16, 8)
+    mp, dp = -(-m // pad) * pad, -(-d // pad) * pad
+    tiles_n = -(-n // bn) * b * h
+    assert tiles > 0 and copies == tiles_n * 2 * mp * dp // vec, (element, vector, tiles, copies)
+    vm = torch.empty(1 + v.numel(), dtype=dtype)[1:].view_as(inp.v).copy_(v)
+    got = _p2c_bwd(emu, g, q, k, vm, out, lse, 0.3, True, 2)
+    element, vector, tiles, copies = _tile_load_paths(emu)
+    assert tiles == 0 and copies == 0 and element > 0, (element, tiles, copies)
+    for name, a, want in zip(("dq", "dk", "dv"), got, grads, strict=True):
+        assert torch.isfinite(want).all(), name
+        assert torch.equal(a, want), name
+
+
 # -- tensor-core paths (fp16/bf16 WMMA, TF32 WMMA) ------------------------------------------------------
 
 
