@@ -110,6 +110,29 @@ __device__ __forceinline__ void store16(T* dst, const T (&src)[kN]) {
 #endif
 }
 
+// Calls visit(r, c) for this thread's chunks of a rows x cols tile: chunks of `width` elements of a
+// row vary fastest across threads (kThreads chunks apart), so contiguous rows load coalesced. No
+// division per chunk: the thread's (row, column) indices advance by a constant step computed once.
+template <int kThreads, typename Visit>
+__device__ __forceinline__ void for_each_chunk(int rows, int cols, int width, Visit&& visit) {
+  const int per_row = cols / width;  // chunks per row (the callers make cols % width == 0)
+  const int total = rows * per_row;
+  int r = static_cast<int>(threadIdx.x) / per_row;
+  int c = (static_cast<int>(threadIdx.x) - r * per_row) * width;
+  const int step_r = kThreads / per_row;
+  const int step_c = (kThreads - step_r * per_row) * width;
+#pragma unroll 1  // one chunk in flight per thread: the tile kernels are near their register cap
+  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    visit(r, c);
+    r += step_r;
+    c += step_c;
+    if (c >= cols) {
+      c -= cols;
+      ++r;
+    }
+  }
+}
+
 // dst[r * ld + c] = src(row0 + r, c) for r < rows, c < cols (cols is the padded width), where
 // src(i, j) = base[i * s_row + j * s_col] when i < row_end and j < col_end, else `fill`.
 // Chunks of 16 bytes of the source (kVec elements of a row) vary fastest across threads, so
@@ -117,8 +140,7 @@ __device__ __forceinline__ void store16(T* dst, const T (&src)[kN]) {
 // every chunk is 16-byte aligned (base and row stride; cols a multiple of kVec): one 16-byte load per
 // chunk (a 16-byte store too when the types match and the destination rows are aligned), element
 // loads for the chunks that straddle col_end; otherwise (strided or misaligned sources) element
-// loads throughout. No division per element: each thread's (row, chunk) indices advance by a
-// constant step, computed once per call. 64-bit offsets.
+// loads throughout (for_each_chunk: no division per element). 64-bit offsets.
 template <int kThreads, typename TSrc, typename TDst>
 __device__ __forceinline__ void load_tile(TDst* dst, int ld, const TSrc* base, int64_t s_row,
                                           int64_t s_col, int64_t row0, int64_t row_end,
@@ -129,20 +151,11 @@ __device__ __forceinline__ void load_tile(TDst* dst, int ld, const TSrc* base, i
                    reinterpret_cast<uintptr_t>(base) % 16 == 0 &&
                    (s_row * static_cast<int64_t>(sizeof(TSrc))) % 16 == 0;
   PACA_KERNELS_TRACE_LOAD(vec);
-  const int width = vec ? kVec : 1;  // elements per step along a row
-  const int per_row = cols / width;  // chunks per row (cols % kVec == 0 when vec)
-  const int total = rows * per_row;
-  // This thread's first chunk and its constant step (kThreads chunks further on).
-  int r = static_cast<int>(threadIdx.x) / per_row;
-  int c = (static_cast<int>(threadIdx.x) - r * per_row) * width;
-  const int step_r = kThreads / per_row;
-  const int step_c = (kThreads - step_r * per_row) * width;
   if (vec) {
     const bool vec_store = std::is_same_v<TSrc, TDst> &&
                            reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
                            (static_cast<int64_t>(ld) * static_cast<int64_t>(sizeof(TDst))) % 16 == 0;
-#pragma unroll 1  // one chunk in flight per thread: the tile kernels are near their register cap
-    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    for_each_chunk<kThreads>(rows, cols, kVec, [&](int r, int c) {
       const int64_t i = row0 + r;
       TDst* d = dst + r * ld + c;
       const TSrc* src = base + i * s_row + c;
@@ -166,27 +179,14 @@ __device__ __forceinline__ void load_tile(TDst* dst, int ld, const TSrc* base, i
           d[k] = from_float<TDst>(i < row_end && c + k < col_end ? to_float(src[k]) : fill);
         }
       }
-      r += step_r;
-      c += step_c;
-      if (c >= cols) {
-        c -= cols;
-        ++r;
-      }
-    }
+    });
   } else {
-#pragma unroll 1
-    for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    for_each_chunk<kThreads>(rows, cols, 1, [&](int r, int c) {
       const int64_t i = row0 + r;
       float val = fill;
       if (i < row_end && c < col_end) val = to_float(base[i * s_row + c * s_col]);
       dst[r * ld + c] = from_float<TDst>(val);
-      r += step_r;
-      c += step_c;
-      if (c >= cols) {
-        c -= cols;
-        ++r;
-      }
-    }
+    });
   }
 }
 
@@ -250,25 +250,12 @@ __device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* base, i
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   if (rows <= 0 || cols <= 0) return;
   PACA_KERNELS_TRACE_LOAD(2);
-  const int per_row = cols / kVec;
-  const int total = rows * per_row;
-  int r = static_cast<int>(threadIdx.x) / per_row;
-  int c = (static_cast<int>(threadIdx.x) - r * per_row) * kVec;
-  const int step_r = kThreads / per_row;
-  const int step_c = (kThreads - step_r * per_row) * kVec;
-#pragma unroll 1
-  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+  for_each_chunk<kThreads>(rows, cols, kVec, [&](int r, int c) {
     const int64_t i = row0 + r;
     const int64_t left = i < row_end ? imax(0, imin(kVec, col_end - c)) : 0;  // elements to read
     const T* src = left > 0 ? base + i * s_row + c : base;  // a valid address when nothing is read
     cp_async16(dst + r * ld + c, src, static_cast<int>(left) * static_cast<int>(sizeof(T)));
-    r += step_r;
-    c += step_c;
-    if (c >= cols) {
-      c -= cols;
-      ++r;
-    }
-  }
+  });
 }
 
 // Two tiles of the same shape (rows x cols, leading dimension ld, same row range), e.g. a key and a
@@ -282,26 +269,13 @@ __device__ __forceinline__ void load_tile_async2(T* dst0, T* dst1, int ld, const
   if (rows <= 0 || cols <= 0) return;
   PACA_KERNELS_TRACE_LOAD(2);
   PACA_KERNELS_TRACE_LOAD(2);
-  const int per_row = cols / kVec;
-  const int total = rows * per_row;
-  int r = static_cast<int>(threadIdx.x) / per_row;
-  int c = (static_cast<int>(threadIdx.x) - r * per_row) * kVec;
-  const int step_r = kThreads / per_row;
-  const int step_c = (kThreads - step_r * per_row) * kVec;
-#pragma unroll 1
-  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+  for_each_chunk<kThreads>(rows, cols, kVec, [&](int r, int c) {
     const int64_t i = row0 + r;
     const int64_t left = i < row_end ? imax(0, imin(kVec, col_end - c)) : 0;
     const int bytes = static_cast<int>(left) * static_cast<int>(sizeof(T));
     cp_async16(dst0 + r * ld + c, left > 0 ? base0 + i * s_row0 + c : base0, bytes);
     cp_async16(dst1 + r * ld + c, left > 0 ? base1 + i * s_row1 + c : base1, bytes);
-    r += step_r;
-    c += step_c;
-    if (c >= cols) {
-      c -= cols;
-      ++r;
-    }
-  }
+  });
 }
 
 // ---- block matrix product from shared memory ---------------------------------------------------
