@@ -152,6 +152,14 @@ def _describe(inputs: Sequence[torch.Tensor]) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} on {t.device}, shapes {shapes}"
 
 
+def _requested(backend: str | None) -> tuple[str | None, list[str]]:
+    """(the request: the ``backend=`` argument, else the environment variable, else None; its names)."""
+    request = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if request is None:
+        return None, []
+    return request, [n.strip() for n in request.split(",") if n.strip()]
+
+
 def select_backend(op: str, inputs: Sequence[torch.Tensor], backend: str | None) -> Backend:
     """Choose the backend that runs ``op`` on ``inputs``.
 
@@ -164,9 +172,8 @@ def select_backend(op: str, inputs: Sequence[torch.Tensor], backend: str | None)
         BackendError: a requested backend (or every one of a requested list) cannot serve the call.
         ValueError: an unknown backend name.
     """
-    request = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    request, names = _requested(backend)
     if request is not None:
-        names = [n.strip() for n in request.split(",") if n.strip()]
         if not names:
             raise ValueError(f"empty backend request {request!r}")
         for name in names:
@@ -196,10 +203,8 @@ def preferred_backend(backend: str | None, device_type: str) -> str | None:
     backend (it has no shape limits and serves every floating dtype). A setting that cannot serve a
     call is reported by the op call itself.
     """
-    request = backend if backend is not None else os.environ.get(ENV_VAR) or None
-    if request is not None:
-        names = [n.strip() for n in request.split(",") if n.strip()]
-    else:
+    request, names = _requested(backend)
+    if request is None:
         names = AUTO_PRIORITY.get(device_type, ["reference"])
     for name in names:
         b = _REGISTRY.get(name)
