@@ -5,6 +5,7 @@ Public API:
     paca_kernels.reference                          the pure-PyTorch oracle
     PaCaAttention, PaCaLayer, PaCaBlock, PaCaViT    drop-in modules for the official code
     create_model, list_models                       the official PaCa-ViT variants
+    load_pretrained                                 timm-like loading of a local checkpoint
     PaCaSegHead, PaCaSegmentor                      the official segmentation head, backbone + head
     paca_kernels.explain                            cluster maps, attention maps, importance masks, PNGs
 
@@ -15,7 +16,14 @@ reference backend and ``paca_kernels.ops.backend_status()`` (or ``python -m paca
 from __future__ import annotations
 
 from . import _ext, explain, ops, reference
-from .models import PaCaSegmentor, PaCaTeacher_ConvMixer, PaCaViT, create_model, list_models
+from .models import (
+    PaCaSegmentor,
+    PaCaTeacher_ConvMixer,
+    PaCaViT,
+    create_model,
+    list_models,
+    load_pretrained,
+)
 from .models._timm import install_timm_hook, register_timm_models
 from .nn import PaCaAttention, PaCaBlock, PaCaLayer, PaCaSegHead, convert_paca_layers
 
@@ -34,6 +42,7 @@ __all__ = [
     "create_model",
     "explain",
     "list_models",
+    "load_pretrained",
     "ops",
     "reference",
     "register_timm_models",

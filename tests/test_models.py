@@ -300,25 +300,6 @@ def test_downstream_cluster_num_wrong_length() -> None:
         create_model(TINY, downstream_cluster_num=[8, 8, 8])
 
 
-@pytest.mark.parametrize("wrapped", [pytest.param(False, id="plain"), pytest.param(True, id="state_dict-key")])
-def test_pretrained_local_checkpoint(tmp_path, wrapped: bool) -> None:
-    source = create_model(TINY, num_classes=5)
-    state = source.state_dict()
-    path = tmp_path / "ckpt.pt"
-    torch.save({"state_dict": state} if wrapped else state, path)
-    model = create_model(TINY, num_classes=5, pretrained=str(path))
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    with pytest.raises(RuntimeError, match="size mismatch"):  # loaded strictly
-        create_model(TINY, num_classes=7, pretrained=str(path))
-
-
-def test_pretrained_missing_file(tmp_path) -> None:
-    with pytest.raises(ValueError, match="missing.pt"):
-        create_model(TINY, pretrained=str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match="local checkpoint"):
-        create_model(TINY, pretrained=True)
-
-
 def test_create_model_kwargs() -> None:
     model = create_model(TINY, num_classes=7, drop_path_rate=0.3, img_size=(96, 160))
     assert model.head.out_features == 7

@@ -22,22 +22,33 @@ from .zoo import FACTORIES
 __all__: list[str] = ["install_timm_hook", "register_timm_models"]
 
 _log = logging.getLogger("paca_kernels")
-# timm.create_model passes these to every entry point; PaCa-ViT has no hosted weights to use them.
+# timm.create_model passes these to every entry point; PaCa-ViT has no hosted weights, so only a
+# local file named by them (timm's ``pretrained_cfg_overlay=dict(file=path)``) is used.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _timm_entry(name: str) -> Callable[..., Any]:
     factory = FACTORIES[name]
 
-    def entry(pretrained: bool = False, **kwargs: Any) -> Any:
-        for key in _TIMM_ONLY_KWARGS:
-            kwargs.pop(key, None)
+    def entry(pretrained: bool | str = False, **kwargs: Any) -> Any:
+        cfgs = [kwargs.pop(key, None) for key in _TIMM_ONLY_KWARGS][:2]
+        if pretrained is True:
+            # timm's idiom for local weights: pretrained=True, pretrained_cfg_overlay=dict(file=path)
+            files = [_cfg_get(c, "file") for c in reversed(cfgs)]
+            pretrained = next((f for f in files if f), True)
         return factory(pretrained=pretrained, **kwargs)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__
     entry.__doc__ = factory.__doc__
     return entry
+
+
+def _cfg_get(cfg: Any, key: str) -> Any:
+    """``cfg[key]`` for a dict, ``cfg.key`` for timm's PretrainedCfg dataclass, else None."""
+    if cfg is None:
+        return None
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
 
 
 def register_timm_models() -> list[str]:

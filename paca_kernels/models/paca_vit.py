@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn.block import DEFAULT_PACA_CFG, PaCaBlock
 from ..nn.layers import BlurConv2d, DownsampleV1, DropPath, build_act, build_norm
+from .pretrained import load_pretrained
 
 __all__ = ["PaCaTeacher_ConvMixer", "PaCaViT", "Residual"]
 
@@ -208,7 +209,9 @@ class PaCaViT(nn.Module):
     drop_path_rate, attn_drop, drop, norm_cfg, act_cfg, layer_scale, post_norm, sub_ln,
     with_pos_embed, out_indices (stages whose (B, C, H, W) maps a backbone returns),
     downstream_cluster_num (per-stage cluster counts replacing paca_cfg's), pretrained (a local
-    checkpoint path, loaded non-strictly as the official code does).
+    checkpoint path, loaded non-strictly as the official code does, by
+    :func:`~paca_kernels.models.pretrained.load_pretrained`: what fits is loaded, the rest keeps its
+    initialisation and is logged; a missing file is FileNotFoundError).
     Extra: backend (ops backend for every PaCa layer).
     """
 
@@ -233,7 +236,7 @@ class PaCaViT(nn.Module):
         with_pos_embed: bool = False,
         out_indices: Sequence[int] = (),
         downstream_cluster_num: Sequence[int] | None = None,
-        pretrained: str | None = None,
+        pretrained: str | os.PathLike[str] | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -325,10 +328,8 @@ class PaCaViT(nn.Module):
 
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else None
         self.init_weights()
-        if isinstance(pretrained, str) and os.path.exists(pretrained):
-            state = torch.load(pretrained, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state))
-            self.load_state_dict(state, strict=False)
+        if pretrained is not None:
+            load_pretrained(self, pretrained)
 
     def init_weights(self) -> None:
         """The official initialisation: trunc-normal(0.02) linears, unit norms, He-normal convs."""

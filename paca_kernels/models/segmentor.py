@@ -7,6 +7,7 @@ It builds its backbone with :func:`~paca_kernels.models.create_model`, so it liv
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.seg_head import PaCaSegHead
+from .pretrained import load_pretrained, read_checkpoint
 from .zoo import create_model
 
 __all__ = ["PaCaSegmentor"]
@@ -43,17 +45,30 @@ class PaCaSegmentor(nn.Module):
         channels: int = 256,
         downstream_cluster_num: Sequence[int] | None = (200, 200, 200, 0),
         backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: str | os.PathLike[str] | None = None,
         **head_kwargs: Any,
     ) -> PaCaSegmentor:
         """The official ADE20K set-up: ``create_model(name, features_only=True,
-        downstream_cluster_num=...)`` (load an ImageNet checkpoint into ``.backbone`` non-strictly: the
-        clustering heads' last convs change size) and a head with ``channels`` and ``num_classes``."""
+        downstream_cluster_num=...)`` and a head with ``channels`` and ``num_classes``.
+
+        ``pretrained``: a local checkpoint. An ImageNet classification checkpoint loads into the
+        backbone (its classifier is ignored; the clustering convs resized by
+        ``downstream_cluster_num`` keep their initialisation, and are logged); a segmentation
+        checkpoint (``backbone.*`` and ``decode_head.*`` keys, as this class and mmseg save them)
+        loads into the whole segmentor. Both through
+        :func:`~paca_kernels.models.pretrained.load_pretrained`.
+        """
         kwargs = dict(backbone_kwargs or {})
         if downstream_cluster_num is not None:
             kwargs["downstream_cluster_num"] = list(downstream_cluster_num)
         backbone = create_model(name, features_only=True, **kwargs)
         head = PaCaSegHead(list(backbone.embed_dims), num_classes, channels=channels, **head_kwargs)
-        return cls(backbone, head)
+        model = cls(backbone, head)
+        if pretrained is not None:
+            state = read_checkpoint(pretrained)
+            whole = any(k.startswith("decode_head.") for k in state)
+            load_pretrained(model if whole else backbone, state, source=repr(os.fspath(pretrained)))
+        return model
 
     def forward(
         self, images: Tensor, *, upsample: bool = True, return_cluster_logits: bool = False

@@ -7,13 +7,11 @@ Names encode the clustering: ``pacavit_<size>_p2c<head>_<M1-3>_<M4>`` (onsite, s
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from .paca_vit import PaCaViT
+from .pretrained import load_pretrained
 
 __all__ = ["create_model", "list_models", "model_config"]
 
@@ -101,7 +99,11 @@ def create_model(
     Args:
         name: one of :func:`list_models`.
         pretrained: False, or the path of a local checkpoint (an official state dict, or one under
-            "state_dict"/"model"), loaded with ``strict=True``. (The official release publishes no
+            "state_dict"/"model"), loaded by :func:`~paca_kernels.models.pretrained.load_pretrained`:
+            every tensor that fits is loaded, what cannot fit (the classifier for another
+            ``num_classes``, clustering convs resized by ``downstream_cluster_num``) keeps its
+            initialisation, and both are logged; a checkpoint of another architecture is a
+            ValueError, a missing file FileNotFoundError. (The official release publishes no
             download URLs, so nothing is fetched.)
         num_classes: classifier outputs; 0 builds no head.
         img_size: input size (also accepted as the official ``image_size``); the models run at any
@@ -125,16 +127,8 @@ def create_model(
         "crop_pct": 0.9, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225), "classifier": "head",
     }
-    if pretrained:
-        if not isinstance(pretrained, (str, os.PathLike)) or not os.path.exists(pretrained):
-            raise ValueError(
-                f"pretrained must be the path of a local checkpoint file, got {pretrained!r} "
-                "(no official download URLs exist)"
-            )
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        if isinstance(state, dict):
-            state = state.get("state_dict", state.get("model", state))
-        model.load_state_dict(state, strict=True)
+    if pretrained is not False and pretrained is not None:
+        load_pretrained(model, pretrained)  # type: ignore[arg-type]
     return model
 
 
