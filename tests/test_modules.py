@@ -327,8 +327,7 @@ def test_backend_argument() -> None:
         ref, _, _ = manual_paca(layer, x, hh, ww)
     assert_close(out, ref)
     with pytest.raises(ValueError, match="nope"):
-        bad = PaCaAttention(c, h, m, backend="nope")
-        bad(x, hh, ww)
+        PaCaAttention(c, h, m, backend="nope")  # at construction, not at the first forward
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,6 +341,7 @@ def _layer_and_x(onsite: bool = True) -> tuple[PaCaAttention, torch.Tensor]:
     pytest.param(lambda x: (x[0], 3, 4), ValueError, r"\(B, N, C\).*2-d", id="x-2d"),
     pytest.param(lambda x: (x[..., :8], 3, 4), ValueError, r"C = 8 .*dim = 16", id="C-mismatch"),
     pytest.param(lambda x: (x, 3, 5), ValueError, r"does not match N = 12", id="HW-not-N"),
+    pytest.param(lambda x: (x, -3, -4), ValueError, r"H and W must be >= 0, got H = -3", id="HW-negative"),
     pytest.param(lambda x: (x.long(), 3, 4), TypeError, r"floating.*int64", id="int-x"),
     pytest.param(lambda x: (x.tolist(), 3, 4), TypeError, r"torch.Tensor", id="list-x"),
 ])
@@ -380,11 +380,43 @@ def test_non_onsite_layer_needs_z() -> None:
         layer.forward_logits(x, 3, 4)
 
 
-def test_bad_constructor_arguments() -> None:
-    with pytest.raises(ValueError, match="not divisible by num_heads"):
-        PaCaAttention(30, 4, 5)
-    with pytest.raises(ValueError, match="num_clusters"):
-        PaCaAttention(32, 4, -1)
+@pytest.mark.parametrize(("kwargs", "exc", "match"), [
+    pytest.param({"dim": 30, "num_heads": 4}, ValueError, "not divisible by num_heads", id="dim-not-divisible"),
+    pytest.param({"num_clusters": -1}, ValueError, "num_clusters must be an int >= 0", id="clusters-negative"),
+    pytest.param({"num_heads": 0}, ValueError, "num_heads must be an int >= 1, got 0", id="heads-0"),
+    pytest.param({"num_heads": -2}, ValueError, "num_heads must be an int >= 1, got -2", id="heads-negative"),
+    pytest.param({"num_heads": 2.0}, ValueError, "num_heads must be an int", id="heads-float"),
+    pytest.param({"dim": 0}, ValueError, "dim must be an int >= 1, got 0", id="dim-0"),
+    pytest.param({"clustering_kernel_size": 4}, ValueError, "clustering_kernel_size must be odd", id="kernel-even"),
+    pytest.param({"clustering_kernel_size": 0}, ValueError, "clustering_kernel_size must be an int >= 1",
+                 id="kernel-0"),
+    pytest.param({"backend": "cuda_fast"}, ValueError, "unknown paca_kernels backend 'cuda_fast'.*known backends",
+                 id="backend-unknown"),
+    pytest.param({"backend": "cpu,,reference"}, ValueError, "empty name", id="backend-empty-name"),
+    pytest.param({"backend": 1}, TypeError, "backend must be a backend name", id="backend-int"),
+])
+def test_bad_constructor_arguments(kwargs: dict, exc: type, match: str) -> None:
+    args = {"dim": 32, "num_heads": 4, "num_clusters": 5} | kwargs
+    with pytest.raises(exc, match=match):
+        PaCaAttention(**args)
+
+
+def test_backend_names_checked_at_construction_everywhere() -> None:
+    """Every constructor that takes a backend rejects an unknown name at once (not at the first
+    forward), and a valid preference list is kept as given."""
+    from paca_kernels import PaCaSegHead, convert_paca_layers, create_model
+    from paca_kernels.nn.block import Mlp
+
+    makers = [
+        lambda b: create_model("pacavit_tiny_p2cconv_100_0", backend=b),
+        lambda b: Mlp(8, 16, backend=b),
+        lambda b: PaCaSegHead([8, 8], 3, channels=8, backend=b),
+        lambda b: convert_paca_layers(torch.nn.Identity(), backend=b),
+    ]
+    for make in makers:
+        with pytest.raises(ValueError, match="unknown paca_kernels backend 'fast'"):
+            make("fast")
+    assert PaCaAttention(8, 2, 4, backend="cpu,reference").backend == "cpu,reference"
 
 
 def _pool_inputs() -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn.block import DEFAULT_PACA_CFG, PaCaBlock
 from ..nn.layers import BlurConv2d, DownsampleV1, DropPath, build_act, build_norm
+from ..ops.dispatch import check_backend_name
 from .pretrained import load_pretrained
 
 __all__ = ["PaCaTeacher_ConvMixer", "PaCaViT", "Residual"]
@@ -259,7 +260,7 @@ class PaCaViT(nn.Module):
         self.depths = list(arch_cfg["depths"])
         self.num_stages = len(self.depths)
         self.out_indices = list(out_indices)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         embed_dims = list(arch_cfg["embed_dims"])
         num_heads = list(arch_cfg["num_heads"])
         mlp_ratios = list(arch_cfg["mlp_ratios"])

@@ -42,9 +42,18 @@ def check_tokens(x: object, H: int, W: int, dim: int | None = None) -> Tensor:
         raise ValueError(f"x must have shape (B, N, C), got a {x.dim()}-d tensor {tuple(x.shape)}")
     if dim is not None and x.shape[2] != dim:
         raise ValueError(f"x has C = {x.shape[2]} channels but the layer was built for dim = {dim}")
+    if H < 0 or W < 0:
+        raise ValueError(f"H and W must be >= 0, got H = {H}, W = {W}")
     if int(H) * int(W) != x.shape[1]:
         raise ValueError(f"H·W = {H}·{W} = {int(H) * int(W)} does not match N = {x.shape[1]} of x")
     return x
+
+
+def _check_positive_int(**values: object) -> None:
+    """ValueError naming the argument unless each value is an int >= 1 (bools excluded)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 class PaCaAttention(nn.Module):
@@ -94,10 +103,19 @@ class PaCaAttention(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        _check_positive_int(dim=dim, num_heads=num_heads)
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if num_clusters < 0:
-            raise ValueError(f"num_clusters must be >= 0, got {num_clusters}")
+        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 0:
+            raise ValueError(f"num_clusters must be an int >= 0, got {num_clusters!r}")
+        if num_clusters > 0 and onsite_clustering:
+            _check_positive_int(clustering_kernel_size=clustering_kernel_size)
+            if clustering_kernel_size % 2 == 0:
+                raise ValueError(
+                    f"clustering_kernel_size must be odd (its 'same' padding is (k - 1) / 2), got "
+                    f"{clustering_kernel_size}"
+                )
+        ops.check_backend_name(backend)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.dispatch import check_backend_name
 from ..ops.fused import mlp_dwconv as _dwconv_op
 from ..ops.fused import mlp_fused as _mlp_op
 from ._fusion import MlpPath, plan_mlp
@@ -54,7 +55,7 @@ class Mlp(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..ops.dispatch import check_backend_name
 from .attention import PaCaAttention
 
 __all__ = ["convert_paca_layers"]
@@ -70,6 +71,7 @@ def convert_paca_layers(model: nn.Module, *, backend: str | None = None) -> nn.M
         model: the model (or a single official PaCaLayer, which is then returned converted).
         backend: ops backend of the new layers (None: ``PACA_KERNELS_BACKEND``, then automatic).
     """
+    check_backend_name(backend)
     if _is_official_layer(model):
         return _converted(model, backend)
     targets = [(name, mod) for name, mod in model.named_modules() if _is_official_layer(mod)]

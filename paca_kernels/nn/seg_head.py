@@ -138,7 +138,7 @@ class PaCaSegHead(nn.Module):
         self.num_heads = num_heads
         self.scale = float(scale)
         self.align_corners = align_corners
-        self.backend = backend
+        self.backend = ops.check_backend_name(backend)
         cat = channels * len(self.in_channels)
         self.convs = nn.ModuleList(ConvBNAct(c, channels) for c in self.in_channels)
         self.q = nn.Sequential(ConvBNAct(cat, channels))

@@ -138,6 +138,33 @@ def get_backend(name: str) -> Backend:
         ) from None
 
 
+def check_backend_name(backend: object, argument: str = "backend") -> str | None:
+    """Validate a ``backend=`` setting where it enters (a constructor), not at the first forward.
+
+    Accepts None (automatic) or a backend name or a comma-separated preference list of names
+    ("cpu,reference"); returns it unchanged. Whether the named backend can serve a given call
+    (device, dtype, shape) is still decided per call by :func:`select_backend`.
+
+    Raises:
+        TypeError: not a str or None.
+        ValueError: an empty request or an unknown name (the message lists the known ones).
+    """
+    if backend is None:
+        return None
+    if not isinstance(backend, str):
+        raise TypeError(f"{argument} must be a backend name (str) or None, got {type(backend).__name__}")
+    names = [n.strip() for n in backend.split(",")]
+    if not all(names):
+        raise ValueError(f"{argument}={backend!r} has an empty name; known backends: {', '.join(_REGISTRY)}")
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(
+            f"{argument}={backend!r}: unknown paca_kernels backend {unknown[0]!r}; known backends: "
+            f"{', '.join(_REGISTRY)} (or a comma-separated preference list of them, or None)"
+        )
+    return backend
+
+
 def _reasons_table(op: str, inputs: Sequence[torch.Tensor]) -> str:
     lines = []
     for backend in _REGISTRY.values():
