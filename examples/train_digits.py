@@ -33,9 +33,18 @@ VARIANTS = ("conv", "mlp", "linear", "kmeans", "gmm")
 
 
 def progress(it: Iterable[Any], total: int, desc: str, enabled: bool = True) -> Iterator[Any]:
-    """tqdm when installed, else a one-line counter on stderr."""
+    """Progress on stderr: tqdm's bar (or a ``\\r`` counter without tqdm) on a terminal; when stderr
+    is not a terminal (a log file, CI), a plain line at each quarter, so the log holds no carriage
+    returns and no line of thousands of characters."""
     if not enabled:
         yield from it
+        return
+    if not sys.stderr.isatty():
+        marks = {max(1, round(total * q / 4)) for q in (1, 2, 3, 4)}
+        for i, item in enumerate(it, 1):
+            yield item
+            if i in marks:
+                print(f"{desc}: {i}/{total}", file=sys.stderr, flush=True)
         return
     try:
         from tqdm import tqdm

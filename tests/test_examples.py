@@ -18,11 +18,14 @@ def test_train_digits_quick(tmp_path: Path) -> None:
     out = tmp_path / "png"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--quick", "--no-progress",
-         "--out", str(out)],
+        [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--quick", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=env, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # stderr is a pipe here: progress comes as plain short lines, never carriage returns.
+    assert "\r" not in proc.stderr and "\r" not in proc.stdout
+    progress = [line for line in proc.stderr.splitlines() if "/" in line and ":" in line]
+    assert progress and all(len(line) < 80 for line in progress), proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "%" in line]
     assert [r.split("|")[1].strip() for r in rows] == ["conv", "mlp", "linear", "kmeans", "gmm"]
     for r in rows:
