@@ -13,9 +13,15 @@ demo: build
 
 # The Triton resource gate also runs under Triton 3.6 (the GPU machine's version) when its small
 # environment can be made (tests/backends/test_triton_resources.py skips that half, saying why, if not).
+# `make test PYTEST_ARGS="tests/test_models.py -k pretrained"` runs only what PYTEST_ARGS names (after
+# the same build), not the suite plus it; with no PYTEST_ARGS, the suite and the benchmark smoke run.
 test: build triton36
-	$(PY) -m pytest tests -q -ra --durations=10 $(PYTEST_ARGS)
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(PY) -m pytest tests -q -ra --durations=10
 	$(PY) -m pytest benchmarks -q -ra --benchmark-disable -p no:cacheprovider
+else
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+endif
 
 # Full benchmark run on this machine's default device; JSON under benchmarks/results/, then
 # BENCHMARKS.md and benchmarks/results/history.csv regenerated from every results file.

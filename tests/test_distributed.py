@@ -411,3 +411,5 @@ def test_example_torchrun() -> None:
     done = re.search(r"done: 2 steps .* loss (\S+) .* -> (\S+) ", proc.stdout)
     assert done is not None, log
     assert all(0 < float(v) < 10 for v in done.groups()), log
+    # Every gradient has its parameter's strides, so DDP's bucket views need no copy and no warning.
+    assert "Grad strides do not match" not in proc.stderr, log

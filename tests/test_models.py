@@ -300,6 +300,21 @@ def test_downstream_cluster_num_wrong_length() -> None:
         create_model(TINY, downstream_cluster_num=[8, 8, 8])
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradients_have_their_parameters_strides(backend: str) -> None:
+    """DDP's layout check, without DDP: after a backward every gradient has exactly its parameter's
+    strides. (The PaCa convs see channels-last views; their depthwise and 1×1 weights used to get
+    channels-last gradients with other size-1 strides, and DDP warned on every run.)"""
+    if backend == "cpu" and paca_kernels.ops.get_backend("cpu").unavailable_reason() is not None:
+        pytest.skip("the fused cpu backend is unavailable")
+    model = create_model(TINY, num_classes=3, backend=backend)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    bad = [(n, p.stride(), p.grad.stride()) for n, p in model.named_parameters()
+           if p.grad is not None and p.grad.stride() != p.stride()]
+    assert bad == []
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_create_model_kwargs() -> None:
     model = create_model(TINY, num_classes=7, drop_path_rate=0.3, img_size=(96, 160))
     assert model.head.out_features == 7

@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .clustering_variants import GMMClustering, SoftKMeansClustering
-from .layers import build_act
+from .layers import build_act, channels_last_conv_weights_
 
 __all__ = ["CLUSTERING_HEADS", "P2CConv2d", "P2CLinear", "P2CMlp", "build_clustering"]
 
@@ -91,6 +91,7 @@ class P2CConv2d(nn.Module):
             nn.Conv2d(dim, num_clusters, 1, 1, 0, bias=False),
             _Flatten2(),
         )
+        channels_last_conv_weights_(self)  # its input is a channels-last view (DDP's stride check)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
         """x (B, N, C) with N = H·W -> logits (B, M, N)."""

@@ -180,6 +180,31 @@ class BlurConv2d(nn.Module):
         return self.conv(x)
 
 
+def channels_last_conv_weights_(module: nn.Module) -> nn.Module:
+    """Give the conv weights that see channels-last inputs the channels-last strides their gradients
+    get, where that layout is the same memory as the contiguous one; returns ``module``.
+
+    The PaCa convs (the clustering head's, the MLP's depthwise conv) run on (B, N, C) tokens viewed as
+    (B, C, H, W), a channels-last tensor, so PyTorch's conv backward returns a channels-last weight
+    gradient. For a depthwise weight (C, 1, k, k) or a 1×1 weight (O, I, 1, 1) that layout has the
+    same bytes as the contiguous one and differs only in the strides of size-1 dimensions; autograd
+    accepts that, but DistributedDataParallel compares strides literally and warns "Grad strides do
+    not match bucket view strides" on every run. With the weight itself restrided (no copy of
+    meaning: identical values, identical memory order) the gradient's strides equal the parameter's,
+    whatever the input's layout. Other conv weights are left alone.
+    """
+    for conv in module.modules():
+        if not isinstance(conv, nn.Conv2d) or conv.weight.dim() != 4:
+            continue
+        w = conv.weight
+        depthwise = w.shape[1] == 1
+        pointwise = w.shape[2] == w.shape[3] == 1
+        if (depthwise or pointwise) and w.is_contiguous():
+            with torch.no_grad():
+                conv.weight = nn.Parameter(w.to(memory_format=torch.channels_last), w.requires_grad)
+    return module
+
+
 class DWConv(nn.Module):
     """Depthwise 3×3 conv over the token grid, optionally with a shortcut: (B, N, C) -> (B, N, C)."""
 
@@ -188,6 +213,7 @@ class DWConv(nn.Module):
     ) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, 1, (kernel_size - 1) // 2, bias=bias, groups=dim)
+        channels_last_conv_weights_(self)  # its input is a channels-last view (DDP's stride check)
         self.with_shortcut = with_shortcut
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
