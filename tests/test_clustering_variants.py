@@ -1,4 +1,4 @@
-"""Soft k-means and GMM clustering heads: logits against explicit per-element formulas, gradients,
+"""Soft k-means, GMM, hierarchical and density clustering heads (and the Ward tree): logits against explicit per-element formulas, gradients,
 registry, and use inside PaCaAttention / a PaCa-ViT."""
 
 from __future__ import annotations
@@ -8,14 +8,18 @@ import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import paca_kernels
 from paca_kernels.nn import (
     CLUSTERING_HEADS,
+    DensityClustering,
     GMMClustering,
+    HierarchicalClustering,
     PaCaAttention,
     SoftKMeansClustering,
     build_clustering,
+    ward_tree,
 )
 
 
@@ -123,3 +127,179 @@ def test_pacavit_with_variant() -> None:
     y = model(torch.randn(2, 3, 32, 32))
     y.sum().backward()
     assert model.stage1[0].attn.clustering.means.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hierarchical (Ward-merged prototypes) and density (DBSCAN-like) heads
+# ---------------------------------------------------------------------------------------------------
+def _partition(labels: torch.Tensor | list[int]) -> list[list[int]]:
+    labels = list(labels.tolist() if isinstance(labels, torch.Tensor) else labels)
+    return sorted(sorted(i for i, g in enumerate(labels) if g == group) for group in set(labels))
+
+
+def test_ward_tree_by_hand_and_numbering() -> None:
+    pts = torch.tensor([[0.0], [10.0], [0.1], [5.0], [5.2]])
+    labels = ward_tree(pts, 3)
+    assert _partition(labels) == [[0, 2], [1], [3, 4]]
+    assert labels.tolist() == [0, 1, 0, 2, 2]  # groups numbered by their smallest member
+    assert ward_tree(pts, 5).tolist() == [0, 1, 2, 3, 4] and ward_tree(pts, 1).tolist() == [0] * 5
+    with pytest.raises(ValueError, match="cannot group 5 points into 6"):
+        ward_tree(pts, 6)
+    with pytest.raises(ValueError, match="num_groups must be an int >= 1"):
+        ward_tree(pts, 0)
+
+
+@pytest.mark.parametrize(("k", "m", "c"), [(40, 10, 8), (96, 24, 16), (30, 2, 3)])
+def test_ward_tree_matches_scipy(k: int, m: int, c: int) -> None:
+    hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
+    pts = torch.randn(k, c, generator=torch.Generator().manual_seed(k + m))
+    expected = hierarchy.fcluster(hierarchy.linkage(pts.double().numpy(), "ward"), m, "maxclust")
+    labels = ward_tree(pts, m)
+    assert _partition(labels) == _partition(list(expected))
+    assert torch.equal(ward_tree(pts.clone(), m), labels)  # deterministic
+
+
+def _hierarchical_explicit(x: torch.Tensor, head: HierarchicalClustering) -> torch.Tensor:
+    """logits[b, m, n] = logsumexp over the children k of m of −‖x_n − μ_k‖²/τ, by loops."""
+    tau = float(head.temperature)
+    mu = head.prototypes.detach()
+    fine = torch.stack([-((x - mu[k]) ** 2).sum(-1) / tau for k in range(mu.shape[0])], 1)  # (B, K, N)
+    out = [torch.logsumexp(fine[:, head.parent == m], dim=1) for m in range(head.num_clusters)]
+    return torch.stack(out, 1)
+
+
+def test_hierarchical_matches_explicit_and_ratio_one_is_kmeans() -> None:
+    head = HierarchicalClustering(6, 4, ratio=3, temperature=0.8).double()
+    assert head.parent.shape == (12,) and sorted(set(head.parent.tolist())) == [0, 1, 2, 3]
+    assert _partition(head.parent) == _partition(ward_tree(head.prototypes, 4))
+    x = torch.randn(2, 15, 6, dtype=torch.float64)
+    torch.testing.assert_close(head(x, 3, 5), _hierarchical_explicit(x, head))
+    flat = HierarchicalClustering(6, 4, ratio=1).double()
+    kmeans = SoftKMeansClustering(6, 4).double()
+    kmeans.centroids.data.copy_(flat.prototypes.data[flat.parent.argsort()])
+    torch.testing.assert_close(flat(x, 3, 5), kmeans(x, 3, 5))
+
+
+def test_hierarchical_rebuild_only_regroups() -> None:
+    torch.manual_seed(3)
+    model = paca_kernels.PaCaViT(
+        num_classes=3, img_size=32,
+        arch_cfg={"embed_dims": [16, 16, 16, 16], "num_heads": [1, 1, 1, 1], "mlp_ratios": [2, 2, 2, 2],
+                  "depths": [1, 1, 1, 1]},
+        paca_cfg={"type": "hierarchical", "clusters": [4, 4, 4, 0]},
+    )
+    head = model.stage1[0].attn.clustering
+    assert isinstance(head, HierarchicalClustering)
+    with torch.no_grad():  # the prototypes move (as training moves them): the old tree is stale
+        head.prototypes.mul_(torch.linspace(0.1, 3.0, head.num_prototypes)[:, None])
+        head.prototypes.add_(torch.randn_like(head.prototypes))
+    before = head.prototypes.detach().clone()
+    param = head.prototypes
+    old_parent = head.parent.clone()
+    assert paca_kernels.nn.rebuild_trees(model) == 3
+    assert head.prototypes is param and torch.equal(head.prototypes, before)  # same prototypes
+    assert torch.equal(head.parent, ward_tree(before, 4))
+    assert not torch.equal(head.parent, old_parent)  # this move regroups them
+    y = model(torch.randn(2, 3, 32, 32))
+    y.sum().backward()
+    assert head.prototypes.grad.abs().sum() > 0
+
+
+def _density_explicit(x: torch.Tensor, head: DensityClustering) -> torch.Tensor:
+    """The docstring's formula, elementwise in float64: a, share, core c, reach r, then the log."""
+    tau = float(head.temperature)
+    eps2 = head.log_eps2.detach().exp()
+    b, n, _ = x.shape
+    m = head.num_clusters
+    a = torch.empty(b, m, n, dtype=x.dtype)
+    for i in range(m):
+        d = ((x - head.cores.detach()[i]) ** 2).sum(-1)
+        a[:, i] = torch.sigmoid((eps2[i] - d) / tau)
+    core = torch.sigmoid((a.mean(-1, keepdim=True) - head.min_samples) / (0.25 * head.min_samples))
+    reach = a.sum(1, keepdim=True).clamp(max=1.0)
+    return torch.log(core * a + (1 - core) * reach)
+
+
+def test_density_matches_explicit() -> None:
+    head = DensityClustering(5, 3, eps=2.5, min_samples=0.1, temperature=0.9).double()
+    with torch.no_grad():
+        head.log_eps2.add_(torch.tensor([0.0, 0.5, -3.0], dtype=torch.float64))  # one nearly empty ball
+    x = torch.randn(2, 20, 5, dtype=torch.float64)
+    torch.testing.assert_close(head(x, 4, 5), _density_explicit(x, head))
+
+
+def test_density_noise_gets_little_mass_everywhere() -> None:
+    """Two tight blobs at the cores plus far outliers: each cluster's softmax over N puts < 1e-4 on
+    the outliers, also the cluster whose ball is empty (it falls back to the reached patches); soft
+    k-means, for contrast, gives an outlier near its centroid's direction real mass."""
+    g = torch.Generator().manual_seed(0)
+    c = 4
+    cores = torch.tensor([[3.0, 0, 0, 0], [-3.0, 0, 0, 0], [0, 40.0, 0, 0]], dtype=torch.float64)
+    blob0 = cores[0] + 0.2 * torch.randn(20, c, generator=g, dtype=torch.float64)
+    blob1 = cores[1] + 0.2 * torch.randn(20, c, generator=g, dtype=torch.float64)
+    noise = torch.tensor([[0, 0, 12.0, 0], [0, 0, 0, -12.0], [0, 0, -12.0, 0], [12.0, 12.0, 0, 0]],
+                         dtype=torch.float64)
+    x = torch.cat([blob0, blob1, noise])[None]  # (1, 44, 4)
+    head = DensityClustering(c, 3, eps=1.5, min_samples=0.1, temperature=0.5).double()
+    with torch.no_grad():
+        head.cores.copy_(cores)
+    s = torch.softmax(head(x, 4, 11), dim=-1)[0]  # (3, 44)
+    assert s[:, 40:].max() < 1e-4, s[:, 40:]
+    assert s[0, :20].sum() > 0.99 and s[1, 20:40].sum() > 0.99
+    assert s[2, :40].sum() > 0.99  # the empty core pools the dense patches, not the noise
+    kmeans = SoftKMeansClustering(c, 3, temperature=0.5).double()
+    with torch.no_grad():
+        kmeans.centroids.copy_(cores)
+    assert torch.softmax(kmeans(x, 4, 11), dim=-1)[0, 2, 40:].max() > 0.5
+
+
+@pytest.mark.parametrize("cls", [HierarchicalClustering, DensityClustering])
+def test_new_heads_gradcheck_compile_flops_state_dict(cls: type) -> None:
+    head = cls(4, 3, learn_temperature=True).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: head(t, 2, 3), (x,))
+    head(x, 2, 3).exp().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+    eager = cls(8, 5).eval()
+    xs = torch.randn(2, 12, 8)
+    compiled = torch.compile(eager, fullgraph=True)
+    torch.testing.assert_close(compiled(xs, 3, 4), eager(xs, 3, 4))
+
+    k = eager.num_prototypes if cls is HierarchicalClustering else eager.num_clusters
+    with FlopCounterMode(display=False) as counter:
+        eager(xs, 3, 4)
+    assert counter.get_total_flops() == 2 * 2 * 12 * 8 * k
+
+    again = cls(8, 5)
+    again.load_state_dict(eager.state_dict())
+    assert torch.equal(again(xs, 3, 4), eager(xs, 3, 4))
+    if cls is HierarchicalClustering:
+        assert "parent" in eager.state_dict()
+
+
+def test_new_heads_bad_arguments_and_registry() -> None:
+    assert CLUSTERING_HEADS["hierarchical"] is HierarchicalClustering
+    assert CLUSTERING_HEADS["density"] is DensityClustering
+    assert isinstance(build_clustering("hierarchical", 8, 3, ratio=2), HierarchicalClustering)
+    for make, match in [
+        (lambda: HierarchicalClustering(8, 3, ratio=0), "ratio must be an int >= 1"),
+        (lambda: HierarchicalClustering(8, 0), "num_clusters must be an int >= 1"),
+        (lambda: DensityClustering(8, 3, eps=-1.0), "eps must be a positive"),
+        (lambda: DensityClustering(8, 3, min_samples=1.5), r"min_samples is a share .* \(0, 1\)"),
+        (lambda: DensityClustering(8, 3, temperature=0.0), "temperature"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    with pytest.raises(ValueError, match="does not match N"):
+        DensityClustering(4, 2)(torch.randn(1, 6, 4), 2, 2)
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "density"])
+def test_new_heads_in_paca_attention(kind: str) -> None:
+    attn = PaCaAttention(16, 2, 5, clustering=kind)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    out, z = attn(x, 3, 4)
+    torch.testing.assert_close(z, torch.softmax(attn.clustering(x, 3, 4), -1))
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

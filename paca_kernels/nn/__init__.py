@@ -6,7 +6,14 @@ inference ops (:mod:`paca_kernels.ops.fused`) or its modules and the differentia
 from .attention import PaCaAttention, PaCaLayer, check_tokens, paca_layer_kwargs
 from .block import DEFAULT_PACA_CFG, DWConv, Mlp, PaCaBlock
 from .clustering import CLUSTERING_HEADS, P2CConv2d, P2CLinear, P2CMlp, build_clustering
-from .clustering_variants import GMMClustering, SoftKMeansClustering
+from .clustering_variants import (
+    DensityClustering,
+    GMMClustering,
+    HierarchicalClustering,
+    SoftKMeansClustering,
+    rebuild_trees,
+    ward_tree,
+)
 from .convert import convert_paca_layers
 from .layers import BlurConv2d, DownsampleV1, DropPath, LayerNorm2d, build_act, build_norm
 from .seg_head import PaCaSegHead
@@ -16,9 +23,11 @@ __all__ = [
     "DEFAULT_PACA_CFG",
     "BlurConv2d",
     "DWConv",
+    "DensityClustering",
     "DownsampleV1",
     "DropPath",
     "GMMClustering",
+    "HierarchicalClustering",
     "LayerNorm2d",
     "Mlp",
     "P2CConv2d",
@@ -35,4 +44,6 @@ __all__ = [
     "check_tokens",
     "convert_paca_layers",
     "paca_layer_kwargs",
+    "rebuild_trees",
+    "ward_tree",
 ]

@@ -12,7 +12,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .clustering_variants import GMMClustering, SoftKMeansClustering
+from .clustering_variants import (
+    DensityClustering,
+    GMMClustering,
+    HierarchicalClustering,
+    SoftKMeansClustering,
+)
 from .layers import build_act, channels_last_conv_weights_
 
 __all__ = ["CLUSTERING_HEADS", "P2CConv2d", "P2CLinear", "P2CMlp", "build_clustering"]
@@ -110,8 +115,12 @@ CLUSTERING_HEADS: dict[str, type[nn.Module]] = {
     # Distance-based variants (nn/clustering_variants.py).
     "kmeans": SoftKMeansClustering,
     "gmm": GMMClustering,
+    "hierarchical": HierarchicalClustering,
+    "density": DensityClustering,
     "SoftKMeansClustering": SoftKMeansClustering,
     "GMMClustering": GMMClustering,
+    "HierarchicalClustering": HierarchicalClustering,
+    "DensityClustering": DensityClustering,
 }
 
 
@@ -125,7 +134,8 @@ def build_clustering(
     act_cfg: Mapping[str, Any] | str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """A clustering head by name ("conv", "mlp", "linear", "kmeans", "gmm" or a class name in
+    """A clustering head by name ("conv", "mlp", "linear", "kmeans", "gmm", "hierarchical",
+    "density" or a class name in
     :data:`CLUSTERING_HEADS`) or class.
 
     A custom class must take ``(dim, num_clusters, **kwargs)`` and map (x (B, N, C), H, W) to
