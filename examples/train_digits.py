@@ -3,13 +3,15 @@
 The model: a 3×3 conv stem turning each pixel into a token (an 8×8 grid, N = 64), two PaCaBlocks that
 share one clustering of the tokens into M clusters (the first block clusters, the second reuses its
 logits, as PaCa-ViT's stage-wise clustering does), LayerNorm, mean pooling, a linear classifier. Only the
-clustering head changes between runs: conv, mlp and linear (the official heads), kmeans and gmm
-(paca_kernels.nn.clustering_variants). The script prints a table of test accuracies and writes, for
-each head, cluster heatmaps of a few test digits (paca_kernels.explain.save_overlays).
+clustering head changes between runs: conv, mlp and linear (the official heads), kmeans, gmm,
+hierarchical (rebuilt at every epoch) and density (paca_kernels.nn.clustering_variants). The script
+prints a table of test accuracy and macro-F1 (the mean over the ten digits of each digit's F1, as the
+PaCa-ViT student study reported) and writes, for each head, cluster heatmaps of a few test digits
+(paca_kernels.explain.save_overlays).
 
 Usage:
     .venv/bin/pip install scikit-learn matplotlib      # (tqdm optional: progress bars)
-    .venv/bin/python examples/train_digits.py          # 5 heads × 10 epochs, a minute or two
+    .venv/bin/python examples/train_digits.py          # 7 heads × 10 epochs, a minute or two
     .venv/bin/python examples/train_digits.py --quick  # a smoke run, a few seconds of training
 """
 
@@ -27,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from paca_kernels import explain as paca_explain
-from paca_kernels.nn import PaCaBlock
+from paca_kernels.nn import PaCaBlock, rebuild_trees
 
-VARIANTS = ("conv", "mlp", "linear", "kmeans", "gmm")
+VARIANTS = ("conv", "mlp", "linear", "kmeans", "gmm", "hierarchical", "density")
 
 
 def progress(it: Iterable[Any], total: int, desc: str, enabled: bool = True) -> Iterator[Any]:
@@ -101,11 +103,22 @@ def load_digits(quick: bool, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]
     return (xtr - mean) / std, ytr, (xte - mean) / std, yte
 
 
+def macro_f1(pred: Tensor, target: Tensor, num_classes: int = 10) -> float:
+    """Mean over the classes of F1 = 2·TP / (2·TP + FP + FN) (a class absent from both counts as 0)."""
+    f1 = []
+    for c in range(num_classes):
+        tp = ((pred == c) & (target == c)).sum().item()
+        fp = ((pred == c) & (target != c)).sum().item()
+        fn = ((pred != c) & (target == c)).sum().item()
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(f1) / num_classes
+
+
 def train_one(
     variant: str, data: tuple[Tensor, Tensor, Tensor, Tensor], epochs: int, batch: int, lr: float,
     seed: int, show_progress: bool,
-) -> tuple[DigitsPaCa, float, float]:
-    """Train one model; returns (model, test accuracy, seconds)."""
+) -> tuple[DigitsPaCa, float, float, float]:
+    """Train one model; returns (model, test accuracy, test macro-F1, seconds)."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = DigitsPaCa(variant)
@@ -116,9 +129,14 @@ def train_one(
     t0 = time.perf_counter()
     model.train()
     batches = (
-        idx for _ in range(epochs) for idx in torch.randperm(len(ytr), generator=gen).split(batch)
+        (epoch, idx) for epoch in range(epochs)
+        for idx in torch.randperm(len(ytr), generator=gen).split(batch)
     )
-    for idx in progress(batches, steps, f"{variant:>6}", show_progress):
+    current = 0
+    for epoch, idx in progress(batches, steps, f"{variant:>12}", show_progress):
+        if epoch != current:  # a new epoch: regroup the hierarchical head's prototypes (Ward tree)
+            rebuild_trees(model)
+            current = epoch
         loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,8 +145,8 @@ def train_one(
     seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
-        acc = (model(xte).argmax(1) == yte).float().mean().item()
-    return model, acc, seconds
+        pred = model(xte).argmax(1)
+    return model, (pred == yte).float().mean().item(), macro_f1(pred, yte), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     out = Path(args.out)
     for variant in variants:
-        model, acc, seconds = train_one(variant, data, epochs, args.batch, args.lr, args.seed,
-                                        not args.no_progress)
+        model, acc, f1, seconds = train_one(variant, data, epochs, args.batch, args.lr, args.seed,
+                                            not args.no_progress)
         params = sum(t.numel() for t in model.parameters())
         head_params = sum(t.numel() for t in model.blocks[0].attn.clustering.parameters())
         images = data[2][:num_images]
@@ -171,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:  # matplotlib is optional: the table still comes out
             print(f"no heatmaps: {e}", file=sys.stderr)
             pngs = []
-        rows.append((variant, params, head_params, acc, seconds, len(pngs)))
+        rows.append((variant, params, head_params, acc, f1, seconds, len(pngs)))
 
-    print("\n| clustering | params | clustering-head params | test accuracy | train time |")
-    print("|---|---|---|---|---|")
-    for variant, params, head_params, acc, seconds, _ in rows:
-        print(f"| {variant} | {params:,} | {head_params:,} | {acc:.2%} | {seconds:.1f} s |")
-    print(f"\nheatmaps: {sum(r[5] for r in rows)} PNGs in {out.resolve()}")
+    print("\n| clustering | params | clustering-head params | test accuracy | macro-F1 | train time |")
+    print("|---|---|---|---|---|---|")
+    for variant, params, head_params, acc, f1, seconds, _ in rows:
+        print(f"| {variant} | {params:,} | {head_params:,} | {acc:.2%} | {f1:.3f} | {seconds:.1f} s |")
+    print(f"\nheatmaps: {sum(r[6] for r in rows)} PNGs in {out.resolve()}")
     return 0
 
 

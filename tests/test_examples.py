@@ -27,10 +27,30 @@ def test_train_digits_quick(tmp_path: Path) -> None:
     progress = [line for line in proc.stderr.splitlines() if "/" in line and ":" in line]
     assert progress and all(len(line) < 80 for line in progress), proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "%" in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["conv", "mlp", "linear", "kmeans", "gmm"]
+    heads = ["conv", "mlp", "linear", "kmeans", "gmm", "hierarchical", "density"]
+    assert [r.split("|")[1].strip() for r in rows] == heads
     for r in rows:
         acc = float(r.split("|")[4].strip().rstrip("%"))
-        assert 0.0 <= acc <= 100.0
+        f1 = float(r.split("|")[5].strip())
+        assert 0.0 <= acc <= 100.0 and 0.0 <= f1 <= 1.0
     if importlib.util.find_spec("matplotlib") is not None:
         pngs = sorted(p.name for p in out.glob("*.png"))
-        assert len(pngs) == 5 and all(p.startswith("digits_") for p in pngs), pngs
+        assert len(pngs) == 7 and all(p.startswith("digits_") for p in pngs), pngs
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn is not installed")
+def test_train_digits_macro_f1_matches_sklearn() -> None:
+    import importlib.machinery
+
+    import torch
+    from sklearn.metrics import f1_score
+
+    loader = importlib.machinery.SourceFileLoader("train_digits", str(ROOT / "examples" / "train_digits.py"))
+    spec = importlib.util.spec_from_loader("train_digits", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 10, (300,), generator=gen)
+    pred = torch.where(torch.rand(300, generator=gen) < 0.7, target, torch.randint(0, 9, (300,), generator=gen))
+    expected = f1_score(target.numpy(), pred.numpy(), average="macro", labels=list(range(10)), zero_division=0)
+    assert abs(module.macro_f1(pred, target) - expected) < 1e-12
