@@ -134,8 +134,12 @@ def interleave(
             break
         elif done >= min_rounds and elapsed + elapsed / done > budget_s:
             # Past the minimum the budget decides; at the minimum it may already be overspent.
-            stopped_by = (f"budget {budget_s:.3g} s" if done > min_rounds
-                          else f"minimum of {min_rounds} rounds (budget {budget_s:.3g} s)")
+            if done > min_rounds:
+                stopped_by = f"budget {budget_s:.3g} s"
+            elif budget_s > 0:
+                stopped_by = f"minimum of {min_rounds} rounds (budget {budget_s:.3g} s)"
+            else:
+                stopped_by = f"minimum of {min_rounds} rounds (no budget left)"
             break
         for i in range(len(names)):
             name = names[(done + i) % len(names)]
