@@ -133,13 +133,13 @@ def interleave(
             stopped_by = f"at most {max_rounds} rounds"
             break
         elif done >= min_rounds and elapsed + elapsed / done > budget_s:
-            # Past the minimum the budget decides; at the minimum it may already be overspent.
-            if done > min_rounds:
-                stopped_by = f"budget {budget_s:.3g} s"
-            elif budget_s > 0:
-                stopped_by = f"minimum of {min_rounds} rounds (budget {budget_s:.3g} s)"
-            else:
+            # The minimum decided only where it ran past the budget; else the budget did.
+            if budget_s <= 0:
                 stopped_by = f"minimum of {min_rounds} rounds (no budget left)"
+            elif elapsed > budget_s:
+                stopped_by = f"minimum of {min_rounds} rounds (past the {budget_s:.3g} s budget)"
+            else:
+                stopped_by = f"budget {budget_s:.3g} s"
             break
         for i in range(len(names)):
             name = names[(done + i) % len(names)]
