@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,38 +33,28 @@ sys.path.insert(0, str(HERE))
 from shapes import stage_shapes
 from test_bench_layer import official_forward
 
-from paca_kernels import PaCaAttention, create_model
+from paca_kernels import PaCaAttention, create_model, timing
 
 MODELS = {"tiny": "pacavit_tiny_p2cconv_100_0", "small": "pacavit_small_p2cconv_100_0",
           "base": "pacavit_base_p2cconv_100_0"}
 
 
 def _interleave(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Each round calls every function once, starting one further along the list each round."""
-    names = list(fns)
+    """Each round calls every function once, starting one further along the list each round
+    (paca_kernels.timing.interleave, after two warm-up calls each), without autograd."""
     with torch.no_grad():
-        for f in fns.values():  # warm-up: compilation, allocator, caches
-            f()
-            f()
-        samples: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(rounds):
-            for i in range(len(names)):
-                name = names[(r + i) % len(names)]
-                t = time.perf_counter()
-                fns[name]()
-                samples[name].append(time.perf_counter() - t)
-    return samples
+        return timing.interleave(fns, rounds=rounds, warmup=2).samples
 
 
 def _rows(group: str, samples: dict[str, list[float]], flops: dict[str, int], ceil: dict) -> list[dict]:
     rows = []
     for provider, s in samples.items():
-        med = statistics.median(s)
-        q = statistics.quantiles(s, n=4) if len(s) > 1 else [med, med, med]
+        sp = timing.Spread.of(s)
+        med = sp.median
         rows.append({
             "group": group, "name": f"{group}[{provider}]",
-            "stats": {"median": med, "min": min(s), "max": max(s), "mean": statistics.fmean(s),
-                      "q1": q[0], "q3": q[2], "iqr": q[2] - q[0], "rounds": len(s), "data": s},
+            "stats": {"median": med, "min": sp.min, "max": sp.max, "mean": statistics.fmean(s),
+                      "q1": sp.q1, "q3": sp.q3, "iqr": sp.iqr, "rounds": len(s), "data": s},
             "extra_info": {
                 "provider": provider, "device": "cpu", "dtype": "float32", "torch": torch.__version__,
                 "cuda": None, "triton": None, "flops": flops[provider], "min_bytes": 0,
@@ -120,8 +108,9 @@ def layer_groups(rounds: int, ceil: dict, smoke: bool = False) -> list[dict]:
         flops = (2 * s.B * s.M * s.N * s.C + 4 * s.B * s.N * s.M * s.C
                  + 2 * s.C * s.C * (2 * s.B * s.N + 2 * s.B * s.M))
         samples = _interleave({k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}, rounds)
-        rows += _rows(f"PaCaAttention-fwd-{s.id} (interleaved)", samples, dict.fromkeys(fns, flops), ceil)
-        _print(rows[-len(fns):])
+        group = f"PaCaAttention-fwd-{s.id} (interleaved)"
+        rows += _rows(group, samples, dict.fromkeys(fns, flops), ceil)
+        _print(group, samples)
     return rows
 
 
@@ -146,29 +135,25 @@ def model_groups(names: list[str], rounds: int, ceil: dict) -> list[dict]:
             for n, f in fns.items():
                 torch.testing.assert_close(f(images), want, rtol=1e-3, atol=1e-3, msg=n)
         samples = _interleave({k: (lambda f=f, im=images: f(im)) for k, f in fns.items()}, rounds)
-        rows += _rows(f"inference-{name} (interleaved)", samples, dict.fromkeys(fns, flops), ceil)
-        _print(rows[-len(fns):])
+        group = f"inference-{name} (interleaved)"
+        rows += _rows(group, samples, dict.fromkeys(fns, flops), ceil)
+        _print(group, samples)
     return rows
 
 
-def _print(rows: list[dict]) -> None:
-    base = {r["extra_info"]["provider"]: r["stats"]["median"] for r in rows}
-    print(rows[0]["group"], flush=True)
-    for r in rows:
-        p, t = r["extra_info"]["provider"], r["stats"]["median"]
-        ratios = "  ".join(f"x{b}={base[b] / t:.2f}" for b in ("official", "official-compiled",
-                                                              "reference", "reference-compiled") if b in base)
-        print(f"  {p:26s} median {t * 1e3:9.2f} ms  min {r['stats']['min'] * 1e3:9.2f} ms  {ratios}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _print(group: str, samples: dict[str, list[float]]) -> None:
+    """Median and quartiles per provider, and its per-round speed-up over each baseline present."""
+    print(group, flush=True)
+    bases = [b for b in ("official", "official-compiled", "reference", "reference-compiled") if b in samples]
+    per_base = {b: timing.compare(samples, b) for b in bases}
+    warnings = []
+    for p, s in samples.items():
+        sp = timing.Spread.of(s)
+        ratios = "  ".join(f"x{b}={c[p].speedup.median:.2f} [{c[p].speedup.q1:.2f}, {c[p].speedup.q3:.2f}]"
+                           for b, c in per_base.items() if c[p].speedup is not None)
+        print(f"  {p:26s} median {sp.median * 1e3:9.2f} ms [{sp.q1 * 1e3:.4g}, {sp.q3 * 1e3:.4g}]  {ratios}")
+        warnings += [f"  WARNING {p} over {b}: {c[p].warning}" for b, c in per_base.items() if c[p].warning]
+    print("\n".join(warnings) or f"  ({len(next(iter(samples.values())))} rounds)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         git = ["git", "rev-parse", "HEAD"]
         commit = subprocess.run(git, check=False, capture_output=True, text=True, cwd=HERE).stdout.strip()
-        data = {"machine_info": {"cpu": {"brand_raw": _cpu_name(),
+        data = {"machine_info": {"cpu": {"brand_raw": timing.cpu_model(),
                                          "count": torch.get_num_threads()}},
                 "commit_info": {"id": commit}, "datetime": dt.datetime.now(dt.UTC).isoformat(),
                 "benchmarks": rows}

@@ -1,6 +1,6 @@
 """The package's layers point one way (ARCHITECTURE.md), checked from the source with ``ast``.
 
-    reference, testing, _ext  ->  triton/  ->  ops/  ->  nn/  ->  models/  ->  explain, distributed, __main__
+    reference, testing, timing, _ext  ->  triton/  ->  ops/  ->  nn/  ->  models/  ->  explain, distributed, __main__
 
 A module may import its own floor and the floors below it, never above: ``ops/`` and ``triton/`` never
 import ``nn/`` or ``models/``, ``nn/`` never imports ``models/``, ``triton/`` never imports ``ops/``. The
@@ -24,7 +24,7 @@ PKG = Path(__file__).resolve().parents[1] / "paca_kernels"
 
 #: Floor of each module, by its dotted name's first component below the package (longest match).
 FLOORS: dict[str, int] = {
-    "reference": 0, "testing": 0, "_ext": 0, "_build_info": 0,
+    "reference": 0, "testing": 0, "timing": 0, "_ext": 0, "_build_info": 0,
     "triton": 1,
     "ops": 2,
     "nn": 3,

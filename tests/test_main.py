@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import paca_kernels.__main__ as main_mod
-from paca_kernels import ops, reference
+from paca_kernels import _ext, ops, reference
 from paca_kernels.ops import dispatch as _backends
 
 
@@ -27,9 +27,10 @@ def test_main_job_reports_and_passes():
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout
     for needle in ("torch", "triton", "backends", "reference", "cpu", "self-check",
-                   "all available backends match the reference"):
+                   "all available backends match the reference", "torch threads", "cpu isa  C++ kernels"):
         assert needle in out
     assert "MISMATCH" not in out
+    assert "speed:" not in out  # --speed none: no table
 
 
 def test_main_job_without_extension_says_why():
@@ -61,7 +62,7 @@ def test_main_job_fails_on_a_mismatching_backend(monkeypatch, capsys):
         dtypes=(torch.float32,), impls={"cluster_pool": broken},
     )
     monkeypatch.setitem(_backends._REGISTRY, "broken", backend)
-    assert main_mod.main(["--device", "cpu"]) == 1
+    assert main_mod.main(["--device", "cpu", "--speed", "none"]) == 1
     out = capsys.readouterr().out
     assert "broken" in out and "MISMATCH" in out
 
@@ -75,31 +76,83 @@ def test_main_help_documents_options():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
 def test_main_job_other_dtypes(dtype):
-    assert main_mod.main(["--device", "cpu", "--dtype", dtype]) == 0
+    assert main_mod.main(["--device", "cpu", "--dtype", dtype, "--speed", "none"]) == 0
 
 
-def test_speed_table_times_every_available_provider(capsys):
-    """The speed table on a tiny grid: one row per provider, a time for each that can run and a
-    reason for each that cannot; the compiled row uses a cheap compile backend here."""
-    rows = main_mod.speed_table(torch.device("cpu"), torch.float32, "full", batch=1, grid=(5, 6),
-                                compile_backend="aot_eager")
+@pytest.mark.parametrize(("mode", "dtype"), [("quick", torch.float32), ("full", torch.float32),
+                                             ("quick", torch.bfloat16)], ids=["quick", "full", "quick-bf16"])
+def test_speed_table_times_every_available_provider(mode, dtype, capsys):
+    """The speed table on a tiny grid with a small budget: one row per provider and pass, a time and a
+    per-round speed-up for each that can run and a reason for each that cannot; the compiled row
+    uses a cheap compile backend here."""
+    rows = main_mod.speed_table(torch.device("cpu"), dtype, mode, batch=1, grid=(5, 6),
+                                compile_backend="aot_eager", budget_s=1.0, min_rounds=3)
     out = capsys.readouterr().out
-    labels = {label for label, _, _, _ in rows}
+    labels = {r.provider for r in rows}
     assert {"reference", "reference compiled", "cpu"} <= labels
-    assert {p for _, p, _, _ in rows} == {"forward", "forward+backward"}
-    for label, _pass, ms, note in rows:
-        backend = ops.get_backend(label.split()[0])
+    passes = {"forward", "forward+backward"} if mode == "full" else {"forward"}
+    assert {r.pass_name for r in rows} == passes
+    for r in rows:
+        backend = ops.get_backend(r.provider.split()[0])
         if backend.unavailable_reason() is None:  # reference and cpu here; triton under its interpreter
-            assert ms is not None and ms > 0, (label, note)
-            assert note.endswith("x reference eager")
+            assert r.result is not None and r.result.time.median > 0, r
+            assert r.result.time.n >= 3 and r.result.time.q1 <= r.result.time.median <= r.result.time.q3
+            assert (r.result.speedup is None) == (r.provider == "reference")
         else:
-            assert ms is None and note.startswith("skipped"), (label, note)
-    assert next(ms for label, _, ms, _ in rows if label == "cpu") is not None
-    assert "[1/" in out and "speed: PaCa-ViT-Tiny stage-1 layer" in out
+            assert r.result is None and r.note.startswith("skipped"), r
+    assert next(r.result for r in rows if r.provider == "cpu") is not None
+    assert "speed: PaCa-ViT-Tiny stage-1 layer" in out and f"{mode} mode" in out
+    assert "interleaved rounds" in out and "rounds in" in out and "speed table:" in out
+    assert "median [q1, q3]" in out and "1 (baseline)" in out
+    assert "torch threads" in out and "C++ kernels" in out
+
+
+def _round_times(ratios: list[float], ref_s: float = 0.1) -> dict[str, list[float]]:
+    """Per-round times whose speed-ups over "reference" are ``ratios`` (the reference drifting)."""
+    ref = [ref_s * (1 + i % 3) for i in range(len(ratios))]
+    return {"reference": ref, "cpu": [r / q for r, q in zip(ref, ratios, strict=True)]}
+
+
+def test_speed_rows_show_the_spread_and_no_warning_when_steady():
+    comparisons, lines = main_mod.format_rounds("forward", _round_times([12.0, 13.0, 12.5, 14.0, 12.2]),
+                                                skipped={"triton": "skipped: no GPU"},
+                                                order=["reference", "triton", "cpu"])
+    assert [line.split()[0] for line in lines] == ["reference", "triton", "cpu"]
+    assert "1 (baseline)" in lines[0] and "skipped: no GPU" in lines[1]
+    assert "12.5x [12.2, 13]" in lines[2]  # median speed-up of the rounds [q1, q3]
+    assert " ms [" in lines[0] and " ms [" in lines[2]
+    assert comparisons["cpu"].speedup.median == pytest.approx(12.5)
+    assert not any("WARNING" in line for line in lines)
+
+
+@pytest.mark.parametrize("ratios", [[0.86, 1.5, 2.8, 9.0, 14.3], [0.8, 1.2, 0.9, 1.3, 1.0]],
+                         ids=["wide", "straddles-1"])
+def test_speed_rows_warn_when_the_spread_hides_the_ratio(ratios):
+    _, lines = main_mod.format_rounds("forward", _round_times(ratios))
+    warnings = [line for line in lines if "WARNING" in line]
+    assert len(warnings) == 1 and "WARNING cpu, forward" in warnings[0] and "cannot be read" in warnings[0]
+    assert "5 rounds" in warnings[0]
+
+
+def test_cpu_isa_follows_the_cap(monkeypatch):
+    """The ISA line: the kernels' build, capped by PACA_KERNELS_CPU_ISA as csrc/cpu/math/dispatch.cpp
+    caps it (exact values only)."""
+    if not _ext.load():
+        assert _ext.cpu_isa() is None
+        return
+    monkeypatch.delenv("PACA_KERNELS_CPU_ISA", raising=False)
+    default, how = _ext.cpu_isa()
+    assert default in {"avx512", "avx2", "baseline", "unknown"} and how
+    monkeypatch.setenv("PACA_KERNELS_CPU_ISA", "baseline")
+    assert _ext.cpu_isa()[0] in {"baseline", "unknown"}
+    monkeypatch.setenv("PACA_KERNELS_CPU_ISA", "avx2")
+    assert _ext.cpu_isa()[0] == ("avx2" if default == "avx512" else default)
+    monkeypatch.setenv("PACA_KERNELS_CPU_ISA", "AVX2")  # dispatch.cpp compares exactly: no cap
+    assert _ext.cpu_isa()[0] == default
 
 
 def test_main_help_documents_speed_options():
     res = _run("--help")
     assert res.returncode == 0
-    for needle in ("--device", "--dtype", "--speed", "quick", "full"):
+    for needle in ("--device", "--dtype", "--speed", "quick", "full", "--budget"):
         assert needle in res.stdout
