@@ -30,12 +30,17 @@
 //   lse[b,i,n]   (B, h, N) acc = logsumexp_m (scale * q[b,n,i,:] . k[b,m,i,:])
 //   out[b,n,i,:] (B, N, h, d) dtype of q
 //                             = sum_m exp(scale * q[b,n,i,:] . k[b,m,i,:] - lse[b,i,n]) * v[b,m,i,:]
+//   lse is a statistic for callers; the backward does not take it (see below).
 //
-// p2c_attention_bwd(grad_out, q, k, v, out, lse, scale, deterministic)
-//     -> (grad_q, grad_k, grad_v)
-//   Gradient of out of p2c_attention_fwd given grad_out (B, N, h, d) and the saved out/lse;
-//   grad_q/grad_k/grad_v have the shapes and dtypes of q/k/v. deterministic=True forbids
-//   atomics in the reduction over N for grad_k/grad_v (bitwise reproducible results).
+// p2c_attention_bwd(grad_out, q, k, v, scale, deterministic) -> (grad_q, grad_k, grad_v)
+//   Gradient of out of p2c_attention_fwd(q, k, v, scale) given grad_out (B, N, h, d);
+//   grad_q/grad_k/grad_v have the shapes and dtypes of q/k/v. The kernels recompute the scores
+//   s = scale * q.k^T and, from them alone, P = exp(s - rowmax s) / rowsum, dP = grad_out.v^T,
+//   D = rowsum(P o dP) and dS = P o (dP - D), as PyTorch's softmax backward does: nothing saved by
+//   the forward enters, so P is exact to the rounding of s (an fp32 lse at |s| ~ 1e4 would carry
+//   ~|s| * 2^-24 relative error into P) and a saturated row (P one-hot) gives dS = 0 exactly (D
+//   from the rounded output would not cancel dP). deterministic=True forbids atomics in the
+//   reduction over N for grad_k/grad_v (bitwise reproducible results).
 //
 // conv_cluster_logits(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2) -> logits
 //   The official convolutional clustering head (P2CConv2d with GELU) in one pass, inference only
@@ -98,8 +103,8 @@ TORCH_LIBRARY(paca_kernels, m) {
       "p2c_attention_fwd(Tensor q, Tensor k, Tensor v, float scale)"
       " -> (Tensor out, Tensor lse)");
   m.def(
-      "p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, float scale, bool deterministic)"
+      "p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, float scale, "
+      "bool deterministic)"
       " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
       "conv_cluster_logits(Tensor x, int H, int W, Tensor dw_weight, Tensor? dw_bias, Tensor w1, "

@@ -37,8 +37,7 @@ SCHEMAS = {
     "p2c_attention_fwd": "paca_kernels::p2c_attention_fwd(Tensor q, Tensor k, Tensor v, "
     "float scale) -> (Tensor out, Tensor lse)",
     "p2c_attention_bwd": "paca_kernels::p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, "
-    "Tensor v, Tensor out, Tensor lse, float scale, bool deterministic) -> (Tensor grad_q, "
-    "Tensor grad_k, Tensor grad_v)",
+    "Tensor v, float scale, bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)",
 }
 
 

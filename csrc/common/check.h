@@ -102,25 +102,14 @@ inline void check_p2c_args(const at::Tensor& q, const at::Tensor& k, const at::T
               k.sizes());
 }
 
-// p2c_attention_bwd: the forward's arguments, plus grad_out and out shaped like q and the saved
-// lse (B, h, N) in the accumulation dtype.
+// p2c_attention_bwd: the forward's arguments, plus grad_out shaped like q, of q's dtype and device.
 inline void check_p2c_bwd_args(const at::Tensor& grad_out, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                               const at::Tensor& lse, const char* op) {
+                               const at::Tensor& k, const at::Tensor& v, const char* op) {
   check_p2c_args(q, k, v, op);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-              ": expected grad_out and out of the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), op, ": expected grad_out of the shape of q ", q.sizes(),
+              ", got ", grad_out.sizes());
   check_same_dtype(grad_out, q, op, "grad_out", "q");
-  check_same_dtype(out, q, op, "out", "q");
   check_same_device(grad_out, q, op, "grad_out", "q");
-  check_same_device(out, q, op, "out", "q");
-  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N, op,
-              ": expected lse of shape (B, h, N) = (", B, ", ", H, ", ", N, "), got ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == acc_dtype(q), op, ": expected lse of dtype ", acc_dtype(q),
-              " (the accumulation dtype of ", q.scalar_type(), "), got ", lse.scalar_type());
-  check_same_device(lse, q, op, "lse", "q");
 }
 
 // cluster_pool_fwd: logits (B, M, N) and x (B, N, C) of one dtype and device, N, C > 0, the

@@ -8,9 +8,15 @@
 // v. The (N, M) score matrix only ever exists one block at a time. The inputs are read through
 // their strides (q may be a view of a fused qkv projection), outputs are written contiguous.
 //
-// Backward (flash-attention style, P recomputed from q, k and the saved log-sum-exp):
-//   D_n = <dO_n, O_n>,  dP = dO.v^T,  dS = P o (dP - D),
+// Backward (flash-attention style: nothing but q, k, v and dO is read; every row's whole score
+// vector sits in the block buffer, since M is small):
+//   s = scale * q.k^T,  P = exp(s - rowmax s) / rowsum,  dP = dO.v^T,
+//   D_n = rowsum_m(P o dP),  dS = P o (dP - D),
 //   dq = scale * dS.k,  dk = scale * sum_n dS^T.q,  dv = sum_n P^T.dO.
+// P and D come from the backward's own scores, as in PyTorch's softmax backward: s - rowmax is
+// exact, where exp(s - lse) with a saved fp32 lse carries its rounding (~|s| * 2^-24 relative, 6e-4
+// at |s| ~ 1e4) into P; and D = rowsum(P o dP) cancels dP exactly in a saturated row (P one-hot:
+// dS = 0), where <dO, O> from the stored (rounded) output does not.
 // dq rows belong to one task. dk/dv are reductions over N: each task owns a fixed chunk of
 // kChunkRows queries and writes a partial (M, d) sum, and the partials are added in chunk order
 // afterwards. The chunking depends only on N, never on the thread count, so the result is
@@ -185,17 +191,15 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cpu(const at::Tensor& q, co
 
 template <typename scalar_t>
 void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                    double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                    const at::Tensor& v, double scale, at::Tensor& dq, at::Tensor& dk,
+                    at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
-  const Strides sq(q), sk(k), sv(v), sg(grad_out), so(out), sl(lse);
+  const Strides sq(q), sk(k), sv(v), sg(grad_out);
   const scalar_t* qp = q.const_data_ptr<scalar_t>();
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* outp = out.const_data_ptr<scalar_t>();
-  const acc_t* lp = lse.const_data_ptr<acc_t>();
   scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();  // all three (B, *, h, d) contiguous
   scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
   scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
@@ -219,8 +223,8 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   std::vector<acc_t> dk_part(B * H * nchunk * MD), dv_part(B * H * nchunk * MD);
   const int64_t grain = std::max<int64_t>(1, kGrainSize / (5 * kChunkRows * MD));
   parallel_for(0, B * H * nchunk, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qbuf(kQueryBlock * D), gbuf(kQueryBlock * D), obuf(kQueryBlock * D),
-        dqbuf(kQueryBlock * D), p(kQueryBlock * M), ds(kQueryBlock * M);
+    std::vector<acc_t> qbuf(kQueryBlock * D), gbuf(kQueryBlock * D), dqbuf(kQueryBlock * D),
+        p(kQueryBlock * M), ds(kQueryBlock * M);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bh = task / nchunk, chunk = task % nchunk;
       const int64_t b = bh / H, hd = bh % H;
@@ -236,18 +240,20 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
         const int64_t rows = std::min(kQueryBlock, c_end - n0);
         const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf.data());
         const auto [ga, ldg] = rows_as_acc(gp, sg, b, hd, n0, rows, D, gbuf.data());
-        const auto [oa, ldo] = rows_as_acc(outp, so, b, hd, n0, rows, D, obuf.data());
-        // P = exp(q.k^T * scale - lse), recomputed rather than stored by the forward.
+        // s = q.(scale k)^T, recomputed rather than stored by the forward.
         gemm_nn(qa, ldq, ktp, M, p.data(), M, rows, D, M, /*accumulate=*/false);
         // dP = dO.v^T
         gemm_nn(ga, ldg, vtp, M, ds.data(), M, rows, D, M, /*accumulate=*/false);
-        const acc_t* lrow = lp + b * sl[0] + hd * sl[1] + n0 * sl[2];
         for (int64_t i = 0; i < rows; ++i) {
           acc_t* prow = p.data() + i * M;
           acc_t* dsrow = ds.data() + i * M;
-          exp_shifted(prow, lrow[i * sl[2]], prow, M);
-          // D_i = <dO_i, O_i> = rowsum(P o dP): the softmax Jacobian's rank-one part.
-          const acc_t di = row_dot(ga + i * ldg, oa + i * ldo, D);
+          // P = softmax of this row of s, as the forward computed it (an all -inf row gives NaN).
+          const RowExp<acc_t> e = exp_minus_row_max(prow, prow, M);
+          const acc_t inv = acc_t(1) / e.sum;
+          for (int64_t m = 0; m < M; ++m) prow[m] *= inv;
+          // D_i = rowsum(P o dP): the softmax Jacobian's rank-one part, from the same P and dP
+          // that it multiplies, so a one-hot row gives dS = 0 exactly.
+          const acc_t di = row_dot(prow, dsrow, M);
           for (int64_t m = 0; m < M; ++m) dsrow[m] = prow[m] * (dsrow[m] - di);
         }
         scalar_t* dq0 = dqp + ((b * N + n0) * H + hd) * D;
@@ -296,10 +302,10 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic) {
+    double scale, bool deterministic) {
   // `deterministic` needs no special path: the CPU reduction over N is always in a fixed order.
   check_supported_float(q, kBwdOp, "q");
-  check_p2c_bwd_args(grad_out, q, k, v, out, lse, kBwdOp);
+  check_p2c_bwd_args(grad_out, q, k, v, kBwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
 
   at::Tensor dq = at::empty(q.sizes(), q.options());
@@ -313,8 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "p2c_attention_bwd",
                                   [&] {
-                                    p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, out, lse, scale,
-                                                             dq, dk, dv);
+                                    p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, scale, dq, dk, dv);
                                   });
   return {dq, dk, dv};
 }

@@ -53,12 +53,8 @@ struct P2CBwdArgs {
   int64_t sk[4];
   const void* v;
   int64_t sv[4];
-  const void* out;  // (B, N, H, D) forward output
-  int64_t so[4];
   const void* grad_out;  // (B, N, H, D)
   int64_t sg[4];
-  const float* lse;  // (B, H, N) from the forward
-  int64_t sl[3];
   void* dq;  // (B, N, H, D) contiguous, dtype
   void* dk;  // (B, M, H, D) contiguous, dtype
   void* dv;  // (B, M, H, D) contiguous, dtype

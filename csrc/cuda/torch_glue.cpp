@@ -146,11 +146,11 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cuda(const at::Tensor& q, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic) {
+    double scale, bool deterministic) {
   // The dtype first: an unsupported one is reported as such, not as a mismatch of saved tensors.
   const cuda::DType dtype = kernel_dtype(q, kP2CBwdOp, "q");
   check_p2c_inputs(q, k, v, kP2CBwdOp);
-  check_p2c_bwd_args(grad_out, q, k, v, out, lse, kP2CBwdOp);
+  check_p2c_bwd_args(grad_out, q, k, v, kP2CBwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
   const c10::cuda::CUDAGuard guard(q.device());
 
@@ -176,15 +176,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cuda(
   a.q = q.const_data_ptr();
   a.k = k.const_data_ptr();
   a.v = v.const_data_ptr();
-  a.out = out.const_data_ptr();
   a.grad_out = grad_out.const_data_ptr();
-  a.lse = lse.const_data_ptr<float>();
   copy_strides(q, a.sq);
   copy_strides(k, a.sk);
   copy_strides(v, a.sv);
-  copy_strides(out, a.so);
   copy_strides(grad_out, a.sg);
-  copy_strides(lse, a.sl);
   // dq, dk, dv are freshly allocated: contiguous (B, *, h, d), as the launcher expects.
   a.dq = dq.mutable_data_ptr();
   a.dk = dk.mutable_data_ptr();

@@ -95,16 +95,18 @@ def _p2c_fake_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 
 
 def _p2c_fake_bwd(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-    deterministic: bool,
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _p2c_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    # Only the inputs are saved: the backward recomputes the scores and their softmax statistics
+    # itself (the forward's fp32 lse and its rounded output would put noise proportional to |s| into
+    # the gradients where scores are large; see the kernels' backward notes).
     q, k, v, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    _, lse = output
+    ctx.save_for_backward(q, k, v)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
@@ -117,8 +119,8 @@ def register_p2c_attention(fwd: str, bwd: str, deterministic: Callable[[Tensor],
     bwd_op = _resolve(bwd)
 
     def backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, ctx.scale, deterministic(q))
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, q, k, v, ctx.scale, deterministic(q))
         return dq, dk, dv, None
 
     torch.library.register_autograd(fwd, backward, setup_context=_p2c_setup_context)

@@ -392,21 +392,18 @@ int emu_p2c_fwd(int dtype, int64_t B, int64_t N, int64_t M, int64_t H, int64_t D
 
 int emu_p2c_bwd(int dtype, int64_t B, int64_t N, int64_t M, int64_t H, int64_t D, float scale,
                 int deterministic, int num_sms, const void* q, const int64_t* sq, const void* k,
-                const int64_t* sk, const void* v, const int64_t* sv, const void* out, const int64_t* so,
-                const void* g, const int64_t* sg, const float* lse, const int64_t* sl, void* dq, void* dk,
-                void* dv) {
+                const int64_t* sk, const void* v, const int64_t* sv, const void* g, const int64_t* sg,
+                void* dq, void* dk, void* dv) {
   P2CBwdArgs a{};
   a.dtype = dtype_of(dtype);
   a.B = B, a.N = N, a.M = M, a.H = H, a.D = D;
   a.scale = scale;
   a.deterministic = deterministic != 0;
-  a.q = q, a.k = k, a.v = v, a.out = out, a.grad_out = g, a.lse = lse;
+  a.q = q, a.k = k, a.v = v, a.grad_out = g;
   copy(sq, a.sq);
   copy(sk, a.sk);
   copy(sv, a.sv);
-  copy(so, a.so);
   copy(sg, a.sg);
-  copy(sl, a.sl);
   a.dq = dq, a.dk = dk, a.dv = dv;
   return static_cast<int>(dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -24,10 +24,9 @@ TOL = ops.get_backend("cpu").tolerance(torch.float32)
 
 def test_p2c_backward_deterministic_across_thread_counts():
     p = make_p2c_inputs(2, 1000, 49, 2, 24)
-    out, lse = torch.ops.paca_kernels.p2c_attention_fwd(p.q, p.k, p.v, 0.2)
-    g = torch.randn_like(out)
+    g = torch.randn_like(p.q)
     assert_same_bits_across_thread_counts(
-        lambda: torch.ops.paca_kernels.p2c_attention_bwd(g, p.q, p.k, p.v, out, lse, 0.2, True), (1, 2, 1)
+        lambda: torch.ops.paca_kernels.p2c_attention_bwd(g, p.q, p.k, p.v, 0.2, True), (1, 2, 1)
     )
 
 

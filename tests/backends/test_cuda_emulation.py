@@ -82,7 +82,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     i64, f32, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int
     dll.emu_p2c_fwd.argtypes = [i32] + [i64] * 5 + [f32] + [FP, I64P] * 3 + [FP, FP]
-    dll.emu_p2c_bwd.argtypes = [i32] + [i64] * 5 + [f32, i32, i32] + [FP, I64P] * 6 + [FP] * 3
+    dll.emu_p2c_bwd.argtypes = [i32] + [i64] * 5 + [f32, i32, i32] + [FP, I64P] * 4 + [FP] * 3
     dll.emu_pool_fwd.argtypes = [i32] + [i64] * 4 + [f32] + [FP, I64P] * 2 + [FP] * 5 + [i32, i64, i64, I64P]
     dll.emu_pool_bwd.argtypes = [i32] + [i64] * 4 + [f32] + [FP, I64P] * 3 + [FP] + [FP, I64P] * 2 + [FP] * 4 + [i64]
     dll.emu_pool_smem.argtypes = [i32, i64, I64P, I64P]
@@ -121,14 +121,13 @@ def _p2c_fwd(emu, q, k, v, scale):
     return out, lse
 
 
-def _p2c_bwd(emu, g, q, k, v, out, lse, scale, deterministic, num_sms):
+def _p2c_bwd(emu, g, q, k, v, scale, deterministic, num_sms):
     b, n, h, d = q.shape
     m = k.shape[1]
     dq, dk, dv = _nan(b, n, h, d, dtype=q.dtype), _nan(b, m, h, d, dtype=q.dtype), _nan(b, m, h, d, dtype=q.dtype)
     rc = emu.emu_p2c_bwd(DTYPE_CODE[q.dtype], b, n, m, h, d, scale, int(deterministic), num_sms,
                          _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
-                         _ptr(out), _strides(out), _ptr(g), _strides(g), _ptr(lse), _strides(lse),
-                         _ptr(dq), _ptr(dk), _ptr(dv))  # fmt: skip
+                         _ptr(g), _strides(g), _ptr(dq), _ptr(dk), _ptr(dv))  # fmt: skip
     assert rc == 0
     return dq, dk, dv
 
@@ -162,19 +161,52 @@ def test_p2c_forward_backward(emu, shape, deterministic):
     g = torch.randn(b, n, h, d)
     want.backward(g)
     # num_sms=1: one deterministic group per (b, head), so a CTA adds several query tiles into its slice.
-    got = _p2c_bwd(emu, g, inp.q.detach(), inp.k.detach(), inp.v.detach(), out, lse, scale, deterministic, 1)
+    got = _p2c_bwd(emu, g, inp.q.detach(), inp.k.detach(), inp.v.detach(), scale, deterministic, 1)
     for name, a, t in zip(("dq", "dk", "dv"), got, (inp.q, inp.k, inp.v), strict=True):
         assert_close(a, t.grad, name=name, **BWD_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=["fp32", *LOW_IDS])
+def test_p2c_backward_row_statistics_over_key_chunks(emu, dtype):
+    """The backward's first sweep folds the key chunks (32 keys each) into each row's max, sum and
+    rowsum(P ∘ dP) online: with scores of order 1e4 (exact in fp32) whose maximum sits in the last chunk
+    (key 70 of 100, third chunk), a saturated row's dq is exactly 0, as PyTorch's is, and near-tie rows
+    (keys 5 and 90 within 1 of each other, chunks apart) are as accurate as PyTorch autograd in the same
+    dtype (fp32: 2x its error + 1e-6 of the gradient's scale; fp16/bf16: FlashAttention's 2x)."""
+    b, n, m, h, d = 1, 40, 100, 2, 24
+    k = torch.randint(-128, 129, (b, m, h, d)).float()
+    k[:, 5] = k[:, 90]
+    k[:, 5, :, 0] += 1
+    # Even rows: near-ties of keys 5 and 90 (gap |q₀|/64 <= 1) at s ~ 2e4; odd rows: key 70 (third chunk)
+    # leads every other key by ~2e4 (saturated: the others' P underflow, in float64 too).
+    lead = torch.where(torch.arange(n).view(1, n, 1, 1) % 2 == 0, k[:, 90:91], k[:, 70:71])
+    q = 8 * lead + torch.randint(-8, 9, (b, n, h, d))
+    q[:, ::2, :, 0] = torch.randint(-64, 65, (b, (n + 1) // 2, h)).float()
+    q = q / 64  # scores: multiples of 1/64 below 2^18, exact in fp32
+    v = torch.randn(b, m, h, d)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    g = torch.randn(b, n, h, d).to(dtype)
+    got = _p2c_bwd(emu, g, q, k, v, 1.0, True, 1)
+    exact = [t.double().requires_grad_(True) for t in (q, k, v)]
+    reference.p2c_attention(*exact, 1.0).backward(g.double())
+    low = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    reference.p2c_attention(*low, 1.0).backward(g)
+    odd = slice(1, None, 2)
+    assert torch.equal(low[0].grad[:, odd], torch.zeros_like(low[0].grad[:, odd]))  # the premise
+    assert torch.equal(got[0][:, odd], torch.zeros_like(got[0][:, odd])), "dq of saturated rows"
+    for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
+        err, ref_err = (float((t.double() - ex.grad).abs().max()) for t in (a, lo.grad))
+        bound = 2 * ref_err + (1e-6 * float(ex.grad.abs().max()) if dtype == torch.float32 else 0)
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (PyTorch's: {ref_err:.3g})"
 
 
 def test_p2c_deterministic_groups_and_stride0_grad(emu):
     """Deterministic dk/dv repeat bitwise, match the reference with one group or many (and the atomic
     path), and a stride-0 upstream gradient (what out.sum().backward() passes) is read correctly."""
     inp = make_p2c_inputs(1, 150, 20, 2, 16)
-    out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
     g = torch.ones(1, 1, 1, 1).expand(1, 150, 2, 16)  # what out.sum().backward() passes
-    runs = [_p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, 0.3, True, sms) for sms in (1, 1, 132)]
-    atomic = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, 0.3, False, 132)
+    runs = [_p2c_bwd(emu, g, inp.q, inp.k, inp.v, 0.3, True, sms) for sms in (1, 1, 132)]
+    atomic = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, 0.3, False, 132)
     q, k, v = (t.clone().requires_grad_(True) for t in (inp.q, inp.k, inp.v))
     reference.p2c_attention(q, k, v, 0.3).sum().backward()
     for i, (name, t) in enumerate(zip(("dq", "dk", "dv"), (q, k, v), strict=True)):
@@ -314,7 +346,7 @@ def test_p2c_grid_stride_over_batch_heads(small_grid, dtype):
     """B*h = 7 > the grid limit 2: each CTA row loops over (batch, head) pairs, forward and backward."""
     emu = small_grid
     inp = make_p2c_inputs(7, 20, 5, 1, 8, dtype=dtype)
-    out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
+    out, _ = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
     exact = _exact(inp.q, inp.k, inp.v)
     want = reference.p2c_attention(*exact, 0.3)
     low = _low(inp.q, inp.k, inp.v)
@@ -324,7 +356,7 @@ def test_p2c_grid_stride_over_batch_heads(small_grid, dtype):
     want_low.backward(g)
     assert_low_precision_ok(out, want_low, want, floor=1e-4)
     for deterministic in (False, True):
-        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, 0.3, deterministic, 1)
+        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, 0.3, deterministic, 1)
         for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
             assert_low_precision_ok(a, lo.grad, ex.grad, name=name, floor=1e-4)
 
@@ -439,24 +471,25 @@ def test_p2c_forward_double_buffers_keys_and_values_with_cp_async(emu, shape, dt
                          ids=["one-chunk", "tail-zero-fill", "many-chunks"])
 def test_p2c_backward_double_buffers_keys_and_values_with_cp_async(emu, shape, dtype):
     """The backward's key/value chunks (32 keys) go through cp.async and two buffer pairs for aligned
-    inputs (exact copy count: every query tile reloads every chunk), and through the synchronous loader
+    inputs (exact copy count: every query tile loads every chunk once per sweep), and through the synchronous loader
     for a misaligned value tensor, with bitwise the same dq, dk, dv (deterministic reduction)."""
     b, n, m, h, d = shape
     inp = make_p2c_inputs(b, n, m, h, d, dtype=dtype)
     w = -(-d // 8) * 8
     q, k, v = (torch.zeros(*t.shape[:-1], w, dtype=dtype)[..., :d].copy_(t) for t in (inp.q, inp.k, inp.v))
-    out, lse = _p2c_fwd(emu, q, k, v, 0.3)
+    out, _ = _p2c_fwd(emu, q, k, v, 0.3)
     g = torch.randn_like(out)
     _tile_load_paths(emu)
-    grads = _p2c_bwd(emu, g, q, k, v, out, lse, 0.3, True, 2)
+    grads = _p2c_bwd(emu, g, q, k, v, 0.3, True, 2)
     element, vector, tiles, copies = _tile_load_paths(emu)
     fp32 = dtype == torch.float32
     bn, pad, vec = (32, 4, 4) if fp32 else (64, 16, 8)
     mp, dp = -(-m // pad) * pad, -(-d // pad) * pad
     tiles_n = -(-n // bn) * b * h
-    assert tiles > 0 and copies == tiles_n * 2 * mp * dp // vec, (element, vector, tiles, copies)
+    # Keys and values, each loaded twice per query tile (the statistics sweep, then the gradient sweep).
+    assert tiles > 0 and copies == tiles_n * 2 * 2 * mp * dp // vec, (element, vector, tiles, copies)
     vm = torch.empty(1 + v.numel(), dtype=dtype)[1:].view_as(inp.v).copy_(v)
-    got = _p2c_bwd(emu, g, q, k, vm, out, lse, 0.3, True, 2)
+    got = _p2c_bwd(emu, g, q, k, vm, 0.3, True, 2)
     element, vector, tiles, copies = _tile_load_paths(emu)
     assert tiles == 0 and copies == 0 and element > 0, (element, tiles, copies)
     for name, a, want in zip(("dq", "dk", "dv"), got, grads, strict=True):
@@ -533,7 +566,7 @@ def test_p2c_tensor_cores_within_flash_attention_rule(emu, shape, dtype):
     want_low.backward(g)
     want.backward(g.double())
     for deterministic in (False, True):
-        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, scale, deterministic, 1)
+        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, scale, deterministic, 1)
         for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
             assert a.dtype == dtype and torch.isfinite(a).all(), name
             assert_low_precision_ok(a, lo.grad, ex.grad, name=f"{name} ({'deterministic' if deterministic else 'atomic'})")
