@@ -113,17 +113,20 @@ inline T row_sq_dev(const T* x, T mean, int64_t n) {
 }
 
 // The epilogue of one cluster row: prow (C, the unnormalised sum exp(l - mx) . x, in place) is
-// divided by the softmax denominator s, lse = mx + log s is stored, then LayerNorm over C (biased
-// variance, two passes) into orow. A row with no finite logit (mx = -inf) gives lse = -inf and
-// NaN pooled/out, as torch.softmax does.
+// divided by the softmax denominator s, the row's stats (mx, s) are stored (stats_out[0], [1]),
+// then LayerNorm over C (biased variance, two passes) into orow. The backward recomputes
+// S = exp(l - mx) / s from them: l - mx is exact, whereas exp(l - lse) with a rounded
+// lse = mx + log s would carry |lse| * 2^-24 relative error (2e-4 at logits of 1e4).
+// A row with no finite logit (mx = -inf) gives s = 0 and NaN pooled/out, as torch.softmax does.
 template <typename scalar_t, typename acc_t>
 inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const acc_t* bp,
-                       acc_t eps, int64_t C, acc_t* lse_out, scalar_t* orow) {
+                       acc_t eps, int64_t C, acc_t* stats_out, scalar_t* orow) {
   if (!(mx > -std::numeric_limits<acc_t>::infinity())) {
     s = acc_t(0);
     std::fill(prow, prow + C, std::numeric_limits<acc_t>::quiet_NaN());
   }
-  *lse_out = mx + std::log(s);
+  stats_out[0] = mx;
+  stats_out[1] = s;
   const acc_t inv_s = acc_t(1) / s;
   for (int64_t c = 0; c < C; ++c) prow[c] *= inv_s;
   const acc_t mean = row_sum(prow, C) / static_cast<acc_t>(C);
@@ -155,7 +158,7 @@ inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const ac
 template <typename scalar_t>
 void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
                              const at::Tensor* weight, const at::Tensor* bias, double eps,
-                             at::Tensor& out, at::Tensor& pooled, at::Tensor& lse) {
+                             at::Tensor& out, at::Tensor& pooled, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   const Strides sl(logits), sx(x);
@@ -166,7 +169,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
   const acc_t* bp = bias ? bias->const_data_ptr<acc_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* pp = pooled.mutable_data_ptr<acc_t>();
-  acc_t* lsep = lse.mutable_data_ptr<acc_t>();
+  acc_t* stp = stats.mutable_data_ptr<acc_t>();  // (B, M, 2) contiguous
   const acc_t eps_acc = static_cast<acc_t>(eps);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
@@ -232,7 +235,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
       }
       if (single) {
         for (int64_t m = 0; m < M; ++m) {
-          finish_row(acc + m * C, mx[m], sum[m], wp, bp, eps_acc, C, lsep + b * M + m,
+          finish_row(acc + m * C, mx[m], sum[m], wp, bp, eps_acc, C, stp + 2 * (b * M + m),
                      op + (b * M + m) * C);
         }
       }
@@ -262,7 +265,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
         const acc_t* arow = acc_part.data() + t * MC + m * C;
         for (int64_t c = 0; c < C; ++c) prow[c] += wgt * arow[c];
       }
-      finish_row(prow, gmx, s, wp, bp, eps_acc, C, lsep + row, op + row * C);
+      finish_row(prow, gmx, s, wp, bp, eps_acc, C, stp + 2 * row, op + row * C);
     }
   });
 }
@@ -280,8 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
   const at::ScalarType acc = acc_dtype(x);
   at::Tensor out = at::empty({B, M, C}, x.options());
   at::Tensor pooled = at::empty({B, M, C}, x.options().dtype(acc));
-  at::Tensor lse = at::empty({B, M}, x.options().dtype(acc));
-  if (B * M == 0) return {out, pooled, lse};
+  at::Tensor stats = at::empty({B, M, 2}, x.options().dtype(acc));
+  if (B * M == 0) return {out, pooled, stats};
 
   // (C,) vectors: converting once is negligible and lets the kernel read one dtype.
   std::optional<at::Tensor> w, bi;
@@ -292,9 +295,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
                                   [&] {
                                     cluster_pool_fwd_kernel<scalar_t>(
                                         logits, x, w ? &*w : nullptr, bi ? &*bi : nullptr, eps,
-                                        out, pooled, lse);
+                                        out, pooled, stats);
                                   });
-  return {out, pooled, lse};
+  return {out, pooled, stats};
 }
 
 namespace {
@@ -305,23 +308,23 @@ namespace {
 // rowdot[b, m] = <dP, pooled> = rowsum(S o dS) (so the softmax backward needs no extra pass over
 // N), and per-batch partial sums of dweight/dbias.
 // Phase 2, one streaming pass over N in tiles of kPatchTile patches, parallel over (b, tile):
-//   dS = dP.x^T, S = exp(logits - lse), dlogits = S o (dS - rowdot), dx = S^T.dP.
+//   dS = dP.x^T, S = exp(logits - max) / sum, dlogits = S o (dS - rowdot), dx = S^T.dP.
 // Each tile's dlogits columns and dx rows are written by exactly one task: no atomics, and no
 // reduction whose order could depend on the thread count.
 template <typename scalar_t, typename param_t>
 void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logits,
                              const at::Tensor& x, const at::Tensor* weight,
-                             const at::Tensor& pooled, const at::Tensor& lse, double eps,
+                             const at::Tensor& pooled, const at::Tensor& stats, double eps,
                              at::Tensor& dlogits, at::Tensor& dx, at::Tensor& dweight,
                              at::Tensor& dbias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  const Strides sg(grad_out), sl(logits), sx(x), sp(pooled), sls(lse);
+  const Strides sg(grad_out), sl(logits), sx(x), sp(pooled), sst(stats);
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* lp = logits.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const acc_t* pp = pooled.const_data_ptr<acc_t>();
-  const acc_t* lsep = lse.const_data_ptr<acc_t>();
+  const acc_t* stp = stats.const_data_ptr<acc_t>();
   // weight was converted to contiguous acc_t by the caller (it is only (C,)).
   const acc_t* wp = weight ? weight->const_data_ptr<acc_t>() : nullptr;
   const acc_t eps_acc = static_cast<acc_t>(eps);
@@ -414,8 +417,13 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
         if (lsrc == srow) {
           for (int64_t i = 0; i < nt; ++i) srow[i] = static_cast<acc_t>(lr[i * sl[2]]);
         }
-        // S = exp(logits - lse); an all -inf row (lse = -inf) gives NaN, like the reference.
-        exp_shifted(lsrc, lsep[b * sls[0] + m * sls[1]], srow, nt);
+        // S = exp(logits - max) / sum from the forward's stats: logits - max is exact, so S is
+        // as accurate as torch.softmax's at any logit magnitude. An all -inf row (max = -inf,
+        // sum = 0) gives NaN, like the reference.
+        const acc_t* st = stp + b * sst[0] + m * sst[1];
+        exp_shifted(lsrc, st[0], srow, nt);
+        const acc_t inv_sum = acc_t(1) / st[sst[2]];
+        for (int64_t i = 0; i < nt; ++i) srow[i] *= inv_sum;
         const acc_t rd = rowdot[b * M + m];
         const acc_t* dscol = dst.data() + m;
         scalar_t* dlr = dlp + (b * M + m) * N + n0;
@@ -437,10 +445,10 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& x,
-    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& lse,
+    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& stats,
     double eps) {
   check_supported_float(x, kBwdOp, "x");
-  check_pool_bwd_args(grad_out, logits, x, weight, pooled, lse, eps, kBwdOp);
+  check_pool_bwd_args(grad_out, logits, x, weight, pooled, stats, eps, kBwdOp);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   const at::ScalarType acc = acc_dtype(x);
 
@@ -462,10 +470,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "cluster_pool_bwd", [&] {
         if (pdtype == x.scalar_type()) {
-          cluster_pool_bwd_kernel<scalar_t, scalar_t>(grad_out, logits, x, wptr, pooled, lse, eps,
+          cluster_pool_bwd_kernel<scalar_t, scalar_t>(grad_out, logits, x, wptr, pooled, stats, eps,
                                                       dlogits, dx, dweight, dbias);
         } else {  // float32 LayerNorm parameters with half/bfloat16 activations
-          cluster_pool_bwd_kernel<scalar_t, float>(grad_out, logits, x, wptr, pooled, lse, eps,
+          cluster_pool_bwd_kernel<scalar_t, float>(grad_out, logits, x, wptr, pooled, stats, eps,
                                                    dlogits, dx, dweight, dbias);
         }
       });

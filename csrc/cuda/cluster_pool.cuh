@@ -9,7 +9,7 @@
 // running sum l, float accumulator rescaled when the max grows):
 //     m' = max(m, rowmax(t))   alpha = exp(m - m')   p = exp(t - m')
 //     l' = alpha*l + rowsum(p)     acc' = alpha*acc + p.x_tile
-// then pooled = acc / l, lse = m + log l and the LayerNorm over C in the epilogue. When B * M/BM
+// then pooled = acc / l, stats = (m, l) and the LayerNorm over C in the epilogue. When B * M/BM
 // CTAs cannot fill the GPU, N is split across CTAs (flash-decoding style): each writes its partial
 // (m, l, acc) and a second kernel merges them in split order (deterministic), then normalises.
 //
@@ -18,7 +18,9 @@
 //        dP = rstd * (g - mean_c g - xhat * mean_c(g*xhat)),  g = grad_out * weight,
 //      rowdot = <dP, pooled> (= rowsum(S o dS), so the softmax backward needs no extra pass), and
 //      per row-group partial sums of dweight = sum grad_out*xhat and dbias = sum grad_out;
-//   2. per tile of BK patches, all clusters in chunks of BM, with S = exp(logits - lse):
+//   2. per tile of BK patches, all clusters in chunks of BM, with S = exp(logits - m) / l (the
+//      forward's max and sum kept apart: logits - m is exact, where a rounded lse = m + log l of 1e4
+//      would put 2e-4 relative error into S):
 //        dS = dP.x^T,  dlogits = S o (dS - rowdot),  dx = sum_m S^T.dP
 //      (each CTA owns its dlogits columns and dx rows: no atomics);
 //   3. dweight/dbias: the row-group partials added in group order.
@@ -91,7 +93,7 @@ struct FwdLayout {
 
 struct BwdLayout {
   int Cp, ldx, lds;
-  size_t off_dx, off_dp, off_s, off_ds, off_lse, off_rd, total;
+  size_t off_dx, off_dp, off_s, off_ds, off_max, off_inv, off_rd, total;
   __host__ __device__ static BwdLayout make(int64_t C, int pad, int BM, int BK) {
     BwdLayout l{};
     l.Cp = static_cast<int>(round_up(C, pad));
@@ -106,7 +108,9 @@ struct BwdLayout {
     off += align128(sizeof(float) * BM * l.lds);
     l.off_ds = off;
     off += align128(sizeof(float) * BM * l.lds);
-    l.off_lse = off;
+    l.off_max = off;
+    off += align128(sizeof(float) * BM);
+    l.off_inv = off;
     off += align128(sizeof(float) * BM);
     l.off_rd = off;
     off += align128(sizeof(float) * BM);
@@ -141,7 +145,7 @@ __device__ __forceinline__ void layernorm_row(const float* row, int64_t C, float
 
 // ---- forward -----------------------------------------------------------------------------------
 
-// grid (cluster blocks, min(B, 65535), splits). SPLIT=false: writes out, pooled, lse. SPLIT=true:
+// grid (cluster blocks, min(B, 65535), splits). SPLIT=false: writes out, pooled, stats. SPLIT=true:
 // writes the partial state part_m, part_l (B, S, M) and part_acc (B, S, M, C).
 template <typename T, int BM, int BK, bool SPLIT>
 __global__ void __launch_bounds__(kThreads, kMinCtas)
@@ -230,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
         }
         for (int64_t c = lane; c < a.C; c += kWarp) part_acc[prow * a.C + c] = arow[c];
       } else {
-        // All logits -inf: l = 0, pooled = 0 * inf = NaN and lse = -inf, as torch.softmax gives.
+        // All logits -inf: l = 0, pooled = 0 * inf = NaN (as torch.softmax gives), stats (-inf, 0).
         const float l = sSum[r];
         const float inv = 1.f / l;
         const int64_t row = b * a.M + m;
@@ -239,7 +243,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
           arow[c] = p;
           a.pooled[row * a.C + c] = p;
         }
-        if (lane == 0) a.lse[row] = sM[r] + logf(l);
+        if (lane == 0) {
+          a.stats[2 * row] = sM[r];
+          a.stats[2 * row + 1] = l;
+        }
         layernorm_row(arow, a.C, a.eps, a.weight, a.bias, static_cast<T*>(a.out) + row * a.C);
       }
     }
@@ -249,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
 
 // Merges the S split states of each (b, m) row in split order, one warp per row:
 //   m* = max_s m_s,  w_s = exp(m_s - m*),  l = sum_s w_s l_s,  pooled = sum_s w_s acc_s / l,
-// then lse and the LayerNorm. A split that saw only -inf has m_s = -inf and weight 0.
+// then stats and the LayerNorm. A split that saw only -inf has m_s = -inf and weight 0.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     pool_merge_kernel(const PoolFwdArgs a, int64_t splits, const float* part_m,
@@ -278,7 +285,10 @@ __global__ void __launch_bounds__(kThreads)
       }
       prow[c] = acc * inv;
     }
-    if (lane == 0) a.lse[row] = gmx + logf(l);
+    if (lane == 0) {
+      a.stats[2 * row] = gmx;
+      a.stats[2 * row + 1] = l;
+    }
     layernorm_row(prow, a.C, a.eps, a.weight, a.bias, static_cast<T*>(a.out) + row * a.C);
   }
 }
@@ -372,7 +382,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
   float* sDP = reinterpret_cast<float*>(smem + L.off_dp);
   float* sS = reinterpret_cast<float*>(smem + L.off_s);
   float* sDS = reinterpret_cast<float*>(smem + L.off_ds);
-  float* sLse = reinterpret_cast<float*>(smem + L.off_lse);
+  float* sMax = reinterpret_cast<float*>(smem + L.off_max);
+  float* sInv = reinterpret_cast<float*>(smem + L.off_inv);
   float* sRd = reinterpret_cast<float*>(smem + L.off_rd);
 
   const T* logits = static_cast<const T*>(a.logits);
@@ -391,18 +402,25 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
       load_tile<kThreads>(sDP, L.ldx, dp + b * a.M * a.C, a.C, 1, m0, a.M, a.C, BM, L.Cp, 0.f);
       if (threadIdx.x < BM) {
         const int64_t m = m0 + threadIdx.x;
-        sLse[threadIdx.x] = m < a.M ? a.lse[b * a.sls[0] + m * a.sls[1]] : 0.f;
+        float mx = 0.f, inv = 0.f;
+        if (m < a.M) {
+          const float* st = a.stats + b * a.sst[0] + m * a.sst[1];
+          mx = st[0];
+          inv = 1.f / st[a.sst[2]];
+        }
+        sMax[threadIdx.x] = mx;
+        sInv[threadIdx.x] = inv;
         sRd[threadIdx.x] = m < a.M ? rowdot[b * a.M + m] : 0.f;
       }
       __syncthreads();
-      // S = exp(logits - lse), exactly 0 outside the real (m, n) range. An all -inf row
-      // (lse = -inf) gives NaN, like the reference.
+      // S = exp(logits - max) / sum, exactly 0 outside the real (m, n) range. An all -inf row
+      // (max = -inf, sum = 0) gives NaN, like the reference.
       for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
         const int r = idx / BK, c = idx - r * BK;
         const int64_t m = m0 + r, n = n0 + c;
         float s = 0.f;
         if (m < a.M && n < a.N) {
-          s = expf(to_float(logits[b * a.sl[0] + m * a.sl[1] + n * a.sl[2]]) - sLse[r]);
+          s = expf(to_float(logits[b * a.sl[0] + m * a.sl[1] + n * a.sl[2]]) - sMax[r]) * sInv[r];
         }
         sS[r * L.lds + c] = s;
       }
