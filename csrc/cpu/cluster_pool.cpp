@@ -25,6 +25,7 @@
 #include "common/check.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/math/kernels.h"
+#include "cpu/math/layernorm.h"
 #include "cpu/math/parallel.h"
 #include "cpu/math/scratch.h"
 #include "cpu/math/tensor_access.h"
@@ -88,33 +89,9 @@ inline void prefetch_rows_slice(const T* base, int64_t ld, int64_t rows, int64_t
 #endif
 }
 
-// Sum of x[c] and sum of (x[c] - mean)^2 over one row with eight interleaved partial sums: the
-// compiler vectorises them (a single running sum is a serial chain of dependent adds, which made
-// the LayerNorm epilogue a fifth of the forward), and the fixed order keeps results reproducible.
-template <typename T>
-inline T row_sum(const T* x, int64_t n) {
-  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) part[j] += x[i + j];
-  }
-  for (; i < n; ++i) part[0] += x[i];
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-template <typename T>
-inline T row_sq_dev(const T* x, T mean, int64_t n) {
-  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) part[j] += (x[i + j] - mean) * (x[i + j] - mean);
-  }
-  for (; i < n; ++i) part[0] += (x[i] - mean) * (x[i] - mean);
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-
 // The epilogue of one cluster row: prow (C, the unnormalised sum exp(l - mx) . x, in place) is
 // divided by the softmax denominator s, the row's stats (mx, s) are stored (stats_out[0], [1]),
-// then LayerNorm over C (biased variance, two passes) into orow. The backward recomputes
+// then LayerNorm over C (biased variance, two passes, overflow-free: cpu/math/layernorm.h) into orow. The backward recomputes
 // S = exp(l - mx) / s from them: l - mx is exact, whereas exp(l - lse) with a rounded
 // lse = mx + log s would carry |lse| * 2^-24 relative error (2e-4 at logits of 1e4).
 // A row with no finite logit (mx = -inf) gives s = 0 and NaN pooled/out, as torch.softmax does.
@@ -129,16 +106,15 @@ inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const ac
   stats_out[1] = s;
   const acc_t inv_s = acc_t(1) / s;
   for (int64_t c = 0; c < C; ++c) prow[c] *= inv_s;
-  const acc_t mean = row_sum(prow, C) / static_cast<acc_t>(C);
-  const acc_t var = row_sq_dev(prow, mean, C) / static_cast<acc_t>(C);
-  const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
+  const LayerNormStats<acc_t> st = layer_norm_stats(prow, C, eps);
+  const acc_t inv = st.inv_scale, mean = st.mean, rstd = st.rstd;
   if (wp && bp) {
     for (int64_t c = 0; c < C; ++c) {
-      orow[c] = static_cast<scalar_t>((prow[c] - mean) * rstd * wp[c] + bp[c]);
+      orow[c] = static_cast<scalar_t>((prow[c] * inv - mean) * rstd * wp[c] + bp[c]);
     }
   } else {
     for (int64_t c = 0; c < C; ++c) {
-      acc_t y = (prow[c] - mean) * rstd;
+      acc_t y = (prow[c] * inv - mean) * rstd;
       if (wp) y *= wp[c];
       if (bp) y += bp[c];
       orow[c] = static_cast<scalar_t>(y);
@@ -342,17 +318,14 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
         const acc_t* psrc = pp + b * sp[0] + m * sp[1];
         const scalar_t* gsrc = gp + b * sg[0] + m * sg[1];
         for (int64_t c = 0; c < C; ++c) prow[c] = psrc[c * sp[2]];
-        acc_t mean = 0;
-        for (int64_t c = 0; c < C; ++c) mean += prow[c];
-        mean /= static_cast<acc_t>(C);
-        acc_t var = 0;
-        for (int64_t c = 0; c < C; ++c) var += (prow[c] - mean) * (prow[c] - mean);
-        var /= static_cast<acc_t>(C);
-        const acc_t rstd = acc_t(1) / std::sqrt(var + eps_acc);
+        // Overflow-free statistics (cpu/math/layernorm.h): xhat from the scaled row, and the
+        // rstd of pooled itself, rstd_q / scale, for dP.
+        const LayerNormStats<acc_t> st = layer_norm_stats(prow.data(), C, eps_acc);
+        const acc_t inv = st.inv_scale, mean = st.mean, rstd = st.rstd * inv;
         acc_t mean_g = 0, mean_gx = 0;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t go = static_cast<acc_t>(gsrc[c * sg[2]]);
-          xhat[c] = (prow[c] - mean) * rstd;
+          xhat[c] = (prow[c] * inv - mean) * st.rstd;
           dwb[c] += go * xhat[c];
           dbb[c] += go;
           g[c] = wp ? go * wp[c] : go;

@@ -119,24 +119,63 @@ struct BwdLayout {
   }
 };
 
+// The power of two a pooled row is divided by before its LayerNorm statistics, so that the squares
+// neither overflow (a row of 1e20: var = inf, and the LayerNorm returned the bias, finite and wrong)
+// nor underflow (1e-20); LayerNorm is invariant under it with eps scaled alike, and the division is
+// exact. The rule of csrc/cpu/math/layernorm.h (and of the Triton kernels and the reference):
+// 2^floor(log2 amax), clamped to [max(2^floor(log2 sqrt(eps)) * 2^-40, 2^-95), 2^100] so that
+// eps / scale^2 stays finite and 1 / scale normal; 1 for a zero, inf or NaN row.
+__device__ __forceinline__ float layer_norm_scale(float amax, float eps) {
+  if (!(amax > 0.f) || !(amax <= 3.40282347e38f)) return 1.f;
+  int e = 0;
+  frexpf(amax, &e);  // amax in [2^(e-1), 2^e)
+  int lo = -95;
+  if (eps > 0.f) {
+    int k = 0;
+    frexpf(sqrtf(eps), &k);
+    lo = k - 41 > lo ? k - 41 : lo;
+  }
+  const int p = e - 1 < lo ? lo : (e - 1 > 100 ? 100 : e - 1);
+  return ldexpf(1.f, p);
+}
+
+// Row statistics for the LayerNorm over C, one warp (lane owns columns lane, lane+32, ...):
+// inv = 1 / scale, mean and rstd of q = row * inv; xhat = (row * inv - mean) * rstd, and the rstd
+// of the row itself is rstd * inv.
+struct LnStats {
+  float inv, mean, rstd;
+};
+template <typename Load>
+__device__ __forceinline__ LnStats layer_norm_stats(Load load, int64_t C, float eps) {
+  const int lane = threadIdx.x % kWarp;
+  float amax = 0.f;  // fmaxf skips NaN: a NaN still poisons the sums below
+  for (int64_t c = lane; c < C; c += kWarp) amax = fmaxf(amax, fabsf(load(c)));
+  const float inv = 1.f / layer_norm_scale(warp_max(amax), eps);
+  float s = 0.f;
+  for (int64_t c = lane; c < C; c += kWarp) s += load(c) * inv;
+  const float mean = warp_sum(s) / static_cast<float>(C);
+  float s2 = 0.f;
+  for (int64_t c = lane; c < C; c += kWarp) {
+    const float d = load(c) * inv - mean;
+    s2 += d * d;
+  }
+  const float var = warp_sum(s2) / static_cast<float>(C);  // biased variance
+  // eps / scale^2 underflows for huge rows: floored at FLT_MIN, which only matters for an exactly
+  // constant row (every deviation 0, and 0 * rstd stays 0).
+  const float eps_q = fmaxf(eps * inv * inv, 1.17549435e-38f);
+  return {inv, mean, 1.f / sqrtf(var + eps_q)};
+}
+
 // Normalised pooled row -> LayerNorm over C -> out row; one warp, each lane owning columns
 // c = lane, lane+32, ... of `row` (which it wrote itself: no synchronisation needed).
 template <typename T>
 __device__ __forceinline__ void layernorm_row(const float* row, int64_t C, float eps,
                                               const float* weight, const float* bias, T* out_row) {
   const int lane = threadIdx.x % kWarp;
-  float s = 0.f;
-  for (int64_t c = lane; c < C; c += kWarp) s += row[c];
-  const float mean = warp_sum(s) / static_cast<float>(C);
-  float s2 = 0.f;
+  const LnStats st = layer_norm_stats([&](int64_t c) { return row[c]; }, C, eps);
+  const float inv = st.inv, mean = st.mean, rstd = st.rstd;
   for (int64_t c = lane; c < C; c += kWarp) {
-    const float d = row[c] - mean;
-    s2 += d * d;
-  }
-  const float var = warp_sum(s2) / static_cast<float>(C);  // biased variance
-  const float rstd = 1.f / sqrtf(var + eps);
-  for (int64_t c = lane; c < C; c += kWarp) {
-    float y = (row[c] - mean) * rstd;
+    float y = (row[c] * inv - mean) * rstd;
     if (weight != nullptr) y *= weight[c];
     if (bias != nullptr) y += bias[c];
     out_row[c] = from_float<T>(y);
@@ -314,19 +353,14 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = row / a.M, m = row % a.M;
     const float* prow = a.pooled + b * a.sp[0] + m * a.sp[1];
     const T* grow = go + b * a.sg[0] + m * a.sg[1];
-    float s = 0.f;
-    for (int64_t c = lane; c < a.C; c += kWarp) s += prow[c * a.sp[2]];
-    const float mean = warp_sum(s) * invC;
-    float s2 = 0.f;
-    for (int64_t c = lane; c < a.C; c += kWarp) {
-      const float d = prow[c * a.sp[2]] - mean;
-      s2 += d * d;
-    }
-    const float rstd = 1.f / sqrtf(warp_sum(s2) * invC + a.eps);
+    // Overflow-free statistics (layer_norm_stats): xhat from the scaled row; the rstd of pooled
+    // itself, for dP, is rstd_q * inv.
+    const LnStats st = layer_norm_stats([&](int64_t c) { return prow[c * a.sp[2]]; }, a.C, a.eps);
+    const float inv = st.inv, mean = st.mean, rstd_q = st.rstd, rstd = rstd_q * inv;
     float sg = 0.f, sgx = 0.f;
     for (int64_t c = lane; c < a.C; c += kWarp) {
       const float gout = to_float(grow[c * a.sg[2]]);
-      const float xhat = (prow[c * a.sp[2]] - mean) * rstd;
+      const float xhat = (prow[c * a.sp[2]] * inv - mean) * rstd_q;
       const float gc = a.weight != nullptr ? gout * a.weight[c] : gout;
       sg += gc;
       sgx += gc * xhat;
@@ -342,7 +376,7 @@ __global__ void __launch_bounds__(kThreads)
     float rd = 0.f;
     for (int64_t c = lane; c < a.C; c += kWarp) {
       const float p = prow[c * a.sp[2]];
-      const float xhat = (p - mean) * rstd;
+      const float xhat = (p * inv - mean) * rstd_q;
       const float gout = to_float(grow[c * a.sg[2]]);
       const float gc = a.weight != nullptr ? gout * a.weight[c] : gout;
       const float d = rstd * (gc - mean_g - xhat * mean_gx);

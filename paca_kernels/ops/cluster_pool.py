@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ..reference import layer_norm_stats
 from ..triton import TRITON_AVAILABLE
 from ._registration import register_cluster_pool
 
@@ -57,9 +58,10 @@ def cluster_pool_backward_math(
     """
     acc = pooled.dtype
     g_out = grad_out.to(acc)
-    mean = pooled.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(pooled.var(-1, unbiased=False, keepdim=True) + eps)
-    xhat = (pooled - mean) * rstd
+    # Overflow-free LayerNorm statistics (reference.layer_norm_stats, the kernels' rule).
+    inv_scale, mean, rstd_q = layer_norm_stats(pooled, eps)
+    xhat = (pooled * inv_scale - mean) * rstd_q
+    rstd = rstd_q * inv_scale
     dweight = (g_out * xhat).sum((0, 1))
     dbias = g_out.sum((0, 1))
     g = g_out * weight.to(acc) if weight is not None else g_out

@@ -25,12 +25,15 @@ logits − m: a rounded lse = m + log l of 1e4 would put 2e-4 relative error int
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import layer_norm_stats
 from . import plan
 from ._launch import device_guard, device_of
 
@@ -63,6 +66,20 @@ def _dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
+def _layer_norm_scale(amax, eps):
+    """The power of two each pooled row is divided by before its LayerNorm statistics, so that the squares
+    neither overflow (a row of 1e20) nor underflow (1e-20): the rule of paca_kernels.reference.layer_norm_stats
+    and csrc/cpu/math/layernorm.h. amax (R,) is the rows' largest magnitude: scale = 2^floor(log2 amax) (its
+    exponent bits), clamped to [max(2^floor(log2 sqrt(eps))·2⁻⁴⁰, 2⁻⁹⁵), 2¹⁰⁰]; 1 for a zero, inf or NaN row."""
+    pow2 = (amax.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    root = tl.zeros_like(amax) + tl.sqrt(eps)
+    lo = (root.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * 9.094947017729282e-13  # 2^-40
+    lo = tl.maximum(lo, 2.524354896707238e-29)  # 2^-95
+    scale = tl.minimum(tl.maximum(pow2, lo), 1.2676506002282294e30)  # 2^100
+    return tl.where((amax > 0) & (amax <= 3.4028234663852886e38), scale, 1.0)
+
+
+@triton.jit
 def _layer_norm_store(pooled, row_max, row_sum, rows, mask_r, offs_c, mask_c, C, eps, w_ptr, b_ptr, s_w, s_b,
                       has_w, has_b, out_ptr, pooled_ptr, stats_ptr):  # fmt: skip
     """Store pooled (R, BLOCK_C) fp32, stats (R, 2) = (row_max, row_sum) and LayerNorm(pooled) over the C
@@ -71,10 +88,16 @@ def _layer_norm_store(pooled, row_max, row_sum, rows, mask_r, offs_c, mask_c, C,
     tl.store(pooled_ptr + rows[:, None] * C + offs_c[None, :], pooled, mask=mask_rc)
     tl.store(stats_ptr + 2 * rows, row_max, mask=mask_r)
     tl.store(stats_ptr + 2 * rows + 1, row_sum, mask=mask_r)
-    mean = tl.sum(tl.where(mask_c[None, :], pooled, 0.0), axis=1) / C
-    diff = tl.where(mask_c[None, :], pooled - mean[:, None], 0.0)
+    # Statistics of the row divided by a power of two (exact) near its largest magnitude: no overflow of
+    # the squares at 1e20, no underflow at 1e-20 (_layer_norm_scale); eps is scaled alike.
+    q = tl.where(mask_c[None, :], pooled, 0.0)
+    inv = 1.0 / _layer_norm_scale(tl.max(tl.abs(q), axis=1), eps)
+    q = q * inv[:, None]
+    mean = tl.sum(q, axis=1) / C
+    diff = tl.where(mask_c[None, :], q - mean[:, None], 0.0)
     var = tl.sum(diff * diff, axis=1) / C
-    y = diff * (1.0 / tl.sqrt(var + eps))[:, None]
+    eps_q = tl.maximum(eps * inv * inv, 1.1754943508222875e-38)  # floored: see _layer_norm_scale's rule
+    y = diff * (1.0 / tl.sqrt(var + eps_q))[:, None]
     if has_w != 0:
         y = y * tl.load(w_ptr + offs_c * s_w, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if has_b != 0:
@@ -233,6 +256,12 @@ def _cluster_pool_bwd_kernel(
              mask=mask_nc)
 
 
+def _fp32(v: float) -> float:
+    """v rounded to float32, as the C++ and CUDA kernels take eps: Triton would type a float outside
+    float32's range (an eps of 1e-60) as fp64, and compile another kernel variant."""
+    return ctypes.c_float(v).value
+
+
 def cluster_pool_fwd(
     logits: Tensor,
     x: Tensor,
@@ -281,7 +310,7 @@ def cluster_pool_fwd(
     with device_guard(dev):
         _cluster_pool_fwd_kernel[launch.grid](
             logits, x, w, bb, out, pooled, stats, part_m, part_l, part_acc,
-            m, n, c, chunk, splits, triton.cdiv(m, block_m), float(eps),
+            m, n, c, chunk, splits, triton.cdiv(m, block_m), _fp32(eps),
             *logits.stride(), *x.stride(), s_w, s_b, has_w, has_b,
             **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages,
         )  # fmt: skip
@@ -290,7 +319,7 @@ def cluster_pool_fwd(
             merge.check_grid()
             _cluster_pool_merge_kernel[merge.grid](
                 part_m, part_l, part_acc, w, bb, out, pooled, stats,
-                bsz * m, m, c, splits, float(eps), s_w, s_b, has_w, has_b,
+                bsz * m, m, c, splits, _fp32(eps), s_w, s_b, has_w, has_b,
                 **merge.consts, num_warps=merge.num_warps, num_stages=merge.num_stages,
             )  # fmt: skip
     return out, pooled, stats
@@ -317,9 +346,10 @@ def cluster_pool_bwd(
     #   dP = rstd · (g − mean_c g − x̂ · mean_c(g ∘ x̂)),  g = grad_out ∘ weight
     pooled = pooled.float()
     g_out = grad_out.float()
-    mean = pooled.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(pooled.var(-1, unbiased=False, keepdim=True) + eps)
-    xhat = (pooled - mean) * rstd
+    # Overflow-free statistics (the forward's rule): x̂ from the scaled rows, rstd of pooled = rstd_q / scale.
+    inv_scale, mean, rstd_q = layer_norm_stats(pooled, eps)
+    xhat = (pooled * inv_scale - mean) * rstd_q
+    rstd = rstd_q * inv_scale
     pdtype = weight.dtype if weight is not None else x.dtype
     dweight = (g_out * xhat).sum((0, 1)).to(pdtype)
     dbias = g_out.sum((0, 1)).to(pdtype)

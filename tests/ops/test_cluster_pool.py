@@ -299,6 +299,41 @@ def test_pool_saturated_softmax_backward_as_accurate_as_torch(name):
         assert err <= 4 * torch_err + 5e-7, f"{gname}: relative error {err:.2e}, fp32 PyTorch's {torch_err:.2e}"
 
 
+LN_RANGE_CASES = [
+    # x ~ 1e20 and 1e35: the pooled rows' squares overflow float32 (var = inf made rstd = 0: the output was
+    # exactly the bias, finite and wrong; F.layer_norm gives NaN). x ~ 1e-22 with a negligible eps (1e-60):
+    # the squares fall into the subnormals (var lost ~10%). Each against float64.
+    pytest.param(name, scale, eps, id=f"{name}-x{scale:.0e}-eps{eps:.0e}")
+    for name in BACKEND_NAMES
+    for scale, eps in ((1e20, 1e-6), (1e35, 1e-6), (1e-22, 1e-60), (1e-20, 1e-6))
+]
+
+
+@pytest.mark.parametrize(("name", "scale", "eps"), LN_RANGE_CASES)
+def test_pool_layer_norm_of_huge_and_tiny_rows(name, scale, eps):
+    """The LayerNorm of pooled rows far outside float32's squarable range: the true, finite LayerNorm
+    and its gradients on every backend (each row is scaled by a power of two before its statistics,
+    reference.layer_norm_stats), against F.layer_norm and autograd in float64."""
+    _, device = use(name)
+    b, m, n, c = 2, 3, 6, 8
+    inp = make_cluster_pool_inputs(b, m, n, c, device=device, requires_grad=True)
+    with torch.no_grad():
+        inp.x.mul_(scale)
+        inp.bias.mul_(0.1)  # a bias as large as the normalised values would hide a wrong x̂
+    args = (inp.logits, inp.x, inp.weight, inp.bias)
+    grad_out = torch.randn(b, m, c, device=device)
+
+    def oracle(logits, x, w, bias):  # float64, independent of the library's LayerNorm
+        return torch.nn.functional.layer_norm(torch.softmax(logits, -1) @ x, (c,), w, bias, eps)
+
+    out, got = grads(lambda *a: run(name)(*a, eps), args, grad_out)
+    exact_out, exact = grads(oracle, [t.detach().double().requires_grad_(True) for t in args], grad_out.double())
+    assert torch.isfinite(out).all()
+    for gname, g, e in zip(("out", *GRAD_NAMES), (out, *got), (exact_out, *exact), strict=True):
+        err = _rel_err(g, e)
+        assert err <= 2e-5, f"{gname}: relative error {err:.2e} at x ~ {scale:.0e}"
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Triton's interpreter: NumPy's 0/0 and log(0)
 @pytest.mark.parametrize("name", KERNELS)
 def test_pool_all_masked_row_is_nan_like_softmax(name):
