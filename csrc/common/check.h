@@ -135,8 +135,9 @@ inline void check_pool_args(const at::Tensor& logits, const at::Tensor& x,
   const int64_t B = logits.size(0), N = logits.size(2), C = x.size(2);
   check_size(x, 0, B, op, "batch size B of x (B, N, C) vs logits (B, M, N)");
   check_size(x, 1, N, op, "number of patches N of x (B, N, C) vs logits (B, M, N)");
-  TORCH_CHECK(N > 0 && C > 0, op, ": expected N > 0 patches and C > 0 channels, got N=", N,
-              ", C=", C);
+  // A softmax over no patches is undefined (0/0); C = 0 channels is served (empty out, zero dlogits).
+  TORCH_CHECK(N > 0, op, ": expected N > 0 patches, got N=", N, " (logits of shape ", logits.sizes(),
+              ")");
   check_affine(weight, x, C, op, "weight");
   check_affine(bias, x, C, op, "bias");
   TORCH_CHECK(eps >= 0, op, ": expected eps >= 0, got ", eps);

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/pool_stats.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/layernorm.h"
@@ -261,6 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
   at::Tensor pooled = at::empty({B, M, C}, x.options().dtype(acc));
   at::Tensor stats = at::empty({B, M, 2}, x.options().dtype(acc));
   if (B * M == 0) return {out, pooled, stats};
+  if (C == 0) {  // nothing to pool: out and pooled are empty, the softmax stats still defined
+    pool_stats_without_channels(logits, stats);
+    return {out, pooled, stats};
+  }
 
   // (C,) vectors: converting once is negligible and lets the kernel read one dtype.
   std::optional<at::Tensor> w, bi;
@@ -430,7 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   at::Tensor dx = at::empty({B, N, C}, x.options());
   at::Tensor dweight = at::empty({C}, x.options().dtype(pdtype));
   at::Tensor dbias = at::empty({C}, x.options().dtype(pdtype));
-  if (B * M == 0) {  // no clusters: nothing flows back
+  if (B * M == 0 || C == 0) {  // no clusters, or no channels: nothing flows back
+    dlogits.zero_();
     dx.zero_();
     dweight.zero_();
     dbias.zero_();

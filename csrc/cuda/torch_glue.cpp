@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "common/check.h"
+#include "common/pool_stats.h"
 #include "cuda/launchers.h"
 
 namespace paca_kernels {
@@ -214,6 +215,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cuda(
   at::Tensor pooled = at::empty({B, M, C}, x.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({B, M, 2}, x.options().dtype(at::kFloat));
   if (B * M == 0) return {out, pooled, stats};
+  if (C == 0) {  // nothing to pool: out and pooled are empty, the softmax stats still defined
+    pool_stats_without_channels(logits, stats);
+    return {out, pooled, stats};
+  }
   // (C,) vectors: converting once is negligible and lets the kernels read float32 only.
   std::optional<at::Tensor> w, bi;
   if (weight.has_value()) w = weight->to(at::kFloat).contiguous();
@@ -264,7 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cuda
   at::Tensor dx = at::empty({B, N, C}, x.options());
   at::Tensor dweight = at::empty({C}, x.options().dtype(pdtype));
   at::Tensor dbias = at::empty({C}, x.options().dtype(pdtype));
-  if (B * M == 0) {  // no clusters: nothing flows back
+  if (B * M == 0 || C == 0) {  // no clusters, or no channels: nothing flows back
+    dlogits.zero_();
     dx.zero_();
     dweight.zero_();
     dbias.zero_();

@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -281,15 +280,18 @@ def cluster_pool_fwd(
     out = torch.empty((bsz, m, c), dtype=x.dtype, device=dev)
     pooled = torch.empty((bsz, m, c), dtype=torch.float32, device=dev)
     stats = torch.empty((bsz, m, 2), dtype=torch.float32, device=dev)
-    if bsz * m * c == 0 or n == 0:
-        # Nothing to launch. With zero patches the (empty) softmax pools to zeros, as in the reference's
-        # matmul, and the max of nothing is -inf (with a sum of 0).
-        pooled.zero_()
-        stats[..., 0] = float("-inf")
-        stats[..., 1] = 0.0
-        w32 = weight.float() if weight is not None else None
-        b32 = bias.float() if bias is not None else None
-        out.copy_(F.layer_norm(pooled, (c,), w32, b32, eps))
+    if n == 0:
+        # A softmax over no patches is undefined (0/0); the C++ kernels refuse it too, and ops.cluster_pool
+        # raises ValueError before any backend runs.
+        raise ValueError(f"cluster_pool needs at least one patch (N >= 1), got logits of shape {tuple(logits.shape)}")
+    if bsz * m * c == 0:
+        # Nothing to launch: out and pooled are empty. With C = 0 the rows' softmax statistics are still
+        # defined (and the backward's dlogits is 0 whatever they are); the C++ kernels compute them alike.
+        if bsz * m > 0:
+            row_max = logits.float().amax(-1)
+            row_sum = torch.exp(logits.float() - row_max.unsqueeze(-1)).sum(-1)
+            stats[..., 0] = row_max
+            stats[..., 1] = row_sum.masked_fill(row_max == float("-inf"), 0.0)  # all -inf: s = 0, as the kernels
         return out, pooled, stats
     dtype = plan.dtype_name(x.dtype)
     launch = plan.cluster_pool_fwd_plan(bsz, m, n, c, dtype, device_of(x), num_splits)
@@ -342,6 +344,12 @@ def cluster_pool_bwd(
     bsz, m, n = logits.shape
     c = x.shape[2]
     dev = x.device
+    pdtype = weight.dtype if weight is not None else x.dtype
+    dlogits = torch.empty((bsz, m, n), dtype=logits.dtype, device=dev)
+    dx = torch.empty((bsz, n, c), dtype=x.dtype, device=dev)
+    if bsz * n * c == 0 or m == 0:  # nothing flows back (C = 0: out is empty, dlogits 0)
+        zeros = torch.zeros(c, dtype=pdtype, device=dev)
+        return dlogits.zero_(), dx.zero_(), zeros, zeros.clone()
     # LayerNorm backward on the small (B, M, C) tensors, in fp32:
     #   dP = rstd · (g − mean_c g − x̂ · mean_c(g ∘ x̂)),  g = grad_out ∘ weight
     pooled = pooled.float()
@@ -350,7 +358,6 @@ def cluster_pool_bwd(
     inv_scale, mean, rstd_q = layer_norm_stats(pooled, eps)
     xhat = (pooled * inv_scale - mean) * rstd_q
     rstd = rstd_q * inv_scale
-    pdtype = weight.dtype if weight is not None else x.dtype
     dweight = (g_out * xhat).sum((0, 1)).to(pdtype)
     dbias = g_out.sum((0, 1)).to(pdtype)
     g = g_out * weight.float() if weight is not None else g_out
@@ -358,10 +365,6 @@ def cluster_pool_bwd(
     rowdot = (dp * pooled).sum(-1).contiguous()  # (B, M) = rowsum(S ∘ dS)
     stats = stats.float().contiguous()
 
-    dlogits = torch.empty((bsz, m, n), dtype=logits.dtype, device=dev)
-    dx = torch.empty((bsz, n, c), dtype=x.dtype, device=dev)
-    if bsz * n * c == 0 or m == 0:
-        return dlogits.zero_(), dx.zero_(), dweight, dbias
     launch = plan.cluster_pool_bwd_plan(bsz, m, n, c, plan.dtype_name(x.dtype), device_of(x))
     launch.check_grid()
     with device_guard(dev):

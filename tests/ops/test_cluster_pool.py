@@ -456,6 +456,46 @@ def test_pool_flops_equal_the_unfused_bmm(name):
     assert count(True) == count(False) == unfused == 6 * 2 * 5 * 12 * 8
 
 
+# -- empty inputs -----------------------------------------------------------------------------------
+
+EMPTY_SHAPES = {"B0": (0, 3, 5, 8), "M0": (2, 0, 5, 8), "C0": (2, 3, 5, 0), "B0-C0": (0, 3, 5, 0)}
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES.values(), ids=EMPTY_SHAPES.keys())
+@pytest.mark.parametrize("name", [*BACKEND_NAMES, None], ids=[*BACKEND_NAMES, "auto"])
+def test_pool_empty_inputs_agree_on_every_backend(name, shape):
+    """B = 0, M = 0 or C = 0: every backend (and the automatic choice) returns what the reference does,
+    forward and backward: an empty (B, M, C) output; dlogits 0 (with C = 0 nothing reaches the logits),
+    dx 0 (with M = 0 no cluster reads x), dweight and dbias 0 (no row)."""
+    device = backend_device(name) if name is not None else "cpu"
+    if name is not None:
+        use(name)
+    b, m, n, c = shape
+    inp = make_cluster_pool_inputs(b, m, n, c, device=device, requires_grad=True)
+    args = (inp.logits, inp.x, inp.weight, inp.bias)
+    grad_out = torch.randn(b, m, c, device=device)
+    out, got = grads(lambda *a: ops.cluster_pool(*a, backend=name), args, grad_out)
+    want, ref = grads(reference.cluster_pool, clone_leaves(args), grad_out)
+    assert out.shape == want.shape == (b, m, c) and out.dtype == want.dtype
+    for gname, g, r in zip(GRAD_NAMES, got, ref, strict=True):
+        assert g.shape == r.shape and g.dtype == r.dtype, gname
+        assert torch.equal(g, torch.zeros_like(r)) and torch.equal(r, torch.zeros_like(r)), gname
+
+
+@pytest.mark.parametrize("name", [*BACKEND_NAMES, None], ids=[*BACKEND_NAMES, "auto"])
+def test_pool_no_patches_is_a_value_error_on_every_backend(name):
+    """N = 0: a softmax over no patches is undefined (0/0, like an all -inf row); every backend refuses
+    it with the same ValueError, before dispatch (the C++ kernels refused it with a RuntimeError while
+    the reference and Triton returned the bias)."""
+    device = backend_device(name) if name is not None else "cpu"
+    if name is not None:
+        use(name)
+    for b, m, c in ((2, 3, 8), (0, 3, 8), (2, 0, 8), (2, 3, 0)):
+        logits, x = torch.randn(b, m, 0, device=device), torch.randn(b, 0, c, device=device)
+        with pytest.raises(ValueError, match=r"at least one patch \(N >= 1\)"):
+            ops.cluster_pool(logits, x, backend=name)
+
+
 # -- dispatch ---------------------------------------------------------------------------------------
 
 # Where each backend's declared limits (devices, dtypes, on-chip sizes) refuse a call, and the words
