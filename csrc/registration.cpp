@@ -7,20 +7,24 @@
 // "acc" is the accumulation dtype: float64 for float64 inputs, float32 otherwise
 // (float32, float16, bfloat16). All ops are functional: outputs never alias inputs.
 //
-// cluster_pool_fwd(logits, x, weight, bias, eps) -> (out, pooled, lse)
+// cluster_pool_fwd(logits, x, weight, bias, eps) -> (out, pooled, stats)
 //   logits (B, M, N), x (B, N, C) same floating dtype; weight, bias optional (C,) LayerNorm
 //   affine (dtype of x or float32).
-//   lse[b,m]      (B, M) acc   = logsumexp_n logits[b,m,n]
-//   pooled[b,m,:] (B, M, C) acc = sum_n exp(logits[b,m,n] - lse[b,m]) * x[b,n,:]
+//   stats[b,m,0]  (B, M, 2) acc = max_n logits[b,m,n]                      (the row max, mx)
+//   stats[b,m,1]                = sum_n exp(logits[b,m,n] - mx)           (the row sum, s)
+//   pooled[b,m,:] (B, M, C) acc = sum_n exp(logits[b,m,n] - mx) / s * x[b,n,:]
 //                               (softmax over N, then weighted sum; online softmax, one pass)
 //   out[b,m,:]    (B, M, C) dtype of x = LayerNorm_C(pooled[b,m,:], eps, biased variance)
 //                               * weight + bias (each when given)
-//   Rows whose logits are all -inf give lse = -inf and NaN pooled/out (like torch.softmax).
-//   pooled and lse are what the backward needs; they are not differentiable.
+//   The max and the sum are kept apart (not as lse = mx + log s) so that the backward's
+//   S = exp(logits - mx) / s is as accurate as torch.softmax at any logit magnitude: in float32 a
+//   rounded lse of 1e4 would put 2e-4 relative error into S, dlogits and grad_x.
+//   Rows whose logits are all -inf give mx = -inf, s = 0 and NaN pooled/out (like torch.softmax).
+//   pooled and stats are what the backward needs; they are not differentiable.
 //
-// cluster_pool_bwd(grad_out, logits, x, weight, pooled, lse, eps)
+// cluster_pool_bwd(grad_out, logits, x, weight, pooled, stats, eps)
 //     -> (grad_logits, grad_x, grad_weight, grad_bias)
-//   Gradient of out of cluster_pool_fwd given grad_out (B, M, C) and the saved pooled/lse.
+//   Gradient of out of cluster_pool_fwd given grad_out (B, M, C) and the saved pooled/stats.
 //   grad_logits (B, M, N) dtype of logits; grad_x (B, N, C) dtype of x;
 //   grad_weight, grad_bias (C,) dtype of weight (dtype of x when weight is None); they are
 //   always computed and the autograd wrapper drops them when weight/bias were None.
@@ -94,10 +98,10 @@
 TORCH_LIBRARY(paca_kernels, m) {
   m.def(
       "cluster_pool_fwd(Tensor logits, Tensor x, Tensor? weight, Tensor? bias, float eps)"
-      " -> (Tensor out, Tensor pooled, Tensor lse)");
+      " -> (Tensor out, Tensor pooled, Tensor stats)");
   m.def(
       "cluster_pool_bwd(Tensor grad_out, Tensor logits, Tensor x, Tensor? weight, "
-      "Tensor pooled, Tensor lse, float eps)"
+      "Tensor pooled, Tensor stats, float eps)"
       " -> (Tensor grad_logits, Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "p2c_attention_fwd(Tensor q, Tensor k, Tensor v, float scale)"

@@ -23,8 +23,10 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/pool_stats.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/math/kernels.h"
+#include "cpu/math/layernorm.h"
 #include "cpu/math/parallel.h"
 #include "cpu/math/scratch.h"
 #include "cpu/math/tensor_access.h"
@@ -88,54 +90,32 @@ inline void prefetch_rows_slice(const T* base, int64_t ld, int64_t rows, int64_t
 #endif
 }
 
-// Sum of x[c] and sum of (x[c] - mean)^2 over one row with eight interleaved partial sums: the
-// compiler vectorises them (a single running sum is a serial chain of dependent adds, which made
-// the LayerNorm epilogue a fifth of the forward), and the fixed order keeps results reproducible.
-template <typename T>
-inline T row_sum(const T* x, int64_t n) {
-  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) part[j] += x[i + j];
-  }
-  for (; i < n; ++i) part[0] += x[i];
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-template <typename T>
-inline T row_sq_dev(const T* x, T mean, int64_t n) {
-  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) part[j] += (x[i + j] - mean) * (x[i + j] - mean);
-  }
-  for (; i < n; ++i) part[0] += (x[i] - mean) * (x[i] - mean);
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-
 // The epilogue of one cluster row: prow (C, the unnormalised sum exp(l - mx) . x, in place) is
-// divided by the softmax denominator s, lse = mx + log s is stored, then LayerNorm over C (biased
-// variance, two passes) into orow. A row with no finite logit (mx = -inf) gives lse = -inf and
-// NaN pooled/out, as torch.softmax does.
+// divided by the softmax denominator s, the row's stats (mx, s) are stored (stats_out[0], [1]),
+// then LayerNorm over C (biased variance, two passes, overflow-free: cpu/math/layernorm.h) into orow. The backward recomputes
+// S = exp(l - mx) / s from them: l - mx is exact, whereas exp(l - lse) with a rounded
+// lse = mx + log s would carry |lse| * 2^-24 relative error (2e-4 at logits of 1e4).
+// A row with no finite logit (mx = -inf) gives s = 0 and NaN pooled/out, as torch.softmax does.
 template <typename scalar_t, typename acc_t>
 inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const acc_t* bp,
-                       acc_t eps, int64_t C, acc_t* lse_out, scalar_t* orow) {
+                       acc_t eps, int64_t C, acc_t* stats_out, scalar_t* orow) {
   if (!(mx > -std::numeric_limits<acc_t>::infinity())) {
     s = acc_t(0);
     std::fill(prow, prow + C, std::numeric_limits<acc_t>::quiet_NaN());
   }
-  *lse_out = mx + std::log(s);
+  stats_out[0] = mx;
+  stats_out[1] = s;
   const acc_t inv_s = acc_t(1) / s;
   for (int64_t c = 0; c < C; ++c) prow[c] *= inv_s;
-  const acc_t mean = row_sum(prow, C) / static_cast<acc_t>(C);
-  const acc_t var = row_sq_dev(prow, mean, C) / static_cast<acc_t>(C);
-  const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
+  const LayerNormStats<acc_t> st = layer_norm_stats(prow, C, eps);
+  const acc_t inv = st.inv_scale, mean = st.mean, rstd = st.rstd;
   if (wp && bp) {
     for (int64_t c = 0; c < C; ++c) {
-      orow[c] = static_cast<scalar_t>((prow[c] - mean) * rstd * wp[c] + bp[c]);
+      orow[c] = static_cast<scalar_t>((prow[c] * inv - mean) * rstd * wp[c] + bp[c]);
     }
   } else {
     for (int64_t c = 0; c < C; ++c) {
-      acc_t y = (prow[c] - mean) * rstd;
+      acc_t y = (prow[c] * inv - mean) * rstd;
       if (wp) y *= wp[c];
       if (bp) y += bp[c];
       orow[c] = static_cast<scalar_t>(y);
@@ -155,7 +135,7 @@ inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const ac
 template <typename scalar_t>
 void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
                              const at::Tensor* weight, const at::Tensor* bias, double eps,
-                             at::Tensor& out, at::Tensor& pooled, at::Tensor& lse) {
+                             at::Tensor& out, at::Tensor& pooled, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   const Strides sl(logits), sx(x);
@@ -166,7 +146,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
   const acc_t* bp = bias ? bias->const_data_ptr<acc_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* pp = pooled.mutable_data_ptr<acc_t>();
-  acc_t* lsep = lse.mutable_data_ptr<acc_t>();
+  acc_t* stp = stats.mutable_data_ptr<acc_t>();  // (B, M, 2) contiguous
   const acc_t eps_acc = static_cast<acc_t>(eps);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
@@ -232,7 +212,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
       }
       if (single) {
         for (int64_t m = 0; m < M; ++m) {
-          finish_row(acc + m * C, mx[m], sum[m], wp, bp, eps_acc, C, lsep + b * M + m,
+          finish_row(acc + m * C, mx[m], sum[m], wp, bp, eps_acc, C, stp + 2 * (b * M + m),
                      op + (b * M + m) * C);
         }
       }
@@ -262,7 +242,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
         const acc_t* arow = acc_part.data() + t * MC + m * C;
         for (int64_t c = 0; c < C; ++c) prow[c] += wgt * arow[c];
       }
-      finish_row(prow, gmx, s, wp, bp, eps_acc, C, lsep + row, op + row * C);
+      finish_row(prow, gmx, s, wp, bp, eps_acc, C, stp + 2 * row, op + row * C);
     }
   });
 }
@@ -280,8 +260,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
   const at::ScalarType acc = acc_dtype(x);
   at::Tensor out = at::empty({B, M, C}, x.options());
   at::Tensor pooled = at::empty({B, M, C}, x.options().dtype(acc));
-  at::Tensor lse = at::empty({B, M}, x.options().dtype(acc));
-  if (B * M == 0) return {out, pooled, lse};
+  at::Tensor stats = at::empty({B, M, 2}, x.options().dtype(acc));
+  if (B * M == 0) return {out, pooled, stats};
+  if (C == 0) {  // nothing to pool: out and pooled are empty, the softmax stats still defined
+    pool_stats_without_channels(logits, stats);
+    return {out, pooled, stats};
+  }
 
   // (C,) vectors: converting once is negligible and lets the kernel read one dtype.
   std::optional<at::Tensor> w, bi;
@@ -292,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
                                   [&] {
                                     cluster_pool_fwd_kernel<scalar_t>(
                                         logits, x, w ? &*w : nullptr, bi ? &*bi : nullptr, eps,
-                                        out, pooled, lse);
+                                        out, pooled, stats);
                                   });
-  return {out, pooled, lse};
+  return {out, pooled, stats};
 }
 
 namespace {
@@ -305,23 +289,23 @@ namespace {
 // rowdot[b, m] = <dP, pooled> = rowsum(S o dS) (so the softmax backward needs no extra pass over
 // N), and per-batch partial sums of dweight/dbias.
 // Phase 2, one streaming pass over N in tiles of kPatchTile patches, parallel over (b, tile):
-//   dS = dP.x^T, S = exp(logits - lse), dlogits = S o (dS - rowdot), dx = S^T.dP.
+//   dS = dP.x^T, S = exp(logits - max) / sum, dlogits = S o (dS - rowdot), dx = S^T.dP.
 // Each tile's dlogits columns and dx rows are written by exactly one task: no atomics, and no
 // reduction whose order could depend on the thread count.
 template <typename scalar_t, typename param_t>
 void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logits,
                              const at::Tensor& x, const at::Tensor* weight,
-                             const at::Tensor& pooled, const at::Tensor& lse, double eps,
+                             const at::Tensor& pooled, const at::Tensor& stats, double eps,
                              at::Tensor& dlogits, at::Tensor& dx, at::Tensor& dweight,
                              at::Tensor& dbias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  const Strides sg(grad_out), sl(logits), sx(x), sp(pooled), sls(lse);
+  const Strides sg(grad_out), sl(logits), sx(x), sp(pooled), sst(stats);
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* lp = logits.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const acc_t* pp = pooled.const_data_ptr<acc_t>();
-  const acc_t* lsep = lse.const_data_ptr<acc_t>();
+  const acc_t* stp = stats.const_data_ptr<acc_t>();
   // weight was converted to contiguous acc_t by the caller (it is only (C,)).
   const acc_t* wp = weight ? weight->const_data_ptr<acc_t>() : nullptr;
   const acc_t eps_acc = static_cast<acc_t>(eps);
@@ -339,17 +323,14 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
         const acc_t* psrc = pp + b * sp[0] + m * sp[1];
         const scalar_t* gsrc = gp + b * sg[0] + m * sg[1];
         for (int64_t c = 0; c < C; ++c) prow[c] = psrc[c * sp[2]];
-        acc_t mean = 0;
-        for (int64_t c = 0; c < C; ++c) mean += prow[c];
-        mean /= static_cast<acc_t>(C);
-        acc_t var = 0;
-        for (int64_t c = 0; c < C; ++c) var += (prow[c] - mean) * (prow[c] - mean);
-        var /= static_cast<acc_t>(C);
-        const acc_t rstd = acc_t(1) / std::sqrt(var + eps_acc);
+        // Overflow-free statistics (cpu/math/layernorm.h): xhat from the scaled row, and the
+        // rstd of pooled itself, rstd_q / scale, for dP.
+        const LayerNormStats<acc_t> st = layer_norm_stats(prow.data(), C, eps_acc);
+        const acc_t inv = st.inv_scale, mean = st.mean, rstd = st.rstd * inv;
         acc_t mean_g = 0, mean_gx = 0;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t go = static_cast<acc_t>(gsrc[c * sg[2]]);
-          xhat[c] = (prow[c] - mean) * rstd;
+          xhat[c] = (prow[c] * inv - mean) * st.rstd;
           dwb[c] += go * xhat[c];
           dbb[c] += go;
           g[c] = wp ? go * wp[c] : go;
@@ -414,8 +395,13 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
         if (lsrc == srow) {
           for (int64_t i = 0; i < nt; ++i) srow[i] = static_cast<acc_t>(lr[i * sl[2]]);
         }
-        // S = exp(logits - lse); an all -inf row (lse = -inf) gives NaN, like the reference.
-        exp_shifted(lsrc, lsep[b * sls[0] + m * sls[1]], srow, nt);
+        // S = exp(logits - max) / sum from the forward's stats: logits - max is exact, so S is
+        // as accurate as torch.softmax's at any logit magnitude. An all -inf row (max = -inf,
+        // sum = 0) gives NaN, like the reference.
+        const acc_t* st = stp + b * sst[0] + m * sst[1];
+        exp_shifted(lsrc, st[0], srow, nt);
+        const acc_t inv_sum = acc_t(1) / st[sst[2]];
+        for (int64_t i = 0; i < nt; ++i) srow[i] *= inv_sum;
         const acc_t rd = rowdot[b * M + m];
         const acc_t* dscol = dst.data() + m;
         scalar_t* dlr = dlp + (b * M + m) * N + n0;
@@ -437,10 +423,10 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& x,
-    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& lse,
+    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& stats,
     double eps) {
   check_supported_float(x, kBwdOp, "x");
-  check_pool_bwd_args(grad_out, logits, x, weight, pooled, lse, eps, kBwdOp);
+  check_pool_bwd_args(grad_out, logits, x, weight, pooled, stats, eps, kBwdOp);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   const at::ScalarType acc = acc_dtype(x);
 
@@ -449,7 +435,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   at::Tensor dx = at::empty({B, N, C}, x.options());
   at::Tensor dweight = at::empty({C}, x.options().dtype(pdtype));
   at::Tensor dbias = at::empty({C}, x.options().dtype(pdtype));
-  if (B * M == 0) {  // no clusters: nothing flows back
+  if (B * M == 0 || C == 0) {  // no clusters, or no channels: nothing flows back
+    dlogits.zero_();
     dx.zero_();
     dweight.zero_();
     dbias.zero_();
@@ -462,10 +449,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "cluster_pool_bwd", [&] {
         if (pdtype == x.scalar_type()) {
-          cluster_pool_bwd_kernel<scalar_t, scalar_t>(grad_out, logits, x, wptr, pooled, lse, eps,
+          cluster_pool_bwd_kernel<scalar_t, scalar_t>(grad_out, logits, x, wptr, pooled, stats, eps,
                                                       dlogits, dx, dweight, dbias);
         } else {  // float32 LayerNorm parameters with half/bfloat16 activations
-          cluster_pool_bwd_kernel<scalar_t, float>(grad_out, logits, x, wptr, pooled, lse, eps,
+          cluster_pool_bwd_kernel<scalar_t, float>(grad_out, logits, x, wptr, pooled, stats, eps,
                                                    dlogits, dx, dweight, dbias);
         }
       });

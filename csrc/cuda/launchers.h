@@ -87,7 +87,7 @@ struct PoolFwdArgs {
   const float* bias;    // (C,) contiguous float32, or nullptr
   void* out;            // (B, M, C) contiguous, dtype
   float* pooled;        // (B, M, C) contiguous
-  float* lse;           // (B, M) contiguous
+  float* stats;         // (B, M, 2) contiguous: row max, row sum of exp(logits - max)
 };
 
 // How the forward is split: CTA tile sizes, and the number of N splits (flash-decoding style, for
@@ -123,8 +123,8 @@ struct PoolBwdArgs {
   const float* weight;  // (C,) contiguous float32, or nullptr
   const float* pooled;  // (B, M, C) from the forward
   int64_t sp[3];
-  const float* lse;  // (B, M) from the forward
-  int64_t sls[2];
+  const float* stats;  // (B, M, 2) from the forward: row max, row sum
+  int64_t sst[3];
   void* dlogits;  // (B, M, N) contiguous, dtype
   void* dx;       // (B, N, C) contiguous, dtype
   void* dweight;  // (C,), float32 when param_fp32 else dtype

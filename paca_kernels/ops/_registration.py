@@ -34,11 +34,11 @@ def _pool_fake_fwd(
     b, m, _ = logits.shape
     c = x.shape[2]
     acc = acc_dtype(x.dtype)
-    return x.new_empty((b, m, c)), x.new_empty((b, m, c), dtype=acc), x.new_empty((b, m), dtype=acc)
+    return x.new_empty((b, m, c)), x.new_empty((b, m, c), dtype=acc), x.new_empty((b, m, 2), dtype=acc)
 
 
 def _pool_fake_bwd(
-    grad_out: Tensor, logits: Tensor, x: Tensor, weight: Tensor | None, pooled: Tensor, lse: Tensor,
+    grad_out: Tensor, logits: Tensor, x: Tensor, weight: Tensor | None, pooled: Tensor, stats: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c = x.shape[2]
@@ -53,12 +53,12 @@ def _pool_fake_bwd(
 
 def _pool_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     logits, x, weight, bias, eps = inputs
-    _, pooled, lse = output
-    ctx.save_for_backward(logits, x, weight, pooled, lse)
+    _, pooled, stats = output
+    ctx.save_for_backward(logits, x, weight, pooled, stats)
     ctx.eps = eps
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(pooled, lse)
+    ctx.mark_non_differentiable(pooled, stats)
 
 
 def register_cluster_pool(fwd: str, bwd: str) -> None:
@@ -68,9 +68,9 @@ def register_cluster_pool(fwd: str, bwd: str) -> None:
     torch.library.register_fake(bwd)(_pool_fake_bwd)
     bwd_op = _resolve(bwd)
 
-    def backward(ctx: Any, grad_out: Tensor, _grad_pooled: Tensor | None, _grad_lse: Tensor | None):
-        logits, x, weight, pooled, lse = ctx.saved_tensors
-        dlogits, dx, dweight, dbias = bwd_op(grad_out, logits, x, weight, pooled, lse, ctx.eps)
+    def backward(ctx: Any, grad_out: Tensor, _grad_pooled: Tensor | None, _grad_stats: Tensor | None):
+        logits, x, weight, pooled, stats = ctx.saved_tensors
+        dlogits, dx, dweight, dbias = bwd_op(grad_out, logits, x, weight, pooled, stats, ctx.eps)
         return dlogits, dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=_pool_setup_context)

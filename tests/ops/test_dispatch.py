@@ -219,3 +219,38 @@ def test_cuda_limits_come_from_the_build_info(monkeypatch):
         f"p2c_attention holds all keys on chip: M = {lim['max_keys']} > 4"]
     monkeypatch.setattr(_ext, "kernel_limits", lambda device: None)
     assert "no CUDA kernel limits" in check((q, fits, fits))[0]
+
+
+# -- empty inputs: the validation layer gives every backend the same call -------------------------------
+
+P2C_EMPTY = {"B0": (0, 5, 3, 2, 4), "N0": (2, 0, 3, 2, 4), "h0": (2, 5, 3, 0, 4), "d0": (2, 5, 3, 2, 0)}
+
+
+@pytest.mark.parametrize("shape", P2C_EMPTY.values(), ids=P2C_EMPTY.keys())
+@pytest.mark.parametrize("name", [*BACKEND_NAMES, None], ids=[*BACKEND_NAMES, "auto"])
+def test_p2c_empty_inputs_agree_on_every_backend(name, shape):
+    """B, N, h or d = 0 (B, N, M, h, d): every backend (and the automatic choice) returns the reference's
+    empty output, and zero gradients. d = 0 has no default scale d^-1/2 (it raised ZeroDivisionError on
+    every backend): every score is an empty dot product, 0, whatever the scale, so 1 is used."""
+    device = backend_device(name) if name is not None else "cpu"
+    if name is not None:
+        require_backend(ops.get_backend(name))
+    inp = make_p2c_inputs(*shape, device=device, requires_grad=True)
+    args = (inp.q, inp.k, inp.v)
+    out = ops.p2c_attention(*args, backend=name)
+    want = reference.p2c_attention(*[t.detach() for t in args], 1.0)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    out.sum().backward()
+    for t in args:
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("name", [*BACKEND_NAMES, None], ids=[*BACKEND_NAMES, "auto"])
+def test_p2c_no_clusters_is_a_value_error_on_every_backend(name):
+    """M = 0: a softmax over no clusters is undefined; the same ValueError on every backend."""
+    device = backend_device(name) if name is not None else "cpu"
+    if name is not None:
+        require_backend(ops.get_backend(name))
+    q, kv = torch.randn(2, 5, 2, 4, device=device), torch.randn(2, 0, 2, 4, device=device)
+    with pytest.raises(ValueError, match=r"at least one cluster \(M >= 1\)"):
+        ops.p2c_attention(q, kv, kv, backend=name)
