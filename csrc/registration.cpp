@@ -95,7 +95,19 @@
 
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/math/dispatch.h"
+
+namespace {
+// cpu_isa() -> str: the build the C++ CPU kernels run ("baseline", "avx2", "avx512"), chosen once
+// per process from cpuid and PACA_KERNELS_CPU_ISA at first use. Device-independent (no tensors),
+// so its kernel is given with the schema.
+std::string cpu_isa() { return paca_kernels::cpu::selected_isa(); }
+}  // namespace
+
 TORCH_LIBRARY(paca_kernels, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
   m.def(
       "cluster_pool_fwd(Tensor logits, Tensor x, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor out, Tensor pooled, Tensor stats)");

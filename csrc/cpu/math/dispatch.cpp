@@ -1,6 +1,8 @@
 // Selection of the float32 kernels for this CPU (see dispatch.h). Compiled for the baseline ISA.
 #include "cpu/math/dispatch.h"
 
+#include "cpu/math/kernels.h"
+
 #include <cstdlib>
 #include <cstring>
 
@@ -24,5 +26,7 @@ Float32Kernels select_float32_kernels() {
 #endif
   return r;
 }
+
+const char* selected_isa() { return float32_kernels().isa; }
 
 }  // namespace paca_kernels::cpu

@@ -113,4 +113,9 @@ bool register_kernels(Float32Kernels& k);
 // Callers use float32_kernels() (kernels.h), which computes it once.
 Float32Kernels select_float32_kernels();
 
+// The name of the build the kernels run in this process ("baseline", "avx2" or "avx512"): the
+// choice float32_kernels() made (making it now if no kernel ran yet). Exposed as the op
+// paca_kernels::cpu_isa() so that Python reports the real choice, not a re-derivation of it.
+const char* selected_isa();
+
 }  // namespace paca_kernels::cpu
