@@ -52,10 +52,14 @@ namespace {
 constexpr const char* kFwdOp = "paca_kernels::p2c_attention_fwd";
 constexpr const char* kBwdOp = "paca_kernels::p2c_attention_bwd";
 // Query rows per inner block: the block's scores (kQueryBlock x M) and its q/dO rows stay in L1/L2.
-constexpr int64_t kQueryBlock = 32;
-// Query rows per backward task (one partial dk/dv buffer each). Fixed, so that the reduction
-// order does not depend on the number of threads.
-constexpr int64_t kChunkRows = 256;
+// A multiple of the products' 6-row register tiles (32 had left a 2-row tile per block, 10 % of the
+// backward's product time at PaCa-ViT-Tiny stage 3), and long enough that the backward's dk/dv
+// products (reductions over the block's rows into (M, d) partials that they load and store once
+// per block) reduce over more rows per load.
+constexpr int64_t kQueryBlock = 48;
+// Query rows per backward task (one partial dk/dv buffer each), a multiple of kQueryBlock. Fixed,
+// so that the reduction order does not depend on the number of threads.
+constexpr int64_t kChunkRows = 5 * kQueryBlock;
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
   check_supported_float(q, op, "q");
@@ -118,8 +122,9 @@ void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   acc_t* lp = lse.mutable_data_ptr<acc_t>();         // (B, h, N) contiguous
   const acc_t sc = static_cast<acc_t>(scale);
 
-  // Packed keys (scaled, d x M) and values (M x d) per (b, head): B*h*M*d elements each, small.
-  std::vector<acc_t> kt(static_cast<size_t>(B * H * M * D)), vv(static_cast<size_t>(B * H * M * D));
+  // Packed keys (scaled, d x M) and values (M x d) per (b, head): B*h*M*d elements each, small
+  // (uninitialised scratch: a zero-filled std::vector cost a pass over them on the calling thread).
+  const Scratch<acc_t> kt(ScratchSlot::kCall0, B * H * M * D), vv(ScratchSlot::kCall1, B * H * M * D);
   const int64_t pack_grain = std::max<int64_t>(1, kGrainSize / (M * D));
   parallel_for(0, B * H, pack_grain, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
@@ -133,7 +138,8 @@ void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // One task = one query block of one (b, head): ~2 * kQueryBlock * M * D multiply-adds.
   const int64_t grain = std::max<int64_t>(1, kGrainSize / (2 * kQueryBlock * M * D));
   parallel_for(0, B * H * nblk, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qbuf(kQueryBlock * D), obuf(kQueryBlock * D), s(kQueryBlock * M);
+    const Scratch<acc_t> qbuf(ScratchSlot::kTask0, kQueryBlock * D),
+        obuf(ScratchSlot::kTask1, kQueryBlock * D), s(ScratchSlot::kTask2, kQueryBlock * M);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bh = task / nblk, blk = task % nblk;
       const int64_t b = bh / H, hd = bh % H;
@@ -208,7 +214,8 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
 
   // Per (b, head): k^T scaled (d x M) for the scores, v^T (d x M) for dP = dO.v^T, and k scaled
   // (M x d) for dq = dS.(scale k).
-  std::vector<acc_t> kt(B * H * MD), vt(B * H * MD), ks(B * H * MD);
+  const Scratch<acc_t> kt(ScratchSlot::kCall0, B * H * MD), vt(ScratchSlot::kCall1, B * H * MD),
+      ks(ScratchSlot::kCall2, B * H * MD);
   parallel_for(0, B * H, std::max<int64_t>(1, kGrainSize / MD), [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, hd = bh % H;
@@ -220,11 +227,13 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
 
   const int64_t nchunk = (N + kChunkRows - 1) / kChunkRows;
   // Partial sums over each chunk's queries: dS^T.q (scaled at the end) and P^T.dO.
-  std::vector<acc_t> dk_part(B * H * nchunk * MD), dv_part(B * H * nchunk * MD);
+  const Scratch<acc_t> dk_part(ScratchSlot::kCall3, B * H * nchunk * MD),
+      dv_part(ScratchSlot::kCall4, B * H * nchunk * MD);
   const int64_t grain = std::max<int64_t>(1, kGrainSize / (5 * kChunkRows * MD));
   parallel_for(0, B * H * nchunk, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qbuf(kQueryBlock * D), gbuf(kQueryBlock * D), dqbuf(kQueryBlock * D),
-        p(kQueryBlock * M), ds(kQueryBlock * M);
+    const Scratch<acc_t> qbuf(ScratchSlot::kTask0, kQueryBlock * D),
+        gbuf(ScratchSlot::kTask1, kQueryBlock * D), dqbuf(ScratchSlot::kTask2, kQueryBlock * D),
+        p(ScratchSlot::kTask3, kQueryBlock * M), ds(ScratchSlot::kTask4, kQueryBlock * M);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bh = task / nchunk, chunk = task % nchunk;
       const int64_t b = bh / H, hd = bh % H;
@@ -275,11 +284,11 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   // Fixed-order reduction of the chunk partials into dk, dv (B, M, h, d).
   parallel_for(0, B * H, std::max<int64_t>(1, kGrainSize / (nchunk * MD)),
                    [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> dks(MD), dvs(MD);
+    const Scratch<acc_t> dks(ScratchSlot::kTask0, MD), dvs(ScratchSlot::kTask1, MD);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, hd = bh % H;
-      std::fill(dks.begin(), dks.end(), acc_t(0));
-      std::fill(dvs.begin(), dvs.end(), acc_t(0));
+      std::fill(dks.data(), dks.data() + MD, acc_t(0));
+      std::fill(dvs.data(), dvs.data() + MD, acc_t(0));
       for (int64_t c = 0; c < nchunk; ++c) {
         const acc_t* pk = dk_part.data() + (bh * nchunk + c) * MD;
         const acc_t* pv = dv_part.data() + (bh * nchunk + c) * MD;
