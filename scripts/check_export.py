@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--dense", action="store_true", help="also features_only and PaCaSegmentor at 512x512")
+    ap.add_argument("--dense-model", default="pacavit_tiny_p2cconv_100_0", help="backbone of the dense cases")
+    ap.add_argument("--only-dense", action="store_true", help="only the features_only and segmentor cases")
     ap.add_argument("--aoti", action="store_true", help="also AOTInductor packages (about a minute each)")
     args = ap.parse_args(argv)
     names = args.models.split(",") if args.models else paca_kernels.list_models() + TEACHERS
@@ -55,12 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        cases = [(n, create_model(n, img_size=args.size).eval(), (args.batch, 3, args.size, args.size))
-                 for n in names]
-        if args.dense:
-            cases.append(("features_only-tiny", create_model(names[0], features_only=True).eval(),
+        cases = [] if args.only_dense else [
+            (n, create_model(n, img_size=args.size).eval(), (args.batch, 3, args.size, args.size)) for n in names]
+        if args.dense or args.only_dense:
+            dense = args.dense_model
+            cases.append((f"features_only-{dense}", create_model(dense, features_only=True).eval(),
                           (1, 3, 512, 512)))
-            cases.append(("segmentor-tiny", PaCaSegmentor.from_name(names[0]).eval(), (1, 3, 512, 512)))
+            cases.append((f"segmentor-{dense}", PaCaSegmentor.from_name(dense).eval(), (1, 3, 512, 512)))
         for label, model, shape in cases:
             x = torch.randn(shape)
             for no_grad in (False, True):
