@@ -1,6 +1,7 @@
 """Deployment paths of PaCa-ViT inference on the CPU, timed in interleaved rounds.
 
-    python benchmarks/deploy_interleaved.py [--models tiny,small] [--batches 1,8] [--rounds 15] [--out FILE.json]
+    python benchmarks/deploy_interleaved.py [--models tiny,small] [--batches 1,8] [--rounds 15] [--threads N]
+                                            [--out FILE.json]
 
 Providers, per model and batch size (fp32, 224×224, one process, the same threads for all):
 
@@ -15,6 +16,12 @@ Providers, per model and batch size (fp32, 224×224, one process, the same threa
 - ``aoti``: the AOTInductor package from ``paca_kernels.deploy.export_aoti`` (dynamic batch; the fused
   C++ kernels as extern calls).
 - ``cpu`` / ``cpu-compiled``: paca_kernels eager on the cpu backend, and under ``torch.compile``.
+
+``--threads N`` gives PyTorch and ONNX Runtime N threads each (default: PyTorch's default, the cores);
+the groups are then named ``...-B<b>-T<N>``. On a machine shared with other work, PyTorch's OpenMP
+loops wait at every parallel region's barrier for a thread the OS has preempted, which at batch 1 (many
+short regions) costs more than the work; ONNX Runtime's pool lets the calling thread take over, and one
+thread has no barrier: ``--threads 1`` then compares the kernels rather than the schedulers.
 
 Every provider's output is checked against the reference model before timing (relative error
 ≤ 1e-4). Rows go to a JSON in pytest-benchmark's layout with ``extra_info.suite = "deploy"``, which
@@ -61,7 +68,7 @@ def _ort_fn(sess, images: torch.Tensor):
 
 
 def deploy_groups(keys: list[str], batches: list[int], rounds: int, ceil: dict, tmp: Path,
-                  official_onnx: dict[str, str]) -> list[dict]:
+                  official_onnx: dict[str, str], suffix: str = "") -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     threads = torch.get_num_threads()
@@ -99,11 +106,12 @@ def deploy_groups(keys: list[str], batches: list[int], rounds: int, ceil: dict, 
                     err = float((got - want).abs().max() / want.abs().max())
                     assert err <= 1e-4, f"{n}: relative error {err:.1e}"
             samples = _interleave(fns, rounds)
-            group = f"deployment-{name}-B{b} (interleaved)"
+            group = f"deployment-{name}-B{b}{suffix} (interleaved)"
             new = _rows(group, samples, dict.fromkeys(fns, flops_one * b), ceil)
             for r in new:
                 r["extra_info"]["suite"] = "deploy"
                 r["extra_info"]["batch"] = b
+                r["extra_info"]["threads"] = threads
             rows += new
             _print(new)
             base = new[0]["stats"]["median"]
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,small", help="comma-separated subset of tiny,small,base")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime each")
     ap.add_argument("--official-onnx", default="", help="key=PATH pairs: ONNX files of the official model")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     args = ap.parse_args(argv)
@@ -125,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deploy_interleaved: {reason}", file=sys.stderr)
         return 2
     official = dict(p.split("=", 1) for p in args.official_onnx.split(",") if p)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     ceil = _ceilings()
     with tempfile.TemporaryDirectory() as d:
         rows = deploy_groups([m for m in args.models.split(",") if m], [int(b) for b in args.batches.split(",")],
-                             args.rounds, ceil, Path(d), official)
+                             args.rounds, ceil, Path(d), official, f"-T{args.threads}" if args.threads else "")
     load_after = os.getloadavg()
     print(f"load average before {load_before}, after {load_after}")
     if args.out:
