@@ -8,6 +8,7 @@ Public API:
     load_pretrained                                 timm-like loading of a local checkpoint
     PaCaSegHead, PaCaSegmentor                      the official segmentation head, backbone + head
     paca_kernels.explain                            cluster maps, attention maps, importance masks, PNGs
+    paca_kernels.deploy                             ONNX (ONNX Runtime) and AOTInductor exports
 
 Importing never fails because the C++ extension is missing or stale: the ops then run on the
 reference backend and ``paca_kernels.ops.backend_status()`` (or ``python -m paca_kernels``) says why.
@@ -15,7 +16,7 @@ reference backend and ``paca_kernels.ops.backend_status()`` (or ``python -m paca
 
 from __future__ import annotations
 
-from . import _ext, explain, ops, reference
+from . import _ext, deploy, explain, ops, reference
 from .models import (
     PaCaSegmentor,
     PaCaTeacher_ConvMixer,
@@ -40,6 +41,7 @@ __all__ = [
     "__version__",
     "convert_paca_layers",
     "create_model",
+    "deploy",
     "explain",
     "list_models",
     "load_pretrained",

@@ -44,15 +44,18 @@ NOTES = ROOT / "benchmarks" / "NOTES.md"
 # Ratio columns: each of these present in a table is a "× <baseline>" column (eager and compiled
 # baselines side by side: the official layer for the layer rows, the reference backend for the op and
 # model rows, full self-attention for the scaling sweep).
-BASELINES = ["official", "official-compiled", "reference", "reference-compiled", "full-sdpa"]
+BASELINES = ["official", "official-compiled", "reference", "reference-compiled", "full-sdpa", "onnxrt-official"]
 SUITE_TITLE = {
     "pytest-benchmark": "pytest-benchmark suite (op, layer, model, scaling)",
     "interleaved": "interleaved layer + model run",
+    "deploy": "deployment run (ONNX Runtime, AOTInductor, eager, compiled)",
 }
 SUITE_RERUN = {
     "pytest-benchmark": "`make bench`",
     "interleaved": ("`python benchmarks/interleaved.py --models tiny,small --out "
                     "benchmarks/results/<name>.json`, then `python scripts/bench_report.py`"),
+    "deploy": ("`python benchmarks/deploy_interleaved.py --out benchmarks/results/<name>.json`, then "
+               "`python scripts/bench_report.py`"),
 }
 HISTORY_COLUMNS = ["device", "date", "commit", "torch", "triton", "cuda", "suite", "group", "provider",
                    "shape", "dtype", "median_s", "q1_s", "q3_s", "min_s", "max_s", "rounds", "flops",
@@ -85,7 +88,7 @@ class Run:
 def suite_of(row: dict) -> str:
     info = row.get("extra_info", {})
     if info.get("timing") == "interleaved rounds":
-        return "interleaved"
+        return "deploy" if info.get("suite") == "deploy" else "interleaved"
     if "timing" not in info and row.get("group", "").endswith(" (interleaved)"):
         return "interleaved"
     return "pytest-benchmark"
@@ -117,7 +120,7 @@ def split_group(row: dict) -> tuple[str, str]:
     m = re.match(r"^(.+?-(?:fwd\+bwd|fwd|bwd))-(.+)$", base)
     if m:
         return m.group(1), m.group(2)
-    m = re.match(r"^(inference|train-step)-(.+)$", base)
+    m = re.match(r"^(inference|train-step|deployment)-(.+)$", base)
     if m:
         return m.group(1), m.group(2)
     if "N" in info:
@@ -313,11 +316,12 @@ def _section(run: Run, newest: Run, notes_text: str) -> list[str]:
     dtype = info0.get("dtype") or "?"
     lines = [f"### {SUITE_TITLE.get(run.suite, run.suite)}, {dtype}: `{run.path.stem}`", ""]
     commit, newest_commit = commit_of(run.path, run.data), commit_of(newest.path, newest.data)
-    if run.path != newest.path and commit != newest_commit:
+    older = run.path != newest.path and commit != newest_commit
+    if older:
         rerun = SUITE_RERUN.get(run.suite, "`make bench`")
         lines += [(f"> **Older run**: figures from {run.date}, before the code changes measured since "
                    f"(newest run on this device: `{newest.path.stem}`, {newest.date}, commit "
-                   f"{newest_commit}). Rerun with {rerun}."), ""]
+                   f"{newest_commit}). Rerun with {rerun}. Its tables are in `history.csv` only."), ""]
     versions = f"torch {info0.get('torch') or '?'}"
     if info0.get("triton"):
         versions += f", Triton {info0['triton']}"
@@ -340,6 +344,8 @@ def _section(run: Run, newest: Run, notes_text: str) -> list[str]:
     link = _notes_link(run, notes_text)
     raw = f"[`{run.path.name}`](benchmarks/results/{run.path.name})"
     lines += [f"- raw data {raw}" + (f"; how it was made and how to read it: {link}" if link else ""), ""]
+    if older:  # stale figures: named and linked, their rows kept in history.csv (keeps this file short)
+        return lines
 
     families: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -358,8 +364,10 @@ HOW_TO_READ = """\
 - **Sections.** For each device (each CPU model is one: their figures do not compare) and dtype, the
   latest run of each suite. A results file's suite comes from its rows: `extra_info.timing ==
   "interleaved rounds"` (written by `benchmarks/interleaved.py`) is the *interleaved* run, everything
-  else the *pytest-benchmark* suite (`make bench`, `benchmarks/test_bench_*.py`). A section is marked
-  **older run** when a later run on the same device was made at another commit.
+  else the *pytest-benchmark* suite (`make bench`, `benchmarks/test_bench_*.py`), and those with
+  `extra_info.suite == "deploy"` the *deployment* run (`benchmarks/deploy_interleaved.py`). A section
+  is marked **older run** when a later run on the same device was made at another commit (a deployment
+  run does not count for the others); an older run's tables are left to `history.csv`.
 - **median ms**: the median wall time of one call over the timed rounds (`time.perf_counter`, device
   synchronised before and after each call; warm-up calls first, so compilation is not timed).
   **IQR** (first to third quartile) and **min–max** are the spread over the same rounds: where two
@@ -367,7 +375,8 @@ HOW_TO_READ = """\
 - **× baseline**: the baseline provider's median over this row's median, same group and shape
   (> 1: faster than the baseline). Baselines: `official` / `official-compiled` (the official PaCa
   layer, eager / `torch.compile`) for the layer, `reference` / `reference-compiled` (this package's
-  pure-PyTorch backend) for the ops and models, `full-sdpa` (full self-attention) for the scaling sweep.
+  pure-PyTorch backend) for the ops and models, `full-sdpa` (full self-attention) for the scaling sweep,
+  `onnxrt-official` (ONNX Runtime on the official model's computation) for the deployment run.
 - **GFLOP/s** and **% matmul**: FLOPs of the row (the unfused equivalent's matmuls) over the median,
   and that rate's share of a large matmul's rate measured in the same run. **GB/s** and **% copy BW**
   (only where the benchmark counts bytes: each input read once, each output written once) likewise
@@ -403,6 +412,9 @@ def render(runs: list[Run], notes_text: str = "") -> str:
     for device in sorted(devices):
         dev_runs = sorted(devices[device], key=lambda r: (r.datetime, r.path.name))
         newest = dev_runs[-1]
+        # A deployment run times other paths, not the layers again: it does not make the layer and
+        # model runs before it "older".
+        measured = [r for r in dev_runs if r.suite != "deploy"] or dev_runs
         latest: dict[tuple[str, str], Run] = {}
         for run in dev_runs:  # oldest first, so the latest of each (suite, dtype) wins
             latest[(run.suite, run.rows[0]["extra_info"].get("dtype") or "")] = run
@@ -410,7 +422,7 @@ def render(runs: list[Run], notes_text: str = "") -> str:
         # newest first, so the current figures lead and older runs follow
         order = sorted(latest, key=lambda k: (latest[k].datetime, latest[k].path.name), reverse=True)
         for key in order:
-            lines += _section(latest[key], newest, notes_text)
+            lines += _section(latest[key], newest if key[0] == "deploy" else measured[-1], notes_text)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

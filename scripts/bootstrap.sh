@@ -59,4 +59,16 @@ if [ ${#extras[@]} -gt 0 ]; then
     echo "bootstrap: installing optional ${extras[*]}"
     "$PY" -m pip install -q "${extras[@]}" || echo "bootstrap: ${extras[*]} could not be installed" >&2
 fi
+# Optional ONNX export extra (paca_kernels.deploy, tests/test_export.py, the deployment benchmark):
+# torch.onnx's dynamo exporter needs onnx and onnxscript, and the tests run the graphs in onnxruntime.
+# None of the three depends on torch (pip never resolves torch here); where they cannot be installed
+# (no wheel for this Python or platform, no network), the ONNX tests skip and say why.
+onnx_extras=()
+for pair in onnx:onnx onnxscript:onnxscript onnxruntime:onnxruntime; do
+    "$PY" -c "import ${pair%%:*}" 2>/dev/null || onnx_extras+=("${pair#*:}")
+done
+if [ ${#onnx_extras[@]} -gt 0 ]; then
+    echo "bootstrap: installing optional ${onnx_extras[*]}"
+    "$PY" -m pip install -q "${onnx_extras[@]}" || echo "bootstrap: ${onnx_extras[*]} could not be installed" >&2
+fi
 "$PY" -c 'import torch; print(f"bootstrap: torch {torch.__version__} in '"$VENV"'")'

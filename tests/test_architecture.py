@@ -29,7 +29,7 @@ FLOORS: dict[str, int] = {
     "ops": 2,
     "nn": 3,
     "models": 4,
-    "explain": 5, "distributed": 5, "__main__": 5, "": 5,  # "" is the package's __init__
+    "explain": 5, "distributed": 5, "deploy": 5, "__main__": 5, "": 5,  # "" is the package's __init__
 }
 
 

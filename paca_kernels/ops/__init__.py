@@ -20,7 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import backends  # registers the backends
+# Importing registers the backends, and the ops' decompositions into ATen ops (for the ONNX exporter).
+from . import backends, decompositions
 from ._checks import check_cluster_pool, check_p2c_attention
 from .dispatch import (
     AUTO_PRIORITY,
@@ -45,6 +46,7 @@ __all__ = [
     "backends",
     "check_backend_name",
     "cluster_pool",
+    "decompositions",
     "get_backend",
     "p2c_attention",
     "preferred_backend",
