@@ -48,8 +48,10 @@ template <typename acc_t>
 struct PackedLinear {
   PackedMatrix<acc_t> wt;
   std::vector<acc_t> bias;
-  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b, ScratchSlot slot)
-      : wt(w, slot) {
+  // bf16: bf16 products with float32 sums (PackedMatrix).
+  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b, ScratchSlot slot,
+               bool bf16)
+      : wt(w, slot, bf16) {
     if (b) bias = to_vector<acc_t>(*b);
   }
   // Y[r, :] = A[r, :] . W^T + bias for r < rows (A row stride lda, Y row stride ldy).
@@ -215,9 +217,14 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "p2c_attention_proj",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PackedLinear<acc_t> lq(q_weight, q_bias, ScratchSlot::kCall0),
-        lk(k_weight, k_bias, ScratchSlot::kCall1), lv(v_weight, v_bias, ScratchSlot::kCall2),
-        lp(proj_weight, proj_bias, ScratchSlot::kCall3);
+    // bf16 inputs: the four projections as bf16 products (float32 sums), as the bf16 linears they
+    // replace; the attention itself (scores, softmax, times v) stays float32, which autocast
+    // would round to bf16 around its two matmuls.
+    constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+    const PackedLinear<acc_t> lq(q_weight, q_bias, ScratchSlot::kCall0, kBf16),
+        lk(k_weight, k_bias, ScratchSlot::kCall1, kBf16),
+        lv(v_weight, v_bias, ScratchSlot::kCall2, kBf16),
+        lp(proj_weight, proj_bias, ScratchSlot::kCall3, kBf16);
     p2c_proj_kernel<scalar_t>(x, c, lq, lk, lv, lp, num_heads, scale, out);
   });
   return out;

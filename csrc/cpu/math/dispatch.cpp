@@ -10,16 +10,21 @@ Float32Kernels select_float32_kernels() {
   Float32Kernels r;
   baseline::register_kernels(r);
 #if PACA_X86_DISPATCH
-  // PACA_KERNELS_CPU_ISA=baseline or =avx2 caps the choice (so that the tests can exercise every
+  // PACA_KERNELS_CPU_ISA=baseline, =avx2 or =avx512 caps the choice (so that the tests can exercise every
   // build on an AVX-512 machine).
   const char* isa = std::getenv("PACA_KERNELS_CPU_ISA");
   const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
   const bool forced_avx2 = isa != nullptr && std::strcmp(isa, "avx2") == 0;
+  const bool forced_avx512 = isa != nullptr && std::strcmp(isa, "avx512") == 0;
   __builtin_cpu_init();
   if (!forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       avx2::register_kernels(r)) {
     // The products only: exp, row max, GELU, transpose and the convolution stay AVX2.
-    if (!forced_avx2 && __builtin_cpu_supports("avx512f")) avx512::register_kernels(r);
+    if (!forced_avx2 && __builtin_cpu_supports("avx512f") && avx512::register_kernels(r) &&
+        !forced_avx512 && __builtin_cpu_supports("avx512bf16") &&
+        __builtin_cpu_supports("avx512bw")) {
+      avx512bf16::register_kernels(r);  // the bf16 products (AMD Zen 4, Intel Cooper Lake and later)
+    }
   }
 #endif
   return r;
