@@ -176,20 +176,25 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+#: The values of PACA_KERNELS_CPU_ISA that cap the C++ kernels' build (csrc/cpu/math/dispatch.cpp).
+_ISA_CAPS = ("baseline", "avx2", "avx512", "avx512bf16")
+
+
 def cpu_isa() -> tuple[str, str] | None:
     """The float32 build the C++ CPU kernels run in this process, and how that was learnt.
 
-    Returns ``(isa, how)``: isa is ``"avx512bf16"`` (the AVX-512 build, and the bfloat16 inputs'
-    products in AVX512-BF16 ``vdpbf16ps``), ``"avx512"`` (AVX-512 products, AVX2 for the rest; bf16
+    Returns ``(isa, how)``: isa is ``"amx"`` (the AVX-512 build, and the bfloat16 inputs' products on
+    AMX-BF16 tiles), ``"avx512bf16"`` (the same with AVX512-BF16 ``vdpbf16ps`` products), ``"avx512"`` (AVX-512 products, AVX2 for the rest; bf16
     products in float32 on bf16-rounded weights), ``"avx2"`` (AVX2+FMA), ``"baseline"`` (portable
     SSE2) or ``"unknown"``; ``how`` says why, in a few words. None when the extension is unavailable.
 
     The choice is made in C++ (csrc/cpu/math/dispatch.cpp), once per process, and the extension
     exposes no query for it; this applies the same rule to the same inputs: x86 with a GCC/Clang
-    build (else no ISA builds are compiled in), the CPU's avx2+fma, avx512f and avx512_bf16 (with
-    avx512bw) flags (the kernel's ``/proc/cpuinfo`` lists only what the OS enables, as
-    ``__builtin_cpu_supports`` checks), capped by ``PACA_KERNELS_CPU_ISA=baseline``, ``=avx2`` or
-    ``=avx512`` (exact values, as dispatch.cpp compares them).
+    build (else no ISA builds are compiled in), the CPU's avx2+fma, avx512f, avx512_bf16 (with
+    avx512bw) and amx_bf16 (with amx_tile) flags (the kernel's ``/proc/cpuinfo`` lists only what the
+    OS enables, as ``__builtin_cpu_supports`` checks; the C++ side also asks the OS for the tile data,
+    which Linux 5.16 and later grant), capped by ``PACA_KERNELS_CPU_ISA=baseline``, ``=avx2``,
+    ``=avx512`` or ``=avx512bf16`` (exact values, as dispatch.cpp compares them).
     """
     if not load():
         return None
@@ -203,11 +208,13 @@ def cpu_isa() -> tuple[str, str] | None:
     if flags is None:
         return "unknown", "cpuid chooses in C++; no /proc/cpuinfo to repeat it"
     cap = os.environ.get("PACA_KERNELS_CPU_ISA")
-    capped = f", capped by PACA_KERNELS_CPU_ISA={cap}" if cap in {"baseline", "avx2", "avx512"} else ""
+    capped = f", capped by PACA_KERNELS_CPU_ISA={cap}" if cap in _ISA_CAPS else ""
     if cap == "baseline" or not {"avx2", "fma"} <= flags:
         return "baseline", ("CPU without AVX2+FMA" if not capped else "cpuid") + capped
     if cap == "avx2" or "avx512f" not in flags:
         return "avx2", ("CPU without AVX-512F" if not capped else "cpuid") + capped
     if cap == "avx512" or not {"avx512_bf16", "avx512bw"} <= flags:
         return "avx512", ("CPU without AVX512-BF16" if not capped else "cpuid") + capped
-    return "avx512bf16", "cpuid"
+    if cap == "avx512bf16" or not {"amx_bf16", "amx_tile"} <= flags:
+        return "avx512bf16", ("CPU without AMX-BF16" if not capped else "cpuid") + capped
+    return "amx", "cpuid"

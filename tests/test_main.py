@@ -142,13 +142,15 @@ def test_cpu_isa_follows_the_cap(monkeypatch):
         return
     monkeypatch.delenv("PACA_KERNELS_CPU_ISA", raising=False)
     default, how = _ext.cpu_isa()
-    assert default in {"avx512bf16", "avx512", "avx2", "baseline", "unknown"} and how
+    assert default in {"amx", "avx512bf16", "avx512", "avx2", "baseline", "unknown"} and how
     monkeypatch.setenv("PACA_KERNELS_CPU_ISA", "baseline")
     assert _ext.cpu_isa()[0] in {"baseline", "unknown"}
     monkeypatch.setenv("PACA_KERNELS_CPU_ISA", "avx2")
-    assert _ext.cpu_isa()[0] == ("avx2" if default in ("avx512", "avx512bf16") else default)
+    assert _ext.cpu_isa()[0] == ("avx2" if default in ("avx512", "avx512bf16", "amx") else default)
     monkeypatch.setenv("PACA_KERNELS_CPU_ISA", "avx512")
-    assert _ext.cpu_isa()[0] == ("avx512" if default == "avx512bf16" else default)
+    assert _ext.cpu_isa()[0] == ("avx512" if default in ("avx512bf16", "amx") else default)
+    monkeypatch.setenv("PACA_KERNELS_CPU_ISA", "avx512bf16")
+    assert _ext.cpu_isa()[0] == ("avx512bf16" if default == "amx" else default)
     monkeypatch.setenv("PACA_KERNELS_CPU_ISA", "AVX2")  # dispatch.cpp compares exactly: no cap
     assert _ext.cpu_isa()[0] == default
 

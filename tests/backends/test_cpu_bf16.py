@@ -30,8 +30,10 @@ BF16 = torch.bfloat16
 # Mlp shapes (B, H, W, C, hidden): odd reduction lengths (C = 13 and hidden 37 / 301: a bf16 pair
 # with a zero), ragged column panels (37, 301, out 13), a hidden width over one 256-step block
 # (301: 256 + 45), and steps of 120 tokens (W = 20: three blocks of rows, 48 + 48 + 24, with 12-row
-# tiles and a remainder).
-MLP_SHAPES = [(2, 5, 7, 13, 37), (1, 12, 20, 24, 301), (1, 1, 1, 8, 16), (3, 6, 6, 32, 128)]
+# tiles and a remainder; the AMX kernel's 32-row blocks: 32 + 32 + 32 + 24), and fc2 over more than
+# one block of the AMX kernel's steps (hidden 1100: 1024 + 76, the partial sums kept in the output).
+MLP_SHAPES = [(2, 5, 7, 13, 37), (1, 12, 20, 24, 301), (1, 1, 1, 8, 16), (3, 6, 6, 32, 128),
+              (1, 3, 4, 16, 1100)]
 # Layer shapes (B, H, W, C, heads, M): odd widths (C = 21 with 3 heads of 7, 33 with 3 of 11), one
 # cluster, and N = 130 over two query blocks.
 LAYER_SHAPES = [(2, 4, 6, 24, 2, 5), (1, 7, 5, 21, 3, 7), (1, 10, 13, 33, 3, 1), (2, 3, 3, 16, 1, 9)]
@@ -160,10 +162,11 @@ def test_fused_parts_bf16_under_autocast():
     check_parts(LAYER_SHAPES[1])
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "baseline"])
 def test_capped_isa_builds_pass_the_bf16_checks(isa):
-    """Without AVX512-BF16 (capped here: "avx512" keeps the AVX-512 float32 build) the bf16 inputs
-    multiply in float32 by the bf16-rounded weights: the same rule holds on every build."""
+    """The vdpbf16ps products where the CPU would use AMX ("avx512bf16"), and without AVX512-BF16
+    ("avx512" keeps the AVX-512 float32 build) the bf16 inputs multiplied in float32 by the
+    bf16-rounded weights: the same rule holds on every build."""
     me = str(Path(__file__).resolve())
     script = f"import runpy, sys\nsys.argv = [{me!r}]\nrunpy.run_path({me!r}, run_name='__main__')\n"
     testing.assert_passes_on_cpu_isa(script, isa, timeout=300)
@@ -182,7 +185,7 @@ def test_bf16_build_rounds_the_activations_like_the_bf16_matmul():
     """Where the CPU has AVX512-BF16 the products round both operands to bf16 and sum in float32,
     as a bf16 matmul does: fc1 alone (no GELU, a 1x1 depthwise conv of weight 0 plus the shortcut,
     identity fc2) against float64 products of the rounded operands, to float32 summation error."""
-    if _ext.cpu_isa()[0] != "avx512bf16":
+    if _ext.cpu_isa()[0] not in ("avx512bf16", "amx"):
         pytest.skip("no AVX512-BF16 build here")
     C, hidden = 37, 53
     x = torch.randn(2, 6 * 5, C).to(BF16)

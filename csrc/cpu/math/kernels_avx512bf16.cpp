@@ -156,13 +156,14 @@ inline void panel_rows(const uint16_t* a, int64_t a_width, const uint16_t* const
 }
 
 // C[r, :] = act(bias + sum_t bf16(A[r, t]) P[t, :]) for r < rows, P packed by pairs (see the top
-// of this file; panel p starts at P + p * pairs(T) * 32). Row blocks of A are rounded once, then
+// of this file; panel p starts at P + p * pairs * 32, pairs = (T + 1) / 2 rounded up to a multiple
+// of kBf16PairPad). Row blocks of A are rounded once, then
 // every panel pair passes over them, one block of steps at a time (C holds the partial sums between
 // step blocks). Each output is one fixed chain of vdpbf16ps: the bits do not depend on the thread
 // count or on how the caller splits the rows.
 void gemm_packed_bf16(const float* A, int64_t lda, const uint16_t* P, float* C, int64_t ldc,
                       int64_t rows, int64_t T, int64_t cols, const float* bias, bool gelu) {
-  const int64_t pairs_total = (T + 1) / 2;
+  const int64_t pairs_total = ((T + 1) / 2 + kBf16PairPad - 1) / kBf16PairPad * kBf16PairPad;
   const int64_t npanel = (cols + 15) / 16;
   alignas(64) uint16_t abuf[kRowBlock * kStepBlock];
   for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {

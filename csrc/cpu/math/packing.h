@@ -44,7 +44,7 @@ struct PackedMatrix {
         packed(std::is_same_v<T, float> && float32_kernels().gemm_packed != nullptr),
         bf16(std::is_same_v<T, float> && bf16_products &&
              float32_kernels().gemm_packed_bf16 != nullptr),
-        store(slot, bf16     ? (cols + 15) / 16 * 16 * ((weight.size(1) + 1) / 2)
+        store(slot, bf16     ? (cols + 15) / 16 * 16 * bf16_pairs(weight.size(1))
                     : packed ? (cols + 15) / 16 * 16 * weight.size(1)
                              : weight.numel()) {
     if (bf16) {
@@ -91,13 +91,18 @@ struct PackedMatrix {
       fill(0, ntask);
     }
   }
+  // Pair-rows per bf16 panel: (steps + 1) / 2, rounded up to a multiple of kBf16PairPad.
+  static int64_t bf16_pairs(int64_t steps) {
+    return ((steps + 1) / 2 + kBf16PairPad - 1) / kBf16PairPad * kBf16PairPad;
+  }
   // W as bf16 pair panels: panel p, pair-row s holds (W[16p + c, 2s], W[16p + c, 2s + 1]) for
-  // c < 16 at 32 * s + 2 * c, zero past W's columns and past an odd last step.
+  // c < 16 at 32 * s + 2 * c, zero past W's columns, past an odd last step and in the padding
+  // pair-rows.
   void pack_bf16(const at::Tensor& weight) {
     const at::Tensor w = weight.to(at::kFloat).contiguous();
     const float* src = w.const_data_ptr<float>();
     uint16_t* dst = reinterpret_cast<uint16_t*>(store.data());
-    const int64_t pairs = (steps + 1) / 2, ntask = (cols + 15) / 16;
+    const int64_t pairs = bf16_pairs(steps), ntask = (cols + 15) / 16;
     const auto fill = [&](int64_t lo, int64_t hi) {
       for (int64_t p = lo; p < hi; ++p) {
         uint16_t* panel = dst + p * pairs * 32;
