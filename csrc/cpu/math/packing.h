@@ -99,8 +99,13 @@ struct PackedMatrix {
   // c < 16 at 32 * s + 2 * c, zero past W's columns, past an odd last step and in the padding
   // pair-rows.
   void pack_bf16(const at::Tensor& weight) {
-    const at::Tensor w = weight.to(at::kFloat).contiguous();
-    const float* src = w.const_data_ptr<float>();
+    // A bf16 weight (a bf16 model) is read as it is; any other is read as float32 and rounded
+    // (c10::BFloat16 rounds to nearest even, as vcvtneps2bf16 does for A). No conversion of a
+    // whole bf16 weight to float32 and back: on a bf16 model that was most of the packing time.
+    const bool is_bf16 = weight.scalar_type() == at::kBFloat16;
+    const at::Tensor w = (is_bf16 ? weight : weight.to(at::kFloat)).contiguous();
+    const uint16_t* src16 = is_bf16 ? reinterpret_cast<const uint16_t*>(w.const_data_ptr()) : nullptr;
+    const float* src32 = is_bf16 ? nullptr : w.const_data_ptr<float>();
     uint16_t* dst = reinterpret_cast<uint16_t*>(store.data());
     const int64_t pairs = bf16_pairs(steps), ntask = (cols + 15) / 16;
     const auto fill = [&](int64_t lo, int64_t hi) {
@@ -109,9 +114,11 @@ struct PackedMatrix {
         for (int64_t c = 0; c < 16; ++c) {
           const int64_t o = 16 * p + c;
           for (int64_t t = 0; t < 2 * pairs; ++t) {
-            // c10::BFloat16 rounds to nearest even, as vcvtneps2bf16 does for A.
-            panel[(t / 2) * 32 + 2 * c + (t % 2)] =
-                o < cols && t < steps ? c10::BFloat16(src[o * steps + t]).x : uint16_t(0);
+            uint16_t v = 0;
+            if (o < cols && t < steps) {
+              v = src16 != nullptr ? src16[o * steps + t] : c10::BFloat16(src32[o * steps + t]).x;
+            }
+            panel[(t / 2) * 32 + 2 * c + (t % 2)] = v;
           }
         }
       }
