@@ -35,8 +35,10 @@ BF16 = torch.bfloat16
 MLP_SHAPES = [(2, 5, 7, 13, 37), (1, 12, 20, 24, 301), (1, 1, 1, 8, 16), (3, 6, 6, 32, 128),
               (1, 3, 4, 16, 1100)]
 # Layer shapes (B, H, W, C, heads, M): odd widths (C = 21 with 3 heads of 7, 33 with 3 of 11), one
-# cluster, and N = 130 over two query blocks.
-LAYER_SHAPES = [(2, 4, 6, 24, 2, 5), (1, 7, 5, 21, 3, 7), (1, 10, 13, 33, 3, 1), (2, 3, 3, 16, 1, 9)]
+# cluster, N = 130 over two query blocks, and 40 clusters (the bf16 attention's key panels: 16 + 16
+# + 8 columns; its value panels: 40 steps, 20 pairs padded to 32).
+LAYER_SHAPES = [(2, 4, 6, 24, 2, 5), (1, 7, 5, 21, 3, 7), (1, 10, 13, 33, 3, 1), (2, 3, 3, 16, 1, 9),
+                (1, 10, 13, 48, 2, 40)]
 
 
 def _mlp(C: int, hidden: int, out: int | None = None) -> Mlp:

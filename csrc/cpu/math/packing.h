@@ -16,6 +16,34 @@
 
 namespace paca_kernels::cpu {
 
+// Pair-rows of a bf16 pair panel over `steps` reduction steps: (steps + 1) / 2 rounded up to a
+// multiple of kBf16PairPad.
+inline int64_t bf16_panel_pairs(int64_t steps) {
+  return ((steps + 1) / 2 + kBf16PairPad - 1) / kBf16PairPad * kBf16PairPad;
+}
+
+// Packs B = W^T for gemm_packed_bf16, W (cols x steps) read as src[o * so + t * st] in float32,
+// rounded to bf16 (nearest even): panel p (16 columns) at dst + p * bf16_panel_pairs(steps) * 32,
+// its pair-row s holding (W[16p + c, 2s], W[16p + c, 2s + 1]) at 32 * s + 2 * c, zero past W.
+// For operands made inside a kernel (the attention's keys and values), on the calling thread.
+inline void pack_bf16_panels(const float* src, int64_t so, int64_t st, int64_t cols, int64_t steps,
+                             uint16_t* dst) {
+  const int64_t pairs = bf16_panel_pairs(steps);
+  for (int64_t p = 0; p < (cols + 15) / 16; ++p) {
+    uint16_t* panel = dst + p * pairs * 32;
+    for (int64_t s = 0; s < pairs; ++s) {
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t o = 16 * p + c;
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t t = 2 * s + h;
+          panel[32 * s + 2 * c + h] =
+              o < cols && t < steps ? c10::BFloat16(src[o * so + t * st]).x : uint16_t(0);
+        }
+      }
+    }
+  }
+}
+
 // The constant right-hand side B = W^T (T x cols) of the products x . W^T with a linear layer's
 // weight W (cols x T, any dtype and strides), multiplied by many row blocks. For float32 with the
 // AVX2 kernels it is kept only as 16-column panels (each T x 16 contiguous, the last one
@@ -91,10 +119,7 @@ struct PackedMatrix {
       fill(0, ntask);
     }
   }
-  // Pair-rows per bf16 panel: (steps + 1) / 2, rounded up to a multiple of kBf16PairPad.
-  static int64_t bf16_pairs(int64_t steps) {
-    return ((steps + 1) / 2 + kBf16PairPad - 1) / kBf16PairPad * kBf16PairPad;
-  }
+  static int64_t bf16_pairs(int64_t steps) { return bf16_panel_pairs(steps); }
   // W as bf16 pair panels: panel p, pair-row s holds (W[16p + c, 2s], W[16p + c, 2s + 1]) for
   // c < 16 at 32 * s + 2 * c, zero past W's columns, past an odd last step and in the padding
   // pair-rows.
