@@ -30,6 +30,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,11 +49,16 @@ MODELS = {"tiny": "pacavit_tiny_p2cconv_100_0", "small": "pacavit_small_p2cconv_
           "base": "pacavit_base_p2cconv_100_0"}
 
 
+#: What the samples measure: wall time, or with --cpu-time the calling thread's CPU time (one torch
+#: thread), which the other users of a shared machine disturb far less.
+CLOCK = {"clock": time.perf_counter}
+
+
 def _interleave(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
     """Each round calls every function once, starting one further along the list each round
     (paca_kernels.timing.interleave, after two warm-up calls each), without autograd."""
     with torch.no_grad():
-        return timing.interleave(fns, rounds=rounds, warmup=2).samples
+        return timing.interleave(fns, rounds=rounds, warmup=2, clock=CLOCK["clock"]).samples
 
 
 def _rows(group: str, samples: dict[str, list[float]], flops: dict[str, int], ceil: dict,
@@ -72,7 +78,8 @@ def _rows(group: str, samples: dict[str, list[float]], flops: dict[str, int], ce
                 "tflops": flops[provider] / med / 1e12, "gbps": 0.0,
                 "share_of_matmul_rate": flops[provider] / med / ceil["matmul"],
                 "ceiling_copy_gbps": ceil["copy"] / 1e9, "ceiling_matmul_tflops": ceil["matmul"] / 1e12,
-                "timing": "interleaved rounds",
+                "timing": "interleaved rounds", "clock": CLOCK["clock"].__name__,
+                "threads": torch.get_num_threads(),
             },
         })
     return rows
@@ -289,9 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true",
                     help="the bfloat16 comparison (issue #28) instead of the float32 one")
     ap.add_argument("--batches", default="1,8", help="with --bf16: comma-separated batch sizes")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one torch thread, samples in thread CPU time (a load-robust cross-check)")
     ap.add_argument("--smoke", action="store_true",
                     help="one tiny layer shape, aot_eager compilation (what make test runs)")
     args = ap.parse_args(argv)
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        CLOCK["clock"] = time.thread_time
     ceil = _ceilings()
     print(f"ceilings: copy {ceil['copy'] / 1e9:.1f} GB/s, matmul fp32 {ceil['matmul'] / 1e9:.0f} GF/s, "
           f"bf16 {ceil['matmul_bf16'] / 1e9:.0f} GF/s; C++ kernels: {_ext.cpu_isa()}", flush=True)
