@@ -62,7 +62,7 @@ def _interleave(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
 
 
 def _rows(group: str, samples: dict[str, list[float]], flops: dict[str, int], ceil: dict,
-          dtypes: dict[str, str] | None = None) -> list[dict]:
+          dtypes: dict[str, str] | None = None, extra: dict | None = None) -> list[dict]:
     rows = []
     for provider, s in samples.items():
         dtype = (dtypes or {}).get(provider, "float32")
@@ -79,7 +79,7 @@ def _rows(group: str, samples: dict[str, list[float]], flops: dict[str, int], ce
                 "share_of_matmul_rate": flops[provider] / med / ceil["matmul"],
                 "ceiling_copy_gbps": ceil["copy"] / 1e9, "ceiling_matmul_tflops": ceil["matmul"] / 1e12,
                 "timing": "interleaved rounds", "clock": CLOCK["clock"].__name__,
-                "threads": torch.get_num_threads(),
+                "threads": torch.get_num_threads(), **(extra or {}),
             },
         })
     return rows
@@ -104,6 +104,11 @@ def _ceilings() -> dict:
 BF16_PROVIDERS = [("reference-autocast", "reference", "autocast"), ("cpu-autocast", "cpu", "autocast"),
                   ("reference-bf16", "reference", "model"), ("cpu-bf16", "cpu", "model"),
                   ("cpu-fp32", "cpu", None)]
+
+
+#: What the bf16 rows carry besides the timing: BENCHMARKS.md shows them as one row per shape and a
+#: column per provider (scripts/bench_report.py), the bf16 matmul ceiling measured in the run.
+BF16_EXTRA: dict = {"table": "wide"}
 
 
 def _bf16_fns(make, x: Tensor, call) -> tuple[dict, dict]:
@@ -167,7 +172,7 @@ def bf16_layer_groups(rounds: int, ceil: dict, batches: list[int], smoke: bool =
                      + 2 * s.C * s.C * (2 * s.B * s.N + 2 * s.B * s.M))
             samples = _interleave(fns, rounds)
             group = f"bf16 PaCaAttention-fwd-{s.id} (interleaved)"
-            rows += _rows(group, samples, dict.fromkeys(fns, flops), ceil, dtypes)
+            rows += _rows(group, samples, dict.fromkeys(fns, flops), ceil, dtypes, BF16_EXTRA)
             _print(group, samples, err)
     return rows
 
@@ -199,7 +204,8 @@ def bf16_model_groups(names: list[str], rounds: int, ceil: dict, batches: list[i
             err = _check_bf16(fns, make, images, call)
             samples = _interleave(fns, rounds)
             group = f"bf16 inference-{name}-B{b} (interleaved)"
-            rows += _rows(group, samples, dict.fromkeys(fns, fc.get_total_flops() * b), ceil, dtypes)
+            rows += _rows(group, samples, dict.fromkeys(fns, fc.get_total_flops() * b), ceil, dtypes,
+                          BF16_EXTRA)
             _print(group, samples, err)
     return rows
 
@@ -305,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         CLOCK["clock"] = time.thread_time
     ceil = _ceilings()
+    BF16_EXTRA["ceiling_matmul_bf16_tflops"] = ceil["matmul_bf16"] / 1e12
     print(f"ceilings: copy {ceil['copy'] / 1e9:.1f} GB/s, matmul fp32 {ceil['matmul'] / 1e9:.0f} GF/s, "
           f"bf16 {ceil['matmul_bf16'] / 1e9:.0f} GF/s; C++ kernels: {_ext.cpu_isa()}", flush=True)
     models = [m for m in args.models.split(",") if m]
