@@ -11,9 +11,15 @@ import importlib.metadata
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+
+from paca_kernels.testing import isolate_inductor_cache
+
+# The tests' TorchInductor cache rule (one folder per source state): see tests/conftest.py.
+isolate_inductor_cache(Path(__file__).resolve().parents[1])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -7,20 +7,24 @@
 // "acc" is the accumulation dtype: float64 for float64 inputs, float32 otherwise
 // (float32, float16, bfloat16). All ops are functional: outputs never alias inputs.
 //
-// cluster_pool_fwd(logits, x, weight, bias, eps) -> (out, pooled, lse)
+// cluster_pool_fwd(logits, x, weight, bias, eps) -> (out, pooled, stats)
 //   logits (B, M, N), x (B, N, C) same floating dtype; weight, bias optional (C,) LayerNorm
 //   affine (dtype of x or float32).
-//   lse[b,m]      (B, M) acc   = logsumexp_n logits[b,m,n]
-//   pooled[b,m,:] (B, M, C) acc = sum_n exp(logits[b,m,n] - lse[b,m]) * x[b,n,:]
+//   stats[b,m,0]  (B, M, 2) acc = max_n logits[b,m,n]                      (the row max, mx)
+//   stats[b,m,1]                = sum_n exp(logits[b,m,n] - mx)           (the row sum, s)
+//   pooled[b,m,:] (B, M, C) acc = sum_n exp(logits[b,m,n] - mx) / s * x[b,n,:]
 //                               (softmax over N, then weighted sum; online softmax, one pass)
 //   out[b,m,:]    (B, M, C) dtype of x = LayerNorm_C(pooled[b,m,:], eps, biased variance)
 //                               * weight + bias (each when given)
-//   Rows whose logits are all -inf give lse = -inf and NaN pooled/out (like torch.softmax).
-//   pooled and lse are what the backward needs; they are not differentiable.
+//   The max and the sum are kept apart (not as lse = mx + log s) so that the backward's
+//   S = exp(logits - mx) / s is as accurate as torch.softmax at any logit magnitude: in float32 a
+//   rounded lse of 1e4 would put 2e-4 relative error into S, dlogits and grad_x.
+//   Rows whose logits are all -inf give mx = -inf, s = 0 and NaN pooled/out (like torch.softmax).
+//   pooled and stats are what the backward needs; they are not differentiable.
 //
-// cluster_pool_bwd(grad_out, logits, x, weight, pooled, lse, eps)
+// cluster_pool_bwd(grad_out, logits, x, weight, pooled, stats, eps)
 //     -> (grad_logits, grad_x, grad_weight, grad_bias)
-//   Gradient of out of cluster_pool_fwd given grad_out (B, M, C) and the saved pooled/lse.
+//   Gradient of out of cluster_pool_fwd given grad_out (B, M, C) and the saved pooled/stats.
 //   grad_logits (B, M, N) dtype of logits; grad_x (B, N, C) dtype of x;
 //   grad_weight, grad_bias (C,) dtype of weight (dtype of x when weight is None); they are
 //   always computed and the autograd wrapper drops them when weight/bias were None.
@@ -30,12 +34,17 @@
 //   lse[b,i,n]   (B, h, N) acc = logsumexp_m (scale * q[b,n,i,:] . k[b,m,i,:])
 //   out[b,n,i,:] (B, N, h, d) dtype of q
 //                             = sum_m exp(scale * q[b,n,i,:] . k[b,m,i,:] - lse[b,i,n]) * v[b,m,i,:]
+//   lse is a statistic for callers; the backward does not take it (see below).
 //
-// p2c_attention_bwd(grad_out, q, k, v, out, lse, scale, deterministic)
-//     -> (grad_q, grad_k, grad_v)
-//   Gradient of out of p2c_attention_fwd given grad_out (B, N, h, d) and the saved out/lse;
-//   grad_q/grad_k/grad_v have the shapes and dtypes of q/k/v. deterministic=True forbids
-//   atomics in the reduction over N for grad_k/grad_v (bitwise reproducible results).
+// p2c_attention_bwd(grad_out, q, k, v, scale, deterministic) -> (grad_q, grad_k, grad_v)
+//   Gradient of out of p2c_attention_fwd(q, k, v, scale) given grad_out (B, N, h, d);
+//   grad_q/grad_k/grad_v have the shapes and dtypes of q/k/v. The kernels recompute the scores
+//   s = scale * q.k^T and, from them alone, P = exp(s - rowmax s) / rowsum, dP = grad_out.v^T,
+//   D = rowsum(P o dP) and dS = P o (dP - D), as PyTorch's softmax backward does: nothing saved by
+//   the forward enters, so P is exact to the rounding of s (an fp32 lse at |s| ~ 1e4 would carry
+//   ~|s| * 2^-24 relative error into P) and a saturated row (P one-hot) gives dS = 0 exactly (D
+//   from the rounded output would not cancel dP). deterministic=True forbids atomics in the
+//   reduction over N for grad_k/grad_v (bitwise reproducible results).
 //
 // conv_cluster_logits(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2) -> logits
 //   The official convolutional clustering head (P2CConv2d with GELU) in one pass, inference only
@@ -86,20 +95,33 @@
 
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/math/dispatch.h"
+
+namespace {
+// cpu_isa() -> str: the build the C++ CPU kernels run ("baseline", "avx2", "avx512", and with the
+// bf16 products "avx512bf16" or "amx"), chosen once
+// per process from cpuid and PACA_KERNELS_CPU_ISA at first use. Device-independent (no tensors),
+// so its kernel is given with the schema.
+std::string cpu_isa() { return paca_kernels::cpu::selected_isa(); }
+}  // namespace
+
 TORCH_LIBRARY(paca_kernels, m) {
+  m.def("cpu_isa() -> str", &cpu_isa);
   m.def(
       "cluster_pool_fwd(Tensor logits, Tensor x, Tensor? weight, Tensor? bias, float eps)"
-      " -> (Tensor out, Tensor pooled, Tensor lse)");
+      " -> (Tensor out, Tensor pooled, Tensor stats)");
   m.def(
       "cluster_pool_bwd(Tensor grad_out, Tensor logits, Tensor x, Tensor? weight, "
-      "Tensor pooled, Tensor lse, float eps)"
+      "Tensor pooled, Tensor stats, float eps)"
       " -> (Tensor grad_logits, Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "p2c_attention_fwd(Tensor q, Tensor k, Tensor v, float scale)"
       " -> (Tensor out, Tensor lse)");
   m.def(
-      "p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, float scale, bool deterministic)"
+      "p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, float scale, "
+      "bool deterministic)"
       " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
       "conv_cluster_logits(Tensor x, int H, int W, Tensor dw_weight, Tensor? dw_bias, Tensor w1, "

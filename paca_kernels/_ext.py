@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import sys
 import threading
 from pathlib import Path
@@ -165,56 +164,29 @@ def cuda_built() -> bool:
     return load() and bool(info and info.get("cuda_built"))
 
 
-def _cpu_flags() -> set[str] | None:
-    """The CPU feature flags the Linux kernel reports (``/proc/cpuinfo``), or None where unreadable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
-#: The values of PACA_KERNELS_CPU_ISA that cap the C++ kernels' build (csrc/cpu/math/dispatch.cpp).
-_ISA_CAPS = ("baseline", "avx2", "avx512", "avx512bf16")
-
-
 def cpu_isa() -> tuple[str, str] | None:
-    """The float32 build the C++ CPU kernels run in this process, and how that was learnt.
+    """The build the C++ CPU kernels run in this process, and how that was learnt.
 
     Returns ``(isa, how)``: isa is ``"amx"`` (the AVX-512 build, and the bfloat16 inputs' products on
-    AMX-BF16 tiles), ``"avx512bf16"`` (the same with AVX512-BF16 ``vdpbf16ps`` products), ``"avx512"`` (AVX-512 products, AVX2 for the rest; bf16
-    products in float32 on bf16-rounded weights), ``"avx2"`` (AVX2+FMA), ``"baseline"`` (portable
-    SSE2) or ``"unknown"``; ``how`` says why, in a few words. None when the extension is unavailable.
+    AMX-BF16 tiles), ``"avx512bf16"`` (the same with AVX512-BF16 ``vdpbf16ps`` products),
+    ``"avx512"`` (AVX-512 products, AVX2 for the rest; bf16 inputs multiplied in float32 by the
+    bf16-rounded weights), ``"avx2"`` (AVX2+FMA) or ``"baseline"`` (portable SSE2), as the extension
+    reports it (the op ``paca_kernels::cpu_isa``); ``how`` says how it was chosen. None when the
+    extension is unavailable.
 
-    The choice is made in C++ (csrc/cpu/math/dispatch.cpp), once per process, and the extension
-    exposes no query for it; this applies the same rule to the same inputs: x86 with a GCC/Clang
-    build (else no ISA builds are compiled in), the CPU's avx2+fma, avx512f, avx512_bf16 (with
-    avx512bw) and amx_bf16 (with amx_tile) flags (the kernel's ``/proc/cpuinfo`` lists only what the
-    OS enables, as ``__builtin_cpu_supports`` checks; the C++ side also asks the OS for the tile data,
-    which Linux 5.16 and later grant), capped by ``PACA_KERNELS_CPU_ISA=baseline``, ``=avx2``,
-    ``=avx512`` or ``=avx512bf16`` (exact values, as dispatch.cpp compares them).
+    The choice is made in C++ (csrc/cpu/math/dispatch.cpp) once per process, at the first kernel
+    call (or this query): cpuid's avx2+fma, avx512f, avx512bf16 (with avx512bw) and amx-bf16 (with
+    amx-tile, and the OS granting the tile data: Linux 5.16+), capped by
+    ``PACA_KERNELS_CPU_ISA=baseline``, ``=avx2``, ``=avx512`` or ``=avx512bf16`` as the environment
+    was then; changing the variable later changes nothing.
     """
     if not load():
         return None
-    info = _read_build_info() or {}
-    compiler = str(info.get("cxx_compiler") or "")
-    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686"}:
-        return "baseline", f"{platform.machine()}: no vector builds"
-    if compiler and compiler.split()[0] not in {"GNU", "Clang", "AppleClang"}:
-        return "baseline", f"built with {compiler}: no vector builds"
-    flags = _cpu_flags()
-    if flags is None:
-        return "unknown", "cpuid chooses in C++; no /proc/cpuinfo to repeat it"
+    import torch  # as in load(): this module is read before torch is needed
+
+    isa = str(torch.ops.paca_kernels.cpu_isa())
     cap = os.environ.get("PACA_KERNELS_CPU_ISA")
-    capped = f", capped by PACA_KERNELS_CPU_ISA={cap}" if cap in _ISA_CAPS else ""
-    if cap == "baseline" or not {"avx2", "fma"} <= flags:
-        return "baseline", ("CPU without AVX2+FMA" if not capped else "cpuid") + capped
-    if cap == "avx2" or "avx512f" not in flags:
-        return "avx2", ("CPU without AVX-512F" if not capped else "cpuid") + capped
-    if cap == "avx512" or not {"avx512_bf16", "avx512bw"} <= flags:
-        return "avx512", ("CPU without AVX512-BF16" if not capped else "cpuid") + capped
-    if cap == "avx512bf16" or not {"amx_bf16", "amx_tile"} <= flags:
-        return "avx512bf16", ("CPU without AMX-BF16" if not capped else "cpuid") + capped
-    return "amx", "cpuid"
+    how = "cpuid, at first use"
+    if cap in {"baseline", "avx2", "avx512", "avx512bf16"}:
+        how += f"; PACA_KERNELS_CPU_ISA={cap} caps it (if it was set then)"
+    return isa, how

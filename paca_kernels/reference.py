@@ -7,6 +7,7 @@ is tested against these functions, and the ``"reference"`` backend of :mod:`paca
 Shapes (B batch, N = H·W patches, M clusters, C channels, h heads, d = C/h head dim):
 
 - :func:`cluster_pool`: logits (B, M, N), x (B, N, C) -> (B, M, C)
+- :func:`layer_norm` / :func:`layer_norm_stats`: the LayerNorm cluster_pool ends with, free of overflow
 - :func:`p2c_attention`: q (B, N, h, d), k and v (B, M, h, d) -> (B, N, h, d)
 """
 
@@ -15,10 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["cluster_assign", "cluster_pool", "p2c_attention", "p2c_attention_weights"]
+__all__ = ["cluster_assign", "cluster_pool", "layer_norm", "layer_norm_stats", "p2c_attention", "p2c_attention_weights"]
 
 
 def cluster_assign(logits: Tensor) -> Tensor:
@@ -31,6 +31,75 @@ def cluster_assign(logits: Tensor) -> Tensor:
         (B, M, N): each cluster's distribution over the patches (rows sum to 1 over N).
     """
     return torch.softmax(logits, dim=-1)
+
+
+def layer_norm_stats(p: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm statistics of the rows of ``p`` (..., C) that neither overflow nor underflow.
+
+    ``F.layer_norm`` squares the deviations: a float32 row of magnitude 1e20 overflows (PyTorch returns
+    NaN), and one of 1e-20 squares to nothing. Each row is first divided by a power of two near its
+    largest magnitude, which LayerNorm is invariant under (with eps scaled alike):
+
+        q = p / scale,   x̂ = (q − mean(q)) / sqrt(var(q) + eps / scale²) = (p − mean(p)) / sqrt(var(p) + eps)
+
+    and which is exact, so ordinary rows round as unscaled code does. ``scale`` is clamped so that
+    eps / scale² stays finite (scale ≥ about sqrt(eps)·2⁻⁴¹: below that eps dominates the variance
+    anyway) and 1/scale is a normal number; eps / scale² is floored at the smallest normal number
+    (which only matters for an exactly constant row, whose deviations are all 0). A zero, inf or NaN
+    row keeps scale 1. The same rule as the kernels' (csrc/cpu/math/layernorm.h, the Triton and CUDA
+    epilogues), so every backend gives the same answer.
+
+    Args:
+        p: (..., C) rows, float32 or float64 (C = 0: statistics of empty rows, unused).
+        eps: the LayerNorm epsilon.
+
+    Returns:
+        inv_scale, mean, rstd, each (..., 1): x̂ = (p·inv_scale − mean)·rstd, and the rstd of p itself is
+        rstd·inv_scale. Gradients flow through mean and rstd (the scale is piecewise constant).
+    """
+    fi = torch.finfo(p.dtype)
+    max_exp, min_exp = round(math.log2(fi.max)), round(math.log2(fi.tiny)) + 1  # frexp's range
+    lo = min_exp + 30
+    if eps > 0:
+        lo = max(lo, math.frexp(math.sqrt(eps))[1] - 41)
+    with torch.no_grad():
+        # C = 0: no statistics to take (the caller's rows are empty); amax of nothing is refused by torch.
+        amax = p.abs().amax(-1, keepdim=True) if p.shape[-1] > 0 else p.new_zeros((*p.shape[:-1], 1))
+        exponent = (torch.frexp(amax).exponent - 1).clamp(lo, max_exp - 28)  # amax in [2^(e-1), 2^e)
+        scale = torch.ldexp(torch.ones_like(amax), exponent)
+        scale = torch.where((amax > 0) & (amax <= fi.max), scale, torch.ones_like(scale))
+        inv_scale = 1.0 / scale
+    q = p * inv_scale
+    mean = q.mean(-1, keepdim=True)
+    var = (q - mean).square().mean(-1, keepdim=True)
+    eps_q = (eps * inv_scale * inv_scale).clamp_min(fi.tiny)
+    return inv_scale, mean, torch.rsqrt(var + eps_q)
+
+
+def layer_norm(p: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``F.layer_norm(p, (C,), weight, bias, eps)`` (biased variance), without its overflow.
+
+    Computed in float32 (float64 for float64 ``p``) like PyTorch's kernels, with the statistics of
+    :func:`layer_norm_stats`: a float32 row of 1e20 gives its true (finite) normalised values where
+    F.layer_norm gives NaN, and a row of 1e-20 keeps its variance.
+
+    Args:
+        p: (..., C) rows.
+        weight, bias: (C,) affine, or None.
+        eps: the LayerNorm epsilon.
+
+    Returns:
+        (..., C) in p's dtype: (p − mean)/sqrt(var + eps)·weight + bias.
+    """
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    pa = p.to(acc)
+    inv_scale, mean, rstd = layer_norm_stats(pa, eps)
+    y = (pa * inv_scale - mean) * rstd
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(p.dtype)
 
 
 def cluster_pool(
@@ -47,6 +116,9 @@ def cluster_pool(
         P[b, m, :] = Σ_n S[b, m, n] · x[b, n, :]
         Z[b, m, :] = (P[b, m, :] − mean_c P[b, m, :]) / sqrt(var_c P[b, m, :] + eps) · weight + bias
 
+    The LayerNorm is :func:`layer_norm`: F.layer_norm's result, computed without overflow (a pooled row
+    of 1e20 in float32 gives its true normalised values, where F.layer_norm gives NaN).
+
     Args:
         logits: (B, M, N) clustering scores.
         x: (B, N, C) patch tokens.
@@ -58,7 +130,7 @@ def cluster_pool(
         (B, M, C) cluster tokens, dtype of x.
     """
     pooled = torch.matmul(cluster_assign(logits), x)
-    return F.layer_norm(pooled, (x.shape[-1],), weight, bias, eps)
+    return layer_norm(pooled, weight, bias, eps)
 
 
 def p2c_attention_weights(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:

@@ -10,9 +10,16 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
+import hashlib
 import math
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -37,6 +44,7 @@ __all__ = [
     "count_flops",
     "dtype_id",
     "grads",
+    "isolate_inductor_cache",
     "make_cluster_pool_inputs",
     "make_p2c_inputs",
     "max_error",
@@ -420,3 +428,33 @@ def assert_same_flops(fused, unfused) -> None:
 def opcheck_inference_only(op, args) -> None:
     """``torch.library.opcheck`` for an inference-only custom op (no autograd to check)."""
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def isolate_inductor_cache(root: Path, base: Path | None = None, keep_days: float = 1.0) -> Path:
+    """Point TorchInductor's cache (``TORCHINDUCTOR_CACHE_DIR``) at a folder named by a hash of the
+    sources under ``root`` (``csrc/`` and ``paca_kernels/``), unless the variable is already set;
+    returns the folder. Call before anything compiles.
+
+    Why: Inductor's FX-graph cache keys a compiled graph by its code and inputs, not by the custom
+    ops' fake kernels or C++ schemas. After an op's outputs change (cluster_pool's saved lse (B, M)
+    became stats (B, M, 2)), a cached graph from the old sources still asserts the old shapes and
+    fails. One folder per source state keeps the cache across runs of the same code and never
+    serves another's; folders of other states older than ``keep_days`` are removed.
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    digest = hashlib.sha256()
+    for folder in ("csrc", "paca_kernels"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix in {".py", ".cpp", ".h", ".cu", ".cuh"} and path.is_file():
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+    base = base or Path(tempfile.gettempdir()) / f"paca_kernels_inductor_{getpass.getuser()}"
+    folder = base / digest.hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - keep_days * 86400
+    for other in base.iterdir():
+        if other != folder and other.is_dir() and other.stat().st_mtime < cutoff:
+            shutil.rmtree(other, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paca_kernels.triton.plan import H100  # after the path insert
 
 SHARED_LIMIT = H100.shared_bytes  # 227 KiB per block on an H100
-FP32_PTRS = {"lse_ptr", "pooled_ptr", "part_m_ptr", "part_l_ptr", "part_acc_ptr", "dp_ptr", "rowdot_ptr",
+FP32_PTRS = {"lse_ptr", "stats_ptr", "pooled_ptr", "part_m_ptr", "part_l_ptr", "part_acc_ptr", "dp_ptr", "rowdot_ptr",
              "dk_ptr", "dv_ptr"}
 FLOATS = {"eps", "scale"}
 

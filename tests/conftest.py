@@ -13,12 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from paca_kernels.testing import isolate_inductor_cache
+
 # Must be set before anything imports Triton kernels (they are decorated at import time).
 # torch.cuda.is_available() asks the driver for a device count; it creates no CUDA context.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+# A TorchInductor cache per source state (paca_kernels.testing.isolate_inductor_cache): a graph compiled
+# against older op outputs must not be served after the ops change. Before anything compiles.
+isolate_inductor_cache(ROOT)
 # The official compatibility data lives in ../shared/compat beside the project's root (CI has it there).
 COMPAT = Path(os.environ.get("PACA_KERNELS_COMPAT_DIR", ROOT.parent / "shared" / "compat"))
 

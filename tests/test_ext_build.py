@@ -30,15 +30,14 @@ EPS = 1e-6
 
 SCHEMAS = {
     "cluster_pool_fwd": "paca_kernels::cluster_pool_fwd(Tensor logits, Tensor x, Tensor? weight, "
-    "Tensor? bias, float eps) -> (Tensor out, Tensor pooled, Tensor lse)",
+    "Tensor? bias, float eps) -> (Tensor out, Tensor pooled, Tensor stats)",
     "cluster_pool_bwd": "paca_kernels::cluster_pool_bwd(Tensor grad_out, Tensor logits, Tensor x, "
-    "Tensor? weight, Tensor pooled, Tensor lse, float eps) -> (Tensor grad_logits, "
+    "Tensor? weight, Tensor pooled, Tensor stats, float eps) -> (Tensor grad_logits, "
     "Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
     "p2c_attention_fwd": "paca_kernels::p2c_attention_fwd(Tensor q, Tensor k, Tensor v, "
     "float scale) -> (Tensor out, Tensor lse)",
     "p2c_attention_bwd": "paca_kernels::p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, "
-    "Tensor v, Tensor out, Tensor lse, float scale, bool deterministic) -> (Tensor grad_q, "
-    "Tensor grad_k, Tensor grad_v)",
+    "Tensor v, float scale, bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)",
 }
 
 
@@ -213,13 +212,16 @@ def _reference(
     bias: torch.Tensor | None,
     eps: float = EPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, pooled, lse) in float64 from the definition: softmax, bmm, layer_norm, logsumexp."""
+    """(out, pooled, stats) in float64 from the definition: softmax, bmm, layer_norm, and the stats
+    (B, M, 2) = (row max, Σ exp(logits − max)), the sum 0 where a row is all -inf."""
     logits64, x64 = logits.double(), x.double()
     pooled = torch.bmm(torch.softmax(logits64, dim=-1), x64)
     w = weight.double() if weight is not None else None
     b = bias.double() if bias is not None else None
     out = F.layer_norm(pooled, (x.shape[-1],), w, b, eps)
-    return out, pooled, torch.logsumexp(logits64, dim=-1)
+    row_max = logits64.amax(-1)
+    row_sum = torch.exp(logits64 - row_max[..., None]).sum(-1).masked_fill(row_max == float("-inf"), 0.0)
+    return out, pooled, torch.stack([row_max, row_sum], -1)
 
 
 def _torch_lowp(
@@ -255,15 +257,15 @@ SHAPES = [(2, 49, 197, 24), (3, 1, 1, 5), (1, 1, 7, 3), (2, 5, 1, 8), (1, 4, 33,
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_fwd_matches_formula(shape: tuple[int, ...], affine: bool, dtype: torch.dtype) -> None:
     logits, x, w, b = _inputs(*shape, dtype, affine, None)
-    out, pooled, lse = OPS.cluster_pool_fwd(logits, x, w, b, EPS)
-    ref_out, ref_pooled, ref_lse = _reference(logits, x, w, b)
+    out, pooled, stats = OPS.cluster_pool_fwd(logits, x, w, b, EPS)
+    ref_out, ref_pooled, ref_stats = _reference(logits, x, w, b)
     B, M, _, C = shape
     assert out.shape == (B, M, C) and out.dtype == dtype
     assert pooled.shape == (B, M, C) and pooled.dtype == _acc(dtype)
-    assert lse.shape == (B, M) and lse.dtype == _acc(dtype)
+    assert stats.shape == (B, M, 2) and stats.dtype == _acc(dtype)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(pooled.double(), ref_pooled, **tol)
-    torch.testing.assert_close(lse.double(), ref_lse, **tol)
+    torch.testing.assert_close(stats.double(), ref_stats, **tol)
     # LayerNorm divides by the pooled std (small when C is tiny): allow that amplification.
     out_tol = tol if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
     torch.testing.assert_close(out.double(), ref_out, **out_tol)
@@ -282,12 +284,12 @@ def test_fwd_matches_formula(shape: tuple[int, ...], affine: bool, dtype: torch.
 )
 def test_fwd_low_precision(dtype: torch.dtype, pdtype: torch.dtype | None, affine: bool) -> None:
     logits, x, w, b = _inputs(2, 49, 197, 24, dtype, affine, pdtype)
-    out, pooled, lse = OPS.cluster_pool_fwd(logits, x, w, b, EPS)
-    ref_out, ref_pooled, ref_lse = _reference(logits, x, w, b)
-    assert out.dtype == dtype and pooled.dtype == torch.float32 and lse.dtype == torch.float32
-    # pooled and lse accumulate in float32 from the exact low-precision inputs.
+    out, pooled, stats = OPS.cluster_pool_fwd(logits, x, w, b, EPS)
+    ref_out, ref_pooled, ref_stats = _reference(logits, x, w, b)
+    assert out.dtype == dtype and pooled.dtype == torch.float32 and stats.dtype == torch.float32
+    # pooled and stats accumulate in float32 from the exact low-precision inputs.
     torch.testing.assert_close(pooled.double(), ref_pooled, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.double(), ref_stats, rtol=1e-5, atol=1e-5)
     # out: at most twice the error PyTorch makes doing the same computation in low precision.
     err = (out.double() - ref_out).abs().max().item()
     torch_err = (_torch_lowp(logits, x, w, b).double() - ref_out).abs().max().item()
@@ -300,17 +302,17 @@ def test_fwd_non_contiguous_and_expanded_inputs() -> None:
     logits = torch.randn(1, M, N).expand(B, M, N)  # batch stride 0
     assert not x.is_contiguous() and logits.stride(0) == 0
     w, b = torch.randn(C), torch.randn(C)
-    out, pooled, lse = OPS.cluster_pool_fwd(logits, x, w, b, EPS)
-    ref_out, ref_pooled, ref_lse = _reference(logits, x, w, b)
+    out, pooled, stats = OPS.cluster_pool_fwd(logits, x, w, b, EPS)
+    ref_out, ref_pooled, ref_stats = _reference(logits, x, w, b)
     torch.testing.assert_close(pooled.double(), ref_pooled, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.double(), ref_stats, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
 
     # Stride 0 along N (constant logits): uniform softmax, i.e. the mean over patches.
     flat = torch.randn(B, M, 1).expand(B, M, N)
-    _, pooled, lse = OPS.cluster_pool_fwd(flat, x, None, None, EPS)
+    _, pooled, stats = OPS.cluster_pool_fwd(flat, x, None, None, EPS)
     torch.testing.assert_close(pooled, x.mean(1, keepdim=True).expand(B, M, C))
-    torch.testing.assert_close(lse, flat[..., 0] + torch.log(torch.tensor(float(N))))
+    assert torch.equal(stats[..., 0], flat[..., 0]) and torch.equal(stats[..., 1], torch.full((B, M), float(N)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -319,11 +321,11 @@ def test_fwd_large_logits_finite(dtype: torch.dtype) -> None:
     logits[0, 0] = 1e4  # ties at the maximum
     logits[0, 1] = -1e4
     x = torch.randn(2, 50, 12, dtype=dtype)
-    out, pooled, lse = OPS.cluster_pool_fwd(logits, x, None, None, EPS)
-    assert torch.isfinite(out).all() and torch.isfinite(pooled).all() and torch.isfinite(lse).all()
-    ref_out, ref_pooled, ref_lse = _reference(logits, x, None, None)
+    out, pooled, stats = OPS.cluster_pool_fwd(logits, x, None, None, EPS)
+    assert torch.isfinite(out).all() and torch.isfinite(pooled).all() and torch.isfinite(stats).all()
+    ref_out, ref_pooled, ref_stats = _reference(logits, x, None, None)
     torch.testing.assert_close(pooled.double(), ref_pooled, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-2)  # |lse| ~ 1e4
+    torch.testing.assert_close(stats.double(), ref_stats, rtol=1e-5, atol=1e-5)  # the max is exact
     if dtype == torch.float32:
         torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
 
@@ -335,22 +337,22 @@ def test_fwd_masked_rows() -> None:
     logits[1, 2] = float("-inf")
     logits[1, 2, 7] = 0.3  # all -inf but one: one-hot pooling of that patch
     logits[0, 1] = float("-inf")  # all -inf: NaN like torch.softmax
-    out, pooled, lse = OPS.cluster_pool_fwd(logits, x, None, None, EPS)
+    out, pooled, stats = OPS.cluster_pool_fwd(logits, x, None, None, EPS)
     assert torch.equal(pooled[1, 2], x[1, 7])
-    assert lse[1, 2].item() == pytest.approx(0.3)
+    assert stats[1, 2].tolist() == [pytest.approx(0.3), 1.0]
     assert torch.isnan(pooled[0, 1]).all() and torch.isnan(out[0, 1]).all()
-    assert lse[0, 1].item() == float("-inf")
-    ref_out, ref_pooled, ref_lse = _reference(logits, x, None, None)
+    assert stats[0, 1].tolist() == [float("-inf"), 0.0]
+    ref_out, ref_pooled, ref_stats = _reference(logits, x, None, None)
     torch.testing.assert_close(pooled.double(), ref_pooled, rtol=1e-5, atol=1e-5, equal_nan=True)
-    torch.testing.assert_close(lse.double(), ref_lse, equal_nan=True)
+    torch.testing.assert_close(stats.double(), ref_stats)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 def test_fwd_empty_batch() -> None:
-    out, pooled, lse = OPS.cluster_pool_fwd(
+    out, pooled, stats = OPS.cluster_pool_fwd(
         torch.randn(0, 4, 5), torch.randn(0, 5, 3), None, None, EPS
     )
-    assert out.shape == (0, 4, 3) and pooled.shape == (0, 4, 3) and lse.shape == (0, 4)
+    assert out.shape == (0, 4, 3) and pooled.shape == (0, 4, 3) and stats.shape == (0, 4, 2)
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ inline void check_param(const char* op, const std::optional<at::Tensor>& p, cons
 }
 
 // Accumulation dtype of the kernels for inputs of t's dtype: float64 stays float64, everything
-// else accumulates in float32 (the dtype of the saved pooled/lse tensors).
+// else accumulates in float32 (the dtype of the saved pooled/lse/stats tensors).
 inline at::ScalarType acc_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -102,25 +102,14 @@ inline void check_p2c_args(const at::Tensor& q, const at::Tensor& k, const at::T
               k.sizes());
 }
 
-// p2c_attention_bwd: the forward's arguments, plus grad_out and out shaped like q and the saved
-// lse (B, h, N) in the accumulation dtype.
+// p2c_attention_bwd: the forward's arguments, plus grad_out shaped like q, of q's dtype and device.
 inline void check_p2c_bwd_args(const at::Tensor& grad_out, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                               const at::Tensor& lse, const char* op) {
+                               const at::Tensor& k, const at::Tensor& v, const char* op) {
   check_p2c_args(q, k, v, op);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
-              ": expected grad_out and out of the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), op, ": expected grad_out of the shape of q ", q.sizes(),
+              ", got ", grad_out.sizes());
   check_same_dtype(grad_out, q, op, "grad_out", "q");
-  check_same_dtype(out, q, op, "out", "q");
   check_same_device(grad_out, q, op, "grad_out", "q");
-  check_same_device(out, q, op, "out", "q");
-  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N, op,
-              ": expected lse of shape (B, h, N) = (", B, ", ", H, ", ", N, "), got ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == acc_dtype(q), op, ": expected lse of dtype ", acc_dtype(q),
-              " (the accumulation dtype of ", q.scalar_type(), "), got ", lse.scalar_type());
-  check_same_device(lse, q, op, "lse", "q");
 }
 
 // cluster_pool_fwd: logits (B, M, N) and x (B, N, C) of one dtype and device, N, C > 0, the
@@ -135,24 +124,25 @@ inline void check_pool_args(const at::Tensor& logits, const at::Tensor& x,
   const int64_t B = logits.size(0), N = logits.size(2), C = x.size(2);
   check_size(x, 0, B, op, "batch size B of x (B, N, C) vs logits (B, M, N)");
   check_size(x, 1, N, op, "number of patches N of x (B, N, C) vs logits (B, M, N)");
-  TORCH_CHECK(N > 0 && C > 0, op, ": expected N > 0 patches and C > 0 channels, got N=", N,
-              ", C=", C);
+  // A softmax over no patches is undefined (0/0); C = 0 channels is served (empty out, zero dlogits).
+  TORCH_CHECK(N > 0, op, ": expected N > 0 patches, got N=", N, " (logits of shape ", logits.sizes(),
+              ")");
   check_affine(weight, x, C, op, "weight");
   check_affine(bias, x, C, op, "bias");
   TORCH_CHECK(eps >= 0, op, ": expected eps >= 0, got ", eps);
 }
 
 // cluster_pool_bwd: the forward's arguments, plus grad_out (B, M, C) of x's dtype and the saved
-// pooled (B, M, C) and lse (B, M) in the accumulation dtype.
+// pooled (B, M, C) and stats (B, M, 2) in the accumulation dtype.
 inline void check_pool_bwd_args(const at::Tensor& grad_out, const at::Tensor& logits,
                                 const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                const at::Tensor& pooled, const at::Tensor& lse, double eps,
+                                const at::Tensor& pooled, const at::Tensor& stats, double eps,
                                 const char* op) {
   check_pool_args(logits, x, weight, std::nullopt, eps, op);
   check_same_dtype(grad_out, x, op, "grad_out", "x");
   check_same_device(grad_out, x, op, "grad_out", "x");
   check_same_device(pooled, x, op, "pooled", "x");
-  check_same_device(lse, x, op, "lse", "x");
+  check_same_device(stats, x, op, "stats", "x");
   const int64_t B = logits.size(0), M = logits.size(1), C = x.size(2);
   const at::ScalarType acc = acc_dtype(x);
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(1) == M &&
@@ -162,9 +152,10 @@ inline void check_pool_bwd_args(const at::Tensor& grad_out, const at::Tensor& lo
   TORCH_CHECK(pooled.sizes() == grad_out.sizes() && pooled.scalar_type() == acc, op,
               ": expected pooled of shape (B, M, C) = ", grad_out.sizes(), " and dtype ", acc,
               ", got shape ", pooled.sizes(), " and dtype ", pooled.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == M && lse.scalar_type() == acc,
-              op, ": expected lse of shape (B, M) = (", B, ", ", M, ") and dtype ", acc,
-              ", got shape ", lse.sizes(), " and dtype ", lse.scalar_type());
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == B && stats.size(1) == M && stats.size(2) == 2 &&
+                  stats.scalar_type() == acc,
+              op, ": expected stats of shape (B, M, 2) = (", B, ", ", M, ", 2) and dtype ", acc,
+              ", got shape ", stats.sizes(), " and dtype ", stats.scalar_type());
 }
 
 }  // namespace paca_kernels

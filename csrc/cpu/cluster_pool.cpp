@@ -23,8 +23,10 @@
 #include <vector>
 
 #include "common/check.h"
+#include "common/pool_stats.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/math/kernels.h"
+#include "cpu/math/layernorm.h"
 #include "cpu/math/parallel.h"
 #include "cpu/math/scratch.h"
 #include "cpu/math/tensor_access.h"
@@ -41,6 +43,16 @@ constexpr int64_t kPatchTile = 256;
 // Patches per forward task (one partial softmax state per split, merged in split order).
 constexpr int64_t kSplitRows = 1024;
 
+// Patches per tile for a run of n patches: the run cut into equal tiles of at most kPatchTile,
+// rounded up to 16 (a vector panel), so that no tile is a short tail: N = 784 (224² stage 2) gives
+// tiles of 208, 208, 208, 160 instead of 256, 256, 256, 16. A function of n alone, so the results
+// do not depend on the thread count.
+inline int64_t balanced_tile(int64_t n) {
+  const int64_t tiles = std::max<int64_t>(1, (n + kPatchTile - 1) / kPatchTile);
+  const int64_t t = (n + tiles - 1) / tiles;
+  return std::min(kPatchTile, (t + 15) / 16 * 16);
+}
+
 // Rows n0 .. n0+nt of x[b] as an acc_t matrix with leading dimension ldx: read in place when x is
 // already acc_t with contiguous rows (x_direct), else converted into buf (nt x C).
 template <typename scalar_t, typename acc_t, typename Strides>
@@ -55,6 +67,41 @@ const acc_t* x_tile(const scalar_t* xp, const Strides& sx, int64_t b, int64_t n0
     for (int64_t c = 0; c < C; ++c) buf[i * C + c] = static_cast<acc_t>(xr[c * sx[2]]);
   }
   ldx = C;
+  return buf;
+}
+
+// The logits of tile (b, n0 .. n0+nt) in one of the two orientations of the kernels, as acc_t:
+//   cluster-major (M x nt, row m = cluster m's logits over the tile's patches), the forward's
+//     online softmax runs along these rows;
+//   patch-major (nt x M, row i = the M logits of patch n0+i), the backward's: its products take
+//     S^T (nt x M) as their left operand.
+// Read in place when the logits already are acc_t with unit stride in that orientation (ld = their
+// row stride). The clustering heads give patch-major logits (strides (N M, 1, M): a channels-last
+// 1x1 convolution's output, or (x.W)^T): the forward's cluster-major tile is then transposed by the
+// vector kernel (8 x 8 blocks), not gathered one element at a time at a stride of 4 M bytes, which
+// had been most of the kernels' own (non-product) time. Anything else is gathered into buf.
+template <typename scalar_t, typename acc_t, typename Strides>
+const acc_t* logits_tile(const scalar_t* lp, const Strides& sl, int64_t b, int64_t n0, int64_t nt,
+                         int64_t M, bool patch_major, acc_t* buf, int64_t& ld) {
+  const scalar_t* base = lp + b * sl[0] + n0 * sl[2];
+  // Unit stride along the rows of the wanted orientation (over N cluster-major, over M patch-major).
+  const int64_t along = patch_major ? sl[1] : sl[2], across = patch_major ? sl[2] : sl[1];
+  const int64_t rows = patch_major ? nt : M, cols = patch_major ? M : nt;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (along == 1) {
+      ld = across;
+      return base;
+    }
+    if (across == 1) {  // the other orientation is dense: one vector transpose
+      transpose(base, along, cols, rows, buf, cols);
+      ld = cols;
+      return buf;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = static_cast<acc_t>(base[r * across + c * along]);
+  }
+  ld = cols;
   return buf;
 }
 
@@ -88,54 +135,32 @@ inline void prefetch_rows_slice(const T* base, int64_t ld, int64_t rows, int64_t
 #endif
 }
 
-// Sum of x[c] and sum of (x[c] - mean)^2 over one row with eight interleaved partial sums: the
-// compiler vectorises them (a single running sum is a serial chain of dependent adds, which made
-// the LayerNorm epilogue a fifth of the forward), and the fixed order keeps results reproducible.
-template <typename T>
-inline T row_sum(const T* x, int64_t n) {
-  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) part[j] += x[i + j];
-  }
-  for (; i < n; ++i) part[0] += x[i];
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-template <typename T>
-inline T row_sq_dev(const T* x, T mean, int64_t n) {
-  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) part[j] += (x[i + j] - mean) * (x[i + j] - mean);
-  }
-  for (; i < n; ++i) part[0] += (x[i] - mean) * (x[i] - mean);
-  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-}
-
 // The epilogue of one cluster row: prow (C, the unnormalised sum exp(l - mx) . x, in place) is
-// divided by the softmax denominator s, lse = mx + log s is stored, then LayerNorm over C (biased
-// variance, two passes) into orow. A row with no finite logit (mx = -inf) gives lse = -inf and
-// NaN pooled/out, as torch.softmax does.
+// divided by the softmax denominator s, the row's stats (mx, s) are stored (stats_out[0], [1]),
+// then LayerNorm over C (biased variance, two passes, overflow-free: cpu/math/layernorm.h) into orow. The backward recomputes
+// S = exp(l - mx) / s from them: l - mx is exact, whereas exp(l - lse) with a rounded
+// lse = mx + log s would carry |lse| * 2^-24 relative error (2e-4 at logits of 1e4).
+// A row with no finite logit (mx = -inf) gives s = 0 and NaN pooled/out, as torch.softmax does.
 template <typename scalar_t, typename acc_t>
 inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const acc_t* bp,
-                       acc_t eps, int64_t C, acc_t* lse_out, scalar_t* orow) {
+                       acc_t eps, int64_t C, acc_t* stats_out, scalar_t* orow) {
   if (!(mx > -std::numeric_limits<acc_t>::infinity())) {
     s = acc_t(0);
     std::fill(prow, prow + C, std::numeric_limits<acc_t>::quiet_NaN());
   }
-  *lse_out = mx + std::log(s);
+  stats_out[0] = mx;
+  stats_out[1] = s;
   const acc_t inv_s = acc_t(1) / s;
   for (int64_t c = 0; c < C; ++c) prow[c] *= inv_s;
-  const acc_t mean = row_sum(prow, C) / static_cast<acc_t>(C);
-  const acc_t var = row_sq_dev(prow, mean, C) / static_cast<acc_t>(C);
-  const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
+  const LayerNormStats<acc_t> st = layer_norm_stats(prow, C, eps);
+  const acc_t inv = st.inv_scale, mean = st.mean, rstd = st.rstd;
   if (wp && bp) {
     for (int64_t c = 0; c < C; ++c) {
-      orow[c] = static_cast<scalar_t>((prow[c] - mean) * rstd * wp[c] + bp[c]);
+      orow[c] = static_cast<scalar_t>((prow[c] * inv - mean) * rstd * wp[c] + bp[c]);
     }
   } else {
     for (int64_t c = 0; c < C; ++c) {
-      acc_t y = (prow[c] - mean) * rstd;
+      acc_t y = (prow[c] * inv - mean) * rstd;
       if (wp) y *= wp[c];
       if (bp) y += bp[c];
       orow[c] = static_cast<scalar_t>(y);
@@ -155,7 +180,7 @@ inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const ac
 template <typename scalar_t>
 void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
                              const at::Tensor* weight, const at::Tensor* bias, double eps,
-                             at::Tensor& out, at::Tensor& pooled, at::Tensor& lse) {
+                             at::Tensor& out, at::Tensor& pooled, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   const Strides sl(logits), sx(x);
@@ -166,7 +191,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
   const acc_t* bp = bias ? bias->const_data_ptr<acc_t>() : nullptr;
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* pp = pooled.mutable_data_ptr<acc_t>();
-  acc_t* lsep = lse.mutable_data_ptr<acc_t>();
+  acc_t* stp = stats.mutable_data_ptr<acc_t>();  // (B, M, 2) contiguous
   const acc_t eps_acc = static_cast<acc_t>(eps);
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
@@ -190,22 +215,23 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
       std::fill(mx, mx + M, kNegInf);
       std::fill(sum, sum + M, acc_t(0));
       const int64_t s_begin = split * kSplitRows, s_end = std::min(N, s_begin + kSplitRows);
-      for (int64_t n0 = s_begin; n0 < s_end; n0 += kPatchTile) {
-        const int64_t nt = std::min(kPatchTile, s_end - n0);
+      const int64_t tile = balanced_tile(s_end - s_begin);
+      for (int64_t n0 = s_begin; n0 < s_end; n0 += tile) {
+        const int64_t nt = std::min(tile, s_end - n0);
         int64_t ldx;
         const acc_t* xa = x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
+        // The tile's logits, cluster-major (rows of nt): in place, or transposed/converted into pt,
+        // whose rows are then exponentiated in place.
+        int64_t ldl;
+        const acc_t* lt = logits_tile(lp, sl, b, n0, nt, M, /*patch_major=*/false, pt.data(), ldl);
+        const bool in_place = lt != pt.data();
         for (int64_t m = 0; m < M; ++m) {
-          const scalar_t* lr = lp + b * sl[0] + m * sl[1] + n0 * sl[2];
-          prefetch_next_tile(lr, sl[2], nt, std::min(kPatchTile, s_end - n0 - nt));
+          if (in_place) {
+            prefetch_next_tile(lt + m * ldl, 1, nt, std::min(tile, s_end - n0 - nt));
+          }
           if (x_direct) prefetch_rows_slice(xa, ldx, nt, C, m, M);
           acc_t* prow = pt.data() + m * nt;
-          const acc_t* lsrc = prow;  // the tile's logits as contiguous acc_t
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            if (sl[2] == 1) lsrc = lr;
-          }
-          if (lsrc == prow) {
-            for (int64_t i = 0; i < nt; ++i) prow[i] = static_cast<acc_t>(lr[i * sl[2]]);
-          }
+          const acc_t* lsrc = lt + m * ldl;
           const acc_t tile_mx = row_max(lsrc, nt);
           acc_t tile_sum;
           if (!(tile_mx > kNegInf)) {
@@ -232,7 +258,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
       }
       if (single) {
         for (int64_t m = 0; m < M; ++m) {
-          finish_row(acc + m * C, mx[m], sum[m], wp, bp, eps_acc, C, lsep + b * M + m,
+          finish_row(acc + m * C, mx[m], sum[m], wp, bp, eps_acc, C, stp + 2 * (b * M + m),
                      op + (b * M + m) * C);
         }
       }
@@ -262,7 +288,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
         const acc_t* arow = acc_part.data() + t * MC + m * C;
         for (int64_t c = 0; c < C; ++c) prow[c] += wgt * arow[c];
       }
-      finish_row(prow, gmx, s, wp, bp, eps_acc, C, lsep + row, op + row * C);
+      finish_row(prow, gmx, s, wp, bp, eps_acc, C, stp + 2 * row, op + row * C);
     }
   });
 }
@@ -280,8 +306,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
   const at::ScalarType acc = acc_dtype(x);
   at::Tensor out = at::empty({B, M, C}, x.options());
   at::Tensor pooled = at::empty({B, M, C}, x.options().dtype(acc));
-  at::Tensor lse = at::empty({B, M}, x.options().dtype(acc));
-  if (B * M == 0) return {out, pooled, lse};
+  at::Tensor stats = at::empty({B, M, 2}, x.options().dtype(acc));
+  if (B * M == 0) return {out, pooled, stats};
+  if (C == 0) {  // nothing to pool: out and pooled are empty, the softmax stats still defined
+    pool_stats_without_channels(logits, stats);
+    return {out, pooled, stats};
+  }
 
   // (C,) vectors: converting once is negligible and lets the kernel read one dtype.
   std::optional<at::Tensor> w, bi;
@@ -292,64 +322,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
                                   [&] {
                                     cluster_pool_fwd_kernel<scalar_t>(
                                         logits, x, w ? &*w : nullptr, bi ? &*bi : nullptr, eps,
-                                        out, pooled, lse);
+                                        out, pooled, stats);
                                   });
-  return {out, pooled, lse};
+  return {out, pooled, stats};
 }
 
 namespace {
+
+// out (rows x nt, row stride nt) = A (rows x C, contiguous) . x^T, x (nt x C, row stride ldx):
+// the backward's dS = dP.x^T. x^T is written into xt (at least ceil(nt / 16) * 16 * C values) as
+// the 16-column panels of the vector builds' packed product (panel p: the transpose of x rows
+// 16p .. 16p+15, zero-padded past nt), which then reads it as it reads a packed weight; a
+// transpose of x rows in cache, where the plain product would copy x^T into its panels again.
+// The baseline and float64 builds take a plain x^T (C x nt) and gemm_nn.
+inline void product_with_x_transposed(const float* A, int64_t rows, int64_t C, const float* x,
+                                      int64_t ldx, int64_t nt, float* xt, float* out) {
+  const auto packed = float32_kernels().gemm_packed;
+  if (packed == nullptr) {
+    transpose(x, ldx, nt, C, xt, nt);
+    gemm_nn(A, C, xt, nt, out, nt, rows, C, nt, /*accumulate=*/false);
+    return;
+  }
+  for (int64_t j = 0; j < nt; j += 16) {
+    const int64_t w = std::min<int64_t>(16, nt - j);
+    float* panel = xt + (j / 16) * C * 16;
+    if (w < 16) std::fill(panel, panel + C * 16, 0.0f);
+    transpose(x + j * ldx, ldx, w, C, panel, 16);
+  }
+  packed(A, C, xt, out, nt, rows, C, nt, /*bias=*/nullptr, /*gelu=*/false);
+}
+inline void product_with_x_transposed(const double* A, int64_t rows, int64_t C, const double* x,
+                                      int64_t ldx, int64_t nt, double* xt, double* out) {
+  transpose(x, ldx, nt, C, xt, nt);
+  gemm_nn(A, C, xt, nt, out, nt, rows, C, nt, /*accumulate=*/false);
+}
 
 // ---- backward ---------------------------------------------------------------------------------
 //
 // Phase 1, on the small (B, M, C) rows: LayerNorm backward gives dP (the gradient w.r.t. pooled),
 // rowdot[b, m] = <dP, pooled> = rowsum(S o dS) (so the softmax backward needs no extra pass over
 // N), and per-batch partial sums of dweight/dbias.
-// Phase 2, one streaming pass over N in tiles of kPatchTile patches, parallel over (b, tile):
-//   dS = dP.x^T, S = exp(logits - lse), dlogits = S o (dS - rowdot), dx = S^T.dP.
-// Each tile's dlogits columns and dx rows are written by exactly one task: no atomics, and no
-// reduction whose order could depend on the thread count.
+// Phase 2, one streaming pass over N in tiles of kPatchTile patches, parallel over (b, tile), in
+// the cluster-major orientation of the output dlogits (M x nt), so that its rows are written once,
+// in order (a patch-major tile transposed into dlogits's rows cost three times the products' share
+// of the time: 32-byte pieces of 100 lines of fresh memory):
+//   dS   = dP.x^T                         (M x C).(C x nt): x^T packed as the product's 16-column
+//                                         panels straight from the x rows (a transpose in cache)
+//   S    = exp(logits - max) / sum        the vector exp along each cluster's row
+//   dlogits = S o (dS - rowdot)           elementwise, straight into dlogits's rows
+//   dx   = S^T.dP                         (nt x M).(M x C), accumulated in the output tile
+// Cost per tile: 4 nt M C flops in the two products against about 6 nt M elementwise operations and
+// a transpose of nt C (and of nt M for patch-major logits, the clustering heads' layout), all in
+// cache, so at C = 96-384 the products are nearly all of it. Each tile's dlogits columns and dx
+// rows are written by exactly one task: no atomics, and no reduction whose order could depend on
+// the thread count.
 template <typename scalar_t, typename param_t>
 void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logits,
                              const at::Tensor& x, const at::Tensor* weight,
-                             const at::Tensor& pooled, const at::Tensor& lse, double eps,
+                             const at::Tensor& pooled, const at::Tensor& stats, double eps,
                              at::Tensor& dlogits, at::Tensor& dx, at::Tensor& dweight,
                              at::Tensor& dbias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  const Strides sg(grad_out), sl(logits), sx(x), sp(pooled), sls(lse);
+  const Strides sg(grad_out), sl(logits), sx(x), sp(pooled), sst(stats);
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
   const scalar_t* lp = logits.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const acc_t* pp = pooled.const_data_ptr<acc_t>();
-  const acc_t* lsep = lse.const_data_ptr<acc_t>();
+  const acc_t* stp = stats.const_data_ptr<acc_t>();
   // weight was converted to contiguous acc_t by the caller (it is only (C,)).
   const acc_t* wp = weight ? weight->const_data_ptr<acc_t>() : nullptr;
   const acc_t eps_acc = static_cast<acc_t>(eps);
 
-  // Phase 1.
-  std::vector<acc_t> dp(B * M * C), dpt(B * C * M), rowdot(B * M), dw_part(B * C, acc_t(0)),
-      db_part(B * C, acc_t(0));
+  // Phase 1. dP (B, M, C), an operand of both products; per (b, m): rowdot, the softmax max and
+  // 1 / sum.
+  const Scratch<acc_t> dp(ScratchSlot::kCall0, B * M * C), rowdot(ScratchSlot::kCall2, B * M), smax(ScratchSlot::kCall3, B * M),
+      sinv(ScratchSlot::kCall4, B * M), dwb_part(ScratchSlot::kCall5, 2 * B * C);
   const int64_t ln_grain = std::max<int64_t>(1, kGrainSize / (8 * M * C));
   parallel_for(0, B, ln_grain, [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> prow(C), xhat(C), g(C);
     for (int64_t b = lo; b < hi; ++b) {
-      acc_t* dwb = dw_part.data() + b * C;
-      acc_t* dbb = db_part.data() + b * C;
+      acc_t* dwb = dwb_part.data() + 2 * b * C;  // dweight partial, then dbias partial
+      acc_t* dbb = dwb + C;
+      std::fill(dwb, dwb + 2 * C, acc_t(0));
       for (int64_t m = 0; m < M; ++m) {
         const acc_t* psrc = pp + b * sp[0] + m * sp[1];
         const scalar_t* gsrc = gp + b * sg[0] + m * sg[1];
         for (int64_t c = 0; c < C; ++c) prow[c] = psrc[c * sp[2]];
-        acc_t mean = 0;
-        for (int64_t c = 0; c < C; ++c) mean += prow[c];
-        mean /= static_cast<acc_t>(C);
-        acc_t var = 0;
-        for (int64_t c = 0; c < C; ++c) var += (prow[c] - mean) * (prow[c] - mean);
-        var /= static_cast<acc_t>(C);
-        const acc_t rstd = acc_t(1) / std::sqrt(var + eps_acc);
+        // Overflow-free statistics (cpu/math/layernorm.h): xhat from the scaled row, and the
+        // rstd of pooled itself, rstd_q / scale, for dP.
+        const LayerNormStats<acc_t> st = layer_norm_stats(prow.data(), C, eps_acc);
+        const acc_t inv = st.inv_scale, mean = st.mean, rstd = st.rstd * inv;
         acc_t mean_g = 0, mean_gx = 0;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t go = static_cast<acc_t>(gsrc[c * sg[2]]);
-          xhat[c] = (prow[c] - mean) * rstd;
+          xhat[c] = (prow[c] * inv - mean) * st.rstd;
           dwb[c] += go * xhat[c];
           dbb[c] += go;
           g[c] = wp ? go * wp[c] : go;
@@ -359,14 +426,15 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
         mean_g /= static_cast<acc_t>(C);
         mean_gx /= static_cast<acc_t>(C);
         acc_t* dprow = dp.data() + (b * M + m) * C;
-        acc_t* dptb = dpt.data() + b * C * M;  // dP^T (C x M), the right operand of x.dP^T
         acc_t rd = 0;
         for (int64_t c = 0; c < C; ++c) {
           dprow[c] = rstd * (g[c] - mean_g - xhat[c] * mean_gx);
-          dptb[c * M + m] = dprow[c];
           rd += dprow[c] * prow[c];
         }
         rowdot[b * M + m] = rd;
+        const acc_t* st2 = stp + b * sst[0] + m * sst[1];
+        smax[b * M + m] = st2[0];
+        sinv[b * M + m] = acc_t(1) / st2[sst[2]];
       }
     }
   });
@@ -376,8 +444,8 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
     for (int64_t c = 0; c < C; ++c) {
       acc_t sw = 0, sb = 0;
       for (int64_t b = 0; b < B; ++b) {  // fixed order over the batch
-        sw += dw_part[b * C + c];
-        sb += db_part[b * C + c];
+        sw += dwb_part[2 * b * C + c];
+        sb += dwb_part[2 * b * C + C + c];
       }
       dwp[c] = static_cast<param_t>(sw);
       dbp[c] = static_cast<param_t>(sb);
@@ -389,46 +457,48 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();       // (B, N, C) contiguous
   // x rows are used in place when they already are contiguous acc_t vectors (no copy).
   const bool x_direct = std::is_same_v<scalar_t, acc_t> && sx[2] == 1;
-  const int64_t ntile = (N + kPatchTile - 1) / kPatchTile;
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const int64_t tile = balanced_tile(N);
+  const int64_t ntile = (N + tile - 1) / tile;
+  const int64_t xt_size = (kPatchTile + 15) / 16 * 16 * C;  // x^T, panels padded to 16 columns
   const int64_t grain = std::max<int64_t>(1, kGrainSize / (2 * M * C * kPatchTile));
   parallel_for(0, B * ntile, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> xbuf(x_direct ? 0 : kPatchTile * C), s(M * kPatchTile), dst(kPatchTile * M),
-        dxb(std::is_same_v<scalar_t, acc_t> ? 0 : kPatchTile * C);
+    const Scratch<acc_t> xbuf(ScratchSlot::kTask0, x_direct ? 0 : kPatchTile * C),
+        xtbuf(ScratchSlot::kTask1, xt_size), sbuf(ScratchSlot::kTask2, M * kPatchTile),
+        dsbuf(ScratchSlot::kTask3, M * kPatchTile),
+        dxb(ScratchSlot::kTask4, kSameType ? 0 : kPatchTile * C);
+    acc_t* sm = sbuf.data();   // the logits, then S (M x nt)
+    acc_t* ds = dsbuf.data();  // dS (M x nt)
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t b = task / ntile, n0 = (task % ntile) * kPatchTile;
-      const int64_t nt = std::min(kPatchTile, N - n0);
+      const int64_t b = task / ntile, n0 = (task % ntile) * tile;
+      const int64_t nt = std::min(tile, N - n0);
       int64_t ldx;
       const acc_t* xa = x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
-      // dS^T = x.dP^T (nt x M), with x rows as the left operand so that they need no transpose.
-      gemm_nn(xa, ldx, dpt.data() + b * C * M, M, dst.data(), M, nt, C, M, /*accumulate=*/false);
+      // dS = dP.x^T (M x nt).
+      product_with_x_transposed(dp.data() + b * M * C, M, C, xa, ldx, nt, xtbuf.data(), ds);
+      int64_t ldl;
+      const acc_t* lt = logits_tile(lp, sl, b, n0, nt, M, /*patch_major=*/false, sm, ldl);
       for (int64_t m = 0; m < M; ++m) {
-        const scalar_t* lr = lp + b * sl[0] + m * sl[1] + n0 * sl[2];
-        if (task + 1 < hi && (task + 1) % ntile != 0) {
-          prefetch_next_tile(lr, sl[2], nt, std::min(kPatchTile, N - n0 - nt));
-        }
-        acc_t* srow = s.data() + m * nt;
-        const acc_t* lsrc = srow;  // the tile's logits as contiguous acc_t
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (sl[2] == 1) lsrc = lr;
-        }
-        if (lsrc == srow) {
-          for (int64_t i = 0; i < nt; ++i) srow[i] = static_cast<acc_t>(lr[i * sl[2]]);
-        }
-        // S = exp(logits - lse); an all -inf row (lse = -inf) gives NaN, like the reference.
-        exp_shifted(lsrc, lsep[b * sls[0] + m * sls[1]], srow, nt);
-        const acc_t rd = rowdot[b * M + m];
-        const acc_t* dscol = dst.data() + m;
+        // S = exp(logits - max) / sum from the forward's stats: logits - max is exact, so S is
+        // as accurate as torch.softmax's at any logit magnitude. An all -inf row (max = -inf,
+        // sum = 0) gives NaN, like the reference.
+        acc_t* srow = sm + m * nt;
+        exp_shifted(lt + m * ldl, smax[b * M + m], srow, nt);
+        const acc_t inv_sum = sinv[b * M + m], rd = rowdot[b * M + m];
+        const acc_t* dsr = ds + m * nt;
         scalar_t* dlr = dlp + (b * M + m) * N + n0;
         for (int64_t i = 0; i < nt; ++i) {
-          dlr[i] = static_cast<scalar_t>(srow[i] * (dscol[i * M] - rd));
+          const acc_t sv = srow[i] * inv_sum;
+          srow[i] = sv;
+          dlr[i] = static_cast<scalar_t>(sv * (dsr[i] - rd));
         }
       }
       // dx = S^T.dP, accumulated straight into the output when it has the acc dtype.
       scalar_t* dxr = dxp + (b * N + n0) * C;
-      acc_t* dxa = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dxr) : dxb.data();
+      acc_t* dxa = kSameType ? reinterpret_cast<acc_t*>(dxr) : dxb.data();
       std::fill(dxa, dxa + nt * C, acc_t(0));
-      gemm_tn_acc(s.data(), nt, dp.data() + b * M * C, C, dxa, C, M, nt, C);
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      gemm_tn_acc(sm, nt, dp.data() + b * M * C, C, dxa, C, M, nt, C);
+      if constexpr (!kSameType) {
         for (int64_t e = 0; e < nt * C; ++e) dxr[e] = static_cast<scalar_t>(dxb[e]);
       }
     }
@@ -437,10 +507,10 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& x,
-    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& lse,
+    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& stats,
     double eps) {
   check_supported_float(x, kBwdOp, "x");
-  check_pool_bwd_args(grad_out, logits, x, weight, pooled, lse, eps, kBwdOp);
+  check_pool_bwd_args(grad_out, logits, x, weight, pooled, stats, eps, kBwdOp);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   const at::ScalarType acc = acc_dtype(x);
 
@@ -449,7 +519,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   at::Tensor dx = at::empty({B, N, C}, x.options());
   at::Tensor dweight = at::empty({C}, x.options().dtype(pdtype));
   at::Tensor dbias = at::empty({C}, x.options().dtype(pdtype));
-  if (B * M == 0) {  // no clusters: nothing flows back
+  if (B * M == 0 || C == 0) {  // no clusters, or no channels: nothing flows back
+    dlogits.zero_();
     dx.zero_();
     dweight.zero_();
     dbias.zero_();
@@ -462,10 +533,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "cluster_pool_bwd", [&] {
         if (pdtype == x.scalar_type()) {
-          cluster_pool_bwd_kernel<scalar_t, scalar_t>(grad_out, logits, x, wptr, pooled, lse, eps,
+          cluster_pool_bwd_kernel<scalar_t, scalar_t>(grad_out, logits, x, wptr, pooled, stats, eps,
                                                       dlogits, dx, dweight, dbias);
         } else {  // float32 LayerNorm parameters with half/bfloat16 activations
-          cluster_pool_bwd_kernel<scalar_t, float>(grad_out, logits, x, wptr, pooled, lse, eps,
+          cluster_pool_bwd_kernel<scalar_t, float>(grad_out, logits, x, wptr, pooled, stats, eps,
                                                    dlogits, dx, dweight, dbias);
         }
       });

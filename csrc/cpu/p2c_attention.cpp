@@ -8,9 +8,15 @@
 // v. The (N, M) score matrix only ever exists one block at a time. The inputs are read through
 // their strides (q may be a view of a fused qkv projection), outputs are written contiguous.
 //
-// Backward (flash-attention style, P recomputed from q, k and the saved log-sum-exp):
-//   D_n = <dO_n, O_n>,  dP = dO.v^T,  dS = P o (dP - D),
+// Backward (flash-attention style: nothing but q, k, v and dO is read; every row's whole score
+// vector sits in the block buffer, since M is small):
+//   s = scale * q.k^T,  P = exp(s - rowmax s) / rowsum,  dP = dO.v^T,
+//   D_n = rowsum_m(P o dP),  dS = P o (dP - D),
 //   dq = scale * dS.k,  dk = scale * sum_n dS^T.q,  dv = sum_n P^T.dO.
+// P and D come from the backward's own scores, as in PyTorch's softmax backward: s - rowmax is
+// exact, where exp(s - lse) with a saved fp32 lse carries its rounding (~|s| * 2^-24 relative, 6e-4
+// at |s| ~ 1e4) into P; and D = rowsum(P o dP) cancels dP exactly in a saturated row (P one-hot:
+// dS = 0), where <dO, O> from the stored (rounded) output does not.
 // dq rows belong to one task. dk/dv are reductions over N: each task owns a fixed chunk of
 // kChunkRows queries and writes a partial (M, d) sum, and the partials are added in chunk order
 // afterwards. The chunking depends only on N, never on the thread count, so the result is
@@ -46,10 +52,14 @@ namespace {
 constexpr const char* kFwdOp = "paca_kernels::p2c_attention_fwd";
 constexpr const char* kBwdOp = "paca_kernels::p2c_attention_bwd";
 // Query rows per inner block: the block's scores (kQueryBlock x M) and its q/dO rows stay in L1/L2.
-constexpr int64_t kQueryBlock = 32;
-// Query rows per backward task (one partial dk/dv buffer each). Fixed, so that the reduction
-// order does not depend on the number of threads.
-constexpr int64_t kChunkRows = 256;
+// A multiple of the products' 6-row register tiles (32 had left a 2-row tile per block, 10 % of the
+// backward's product time at PaCa-ViT-Tiny stage 3), and long enough that the backward's dk/dv
+// products (reductions over the block's rows into (M, d) partials that they load and store once
+// per block) reduce over more rows per load.
+constexpr int64_t kQueryBlock = 48;
+// Query rows per backward task (one partial dk/dv buffer each), a multiple of kQueryBlock. Fixed,
+// so that the reduction order does not depend on the number of threads.
+constexpr int64_t kChunkRows = 5 * kQueryBlock;
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
   check_supported_float(q, op, "q");
@@ -112,8 +122,9 @@ void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   acc_t* lp = lse.mutable_data_ptr<acc_t>();         // (B, h, N) contiguous
   const acc_t sc = static_cast<acc_t>(scale);
 
-  // Packed keys (scaled, d x M) and values (M x d) per (b, head): B*h*M*d elements each, small.
-  std::vector<acc_t> kt(static_cast<size_t>(B * H * M * D)), vv(static_cast<size_t>(B * H * M * D));
+  // Packed keys (scaled, d x M) and values (M x d) per (b, head): B*h*M*d elements each, small
+  // (uninitialised scratch: a zero-filled std::vector cost a pass over them on the calling thread).
+  const Scratch<acc_t> kt(ScratchSlot::kCall0, B * H * M * D), vv(ScratchSlot::kCall1, B * H * M * D);
   const int64_t pack_grain = std::max<int64_t>(1, kGrainSize / (M * D));
   parallel_for(0, B * H, pack_grain, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
@@ -127,7 +138,8 @@ void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // One task = one query block of one (b, head): ~2 * kQueryBlock * M * D multiply-adds.
   const int64_t grain = std::max<int64_t>(1, kGrainSize / (2 * kQueryBlock * M * D));
   parallel_for(0, B * H * nblk, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qbuf(kQueryBlock * D), obuf(kQueryBlock * D), s(kQueryBlock * M);
+    const Scratch<acc_t> qbuf(ScratchSlot::kTask0, kQueryBlock * D),
+        obuf(ScratchSlot::kTask1, kQueryBlock * D), s(ScratchSlot::kTask2, kQueryBlock * M);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bh = task / nblk, blk = task % nblk;
       const int64_t b = bh / H, hd = bh % H;
@@ -185,17 +197,15 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cpu(const at::Tensor& q, co
 
 template <typename scalar_t>
 void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                    double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                    const at::Tensor& v, double scale, at::Tensor& dq, at::Tensor& dk,
+                    at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
-  const Strides sq(q), sk(k), sv(v), sg(grad_out), so(out), sl(lse);
+  const Strides sq(q), sk(k), sv(v), sg(grad_out);
   const scalar_t* qp = q.const_data_ptr<scalar_t>();
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* outp = out.const_data_ptr<scalar_t>();
-  const acc_t* lp = lse.const_data_ptr<acc_t>();
   scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();  // all three (B, *, h, d) contiguous
   scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
   scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
@@ -204,7 +214,8 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
 
   // Per (b, head): k^T scaled (d x M) for the scores, v^T (d x M) for dP = dO.v^T, and k scaled
   // (M x d) for dq = dS.(scale k).
-  std::vector<acc_t> kt(B * H * MD), vt(B * H * MD), ks(B * H * MD);
+  const Scratch<acc_t> kt(ScratchSlot::kCall0, B * H * MD), vt(ScratchSlot::kCall1, B * H * MD),
+      ks(ScratchSlot::kCall2, B * H * MD);
   parallel_for(0, B * H, std::max<int64_t>(1, kGrainSize / MD), [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, hd = bh % H;
@@ -216,11 +227,13 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
 
   const int64_t nchunk = (N + kChunkRows - 1) / kChunkRows;
   // Partial sums over each chunk's queries: dS^T.q (scaled at the end) and P^T.dO.
-  std::vector<acc_t> dk_part(B * H * nchunk * MD), dv_part(B * H * nchunk * MD);
+  const Scratch<acc_t> dk_part(ScratchSlot::kCall3, B * H * nchunk * MD),
+      dv_part(ScratchSlot::kCall4, B * H * nchunk * MD);
   const int64_t grain = std::max<int64_t>(1, kGrainSize / (5 * kChunkRows * MD));
   parallel_for(0, B * H * nchunk, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qbuf(kQueryBlock * D), gbuf(kQueryBlock * D), obuf(kQueryBlock * D),
-        dqbuf(kQueryBlock * D), p(kQueryBlock * M), ds(kQueryBlock * M);
+    const Scratch<acc_t> qbuf(ScratchSlot::kTask0, kQueryBlock * D),
+        gbuf(ScratchSlot::kTask1, kQueryBlock * D), dqbuf(ScratchSlot::kTask2, kQueryBlock * D),
+        p(ScratchSlot::kTask3, kQueryBlock * M), ds(ScratchSlot::kTask4, kQueryBlock * M);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bh = task / nchunk, chunk = task % nchunk;
       const int64_t b = bh / H, hd = bh % H;
@@ -236,18 +249,20 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
         const int64_t rows = std::min(kQueryBlock, c_end - n0);
         const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf.data());
         const auto [ga, ldg] = rows_as_acc(gp, sg, b, hd, n0, rows, D, gbuf.data());
-        const auto [oa, ldo] = rows_as_acc(outp, so, b, hd, n0, rows, D, obuf.data());
-        // P = exp(q.k^T * scale - lse), recomputed rather than stored by the forward.
+        // s = q.(scale k)^T, recomputed rather than stored by the forward.
         gemm_nn(qa, ldq, ktp, M, p.data(), M, rows, D, M, /*accumulate=*/false);
         // dP = dO.v^T
         gemm_nn(ga, ldg, vtp, M, ds.data(), M, rows, D, M, /*accumulate=*/false);
-        const acc_t* lrow = lp + b * sl[0] + hd * sl[1] + n0 * sl[2];
         for (int64_t i = 0; i < rows; ++i) {
           acc_t* prow = p.data() + i * M;
           acc_t* dsrow = ds.data() + i * M;
-          exp_shifted(prow, lrow[i * sl[2]], prow, M);
-          // D_i = <dO_i, O_i> = rowsum(P o dP): the softmax Jacobian's rank-one part.
-          const acc_t di = row_dot(ga + i * ldg, oa + i * ldo, D);
+          // P = softmax of this row of s, as the forward computed it (an all -inf row gives NaN).
+          const RowExp<acc_t> e = exp_minus_row_max(prow, prow, M);
+          const acc_t inv = acc_t(1) / e.sum;
+          for (int64_t m = 0; m < M; ++m) prow[m] *= inv;
+          // D_i = rowsum(P o dP): the softmax Jacobian's rank-one part, from the same P and dP
+          // that it multiplies, so a one-hot row gives dS = 0 exactly.
+          const acc_t di = row_dot(prow, dsrow, M);
           for (int64_t m = 0; m < M; ++m) dsrow[m] = prow[m] * (dsrow[m] - di);
         }
         scalar_t* dq0 = dqp + ((b * N + n0) * H + hd) * D;
@@ -269,11 +284,11 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   // Fixed-order reduction of the chunk partials into dk, dv (B, M, h, d).
   parallel_for(0, B * H, std::max<int64_t>(1, kGrainSize / (nchunk * MD)),
                    [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> dks(MD), dvs(MD);
+    const Scratch<acc_t> dks(ScratchSlot::kTask0, MD), dvs(ScratchSlot::kTask1, MD);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, hd = bh % H;
-      std::fill(dks.begin(), dks.end(), acc_t(0));
-      std::fill(dvs.begin(), dvs.end(), acc_t(0));
+      std::fill(dks.data(), dks.data() + MD, acc_t(0));
+      std::fill(dvs.data(), dvs.data() + MD, acc_t(0));
       for (int64_t c = 0; c < nchunk; ++c) {
         const acc_t* pk = dk_part.data() + (bh * nchunk + c) * MD;
         const acc_t* pv = dv_part.data() + (bh * nchunk + c) * MD;
@@ -296,10 +311,10 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic) {
+    double scale, bool deterministic) {
   // `deterministic` needs no special path: the CPU reduction over N is always in a fixed order.
   check_supported_float(q, kBwdOp, "q");
-  check_p2c_bwd_args(grad_out, q, k, v, out, lse, kBwdOp);
+  check_p2c_bwd_args(grad_out, q, k, v, kBwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
 
   at::Tensor dq = at::empty(q.sizes(), q.options());
@@ -313,8 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "p2c_attention_bwd",
                                   [&] {
-                                    p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, out, lse, scale,
-                                                             dq, dk, dv);
+                                    p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, scale, dq, dk, dv);
                                   });
   return {dq, dk, dv};
 }

@@ -9,7 +9,7 @@
 // running sum l, float accumulator rescaled when the max grows):
 //     m' = max(m, rowmax(t))   alpha = exp(m - m')   p = exp(t - m')
 //     l' = alpha*l + rowsum(p)     acc' = alpha*acc + p.x_tile
-// then pooled = acc / l, lse = m + log l and the LayerNorm over C in the epilogue. When B * M/BM
+// then pooled = acc / l, stats = (m, l) and the LayerNorm over C in the epilogue. When B * M/BM
 // CTAs cannot fill the GPU, N is split across CTAs (flash-decoding style): each writes its partial
 // (m, l, acc) and a second kernel merges them in split order (deterministic), then normalises.
 //
@@ -18,7 +18,9 @@
 //        dP = rstd * (g - mean_c g - xhat * mean_c(g*xhat)),  g = grad_out * weight,
 //      rowdot = <dP, pooled> (= rowsum(S o dS), so the softmax backward needs no extra pass), and
 //      per row-group partial sums of dweight = sum grad_out*xhat and dbias = sum grad_out;
-//   2. per tile of BK patches, all clusters in chunks of BM, with S = exp(logits - lse):
+//   2. per tile of BK patches, all clusters in chunks of BM, with S = exp(logits - m) / l (the
+//      forward's max and sum kept apart: logits - m is exact, where a rounded lse = m + log l of 1e4
+//      would put 2e-4 relative error into S):
 //        dS = dP.x^T,  dlogits = S o (dS - rowdot),  dx = sum_m S^T.dP
 //      (each CTA owns its dlogits columns and dx rows: no atomics);
 //   3. dweight/dbias: the row-group partials added in group order.
@@ -91,7 +93,7 @@ struct FwdLayout {
 
 struct BwdLayout {
   int Cp, ldx, lds;
-  size_t off_dx, off_dp, off_s, off_ds, off_lse, off_rd, total;
+  size_t off_dx, off_dp, off_s, off_ds, off_max, off_inv, off_rd, total;
   __host__ __device__ static BwdLayout make(int64_t C, int pad, int BM, int BK) {
     BwdLayout l{};
     l.Cp = static_cast<int>(round_up(C, pad));
@@ -106,7 +108,9 @@ struct BwdLayout {
     off += align128(sizeof(float) * BM * l.lds);
     l.off_ds = off;
     off += align128(sizeof(float) * BM * l.lds);
-    l.off_lse = off;
+    l.off_max = off;
+    off += align128(sizeof(float) * BM);
+    l.off_inv = off;
     off += align128(sizeof(float) * BM);
     l.off_rd = off;
     off += align128(sizeof(float) * BM);
@@ -115,24 +119,63 @@ struct BwdLayout {
   }
 };
 
+// The power of two a pooled row is divided by before its LayerNorm statistics, so that the squares
+// neither overflow (a row of 1e20: var = inf, and the LayerNorm returned the bias, finite and wrong)
+// nor underflow (1e-20); LayerNorm is invariant under it with eps scaled alike, and the division is
+// exact. The rule of csrc/cpu/math/layernorm.h (and of the Triton kernels and the reference):
+// 2^floor(log2 amax), clamped to [max(2^floor(log2 sqrt(eps)) * 2^-40, 2^-95), 2^100] so that
+// eps / scale^2 stays finite and 1 / scale normal; 1 for a zero, inf or NaN row.
+__device__ __forceinline__ float layer_norm_scale(float amax, float eps) {
+  if (!(amax > 0.f) || !(amax <= 3.40282347e38f)) return 1.f;
+  int e = 0;
+  frexpf(amax, &e);  // amax in [2^(e-1), 2^e)
+  int lo = -95;
+  if (eps > 0.f) {
+    int k = 0;
+    frexpf(sqrtf(eps), &k);
+    lo = k - 41 > lo ? k - 41 : lo;
+  }
+  const int p = e - 1 < lo ? lo : (e - 1 > 100 ? 100 : e - 1);
+  return ldexpf(1.f, p);
+}
+
+// Row statistics for the LayerNorm over C, one warp (lane owns columns lane, lane+32, ...):
+// inv = 1 / scale, mean and rstd of q = row * inv; xhat = (row * inv - mean) * rstd, and the rstd
+// of the row itself is rstd * inv.
+struct LnStats {
+  float inv, mean, rstd;
+};
+template <typename Load>
+__device__ __forceinline__ LnStats layer_norm_stats(Load load, int64_t C, float eps) {
+  const int lane = threadIdx.x % kWarp;
+  float amax = 0.f;  // fmaxf skips NaN: a NaN still poisons the sums below
+  for (int64_t c = lane; c < C; c += kWarp) amax = fmaxf(amax, fabsf(load(c)));
+  const float inv = 1.f / layer_norm_scale(warp_max(amax), eps);
+  float s = 0.f;
+  for (int64_t c = lane; c < C; c += kWarp) s += load(c) * inv;
+  const float mean = warp_sum(s) / static_cast<float>(C);
+  float s2 = 0.f;
+  for (int64_t c = lane; c < C; c += kWarp) {
+    const float d = load(c) * inv - mean;
+    s2 += d * d;
+  }
+  const float var = warp_sum(s2) / static_cast<float>(C);  // biased variance
+  // eps / scale^2 underflows for huge rows: floored at FLT_MIN, which only matters for an exactly
+  // constant row (every deviation 0, and 0 * rstd stays 0).
+  const float eps_q = fmaxf(eps * inv * inv, 1.17549435e-38f);
+  return {inv, mean, 1.f / sqrtf(var + eps_q)};
+}
+
 // Normalised pooled row -> LayerNorm over C -> out row; one warp, each lane owning columns
 // c = lane, lane+32, ... of `row` (which it wrote itself: no synchronisation needed).
 template <typename T>
 __device__ __forceinline__ void layernorm_row(const float* row, int64_t C, float eps,
                                               const float* weight, const float* bias, T* out_row) {
   const int lane = threadIdx.x % kWarp;
-  float s = 0.f;
-  for (int64_t c = lane; c < C; c += kWarp) s += row[c];
-  const float mean = warp_sum(s) / static_cast<float>(C);
-  float s2 = 0.f;
+  const LnStats st = layer_norm_stats([&](int64_t c) { return row[c]; }, C, eps);
+  const float inv = st.inv, mean = st.mean, rstd = st.rstd;
   for (int64_t c = lane; c < C; c += kWarp) {
-    const float d = row[c] - mean;
-    s2 += d * d;
-  }
-  const float var = warp_sum(s2) / static_cast<float>(C);  // biased variance
-  const float rstd = 1.f / sqrtf(var + eps);
-  for (int64_t c = lane; c < C; c += kWarp) {
-    float y = (row[c] - mean) * rstd;
+    float y = (row[c] * inv - mean) * rstd;
     if (weight != nullptr) y *= weight[c];
     if (bias != nullptr) y += bias[c];
     out_row[c] = from_float<T>(y);
@@ -141,7 +184,7 @@ __device__ __forceinline__ void layernorm_row(const float* row, int64_t C, float
 
 // ---- forward -----------------------------------------------------------------------------------
 
-// grid (cluster blocks, min(B, 65535), splits). SPLIT=false: writes out, pooled, lse. SPLIT=true:
+// grid (cluster blocks, min(B, 65535), splits). SPLIT=false: writes out, pooled, stats. SPLIT=true:
 // writes the partial state part_m, part_l (B, S, M) and part_acc (B, S, M, C).
 template <typename T, int BM, int BK, bool SPLIT>
 __global__ void __launch_bounds__(kThreads, kMinCtas)
@@ -230,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
         }
         for (int64_t c = lane; c < a.C; c += kWarp) part_acc[prow * a.C + c] = arow[c];
       } else {
-        // All logits -inf: l = 0, pooled = 0 * inf = NaN and lse = -inf, as torch.softmax gives.
+        // All logits -inf: l = 0, pooled = 0 * inf = NaN (as torch.softmax gives), stats (-inf, 0).
         const float l = sSum[r];
         const float inv = 1.f / l;
         const int64_t row = b * a.M + m;
@@ -239,7 +282,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
           arow[c] = p;
           a.pooled[row * a.C + c] = p;
         }
-        if (lane == 0) a.lse[row] = sM[r] + logf(l);
+        if (lane == 0) {
+          a.stats[2 * row] = sM[r];
+          a.stats[2 * row + 1] = l;
+        }
         layernorm_row(arow, a.C, a.eps, a.weight, a.bias, static_cast<T*>(a.out) + row * a.C);
       }
     }
@@ -249,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
 
 // Merges the S split states of each (b, m) row in split order, one warp per row:
 //   m* = max_s m_s,  w_s = exp(m_s - m*),  l = sum_s w_s l_s,  pooled = sum_s w_s acc_s / l,
-// then lse and the LayerNorm. A split that saw only -inf has m_s = -inf and weight 0.
+// then stats and the LayerNorm. A split that saw only -inf has m_s = -inf and weight 0.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     pool_merge_kernel(const PoolFwdArgs a, int64_t splits, const float* part_m,
@@ -278,7 +324,10 @@ __global__ void __launch_bounds__(kThreads)
       }
       prow[c] = acc * inv;
     }
-    if (lane == 0) a.lse[row] = gmx + logf(l);
+    if (lane == 0) {
+      a.stats[2 * row] = gmx;
+      a.stats[2 * row + 1] = l;
+    }
     layernorm_row(prow, a.C, a.eps, a.weight, a.bias, static_cast<T*>(a.out) + row * a.C);
   }
 }
@@ -304,19 +353,14 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = row / a.M, m = row % a.M;
     const float* prow = a.pooled + b * a.sp[0] + m * a.sp[1];
     const T* grow = go + b * a.sg[0] + m * a.sg[1];
-    float s = 0.f;
-    for (int64_t c = lane; c < a.C; c += kWarp) s += prow[c * a.sp[2]];
-    const float mean = warp_sum(s) * invC;
-    float s2 = 0.f;
-    for (int64_t c = lane; c < a.C; c += kWarp) {
-      const float d = prow[c * a.sp[2]] - mean;
-      s2 += d * d;
-    }
-    const float rstd = 1.f / sqrtf(warp_sum(s2) * invC + a.eps);
+    // Overflow-free statistics (layer_norm_stats): xhat from the scaled row; the rstd of pooled
+    // itself, for dP, is rstd_q * inv.
+    const LnStats st = layer_norm_stats([&](int64_t c) { return prow[c * a.sp[2]]; }, a.C, a.eps);
+    const float inv = st.inv, mean = st.mean, rstd_q = st.rstd, rstd = rstd_q * inv;
     float sg = 0.f, sgx = 0.f;
     for (int64_t c = lane; c < a.C; c += kWarp) {
       const float gout = to_float(grow[c * a.sg[2]]);
-      const float xhat = (prow[c * a.sp[2]] - mean) * rstd;
+      const float xhat = (prow[c * a.sp[2]] * inv - mean) * rstd_q;
       const float gc = a.weight != nullptr ? gout * a.weight[c] : gout;
       sg += gc;
       sgx += gc * xhat;
@@ -332,7 +376,7 @@ __global__ void __launch_bounds__(kThreads)
     float rd = 0.f;
     for (int64_t c = lane; c < a.C; c += kWarp) {
       const float p = prow[c * a.sp[2]];
-      const float xhat = (p - mean) * rstd;
+      const float xhat = (p * inv - mean) * rstd_q;
       const float gout = to_float(grow[c * a.sg[2]]);
       const float gc = a.weight != nullptr ? gout * a.weight[c] : gout;
       const float d = rstd * (gc - mean_g - xhat * mean_gx);
@@ -372,7 +416,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
   float* sDP = reinterpret_cast<float*>(smem + L.off_dp);
   float* sS = reinterpret_cast<float*>(smem + L.off_s);
   float* sDS = reinterpret_cast<float*>(smem + L.off_ds);
-  float* sLse = reinterpret_cast<float*>(smem + L.off_lse);
+  float* sMax = reinterpret_cast<float*>(smem + L.off_max);
+  float* sInv = reinterpret_cast<float*>(smem + L.off_inv);
   float* sRd = reinterpret_cast<float*>(smem + L.off_rd);
 
   const T* logits = static_cast<const T*>(a.logits);
@@ -391,18 +436,25 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
       load_tile<kThreads>(sDP, L.ldx, dp + b * a.M * a.C, a.C, 1, m0, a.M, a.C, BM, L.Cp, 0.f);
       if (threadIdx.x < BM) {
         const int64_t m = m0 + threadIdx.x;
-        sLse[threadIdx.x] = m < a.M ? a.lse[b * a.sls[0] + m * a.sls[1]] : 0.f;
+        float mx = 0.f, inv = 0.f;
+        if (m < a.M) {
+          const float* st = a.stats + b * a.sst[0] + m * a.sst[1];
+          mx = st[0];
+          inv = 1.f / st[a.sst[2]];
+        }
+        sMax[threadIdx.x] = mx;
+        sInv[threadIdx.x] = inv;
         sRd[threadIdx.x] = m < a.M ? rowdot[b * a.M + m] : 0.f;
       }
       __syncthreads();
-      // S = exp(logits - lse), exactly 0 outside the real (m, n) range. An all -inf row
-      // (lse = -inf) gives NaN, like the reference.
+      // S = exp(logits - max) / sum, exactly 0 outside the real (m, n) range. An all -inf row
+      // (max = -inf, sum = 0) gives NaN, like the reference.
       for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
         const int r = idx / BK, c = idx - r * BK;
         const int64_t m = m0 + r, n = n0 + c;
         float s = 0.f;
         if (m < a.M && n < a.N) {
-          s = expf(to_float(logits[b * a.sl[0] + m * a.sl[1] + n * a.sl[2]]) - sLse[r]);
+          s = expf(to_float(logits[b * a.sl[0] + m * a.sl[1] + n * a.sl[2]]) - sMax[r]) * sInv[r];
         }
         sS[r * L.lds + c] = s;
       }

@@ -53,12 +53,8 @@ struct P2CBwdArgs {
   int64_t sk[4];
   const void* v;
   int64_t sv[4];
-  const void* out;  // (B, N, H, D) forward output
-  int64_t so[4];
   const void* grad_out;  // (B, N, H, D)
   int64_t sg[4];
-  const float* lse;  // (B, H, N) from the forward
-  int64_t sl[3];
   void* dq;  // (B, N, H, D) contiguous, dtype
   void* dk;  // (B, M, H, D) contiguous, dtype
   void* dv;  // (B, M, H, D) contiguous, dtype
@@ -91,7 +87,7 @@ struct PoolFwdArgs {
   const float* bias;    // (C,) contiguous float32, or nullptr
   void* out;            // (B, M, C) contiguous, dtype
   float* pooled;        // (B, M, C) contiguous
-  float* lse;           // (B, M) contiguous
+  float* stats;         // (B, M, 2) contiguous: row max, row sum of exp(logits - max)
 };
 
 // How the forward is split: CTA tile sizes, and the number of N splits (flash-decoding style, for
@@ -127,8 +123,8 @@ struct PoolBwdArgs {
   const float* weight;  // (C,) contiguous float32, or nullptr
   const float* pooled;  // (B, M, C) from the forward
   int64_t sp[3];
-  const float* lse;  // (B, M) from the forward
-  int64_t sls[2];
+  const float* stats;  // (B, M, 2) from the forward: row max, row sum
+  int64_t sst[3];
   void* dlogits;  // (B, M, N) contiguous, dtype
   void* dx;       // (B, N, C) contiguous, dtype
   void* dweight;  // (C,), float32 when param_fp32 else dtype

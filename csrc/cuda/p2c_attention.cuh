@@ -17,9 +17,18 @@
 // with zeros to multiples of 16 (padded keys get probability 0). float32: fp32 FMA, padding to 4.
 //
 // Forward, per CTA:  S = q.k^T (chunks of keys) ; P = exp(S*scale - max) / sum ; O = P.v (chunks).
-// Backward, per CTA (flash-attention style, P recomputed from q, k and the saved lse), per chunk:
-//   P = exp(S*scale - lse), dP = dO.v^T, dS = P o (dP - D) with D = rowsum(dO o O),
-//   dq += dS.k (kept in shared memory, times scale at the end), dv_c = P^T.dO, dk_c = dS^T.q.
+// Backward, per CTA, from q, k, v and dO alone (nothing saved by the forward), in two sweeps over
+// the key chunks of each query tile:
+//   1. S = q.k^T*scale and dP = dO.v^T per chunk; per row, online: m = max S, l = sum exp(S - m),
+//      sum exp(S - m) dP; then D = rowsum(P o dP) = (sum exp(S - m) dP) / l.
+//   2. S and dP again, P = exp(S - m) / l, dS = P o (dP - D), dq += dS.k (kept in shared memory,
+//      times scale at the end), dv_c = P^T.dO, dk_c = dS^T.q.
+// P and D thus come from the same scores and dP, as in PyTorch's softmax backward: S - m is exact
+// (exp(S - lse) with a saved fp32 lse carries ~|S| * 2^-24 relative error into P), and a saturated
+// row (P one-hot) gives dS = 0 exactly (D = rowsum(dO o O) from the rounded output does not cancel
+// dP). D needs the whole row before any dS, hence the first sweep: it recomputes the S and dP
+// products once more (7 block products per chunk instead of 5) rather than hold a BN x M block of
+// each in shared memory, which M = 256, d = 128 leaves no room for.
 // dk/dv are sums over N: fp32 atomics into a (B, M, H, D) buffer, or (deterministic) each CTA owns a
 // fixed group of query tiles and a private (B, M, H, D) slice of partial sums that a second kernel
 // adds in group order (bitwise reproducible). That kernel also applies scale to dk and converts.
@@ -86,7 +95,7 @@ struct FwdLayout {
 
 struct BwdLayout {
   int Mp, Dp, ldq, ldkv, ldc, ldp, ldf;
-  size_t off_do, off_k, off_v, off_k2, off_v2, off_s, off_dp, off_p, off_ds, off_dq, off_stage, off_lse, off_d,
+  size_t off_do, off_k, off_v, off_k2, off_v2, off_s, off_dp, off_p, off_ds, off_dq, off_stage, off_stats,
       total;
   template <typename T>
   __host__ __device__ static BwdLayout make(int64_t M, int64_t D) {
@@ -120,8 +129,7 @@ struct BwdLayout {
     l.off_ds = take(sizeof(T) * BN * l.ldp);
     l.off_dq = take(sizeof(float) * BN * l.ldf);
     l.off_stage = take(sizeof(float) * KC * l.ldf);
-    l.off_lse = take(sizeof(float) * BN);
-    l.off_d = take(sizeof(float) * BN);
+    l.off_stats = take(sizeof(float) * 3 * BN);  // per row: max, then 1 / sum, and D
     l.total = off;
     return l;
   }
@@ -256,6 +264,17 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
 
 // ---- backward ----------------------------------------------------------------------------------
 
+// S * scale rounded to float and never contracted into an FMA with the subtraction that follows:
+// the backward computes it in both sweeps (the row max, then every exponent) and needs the same bits
+// each time, so that the maximal score gives exp(0) = 1 exactly.
+__device__ __forceinline__ float scaled_score(float s, float scale) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(s, scale);
+#else
+  return s * scale;  // the host build (CPU emulation) does not contract across statements' roundings
+#endif
+}
+
 // Tiles [tile_begin, tile_end) of query rows of one CTA; its dk/dv partial sums go to `acc_k` /
 // `acc_v`: atomically (shared (B, M, H, D) buffer) or, deterministic, into the CTA group's private
 // slice (written by its first tile, added to by the next ones, in tile order).
@@ -279,13 +298,13 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
   T* sdS = reinterpret_cast<T*>(smem + L.off_ds);
   float* sdQ = reinterpret_cast<float*>(smem + L.off_dq);
   float* sStage = reinterpret_cast<float*>(smem + L.off_stage);
-  float* sLse = reinterpret_cast<float*>(smem + L.off_lse);
-  float* sD = reinterpret_cast<float*>(smem + L.off_d);
+  float* sMax = reinterpret_cast<float*>(smem + L.off_stats);  // row max of S*scale
+  float* sSum = sMax + BN;  // sum exp(S*scale - max) while sweeping; then its inverse
+  float* sD = sMax + 2 * BN;  // sum exp(S*scale - max) dP while sweeping; then D
 
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
-  const T* o = static_cast<const T*>(a.out);
   const T* g = static_cast<const T*>(a.grad_out);
   T* dq = static_cast<T*>(a.dq);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -305,8 +324,11 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
     // (The source pointers are recomputed where used: fewer registers live across the products.)
     constexpr bool async = kAsync;
     const int pair = static_cast<int>((L.off_k2 - L.off_k) / sizeof(T));  // = off_v2 - off_v
-    auto issue = [&](int k0) {  // chunk k0 / KC, keys and values, one cp.async group
-      const int shift = (k0 / KC) % 2 != 0 ? pair : 0;
+    const int chunks = static_cast<int>(cdiv(L.Mp, KC));
+    // Step j of a tile's 2 * chunks steps (both sweeps) takes key chunk j % chunks, in buffer j % 2.
+    auto issue = [&](int j) {  // step j's keys and values, one cp.async group
+      const int shift = j % 2 != 0 ? pair : 0;
+      const int k0 = (j % chunks) * KC;
       const int kc = static_cast<int>(imin(KC, L.Mp - k0));
       load_tile_async2<kThreads>(sK + shift, sV + shift, L.ldkv, k + b * a.sk[0] + hd * a.sk[2],
                                  a.sk[1], v + b * a.sv[0] + hd * a.sv[2], a.sv[1], k0, M, D, kc,
@@ -321,35 +343,26 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
                           BN, L.Dp, 0.f);
       for (int idx = threadIdx.x; idx < BN * L.Dp; idx += kThreads) sdQ[(idx / L.Dp) * L.ldf +
                                                                         idx % L.Dp] = 0.f;
-      // D_n = <dO_n, O_n> (= rowsum(P o dP): the softmax Jacobian's rank-one part) and lse, per row.
-      for (int r = warp; r < BN; r += kWarps) {
-        const int64_t n = n0 + r;
-        float dsum = 0.f;
-        if (n < a.N) {
-          const T* orow = o + b * a.so[0] + n * a.so[1] + hd * a.so[2];
-          const T* grow = g + b * a.sg[0] + n * a.sg[1] + hd * a.sg[2];
-          for (int j = lane; j < D; j += kWarp) {
-            dsum += to_float(grow[j * a.sg[3]]) * to_float(orow[j * a.so[3]]);
-          }
-        }
-        dsum = warp_sum(dsum);
-        if (lane == 0) {
-          sD[r] = dsum;
-          sLse[r] = n < a.N ? a.lse[b * a.sl[0] + hd * a.sl[1] + n * a.sl[2]] : 0.f;
-        }
+      // Running row statistics of the first sweep (padded rows: q = 0 there, finite scores).
+      for (int r = threadIdx.x; r < BN; r += kThreads) {
+        sMax[r] = -INFINITY;
+        sSum[r] = 0.f;
+        sD[r] = 0.f;
       }
-      for (int k0 = 0; k0 < L.Mp; k0 += KC) {
+#pragma unroll 1
+      for (int j = 0; j < 2 * chunks; ++j) {
+        const int k0 = (j < chunks ? j : j - chunks) * KC;
         const int kc = static_cast<int>(imin(KC, L.Mp - k0));
-        __syncthreads();  // sK/sV/sS/sdP/sP/sdS/sStage free again (and the loads above visible)
-        const int shift = async && (k0 / KC) % 2 != 0 ? pair : 0;
-        const T* cK = sK + shift;  // this chunk's keys and values
+        __syncthreads();  // sK/sV/sS/sdP/sP/sdS/sStage free again (and the stores above visible)
+        const int shift = async && j % 2 != 0 ? pair : 0;
+        const T* cK = sK + shift;  // this step's keys and values
         const T* cV = sV + shift;
         if constexpr (kAsync) {
-          // Chunk c + 1 into the buffers chunk c - 1 used (read before the sync above); the first
-          // chunk also issues chunk 0 itself. One issue site (a second inlined copy made ptxas spill).
+          // Step j + 1 into the buffers step j - 1 used (read before the sync above); the first
+          // step also issues step 0 itself. One issue site (a second inlined copy made ptxas spill).
 #pragma unroll 1
-          for (int c0 = k0 == 0 ? 0 : k0 + KC; c0 <= k0 + KC && c0 < L.Mp; c0 += KC) issue(c0);
-          if (k0 + KC < L.Mp) {
+          for (int j1 = j == 0 ? 0 : j + 1; j1 <= j + 1 && j1 < 2 * chunks; ++j1) issue(j1);
+          if (j + 1 < 2 * chunks) {
             cp_async_wait<1>();
           } else {
             cp_async_wait<0>();
@@ -366,11 +379,48 @@ __global__ void __launch_bounds__(kThreads, kMinCtas)
         block_gemm<Tl::kMma, Lay::kRow, Lay::kCol, kThreads>(sdP, L.ldc, sdO, L.ldq, cV, L.ldkv,
                                                              BN, kc, L.Dp, false);
         __syncthreads();
+        if (j < chunks) {  // the statistics sweep
+          // One warp per row: fold this chunk's real keys into m, l and sum exp(S - m) dP, rescaling
+          // the sums by exp(m_old - m_new) when the max grows. Bitwise the same S*scale as the second
+          // sweep (same products, scaled_score), so exp(S*scale - m) is exactly 1 at the max.
+          const bool last = j + 1 == chunks;
+          for (int r = warp; r < BN; r += kWarps) {
+            const float* srow = sS + r * L.ldc;
+            const float* dprow = sdP + r * L.ldc;
+            const int cend = static_cast<int>(imin(kc, M - k0));  // this chunk's real keys
+            float mx = -INFINITY;
+#pragma unroll 1
+            for (int c = lane; c < cend; c += kWarp) {
+              mx = fmaxf(mx, scaled_score(srow[c], a.scale));
+            }
+            const float m_old = sMax[r];
+            const float m_new = fmaxf(m_old, warp_max(mx));
+            float l = 0.f, dn = 0.f;
+#pragma unroll 1
+            for (int c = lane; c < cend; c += kWarp) {
+              const float e = expf(scaled_score(srow[c], a.scale) - m_new);
+              l += e;
+              dn += e * dprow[c];
+            }
+            l = warp_sum(l);
+            dn = warp_sum(dn);
+            if (lane == 0) {
+              // m_old = m_new (also both -inf: nothing summed yet): no rescaling.
+              const float alpha = m_old == m_new ? 1.f : expf(m_old - m_new);
+              l += alpha * sSum[r];
+              dn += alpha * sD[r];
+              sMax[r] = m_new;
+              sSum[r] = last ? 1.f / l : l;
+              sD[r] = last ? dn / l : dn;
+            }
+          }
+          continue;  // the next step's first sync orders these stores before any read
+        }
         // P and dS; padded rows and keys get exactly 0 so they add nothing to dk/dv/dq.
         for (int idx = threadIdx.x; idx < BN * kc; idx += kThreads) {
           const int r = idx / kc, c = idx - r * kc;
           const bool valid = n0 + r < a.N && k0 + c < M;
-          const float p = valid ? expf(sS[r * L.ldc + c] * a.scale - sLse[r]) : 0.f;
+          const float p = valid ? expf(scaled_score(sS[r * L.ldc + c], a.scale) - sMax[r]) * sSum[r] : 0.f;
           const float ds = valid ? p * (sdP[r * L.ldc + c] - sD[r]) : 0.f;
           sP[r * L.ldp + c] = from_float<T>(p);
           sdS[r * L.ldp + c] = from_float<T>(ds);

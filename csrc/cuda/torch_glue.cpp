@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "common/check.h"
+#include "common/pool_stats.h"
 #include "cuda/launchers.h"
 
 namespace paca_kernels {
@@ -146,11 +147,11 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cuda(const at::Tensor& q, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale, bool deterministic) {
+    double scale, bool deterministic) {
   // The dtype first: an unsupported one is reported as such, not as a mismatch of saved tensors.
   const cuda::DType dtype = kernel_dtype(q, kP2CBwdOp, "q");
   check_p2c_inputs(q, k, v, kP2CBwdOp);
-  check_p2c_bwd_args(grad_out, q, k, v, out, lse, kP2CBwdOp);
+  check_p2c_bwd_args(grad_out, q, k, v, kP2CBwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
   const c10::cuda::CUDAGuard guard(q.device());
 
@@ -176,15 +177,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cuda(
   a.q = q.const_data_ptr();
   a.k = k.const_data_ptr();
   a.v = v.const_data_ptr();
-  a.out = out.const_data_ptr();
   a.grad_out = grad_out.const_data_ptr();
-  a.lse = lse.const_data_ptr<float>();
   copy_strides(q, a.sq);
   copy_strides(k, a.sk);
   copy_strides(v, a.sv);
-  copy_strides(out, a.so);
   copy_strides(grad_out, a.sg);
-  copy_strides(lse, a.sl);
   // dq, dk, dv are freshly allocated: contiguous (B, *, h, d), as the launcher expects.
   a.dq = dq.mutable_data_ptr();
   a.dk = dk.mutable_data_ptr();
@@ -212,8 +209,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cuda(
 
   at::Tensor out = at::empty({B, M, C}, x.options());
   at::Tensor pooled = at::empty({B, M, C}, x.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({B, M}, x.options().dtype(at::kFloat));
-  if (B * M == 0) return {out, pooled, lse};
+  at::Tensor stats = at::empty({B, M, 2}, x.options().dtype(at::kFloat));
+  if (B * M == 0) return {out, pooled, stats};
+  if (C == 0) {  // nothing to pool: out and pooled are empty, the softmax stats still defined
+    pool_stats_without_channels(logits, stats);
+    return {out, pooled, stats};
+  }
   // (C,) vectors: converting once is negligible and lets the kernels read float32 only.
   std::optional<at::Tensor> w, bi;
   if (weight.has_value()) w = weight->to(at::kFloat).contiguous();
@@ -237,23 +238,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cuda(
   a.bias = bi ? bi->const_data_ptr<float>() : nullptr;
   a.out = out.mutable_data_ptr();
   a.pooled = pooled.mutable_data_ptr<float>();
-  a.lse = lse.mutable_data_ptr<float>();
+  a.stats = stats.mutable_data_ptr<float>();
   at::Tensor ws = float_workspace(cuda::cluster_pool_fwd_workspace_elems(a, plan), x);
   C10_CUDA_CHECK(cuda::cluster_pool_fwd(a, plan, ws.mutable_data_ptr<float>(),
                                         c10::cuda::getCurrentCUDAStream().stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, pooled, lse};
+  return {out, pooled, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& x,
-    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& lse,
+    const std::optional<at::Tensor>& weight, const at::Tensor& pooled, const at::Tensor& stats,
     double eps) {
   const char* op = kPoolBwdOp;
   // The dtype first: an unsupported one is reported as such, not as a mismatch of saved tensors.
   const cuda::DType dtype = kernel_dtype(x, op, "x");
   check_cuda(x, op, "x");
-  check_pool_bwd_args(grad_out, logits, x, weight, pooled, lse, eps, op);
+  check_pool_bwd_args(grad_out, logits, x, weight, pooled, stats, eps, op);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   TORCH_CHECK(C <= cuda::kMaxChannels, op, ": holds a cluster's channels on chip: expected C <= ",
               cuda::kMaxChannels, ", got x of shape ", x.sizes());
@@ -264,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cuda
   at::Tensor dx = at::empty({B, N, C}, x.options());
   at::Tensor dweight = at::empty({C}, x.options().dtype(pdtype));
   at::Tensor dbias = at::empty({C}, x.options().dtype(pdtype));
-  if (B * M == 0) {  // no clusters: nothing flows back
+  if (B * M == 0 || C == 0) {  // no clusters, or no channels: nothing flows back
+    dlogits.zero_();
     dx.zero_();
     dweight.zero_();
     dbias.zero_();
@@ -288,12 +290,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cuda
   a.x = x.const_data_ptr();
   a.weight = w ? w->const_data_ptr<float>() : nullptr;
   a.pooled = pooled.const_data_ptr<float>();
-  a.lse = lse.const_data_ptr<float>();
+  a.stats = stats.const_data_ptr<float>();
   copy_strides(grad_out, a.sg);
   copy_strides(logits, a.sl);
   copy_strides(x, a.sx);
   copy_strides(pooled, a.sp);
-  copy_strides(lse, a.sls);
+  copy_strides(stats, a.sst);
   a.dlogits = dlogits.mutable_data_ptr();
   a.dx = dx.mutable_data_ptr();
   a.dweight = dweight.mutable_data_ptr();

@@ -91,6 +91,19 @@ def cluster_pool(
 
     Returns:
         (B, M, C) in x's dtype (the autocast dtype under ``torch.autocast``).
+
+    Every backend gives the same answer on these edge cases:
+
+    - N = 0 (no patches): ValueError. A softmax over an empty set is 0/0, like a row whose logits are
+      all -inf (which gives NaN); there is no meaningful cluster token to return.
+    - B = 0 or M = 0: an empty (B, M, C) output; gradients dx, dweight, dbias are 0.
+    - C = 0: an empty (B, M, 0) output (LayerNorm over no channels); dlogits is 0, since nothing of
+      the output depends on the logits.
+    - Pooled rows far outside float32's squarable range (|P| ~ 1e20, or 1e-20 with a tiny eps): the true
+      LayerNorm, computed with the row divided by a power of two near its largest magnitude
+      (:func:`paca_kernels.reference.layer_norm_stats`); F.layer_norm gives NaN or loses the variance.
+    - Logits of any magnitude (±1e4 from small-temperature clustering heads): the backward recomputes
+      the softmax from the saved row max and sum, so gradients are as accurate as PyTorch's autograd.
     """
     logits, x, weight, bias = _autocast(logits, x, weight, bias)
     check_cluster_pool(logits, x, weight, bias, eps)
@@ -110,12 +123,15 @@ def p2c_attention(
         backend: backend name or comma-separated preference list (None: env var, then automatic).
 
     Returns:
-        (B, N, h, d) in q's dtype (the autocast dtype under ``torch.autocast``).
+        (B, N, h, d) in q's dtype (the autocast dtype under ``torch.autocast``). M = 0 (no clusters)
+        is a ValueError on every backend; B, N, h or d = 0 give an empty output and zero gradients
+        (d = 0: every score is 0, the default scale is then 1).
     """
     q, k, v = _autocast(q, k, v)
     check_p2c_attention(q, k, v)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        # d = 0: every score is an empty dot product (0) whatever the scale; out is empty.
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     impl = select_backend("p2c_attention", (q, k, v), backend).impls["p2c_attention"]
     return impl(q, k, v, scale)
 

@@ -54,6 +54,12 @@ def check_cluster_pool(
             f"logits (B, M, N) = {tuple(logits.shape)} and x (B, N, C) = {tuple(x.shape)} "
             f"disagree on B or N"
         )
+    if n == 0:
+        # softmax over no patches is 0/0 (an all -inf row gives NaN): refused on every backend alike.
+        raise ValueError(
+            f"logits and x must hold at least one patch (N >= 1): a softmax over no patches is undefined; "
+            f"got logits {tuple(logits.shape)} and x {tuple(x.shape)}"
+        )
     c = x.shape[2]
     names, tensors = ["logits", "x"], [logits, x]
     for pname, p in (("weight", weight), ("bias", bias)):

@@ -34,11 +34,11 @@ def _pool_fake_fwd(
     b, m, _ = logits.shape
     c = x.shape[2]
     acc = acc_dtype(x.dtype)
-    return x.new_empty((b, m, c)), x.new_empty((b, m, c), dtype=acc), x.new_empty((b, m), dtype=acc)
+    return x.new_empty((b, m, c)), x.new_empty((b, m, c), dtype=acc), x.new_empty((b, m, 2), dtype=acc)
 
 
 def _pool_fake_bwd(
-    grad_out: Tensor, logits: Tensor, x: Tensor, weight: Tensor | None, pooled: Tensor, lse: Tensor,
+    grad_out: Tensor, logits: Tensor, x: Tensor, weight: Tensor | None, pooled: Tensor, stats: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     c = x.shape[2]
@@ -53,12 +53,12 @@ def _pool_fake_bwd(
 
 def _pool_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     logits, x, weight, bias, eps = inputs
-    _, pooled, lse = output
-    ctx.save_for_backward(logits, x, weight, pooled, lse)
+    _, pooled, stats = output
+    ctx.save_for_backward(logits, x, weight, pooled, stats)
     ctx.eps = eps
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(pooled, lse)
+    ctx.mark_non_differentiable(pooled, stats)
 
 
 def register_cluster_pool(fwd: str, bwd: str) -> None:
@@ -68,9 +68,9 @@ def register_cluster_pool(fwd: str, bwd: str) -> None:
     torch.library.register_fake(bwd)(_pool_fake_bwd)
     bwd_op = _resolve(bwd)
 
-    def backward(ctx: Any, grad_out: Tensor, _grad_pooled: Tensor | None, _grad_lse: Tensor | None):
-        logits, x, weight, pooled, lse = ctx.saved_tensors
-        dlogits, dx, dweight, dbias = bwd_op(grad_out, logits, x, weight, pooled, lse, ctx.eps)
+    def backward(ctx: Any, grad_out: Tensor, _grad_pooled: Tensor | None, _grad_stats: Tensor | None):
+        logits, x, weight, pooled, stats = ctx.saved_tensors
+        dlogits, dx, dweight, dbias = bwd_op(grad_out, logits, x, weight, pooled, stats, ctx.eps)
         return dlogits, dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
 
     torch.library.register_autograd(fwd, backward, setup_context=_pool_setup_context)
@@ -95,16 +95,18 @@ def _p2c_fake_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 
 
 def _p2c_fake_bwd(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
-    deterministic: bool,
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _p2c_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    # Only the inputs are saved: the backward recomputes the scores and their softmax statistics
+    # itself (the forward's fp32 lse and its rounded output would put noise proportional to |s| into
+    # the gradients where scores are large; see the kernels' backward notes).
     q, k, v, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    _, lse = output
+    ctx.save_for_backward(q, k, v)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
@@ -117,8 +119,8 @@ def register_p2c_attention(fwd: str, bwd: str, deterministic: Callable[[Tensor],
     bwd_op = _resolve(bwd)
 
     def backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, ctx.scale, deterministic(q))
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, q, k, v, ctx.scale, deterministic(q))
         return dq, dk, dv, None
 
     torch.library.register_autograd(fwd, backward, setup_context=_p2c_setup_context)

@@ -3,17 +3,23 @@
 The C++ schemas live in ``csrc/registration.cpp`` (namespace ``paca_kernels``; CPU kernels in
 csrc/cpu/cluster_pool.cpp, CUDA kernels in csrc/cuda/cluster_pool.cu):
 
-- ``cluster_pool_fwd(logits, x, weight?, bias?, eps) -> (out, pooled, lse)``: out (B, M, C) in x's dtype;
-  pooled (B, M, C) = softmax(logits)·x before the LayerNorm and lse (B, M) = logsumexp over N, both in
-  the accumulation dtype (float64 for float64 inputs, float32 otherwise), kept for the backward.
-- ``cluster_pool_bwd(grad_out, logits, x, weight?, pooled, lse, eps) -> (dlogits, dx, dweight, dbias)``.
+- ``cluster_pool_fwd(logits, x, weight?, bias?, eps) -> (out, pooled, stats)``: out (B, M, C) in x's
+  dtype; pooled (B, M, C) = softmax(logits)·x before the LayerNorm and stats (B, M, 2) = (row max
+  m = max_n logits, row sum s = Σ_n exp(logits − m)), both in the accumulation dtype (float64 for
+  float64 inputs, float32 otherwise), kept for the backward.
+- ``cluster_pool_bwd(grad_out, logits, x, weight?, pooled, stats, eps) -> (dlogits, dx, dweight, dbias)``.
 
 Backward math (one streaming pass over N in the fused kernels). With P the pooled tokens, x̂ their
-normalised form and S = exp(logits − lse):
+normalised form and S = exp(logits − m) / s:
 
     dP        = rstd · (g − mean_c g − x̂ · mean_c(g·x̂)),   g = grad_out · weight
     dlogits   = S ∘ (dP·xᵀ − rowsum(S ∘ dP·xᵀ)),   and rowsum(S ∘ dP·xᵀ) = Σ_c dP·P (no extra pass)
     dx        = Sᵀ·dP,   dweight = Σ grad_out·x̂,   dbias = Σ grad_out
+
+Why m and s rather than lse = m + log s: logits − m is exact in floating point, so S is recomputed as
+accurately as torch.softmax computes it, whatever the logits' magnitude; exp(logits − lse) would carry
+lse's rounding, |lse|·2⁻²⁴ relative in float32 (2e-4 at the logits of 1e4 that small-temperature
+clustering heads reach), into S and so into dlogits and dx.
 
 The Triton kernels (paca_kernels/triton/cluster_pool.py) have twin ops with the same outputs, defined
 here when Triton imports: ``cluster_pool_fwd_triton`` and ``cluster_pool_bwd_triton``. Their bodies
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ..reference import layer_norm_stats
 from ..triton import TRITON_AVAILABLE
 from ._registration import register_cluster_pool
 
@@ -40,7 +47,7 @@ def cluster_pool_backward_math(
     x: Tensor,
     weight: Tensor | None,
     pooled: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The cluster_pool backward in plain PyTorch, in the accumulation dtype (see module docstring).
@@ -51,14 +58,15 @@ def cluster_pool_backward_math(
     """
     acc = pooled.dtype
     g_out = grad_out.to(acc)
-    mean = pooled.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(pooled.var(-1, unbiased=False, keepdim=True) + eps)
-    xhat = (pooled - mean) * rstd
+    # Overflow-free LayerNorm statistics (reference.layer_norm_stats, the kernels' rule).
+    inv_scale, mean, rstd_q = layer_norm_stats(pooled, eps)
+    xhat = (pooled * inv_scale - mean) * rstd_q
+    rstd = rstd_q * inv_scale
     dweight = (g_out * xhat).sum((0, 1))
     dbias = g_out.sum((0, 1))
     g = g_out * weight.to(acc) if weight is not None else g_out
     dpooled = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    s = torch.exp(logits.to(acc) - lse.unsqueeze(-1))  # (B, M, N)
+    s = torch.exp(logits.to(acc) - stats[..., :1]) / stats[..., 1:]  # (B, M, N)
     xa = x.to(acc)
     ds = torch.matmul(dpooled, xa.transpose(1, 2))  # (B, M, N)
     rowdot = (dpooled * pooled).sum(-1, keepdim=True)  # (B, M, 1) = rowsum(S ∘ dS)
@@ -93,7 +101,7 @@ if TRITON_AVAILABLE:
     def cluster_pool_fwd_triton(
         logits: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """LayerNorm(softmax(logits over N)·x): out (B, M, C), pooled (B, M, C) fp32, lse (B, M) fp32."""
+        """LayerNorm(softmax(logits over N)·x): out (B, M, C), pooled (B, M, C) fp32, stats (B, M, 2) fp32."""
         return _kernels.cluster_pool_fwd(logits, x, weight, bias, eps)
 
     @torch.library.custom_op(f"{_LIB}::cluster_pool_bwd_triton", mutates_args=())
@@ -103,11 +111,11 @@ if TRITON_AVAILABLE:
         x: Tensor,
         weight: Tensor | None,
         pooled: Tensor,
-        lse: Tensor,
+        stats: Tensor,
         eps: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """dlogits (B, M, N), dx (B, N, C), dweight (C,), dbias (C,) of cluster_pool."""
-        return _kernels.cluster_pool_bwd(grad_out, logits, x, weight, pooled, lse, eps)
+        return _kernels.cluster_pool_bwd(grad_out, logits, x, weight, pooled, stats, eps)
 
     # Fake kernels, autograd and FLOP formulas shared with the C++ ops (same outputs, same dtypes).
     register_cluster_pool(f"{_LIB}::cluster_pool_fwd_triton", f"{_LIB}::cluster_pool_bwd_triton")

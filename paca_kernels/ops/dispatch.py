@@ -6,7 +6,9 @@ it traces cleanly under ``torch.compile``:
 
 1. the ``backend=`` argument of the op, else
 2. the ``PACA_KERNELS_BACKEND`` environment variable, else
-3. the automatic priority for the inputs' device (see :data:`AUTO_PRIORITY`).
+3. the automatic priority for the inputs' device (see :data:`AUTO_PRIORITY`): the first backend that
+   can serve the call and that its own measured table (:attr:`Backend.auto_skip`) does not put behind
+   the next one for this op, shape regime and grad mode (with or without the backward).
 
 A single name (``"cpu"``) is strict: if that backend cannot serve the call, a :class:`BackendError`
 lists why each backend cannot. A comma-separated list (``"cpu,reference"``) is an ordered preference:
@@ -33,6 +35,7 @@ __all__ = [
     "backend_names",
     "get_backend",
     "preferred_backend",
+    "records_backward",
     "register_backend",
     "select_backend",
 ]
@@ -65,6 +68,10 @@ class Backend:
             most :attr:`low_precision_factor` times the reference's own low-precision error).
         grad_tolerances: the same for gradients.
         low_precision_factor: the factor of that rule.
+        auto_skip: op name -> callable(inputs, grad) returning why the *automatic* choice passes this
+            backend over for this call although it can serve it (a regime where it was measured slower
+            than the backends after it; ``grad``: the call records a backward), or None. Metadata only
+            (shapes, dtype), like ``limits``. A backend named explicitly still serves the call.
     """
 
     name: str
@@ -77,6 +84,7 @@ class Backend:
     tolerances: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
     grad_tolerances: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
     low_precision_factor: float = 2.0
+    auto_skip: dict[str, Callable[[Sequence[torch.Tensor], bool], str | None]] = field(default_factory=dict)
 
     def tolerance(self, dtype: torch.dtype, *, grad: bool = False) -> dict[str, float]:
         """``{"rtol": .., "atol": ..}`` for comparing this backend's outputs (or gradients) in
@@ -110,6 +118,11 @@ class Backend:
         if op in self.limits:
             reasons.extend(self.limits[op](inputs))
         return reasons
+
+    def auto_skip_reason(self, op: str, inputs: Sequence[torch.Tensor], grad: bool) -> str | None:
+        """Why the automatic choice passes this backend over for ``op`` on ``inputs`` (None: it does not)."""
+        skip = self.auto_skip.get(op)
+        return None if skip is None else skip(inputs, grad)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -187,6 +200,12 @@ def _requested(backend: str | None) -> tuple[str | None, list[str]]:
     return request, [n.strip() for n in request.split(",") if n.strip()]
 
 
+def records_backward(inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether a call on ``inputs`` records a backward: grad mode is on and an input requires grad
+    (the training calls, for the automatic choice's per-grad-mode tables). Traces under torch.compile."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
 def select_backend(op: str, inputs: Sequence[torch.Tensor], backend: str | None) -> Backend:
     """Choose the backend that runs ``op`` on ``inputs``.
 
@@ -211,10 +230,15 @@ def select_backend(op: str, inputs: Sequence[torch.Tensor], backend: str | None)
             f"{source}{request!r} cannot run paca_kernels {op} for {_describe(inputs)}:\n"
             + _reasons_table(op, inputs)
         )
+    grad = records_backward(inputs)
     for name in AUTO_PRIORITY.get(inputs[0].device.type, ["reference"]):
-        if name in _REGISTRY and not _REGISTRY[name].not_supported_reasons(op, inputs):
-            return _REGISTRY[name]
-    # The reference serves every device and floating dtype: reaching here means it was removed.
+        b = _REGISTRY.get(name)
+        if b is None or b.not_supported_reasons(op, inputs):
+            continue
+        if b.auto_skip_reason(op, inputs, grad) is None:
+            return b
+    # The reference serves every device and floating dtype (and no table passes it over): reaching
+    # here means it was removed.
     raise BackendError(
         f"no paca_kernels backend can run {op} for {_describe(inputs)}:\n" + _reasons_table(op, inputs)
     )

@@ -5,13 +5,22 @@ csrc/cpu/p2c_attention.cpp, CUDA kernels in csrc/cuda/p2c_attention.cu):
 
 - ``p2c_attention_fwd(q, k, v, scale) -> (out, lse)``: q (B, N, h, d), k and v (B, M, h, d); out
   (B, N, h, d) in q's dtype, lse (B, h, N) = logsumexp over M of the scaled scores, in the accumulation
-  dtype (float64 for float64 inputs, float32 otherwise), kept for the backward.
-- ``p2c_attention_bwd(grad_out, q, k, v, out, lse, scale, deterministic) -> (dq, dk, dv)``.
+  dtype (float64 for float64 inputs, float32 otherwise); not differentiable, not used by the backward.
+- ``p2c_attention_bwd(grad_out, q, k, v, scale, deterministic) -> (dq, dk, dv)``.
 
-Backward math (P = softmax(q·kᵀ·scale over M) recomputed from q, k and lse):
+Backward math: every kernel recomputes the scores and their softmax from q and k alone (M is small,
+so a row's M scores are on hand), as PyTorch's softmax backward does:
 
-    D = rowsum(dO ∘ O),   dS = P ∘ (dO·vᵀ − D)
+    s = q·kᵀ·scale,   P = exp(s − rowmax s) / rowsum,   dP = dO·vᵀ
+    D = rowsum(P ∘ dP),   dS = P ∘ (dP − D)
     dq = dS·k·scale,   dk = dSᵀ·q·scale,   dv = Pᵀ·dO   (the last two summed over N)
+
+Why not the flash-attention shortcuts: P = exp(s − lse) from a saved fp32 lse carries the lse's
+rounding, ~|s|·2⁻²⁴ relative (6e-4 at |s| ~ 1e4), into every P; and D = rowsum(dO ∘ O) from the
+stored output (rounded to the output dtype) does not cancel dP where a row is saturated (P one-hot,
+true dS = 0), so dq/dk got noise proportional to the scale. With P and D from the same recomputed
+scores, the gradients are as accurate as fp32 PyTorch autograd of the composition, and exactly 0
+where it gives exactly 0.
 
 The Triton kernels (paca_kernels/triton/p2c_attention.py) have twin ops with the same signatures,
 defined here when Triton imports: ``p2c_attention_fwd_triton`` and ``p2c_attention_bwd_triton``. The
@@ -71,13 +80,11 @@ if TRITON_AVAILABLE:
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        out: Tensor,
-        lse: Tensor,
         scale: float,
         deterministic: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """dq (B, N, h, d), dk and dv (B, M, h, d) of p2c attention (see the module docstring for the math)."""
-        return _kernels.p2c_attention_bwd(grad_out, q, k, v, out, lse, scale, deterministic)
+        return _kernels.p2c_attention_bwd(grad_out, q, k, v, scale, deterministic)
 
     # Bitwise-reproducible dk/dv whenever PyTorch is asked for deterministic algorithms.
     register_p2c_attention(

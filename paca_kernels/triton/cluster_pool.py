@@ -1,7 +1,8 @@
 """Fused cluster pooling in Triton: ``Z = LayerNorm(softmax(logits over N)·x)``.
 
 Shapes: logits (B, M, N), x (B, N, C), weight/bias (C,) or None; out (B, M, C) in x's dtype,
-pooled (B, M, C) fp32 (softmax·x before the LayerNorm) and lse (B, M) fp32, kept for the backward.
+pooled (B, M, C) fp32 (softmax·x before the LayerNorm) and stats (B, M, 2) fp32 (the row max m and the
+row sum l = Σ exp(logits − m)), kept for the backward.
 
 Forward: a program owns BLOCK_M clusters of one batch element and the whole (padded) C, and streams
 over N in BLOCK_K tiles with an online softmax (running max m, running sum l, rescaled accumulator):
@@ -9,13 +10,14 @@ over N in BLOCK_K tiles with an online softmax (running max m, running sum l, re
     m' = max(m, rowmax(t))    α = exp(m − m')    p = exp(t − m')
     l' = α·l + rowsum(p)      acc' = α·acc + p·x_tile
 
-then pooled = acc / l, lse = m + log l, and the LayerNorm runs in the epilogue. When B·⌈M/BLOCK_M⌉ is
+then pooled = acc / l, stats = (m, l), and the LayerNorm runs in the epilogue. When B·⌈M/BLOCK_M⌉ is
 too small to fill the GPU, N is split across programs (flash-decoding style): each writes its partial
 (m, l, acc) and one merge kernel rescales them the same way, then applies the LayerNorm. Tiles, warps,
 splits and the (1-D) grid come from :mod:`.plan`, the code the resource gate compiles for sm_90.
 
 Backward (one streaming pass over N): the LayerNorm backward runs in torch on the small (B, M, C)
-tensors and gives dP; then per N tile, looping over cluster blocks, with S = exp(logits − lse):
+tensors and gives dP; then per N tile, looping over cluster blocks, with S = exp(logits − m) / l (exact
+logits − m: a rounded lse = m + log l of 1e4 would put 2e-4 relative error into S):
 
     dS = dP·xᵀ        dlogits = S ∘ (dS − rowdot),  rowdot = Σ_c dP ∘ pooled = rowsum(S ∘ dS)
     dx = Σ_m Sᵀ·dP
@@ -23,12 +25,14 @@ tensors and gives dP; then per N tile, looping over cluster blocks, with S = exp
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import layer_norm_stats
 from . import plan
 from ._launch import device_guard, device_of
 
@@ -61,16 +65,38 @@ def _dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _layer_norm_store(pooled, lse, rows, mask_r, offs_c, mask_c, C, eps, w_ptr, b_ptr, s_w, s_b, has_w, has_b,
-                      out_ptr, pooled_ptr, lse_ptr):  # fmt: skip
-    """Store pooled (R, BLOCK_C) fp32, lse (R,) and LayerNorm(pooled) over the C valid channels."""
+def _layer_norm_scale(amax, eps):
+    """The power of two each pooled row is divided by before its LayerNorm statistics, so that the squares
+    neither overflow (a row of 1e20) nor underflow (1e-20): the rule of paca_kernels.reference.layer_norm_stats
+    and csrc/cpu/math/layernorm.h. amax (R,) is the rows' largest magnitude: scale = 2^floor(log2 amax) (its
+    exponent bits), clamped to [max(2^floor(log2 sqrt(eps))·2⁻⁴⁰, 2⁻⁹⁵), 2¹⁰⁰]; 1 for a zero, inf or NaN row."""
+    pow2 = (amax.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    root = tl.zeros_like(amax) + tl.sqrt(eps)
+    lo = (root.to(tl.uint32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * 9.094947017729282e-13  # 2^-40
+    lo = tl.maximum(lo, 2.524354896707238e-29)  # 2^-95
+    scale = tl.minimum(tl.maximum(pow2, lo), 1.2676506002282294e30)  # 2^100
+    return tl.where((amax > 0) & (amax <= 3.4028234663852886e38), scale, 1.0)
+
+
+@triton.jit
+def _layer_norm_store(pooled, row_max, row_sum, rows, mask_r, offs_c, mask_c, C, eps, w_ptr, b_ptr, s_w, s_b,
+                      has_w, has_b, out_ptr, pooled_ptr, stats_ptr):  # fmt: skip
+    """Store pooled (R, BLOCK_C) fp32, stats (R, 2) = (row_max, row_sum) and LayerNorm(pooled) over the C
+    valid channels."""
     mask_rc = mask_r[:, None] & mask_c[None, :]
     tl.store(pooled_ptr + rows[:, None] * C + offs_c[None, :], pooled, mask=mask_rc)
-    tl.store(lse_ptr + rows, lse, mask=mask_r)
-    mean = tl.sum(tl.where(mask_c[None, :], pooled, 0.0), axis=1) / C
-    diff = tl.where(mask_c[None, :], pooled - mean[:, None], 0.0)
+    tl.store(stats_ptr + 2 * rows, row_max, mask=mask_r)
+    tl.store(stats_ptr + 2 * rows + 1, row_sum, mask=mask_r)
+    # Statistics of the row divided by a power of two (exact) near its largest magnitude: no overflow of
+    # the squares at 1e20, no underflow at 1e-20 (_layer_norm_scale); eps is scaled alike.
+    q = tl.where(mask_c[None, :], pooled, 0.0)
+    inv = 1.0 / _layer_norm_scale(tl.max(tl.abs(q), axis=1), eps)
+    q = q * inv[:, None]
+    mean = tl.sum(q, axis=1) / C
+    diff = tl.where(mask_c[None, :], q - mean[:, None], 0.0)
     var = tl.sum(diff * diff, axis=1) / C
-    y = diff * (1.0 / tl.sqrt(var + eps))[:, None]
+    eps_q = tl.maximum(eps * inv * inv, 1.1754943508222875e-38)  # floored: see _layer_norm_scale's rule
+    y = diff * (1.0 / tl.sqrt(var + eps_q))[:, None]
     if has_w != 0:
         y = y * tl.load(w_ptr + offs_c * s_w, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if has_b != 0:
@@ -82,7 +108,7 @@ def _layer_norm_store(pooled, lse, rows, mask_r, offs_c, mask_c, C, eps, w_ptr, 
 # kernel serves them all (fewer variants to compile and to budget, see triton/plan.py).
 @triton.jit(do_not_specialize=["n_splits", "s_w", "s_b", "has_w", "has_b"])
 def _cluster_pool_fwd_kernel(
-    logits_ptr, x_ptr, w_ptr, b_ptr, out_ptr, pooled_ptr, lse_ptr,
+    logits_ptr, x_ptr, w_ptr, b_ptr, out_ptr, pooled_ptr, stats_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr,
     M, N, C, chunk, n_splits, m_blocks, eps,
     sl_b, sl_m, sl_n,
@@ -93,7 +119,7 @@ def _cluster_pool_fwd_kernel(
     """One program: BLOCK_M clusters of batch element b over patches [split·chunk, (split+1)·chunk).
 
     The 1-D grid is (m_blocks · n_splits · B): program id = (b · n_splits + split) · m_blocks + m block.
-    Outputs are contiguous. n_splits = 1: out (B, M, C), pooled (B, M, C), lse (B, M).
+    Outputs are contiguous. n_splits = 1: out (B, M, C), pooled (B, M, C), stats (B, M, 2).
     n_splits > 1: partials part_m, part_l (B, S, M) and part_acc (B, S, M, C), merged by the merge kernel.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -141,18 +167,18 @@ def _cluster_pool_fwd_kernel(
     else:
         # Padded rows (l = 0) divide by 1 instead: no NaN/inf is produced where nothing is stored.
         l_i = tl.where(mask_m, l_i, 1.0)
-        _layer_norm_store(acc / l_i[:, None], m_i + tl.log(l_i), b * M + offs_m, mask_m, offs_c, mask_c, C, eps,
-                          w_ptr, b_ptr, s_w, s_b, has_w, has_b, out_ptr, pooled_ptr, lse_ptr)
+        _layer_norm_store(acc / l_i[:, None], m_i, l_i, b * M + offs_m, mask_m, offs_c, mask_c, C, eps,
+                          w_ptr, b_ptr, s_w, s_b, has_w, has_b, out_ptr, pooled_ptr, stats_ptr)
 
 
 @triton.jit(do_not_specialize=["n_splits", "s_w", "s_b", "has_w", "has_b"])
 def _cluster_pool_merge_kernel(
-    part_m_ptr, part_l_ptr, part_acc_ptr, w_ptr, b_ptr, out_ptr, pooled_ptr, lse_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, w_ptr, b_ptr, out_ptr, pooled_ptr, stats_ptr,
     BM, M, C, n_splits, eps, s_w, s_b, has_w, has_b,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The split-N merge in one pass: BLOCK_R rows (b, m) of the B·M, each rescaling its n_splits partial
-    softmaxes (m, l, acc) onto a running maximum, then pooled, lse and the LayerNorm."""
+    softmaxes (m, l, acc) onto a running maximum, then pooled, stats and the LayerNorm."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < BM
     offs_c = tl.arange(0, BLOCK_C)
@@ -177,13 +203,13 @@ def _cluster_pool_merge_kernel(
         acc = acc * alpha[:, None] + a_s * beta[:, None]
         m_run = m_new
     l_run = tl.where(mask_r, l_run, 1.0)
-    _layer_norm_store(acc / l_run[:, None], m_run + tl.log(l_run), rows, mask_r, offs_c, mask_c, C, eps,
-                      w_ptr, b_ptr, s_w, s_b, has_w, has_b, out_ptr, pooled_ptr, lse_ptr)
+    _layer_norm_store(acc / l_run[:, None], m_run, l_run, rows, mask_r, offs_c, mask_c, C, eps,
+                      w_ptr, b_ptr, s_w, s_b, has_w, has_b, out_ptr, pooled_ptr, stats_ptr)
 
 
 @triton.jit
 def _cluster_pool_bwd_kernel(
-    logits_ptr, x_ptr, lse_ptr, dp_ptr, rowdot_ptr, dlogits_ptr, dx_ptr,
+    logits_ptr, x_ptr, stats_ptr, dp_ptr, rowdot_ptr, dlogits_ptr, dx_ptr,
     M, N, C, n_blocks,
     sl_b, sl_m, sl_n,
     sx_b, sx_n, sx_c,
@@ -192,7 +218,7 @@ def _cluster_pool_bwd_kernel(
     """One program: BLOCK_K patches of batch element b, all clusters (loop over cluster blocks).
 
     1-D grid (n_blocks · B): program id = b · n_blocks + N block.
-    lse, rowdot (B, M) and dP (B, M, C) are fp32 contiguous; dlogits (B, M, N) and dx (B, N, C) are
+    stats (B, M, 2), rowdot (B, M) and dP (B, M, C) are fp32 contiguous; dlogits (B, M, N) and dx (B, N, C) are
     written contiguous. Each program owns its dlogits columns and dx rows: no atomics.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -212,11 +238,14 @@ def _cluster_pool_bwd_kernel(
         row = b * M + offs_m
         t = tl.load(logits_ptr + b * sl_b + offs_m[:, None] * sl_m + offs_n[None, :] * sl_n,
                     mask=mask_mn, other=float("-inf")).to(tl.float32)
-        lse = tl.load(lse_ptr + row, mask=mask_m, other=0.0)
+        row_max = tl.load(stats_ptr + 2 * row, mask=mask_m, other=0.0)
+        row_sum = tl.load(stats_ptr + 2 * row + 1, mask=mask_m, other=1.0)
         rowdot = tl.load(rowdot_ptr + row, mask=mask_m, other=0.0)
         dp = tl.load(dp_ptr + row[:, None] * C + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :],
                      other=0.0)
-        s = tl.where(mask_mn, tl.exp(t - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_K)
+        # t − row_max is exact: S is as accurate as torch.softmax's. An all -inf row (max −inf, sum 0)
+        # gives NaN, like the reference.
+        s = tl.where(mask_mn, tl.exp(t - row_max[:, None]) * (1.0 / row_sum)[:, None], 0.0)  # (BLOCK_M, BLOCK_K)
         ds = _dot(dp, tl.trans(xt), DOT)  # (BLOCK_M, BLOCK_K)
         dl = s * (ds - rowdot[:, None])
         tl.store(dlogits_ptr + row[:, None] * N + offs_n[None, :], dl.to(dlogits_ptr.dtype.element_ty),
@@ -224,6 +253,12 @@ def _cluster_pool_bwd_kernel(
         dx += _dot(tl.trans(s), dp, DOT)
     tl.store(dx_ptr + (b * N + offs_n[:, None]) * C + offs_c[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=mask_nc)
+
+
+def _fp32(v: float) -> float:
+    """v rounded to float32, as the C++ and CUDA kernels take eps: Triton would type a float outside
+    float32's range (an eps of 1e-60) as fp64, and compile another kernel variant."""
+    return ctypes.c_float(v).value
 
 
 def cluster_pool_fwd(
@@ -237,23 +272,27 @@ def cluster_pool_fwd(
     """Launch the forward on x's device; any strides. ``num_splits`` forces the split-N path (None:
     the plan's choice, :func:`plan.cluster_pool_fwd_plan`).
 
-    Returns out (B, M, C) in x's dtype, pooled (B, M, C) fp32 and lse (B, M) fp32.
+    Returns out (B, M, C) in x's dtype, pooled (B, M, C) fp32 and stats (B, M, 2) fp32 (row max, row sum).
     """
     bsz, m, n = logits.shape
     c = x.shape[2]
     dev = x.device
     out = torch.empty((bsz, m, c), dtype=x.dtype, device=dev)
     pooled = torch.empty((bsz, m, c), dtype=torch.float32, device=dev)
-    lse = torch.empty((bsz, m), dtype=torch.float32, device=dev)
-    if bsz * m * c == 0 or n == 0:
-        # Nothing to launch. With zero patches the (empty) softmax pools to zeros, as in the reference's
-        # matmul, and logsumexp of nothing is -inf.
-        pooled.zero_()
-        lse.fill_(float("-inf"))
-        w32 = weight.float() if weight is not None else None
-        b32 = bias.float() if bias is not None else None
-        out.copy_(F.layer_norm(pooled, (c,), w32, b32, eps))
-        return out, pooled, lse
+    stats = torch.empty((bsz, m, 2), dtype=torch.float32, device=dev)
+    if n == 0:
+        # A softmax over no patches is undefined (0/0); the C++ kernels refuse it too, and ops.cluster_pool
+        # raises ValueError before any backend runs.
+        raise ValueError(f"cluster_pool needs at least one patch (N >= 1), got logits of shape {tuple(logits.shape)}")
+    if bsz * m * c == 0:
+        # Nothing to launch: out and pooled are empty. With C = 0 the rows' softmax statistics are still
+        # defined (and the backward's dlogits is 0 whatever they are); the C++ kernels compute them alike.
+        if bsz * m > 0:
+            row_max = logits.float().amax(-1)
+            row_sum = torch.exp(logits.float() - row_max.unsqueeze(-1)).sum(-1)
+            stats[..., 0] = row_max
+            stats[..., 1] = row_sum.masked_fill(row_max == float("-inf"), 0.0)  # all -inf: s = 0, as the kernels
+        return out, pooled, stats
     dtype = plan.dtype_name(x.dtype)
     launch = plan.cluster_pool_fwd_plan(bsz, m, n, c, dtype, device_of(x), num_splits)
     launch.check_grid()
@@ -264,7 +303,7 @@ def cluster_pool_fwd(
         part_l = torch.empty((bsz, splits, m), dtype=torch.float32, device=dev)
         part_acc = torch.empty((bsz, splits, m, c), dtype=torch.float32, device=dev)
     else:
-        part_m = part_l = part_acc = lse  # unused placeholders (one split never touches them)
+        part_m = part_l = part_acc = stats  # unused placeholders (one split never touches them)
     w = weight if weight is not None else x
     bb = bias if bias is not None else x
     s_w = weight.stride(0) if weight is not None else 0
@@ -272,8 +311,8 @@ def cluster_pool_fwd(
     has_w, has_b = int(weight is not None), int(bias is not None)
     with device_guard(dev):
         _cluster_pool_fwd_kernel[launch.grid](
-            logits, x, w, bb, out, pooled, lse, part_m, part_l, part_acc,
-            m, n, c, chunk, splits, triton.cdiv(m, block_m), float(eps),
+            logits, x, w, bb, out, pooled, stats, part_m, part_l, part_acc,
+            m, n, c, chunk, splits, triton.cdiv(m, block_m), _fp32(eps),
             *logits.stride(), *x.stride(), s_w, s_b, has_w, has_b,
             **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages,
         )  # fmt: skip
@@ -281,11 +320,11 @@ def cluster_pool_fwd(
             merge = plan.cluster_pool_merge_plan(bsz, m, c, splits, dtype, device_of(x))
             merge.check_grid()
             _cluster_pool_merge_kernel[merge.grid](
-                part_m, part_l, part_acc, w, bb, out, pooled, lse,
-                bsz * m, m, c, splits, float(eps), s_w, s_b, has_w, has_b,
+                part_m, part_l, part_acc, w, bb, out, pooled, stats,
+                bsz * m, m, c, splits, _fp32(eps), s_w, s_b, has_w, has_b,
                 **merge.consts, num_warps=merge.num_warps, num_stages=merge.num_stages,
             )  # fmt: skip
-    return out, pooled, lse
+    return out, pooled, stats
 
 
 def cluster_pool_bwd(
@@ -294,7 +333,7 @@ def cluster_pool_bwd(
     x: Tensor,
     weight: Tensor | None,
     pooled: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward on x's device; any strides (a stride-0 grad_out included).
@@ -305,30 +344,32 @@ def cluster_pool_bwd(
     bsz, m, n = logits.shape
     c = x.shape[2]
     dev = x.device
+    pdtype = weight.dtype if weight is not None else x.dtype
+    dlogits = torch.empty((bsz, m, n), dtype=logits.dtype, device=dev)
+    dx = torch.empty((bsz, n, c), dtype=x.dtype, device=dev)
+    if bsz * n * c == 0 or m == 0:  # nothing flows back (C = 0: out is empty, dlogits 0)
+        zeros = torch.zeros(c, dtype=pdtype, device=dev)
+        return dlogits.zero_(), dx.zero_(), zeros, zeros.clone()
     # LayerNorm backward on the small (B, M, C) tensors, in fp32:
     #   dP = rstd · (g − mean_c g − x̂ · mean_c(g ∘ x̂)),  g = grad_out ∘ weight
     pooled = pooled.float()
     g_out = grad_out.float()
-    mean = pooled.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(pooled.var(-1, unbiased=False, keepdim=True) + eps)
-    xhat = (pooled - mean) * rstd
-    pdtype = weight.dtype if weight is not None else x.dtype
+    # Overflow-free statistics (the forward's rule): x̂ from the scaled rows, rstd of pooled = rstd_q / scale.
+    inv_scale, mean, rstd_q = layer_norm_stats(pooled, eps)
+    xhat = (pooled * inv_scale - mean) * rstd_q
+    rstd = rstd_q * inv_scale
     dweight = (g_out * xhat).sum((0, 1)).to(pdtype)
     dbias = g_out.sum((0, 1)).to(pdtype)
     g = g_out * weight.float() if weight is not None else g_out
     dp = (rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))).contiguous()
     rowdot = (dp * pooled).sum(-1).contiguous()  # (B, M) = rowsum(S ∘ dS)
-    lse = lse.float().contiguous()
+    stats = stats.float().contiguous()
 
-    dlogits = torch.empty((bsz, m, n), dtype=logits.dtype, device=dev)
-    dx = torch.empty((bsz, n, c), dtype=x.dtype, device=dev)
-    if bsz * n * c == 0 or m == 0:
-        return dlogits.zero_(), dx.zero_(), dweight, dbias
     launch = plan.cluster_pool_bwd_plan(bsz, m, n, c, plan.dtype_name(x.dtype), device_of(x))
     launch.check_grid()
     with device_guard(dev):
         _cluster_pool_bwd_kernel[launch.grid](
-            logits, x, lse, dp, rowdot, dlogits, dx,
+            logits, x, stats, dp, rowdot, dlogits, dx,
             m, n, c, triton.cdiv(n, launch.consts["BLOCK_K"]),
             *logits.stride(), *x.stride(),
             **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages,

@@ -7,11 +7,15 @@ tile of BLOCK_N queries and does the whole row softmax in one pass (no online re
 matrix in global memory). Parallelism comes from the query tiles, which is what small-B·h detection
 and segmentation shapes need.
 
-Backward, per query tile (P recomputed from q, k and the saved lse):
+Backward, per query tile, from q, k, v and dO alone (a tile's rows hold all M scores, so the softmax
+is recomputed whole, as PyTorch's softmax backward has it; no saved lse, no forward output):
 
-    P  = exp(q·kᵀ·scale − lse)          dP = dO·vᵀ          D = rowsum(dO ∘ O)
-    dS = P ∘ (dP − D)                   dq = dS·k·scale
+    s  = q·kᵀ·scale                     P = exp(s − rowmax s) / rowsum        dP = dO·vᵀ
+    D  = rowsum(P ∘ dP)                 dS = P ∘ (dP − D)                     dq = dS·k·scale
     dk = Σ_tiles dSᵀ·q·scale            dv = Σ_tiles Pᵀ·dO
+
+(exp(s − lse) with an fp32 lse put ~|s|·2⁻²⁴ relative error into P, and D = rowsum(dO ∘ O) from the
+rounded output did not cancel dP in saturated rows: noise proportional to the scores' scale in dq/dk.)
 
 dk and dv are reduced over the query tiles either with relaxed fp32 atomics whose result is unused (a
 reduction: fast, order not fixed) or, in the
@@ -102,12 +106,11 @@ def _p2c_fwd_kernel(
 
 @triton.jit(do_not_specialize=["deterministic"])
 def _p2c_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr,
     N, M, H, D, B, tiles, scale,
     sq_b, sq_n, sq_h, sq_d,
     sk_b, sk_m, sk_h, sk_d,
     sv_b, sv_m, sv_h, sv_d,
-    so_b, so_n, so_h, so_d,
     sdo_b, sdo_n, sdo_h, sdo_d,
     sdq_b, sdq_n, sdq_h, sdq_d,
     deterministic,
@@ -139,19 +142,20 @@ def _p2c_bwd_kernel(
                 mask=mask_md, other=0.0)
     v = tl.load(v_ptr + b * sv_b + hd * sv_h + offs_m[:, None] * sv_m + offs_d[None, :] * sv_d,
                 mask=mask_md, other=0.0)
-    o = tl.load(o_ptr + b * so_b + hd * so_h + offs_n[:, None] * so_n + offs_d[None, :] * so_d,
-                mask=mask_nd, other=0.0)
     do = tl.load(do_ptr + b * sdo_b + hd * sdo_h + offs_n[:, None] * sdo_n + offs_d[None, :] * sdo_d,
                  mask=mask_nd, other=0.0)
-    lse = tl.load(lse_ptr + pid_bh * N + offs_n, mask=mask_n, other=0.0)
 
+    # The row softmax exactly as the forward computes it, from this program's own scores: s − max is
+    # exact, so P carries only the rounding of s (not that of an fp32 lse at |s| ~ 1e4).
     s = _dot(q, tl.trans(k), DOT) * scale
-    # Padded rows and keys must contribute nothing to dk/dv: zero their probabilities.
-    valid = mask_n[:, None] & mask_m[None, :]
-    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_M) fp32
+    s = tl.where(mask_m[None, :], s, float("-inf"))  # padded keys: probability 0
+    e = tl.exp(s - tl.max(s, axis=1)[:, None])
+    # Padded rows (q = 0 there, so finite scores) must contribute nothing to dk/dv: P = 0.
+    p = tl.where(mask_n[:, None], e / tl.sum(e, axis=1)[:, None], 0.0)  # (BLOCK_N, BLOCK_M) fp32
     dp = _dot(do, tl.trans(v), DOT)  # (BLOCK_N, BLOCK_M)
-    # D = rowsum(dO ∘ O) = rowsum(P ∘ dP): computed from O (d wide) rather than P (M wide).
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    # D = rowsum(P ∘ dP) from the same P and dP that dS combines, not rowsum(dO ∘ O) from the stored
+    # (rounded) output: a one-hot row of P then gives dS = 0 exactly, as in PyTorch.
+    delta = tl.sum(p * dp, axis=1)
     ds = p * (dp - delta[:, None])
 
     dq = _dot(ds.to(k.dtype), k, DOT) * scale
@@ -202,18 +206,15 @@ def p2c_attention_bwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
-    lse: Tensor,
     scale: float,
     deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward on q's device. Any strides (stride-0 grad_out included); lse contiguous (B, h, N) fp32.
+    """Launch the backward on q's device. Any strides (stride-0 grad_out included).
 
     Returns dq (B, N, h, d), dk and dv (B, M, h, d), in the dtypes of q, k and v.
     """
     bsz, n, h, d = q.shape
     m = k.shape[1]
-    lse = lse.contiguous()
     dq = torch.empty((bsz, n, h, d), dtype=q.dtype, device=q.device)
     if bsz * n * h == 0 or d == 0:
         return dq.zero_(), torch.zeros_like(k, memory_format=torch.contiguous_format), \
@@ -232,9 +233,9 @@ def p2c_attention_bwd(
         dv_acc = torch.zeros((bsz, m, h, block_d), dtype=torch.float32, device=q.device)
     with device_guard(q.device):
         _p2c_bwd_kernel[launch.grid](
-            q, k, v, out, grad_out, lse, dq, dk_acc, dv_acc,
+            q, k, v, grad_out, dq, dk_acc, dv_acc,
             n, m, h, d, bsz, tiles, float(scale),
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
             int(deterministic),
             **launch.consts, num_warps=launch.num_warps, num_stages=launch.num_stages,
         )  # fmt: skip

@@ -154,8 +154,10 @@ def cluster_pool_merge_plan(b: int, m: int, c: int, splits: int, dtype: str, dev
 def cluster_pool_bwd_plan(b: int, m: int, n: int, c: int, dtype: str, device: Device) -> Launch:
     """The backward's launch (shapes b, m, n, c > 0): one program per BLOCK_K patches of one batch element."""
     block_c = _cp_block_c(c)
-    # BLOCK_M = 32 spilled from BLOCK_C = 64 on (the dx accumulator and x tile stay in registers).
-    block_m = min(32 if block_c <= 32 else 16, max(16, next_power_of_2(m)))
+    # BLOCK_M = 32 spilled from BLOCK_C = 64 on (the dx accumulator and x tile stay in registers), and
+    # for fp16/bf16 at BLOCK_C = 32 under Triton 3.6 (8 B of stack at 255 registers since the backward
+    # recomputes S from the row max and sum): 16 there.
+    block_m = min(32 if block_c <= 32 and dtype == "fp32" else 16, max(16, next_power_of_2(m)))
     block_k = 64 if block_c <= 128 else 32 if block_c <= 512 else 16
     warps = 4 if block_c <= 128 else 8
     stages = 3 if block_c <= 256 else 2

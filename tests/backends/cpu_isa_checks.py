@@ -34,9 +34,12 @@ def check_ops() -> None:
         reference.p2c_attention(*b).square().sum().backward()
         for s, d in zip((a.q, a.k, a.v), b, strict=True):
             assert_close(s.grad, d.grad, rtol=1e-4, atol=2e-5)
-    for shape in [(2, 5, 150, 24), (1, 100, 70, 40)]:
-        a = make_cluster_pool_inputs(*shape, requires_grad=True)
-        args = (a.logits, a.x, a.weight, a.bias)
+    for shape, patch_major in [((2, 5, 150, 24), False), ((1, 100, 70, 40), False), ((2, 13, 300, 24), True)]:
+        a = make_cluster_pool_inputs(*shape)
+        logits = a.logits
+        if patch_major:  # the clustering heads' layout, strides (N M, 1, M): the tiles are transposed
+            logits = logits.transpose(1, 2).contiguous().transpose(1, 2)
+        args = tuple(t.requires_grad_(True) for t in (logits, a.x, a.weight, a.bias))
         b = clone_leaves(args)
         out = ops.cluster_pool(*args, backend="cpu")
         ref = reference.cluster_pool(*b)

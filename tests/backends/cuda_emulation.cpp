@@ -369,7 +369,7 @@ DType dtype_of(int code) { return static_cast<DType>(code); }  // 0 float32, 1 f
 
 extern "C" {
 
-// dtype: 0 float32, 1 float16, 2 bfloat16 (launchers.h DType); tensors of that dtype except lse,
+// dtype: 0 float32, 1 float16, 2 bfloat16 (launchers.h DType); tensors of that dtype except lse, stats,
 // pooled, weight, bias, dweight and dbias (float32), as the torch glue passes them.
 
 int emu_p2c_fwd(int dtype, int64_t B, int64_t N, int64_t M, int64_t H, int64_t D, float scale, const void* q,
@@ -392,21 +392,18 @@ int emu_p2c_fwd(int dtype, int64_t B, int64_t N, int64_t M, int64_t H, int64_t D
 
 int emu_p2c_bwd(int dtype, int64_t B, int64_t N, int64_t M, int64_t H, int64_t D, float scale,
                 int deterministic, int num_sms, const void* q, const int64_t* sq, const void* k,
-                const int64_t* sk, const void* v, const int64_t* sv, const void* out, const int64_t* so,
-                const void* g, const int64_t* sg, const float* lse, const int64_t* sl, void* dq, void* dk,
-                void* dv) {
+                const int64_t* sk, const void* v, const int64_t* sv, const void* g, const int64_t* sg,
+                void* dq, void* dk, void* dv) {
   P2CBwdArgs a{};
   a.dtype = dtype_of(dtype);
   a.B = B, a.N = N, a.M = M, a.H = H, a.D = D;
   a.scale = scale;
   a.deterministic = deterministic != 0;
-  a.q = q, a.k = k, a.v = v, a.out = out, a.grad_out = g, a.lse = lse;
+  a.q = q, a.k = k, a.v = v, a.grad_out = g;
   copy(sq, a.sq);
   copy(sk, a.sk);
   copy(sv, a.sv);
-  copy(so, a.so);
   copy(sg, a.sg);
-  copy(sl, a.sl);
   a.dq = dq, a.dk = dk, a.dv = dv;
   return static_cast<int>(dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -419,7 +416,7 @@ int emu_p2c_bwd(int dtype, int64_t B, int64_t N, int64_t M, int64_t H, int64_t D
 // splits_out: N splits.
 int emu_pool_fwd(int dtype, int64_t B, int64_t M, int64_t N, int64_t C, float eps, const void* logits,
                  const int64_t* sl, const void* x, const int64_t* sx, const float* weight, const float* bias,
-                 void* out, float* pooled, float* lse, int num_sms, int64_t max_smem, int64_t force_splits,
+                 void* out, float* pooled, float* stats, int num_sms, int64_t max_smem, int64_t force_splits,
                  int64_t* splits_out) {
   PoolFwdArgs a{};
   a.dtype = dtype_of(dtype);
@@ -428,7 +425,7 @@ int emu_pool_fwd(int dtype, int64_t B, int64_t M, int64_t N, int64_t C, float ep
   a.logits = logits, a.x = x, a.weight = weight, a.bias = bias;
   copy(sl, a.sl);
   copy(sx, a.sx);
-  a.out = out, a.pooled = pooled, a.lse = lse;
+  a.out = out, a.pooled = pooled, a.stats = stats;
   int result = -1;
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -446,19 +443,19 @@ int emu_pool_fwd(int dtype, int64_t B, int64_t M, int64_t N, int64_t C, float ep
 
 int emu_pool_bwd(int dtype, int64_t B, int64_t M, int64_t N, int64_t C, float eps, const void* g,
                  const int64_t* sg, const void* logits, const int64_t* sl, const void* x, const int64_t* sx,
-                 const float* weight, const float* pooled, const int64_t* sp, const float* lse,
-                 const int64_t* sls, void* dlogits, void* dx, float* dweight, float* dbias, int64_t max_smem) {
+                 const float* weight, const float* pooled, const int64_t* sp, const float* stats,
+                 const int64_t* sst, void* dlogits, void* dx, float* dweight, float* dbias, int64_t max_smem) {
   PoolBwdArgs a{};
   a.dtype = dtype_of(dtype);
   a.param_fp32 = true;
   a.B = B, a.M = M, a.N = N, a.C = C;
   a.eps = eps;
-  a.grad_out = g, a.logits = logits, a.x = x, a.weight = weight, a.pooled = pooled, a.lse = lse;
+  a.grad_out = g, a.logits = logits, a.x = x, a.weight = weight, a.pooled = pooled, a.stats = stats;
   copy(sg, a.sg);
   copy(sl, a.sl);
   copy(sx, a.sx);
   copy(sp, a.sp);
-  copy(sls, a.sls);
+  copy(sst, a.sst);
   a.dlogits = dlogits, a.dx = dx, a.dweight = dweight, a.dbias = dbias;
   std::vector<float> ws = nan_workspace(bwd_workspace(a));
   return static_cast<int>(dispatch_dtype(a.dtype, [&](auto tag) {

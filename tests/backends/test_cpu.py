@@ -24,10 +24,9 @@ TOL = ops.get_backend("cpu").tolerance(torch.float32)
 
 def test_p2c_backward_deterministic_across_thread_counts():
     p = make_p2c_inputs(2, 1000, 49, 2, 24)
-    out, lse = torch.ops.paca_kernels.p2c_attention_fwd(p.q, p.k, p.v, 0.2)
-    g = torch.randn_like(out)
+    g = torch.randn_like(p.q)
     assert_same_bits_across_thread_counts(
-        lambda: torch.ops.paca_kernels.p2c_attention_bwd(g, p.q, p.k, p.v, out, lse, 0.2, True), (1, 2, 1)
+        lambda: torch.ops.paca_kernels.p2c_attention_bwd(g, p.q, p.k, p.v, 0.2, True), (1, 2, 1)
     )
 
 
@@ -60,3 +59,37 @@ def test_cluster_pool_forward_scratch_buffers_carry_nothing_between_calls():
         inp = make_cluster_pool_inputs(B, M, N, C)
         got = ops.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias, backend="cpu")
         assert_close(got, reference.cluster_pool(inp.logits, inp.x, inp.weight, inp.bias), **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    ("B", "M", "N", "C"),
+    [(2, 13, 784, 24), (1, 7, 1100, 17), (2, 100, 196, 40), (3, 9, 33, 5)],
+    ids=lambda v: str(v),
+)
+def test_cluster_pool_patch_major_logits_give_the_bits_of_contiguous_ones(B, M, N, C, dtype):
+    """The clustering heads give logits (B, M, N) with strides (N·M, 1, M) (a channels-last 1×1 conv,
+    or (x·W)ᵀ). The kernels read such tiles in place or transpose them, never element by element,
+    and must give exactly the bits of contiguous logits, forward and backward; tiles of every size
+    (N = 784: balanced tiles, 1100: two forward splits, 33: one short tile), M below and above a
+    vector, odd C."""
+    base = make_cluster_pool_inputs(B, M, N, C, dtype=dtype)
+    patch_major = base.logits.transpose(1, 2).contiguous().transpose(1, 2)
+    assert patch_major.stride() == (N * M, 1, M)
+    grad_out = torch.randn(B, M, C, dtype=dtype)
+    results = []
+    for logits in (base.logits, patch_major):
+        # detach() keeps the strides (clone() of a non-dense view would not).
+        args = [t.detach().requires_grad_(True) for t in (logits, base.x, base.weight, base.bias)]
+        out = ops.cluster_pool(*args, backend="cpu")
+        out.backward(grad_out)
+        results.append([out.detach(), *(a.grad for a in args)])
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), f"output {i}: max difference {(a - b).abs().max().item():.3g}"
+    ref_args = [t.detach().double().requires_grad_(True) for t in (patch_major, base.x, base.weight, base.bias)]
+    ref = reference.cluster_pool(*ref_args)
+    ref.backward(grad_out.double())
+    tol = {"rtol": 1e-4, "atol": 5e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    assert_close(results[1][0].double(), ref.detach(), **tol)
+    for got, want in zip(results[1][1:], ref_args, strict=True):
+        assert_close(got.double(), want.grad, **tol)

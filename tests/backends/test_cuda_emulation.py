@@ -82,7 +82,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     dll = ctypes.CDLL(str(lib))
     i64, f32, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int
     dll.emu_p2c_fwd.argtypes = [i32] + [i64] * 5 + [f32] + [FP, I64P] * 3 + [FP, FP]
-    dll.emu_p2c_bwd.argtypes = [i32] + [i64] * 5 + [f32, i32, i32] + [FP, I64P] * 6 + [FP] * 3
+    dll.emu_p2c_bwd.argtypes = [i32] + [i64] * 5 + [f32, i32, i32] + [FP, I64P] * 4 + [FP] * 3
     dll.emu_pool_fwd.argtypes = [i32] + [i64] * 4 + [f32] + [FP, I64P] * 2 + [FP] * 5 + [i32, i64, i64, I64P]
     dll.emu_pool_bwd.argtypes = [i32] + [i64] * 4 + [f32] + [FP, I64P] * 3 + [FP] + [FP, I64P] * 2 + [FP] * 4 + [i64]
     dll.emu_pool_smem.argtypes = [i32, i64, I64P, I64P]
@@ -121,14 +121,13 @@ def _p2c_fwd(emu, q, k, v, scale):
     return out, lse
 
 
-def _p2c_bwd(emu, g, q, k, v, out, lse, scale, deterministic, num_sms):
+def _p2c_bwd(emu, g, q, k, v, scale, deterministic, num_sms):
     b, n, h, d = q.shape
     m = k.shape[1]
     dq, dk, dv = _nan(b, n, h, d, dtype=q.dtype), _nan(b, m, h, d, dtype=q.dtype), _nan(b, m, h, d, dtype=q.dtype)
     rc = emu.emu_p2c_bwd(DTYPE_CODE[q.dtype], b, n, m, h, d, scale, int(deterministic), num_sms,
                          _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(v), _strides(v),
-                         _ptr(out), _strides(out), _ptr(g), _strides(g), _ptr(lse), _strides(lse),
-                         _ptr(dq), _ptr(dk), _ptr(dv))  # fmt: skip
+                         _ptr(g), _strides(g), _ptr(dq), _ptr(dk), _ptr(dv))  # fmt: skip
     assert rc == 0
     return dq, dk, dv
 
@@ -162,19 +161,52 @@ def test_p2c_forward_backward(emu, shape, deterministic):
     g = torch.randn(b, n, h, d)
     want.backward(g)
     # num_sms=1: one deterministic group per (b, head), so a CTA adds several query tiles into its slice.
-    got = _p2c_bwd(emu, g, inp.q.detach(), inp.k.detach(), inp.v.detach(), out, lse, scale, deterministic, 1)
+    got = _p2c_bwd(emu, g, inp.q.detach(), inp.k.detach(), inp.v.detach(), scale, deterministic, 1)
     for name, a, t in zip(("dq", "dk", "dv"), got, (inp.q, inp.k, inp.v), strict=True):
         assert_close(a, t.grad, name=name, **BWD_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=["fp32", *LOW_IDS])
+def test_p2c_backward_row_statistics_over_key_chunks(emu, dtype):
+    """The backward's first sweep folds the key chunks (32 keys each) into each row's max, sum and
+    rowsum(P ∘ dP) online: with scores of order 1e4 (exact in fp32) whose maximum sits in the last chunk
+    (key 70 of 100, third chunk), a saturated row's dq is exactly 0, as PyTorch's is, and near-tie rows
+    (keys 5 and 90 within 1 of each other, chunks apart) are as accurate as PyTorch autograd in the same
+    dtype (fp32: 2x its error + 1e-6 of the gradient's scale; fp16/bf16: FlashAttention's 2x)."""
+    b, n, m, h, d = 1, 40, 100, 2, 24
+    k = torch.randint(-128, 129, (b, m, h, d)).float()
+    k[:, 5] = k[:, 90]
+    k[:, 5, :, 0] += 1
+    # Even rows: near-ties of keys 5 and 90 (gap |q₀|/64 <= 1) at s ~ 2e4; odd rows: key 70 (third chunk)
+    # leads every other key by ~2e4 (saturated: the others' P underflow, in float64 too).
+    lead = torch.where(torch.arange(n).view(1, n, 1, 1) % 2 == 0, k[:, 90:91], k[:, 70:71])
+    q = 8 * lead + torch.randint(-8, 9, (b, n, h, d))
+    q[:, ::2, :, 0] = torch.randint(-64, 65, (b, (n + 1) // 2, h)).float()
+    q = q / 64  # scores: multiples of 1/64 below 2^18, exact in fp32
+    v = torch.randn(b, m, h, d)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    g = torch.randn(b, n, h, d).to(dtype)
+    got = _p2c_bwd(emu, g, q, k, v, 1.0, True, 1)
+    exact = [t.double().requires_grad_(True) for t in (q, k, v)]
+    reference.p2c_attention(*exact, 1.0).backward(g.double())
+    low = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    reference.p2c_attention(*low, 1.0).backward(g)
+    odd = slice(1, None, 2)
+    assert torch.equal(low[0].grad[:, odd], torch.zeros_like(low[0].grad[:, odd]))  # the premise
+    assert torch.equal(got[0][:, odd], torch.zeros_like(got[0][:, odd])), "dq of saturated rows"
+    for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
+        err, ref_err = (float((t.double() - ex.grad).abs().max()) for t in (a, lo.grad))
+        bound = 2 * ref_err + (1e-6 * float(ex.grad.abs().max()) if dtype == torch.float32 else 0)
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} (PyTorch's: {ref_err:.3g})"
 
 
 def test_p2c_deterministic_groups_and_stride0_grad(emu):
     """Deterministic dk/dv repeat bitwise, match the reference with one group or many (and the atomic
     path), and a stride-0 upstream gradient (what out.sum().backward() passes) is read correctly."""
     inp = make_p2c_inputs(1, 150, 20, 2, 16)
-    out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
     g = torch.ones(1, 1, 1, 1).expand(1, 150, 2, 16)  # what out.sum().backward() passes
-    runs = [_p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, 0.3, True, sms) for sms in (1, 1, 132)]
-    atomic = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, 0.3, False, 132)
+    runs = [_p2c_bwd(emu, g, inp.q, inp.k, inp.v, 0.3, True, sms) for sms in (1, 1, 132)]
+    atomic = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, 0.3, False, 132)
     q, k, v = (t.clone().requires_grad_(True) for t in (inp.q, inp.k, inp.v))
     reference.p2c_attention(q, k, v, 0.3).sum().backward()
     for i, (name, t) in enumerate(zip(("dq", "dk", "dv"), (q, k, v), strict=True)):
@@ -195,23 +227,23 @@ def _smem(emu, c, dtype=torch.float32):
 def _pool_fwd(emu, logits, x, w, bias, eps, max_smem, splits=0, num_sms=132):
     b, m, n = logits.shape
     c = x.shape[2]
-    out, pooled, lse = _nan(b, m, c, dtype=x.dtype), _nan(b, m, c), _nan(b, m)
+    out, pooled, stats = _nan(b, m, c, dtype=x.dtype), _nan(b, m, c), _nan(b, m, 2)
     used = ctypes.c_int64(0)
     w, bias = (None if t is None else t.float().contiguous() for t in (w, bias))  # as the glue passes them
     cfg = emu.emu_pool_fwd(DTYPE_CODE[x.dtype], b, m, n, c, eps, _ptr(logits), _strides(logits), _ptr(x), _strides(x), _ptr(w),
-                           _ptr(bias), _ptr(out), _ptr(pooled), _ptr(lse), num_sms, max_smem, splits,
+                           _ptr(bias), _ptr(out), _ptr(pooled), _ptr(stats), num_sms, max_smem, splits,
                            ctypes.byref(used))  # fmt: skip
     assert cfg >= 0
-    return out, pooled, lse, cfg, used.value
+    return out, pooled, stats, cfg, used.value
 
 
-def _pool_bwd(emu, g, logits, x, w, pooled, lse, eps, max_smem):
+def _pool_bwd(emu, g, logits, x, w, pooled, stats, eps, max_smem):
     b, m, n = logits.shape
     c = x.shape[2]
     dl, dx, dw, db = _nan(b, m, n, dtype=x.dtype), _nan(b, n, c, dtype=x.dtype), _nan(c), _nan(c)
     w = None if w is None else w.float().contiguous()
     rc = emu.emu_pool_bwd(DTYPE_CODE[x.dtype], b, m, n, c, eps, _ptr(g), _strides(g), _ptr(logits), _strides(logits), _ptr(x),
-                          _strides(x), _ptr(w), _ptr(pooled), _strides(pooled), _ptr(lse), _strides(lse),
+                          _strides(x), _ptr(w), _ptr(pooled), _strides(pooled), _ptr(stats), _strides(stats),
                           _ptr(dl), _ptr(dx), _ptr(dw), _ptr(db), max_smem)  # fmt: skip
     assert rc == 0
     return dl, dx, dw, db
@@ -240,17 +272,19 @@ def test_pool_forward_backward(emu, shape, config, splits):
     args = (inp.logits, inp.x, inp.weight, inp.bias)
     det = [t.detach() if t is not None else None for t in args]
     # A shared-memory budget that admits this configuration and no larger one.
-    out, pooled, lse, cfg, used = _pool_fwd(emu, *det, 1e-6, fwd3[config], splits=splits)
+    out, pooled, stats, cfg, used = _pool_fwd(emu, *det, 1e-6, fwd3[config], splits=splits)
     bk = (32, 32, 16)[config]  # patches per tile of each configuration (cluster_pool.cuh: kFwdBK)
     chunk = math.ceil(math.ceil(n / max(1, min(splits, math.ceil(n / bk)))) / bk) * bk
     assert cfg == config and used == math.ceil(n / chunk)
     want = reference.cluster_pool(*args, 1e-6)
     assert_close(out, want, **FWD_TOL)
     assert_close(pooled, torch.softmax(det[0], -1) @ det[1], **FWD_TOL, name="pooled")
-    assert_close(lse, torch.logsumexp(det[0], -1), **FWD_TOL, name="lse")
+    row_max = det[0].amax(-1)
+    assert torch.equal(stats[..., 0], row_max)
+    assert_close(stats[..., 1], torch.exp(det[0] - row_max[..., None]).sum(-1), **FWD_TOL, name="row sum")
     g = torch.randn(b, m, c)
     want.backward(g)
-    got = _pool_bwd(emu, g, det[0], det[1], det[2], pooled, lse, 1e-6, bwd3[config])
+    got = _pool_bwd(emu, g, det[0], det[1], det[2], pooled, stats, 1e-6, bwd3[config])
     for name, a, t in zip(("dlogits", "dx", "dweight", "dbias"), got, args, strict=True):
         if t is not None:
             assert_close(a, t.grad, name=name, **BWD_TOL)
@@ -263,10 +297,11 @@ def test_pool_split_heuristic_extreme_logits_and_stride0(emu):
     logits = torch.sign(inp.logits) * 1e4 + inp.logits
     logits[0, 1] = -math.inf
     logits[0, 1, 337] = 0.5
-    out, pooled, lse, _, used = _pool_fwd(emu, logits, inp.x, inp.weight, inp.bias, 1e-6, 48 * 1024)
+    out, pooled, stats, _, used = _pool_fwd(emu, logits, inp.x, inp.weight, inp.bias, 1e-6, 48 * 1024)
     assert used > 1
-    # float64 oracle: in float32, exp(logit - lse) with |logit| ~ 1e4 carries ~1e4 * 6e-8 relative
-    # error in any implementation, so the tolerance below is 1e4 * float32 epsilon, not 1e-5.
+    # float64 oracle. The backward recomputes S = exp(logit - max) / sum from the saved stats (logit -
+    # max exact), so the gradients hold the ordinary tolerance at |logit| ~ 1e4 (with a saved lse they
+    # carried 1e4 * 2^-24 ≈ 6e-4 relative error).
     lr = logits.double().requires_grad_(True)
     xr = inp.x.double().requires_grad_(True)
     want = reference.cluster_pool(lr, xr, inp.weight.double(), inp.bias.double())
@@ -275,14 +310,15 @@ def test_pool_split_heuristic_extreme_logits_and_stride0(emu):
     assert_close(pooled[0, 1], inp.x[0, 337], **FWD_TOL)
     g = torch.ones(1, 1, 1).expand(1, 4, 16)
     want.backward(g.double())
-    dl, dx, _, _ = _pool_bwd(emu, g, logits, inp.x, inp.weight, pooled, lse, 1e-6, 48 * 1024)
-    assert_close(dl, lr.grad, rtol=2e-3, atol=2e-3, name="dlogits")
-    assert_close(dx, xr.grad, rtol=2e-3, atol=2e-3, name="dx")
+    dl, dx, _, _ = _pool_bwd(emu, g, logits, inp.x, inp.weight, pooled, stats, 1e-6, 48 * 1024)
+    assert_close(dl, lr.grad, name="dlogits", **BWD_TOL)
+    assert_close(dx, xr.grad, name="dx", **BWD_TOL)
 
     logits[0, 2] = -math.inf
     for splits in (1, 4):
-        out, pooled, lse, _, _ = _pool_fwd(emu, logits, inp.x, None, None, 1e-6, 48 * 1024, splits=splits)
-        assert torch.isnan(pooled[0, 2]).all() and torch.isnan(out[0, 2]).all() and lse[0, 2] == -math.inf
+        out, pooled, stats, _, _ = _pool_fwd(emu, logits, inp.x, None, None, 1e-6, 48 * 1024, splits=splits)
+        assert torch.isnan(pooled[0, 2]).all() and torch.isnan(out[0, 2]).all()
+        assert stats[0, 2, 0] == -math.inf and stats[0, 2, 1] == 0
         assert torch.isfinite(out[0, [0, 1, 3]]).all()
 
 
@@ -314,7 +350,7 @@ def test_p2c_grid_stride_over_batch_heads(small_grid, dtype):
     """B*h = 7 > the grid limit 2: each CTA row loops over (batch, head) pairs, forward and backward."""
     emu = small_grid
     inp = make_p2c_inputs(7, 20, 5, 1, 8, dtype=dtype)
-    out, lse = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
+    out, _ = _p2c_fwd(emu, inp.q, inp.k, inp.v, 0.3)
     exact = _exact(inp.q, inp.k, inp.v)
     want = reference.p2c_attention(*exact, 0.3)
     low = _low(inp.q, inp.k, inp.v)
@@ -324,7 +360,7 @@ def test_p2c_grid_stride_over_batch_heads(small_grid, dtype):
     want_low.backward(g)
     assert_low_precision_ok(out, want_low, want, floor=1e-4)
     for deterministic in (False, True):
-        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, 0.3, deterministic, 1)
+        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, 0.3, deterministic, 1)
         for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
             assert_low_precision_ok(a, lo.grad, ex.grad, name=name, floor=1e-4)
 
@@ -336,13 +372,13 @@ def test_pool_grid_stride_over_batches(small_grid, splits):
     inp = make_cluster_pool_inputs(5, 3, 100, 8, requires_grad=True)
     args = (inp.logits, inp.x, inp.weight, inp.bias)
     det = [t.detach() for t in args]
-    out, pooled, lse, _, used = _pool_fwd(emu, *det, 1e-6, 48 * 1024, splits=splits)
+    out, pooled, stats, _, used = _pool_fwd(emu, *det, 1e-6, 48 * 1024, splits=splits)
     assert used == min(splits, 2)
     want = reference.cluster_pool(*args, 1e-6)
     assert_close(out, want, **FWD_TOL)
     g = torch.randn(5, 3, 8)
     want.backward(g)
-    got = _pool_bwd(emu, g, *det[:3], pooled, lse, 1e-6, 48 * 1024)
+    got = _pool_bwd(emu, g, *det[:3], pooled, stats, 1e-6, 48 * 1024)
     for name, a, t in zip(("dlogits", "dx", "dweight", "dbias"), got, args, strict=True):
         assert_close(a, t.grad, name=name, **BWD_TOL)
 
@@ -439,24 +475,25 @@ def test_p2c_forward_double_buffers_keys_and_values_with_cp_async(emu, shape, dt
                          ids=["one-chunk", "tail-zero-fill", "many-chunks"])
 def test_p2c_backward_double_buffers_keys_and_values_with_cp_async(emu, shape, dtype):
     """The backward's key/value chunks (32 keys) go through cp.async and two buffer pairs for aligned
-    inputs (exact copy count: every query tile reloads every chunk), and through the synchronous loader
+    inputs (exact copy count: every query tile loads every chunk once per sweep), and through the synchronous loader
     for a misaligned value tensor, with bitwise the same dq, dk, dv (deterministic reduction)."""
     b, n, m, h, d = shape
     inp = make_p2c_inputs(b, n, m, h, d, dtype=dtype)
     w = -(-d // 8) * 8
     q, k, v = (torch.zeros(*t.shape[:-1], w, dtype=dtype)[..., :d].copy_(t) for t in (inp.q, inp.k, inp.v))
-    out, lse = _p2c_fwd(emu, q, k, v, 0.3)
+    out, _ = _p2c_fwd(emu, q, k, v, 0.3)
     g = torch.randn_like(out)
     _tile_load_paths(emu)
-    grads = _p2c_bwd(emu, g, q, k, v, out, lse, 0.3, True, 2)
+    grads = _p2c_bwd(emu, g, q, k, v, 0.3, True, 2)
     element, vector, tiles, copies = _tile_load_paths(emu)
     fp32 = dtype == torch.float32
     bn, pad, vec = (32, 4, 4) if fp32 else (64, 16, 8)
     mp, dp = -(-m // pad) * pad, -(-d // pad) * pad
     tiles_n = -(-n // bn) * b * h
-    assert tiles > 0 and copies == tiles_n * 2 * mp * dp // vec, (element, vector, tiles, copies)
+    # Keys and values, each loaded twice per query tile (the statistics sweep, then the gradient sweep).
+    assert tiles > 0 and copies == tiles_n * 2 * 2 * mp * dp // vec, (element, vector, tiles, copies)
     vm = torch.empty(1 + v.numel(), dtype=dtype)[1:].view_as(inp.v).copy_(v)
-    got = _p2c_bwd(emu, g, q, k, vm, out, lse, 0.3, True, 2)
+    got = _p2c_bwd(emu, g, q, k, vm, 0.3, True, 2)
     element, vector, tiles, copies = _tile_load_paths(emu)
     assert tiles == 0 and copies == 0 and element > 0, (element, tiles, copies)
     for name, a, want in zip(("dq", "dk", "dv"), got, grads, strict=True):
@@ -533,7 +570,7 @@ def test_p2c_tensor_cores_within_flash_attention_rule(emu, shape, dtype):
     want_low.backward(g)
     want.backward(g.double())
     for deterministic in (False, True):
-        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, out, lse, scale, deterministic, 1)
+        got = _p2c_bwd(emu, g, inp.q, inp.k, inp.v, scale, deterministic, 1)
         for name, a, lo, ex in zip(("dq", "dk", "dv"), got, low, exact, strict=True):
             assert a.dtype == dtype and torch.isfinite(a).all(), name
             assert_low_precision_ok(a, lo.grad, ex.grad, name=f"{name} ({'deterministic' if deterministic else 'atomic'})")
@@ -556,7 +593,7 @@ def test_pool_tensor_cores_within_flash_attention_rule(emu, shape, dtype, splits
     b, m, n, c, contiguous = shape
     inp = make_cluster_pool_inputs(b, m, n, c, dtype=dtype, contiguous=contiguous)
     args = (inp.logits, inp.x, inp.weight, inp.bias)
-    out, pooled, lse, _, used = _pool_fwd(emu, *args, 1e-6, 227 * 1024, splits=splits)
+    out, pooled, stats, _, used = _pool_fwd(emu, *args, 1e-6, 227 * 1024, splits=splits)
     assert out.dtype == dtype and used == splits
     low, exact = _low(*args), _exact(*args)
     want_low = reference.cluster_pool(*low, 1e-6)
@@ -565,12 +602,14 @@ def test_pool_tensor_cores_within_flash_attention_rule(emu, shape, dtype, splits
     p_low = torch.softmax(low[0].detach(), -1) @ low[1].detach()
     p_exact = torch.softmax(exact[0].detach(), -1) @ exact[1].detach()
     assert_low_precision_ok(pooled, p_low, p_exact, name="pooled")
-    assert_low_precision_ok(lse, torch.logsumexp(low[0].detach(), -1), torch.logsumexp(exact[0].detach(), -1),
-                            name="lse")
+    row_max = inp.logits.float().amax(-1)
+    assert torch.equal(stats[..., 0], row_max)  # exact: the backward's logits - max must be
+    assert_low_precision_ok(stats[..., 1], torch.exp(low[0].detach() - row_max.to(dtype)[..., None]).sum(-1),
+                            torch.exp(exact[0].detach() - row_max.double()[..., None]).sum(-1), name="row sum")
     g = torch.randn(b, m, c).to(dtype)
     want_low.backward(g)
     want.backward(g.double())
-    got = _pool_bwd(emu, g, inp.logits, inp.x, inp.weight, pooled, lse, 1e-6, 227 * 1024)
+    got = _pool_bwd(emu, g, inp.logits, inp.x, inp.weight, pooled, stats, 1e-6, 227 * 1024)
     for name, a, lo, ex in zip(("dlogits", "dx", "dweight", "dbias"), got, low, exact, strict=True):
         assert torch.isfinite(a).all(), name
         assert_low_precision_ok(a, lo.grad, ex.grad, name=name)
@@ -588,10 +627,10 @@ def test_pool_tensor_cores_every_configuration(emu, dtype):
     want.backward(g.double())
     want_low.backward(g)
     for config in range(3):
-        out, pooled, lse, cfg, _ = _pool_fwd(emu, *args, 1e-6, fwd3[config], splits=1)
+        out, pooled, stats, cfg, _ = _pool_fwd(emu, *args, 1e-6, fwd3[config], splits=1)
         assert cfg == config
         assert_low_precision_ok(out, want_low, want, name=f"out cfg{config}")
-        got = _pool_bwd(emu, g, inp.logits, inp.x, inp.weight, pooled, lse, 1e-6, bwd3[config])
+        got = _pool_bwd(emu, g, inp.logits, inp.x, inp.weight, pooled, stats, 1e-6, bwd3[config])
         for name, a, lo, ex in zip(("dlogits", "dx"), got, low, exact, strict=False):
             assert_low_precision_ok(a, lo.grad, ex.grad, name=f"{name} cfg{config}")
 

@@ -64,14 +64,14 @@ def test_split_n_pool_matches_reference(shape):
 
         @staticmethod
         def forward(ctx, logits, x, w, bias):
-            out, pooled, lse = cluster_pool_fwd(logits, x, w, bias, 1e-6, num_splits=splits)
-            ctx.save_for_backward(logits, x, w, pooled, lse)
+            out, pooled, stats = cluster_pool_fwd(logits, x, w, bias, 1e-6, num_splits=splits)
+            ctx.save_for_backward(logits, x, w, pooled, stats)
             return out
 
         @staticmethod
         def backward(ctx, g):
-            logits, x, w, pooled, lse = ctx.saved_tensors
-            dl, dx, dw, db = cluster_pool_bwd(g, logits, x, w, pooled, lse, 1e-6)
+            logits, x, w, pooled, stats = ctx.saved_tensors
+            dl, dx, dw, db = cluster_pool_bwd(g, logits, x, w, pooled, stats, 1e-6)
             return dl, dx, dw if affine else None, db if affine else None
 
     got, got_g = grads(_Fn.apply, args, grad_out)
@@ -81,12 +81,15 @@ def test_split_n_pool_matches_reference(shape):
         assert_close(g, w, name=name, **BWD_TOL)
 
 
-def test_split_n_saved_pooled_and_lse():
+def test_split_n_saved_pooled_and_stats():
+    """pooled, and stats = (row max, Σ exp(logits − max)) with the max exact, one pass and split-N."""
     inp = make_cluster_pool_inputs(2, 5, 30, 12, device=DEVICE)
+    row_max = inp.logits.amax(-1)
     for splits in (1, 3):
-        _, pooled, lse = cluster_pool_fwd(inp.logits, inp.x, inp.weight, inp.bias, 1e-6, num_splits=splits)
+        _, pooled, stats = cluster_pool_fwd(inp.logits, inp.x, inp.weight, inp.bias, 1e-6, num_splits=splits)
         assert_close(pooled, torch.softmax(inp.logits, -1) @ inp.x, **FWD_TOL)
-        assert_close(lse, torch.logsumexp(inp.logits, -1), **FWD_TOL)
+        assert torch.equal(stats[..., 0], row_max)
+        assert_close(stats[..., 1], torch.exp(inp.logits - row_max[..., None]).sum(-1), **FWD_TOL)
 
 
 def test_split_n_extreme_logits_no_nan():
@@ -97,8 +100,8 @@ def test_split_n_extreme_logits_no_nan():
         inp.logits[0, 1] = -math.inf
         inp.logits[0, 1, 37] = 0.5
     args = (inp.logits, inp.x, inp.weight, inp.bias)
-    out, pooled, lse = cluster_pool_fwd(*args, 1e-6, num_splits=3)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    out, pooled, stats = cluster_pool_fwd(*args, 1e-6, num_splits=3)
+    assert torch.isfinite(out).all() and torch.isfinite(stats).all()
     assert_close(out, reference.cluster_pool(*args), rtol=1e-4, atol=1e-4)
     assert_close(pooled[0, 1], inp.x[0, 37], **FWD_TOL)  # all the weight on patch 37
     cluster_pool_triton(*args).sum().backward()

@@ -219,3 +219,105 @@ def test_cuda_limits_come_from_the_build_info(monkeypatch):
         f"p2c_attention holds all keys on chip: M = {lim['max_keys']} > 4"]
     monkeypatch.setattr(_ext, "kernel_limits", lambda device: None)
     assert "no CUDA kernel limits" in check((q, fits, fits))[0]
+
+
+# -- empty inputs: the validation layer gives every backend the same call -------------------------------
+
+P2C_EMPTY = {"B0": (0, 5, 3, 2, 4), "N0": (2, 0, 3, 2, 4), "h0": (2, 5, 3, 0, 4), "d0": (2, 5, 3, 2, 0)}
+
+
+@pytest.mark.parametrize("shape", P2C_EMPTY.values(), ids=P2C_EMPTY.keys())
+@pytest.mark.parametrize("name", [*BACKEND_NAMES, None], ids=[*BACKEND_NAMES, "auto"])
+def test_p2c_empty_inputs_agree_on_every_backend(name, shape):
+    """B, N, h or d = 0 (B, N, M, h, d): every backend (and the automatic choice) returns the reference's
+    empty output, and zero gradients. d = 0 has no default scale d^-1/2 (it raised ZeroDivisionError on
+    every backend): every score is an empty dot product, 0, whatever the scale, so 1 is used."""
+    device = backend_device(name) if name is not None else "cpu"
+    if name is not None:
+        require_backend(ops.get_backend(name))
+    inp = make_p2c_inputs(*shape, device=device, requires_grad=True)
+    args = (inp.q, inp.k, inp.v)
+    out = ops.p2c_attention(*args, backend=name)
+    want = reference.p2c_attention(*[t.detach() for t in args], 1.0)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    out.sum().backward()
+    for t in args:
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("name", [*BACKEND_NAMES, None], ids=[*BACKEND_NAMES, "auto"])
+def test_p2c_no_clusters_is_a_value_error_on_every_backend(name):
+    """M = 0: a softmax over no clusters is undefined; the same ValueError on every backend."""
+    device = backend_device(name) if name is not None else "cpu"
+    if name is not None:
+        require_backend(ops.get_backend(name))
+    q, kv = torch.randn(2, 5, 2, 4, device=device), torch.randn(2, 0, 2, 4, device=device)
+    with pytest.raises(ValueError, match=r"at least one cluster \(M >= 1\)"):
+        ops.p2c_attention(q, kv, kv, backend=name)
+
+
+# -- the cpu backend's measured table of slower regimes ----------------------------------------------
+
+
+@needs_ext
+def test_automatic_choice_passes_the_cpu_backend_over_where_its_table_says(monkeypatch):
+    """A row of ``SLOWER_THAN_REFERENCE`` sends the automatic choice to the reference for the calls it
+    covers (op, grad mode, N and channel ranges, float32), and only those; a named backend still runs."""
+    from paca_kernels.ops.backends import cpu
+
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    row = cpu.SlowerRegime("cluster_pool", grad=True, n=(10, 20), channels=(8, 8), speed=0.9, source="x.json")
+    monkeypatch.setattr(cpu, "SLOWER_THAN_REFERENCE", (row,))
+    inp = make_cluster_pool_inputs(1, 3, 12, 8)
+    args = (inp.logits.requires_grad_(True), inp.x)
+    assert ops.select_backend("cluster_pool", args, None).name == "reference"
+    assert ops.select_backend("cluster_pool", args, "cpu").name == "cpu"
+    assert "measured slower than the reference" in ops.get_backend("cpu").auto_skip_reason("cluster_pool", args, True)
+    # The functional op follows the choice: the reference backend's bits.
+    assert torch.equal(ops.cluster_pool(*args), ops.cluster_pool(*args, backend="reference"))
+    with torch.no_grad():  # no backward recorded: the grad=True row does not apply
+        assert ops.select_backend("cluster_pool", args, None).name == "cpu"
+    inp.logits.requires_grad_(False)
+    assert ops.select_backend("cluster_pool", (inp.logits, inp.x), None).name == "cpu"
+    for b, m, n, c in [(1, 3, 21, 8), (1, 3, 12, 9)]:  # outside the N or the channel range
+        other = make_cluster_pool_inputs(b, m, n, c, requires_grad=True)
+        assert ops.select_backend("cluster_pool", (other.logits, other.x), None).name == "cpu"
+    double = make_cluster_pool_inputs(1, 3, 12, 8, dtype=torch.float64, requires_grad=True)
+    assert ops.select_backend("cluster_pool", (double.logits, double.x), None).name == "cpu"  # fp32 table
+    p = make_p2c_inputs(1, 12, 3, 2, 4, requires_grad=True)  # another op: not covered
+    assert ops.select_backend("p2c_attention", (p.q, p.k, p.v), None).name == "cpu"
+
+
+@needs_ext
+def test_automatic_choice_with_the_table_compiles_fullgraph(monkeypatch):
+    from paca_kernels.ops.backends import cpu
+
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    row = cpu.SlowerRegime("p2c_attention", grad=True, n=(1, 100), channels=(1, 64), speed=0.9, source="x.json")
+    monkeypatch.setattr(cpu, "SLOWER_THAN_REFERENCE", (row,))
+    p = make_p2c_inputs(1, 12, 3, 2, 4, requires_grad=True)
+    fn = torch.compile(ops.p2c_attention, backend="aot_eager", fullgraph=True)
+    out = fn(p.q, p.k, p.v)
+    out.sum().backward()
+    assert_close(out, reference.p2c_attention(p.q, p.k, p.v), rtol=1e-5, atol=1e-6)
+
+
+def test_the_cpu_table_rows_come_from_a_committed_measurement():
+    """Every row names a results file under benchmarks/results/ that holds the op's group at that mode,
+    with the cpu backend slower than the reference there, as the row says."""
+    import json
+    from pathlib import Path
+
+    from paca_kernels.ops.backends import cpu
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    for row in cpu.SLOWER_THAN_REFERENCE:
+        data = json.loads((results / row.source).read_text())
+        mode = "fwd+bwd" if row.grad else "fwd"
+        rows = [r for r in data["benchmarks"] if r["extra_info"].get("op") == row.op
+                and r["extra_info"].get("mode") == mode and row.n[0] <= r["extra_info"]["N"] <= row.n[1]]
+        assert rows, row
+        by_group: dict[str, dict[str, float]] = {}
+        for r in rows:
+            by_group.setdefault(r["group"], {})[r["extra_info"]["provider"]] = r["stats"]["median"]
+        assert any(g["reference"] / g["cpu"] < 1.0 for g in by_group.values()), row

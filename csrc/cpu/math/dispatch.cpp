@@ -1,6 +1,8 @@
 // Selection of the float32 kernels for this CPU (see dispatch.h). Compiled for the baseline ISA.
 #include "cpu/math/dispatch.h"
 
+#include "cpu/math/kernels.h"
+
 #include <cstdlib>
 #include <cstring>
 
@@ -31,6 +33,13 @@ Float32Kernels select_float32_kernels() {
   }
 #endif
   return r;
+}
+
+// The bf16 products' build where there is one ("amx", "avx512bf16": they come on top of the AVX-512
+// build), else the float32 build.
+const char* selected_isa() {
+  const Float32Kernels& k = float32_kernels();
+  return k.bf16_isa != nullptr ? k.bf16_isa : k.isa;
 }
 
 }  // namespace paca_kernels::cpu

@@ -109,8 +109,8 @@ struct Float32Kernels {
   DwFn dwconv_band = nullptr;
   DwDirectFn dwconv_direct = nullptr;  // vector builds only (the baseline copies a padded band)
   // The bfloat16 products: "amx" (AMX-BF16 tiles), "avx512bf16" (vdpbf16ps), or nullptr where the
-  // CPU (or the PACA_KERNELS_CPU_ISA cap) has neither; the bf16 products then run in the float32 kernels on the
-  // bf16-rounded weights (PackedMatrix).
+  // CPU (or the PACA_KERNELS_CPU_ISA cap) has neither; the bf16 products then run in the float32
+  // kernels on the bf16-rounded weights (PackedMatrix).
   const char* bf16_isa = nullptr;
   GemmPackedBf16Fn gemm_packed_bf16 = nullptr;
 };
@@ -140,5 +140,11 @@ bool register_kernels(Float32Kernels& k);
 // =avx512bf16 in the environment caps the choice.
 // Callers use float32_kernels() (kernels.h), which computes it once.
 Float32Kernels select_float32_kernels();
+
+// The name of the build the kernels run in this process ("baseline", "avx2" or "avx512", or with
+// the bf16 products on top "avx512bf16" or "amx"): the choice float32_kernels() made (making it now
+// if no kernel ran yet). Exposed as the op paca_kernels::cpu_isa() so that Python reports the real
+// choice, not a re-derivation of it.
+const char* selected_isa();
 
 }  // namespace paca_kernels::cpu

@@ -8,9 +8,19 @@ setting resolves to. Available when the extension is built and loads.
 Tolerances: those the CPU kernel tests have held since the kernels landed (``testing.TOLERANCES``,
 set from the error measured on the tests' shapes: other summation orders, fp32 accumulation), with
 the gradients' looser where they sum over N or B·M rows.
+
+Where the automatic choice passes it over: :data:`SLOWER_THAN_REFERENCE`, regimes (op, with or
+without the backward, range of N and of the channels) where these kernels were measured slower than
+the reference backend on the CPU, float32 (``benchmarks/interleaved_ops.py``, interleaved rounds; the
+results file is named in each row). There the automatic choice takes the reference; ``backend="cpu"``
+still runs the kernels. The table is a measurement of one machine and one build, not a law: re-measure
+it (and update it with its results file) when the kernels or the machine change.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +29,91 @@ from ..cluster_pool import cluster_pool_cpp
 from ..dispatch import Backend
 from ..p2c_attention import p2c_attention_cpp
 
-__all__ = ["BACKEND"]
+__all__ = ["BACKEND", "SLOWER_THAN_REFERENCE", "SlowerRegime", "slower_regime"]
+
+
+@dataclass(frozen=True)
+class SlowerRegime:
+    """A regime where the cpu backend's op ran slower than the reference's, measured.
+
+    Attributes:
+        op: "cluster_pool" or "p2c_attention".
+        grad: True for calls that record a backward (training: forward + backward timed), False for
+            calls that do not (inference: forward timed).
+        n: the range of N (patches) it covers, inclusive.
+        channels: the range of the channels, inclusive: C (x's last dimension) for cluster_pool,
+            h·d for p2c_attention.
+        speed: the cpu backend's speed over the reference's there (median of the per-round ratios).
+        source: the results file under benchmarks/results/ that measured it.
+    """
+
+    op: str
+    grad: bool
+    n: tuple[int, int]
+    channels: tuple[int, int]
+    speed: float
+    source: str
+
+    def covers(self, op: str, n: int, channels: int, grad: bool) -> bool:
+        return (op == self.op and grad == self.grad and self.n[0] <= n <= self.n[1]
+                and self.channels[0] <= channels <= self.channels[1])
+
+
+_SOURCE = "train-2026-12-06/ops-1thread.json"
+
+#: The measured regimes where the automatic choice on the CPU prefers the reference (see the module
+#: docstring). From ``benchmarks/interleaved_ops.py --threads 1 --rounds 10`` on the 2-core development
+#: machine (Intel Xeon, AVX-512; one thread, because the machine was shared and two-thread rounds of
+#: the reference's many small parallel ops varied tenfold), fp32, at the PaCa-ViT-Tiny stages (B = 8,
+#: M = 100), segmentation 512² and detection 800×1216 (stage 1). cpu speed over the reference,
+#: median [q1, q3] of the rounds:
+#:
+#: ==================  ============  ==================  ==================  ==================  ========  ========
+#: op                  mode          tiny-s1 N3136 C96   tiny-s2 N784 C192   tiny-s3 N196 C320   seg512    det800
+#: ==================  ============  ==================  ==================  ==================  ========  ========
+#: cluster_pool        fwd+bwd       1.04 [0.92, 1.31]   1.06 [1.00, 1.26]   1.34 [1.19, 1.74]   1.42      1.71
+#: cluster_pool        fwd           1.41 [1.08, 1.74]   0.80 [0.48, 2.11]   3.42 [1.07, 3.83]   2.51      3.20
+#: p2c_attention       fwd+bwd       1.52 [1.40, 1.68]   1.07 [0.97, 1.13]   0.85 [0.77, 0.97]   1.89      --
+#: p2c_attention       fwd           1.49 [1.31, 1.53]   1.07 [0.89, 1.32]   1.14 [1.10, 1.34]   2.60      --
+#: ==================  ============  ==================  ==================  ==================  ========  ========
+#:
+#: One row: p2c_attention with the backward at stage 3 (N = 196, h·d = 320: d = 40, the only stage
+#: whose head width is not a multiple of 16, so the products run masked half-empty edge tiles), the one
+#: regime whose whole middle half of rounds lies below 1. Its edges are the measured point (N up to
+#: 196; 320 channels), not an extrapolation. cluster_pool's forward at stage 2 (median 0.80) had a
+#: middle half of [0.48, 2.11], which says nothing either way (a second run: see benchmarks/NOTES.md).
+SLOWER_THAN_REFERENCE: tuple[SlowerRegime, ...] = (
+    SlowerRegime("p2c_attention", grad=True, n=(1, 196), channels=(320, 320), speed=0.85, source=_SOURCE),
+)
+
+
+def _sizes(op: str, inputs: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(N, channels) of a call: cluster_pool (logits (B, M, N), x (B, N, C)); p2c_attention (q (B, N, h, d), ...)."""
+    if op == "cluster_pool":
+        return inputs[1].shape[1], inputs[1].shape[2]
+    q = inputs[0]
+    return q.shape[1], q.shape[2] * q.shape[3]
+
+
+def slower_regime(op: str, inputs: Sequence[torch.Tensor], grad: bool) -> SlowerRegime | None:
+    """The row of :data:`SLOWER_THAN_REFERENCE` covering this call (float32 only: the table measured
+    float32), or None."""
+    if inputs[0].dtype != torch.float32:
+        return None
+    n, channels = _sizes(op, inputs)
+    return next((r for r in SLOWER_THAN_REFERENCE if r.covers(op, n, channels, grad)), None)
+
+
+def _auto_skip(op: str):
+    def reason(inputs: Sequence[torch.Tensor], grad: bool) -> str | None:
+        row = slower_regime(op, inputs, grad)
+        if row is None:
+            return None
+        mode = "forward+backward" if grad else "forward"
+        return (f"measured slower than the reference here ({op} {mode}, N in {row.n}, channels in "
+                f"{row.channels}: {row.speed:.2f}x, benchmarks/results/{row.source})")
+    return reason
+
 
 BACKEND = Backend(
     name="cpu",
@@ -30,4 +124,5 @@ BACKEND = Backend(
     availability=lambda: None if _ext.load() else _ext.unavailable_reason(),
     tolerances={torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-5)},
     grad_tolerances={torch.float64: (1e-10, 1e-12), torch.float32: (3e-5, 3e-5)},
+    auto_skip={"cluster_pool": _auto_skip("cluster_pool"), "p2c_attention": _auto_skip("p2c_attention")},
 )

@@ -1,0 +1,84 @@
+// LayerNorm statistics of one row that neither overflow nor underflow, for the cluster_pool
+// kernels (cluster_pool.cpp: the forward's epilogue and the backward's LayerNorm part; the fused
+// layer, fused/conv_paca_layer.cpp, reaches them through cluster_pool_fwd_cpu). Baseline
+// translation units only (ODR rule in dispatch.h).
+//
+// Why: squaring a pooled row of magnitude 1e20 overflows float32 (var = inf, rstd = 0, and the
+// LayerNorm returned exactly the bias: finite and wrong), and a row of 1e-20 squares to nothing.
+// The row is divided by a power of two near its largest magnitude first, so the squares stay in
+// range; LayerNorm is invariant under that (with eps scaled alike):
+//     q = p / scale,  xhat = (q - mean_q) / sqrt(var_q + eps / scale^2) = (p - mean_p) / sqrt(var_p + eps)
+// and dividing by a power of two is exact, so ordinary rows give the same bits as unscaled code.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace paca_kernels::cpu {
+
+// The power of two dividing a row whose largest magnitude is amax: about amax (q in [-2, 2]),
+// clamped so that eps / scale^2 stays finite (scale >= sqrt(eps) * 2^-41 or so: for rows far below
+// sqrt(eps), eps dominates their variance anyway) and so that 1 / scale is a normal number. A zero,
+// infinite or NaN row keeps scale 1 (an inf or NaN then gives NaN, as torch's layer_norm does).
+template <typename T>
+inline T layer_norm_scale(T amax, T eps) {
+  using L = std::numeric_limits<T>;
+  if (!(amax > T(0)) || !(amax <= L::max())) return T(1);
+  int e = 0;
+  std::frexp(amax, &e);  // amax in [2^(e-1), 2^e)
+  int lo = L::min_exponent + 30;
+  if (eps > T(0)) {
+    int k = 0;
+    std::frexp(std::sqrt(eps), &k);
+    lo = std::max(lo, k - 41);
+  }
+  return std::ldexp(T(1), std::clamp(e - 1, lo, L::max_exponent - 28));
+}
+
+template <typename T>
+struct LayerNormStats {
+  T inv_scale;  // 1 / scale (a power of two)
+  T mean;       // mean of q = p * inv_scale
+  T rstd;       // 1 / sqrt(var(q) + eps * inv_scale^2); xhat = (p * inv_scale - mean) * rstd,
+                // and the rstd of p itself is rstd * inv_scale
+};
+
+// Statistics of the row p (n > 0 values, biased variance, two passes). The sums run in eight
+// interleaved partials: the compiler vectorises them (a single running sum is a serial chain of
+// dependent adds, which made the LayerNorm epilogue a fifth of the forward), and the fixed order
+// keeps results reproducible.
+template <typename T>
+inline LayerNormStats<T> layer_norm_stats(const T* p, int64_t n, T eps) {
+  T amax = 0;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(p[i]));  // NaN skipped: it
+  const T inv = T(1) / layer_norm_scale(amax, eps);                      // poisons the sums
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += p[i + j] * inv;
+  }
+  for (; i < n; ++i) part[0] += p[i] * inv;
+  const T mean =
+      (((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]))) /
+      static_cast<T>(n);
+  std::fill(part, part + 8, T(0));
+  i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const T d = p[i + j] * inv - mean;
+      part[j] += d * d;
+    }
+  }
+  for (; i < n; ++i) part[0] += (p[i] * inv - mean) * (p[i] * inv - mean);
+  const T var =
+      (((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]))) /
+      static_cast<T>(n);
+  // eps / scale^2 underflows for huge rows: floored at the smallest normal number, which only
+  // matters for an exactly constant row (var = 0, every deviation 0), where it keeps 0 * rstd = 0.
+  const T eps_q = std::max(eps * inv * inv, std::numeric_limits<T>::min());
+  return {inv, mean, T(1) / std::sqrt(var + eps_q)};
+}
+
+}  // namespace paca_kernels::cpu
