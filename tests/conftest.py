@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from paca_kernels.testing import isolate_inductor_cache
-
 # Must be set before anything imports Triton kernels (they are decorated at import time).
 # torch.cuda.is_available() asks the driver for a device count; it creates no CUDA context.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Only now may the package load (its Triton kernels are decorated at import, in the mode set above).
+from paca_kernels.testing import isolate_inductor_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 # A TorchInductor cache per source state (paca_kernels.testing.isolate_inductor_cache): a graph compiled
