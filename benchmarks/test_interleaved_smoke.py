@@ -14,3 +14,13 @@ def test_interleaved_smoke(tmp_path):
     providers = {r["extra_info"]["provider"] for r in rows}
     assert {"official", "paca-cpu", "paca-cpu-compiled", "official-compiled"} <= providers
     assert all(len(r["stats"]["data"]) == 2 and r["stats"]["median"] > 0 for r in rows)
+
+
+def test_interleaved_bf16_smoke(tmp_path):
+    """The bf16 comparison (--bf16): every provider timed, each held to the 2x accuracy rule first."""
+    out = tmp_path / "r.json"
+    assert interleaved.main(["--bf16", "--smoke", "--rounds", "2", "--batches", "1", "--models", "",
+                             "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["benchmarks"]
+    assert {r["extra_info"]["provider"] for r in rows} == {p for p, _, _ in interleaved.BF16_PROVIDERS}
+    assert {r["extra_info"]["dtype"] for r in rows} == {"bfloat16", "float32"}

@@ -100,7 +100,8 @@
 #include "cpu/math/dispatch.h"
 
 namespace {
-// cpu_isa() -> str: the build the C++ CPU kernels run ("baseline", "avx2", "avx512"), chosen once
+// cpu_isa() -> str: the build the C++ CPU kernels run ("baseline", "avx2", "avx512", and with the
+// bf16 products "avx512bf16" or "amx"), chosen once
 // per process from cpuid and PACA_KERNELS_CPU_ISA at first use. Device-independent (no tensors),
 // so its kernel is given with the schema.
 std::string cpu_isa() { return paca_kernels::cpu::selected_isa(); }

@@ -165,16 +165,20 @@ def cuda_built() -> bool:
 
 
 def cpu_isa() -> tuple[str, str] | None:
-    """The float32 build the C++ CPU kernels run in this process, and how that was learnt.
+    """The build the C++ CPU kernels run in this process, and how that was learnt.
 
-    Returns ``(isa, how)``: isa is ``"avx512"`` (AVX-512 products, AVX2 for the rest), ``"avx2"``
-    (AVX2+FMA) or ``"baseline"`` (portable SSE2), as the extension reports it (the op
-    ``paca_kernels::cpu_isa``); ``how`` says how it was chosen. None when the extension is
-    unavailable.
+    Returns ``(isa, how)``: isa is ``"amx"`` (the AVX-512 build, and the bfloat16 inputs' products on
+    AMX-BF16 tiles), ``"avx512bf16"`` (the same with AVX512-BF16 ``vdpbf16ps`` products),
+    ``"avx512"`` (AVX-512 products, AVX2 for the rest; bf16 inputs multiplied in float32 by the
+    bf16-rounded weights), ``"avx2"`` (AVX2+FMA) or ``"baseline"`` (portable SSE2), as the extension
+    reports it (the op ``paca_kernels::cpu_isa``); ``how`` says how it was chosen. None when the
+    extension is unavailable.
 
     The choice is made in C++ (csrc/cpu/math/dispatch.cpp) once per process, at the first kernel
-    call (or this query): cpuid's avx2+fma and avx512f, capped by ``PACA_KERNELS_CPU_ISA=baseline``
-    or ``=avx2`` as the environment was then; changing the variable later changes nothing.
+    call (or this query): cpuid's avx2+fma, avx512f, avx512bf16 (with avx512bw) and amx-bf16 (with
+    amx-tile, and the OS granting the tile data: Linux 5.16+), capped by
+    ``PACA_KERNELS_CPU_ISA=baseline``, ``=avx2``, ``=avx512`` or ``=avx512bf16`` as the environment
+    was then; changing the variable later changes nothing.
     """
     if not load():
         return None
@@ -183,6 +187,6 @@ def cpu_isa() -> tuple[str, str] | None:
     isa = str(torch.ops.paca_kernels.cpu_isa())
     cap = os.environ.get("PACA_KERNELS_CPU_ISA")
     how = "cpuid, at first use"
-    if cap in {"baseline", "avx2"}:
+    if cap in {"baseline", "avx2", "avx512", "avx512bf16"}:
         how += f"; PACA_KERNELS_CPU_ISA={cap} caps it (if it was set then)"
     return isa, how

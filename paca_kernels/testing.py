@@ -314,13 +314,15 @@ def assert_passes_on_cpu_isa(script: str, isa: str = "baseline", timeout: float 
     """Run ``script`` (Python source that prints "isa ok" when its checks pass) in a fresh
     interpreter with ``PACA_KERNELS_CPU_ISA=isa``: ``"baseline"`` for the C++ kernels' portable
     float32 build, ``"avx2"`` for the AVX2 products on a CPU that would otherwise use the AVX-512
-    ones. The build is chosen once per process at first use, so it needs a process of its own."""
+    ones, ``"avx512"`` for the AVX-512 build without the bf16 products (bf16 inputs then multiply
+    in float32), ``"avx512bf16"`` for the AVX512-BF16 bf16 products where the CPU would use AMX.
+    The build is chosen once per process at first use, so it needs a process of its own."""
     import os
     import subprocess
     import sys
 
-    if isa not in ("baseline", "avx2"):
-        raise ValueError(f"isa must be 'baseline' or 'avx2', got {isa!r}")
+    if isa not in ("baseline", "avx2", "avx512", "avx512bf16"):
+        raise ValueError(f"isa must be 'baseline', 'avx2', 'avx512' or 'avx512bf16', got {isa!r}")
     env = {**os.environ, "PACA_KERNELS_CPU_ISA": isa}
     proc = subprocess.run(
         [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=timeout

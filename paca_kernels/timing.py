@@ -103,6 +103,7 @@ def interleave(
     warmup: int = 2,
     sync: Callable[[], None] | None = None,
     on_round: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Rounds:
     """Time every function once per round, in a rotating order.
 
@@ -115,6 +116,9 @@ def interleave(
         warmup: calls of each function before the rounds (2: the first compiles a compiled one).
         sync: waits for the device (``torch.cuda.synchronize``) after each call; None on the CPU.
         on_round: called with the number of rounds done after each round (progress).
+        clock: what a sample measures: wall time (the default), or e.g. ``time.thread_time`` for
+            the CPU time of a single-threaded call, which other processes on a shared machine slow
+            down far less (they take turns on the cores, not the call's work).
     """
     if rounds is None and budget_s is None:
         raise ValueError("interleave needs rounds or budget_s")
@@ -143,11 +147,11 @@ def interleave(
             break
         for i in range(len(names)):
             name = names[(done + i) % len(names)]
-            t = time.perf_counter()
+            t = clock()
             fns[name]()
             if sync is not None:
                 sync()
-            samples[name].append(time.perf_counter() - t)
+            samples[name].append(clock() - t)
         done += 1
         if on_round is not None:
             on_round(done)

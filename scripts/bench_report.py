@@ -115,7 +115,8 @@ def split_group(row: dict) -> tuple[str, str]:
     'tiny-s1-B8-...'); 'inference-pacavit_tiny_p2cconv_100_0' -> ('inference', 'pacavit_tiny_...');
     a group without a shape part (the scaling sweep) takes the row's own size (N, image side)."""
     group = row.get("group") or ""
-    base = group.removesuffix(" (interleaved)")
+    # A dtype tag in front ("bf16 PaCaAttention-fwd-..."): the section already names the dtype.
+    base = re.sub(r"^(?:bf16|fp16) ", "", group.removesuffix(" (interleaved)"))
     info = row.get("extra_info", {})
     m = re.match(r"^(.+?-(?:fwd\+bwd|fwd|bwd))-(.+)$", base)
     if m:
@@ -259,6 +260,32 @@ def _fixed(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return MISSING if not value else f"{value * scale:.{digits}f}"
 
 
+def _wide_table(rows: list[dict]) -> list[str]:
+    """A family whose rows ask for it (``extra_info.table == "wide"``: many providers per shape) as
+    one row per shape and a column per provider: the median ms and, after the first provider (the
+    baseline), the speed-up over it; the spreads are in the NOTES and the raw data."""
+    providers = list(dict.fromkeys(r["extra_info"].get("provider", MISSING) for r in rows))
+    by_shape: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        by_shape[split_group(r)[1] or MISSING][r["extra_info"].get("provider", MISSING)] = r
+    base = providers[0]
+    lines = ["| shape | " + " | ".join(f"{p} ms" + ("" if p == base else f" (× {base})") for p in providers)
+             + " |", "|" + "---|" * (len(providers) + 1)]
+    for shape in sorted(by_shape, key=natural_key):
+        cells = []
+        b = by_shape[shape].get(base)
+        for p in providers:
+            r = by_shape[shape].get(p)
+            if r is None:
+                cells.append(MISSING)
+                continue
+            med = r["stats"]["median"]
+            ratio = f" ({b['stats']['median'] / med:.2f})" if b is not None and p != base else ""
+            cells.append(_ms(med) + ratio)
+        lines.append(f"| {shape} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _table(rows: list[dict]) -> list[str]:
     """One table for one family of groups (e.g. every p2c_attention-fwd shape): a row per shape and
     provider, fastest first within a shape; columns that would be empty everywhere are left out."""
@@ -305,7 +332,9 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _section(run: Run, newest: Run, notes_text: str) -> list[str]:
+def _section(run: Run, newest: Run, notes_text: str, shown: set[tuple[str, str]] | None = None) -> list[str]:
+    """A run's section; ``shown``: the (family, dtype) pairs newer sections of the device show, which
+    an older run's section leaves to history.csv (noted in one line) to keep the file short."""
     rows = [r for r in run.rows if r.get("stats")]
     info0 = rows[0]["extra_info"] if rows else {}
     machine = run.data.get("machine_info", {})
@@ -350,11 +379,22 @@ def _section(run: Run, newest: Run, notes_text: str) -> list[str]:
     families: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         families[split_group(r)[0]].append(r)
+    older = run.path != newest.path and commit != newest_commit
+    skipped = sorted(f for f in families if older and shown is not None and (f, dtype) in shown)
+    if skipped:
+        lines += [(f"Superseded by the newer section(s) above, in `history.csv` only: "
+                   f"{', '.join(f'**{f}**' for f in skipped)}."), ""]
     for family in sorted(families):
+        if family in skipped:
+            continue
         png = run.path.with_name(f"{run.path.stem}-scaling.png")
         plotted = family.startswith("scaling") and png.exists()
         extra = f" ([plot](benchmarks/results/{png.name}))" if plotted else ""
-        lines += [f"**{family}**{extra}", "", *_table(families[family]), ""]
+        wide = all(r["extra_info"].get("table") == "wide" for r in families[family])
+        table = _wide_table(families[family]) if wide else _table(families[family])
+        lines += [f"**{family}**{extra}", "", *table, ""]
+    if shown is not None:
+        shown.update((f, dtype) for f in families)
     return lines
 
 
@@ -421,8 +461,10 @@ def render(runs: list[Run], notes_text: str = "") -> str:
         lines += [f"## {device}", ""]
         # newest first, so the current figures lead and older runs follow
         order = sorted(latest, key=lambda k: (latest[k].datetime, latest[k].path.name), reverse=True)
+        shown: set[tuple[str, str]] = set()
         for key in order:
-            lines += _section(latest[key], newest if key[0] == "deploy" else measured[-1], notes_text)
+            run_newest = newest if key[0] == "deploy" else measured[-1]
+            lines += _section(latest[key], run_newest, notes_text, shown)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -83,3 +83,46 @@ def test_committed_outputs_are_up_to_date(rendered: dict[str, bytes]) -> None:
     hint = "stale: run `python scripts/bench_report.py` and commit BENCHMARKS.md and history.csv"
     assert (ROOT / "BENCHMARKS.md").read_bytes() == rendered["BENCHMARKS.md"], hint
     assert (RESULTS / "history.csv").read_bytes() == rendered["history.csv"], hint
+
+
+def test_wide_tables_and_superseded_families(tmp_path: Path) -> None:
+    """Rows with extra_info.table == "wide" render one row per shape, a column per provider (the
+    first one the baseline of the ratios); a dtype tag in front of a group is not part of its family;
+    an older run's family that a newer section of the device shows is listed, not tabled."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_report
+    finally:
+        sys.path.pop(0)
+
+    def row(group, provider, median, dtype="bfloat16", wide=True):
+        info = {"provider": provider, "device": "cpu", "dtype": dtype, "timing": "interleaved rounds"}
+        if wide:
+            info["table"] = "wide"
+        return {"group": group, "stats": {"median": median, "rounds": 3}, "extra_info": info}
+
+    def run(name, when, commit, rows, suite="interleaved"):
+        data = {"datetime": when, "commit_info": {"id": commit}, "benchmarks": rows,
+                "machine_info": {"cpu": {"brand_raw": "Test CPU"}}}
+        return bench_report.Run(tmp_path / f"{name}.json", data, suite, rows)
+
+    new = run("new", "2026-12-06T09:00:00", "b" * 40, [
+        row("bf16 inference-m-B8 (interleaved)", "reference-autocast", 0.2),
+        row("bf16 inference-m-B8 (interleaved)", "cpu-bf16", 0.1),
+    ])
+    old = run("old", "2026-12-05T09:00:00", "a" * 40, [
+        row("inference-m-B8 (interleaved)", "reference", 0.3, dtype="float32", wide=False),
+    ])
+    suite = run("suite", "2026-12-04T09:00:00", "c" * 40, [
+        row("inference-m-B8", "reference", 0.4, wide=False),
+        row("train-step-m", "reference", 0.5, wide=False),
+    ], suite="pytest-benchmark")
+    text = bench_report.render([new, old, suite])
+    assert "| shape | reference-autocast ms | cpu-bf16 ms (× reference-autocast) |" in text
+    assert "| m-B8 | 200.0 | 100.0 (2.00) |" in text
+    # float32's inference family is not the bf16 one: the older float32 run keeps its table ...
+    assert "| m-B8 | reference | 300.0 |" in text.split("`old`")[1]
+    # ... while the older bf16 suite run's inference is superseded, its train-step kept.
+    tail = text.split("`suite`")[1]
+    assert "in `history.csv` only: **inference**" in tail and "| m | reference | 500.0 |" in tail
+    assert "400.0" not in tail

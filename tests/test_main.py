@@ -143,7 +143,7 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.parametrize("cap", [None, "avx2", "baseline", "AVX2"])
+@pytest.mark.parametrize("cap", [None, "avx512bf16", "avx512", "avx2", "baseline", "AVX2"])
 def test_cpu_isa_is_the_extensions_choice(cap: str | None) -> None:
     """The ISA line reports what the extension chose (the op paca_kernels::cpu_isa), in a process
     whose PACA_KERNELS_CPU_ISA was set before the first kernel: the CPU's best build, capped by the
@@ -154,9 +154,18 @@ def test_cpu_isa_is_the_extensions_choice(cap: str | None) -> None:
     if platform.machine().lower() not in {"x86_64", "amd64"} or not Path("/proc/cpuinfo").exists():
         pytest.skip("the expected build is derived from x86 /proc/cpuinfo flags here")
     flags = _cpu_flags()
-    best = "avx512" if {"avx2", "fma", "avx512f"} <= flags else "avx2" if {"avx2", "fma"} <= flags else "baseline"
-    expected = {None: best, "AVX2": best, "baseline": "baseline",
-                "avx2": "avx2" if best == "avx512" else best}[cap]
+    order = ["baseline", "avx2", "avx512", "avx512bf16", "amx"]  # each build needs the ones before
+    needs = [set(), {"avx2", "fma"}, {"avx512f"}, {"avx512_bf16", "avx512bw"}, {"amx_bf16", "amx_tile"}]
+    best = "baseline"
+    for isa, flag_set in zip(order[1:], needs[1:], strict=True):
+        if not flag_set <= flags:
+            break
+        best = isa
+    release = tuple(int(p) for p in platform.release().split("-")[0].split(".")[:2] if p.isdigit())
+    if best == "amx" and release < (5, 16):
+        pytest.skip("AMX needs the OS to grant the tile data (Linux 5.16+)")
+    capped = order[: order.index(cap) + 1] if cap in order else order
+    expected = best if best in capped else capped[-1]
     env = {k: v for k, v in os.environ.items() if k != "PACA_KERNELS_CPU_ISA"}
     if cap is not None:
         env["PACA_KERNELS_CPU_ISA"] = cap

@@ -19,6 +19,14 @@ def test_rounds_rotate_the_order():
     assert set(result.warmup_s) == set("abc")
 
 
+def test_samples_read_the_given_clock():
+    """clock= decides what a sample measures (benchmarks/interleaved.py --cpu-time: thread CPU time)."""
+    ticks = iter(range(100))
+    r = timing.interleave({"a": lambda: None, "b": lambda: None}, rounds=3, warmup=0,
+                          clock=lambda: float(next(ticks)))
+    assert r.samples == {"a": [1.0] * 3, "b": [1.0] * 3}
+
+
 def test_budget_stops_the_rounds_after_the_minimum():
     fns = {"a": lambda: time.sleep(0.002), "b": lambda: time.sleep(0.002)}
     none_left = timing.interleave(fns, budget_s=0.0, min_rounds=4, warmup=0)

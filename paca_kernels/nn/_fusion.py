@@ -70,11 +70,19 @@ def has_hooks(*modules: nn.Module | None) -> bool:
     return False
 
 
+#: The CPU autocast dtypes under which the fused ops run (in that dtype).
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def cpu_inference(backend: str | None, x: Tensor, module: nn.Module, *extra: Tensor | None) -> bool:
-    """The conditions every fused inference op shares, for ``module`` run on x: x on the CPU outside
-    autocast, the ``backend`` setting resolving to "cpu", no global hooks, and no gradient wanted
-    through x, the ``extra`` tensors or any parameter of ``module``."""
-    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or global_hooks():
+    """The conditions every fused inference op shares, for ``module`` run on x: x on the CPU (under
+    CPU autocast only to bfloat16 or float16, which the fused ops then run in, as the modules they
+    replace would: :func:`paca_kernels.ops.fused._common.autocast_input`), the
+    ``backend`` setting resolving to "cpu", no global hooks, and no gradient wanted through x, the
+    ``extra`` tensors or any parameter of ``module``."""
+    if x.device.type != "cpu" or global_hooks():
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") not in _AUTOCAST_DTYPES:
         return False
     if torch.is_grad_enabled():
         if x.requires_grad:
@@ -169,8 +177,8 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
     - pooling: ``ops.cluster_pool`` (LayerNorm epilogue) where the layer pools logits through a
       LayerNorm with no position embedding and no hook on the norm (the op would skip it);
     - fused parts, only in CPU inference on the cpu backend (:func:`cpu_inference`: no gradient
-      wanted through x, ``given`` or any parameter, no autocast, no global hooks): the conv head as
-      ``conv_cluster_logits`` (a P2CConv2d the kernel computes exactly, no hooks in it), the attention
+      wanted through x, ``given`` or any parameter, no autocast but to bf16/fp16, no global hooks):
+      the conv head as ``conv_cluster_logits`` (a P2CConv2d the kernel computes exactly, no hooks in it), the attention
       as ``p2c_attention_proj`` (plain Linear projections, inactive dropouts, no maps wanted, no hooks
       on the projections or the dropout);
     - the whole layer as ``conv_paca_layer`` where both parts and the pooling fuse, the norm is

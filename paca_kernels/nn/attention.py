@@ -78,9 +78,9 @@ class PaCaAttention(nn.Module):
 
     Which path serves a call is decided once per call (:func:`paca_kernels.nn._fusion.plan_attention`):
     on the cpu backend in
-    inference (no gradient wanted, no autocast, no forward hooks that a kernel would skip) the whole
-    layer runs as one fused op (``paca_kernels.ops.fused.conv_paca_layer``), or its conv head and its
-    attention as fused parts; otherwise the modules and the differentiable ops
+    inference (no gradient wanted, no autocast but to bf16/fp16, no forward hooks that a kernel would
+    skip) the whole layer runs as one fused op (``paca_kernels.ops.fused.conv_paca_layer``), or its
+    conv head and its attention as fused parts (under autocast in its dtype); otherwise the modules and the differentiable ops
     (``ops.cluster_pool``, ``ops.p2c_attention``) run.
     """
 

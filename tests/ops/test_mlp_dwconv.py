@@ -177,7 +177,7 @@ def test_mlp_uses_fused_kernel_in_inference_only(fused_calls):
     assert fused.fc1.bias.grad is not None
 
 
-def test_fused_dwconv_skipped_with_hooks_autocast_grad_or_other_activations(fused_calls):
+def test_fused_dwconv_skipped_with_hooks_grad_or_other_activations(fused_calls):
     fused, _ = _mlp_pair()
     x = torch.randn(1, 4 * 4, 24)
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_fused_dwconv_skipped_with_hooks_autocast_grad_or_other_activations(fuse
             assert fused._plan(x) == "modules"
             handle.remove()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert fused._plan(x) == "modules"
+            assert fused._plan(x) != "modules"  # in bf16 (tests/backends/test_cpu_bf16.py)
         tanh = Mlp(24, 40, with_dwconv=True, act_cfg={"type": "GELU", "approximate": "tanh"}, backend="cpu")
         assert tanh._plan(x) == "modules"
         identity = Mlp(24, 40, with_dwconv=True, with_shortcut=True, act_cfg={"type": "Identity"},

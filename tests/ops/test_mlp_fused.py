@@ -1,7 +1,8 @@
 """The whole-MLP kernel (``paca_kernels::mlp_fused``, csrc/cpu/fused/mlp_fused.cpp: fc1, DWConv with
 its shortcut, GELU, fc2 with the hidden rows kept in cache) against the PaCa-ViT Mlp modules run in
 float64, and how Mlp chooses between it and ``mlp_dwconv`` (tests/ops/test_mlp_dwconv.py covers
-the shared gating: inference only, cpu backend, no hooks, no autocast)."""
+the shared gating: inference only, cpu backend, no hooks; bf16 and autocast in
+tests/backends/test_cpu_bf16.py)."""
 
 from __future__ import annotations
 

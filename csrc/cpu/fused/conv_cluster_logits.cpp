@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.h"
@@ -52,8 +53,9 @@ struct HeadParams {
   std::vector<acc_t> dw_t, dw_b, b1, b2;
   PackedMatrix<acc_t> w1_t, w2_t;  // (C, C) and (C, M)
   bool has_dw_b = false, has_b2 = false;
-  HeadParams(const at::Tensor& w1, const at::Tensor& w2)
-      : w1_t(w1, ScratchSlot::kCall0), w2_t(w2, ScratchSlot::kCall1) {}
+  // bf16: the 1x1 convs as bf16 products with float32 sums (PackedMatrix).
+  HeadParams(const at::Tensor& w1, const at::Tensor& w2, bool bf16)
+      : w1_t(w1, ScratchSlot::kCall0, bf16), w2_t(w2, ScratchSlot::kCall1, bf16) {}
 };
 
 template <typename scalar_t>
@@ -139,7 +141,8 @@ at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_cluster_logits",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    HeadParams<acc_t> prm(w1.reshape({C, C}), w2.reshape({M, C}));
+    HeadParams<acc_t> prm(w1.reshape({C, C}), w2.reshape({M, C}),
+                          std::is_same_v<scalar_t, at::BFloat16>);
     prm.dw_t = transposed<acc_t>(dw_weight.reshape({C, k * k}));
     if (dw_bias) {
       prm.dw_b = to_vector<acc_t>(*dw_bias);

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common/check.h"
@@ -154,8 +155,11 @@ at::Tensor mlp_fused_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::Te
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlp_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PackedMatrix<acc_t> w1_t(fc1_weight, ScratchSlot::kCall0);  // fc1_weight^T (C, hidden)
-    const PackedMatrix<acc_t> w2_t(fc2_weight, ScratchSlot::kCall1);  // fc2_weight^T (hidden, out)
+    // bf16 inputs (a bf16 model, or autocast): fc1 and fc2 as bf16 products with float32 sums,
+    // as the bf16 linears compute them; the conv, GELU and the hidden rows stay float32.
+    constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+    const PackedMatrix<acc_t> w1_t(fc1_weight, ScratchSlot::kCall0, kBf16);  // fc1^T (C, hidden)
+    const PackedMatrix<acc_t> w2_t(fc2_weight, ScratchSlot::kCall1, kBf16);  // fc2^T (hidden, out)
     std::vector<acc_t> wt = transposed<acc_t>(dw_weight.reshape({Hd, k * k}));  // (k*k, hidden)
     if (shortcut) {
       const int64_t centre = (k / 2) * k + k / 2;

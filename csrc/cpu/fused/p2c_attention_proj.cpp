@@ -48,8 +48,10 @@ template <typename acc_t>
 struct PackedLinear {
   PackedMatrix<acc_t> wt;
   std::vector<acc_t> bias;
-  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b, ScratchSlot slot)
-      : wt(w, slot) {
+  // bf16: bf16 products with float32 sums (PackedMatrix).
+  PackedLinear(const at::Tensor& w, const std::optional<at::Tensor>& b, ScratchSlot slot,
+               bool bf16)
+      : wt(w, slot, bf16) {
     if (b) bias = to_vector<acc_t>(*b);
   }
   // Y[r, :] = A[r, :] . W^T + bias for r < rows (A row stride lda, Y row stride ldy).
@@ -78,7 +80,20 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
   // image, in acc_t: never rounded to the input dtype), laid out as the attention reads them: the
   // keys scaled and transposed (h*d x M per image: head hd's d x M block at row hd*d), the values
   // per head (M x d per (image, head)). One task per (image, k or v).
-  const Scratch<acc_t> kt(ScratchSlot::kCall4, B * HD * M), vv(ScratchSlot::kCall5, B * M * HD);
+  //
+  // bf16 inputs with bf16 products (AVX512-BF16 or AMX): the attention's two products are bf16
+  // products too, as under autocast (q . k^T and the probabilities times v are bf16 matmuls there):
+  // the keys (scaled) and the values are packed per (image, head) as bf16 pair panels instead, k^T
+  // as the right-hand side (d steps x M columns) of the scores, v (M steps x d columns) of the
+  // output. The scores, the softmax and the sums stay float32; the unnormalised probabilities
+  // (exp(s - max) <= 1) are rounded to bf16 as the product reads them.
+  constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;  // then acc_t is float
+  const bool bf16_attn = kBf16 && float32_kernels().gemm_packed_bf16 != nullptr;
+  // Sizes of one (image, head)'s panels, in acc_t (two bf16 a value; multiples of 64 bytes).
+  const int64_t kpan = (M + 15) / 16 * 16 * bf16_panel_pairs(D);
+  const int64_t vpan = (D + 15) / 16 * 16 * bf16_panel_pairs(M);
+  const Scratch<acc_t> kt(ScratchSlot::kCall4, bf16_attn ? B * H * kpan : B * HD * M),
+      vv(ScratchSlot::kCall5, bf16_attn ? B * H * vpan : B * M * HD);
   parallel_for(0, 2 * B, 1, [&](int64_t lo, int64_t hi) {
     const Scratch<acc_t> ca(ScratchSlot::kTask0, M * C), kb(ScratchSlot::kTask1, M * HD);
     for (int64_t task = lo; task < hi; ++task) {
@@ -92,6 +107,15 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
         // Each head's values as one contiguous (M x d) block: the attention's B operand then
         // spans 100 adjacent rows in cache, not 100 rows h*d apart.
         lv.apply(ca.data(), C, kb.data(), HD, M);
+        if constexpr (kBf16) {
+          if (bf16_attn) {  // W = v^T (d x M): W[j, m] = v[m, j]
+            for (int64_t hd = 0; hd < H; ++hd) {
+              pack_bf16_panels(kb.data() + hd * D, 1, HD, D, M,
+                               reinterpret_cast<uint16_t*>(vv.data() + (b * H + hd) * vpan));
+            }
+            continue;
+          }
+        }
         for (int64_t hd = 0; hd < H; ++hd) {
           acc_t* dst = vv.data() + (b * H + hd) * M * D;
           for (int64_t m = 0; m < M; ++m) {
@@ -102,6 +126,15 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       }
       lk.apply(ca.data(), C, kb.data(), HD, M);
       for (int64_t i = 0; i < M * HD; ++i) kb[i] *= sc;
+      if constexpr (kBf16) {
+        if (bf16_attn) {  // W = k (M x d): W[m, j] = k[m, j]
+          for (int64_t hd = 0; hd < H; ++hd) {
+            pack_bf16_panels(kb.data() + hd * D, HD, 1, M, D,
+                             reinterpret_cast<uint16_t*>(kt.data() + (b * H + hd) * kpan));
+          }
+          continue;
+        }
+      }
       transpose(kb.data(), HD, M, HD, kt.data() + b * HD * M, M);
     }
   });
@@ -138,17 +171,37 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       }
       lq.apply(a, lda, qb.data(), HD, rows);
       // Per head: scores over the M clusters, softmax, times v, into the head's columns of o.
+      const GemmPackedBf16Fn bf16_gemm = float32_kernels().gemm_packed_bf16;
       for (int64_t hd = 0; hd < H; ++hd) {
-        gemm_nn(qb.data() + hd * D, HD, kt.data() + (b * HD + hd * D) * M, M, s.data(), M, rows,
-                D, M, /*accumulate=*/false);
+        bool done = false;
+        if constexpr (kBf16) {
+          if (bf16_attn) {
+            bf16_gemm(qb.data() + hd * D, HD,
+                      reinterpret_cast<const uint16_t*>(kt.data() + (b * H + hd) * kpan),
+                      s.data(), M, rows, D, M, nullptr, false);
+            done = true;
+          }
+        }
+        if (!done) {
+          gemm_nn(qb.data() + hd * D, HD, kt.data() + (b * HD + hd * D) * M, M, s.data(), M, rows,
+                  D, M, /*accumulate=*/false);
+        }
         for (int64_t i = 0; i < rows; ++i) {
           acc_t* srow = s.data() + i * M;
           // An all -inf (or +inf/NaN) row gives NaN, as torch.softmax does.
           inv[i] = acc_t(1) / exp_minus_row_max(srow, srow, M).sum;
         }
         acc_t* oh = ob.data() + hd * D;
-        gemm_nn(s.data(), M, vv.data() + (b * H + hd) * M * D, D, oh, HD, rows, M, D,
-                /*accumulate=*/false);
+        if (done) {
+          if constexpr (kBf16) {
+            bf16_gemm(s.data(), M,
+                      reinterpret_cast<const uint16_t*>(vv.data() + (b * H + hd) * vpan), oh, HD,
+                      rows, M, D, nullptr, false);
+          }
+        } else {
+          gemm_nn(s.data(), M, vv.data() + (b * H + hd) * M * D, D, oh, HD, rows, M, D,
+                  /*accumulate=*/false);
+        }
         for (int64_t i = 0; i < rows; ++i) {
           for (int64_t j = 0; j < D; ++j) oh[i * HD + j] *= inv[i];
         }
@@ -215,9 +268,14 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "p2c_attention_proj",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const PackedLinear<acc_t> lq(q_weight, q_bias, ScratchSlot::kCall0),
-        lk(k_weight, k_bias, ScratchSlot::kCall1), lv(v_weight, v_bias, ScratchSlot::kCall2),
-        lp(proj_weight, proj_bias, ScratchSlot::kCall3);
+    // bf16 inputs: the four projections as bf16 products (float32 sums), as the bf16 linears they
+    // replace; the attention itself (scores, softmax, times v) stays float32, which autocast
+    // would round to bf16 around its two matmuls.
+    constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+    const PackedLinear<acc_t> lq(q_weight, q_bias, ScratchSlot::kCall0, kBf16),
+        lk(k_weight, k_bias, ScratchSlot::kCall1, kBf16),
+        lv(v_weight, v_bias, ScratchSlot::kCall2, kBf16),
+        lp(proj_weight, proj_bias, ScratchSlot::kCall3, kBf16);
     p2c_proj_kernel<scalar_t>(x, c, lq, lk, lv, lp, num_heads, scale, out);
   });
   return out;

@@ -11,13 +11,16 @@
 //   kernels_avx2.cpp      -mavx2 -mfma     AVX2+FMA intrinsics: products, exp, row max, GELU,
 //                                          transpose, depthwise convolution
 //   kernels_avx512.cpp    -mavx512f ...    AVX-512 products (the rest stays AVX2); same bits
+//   kernels_avx512bf16.cpp -mavx512bf16 ... bf16 products (vdpbf16ps) on packed bf16 weights
+//   kernels_amx.cpp       -mamx-bf16 ...   the same bf16 products on AMX tiles (tdpbf16ps)
 //
 // dispatch.cpp picks the build once, from cpuid (and the PACA_KERNELS_CPU_ISA cap), and the ops
 // reach it through the inline front ends of kernels.h. float64 (gradcheck, reference precision)
 // always takes the portable templates. The baseline and the vector float32 builds may differ in
 // the last bits (FMA), each one is deterministic; the AVX-512 and AVX2 builds give the same bits.
 //
-// ODR RULE for the ISA translation units (kernels_avx2.cpp, kernels_avx512.cpp):
+// ODR RULE for the ISA translation units (kernels_avx2.cpp, kernels_avx512.cpp, kernels_avx512bf16.cpp,
+// kernels_amx.cpp):
 //   An inline function or template instantiated in a TU compiled with -mavx2 / -mavx512f is
 //   emitted as a COMDAT (weak) symbol; if a baseline TU instantiates the same entity, the linker
 //   keeps ONE copy, possibly the AVX-512 one, which would then run (and crash with SIGILL) on
@@ -76,6 +79,18 @@ using DwDirectFn = void (*)(const float* img, int64_t px, int64_t y_base, int64_
                             int64_t y0, int64_t rows, const float* wt, const float* bias,
                             const float* in_bias, bool gelu, float* out, int64_t C, int64_t k);
 
+// C[r, :] = act(bias + sum_t bf16(A[r, t]) P[t, :]) with P a weight packed as bfloat16 pair panels
+// by PackedMatrix (packing.h; layout in kernels_avx512bf16.cpp): A float32 rounded to bf16 (nearest
+// even) as it is read, the sums in float32.
+using GemmPackedBf16Fn = void (*)(const float* A, int64_t lda, const uint16_t* P, float* C,
+                                  int64_t ldc, int64_t rows, int64_t T, int64_t cols,
+                                  const float* bias, bool gelu);
+
+// bf16 pair panels (PackedMatrix, gemm_packed_bf16) hold their pairs of reduction steps rounded up
+// to a multiple of this, the padding pair-rows zero: the AMX kernel then reads whole tiles of 16
+// pairs (32 steps) and the zero rows add nothing.
+constexpr int64_t kBf16PairPad = 16;
+
 // Reduction steps per packed panel in the vector builds' products: a 256 x 16 float panel is
 // 16 KiB, half of a 32 KiB L1d. The AVX2 and AVX-512 products chunk their sums alike (data only).
 constexpr int64_t kPanelSteps = 256;
@@ -93,6 +108,11 @@ struct Float32Kernels {
   GeluFn gelu = nullptr;
   DwFn dwconv_band = nullptr;
   DwDirectFn dwconv_direct = nullptr;  // vector builds only (the baseline copies a padded band)
+  // The bfloat16 products: "amx" (AMX-BF16 tiles), "avx512bf16" (vdpbf16ps), or nullptr where the
+  // CPU (or the PACA_KERNELS_CPU_ISA cap) has neither; the bf16 products then run in the float32
+  // kernels on the bf16-rounded weights (PackedMatrix).
+  const char* bf16_isa = nullptr;
+  GemmPackedBf16Fn gemm_packed_bf16 = nullptr;
 };
 
 // Each ISA's translation unit. baseline: fills every entry but the vector-only ones. avx2 /
@@ -107,15 +127,24 @@ bool register_kernels(Float32Kernels& k);
 namespace avx512 {
 bool register_kernels(Float32Kernels& k);
 }
+namespace avx512bf16 {  // the bf16 products only (gemm_packed_bf16, bf16_isa)
+bool register_kernels(Float32Kernels& k);
+}
+namespace amx {  // the bf16 products on AMX tiles; false where the CPU or the OS has none
+bool register_kernels(Float32Kernels& k);
+}
 
 // The build for this CPU (dispatch.cpp): AVX-512 products where the CPU has AVX-512F, else AVX2+FMA,
-// else the baseline; PACA_KERNELS_CPU_ISA=baseline or =avx2 in the environment caps the choice.
+// else the baseline, and the bf16 products on top where the CPU has AVX512-BF16 (on AMX tiles where
+// it also has AMX-BF16 and the OS grants it); PACA_KERNELS_CPU_ISA=baseline, =avx2, =avx512 or
+// =avx512bf16 in the environment caps the choice.
 // Callers use float32_kernels() (kernels.h), which computes it once.
 Float32Kernels select_float32_kernels();
 
-// The name of the build the kernels run in this process ("baseline", "avx2" or "avx512"): the
-// choice float32_kernels() made (making it now if no kernel ran yet). Exposed as the op
-// paca_kernels::cpu_isa() so that Python reports the real choice, not a re-derivation of it.
+// The name of the build the kernels run in this process ("baseline", "avx2" or "avx512", or with
+// the bf16 products on top "avx512bf16" or "amx"): the choice float32_kernels() made (making it now
+// if no kernel ran yet). Exposed as the op paca_kernels::cpu_isa() so that Python reports the real
+// choice, not a re-derivation of it.
 const char* selected_isa();
 
 }  // namespace paca_kernels::cpu

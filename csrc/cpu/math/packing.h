@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -15,6 +16,34 @@
 
 namespace paca_kernels::cpu {
 
+// Pair-rows of a bf16 pair panel over `steps` reduction steps: (steps + 1) / 2 rounded up to a
+// multiple of kBf16PairPad.
+inline int64_t bf16_panel_pairs(int64_t steps) {
+  return ((steps + 1) / 2 + kBf16PairPad - 1) / kBf16PairPad * kBf16PairPad;
+}
+
+// Packs B = W^T for gemm_packed_bf16, W (cols x steps) read as src[o * so + t * st] in float32,
+// rounded to bf16 (nearest even): panel p (16 columns) at dst + p * bf16_panel_pairs(steps) * 32,
+// its pair-row s holding (W[16p + c, 2s], W[16p + c, 2s + 1]) at 32 * s + 2 * c, zero past W.
+// For operands made inside a kernel (the attention's keys and values), on the calling thread.
+inline void pack_bf16_panels(const float* src, int64_t so, int64_t st, int64_t cols, int64_t steps,
+                             uint16_t* dst) {
+  const int64_t pairs = bf16_panel_pairs(steps);
+  for (int64_t p = 0; p < (cols + 15) / 16; ++p) {
+    uint16_t* panel = dst + p * pairs * 32;
+    for (int64_t s = 0; s < pairs; ++s) {
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t o = 16 * p + c;
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t t = 2 * s + h;
+          panel[32 * s + 2 * c + h] =
+              o < cols && t < steps ? c10::BFloat16(src[o * so + t * st]).x : uint16_t(0);
+        }
+      }
+    }
+  }
+}
+
 // The constant right-hand side B = W^T (T x cols) of the products x . W^T with a linear layer's
 // weight W (cols x T, any dtype and strides), multiplied by many row blocks. For float32 with the
 // AVX2 kernels it is kept only as 16-column panels (each T x 16 contiguous, the last one
@@ -22,19 +51,42 @@ namespace paca_kernels::cpu {
 // skip the per-call packing. Otherwise it is kept as the plain row-major W^T. linear() gives the
 // same bits either way. The storage is the calling thread's scratch `slot` (see Scratch); big
 // matrices are packed by all threads.
+//
+// bf16_products (float32 only: the kernels' bfloat16 inputs, a bf16 model or autocast) asks for
+// the products of bfloat16 operands with float32 sums, as the bf16 matmuls they replace compute
+// them. With AVX512-BF16 (gemm_packed_bf16) W is packed as bf16 pair panels (16 columns, two
+// reduction steps interleaved: the layout of kernels_avx512bf16.cpp) and A is rounded to bf16 as
+// the kernel reads it. Without it W is rounded to bf16 values and packed as above for the float32
+// kernels, and A is used unrounded (rounding it would need a copy, and only makes the result less
+// exact); the results then differ from the AVX512-BF16 build's by about one bf16 rounding of A.
 template <typename T>
 struct PackedMatrix {
   int64_t steps = 0, cols = 0;
   bool packed = false;  // 16-column panels (float32 + AVX2), else plain W^T (steps x cols)
+  bool bf16 = false;    // bf16 pair panels for gemm_packed_bf16 (float32 + AVX512-BF16)
   Scratch<T> store;
 
-  PackedMatrix(const at::Tensor& weight, ScratchSlot slot)
+  PackedMatrix(const at::Tensor& weight, ScratchSlot slot, bool bf16_products = false)
       : steps(weight.size(1)),
         cols(weight.size(0)),
         packed(std::is_same_v<T, float> && float32_kernels().gemm_packed != nullptr),
-        store(slot, packed ? (cols + 15) / 16 * 16 * weight.size(1) : weight.numel()) {
-    // W (cols x steps) as contiguous T: the weight itself when it already is (no copy).
-    const at::Tensor w = weight.to(c10::CppTypeToScalarType<T>::value).contiguous();
+        bf16(std::is_same_v<T, float> && bf16_products &&
+             float32_kernels().gemm_packed_bf16 != nullptr),
+        store(slot, bf16     ? (cols + 15) / 16 * 16 * bf16_pairs(weight.size(1))
+                    : packed ? (cols + 15) / 16 * 16 * weight.size(1)
+                             : weight.numel()) {
+    if (bf16) {
+      pack_bf16(weight);
+      return;
+    }
+    // W (cols x steps) as contiguous T: the weight itself when it already is (no copy); for bf16
+    // products without AVX512-BF16, its values rounded to bf16.
+    const at::Tensor w =
+        (std::is_same_v<T, float> && bf16_products && weight.scalar_type() != at::kBFloat16
+             ? weight.to(at::kBFloat16)
+             : weight)
+            .to(c10::CppTypeToScalarType<T>::value)
+            .contiguous();
     const T* src = w.const_data_ptr<T>();
     T* dst = store.data();
     // One task per 16-column panel (or per 16 columns of the plain layout); in parallel only when
@@ -67,6 +119,42 @@ struct PackedMatrix {
       fill(0, ntask);
     }
   }
+  static int64_t bf16_pairs(int64_t steps) { return bf16_panel_pairs(steps); }
+  // W as bf16 pair panels: panel p, pair-row s holds (W[16p + c, 2s], W[16p + c, 2s + 1]) for
+  // c < 16 at 32 * s + 2 * c, zero past W's columns, past an odd last step and in the padding
+  // pair-rows.
+  void pack_bf16(const at::Tensor& weight) {
+    // A bf16 weight (a bf16 model) is read as it is; any other is read as float32 and rounded
+    // (c10::BFloat16 rounds to nearest even, as vcvtneps2bf16 does for A). No conversion of a
+    // whole bf16 weight to float32 and back: on a bf16 model that was most of the packing time.
+    const bool is_bf16 = weight.scalar_type() == at::kBFloat16;
+    const at::Tensor w = (is_bf16 ? weight : weight.to(at::kFloat)).contiguous();
+    const uint16_t* src16 = is_bf16 ? reinterpret_cast<const uint16_t*>(w.const_data_ptr()) : nullptr;
+    const float* src32 = is_bf16 ? nullptr : w.const_data_ptr<float>();
+    uint16_t* dst = reinterpret_cast<uint16_t*>(store.data());
+    const int64_t pairs = bf16_pairs(steps), ntask = (cols + 15) / 16;
+    const auto fill = [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) {
+        uint16_t* panel = dst + p * pairs * 32;
+        for (int64_t c = 0; c < 16; ++c) {
+          const int64_t o = 16 * p + c;
+          for (int64_t t = 0; t < 2 * pairs; ++t) {
+            uint16_t v = 0;
+            if (o < cols && t < steps) {
+              v = src16 != nullptr ? src16[o * steps + t] : c10::BFloat16(src32[o * steps + t]).x;
+            }
+            panel[(t / 2) * 32 + 2 * c + (t % 2)] = v;
+          }
+        }
+      }
+    };
+    if (cols * steps >= 65536) {
+      parallel_for(0, ntask, 1, fill);
+    } else {
+      fill(0, ntask);
+    }
+  }
+
   // C[r, :] = act(bias + sum_t A[r, t] B[t, :]) for r < rows (A row stride lda, C row stride
   // ldc): a linear layer, bias (cols,) or nullptr, act GELU if gelu else the identity. The packed
   // kernel starts its sums from the bias and applies GELU as it stores them (no passes over C
@@ -74,6 +162,11 @@ struct PackedMatrix {
   void linear(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, const T* bias,
               bool gelu) const {
     if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {
+        float32_kernels().gemm_packed_bf16(A, lda, reinterpret_cast<const uint16_t*>(store.data()),
+                                           C, ldc, rows, steps, cols, bias, gelu);
+        return;
+      }
       if (packed) {
         float32_kernels().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols, bias,
                                           gelu);

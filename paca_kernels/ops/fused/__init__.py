@@ -13,6 +13,13 @@ it replaces (``FlopCounterMode`` totals do not change), and an autograd formula 
 a backward. They take tensors and numbers only; which layer may use them, and when, is decided by
 the layers (:mod:`paca_kernels.nn`), which run their modules whenever gradients are wanted.
 ``REGISTERED`` in each module says whether the extension provides the op.
+
+dtypes: float32, float64, bfloat16 and float16 activations, with parameters in that dtype or float32.
+With bfloat16 activations the matrix products are bf16 products with float32 sums (AVX512-BF16
+``vdpbf16ps`` on packed bf16 weights where the CPU has it), as the bf16 modules compute them, and
+the rest (depthwise conv, GELU, softmax, LayerNorm) runs in float32. Under ``torch.autocast`` the
+public functions here pass the activations in the autocast dtype
+(:func:`._common.autocast_input`), so an fp32 model under CPU autocast runs them in bf16.
 """
 
 from __future__ import annotations

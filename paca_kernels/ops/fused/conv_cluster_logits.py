@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import register_inference_only
+from ._common import autocast_input, register_inference_only
 
 __all__ = ["REGISTERED", "conv_cluster_logits", "head_flops"]
 
@@ -68,4 +68,4 @@ def conv_cluster_logits(
         w1, b1: (C1, C, 1, 1) and (C1,) of the first 1×1 conv.
         w2, b2: (M, C1, 1, 1) and (M,) of the second 1×1 conv.
     """
-    return torch.ops.paca_kernels.conv_cluster_logits(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2)
+    return torch.ops.paca_kernels.conv_cluster_logits(autocast_input(x), H, W, dw_weight, dw_bias, w1, b1, w2, b2)

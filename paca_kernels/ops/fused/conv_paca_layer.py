@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import register_inference_only
+from ._common import autocast_input, register_inference_only
 from .conv_cluster_logits import head_flops
 from .p2c_attention_proj import attention_proj_flops
 
@@ -89,5 +89,5 @@ def conv_paca_layer(
         (out (B, N, Co), z or logits (B, M, N)).
     """
     return torch.ops.paca_kernels.conv_paca_layer(
-        x, H, W, *head, *norm, *attention, num_heads, scale, probs
+        autocast_input(x), H, W, *head, *norm, *attention, num_heads, scale, probs
     )

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import register_inference_only
+from ._common import autocast_input, register_inference_only
 
 __all__ = ["REGISTERED", "mlp_dwconv"]
 
@@ -71,4 +71,4 @@ def mlp_dwconv(
     Returns:
         (B, N, C).
     """
-    return torch.ops.paca_kernels.mlp_dwconv(x, H, W, weight, bias, in_bias, shortcut, gelu)
+    return torch.ops.paca_kernels.mlp_dwconv(autocast_input(x), H, W, weight, bias, in_bias, shortcut, gelu)

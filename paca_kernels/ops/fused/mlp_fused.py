@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import register_inference_only
+from ._common import autocast_input, register_inference_only
 
 __all__ = ["FUSED_MLP_MAX_WEIGHT", "REGISTERED", "mlp_fused"]
 
@@ -65,5 +65,5 @@ def mlp_fused(
     fc1 (hidden, C), depthwise conv (hidden, 1, k, k) with optional shortcut, exact GELU if ``gelu``
     else identity, fc2 (Co, hidden). Returns (B, N, Co)."""
     return torch.ops.paca_kernels.mlp_fused(
-        x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias
+        autocast_input(x), H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias
     )

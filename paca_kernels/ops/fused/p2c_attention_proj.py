@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import register_inference_only
+from ._common import autocast_input, register_inference_only
 
 __all__ = ["REGISTERED", "attention_proj_flops", "p2c_attention_proj"]
 
@@ -81,5 +81,5 @@ def p2c_attention_proj(
         (B, N, Co).
     """
     return torch.ops.paca_kernels.p2c_attention_proj(
-        x, c, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads, scale
+        autocast_input(x), autocast_input(c), q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads, scale
     )

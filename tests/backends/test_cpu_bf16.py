@@ -1,0 +1,259 @@
+"""bfloat16 CPU inference through the fused kernels (issue #28): the bf16 products (AVX512-BF16
+``vdpbf16ps`` on packed bf16 weights where the CPU has it, else float32 products of the bf16-rounded
+weights) of mlp_fused, p2c_attention_proj, conv_cluster_logits and conv_paca_layer, served both ways
+a user asks for bf16: a bf16 model, and a float32 model under ``torch.autocast("cpu", bf16)``.
+
+Accuracy is FlashAttention's rule: the error against float64 at most twice the PyTorch reference's
+in the same precision (the modules in bf16, or under the same autocast). The checks also run as a
+script under every ``PACA_KERNELS_CPU_ISA`` cap (the build is chosen once per process)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import paca_kernels.ops.fused.conv_cluster_logits as head_op
+import paca_kernels.ops.fused.conv_paca_layer as layer_op
+import paca_kernels.ops.fused.mlp_fused as mlp_op
+import paca_kernels.ops.fused.p2c_attention_proj as attention_op
+from paca_kernels import PaCaAttention, _ext, testing
+from paca_kernels.nn.block import Mlp
+
+pytestmark = pytest.mark.extension
+
+BF16 = torch.bfloat16
+
+# Mlp shapes (B, H, W, C, hidden): odd reduction lengths (C = 13 and hidden 37 / 301: a bf16 pair
+# with a zero), ragged column panels (37, 301, out 13), a hidden width over one 256-step block
+# (301: 256 + 45), and steps of 120 tokens (W = 20: three blocks of rows, 48 + 48 + 24, with 12-row
+# tiles and a remainder; the AMX kernel's 32-row blocks: 32 + 32 + 32 + 24), and fc2 over more than
+# one block of the AMX kernel's steps (hidden 1100: 1024 + 76, the partial sums kept in the output).
+MLP_SHAPES = [(2, 5, 7, 13, 37), (1, 12, 20, 24, 301), (1, 1, 1, 8, 16), (3, 6, 6, 32, 128),
+              (1, 3, 4, 16, 1100)]
+# Layer shapes (B, H, W, C, heads, M): odd widths (C = 21 with 3 heads of 7, 33 with 3 of 11), one
+# cluster, N = 130 over two query blocks, and 40 clusters (the bf16 attention's key panels: 16 + 16
+# + 8 columns; its value panels: 40 steps, 20 pairs padded to 32).
+LAYER_SHAPES = [(2, 4, 6, 24, 2, 5), (1, 7, 5, 21, 3, 7), (1, 10, 13, 33, 3, 1), (2, 3, 3, 16, 1, 9),
+                (1, 10, 13, 48, 2, 40)]
+
+
+def _mlp(C: int, hidden: int, out: int | None = None) -> Mlp:
+    torch.manual_seed(C + hidden)
+    m = Mlp(C, hidden, out_features=out, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
+    with torch.no_grad():  # sign-mixed values of unit size exercise the GELU and the roundings
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.4)
+    return m
+
+
+def _layer(C: int, heads: int, M: int, backend: str = "cpu") -> PaCaAttention:
+    torch.manual_seed(C * 7 + M)
+    layer = PaCaAttention(C, heads, M, clustering="conv", backend=backend).eval()
+    with torch.no_grad():  # LayerNorm affine and biases away from their 1 / 0 initialisation
+        for name, p in layer.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    return layer
+
+
+def _copy(module: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """A copy of ``module`` on another backend (the reference: the modules and PyTorch ops)."""
+    other = copy.deepcopy(module)
+    other.backend = backend
+    return other
+
+
+# -- the checks (also run as a script under each ISA cap) ---------------------------------------------
+
+
+def check_mlp(shape: tuple, mode: str) -> None:
+    """Mlp in CPU inference ("whole" path: mlp_fused) on a bf16 model ("model") or a float32 one
+    under CPU autocast ("autocast"), against float64 by the 2x rule of the modules' bf16 run."""
+    B, H, W, C, hidden = shape
+    m = _mlp(C, hidden, out=13 if hidden == 37 else None)
+    x = torch.randn(B, H * W, C)
+    ref = _copy(m, "reference")
+    with torch.no_grad():
+        if mode == "model":
+            m, ref = m.to(BF16), ref.to(BF16)
+            assert m._plan(x.to(BF16)) == "whole"
+            out, low = m(x.to(BF16), H, W), ref(x.to(BF16), H, W)
+            exact = ref.double()(x.to(BF16).double(), H, W)  # the bf16 model's own weights, exactly
+        else:
+            with torch.autocast("cpu", dtype=BF16):
+                assert m._plan(x) == "whole"
+                out, low = m(x, H, W), ref(x, H, W)
+            exact = ref.double()(x.double(), H, W)
+    assert out.dtype == BF16 and low.dtype == BF16
+    testing.assert_low_precision_ok(out, low, exact, name=f"mlp {shape} {mode}")
+
+
+def check_layer(shape: tuple, mode: str) -> None:
+    """PaCaAttention in CPU inference (the whole layer as conv_paca_layer) in bf16, as check_mlp:
+    the output and the returned assignment z."""
+    B, H, W, C, heads, M = shape
+    layer = _layer(C, heads, M)
+    ref = _copy(layer, "reference")
+    x = torch.randn(B, H * W, C)
+    with torch.no_grad():
+        if mode == "model":
+            layer, ref = layer.to(BF16), ref.to(BF16)
+            xb = x.to(BF16)
+            assert layer._plan(xb, None, False).layer
+            (out, z), (low, zl) = layer(xb, H, W), ref(xb, H, W)
+            exact, zx = ref.double()(xb.double(), H, W)
+        else:
+            with torch.autocast("cpu", dtype=BF16):
+                assert layer._plan(x, None, False).layer
+                (out, z), (low, zl) = layer(x, H, W), ref(x, H, W)
+            exact, zx = ref.double()(x.double(), H, W)
+    assert out.dtype == low.dtype == BF16, (out.dtype, low.dtype)
+    testing.assert_low_precision_ok(out, low, exact, name=f"layer {shape} {mode}: out")
+    testing.assert_low_precision_ok(z, zl, zx, name=f"layer {shape} {mode}: z")
+
+
+def check_parts(shape: tuple) -> None:
+    """The fused parts alone (conv_cluster_logits, then p2c_attention_proj) under autocast, as the
+    layer runs them when a hook on the norm keeps the whole-layer op out."""
+    B, H, W, C, heads, M = shape
+    layer = _layer(C, heads, M)
+    ref = _copy(layer, "reference")
+    handle = layer.cluster_norm.register_forward_hook(lambda *a: None)
+    x = torch.randn(B, H * W, C)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=BF16):
+            plan = layer._plan(x, None, False)
+            assert not plan.layer and plan.head is not None and plan.attention is not None
+            (out, z), (low, zl) = layer(x, H, W), ref(x, H, W)
+        exact, zx = ref.double()(x.double(), H, W)
+    handle.remove()
+    testing.assert_low_precision_ok(out, low, exact, name=f"parts {shape}: out")
+    testing.assert_low_precision_ok(z, zl, zx, name=f"parts {shape}: z")
+
+
+def check_all() -> None:
+    for s in MLP_SHAPES:
+        for mode in ("model", "autocast"):
+            check_mlp(s, mode)
+    for s in LAYER_SHAPES:
+        for mode in ("model", "autocast"):
+            check_layer(s, mode)
+    check_parts(LAYER_SHAPES[1])
+
+
+# -- the tests ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["model", "autocast"])
+@pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: "B{}-H{}-W{}-C{}-hid{}".format(*s))
+def test_mlp_bf16_within_flash_attention_rule(shape, mode):
+    check_mlp(shape, mode)
+
+
+@pytest.mark.parametrize("mode", ["model", "autocast"])
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "B{}-H{}-W{}-C{}-h{}-M{}".format(*s))
+def test_layer_bf16_within_flash_attention_rule(shape, mode):
+    check_layer(shape, mode)
+
+
+def test_fused_parts_bf16_under_autocast():
+    check_parts(LAYER_SHAPES[1])
+
+
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "baseline"])
+def test_capped_isa_builds_pass_the_bf16_checks(isa):
+    """The vdpbf16ps products where the CPU would use AMX ("avx512bf16"), and without AVX512-BF16
+    ("avx512" keeps the AVX-512 float32 build) the bf16 inputs multiplied in float32 by the
+    bf16-rounded weights: the same rule holds on every build."""
+    me = str(Path(__file__).resolve())
+    script = f"import runpy, sys\nsys.argv = [{me!r}]\nrunpy.run_path({me!r}, run_name='__main__')\n"
+    testing.assert_passes_on_cpu_isa(script, isa, timeout=300)
+
+
+def test_bf16_products_deterministic_across_thread_counts():
+    m = _mlp(24, 301).to(BF16)
+    x = torch.randn(1, 12 * 20, 24, dtype=BF16)
+    testing.assert_same_bits_across_thread_counts(lambda: m(x, 12, 20))
+    layer = _layer(21, 3, 7).to(BF16)
+    xl = torch.randn(2, 7 * 5, 21, dtype=BF16)
+    testing.assert_same_bits_across_thread_counts(lambda: layer(xl, 7, 5))
+
+
+def test_bf16_build_rounds_the_activations_like_the_bf16_matmul():
+    """Where the CPU has AVX512-BF16 the products round both operands to bf16 and sum in float32,
+    as a bf16 matmul does: fc1 alone (no GELU, a 1x1 depthwise conv of weight 0 plus the shortcut,
+    identity fc2) against float64 products of the rounded operands, to float32 summation error."""
+    if _ext.cpu_isa()[0] not in ("avx512bf16", "amx"):
+        pytest.skip("no AVX512-BF16 build here")
+    C, hidden = 37, 53
+    x = torch.randn(2, 6 * 5, C).to(BF16)
+    w1 = torch.randn(hidden, C).to(BF16)
+    dw = torch.zeros(hidden, 1, 1, 1)
+    eye = torch.eye(hidden)
+    out = mlp_op.mlp_fused(x, 6, 5, w1, None, dw, None, True, False, eye, None)
+    # fc2 = I rounds fc1's float32 sums to bf16 once more (exact operands): compare in bf16.
+    exact = (x.double() @ w1.double().t()).to(BF16)
+    testing.assert_close(out.double(), exact.double(), rtol=2 ** -7, atol=1e-6, name="fc1")
+
+
+# -- which path runs ---------------------------------------------------------------------------------------
+
+
+def _spy_dtypes(monkeypatch) -> list:
+    """Record (op, dtype it ran in: its output's) of every fused op call the layers make."""
+    calls: list = []
+    for mod, name in ((layer_op, "conv_paca_layer"), (attention_op, "p2c_attention_proj"),
+                      (head_op, "conv_cluster_logits"), (mlp_op, "mlp_fused")):
+        real = getattr(mod, name)
+
+        def wrapper(*args, _real=real, _name=name, **kwargs):
+            out = _real(*args, **kwargs)
+            calls.append((_name, (out[0] if isinstance(out, tuple) else out).dtype))
+            return out
+
+        monkeypatch.setattr(mod, name, wrapper)
+    return calls
+
+
+# (model dtype, autocast dtype or None, grad enabled) -> the dtype the fused ops run in, or None when
+# the modules run.
+DISPATCH = [
+    (torch.float32, None, False, torch.float32),
+    (torch.float32, BF16, False, BF16),
+    (torch.float32, torch.float16, False, torch.float16),
+    (BF16, None, False, BF16),
+    (BF16, BF16, False, BF16),
+    (torch.float16, None, False, torch.float16),
+    (torch.float64, BF16, False, torch.float64),  # autocast leaves float64 alone
+    (torch.float32, BF16, True, None),  # gradients wanted: the modules (and autograd ops)
+    (BF16, None, True, None),
+]
+
+
+@pytest.mark.parametrize(("dtype", "autocast", "grad", "runs"), DISPATCH,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_which_path_runs(monkeypatch, dtype, autocast, grad, runs):
+    calls = _spy_dtypes(monkeypatch)
+    layer = _layer(16, 2, 4).to(dtype)
+    mlp = _mlp(16, 64).to(dtype)
+    x = torch.randn(2, 4 * 5, 16, dtype=dtype)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast or BF16,
+                                                      enabled=autocast is not None):
+        out = layer(x, 4, 5)[0]
+        out2 = mlp(x, 4, 5)
+    if runs is None:
+        assert calls == []
+    else:
+        assert calls == [("conv_paca_layer", runs), ("mlp_fused", runs)]
+    want = autocast if autocast is not None and dtype == torch.float32 else dtype
+    assert out.dtype == out2.dtype == want
+
+
+if __name__ == "__main__":
+    check_all()
+    print("isa ok")
+    sys.exit(0)
