@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import io
 import json
 import re
@@ -332,6 +333,20 @@ def _table(rows: list[dict]) -> list[str]:
     return lines
 
 
+#: An older run's tables stay in BENCHMARKS.md only while it is at most this much older than its
+#: device's newest run.
+STALE_AFTER = datetime.timedelta(hours=6)
+
+
+def _parsed(stamp: str) -> datetime.datetime:
+    """A JSON ``datetime`` (ISO 8601) as an aware datetime; unparseable or missing: the epoch."""
+    try:
+        value = datetime.datetime.fromisoformat(stamp)
+    except (TypeError, ValueError):
+        return datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
 def _section(run: Run, newest: Run, notes_text: str, shown: set[tuple[str, str]] | None = None) -> list[str]:
     """A run's section; ``shown``: the (family, dtype) pairs newer sections of the device show, which
     an older run's section leaves to history.csv (noted in one line) to keep the file short."""
@@ -350,7 +365,7 @@ def _section(run: Run, newest: Run, notes_text: str, shown: set[tuple[str, str]]
         rerun = SUITE_RERUN.get(run.suite, "`make bench`")
         lines += [(f"> **Older run**: figures from {run.date}, before the code changes measured since "
                    f"(newest run on this device: `{newest.path.stem}`, {newest.date}, commit "
-                   f"{newest_commit}). Rerun with {rerun}. Its tables are in `history.csv` only."), ""]
+                   f"{newest_commit}). Rerun with {rerun}."), ""]
     versions = f"torch {info0.get('torch') or '?'}"
     if info0.get("triton"):
         versions += f", Triton {info0['triton']}"
@@ -373,13 +388,17 @@ def _section(run: Run, newest: Run, notes_text: str, shown: set[tuple[str, str]]
     link = _notes_link(run, notes_text)
     raw = f"[`{run.path.name}`](benchmarks/results/{run.path.name})"
     lines += [f"- raw data {raw}" + (f"; how it was made and how to read it: {link}" if link else ""), ""]
-    if older:  # stale figures: named and linked, their rows kept in history.csv (keeps this file short)
-        return lines
 
+    if older and _parsed(newest.datetime) - _parsed(run.datetime) > STALE_AFTER:
+        # Figures from long before the device's newest run: named and linked, rows in history.csv only
+        # (keeps this file short).
+        hours = round(STALE_AFTER.total_seconds() / 3600)
+        lines[-1:] = [f"- its tables are in `history.csv` only (more than {hours} h older than the device's newest run)",
+                      ""]
+        return lines
     families: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         families[split_group(r)[0]].append(r)
-    older = run.path != newest.path and commit != newest_commit
     skipped = sorted(f for f in families if older and shown is not None and (f, dtype) in shown)
     if skipped:
         lines += [(f"Superseded by the newer section(s) above, in `history.csv` only: "
@@ -407,7 +426,9 @@ HOW_TO_READ = """\
   else the *pytest-benchmark* suite (`make bench`, `benchmarks/test_bench_*.py`), and those with
   `extra_info.suite == "deploy"` the *deployment* run (`benchmarks/deploy_interleaved.py`). A section
   is marked **older run** when a later run on the same device was made at another commit (a deployment
-  run does not count for the others); an older run's tables are left to `history.csv`.
+  run does not count for the others); its tables that a newer section of the device also shows (same
+  family and dtype) are left to `history.csv`, the others stay, unless the run is more than 6 hours
+  older than the device's newest (then all its tables are left to `history.csv`).
 - **median ms**: the median wall time of one call over the timed rounds (`time.perf_counter`, device
   synchronised before and after each call; warm-up calls first, so compilation is not timed).
   **IQR** (first to third quartile) and **min–max** are the spread over the same rounds: where two

@@ -110,10 +110,10 @@ def test_wide_tables_and_superseded_families(tmp_path: Path) -> None:
         row("bf16 inference-m-B8 (interleaved)", "reference-autocast", 0.2),
         row("bf16 inference-m-B8 (interleaved)", "cpu-bf16", 0.1),
     ])
-    old = run("old", "2026-12-05T09:00:00", "a" * 40, [
+    old = run("old", "2026-12-06T08:00:00", "a" * 40, [
         row("inference-m-B8 (interleaved)", "reference", 0.3, dtype="float32", wide=False),
     ])
-    suite = run("suite", "2026-12-04T09:00:00", "c" * 40, [
+    suite = run("suite", "2026-12-06T07:00:00", "c" * 40, [
         row("inference-m-B8", "reference", 0.4, wide=False),
         row("train-step-m", "reference", 0.5, wide=False),
     ], suite="pytest-benchmark")
@@ -126,3 +126,9 @@ def test_wide_tables_and_superseded_families(tmp_path: Path) -> None:
     tail = text.split("`suite`")[1]
     assert "in `history.csv` only: **inference**" in tail and "| m | reference | 500.0 |" in tail
     assert "400.0" not in tail
+    # A run more than STALE_AFTER (6 h) older than the device's newest keeps only its header and links.
+    stale = run("stale", "2026-12-05T09:00:00", "d" * 40, [
+        row("layer-x (interleaved)", "reference", 0.7, dtype="float32", wide=False),
+    ])
+    text = bench_report.render([new, stale])
+    assert "`stale`" in text and "700.0" not in text and "more than 6 h older" in text
