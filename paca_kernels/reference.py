@@ -65,8 +65,12 @@ def layer_norm_stats(p: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
         # C = 0: no statistics to take (the caller's rows are empty); amax of nothing is refused by torch.
         amax = p.abs().amax(-1, keepdim=True) if p.shape[-1] > 0 else p.new_zeros((*p.shape[:-1], 1))
-        exponent = (torch.frexp(amax).exponent - 1).clamp(lo, max_exp - 28)  # amax in [2^(e-1), 2^e)
-        scale = torch.ldexp(torch.ones_like(amax), exponent)
+        # scale = 2^floor(log2 amax), through log2/floor/exp2 rather than frexp/ldexp so that the ONNX
+        # exporter can translate it (the op decompositions use this function). Only that scale is a power
+        # of two matters (dividing by it is exact): a log2 rounded across a power of two moves it by one
+        # binade, which changes no result bit.
+        exponent = torch.floor(torch.log2(amax)).clamp(lo, max_exp - 28)
+        scale = torch.exp2(exponent)
         scale = torch.where((amax > 0) & (amax <= fi.max), scale, torch.ones_like(scale))
         inv_scale = 1.0 / scale
     q = p * inv_scale

@@ -1,22 +1,19 @@
 """Every paca_kernels op restated in standard ATen ops, for exporters (ONNX) that cannot call C++.
 
 ``torch.onnx.export(model, args, path, dynamo=True)`` captures the model with ``torch.export`` and then
-runs ``ExportedProgram.run_decompositions`` with a table built from ``torch.export.default_decompositions()``
-and the global ``torch._decomp.decomposition_table`` (torch/onnx/_internal/exporter/_decomp.py,
-``create_onnx_friendly_decomposition_table``), before translating each ATen op with its ONNX function.
-Registering one decomposition per custom op in that global table is therefore what lets the plain call
-export a paca_kernels model: each op becomes the ATen ops below, which the exporter's own ONNX library
-translates (Softmax, MatMul, LayerNormalization, Conv, Gelu with the exact erf form, ...). Nothing here
-imports onnx or onnxscript.
+runs ``ExportedProgram.run_decompositions`` with the table that
+``torch.onnx._internal.exporter._decomp.create_onnx_friendly_decomposition_table`` builds, before
+translating each ATen op with its ONNX function. Importing this module wraps that function so that
+its table also holds one decomposition per paca_kernels op (:func:`install_onnx_decompositions`):
+that is what lets the plain call export a paca_kernels model. Each op becomes the ATen ops below,
+which the exporter's own ONNX library translates (Softmax, MatMul, LayerNormalization, Conv, Gelu with
+the exact erf form, ...). Nothing here imports onnx or onnxscript.
 
-Who else reads the global table, and why that is harmless:
-
-- ``torch.compile`` (Inductor) and ``torch.export``'s default ``run_decompositions`` use their own
-  tables (core ATen plus Inductor's), which take no entries for other namespaces from it, so compiled
-  code and AOTInductor packages still call the C++ kernels as extern kernels.
-- ``FakeTensorMode`` runs an op's decomposition instead of its fake kernel when the shapes are symbolic
-  (dynamic shapes); the decompositions therefore give the fake kernels' shapes, dtypes and contiguous
-  strides.
+Why not the global ``torch._decomp.decomposition_table`` (which the ONNX exporter also reads): Inductor
+asks ``get_decompositions`` about every op it falls back on, and where the environment variable ``CI``
+is set (GitHub Actions and most CI systems) it refuses, with "make_fallback(...): a decomposition
+exists", to compile an op that has an entry there. ``torch.compile``, ``torch.export`` and AOTInductor
+therefore see no decomposition of these ops and keep calling the C++ kernels as extern kernels.
 
 The differentiable ops' ``*_fwd`` also return statistics for their backward (``pooled``/``lse`` today).
 An exported graph is an inference graph that reads only ``out``; the decompositions compute ``out``
@@ -36,7 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._decomp import decomposition_table, register_decomposition
+from torch.onnx._internal.exporter import _decomp as _onnx_decomp
 
 from .. import _ext, reference
 from ._registration import _p2c_fake_fwd, _pool_fake_fwd, acc_dtype
@@ -46,11 +43,12 @@ __all__ = [
     "cluster_pool_fwd",
     "conv_cluster_logits",
     "conv_paca_layer",
+    "install_onnx_decompositions",
     "mlp_dwconv",
     "mlp_fused",
+    "onnx_decomposition_table",
     "p2c_attention_fwd",
     "p2c_attention_proj",
-    "register_decompositions",
 ]
 
 
@@ -207,21 +205,37 @@ DECOMPOSITIONS: dict[str, Callable[..., object]] = {
 }
 
 
-def register_decompositions() -> list[str]:
-    """Put each decomposition in ``torch._decomp.decomposition_table`` for the ops the loaded extension
-    defines (idempotent); returns the names registered. Without the extension no op exists, a model
-    runs on the reference backend, and its graph is plain ATen already."""
+def onnx_decomposition_table() -> dict[torch._ops.OpOverload, Callable[..., object]]:
+    """``{op overload: decomposition}`` for the ops the loaded extension defines. Without the extension
+    no op exists, a model runs on the reference backend, and its graph is plain ATen already."""
     if not _ext.load():
-        return []
-    names = []
+        return {}
+    table = {}
     for name, fn in DECOMPOSITIONS.items():
         packet = getattr(torch.ops.paca_kernels, name, None)
-        if packet is None:
-            continue
-        if packet.default not in decomposition_table:
-            register_decomposition(packet.default)(fn)
-        names.append(name)
-    return names
+        if packet is not None:
+            table[packet.default] = fn
+    return table
 
 
-REGISTERED = register_decompositions()
+def install_onnx_decompositions() -> list[str]:
+    """Wrap the ONNX exporter's decomposition-table builder so that its table includes
+    :func:`onnx_decomposition_table` (idempotent); returns the op names it adds. The exporter looks the
+    builder up on its module at each export (``_fx_passes.decompose_with_registry``), so the wrapper
+    serves every later ``torch.onnx.export`` call."""
+    builder = _onnx_decomp.create_onnx_friendly_decomposition_table
+    if not getattr(builder, "_paca_kernels", False):
+        def create_onnx_friendly_decomposition_table(onnx_registered_ops):  # type: ignore[no-untyped-def]
+            table = builder(onnx_registered_ops)
+            for op, fn in onnx_decomposition_table().items():
+                if op not in onnx_registered_ops:
+                    table.setdefault(op, fn)
+            return table
+
+        create_onnx_friendly_decomposition_table._paca_kernels = True  # type: ignore[attr-defined]
+        create_onnx_friendly_decomposition_table.__wrapped__ = builder  # type: ignore[attr-defined]
+        _onnx_decomp.create_onnx_friendly_decomposition_table = create_onnx_friendly_decomposition_table
+    return [op.name().split("::")[1].split(".")[0] for op in onnx_decomposition_table()]
+
+
+REGISTERED = install_onnx_decompositions()
