@@ -33,7 +33,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.onnx._internal.exporter import _decomp as _onnx_decomp
+
+try:  # the dynamo ONNX exporter's decomposition module (torch >= 2.5; private, so guarded)
+    from torch.onnx._internal.exporter import _decomp as _onnx_decomp
+except ImportError:  # pragma: no cover - a torch without it: ONNX export of the custom ops unavailable
+    _onnx_decomp = None
 
 from .. import _ext, reference
 from ._registration import _p2c_fake_fwd, _pool_fake_fwd, acc_dtype
@@ -223,7 +227,9 @@ def install_onnx_decompositions() -> list[str]:
     :func:`onnx_decomposition_table` (idempotent); returns the op names it adds. The exporter looks the
     builder up on its module at each export (``_fx_passes.decompose_with_registry``), so the wrapper
     serves every later ``torch.onnx.export`` call."""
-    builder = _onnx_decomp.create_onnx_friendly_decomposition_table
+    builder = getattr(_onnx_decomp, "create_onnx_friendly_decomposition_table", None)
+    if builder is None:  # a torch whose exporter is laid out otherwise: nothing to wrap
+        return []
     if not getattr(builder, "_paca_kernels", False):
         def create_onnx_friendly_decomposition_table(onnx_registered_ops):  # type: ignore[no-untyped-def]
             table = builder(onnx_registered_ops)
