@@ -31,10 +31,7 @@ Every provider's output is checked against the reference model before timing (re
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -44,7 +41,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from interleaved import MODELS, _ceilings, _cpu_name, _interleave, _print, _rows
+from interleaved import MODELS, _ceilings, _interleave, _print, _rows, write_results
 
 from paca_kernels import create_model, deploy
 
@@ -146,15 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         import onnxruntime
 
-        git = ["git", "rev-parse", "HEAD"]
-        commit = subprocess.run(git, check=False, capture_output=True, text=True, cwd=HERE).stdout.strip()
-        data = {"machine_info": {"cpu": {"brand_raw": _cpu_name(), "count": torch.get_num_threads()},
-                                 "loadavg_before": load_before, "loadavg_after": load_after,
-                                 "onnxruntime": onnxruntime.__version__},
-                "commit_info": {"id": commit}, "datetime": dt.datetime.now(dt.UTC).isoformat(),
-                "benchmarks": rows}
-        args.out.write_text(json.dumps(data, indent=1))
-        print(f"wrote {args.out}")
+        write_results(args.out, rows, loadavg_before=load_before, loadavg_after=load_after,
+                      onnxruntime=onnxruntime.__version__)
     return 0
 
 

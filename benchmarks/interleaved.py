@@ -293,6 +293,20 @@ def _print(group: str, samples: dict[str, list[float]], errors: dict[str, float]
     print("\n".join(warnings) or f"  ({len(next(iter(samples.values())))} rounds)", flush=True)
 
 
+def write_results(path: Path, rows: list[dict], **machine: object) -> None:
+    """Write ``rows`` as a results file in pytest-benchmark's layout (what scripts/bench_report.py
+    reads): the CPU model and torch's thread count (plus ``machine``'s entries) under machine_info, the
+    git commit, the UTC time. Every interleaved script writes its results through this."""
+    git = ["git", "rev-parse", "HEAD"]
+    commit = subprocess.run(git, check=False, capture_output=True, text=True, cwd=HERE).stdout.strip()
+    data = {"machine_info": {"cpu": {"brand_raw": timing.cpu_model(), "count": torch.get_num_threads()},
+                             **machine},
+            "commit_info": {"id": commit}, "datetime": dt.datetime.now(dt.UTC).isoformat(),
+            "benchmarks": rows}
+    path.write_text(json.dumps(data, indent=1))
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
@@ -323,14 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [] if args.no_layer else layer_groups(args.rounds, ceil, smoke=args.smoke)
         rows += model_groups(models, args.rounds, ceil)
     if args.out:
-        git = ["git", "rev-parse", "HEAD"]
-        commit = subprocess.run(git, check=False, capture_output=True, text=True, cwd=HERE).stdout.strip()
-        data = {"machine_info": {"cpu": {"brand_raw": timing.cpu_model(),
-                                         "count": torch.get_num_threads()}},
-                "commit_info": {"id": commit}, "datetime": dt.datetime.now(dt.UTC).isoformat(),
-                "benchmarks": rows}
-        args.out.write_text(json.dumps(data, indent=1))
-        print(f"wrote {args.out}")
+        write_results(args.out, rows)
     return 0
 
 

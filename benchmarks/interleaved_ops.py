@@ -22,10 +22,7 @@ printed is cpu's speed over the reference's, per round, median [q1, q3]. The JSO
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +32,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from interleaved import _ceilings, _print, _rows
+from interleaved import _ceilings, _print, _rows, write_results
 from shapes import Shape, stage_shapes
 
 from paca_kernels import ops, timing
@@ -114,14 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = op_groups(shapes, args.rounds, ceil)
     print(f"load average {os.getloadavg()}", flush=True)
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
-        data = {"machine_info": {"cpu": {"brand_raw": timing.cpu_model(), "count": torch.get_num_threads()},
-                                 "loadavg": os.getloadavg()},
-                "commit_info": {"id": commit}, "datetime": dt.datetime.now(dt.UTC).isoformat(),
-                "benchmarks": rows}
-        args.out.write_text(json.dumps(data, indent=1))
-        print(f"wrote {args.out}")
+        write_results(args.out, rows, loadavg=os.getloadavg())
     return 0
 
 
