@@ -60,6 +60,15 @@ def _trace_args(args: tuple[Any, ...], dynamic_batch: bool) -> tuple[Any, ...]:
 
 
 def _export(model: nn.Module, args: tuple[Any, ...], dynamic_batch: bool, max_batch: int | None):
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be an int >= 1 or None, got {max_batch!r}")
+    if dynamic_batch and max_batch == 1:
+        # A batch that can only be 1 is static (torch.export cannot make a Dim with min = max).
+        dynamic_batch = False
+    if max_batch is not None:
+        for a in args:
+            if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] > max_batch:
+                raise ValueError(f"the example's batch {a.shape[0]} exceeds max_batch={max_batch}")
     args = _trace_args(args, dynamic_batch)
     with torch.no_grad():
         return torch.export.export(

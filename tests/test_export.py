@@ -241,3 +241,20 @@ def test_aoti_package(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(script), pt2, lib, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_export_max_batch_bounds() -> None:
+    """max_batch = 1 exports a static batch (torch.export cannot make a Dim with min = max = 1: the
+    deployment benchmark at B = 1 failed there); a max_batch below 1, or below the example's batch,
+    is a ValueError before any tracing."""
+    model = small_vit(depths=[1, 1, 1, 1])
+    ep = deploy._export(model, (torch.randn(1, 3, 64, 64),), True, 1)
+    (name,) = ep.graph_signature.user_inputs
+    (inp,) = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name == name]
+    assert tuple(inp.meta["val"].shape) == (1, 3, 64, 64)
+    assert all(isinstance(d, int) for d in inp.meta["val"].shape)  # no symbolic batch
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match="max_batch"):
+            deploy.export_aoti(model, (torch.randn(1, 3, 64, 64),), "unused.pt2", max_batch=bad)
+    with pytest.raises(ValueError, match="exceeds max_batch=2"):
+        deploy.export_aoti(model, (torch.randn(3, 3, 64, 64),), "unused.pt2", max_batch=2)
