@@ -85,7 +85,8 @@ def deploy_groups(keys: list[str], batches: list[int], rounds: int, ceil: dict, 
                 torch.onnx.export(ref, (example,), str(off_path), dynamo=True, dynamic_shapes=dyn)
         paca_path = tmp / f"{key}-paca.onnx"
         deploy.export_onnx(cpu, (example,), paca_path, check=False)
-        runner = deploy.load_aoti(deploy.export_aoti(cpu, (example,), tmp / f"{key}.pt2", max_batch=max(batches)))
+        runner = deploy.load_aoti(deploy.export_aoti(cpu, (example,), tmp / f"{key}.pt2",
+                                                    max_batch=max(2, *batches)))  # dynamic, as the ONNX files
         sess_off, sess_paca = _session(off_path, threads), _session(paca_path, threads)
         compiled = torch.compile(cpu)
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
