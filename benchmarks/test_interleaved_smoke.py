@@ -24,3 +24,24 @@ def test_interleaved_bf16_smoke(tmp_path):
     rows = json.loads(out.read_text())["benchmarks"]
     assert {r["extra_info"]["provider"] for r in rows} == {p for p, _, _ in interleaved.BF16_PROVIDERS}
     assert {r["extra_info"]["dtype"] for r in rows} == {"bfloat16", "float32"}
+
+
+def test_deploy_interleaved_smoke(tmp_path):
+    """benchmarks/deploy_interleaved.py --smoke: every deployment path exported, checked against the
+    reference model and timed, at B = 1 (a batch the exports must still serve dynamically) and 2."""
+    import pytest
+
+    from paca_kernels import _ext, deploy
+
+    if deploy.onnx_available() or not _ext.available():
+        pytest.skip(deploy.onnx_available() or f"C++ extension: {_ext.unavailable_reason()}")
+    import deploy_interleaved
+
+    out = tmp_path / "d.json"
+    assert deploy_interleaved.main(["--smoke", "--models", "tiny", "--batches", "1,2", "--rounds", "2",
+                                    "--threads", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["benchmarks"]
+    assert {r["extra_info"]["provider"] for r in rows} == {"onnxrt-reference", "onnxrt-paca", "aoti", "cpu",
+                                                            "cpu-compiled"}
+    assert sorted({r["extra_info"]["batch"] for r in rows}) == [1, 2]
+    assert all(r["extra_info"]["suite"] == "deploy" and r["stats"]["median"] > 0 for r in rows)

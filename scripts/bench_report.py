@@ -45,7 +45,8 @@ NOTES = ROOT / "benchmarks" / "NOTES.md"
 # Ratio columns: each of these present in a table is a "× <baseline>" column (eager and compiled
 # baselines side by side: the official layer for the layer rows, the reference backend for the op and
 # model rows, full self-attention for the scaling sweep).
-BASELINES = ["official", "official-compiled", "reference", "reference-compiled", "full-sdpa", "onnxrt-official"]
+BASELINES = ["official", "official-compiled", "reference", "reference-compiled", "full-sdpa", "onnxrt-official",
+             "onnxrt-reference"]
 SUITE_TITLE = {
     "pytest-benchmark": "pytest-benchmark suite (op, layer, model, scaling)",
     "interleaved": "interleaved layer + model run",
@@ -437,7 +438,8 @@ HOW_TO_READ = """\
   (> 1: faster than the baseline). Baselines: `official` / `official-compiled` (the official PaCa
   layer, eager / `torch.compile`) for the layer, `reference` / `reference-compiled` (this package's
   pure-PyTorch backend) for the ops and models, `full-sdpa` (full self-attention) for the scaling sweep,
-  `onnxrt-official` (ONNX Runtime on the official model's computation) for the deployment run.
+  `onnxrt-official` (ONNX Runtime on the official code's model) and `onnxrt-reference` (on this
+  package's reference-backend model) for the deployment run.
 - **GFLOP/s** and **% matmul**: FLOPs of the row (the unfused equivalent's matmuls) over the median,
   and that rate's share of a large matmul's rate measured in the same run. **GB/s** and **% copy BW**
   (only where the benchmark counts bytes: each input read once, each output written once) likewise
