@@ -33,6 +33,11 @@ ARCH = {"embed_dims": [16, 32, 48, 64], "num_heads": [1, 2, 2, 4], "mlp_ratios":
         "depths": [1, 2, 1, 1]}
 
 
+_TWIN_NAMES = ("cluster_pool_fwd_triton", "p2c_attention_fwd_triton")
+#: Whether the Triton twins exist (Triton imports; the tests run it under TRITON_INTERPRET on the CPU).
+TRITON_TWINS = all(hasattr(torch.ops.paca_kernels, n) for n in _TWIN_NAMES)
+
+
 def small_vit(depths: list[int] | None = None) -> PaCaViT:
     torch.manual_seed(0)
     arch = ARCH if depths is None else {**ARCH, "depths": depths}
@@ -62,7 +67,7 @@ def _op_cases(dtype: torch.dtype, with_bias: bool) -> list[tuple[str, tuple]]:
     head = (r(C, 1, 3, 3), rb(C), r(C, C, 1, 1), rb(C), r(M, C, 1, 1), rb(M))
     attn = (r(C, C), rb(C), r(C, C), rb(C), r(C, C), rb(C), r(C, C), rb(C))
     norm = (r(C) if with_bias else None, rb(C), 1e-6)
-    return [
+    cases = [
         ("cluster_pool_fwd", (logits, x, *norm)),
         ("p2c_attention_fwd", (r(B, N, h, C // h), r(B, M, h, C // h), r(B, M, h, C // h), 0.3)),
         ("conv_cluster_logits", (x, H, W, *head)),
@@ -72,13 +77,17 @@ def _op_cases(dtype: torch.dtype, with_bias: bool) -> list[tuple[str, tuple]]:
         ("p2c_attention_proj", (x, c, *attn, h, 0.5)),
         ("conv_paca_layer", (x, H, W, *head, *norm, *attn, h, 0.5, with_bias)),
     ]
+    # The Triton twins (under the interpreter on the CPU here) against the same decompositions.
+    twins = [(f"{n}_triton", a) for n, a in cases if n in ("cluster_pool_fwd", "p2c_attention_fwd")]
+    return cases + (twins if TRITON_TWINS and dtype != torch.float64 else [])  # Triton: no float64
 
 
 @needs_ext
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_decompositions_match_ops(dtype: torch.dtype, with_bias: bool) -> None:
-    assert set(decompositions.REGISTERED) == set(decompositions.DECOMPOSITIONS)
+    want_names = set(decompositions.DECOMPOSITIONS) - (set() if TRITON_TWINS else set(_TWIN_NAMES))
+    assert set(decompositions.REGISTERED) == want_names
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     for name, args in _op_cases(dtype, with_bias):
         op = getattr(torch.ops.paca_kernels, name).default
@@ -93,7 +102,7 @@ def test_decompositions_match_ops(dtype: torch.dtype, with_bias: bool) -> None:
         # decomposition in place of the fake kernel under dynamic shapes.
         for w, d in zip(want, got, strict=True):
             assert (d.shape, d.dtype, d.stride()) == (w.shape, w.dtype, w.stride()), name
-        if name.endswith("_fwd"):  # the backward's statistics: NaN placeholders (module docstring)
+        if name.endswith(("_fwd", "_fwd_triton")):  # the backward's statistics: NaN placeholders
             assert all(t.isnan().all() for t in got[1:]), name
             got, want = got[:1], want[:1]
         for w, d in zip(want, got, strict=True):
@@ -102,13 +111,15 @@ def test_decompositions_match_ops(dtype: torch.dtype, with_bias: bool) -> None:
 
 @needs_ext
 def test_every_forward_op_has_a_decomposition() -> None:
-    """A new op that can appear in an exported inference graph needs one (ARCHITECTURE.md). Backward
-    ops never do; the Triton twins run on CUDA only, and CPU export is what is supported."""
+    """A new op that can appear in an exported inference graph needs one (ARCHITECTURE.md), the Triton
+    twins included (a model exported from a GPU on the triton backend). Backward ops never do."""
     names = {n.split("::")[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
              if n.startswith("paca_kernels::")}
     # cpu_isa takes no tensors: it never appears in a graph.
-    forward = {n for n in names if not n.endswith(("_bwd", "_triton")) and n != "cpu_isa"}
-    assert forward == set(decompositions.DECOMPOSITIONS), forward ^ set(decompositions.DECOMPOSITIONS)
+    forward = {n for n in names if not n.endswith(("_bwd", "_bwd_triton")) and n != "cpu_isa"}
+    have = {op.name().split("::")[1].split(".")[0] for op in decompositions.onnx_decomposition_table()}
+    assert forward == have, forward ^ have
+    assert have <= set(decompositions.DECOMPOSITIONS)
 
 
 @needs_ext
@@ -164,6 +175,26 @@ def test_onnx_dynamic_batch(tmp_path: Path) -> None:
         with torch.no_grad():
             want = model(x)
         assert rel_err(deploy.run_onnx(path, (x,))[0], want) <= 1e-4
+
+
+@needs_onnx
+@pytest.mark.skipif(not TRITON_TWINS, reason="Triton does not import: no Triton twin ops")
+def test_onnx_triton_backend_model(tmp_path: Path) -> None:
+    """A model on the triton backend (its graph holds the Triton twin ops; run here under the
+    interpreter) exports and runs in ONNX Runtime with the model's outputs."""
+    torch.manual_seed(0)
+    model = PaCaViT(num_classes=10, img_size=64, arch_cfg={**ARCH, "depths": [1, 1, 1, 1]},
+                    paca_cfg={"clusters": [4, 5, 6, 0]}, backend="triton").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        graph = torch.export.export(model, (x,)).graph
+    targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    assert {"paca_kernels.cluster_pool_fwd_triton.default", "paca_kernels.p2c_attention_fwd_triton.default"} <= targets
+    path = tmp_path / "triton.onnx"
+    deploy.export_onnx(model, (x,), path, check=False)
+    with torch.no_grad():
+        want = model(x)
+    assert rel_err(deploy.run_onnx(path, (x,))[0], want) <= 1e-4
 
 
 @needs_ext

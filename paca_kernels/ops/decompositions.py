@@ -206,14 +206,18 @@ DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "mlp_fused": mlp_fused,
     "p2c_attention_proj": p2c_attention_proj,
     "conv_paca_layer": conv_paca_layer,
+    # The Triton twins (defined where Triton imports; ops/<op>.py) compute the same and return the same
+    # outputs: a model exported from a GPU on the triton backend needs them.
+    "cluster_pool_fwd_triton": cluster_pool_fwd,
+    "p2c_attention_fwd_triton": p2c_attention_fwd,
 }
 
 
 def onnx_decomposition_table() -> dict[torch._ops.OpOverload, Callable[..., object]]:
-    """``{op overload: decomposition}`` for the ops the loaded extension defines. Without the extension
-    no op exists, a model runs on the reference backend, and its graph is plain ATen already."""
-    if not _ext.load():
-        return {}
+    """``{op overload: decomposition}`` for the ops that exist: the extension's (none without it: a
+    model then runs on the reference backend or, on a GPU, Triton) and the Triton twins where Triton
+    imports. Looked up at each export, so ops defined after this module imports are included."""
+    _ext.load()
     table = {}
     for name, fn in DECOMPOSITIONS.items():
         packet = getattr(torch.ops.paca_kernels, name, None)
