@@ -402,6 +402,25 @@ def test_compile_model_eval() -> None:
         torch._dynamo.reset()
 
 
+def test_compile_model_dynamic_batch() -> None:
+    """A batch marked dynamic: one compiled graph serves other batch sizes (what the README tells
+    users whose batch varies; dynamic=True fails in Inductor, see README)."""
+    torch._dynamo.reset()
+    try:
+        model = small_vit()
+        compiled = torch.compile(model, fullgraph=True)
+        model.eval()
+        for b in (2, 3):
+            img = torch.randn(b, 3, 64, 64)
+            torch._dynamo.mark_dynamic(img, 0)
+            with torch.no_grad():
+                assert_close(compiled(img), model(img))
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert frames == 1, f"{frames} graphs for two batch sizes"
+    finally:
+        torch._dynamo.reset()
+
+
 def test_package_exports() -> None:
     assert paca_kernels.create_model is create_model
     assert set(paca_kernels.list_models()) == set(OFFICIAL_NAMES)
