@@ -33,6 +33,7 @@ __all__ = [
     "MlpPath",
     "conv_head_tensors",
     "cpu_inference",
+    "cpu_training",
     "exact_gelu",
     "global_hooks",
     "has_hooks",
@@ -96,6 +97,29 @@ def cpu_inference(backend: str | None, x: Tensor, module: nn.Module, *extra: Ten
     return preferred_backend(backend, "cpu") == "cpu"
 
 
+#: The dtypes the fused ops' backward kernels take (mlp_dwconv_bwd).
+_TRAINING_DTYPES = (torch.float32, torch.float64)
+
+
+def cpu_training(backend: str | None, x: Tensor, module: nn.Module) -> bool:
+    """The conditions under which a differentiable fused op (``mlp_dwconv``, and through it the conv
+    head) may serve ``module`` run on x with gradients wanted: x on the CPU in float32 or float64 with
+    ``module``'s parameters in x's dtype (what the backward kernels take, as the modules would see
+    them), no CPU autocast (the modules would run in bf16 there), no global hooks, the ``backend``
+    setting resolving to "cpu", and a gradient wanted through x or a parameter (else
+    :func:`cpu_inference` decides)."""
+    if x.device.type != "cpu" or x.dtype not in _TRAINING_DTYPES or global_hooks():
+        return False
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return False
+    wanted = x.requires_grad
+    for p in module.parameters():
+        if p.dtype != x.dtype:
+            return False
+        wanted = wanted or p.requires_grad
+    return wanted and preferred_backend(backend, "cpu") == "cpu"
+
+
 def exact_gelu(m: nn.Module) -> bool:
     """An ``nn.GELU`` (not a subclass) with the erf form, which the kernels compute."""
     return type(m) is nn.GELU and m.approximate == "none"
@@ -153,6 +177,11 @@ def linear_tensors(*linears: nn.Module) -> tuple[Tensor | None, ...] | None:
 # -- the plans ---------------------------------------------------------------------------------------
 
 
+#: Fewest tokens per image (N = H·W) for which the conv head trains through
+#: ``conv_cluster_logits_train`` (see :func:`plan_attention`; set from the measurement there).
+TRAIN_HEAD_MIN_TOKENS = 1
+
+
 class AttentionPlan(NamedTuple):
     """Which path serves one call of a PaCaAttention layer."""
 
@@ -182,7 +211,11 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
       as ``p2c_attention_proj`` (plain Linear projections, inactive dropouts, no maps wanted, no hooks
       on the projections or the dropout);
     - the whole layer as ``conv_paca_layer`` where both parts and the pooling fuse, the norm is
-      exactly an ``nn.LayerNorm`` and no module of the layer has a hook.
+      exactly an ``nn.LayerNorm`` and no module of the layer has a hook;
+    - with gradients wanted on the cpu backend (:func:`cpu_training`: float32/float64, no autocast,
+      no global hooks), the conv head (a P2CConv2d the kernels compute exactly, no hook in it) as
+      the differentiable composition of ``conv_cluster_logits`` (``head`` set; the op's public
+      function sees the gradient and composes), the rest as modules.
     """
     mods = layer._modules
     want_maps = return_attn or bool(mods["attn_viz"]._forward_hooks)
@@ -191,7 +224,18 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
     norm = mods["cluster_norm"]
     fused_pool = layer._ln_eps is not None and not layer.cluster_pos_embed and not has_hooks(norm)
     if not cpu_inference(layer.backend, x, layer, given):
-        return AttentionPlan(False, None, None, fused_pool, want_maps)
+        # Training on the cpu backend: the conv head as conv_cluster_logits' differentiable
+        # composition (mlp_dwconv's kernels and matrix products in token layout), where it is
+        # exactly the P2CConv2d's modules, none hooked; the rest runs as modules and ops.
+        head = None
+        if (
+            layer.onsite_clustering and _head_op.DIFFERENTIABLE
+            and x.shape[1] >= TRAIN_HEAD_MIN_TOKENS and cpu_training(layer.backend, x, layer)
+        ):
+            clustering = mods["clustering"]
+            if type(clustering) is P2CConv2d and not has_hooks(clustering):
+                head = conv_head_tensors(clustering._modules["clustering"])
+        return AttentionPlan(False, head, None, fused_pool, want_maps)
     hooked = has_hooks(layer)
     head = None
     if layer.onsite_clustering and _head_op.REGISTERED:
@@ -212,6 +256,10 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
     return AttentionPlan(whole, head, attention, fused_pool, want_maps)
 
 
+#: Fewest tokens per image (N = H·W) for which the MLP trains through ``mlp_dwconv`` (see
+#: :func:`plan_mlp`; set from the measurement there).
+TRAIN_DWCONV_MIN_TOKENS = 1
+
 #: The paths of an Mlp call: the whole MLP as ``mlp_fused``, ``mlp_dwconv`` between fc1's matrix
 #: product and fc2, or the modules.
 MlpPath = Literal["whole", "dwconv", "modules"]
@@ -220,19 +268,33 @@ MlpPath = Literal["whole", "dwconv", "modules"]
 def plan_mlp(mlp: nn.Module, x: Tensor) -> MlpPath:
     """The path for one call of an :class:`~paca_kernels.nn.block.Mlp` on x (B, N, C).
 
-    The fused ops need CPU inference on the cpu backend (:func:`cpu_inference`), a :class:`DWConv`
-    whose conv is a "same" odd square depthwise conv, an exact GELU or identity activation, a plain
-    ``nn.Linear`` fc1 and no hooks on the modules they replace. The whole MLP also needs a plain fc2,
-    inactive dropout, no hooks on fc2 or the dropout, and fc1's weight at most
-    :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where it beats the matrix
-    products, measured)."""
+    The fused ops need the cpu backend, a :class:`DWConv` whose conv is a "same" odd square depthwise
+    conv, an exact GELU or identity activation, a plain ``nn.Linear`` fc1 and no hooks on the modules
+    they replace (fc1 still runs as ``F.linear`` on its weight, the dropout and fc2 as modules).
+
+    - In CPU inference (:func:`cpu_inference`) the whole MLP runs as ``mlp_fused`` where fc2 is a
+      plain ``nn.Linear``, the dropout inactive, fc2 and the dropout have no hooks and fc1's weight
+      has at most :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where it
+      beats the matrix products, measured); else "dwconv".
+    - With gradients wanted (:func:`cpu_training`: float32/float64, no autocast) "dwconv", whose op
+      has a backward (``mlp_dwconv_bwd``): it replaces no dropout, so the dropout's setting does not
+      matter. Measured (one thread, CPU time, B = 8, PaCa-ViT-Tiny's four stages, Mlp forward +
+      backward against the modules on the reference backend): see :data:`TRAIN_DWCONV_MIN_TOKENS`.
+    """
     mods = mlp._modules
     # dwconv is a plain None attribute (not in _modules) when with_dwconv=False.
     dwconv, act, fc1 = mods.get("dwconv"), mods["act"], mods["fc1"]
     if not (_dwconv_op.REGISTERED and type(dwconv) is DWConv and type(fc1) is nn.Linear
             and same_depthwise(dwconv._modules["dwconv"])):
         return "modules"
-    if not (type(act) is nn.Identity or exact_gelu(act)) or not cpu_inference(mlp.backend, x, mlp):
+    if not (type(act) is nn.Identity or exact_gelu(act)):
+        return "modules"
+    if not cpu_inference(mlp.backend, x, mlp):
+        if (
+            _dwconv_op.DIFFERENTIABLE and x.shape[1] >= TRAIN_DWCONV_MIN_TOKENS
+            and cpu_training(mlp.backend, x, mlp) and not has_hooks(dwconv, act, fc1)
+        ):
+            return "dwconv"
         return "modules"
     if has_hooks(dwconv, act, fc1):
         return "modules"
