@@ -79,11 +79,11 @@ def _grads(fn, tensors, gy):
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_backward_float64_matches_modules(shape, variant):
-    B, H, W, C, k = shape
+    _, H, W, _, _ = shape
     x, w, b, ib, shortcut, gelu = _inputs(shape, variant)
     gy = torch.randn_like(x)
     with testing.poisoned_outputs():
-        out, got = _grads(lambda *t: dwconv_op.mlp_dwconv(t[0], H, W, t[1], t[2], t[3], shortcut, gelu),
+        _, got = _grads(lambda *t: dwconv_op.mlp_dwconv(t[0], H, W, t[1], t[2], t[3], shortcut, gelu),
                           (x, w, b, ib), gy)
     _, want = _grads(lambda *t: _reference(t[0], H, W, t[1], t[2], t[3], shortcut, gelu), (x, w, b, ib), gy)
     for name, g, e in zip(("x", "weight", "bias", "in_bias"), got, want, strict=False):
@@ -93,7 +93,7 @@ def test_backward_float64_matches_modules(shape, variant):
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
 def test_backward_float32_matches_float64_modules(shape, contiguous):
-    B, H, W, C, k = shape
+    _, H, W, _, _ = shape
     x, w, b, ib, shortcut, gelu = _inputs(shape, "all", torch.float32)
     gy = torch.randn_like(x)
     xin = x if contiguous else testing.noncontiguous(x)
@@ -135,7 +135,7 @@ def test_stride0_grad_and_partial_requires_grad():
 
 def test_raw_op_outputs_and_dtypes():
     B, H, W, C, k = 2, 7, 9, 20, 3
-    x, w, b, ib, shortcut, gelu = _inputs((B, H, W, C, k), "all", torch.float32)
+    x, w, b, ib, _, _ = _inputs((B, H, W, C, k), "all", torch.float32)
     gy = torch.randn_like(x)
     with testing.poisoned_outputs():
         gx, gw, gb, gib = torch.ops.paca_kernels.mlp_dwconv_bwd(gy, x, H, W, w, b, ib, True, True)
@@ -173,7 +173,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("shape", [(3, 10, 13, 48, 3), (2, 64, 9, 40, 3)], ids=_ids)
 def test_deterministic_across_thread_counts(shape):
-    B, H, W, C, k = shape
+    _, H, W, _, _ = shape
     x, w, b, ib, shortcut, gelu = _inputs(shape, "all", torch.float32)
     gy = torch.randn_like(x)
 
@@ -348,7 +348,7 @@ def test_head_train_gradcheck():
     head = _head(6, 5, 3)
     H, W = 4, 3
     x = torch.randn(1, H * W, 6, dtype=torch.float64, requires_grad=True)
-    dw, dwb, w1, b1, w2, b2 = conv_head_tensors(head.clustering)
+    dw, dwb, w1, b1, w2, _ = conv_head_tensors(head.clustering)
     assert torch.autograd.gradcheck(
         lambda *t: head_op.conv_cluster_logits_train(t[0], H, W, t[1], t[2], t[3], t[4], t[5], None),
         (x, dw, dwb, w1, b1, w2),
