@@ -69,7 +69,7 @@ namespace {
 constexpr const char* kOp = "paca_kernels::mlp_dwconv_bwd";
 // Rows per band: about this many patches (fixed by the shape alone, see the header comment); the
 // halo of g recomputed per band is 2 (k - 1) / 2 rows.
-constexpr int64_t kBandPatches = 512;
+constexpr int64_t kBandPatches = 2048;
 // Rows of u/z/g per step inside a band: about this many patches.
 constexpr int64_t kChunkPatches = 256;
 
@@ -333,45 +333,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_dwconv_bwd_kernel
   const int64_t bands = (H + std::clamp<int64_t>(kBandPatches / W, 1, H) - 1) /
                         std::clamp<int64_t>(kBandPatches / W, 1, H);
   const int64_t rows = (H + bands - 1) / bands, tasks = B * bands;
-  // Rows of g recomputed per chunk: about kChunkPatches patches, so that u's padded chunk, z and
-  // g's rows stay in L2.
+  // Rows of g computed per step: about kChunkPatches patches, so that u's padded chunk, z and
+  // g's rolling buffer stay in L2.
   const int64_t chunk = std::clamp<int64_t>(kChunkPatches / W, 1, rows + 2 * pad);
   at::Tensor grad_x = at::empty({B, N, C}, x.options());
   T* dxp = grad_x.mutable_data_ptr<T>();
 
   // One pass per band [y0, y1): g for rows [gs, ge) = the band and its halo of pad rows (the
-  // halo's g is recomputed by both bands that need it: 2 pad / rows of the g work), partial sums
-  // of grad_bias and grad_weight over the band's own rows, then grad_x of the band as the flipped
-  // convolution of g, and its partial sum for grad_in_bias.
+  // halo's g is recomputed by both bands that need it), chunk by chunk; partial sums of grad_bias
+  // and grad_weight over the band's own rows; grad_x of the rows whose g neighbourhood is complete
+  // after each chunk, as the flipped convolution of g, and its partial sum for grad_in_bias. g
+  // lives in a rolling buffer of chunk + 2 pad rows (the rows grad_x still needs are moved to its
+  // front after each chunk), so the band can be tall (little halo) and g still stays in L2.
   const int64_t part_len = (kk + 1 + (in_bias ? 1 : 0)) * C;
   std::vector<T> parts(static_cast<size_t>(tasks * part_len), T(0));
   parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
     const Scratch<T> band(ScratchSlot::kTask0, (chunk + k - 1) * in_w * C),
-        z(ScratchSlot::kTask1, chunk * W * C), g(ScratchSlot::kTask2, (rows + 2 * pad) * W * C);
+        z(ScratchSlot::kTask1, chunk * W * C), g(ScratchSlot::kTask2, (chunk + 2 * pad) * W * C);
+    T* gbuf = g.data();
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / bands, y0 = (task % bands) * rows, y1 = std::min(H, y0 + rows);
       const int64_t gs = std::max<int64_t>(0, y0 - pad), ge = std::min(H, y1 + pad);
       T* part = parts.data() + task * part_len;
+      int64_t gbase = gs, next_dx = y0;  // gbuf's first row; the next row of grad_x to write
       for (int64_t r0 = gs; r0 < ge;) {
         // A chunk never straddles a band edge: its rows either all count or none does.
         const int64_t edge = r0 < y0 ? y0 : (r0 < y1 ? y1 : ge);
-        const int64_t nr = std::min({chunk, edge - r0});
+        const int64_t nr = std::min(chunk, edge - r0);
         const bool own = r0 >= y0 && r0 < y1;
         load_band(xp, sx, b, r0, nr, H, W, C, k, band.data(), in_bias ? ibv.data() : nullptr);
         dwconv_band(band.data(), in_w, wt.data(), bias ? bv.data() : nullptr, z.data(), nr, W, C, k);
         grad_band(band.data(), in_w, gyp + (b * N + r0 * W) * C, z.data(), gelu,
-                  g.data() + (r0 - gs) * W * C, part + kk * C, own ? part : nullptr, nr, W, C, k);
+                  gbuf + (r0 - gbase) * W * C, part + kk * C, own ? part : nullptr, nr, W, C, k);
         r0 += nr;
-      }
-      const int64_t off = (b * N + y0 * W) * C;
-      dwconv_rows(g.data(), C, gs, H, W, y0, y1 - y0, wt_flip.data(), nullptr, nullptr,
-                  /*gelu=*/false, dxp + off, C, k);
-      if (in_bias) {
-        T* pib = part + (kk + 1) * C;
-        for (int64_t i = 0; i < (y1 - y0) * W; ++i) {
-          const T* d = dxp + off + i * C;
+        // grad_x rows y need g rows y - pad .. y + pad (inside the image).
+        const int64_t dx_end = r0 == ge ? y1 : std::min(y1, r0 - pad);
+        if (dx_end > next_dx) {
+          const int64_t off = (b * N + next_dx * W) * C, n = (dx_end - next_dx) * W;
+          dwconv_rows(gbuf, C, gbase, H, W, next_dx, dx_end - next_dx, wt_flip.data(), nullptr,
+                      nullptr, /*gelu=*/false, dxp + off, C, k);
+          if (in_bias) {
+            T* pib = part + (kk + 1) * C;
+            for (int64_t i = 0; i < n; ++i) {
+              const T* d = dxp + off + i * C;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) pib[c] += d[c];
+              for (int64_t c = 0; c < C; ++c) pib[c] += d[c];
+            }
+          }
+          next_dx = dx_end;
+        }
+        const int64_t keep = std::max(gbase, next_dx - pad);  // g rows below are done with
+        if (keep > gbase && r0 < ge) {
+          std::memmove(gbuf, gbuf + (keep - gbase) * W * C, sizeof(T) * (r0 - keep) * W * C);
+          gbase = keep;
         }
       }
     }

@@ -24,17 +24,20 @@ pytestmark = [
     pytest.mark.skipif(not dwconv_op.DIFFERENTIABLE, reason="extension built without mlp_dwconv_bwd"),
 ]
 
-# (B, H, W, C, k): odd grids (7x9: N = 63), channel counts that leave vector tails (40, 37, 20, 45),
-# a kernel larger than the grid, a 1x1 grid, a grid taller than one band of the backward (64 x 9 =
-# 576 patches > 512: two bands, so the halo rows between bands are exercised) and k = 5, 7.
+# (B, H, W, C, k): odd grids (7x9: N = 63), channel counts that leave vector tails (40, 37, 20, 45,
+# 13), a kernel larger than the grid, a 1x1 grid, k = 5, 7, and grids of more than one band of the
+# backward (over 2048 patches: the halo rows between bands, g's rolling buffer over several chunks,
+# one-row chunks at W = 300).
 SHAPES = [
     (2, 7, 9, 40, 3),
     (1, 5, 3, 37, 3),
     (3, 4, 6, 20, 5),
     (1, 1, 1, 16, 3),
     (2, 3, 2, 24, 7),
-    (1, 64, 9, 45, 3),
     (1, 40, 20, 17, 7),
+    (1, 70, 31, 13, 3),
+    (1, 50, 44, 9, 7),
+    (1, 9, 300, 5, 3),
 ]
 # (shortcut, gelu, bias, in_bias)
 VARIANTS = {
@@ -171,7 +174,7 @@ def test_opcheck():
     testing.opcheck_inference_only(torch.ops.paca_kernels.mlp_dwconv_bwd.default, bwd_args)
 
 
-@pytest.mark.parametrize("shape", [(3, 10, 13, 48, 3), (2, 64, 9, 40, 3)], ids=_ids)
+@pytest.mark.parametrize("shape", [(3, 10, 13, 48, 3), (2, 70, 31, 24, 3)], ids=_ids)
 def test_deterministic_across_thread_counts(shape):
     _, H, W, _, _ = shape
     x, w, b, ib, shortcut, gelu = _inputs(shape, "all", torch.float32)
