@@ -5,7 +5,8 @@ modules on the reference backend, at PaCa-ViT-Tiny's stage shapes, in interleave
 One torch thread and the calling thread's CPU time by default (``time.thread_time``: the machine is
 shared, and other processes slow a single-threaded call's CPU time far less than its wall time).
 Prints per case the median time of each path and the median and IQR of the per-round ratio
-(reference time / fused time: > 1 is faster).
+(reference time / fused time: > 1 is faster). The "model" case times a whole training step of a
+model on the cpu backend with and without the MLP/head training fusions.
 
     PYTHONPATH=. python benchmarks/interleaved_trainfuse.py --rounds 15
 """
@@ -17,11 +18,12 @@ import time
 
 import torch
 
-from paca_kernels import timing
+from paca_kernels import create_model, timing
 from paca_kernels.nn import _fusion
 from paca_kernels.nn.block import Mlp
 from paca_kernels.nn.clustering import P2CConv2d
 from paca_kernels.ops.fused import conv_cluster_logits as head_op
+from paca_kernels.ops.fused import mlp_dwconv as dwconv_op
 
 #: PaCa-ViT-Tiny: (C, H = W) per stage at 224², MLP hidden 4·C, 100 clusters in stages 1-3 (k = 7).
 TINY_STAGES = [(96, 56), (192, 28), (320, 14), (384, 7)]
@@ -60,13 +62,41 @@ def _head_case(B: int, C: int, H: int, M: int = 100, k: int = 7) -> dict[str, ob
     return {"reference": ref, "fused": fused}
 
 
+def _model_case(B: int, name: str, res: int) -> dict[str, object]:
+    """A whole training step (forward, backward of the logits' sum) of a model on the cpu backend,
+    with the MLPs and conv heads training through the fused ops ("fused") or through their modules
+    ("reference": the plans' training branches switched off, as before this change; the attention's
+    differentiable ops run in both)."""
+    torch.manual_seed(0)
+    model = create_model(name, backend="cpu").train()
+    x = torch.randn(B, 3, res, res)
+    flags = (dwconv_op.DIFFERENTIABLE, head_op.DIFFERENTIABLE)
+
+    def step(fused: bool):
+        def f() -> None:
+            dwconv_op.DIFFERENTIABLE = head_op.DIFFERENTIABLE = fused
+            try:
+                model.zero_grad(set_to_none=True)
+                torch.manual_seed(1)  # the same DropPath masks on both paths
+                model(x).sum().backward()
+            finally:
+                dwconv_op.DIFFERENTIABLE, head_op.DIFFERENTIABLE = flags
+        return f
+
+    return {"reference": step(False), "fused": step(True)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--wall", action="store_true", help="wall time instead of the thread's CPU time")
-    ap.add_argument("--only", choices=["mlp", "head"], default=None)
+    ap.add_argument("--only", choices=["mlp", "head", "model"], default=None)
+    ap.add_argument("--model", default="pacavit_tiny_p2cconv_100_0", help="model of the 'model' case")
+    ap.add_argument("--model-batch", type=int, default=8)
+    ap.add_argument("--model-res", type=int, default=224)
+    ap.add_argument("--model-rounds", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.wall else time.thread_time
@@ -78,8 +108,12 @@ def main() -> None:
             cases.append((f"Mlp  C={C:3d} {H}x{H} hidden={4 * C}", _mlp_case(args.batch, C, H)))
         if args.only in (None, "head") and H > 7:
             cases.append((f"head C={C:3d} {H}x{H} M=100 k=7", _head_case(args.batch, C, H)))
+    if args.only in (None, "model"):
+        cases.append((f"step {args.model} B={args.model_batch} {args.model_res}px",
+                      _model_case(args.model_batch, args.model, args.model_res)))
     for name, fns in cases:
-        rounds = timing.interleave(fns, rounds=args.rounds, clock=clock)
+        n = args.model_rounds if name.startswith("step") else args.rounds
+        rounds = timing.interleave(fns, rounds=n, clock=clock)
         cmp = timing.compare(rounds.samples, "reference")
         ref_t, fused = cmp["reference"].time, cmp["fused"]
         sp = fused.speedup

@@ -17,7 +17,12 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from ..ops import preferred_backend
 from ..ops.fused import conv_cluster_logits as _head_op
@@ -36,6 +41,7 @@ __all__ = [
     "cpu_training",
     "exact_gelu",
     "global_hooks",
+    "has_backward_hooks",
     "has_hooks",
     "linear_tensors",
     "plan_attention",
@@ -52,6 +58,24 @@ def _hooked(m: nn.Module) -> bool:
     # over a generator: this walk runs on every inference call of a layer (about 20 modules).
     for c in m._modules.values():
         if c is not None and _hooked(c):
+            return True
+    return False
+
+
+def _backward_hooked(m: nn.Module) -> bool:
+    if m._backward_hooks or m._backward_pre_hooks:
+        return True
+    for c in m._modules.values():
+        if c is not None and _backward_hooked(c):
+            return True
+    return False
+
+
+def has_backward_hooks(*modules: nn.Module | None) -> bool:
+    """Whether any of ``modules`` or their submodules has (full) backward (pre-)hooks, which fire
+    from the module's call and so would not fire for a differentiable fused op that bypasses it."""
+    for m in modules:
+        if m is not None and _backward_hooked(m):
             return True
     return False
 
@@ -107,8 +131,11 @@ def cpu_training(backend: str | None, x: Tensor, module: nn.Module) -> bool:
     ``module``'s parameters in x's dtype (what the backward kernels take, as the modules would see
     them), no CPU autocast (the modules would run in bf16 there), no global hooks, the ``backend``
     setting resolving to "cpu", and a gradient wanted through x or a parameter (else
-    :func:`cpu_inference` decides)."""
+    :func:`cpu_inference` decides). No global backward hooks either (they fire from the module
+    calls a fused op bypasses); the modules' own are the plans' concern (:func:`has_backward_hooks`)."""
     if x.device.type != "cpu" or x.dtype not in _TRAINING_DTYPES or global_hooks():
+        return False
+    if _global_backward_hooks or _global_backward_pre_hooks:
         return False
     if not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return False
@@ -177,11 +204,6 @@ def linear_tensors(*linears: nn.Module) -> tuple[Tensor | None, ...] | None:
 # -- the plans ---------------------------------------------------------------------------------------
 
 
-#: Fewest tokens per image (N = H·W) for which the conv head trains through
-#: ``conv_cluster_logits_train`` (see :func:`plan_attention`; set from the measurement there).
-TRAIN_HEAD_MIN_TOKENS = 1
-
-
 class AttentionPlan(NamedTuple):
     """Which path serves one call of a PaCaAttention layer."""
 
@@ -215,7 +237,10 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
     - with gradients wanted on the cpu backend (:func:`cpu_training`: float32/float64, no autocast,
       no global hooks), the conv head (a P2CConv2d the kernels compute exactly, no hook in it) as
       the differentiable composition of ``conv_cluster_logits`` (``head`` set; the op's public
-      function sees the gradient and composes), the rest as modules.
+      function sees the gradient and composes), the rest as modules. Measured faster than the
+      P2CConv2d modules at every shape it serves in PaCa-ViT-Tiny (head forward + backward, B = 8,
+      M = 100, k = 7, one thread, CPU time, 15 interleaved rounds, median (IQR)): 56×56 C = 96:
+      1.57x (1.53-1.65); 28×28 C = 192: 1.58x (1.56-1.60); 14×14 C = 320: 1.63x (1.62-1.66).
     """
     mods = layer._modules
     want_maps = return_attn or bool(mods["attn_viz"]._forward_hooks)
@@ -229,11 +254,11 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
         # exactly the P2CConv2d's modules, none hooked; the rest runs as modules and ops.
         head = None
         if (
-            layer.onsite_clustering and _head_op.DIFFERENTIABLE
-            and x.shape[1] >= TRAIN_HEAD_MIN_TOKENS and cpu_training(layer.backend, x, layer)
+            layer.onsite_clustering and _head_op.DIFFERENTIABLE and cpu_training(layer.backend, x, layer)
         ):
             clustering = mods["clustering"]
-            if type(clustering) is P2CConv2d and not has_hooks(clustering):
+            if (type(clustering) is P2CConv2d and not has_hooks(clustering)
+                    and not has_backward_hooks(clustering)):
                 head = conv_head_tensors(clustering._modules["clustering"])
         return AttentionPlan(False, head, None, fused_pool, want_maps)
     hooked = has_hooks(layer)
@@ -256,10 +281,6 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
     return AttentionPlan(whole, head, attention, fused_pool, want_maps)
 
 
-#: Fewest tokens per image (N = H·W) for which the MLP trains through ``mlp_dwconv`` (see
-#: :func:`plan_mlp`; set from the measurement there).
-TRAIN_DWCONV_MIN_TOKENS = 1
-
 #: The paths of an Mlp call: the whole MLP as ``mlp_fused``, ``mlp_dwconv`` between fc1's matrix
 #: product and fc2, or the modules.
 MlpPath = Literal["whole", "dwconv", "modules"]
@@ -278,8 +299,12 @@ def plan_mlp(mlp: nn.Module, x: Tensor) -> MlpPath:
       beats the matrix products, measured); else "dwconv".
     - With gradients wanted (:func:`cpu_training`: float32/float64, no autocast) "dwconv", whose op
       has a backward (``mlp_dwconv_bwd``): it replaces no dropout, so the dropout's setting does not
-      matter. Measured (one thread, CPU time, B = 8, PaCa-ViT-Tiny's four stages, Mlp forward +
-      backward against the modules on the reference backend): see :data:`TRAIN_DWCONV_MIN_TOKENS`.
+      matter. Measured faster than the modules at every PaCa-ViT-Tiny stage, so taken at every
+      shape: Mlp forward + backward, B = 8, one thread, CPU time, 15 interleaved rounds
+      (benchmarks/interleaved_trainfuse.py), reference-backend time / this path's, median (IQR):
+      56×56 C = 96: 1.29x (1.28-1.30); 28×28 C = 192: 1.04x (1.01-1.12); 14×14 C = 320: 1.06x
+      (1.04-1.08); 7×7 C = 384: 1.05x (1.03-1.06). The matrix products, the same on both paths,
+      are most of the later stages' time.
     """
     mods = mlp._modules
     # dwconv is a plain None attribute (not in _modules) when with_dwconv=False.
@@ -291,8 +316,9 @@ def plan_mlp(mlp: nn.Module, x: Tensor) -> MlpPath:
         return "modules"
     if not cpu_inference(mlp.backend, x, mlp):
         if (
-            _dwconv_op.DIFFERENTIABLE and x.shape[1] >= TRAIN_DWCONV_MIN_TOKENS
-            and cpu_training(mlp.backend, x, mlp) and not has_hooks(dwconv, act, fc1)
+            _dwconv_op.DIFFERENTIABLE and cpu_training(mlp.backend, x, mlp)
+            and not has_hooks(dwconv, act, fc1)
+            and not has_backward_hooks(dwconv, act, fc1)
         ):
             return "dwconv"
         return "modules"

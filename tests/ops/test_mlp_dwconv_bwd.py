@@ -243,11 +243,21 @@ def test_plan_mlp_training_conditions():
         handle = mod.register_forward_hook(lambda *a: None)
         assert fused._plan(x) == "modules"
         handle.remove()
+    for mod in (fused.fc1, fused.dwconv.dwconv, fused.act):
+        handle = mod.register_full_backward_hook(lambda *a: None)
+        assert fused._plan(x) == "modules"
+        handle.remove()
+        handle = mod.register_full_backward_pre_hook(lambda *a: None)
+        assert fused._plan(x) == "modules"
+        handle.remove()
     for register in (torch.nn.modules.module.register_module_forward_hook,
-                     torch.nn.modules.module.register_module_forward_pre_hook):
+                     torch.nn.modules.module.register_module_forward_pre_hook,
+                     torch.nn.modules.module.register_module_full_backward_hook,
+                     torch.nn.modules.module.register_module_full_backward_pre_hook):
         handle = register(lambda *a: None)
         assert fused._plan(x) == "modules"
         handle.remove()
+    assert fused._plan(x) == "dwconv"
     # Hooks on what the path keeps as modules (fc2, the dropout) do not matter; nor does dropout.
     handle = fused.fc2.register_forward_hook(lambda *a: None)
     assert fused._plan(x) == "dwconv"
@@ -356,6 +366,30 @@ def test_head_train_gradcheck():
         lambda *t: head_op.conv_cluster_logits_train(t[0], H, W, t[1], t[2], t[3], t[4], t[5], None),
         (x, dw, dwb, w1, b1, w2),
     )
+
+
+def test_plan_attention_training_head_conditions():
+    layer = PaCaAttention(32, 2, 8, backend="cpu").train()
+    x = torch.randn(1, 16, 32)
+
+    def head(t):
+        return layer._plan(t, None, False).head is not None
+
+    assert head(x) and head(x.requires_grad_())
+    assert not PaCaAttention(32, 2, 8, backend="reference")._plan(x, None, False).head
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not head(x)
+    assert not head(x.detach().double().requires_grad_())
+    for mod in (layer.clustering, layer.clustering.clustering[2]):
+        for register in (mod.register_forward_hook, mod.register_full_backward_hook):
+            handle = register(lambda *a: None)
+            assert not head(x)
+            handle.remove()
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda *a: None)
+    assert not head(x)
+    handle.remove()
+    assert head(x)
+    assert not PaCaAttention(32, 2, 8, clustering="mlp", backend="cpu")._plan(x, None, False).head
 
 
 def test_attention_training_uses_head_and_matches_reference(monkeypatch, spy):
