@@ -101,7 +101,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.wall else time.thread_time
     print(f"B={args.batch} threads={args.threads} clock={'wall' if args.wall else 'thread CPU'} "
-          f"rounds={args.rounds} cpu={timing.cpu_model()} isa={torch.ops.paca_kernels.cpu_isa()}")
+          f"rounds={args.rounds} (model step: {args.model_rounds}) cpu={timing.cpu_model()} "
+          f"isa={torch.ops.paca_kernels.cpu_isa()}")
     cases = []
     for C, H in TINY_STAGES:
         if args.only in (None, "mlp"):
@@ -109,7 +110,8 @@ def main() -> None:
         if args.only in (None, "head") and H > 7:
             cases.append((f"head C={C:3d} {H}x{H} M=100 k=7", _head_case(args.batch, C, H)))
     if args.only in (None, "model"):
-        cases.append((f"step {args.model} B={args.model_batch} {args.model_res}px",
+        cases.append((f"step {args.model} B={args.model_batch} {args.model_res}px (cpu backend: "
+                      "reference = MLP/head modules)",
                       _model_case(args.model_batch, args.model, args.model_res)))
     for name, fns in cases:
         n = args.model_rounds if name.startswith("step") else args.rounds

@@ -164,6 +164,28 @@ def test_errors():
         op(x, x, 3, 4, w, None, torch.randn(15), True, True)
 
 
+def test_gelu_derivative_accuracy_tails_and_nan():
+    """The backward's GELU' (rational erf, Cephes exp) in the default build; the capped builds run
+    the same check in tests/backends/test_cpu_isa.py (cpu_isa_checks.check_gelu_grad)."""
+    C = 37
+    v = torch.cat([torch.linspace(-12.0, 12.0, 20 * 37 * 37), torch.randn(37 * 37) * 3,
+                   torch.tensor([1e30, -1e30, 1e4, -1e4, 6.0, -6.0, 0.0, -0.0, float("nan")])])
+    v = torch.cat([v, torch.randn((-v.numel()) % C)])
+    x = v.view(1, -1, C)
+    gx = torch.ops.paca_kernels.mlp_dwconv_bwd(
+        torch.ones_like(x), x, 1, x.shape[1], torch.zeros(C, 1, 3, 3), None, None, True, True
+    )[0].flatten()
+    vd = v.double().requires_grad_()
+    exact = torch.autograd.grad(F.gelu(vd).sum(), vd)[0]
+    nan = v.isnan()
+    # 0 · NaN from the zero taps: z is NaN one pixel from a NaN input, g too, grad_x two pixels.
+    near_nan = nan | torch.roll(nan, C) | torch.roll(nan, -C) | torch.roll(nan, 2 * C) | torch.roll(nan, -2 * C)
+    fin = v.isfinite() & ~near_nan
+    assert (gx[fin].double() - exact[fin]).abs().max().item() < 1e-6
+    assert bool((gx[fin & (v >= 6.0)] == 1).all()) and bool((gx[fin & (v <= -6.0)].abs() < 1e-7).all())
+    assert bool(gx[nan].isnan().all())
+
+
 def test_opcheck():
     B, H, W, C, k = 2, 6, 5, 24, 3
     x, w, b, ib, _, _ = _inputs((B, H, W, C, k), "all", torch.float32)
