@@ -110,8 +110,8 @@ def main() -> None:
         if args.only in (None, "head") and H > 7:
             cases.append((f"head C={C:3d} {H}x{H} M=100 k=7", _head_case(args.batch, C, H)))
     if args.only in (None, "model"):
-        cases.append((f"step {args.model} B={args.model_batch} {args.model_res}px (cpu backend: "
-                      "reference = MLP/head modules)",
+        label = f"step {args.model} B={args.model_batch} {args.model_res}px (cpu backend; reference: MLP/head modules)"
+        cases.append((label,
                       _model_case(args.model_batch, args.model, args.model_res)))
     for name, fns in cases:
         n = args.model_rounds if name.startswith("step") else args.rounds
