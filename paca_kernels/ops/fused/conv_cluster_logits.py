@@ -68,6 +68,22 @@ REGISTERED = _register()
 DIFFERENTIABLE = _dwconv.DIFFERENTIABLE
 
 
+class _GradWithStrides(torch.autograd.Function):
+    """Identity whose backward gives the gradient its input's strides (the 1×1 conv weights' grads
+    arrive through a reshape, contiguous: see :func:`.mlp_dwconv.with_strides_of`)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape, ctx.strides = t.shape, t.stride()
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        if grad.stride() == ctx.strides:
+            return grad
+        return grad.new_empty_strided(ctx.shape, ctx.strides).copy_(grad)
+
+
 def conv_cluster_logits_train(
     x: Tensor, H: int, W: int, dw_weight: Tensor, dw_bias: Tensor | None, w1: Tensor, b1: Tensor | None,
     w2: Tensor, b2: Tensor | None,
@@ -77,6 +93,10 @@ def conv_cluster_logits_train(
     products. Arguments and result as :func:`conv_cluster_logits`; (B, M, N) contiguous."""
     c, m = x.shape[2], w2.shape[0]
     t0 = _dwconv.mlp_dwconv(x, H, W, dw_weight, dw_bias, None, False, True)
+    if w1.requires_grad:
+        w1 = _GradWithStrides.apply(w1)
+    if w2.requires_grad:
+        w2 = _GradWithStrides.apply(w2)
     t1 = F.gelu(F.linear(t0, w1.reshape(c, c), b1))
     logits = torch.matmul(w2.reshape(m, c), t1.transpose(1, 2))  # (B, M, N), as the 1x1 conv's
     return logits if b2 is None else logits + b2[:, None]

@@ -37,9 +37,20 @@ from torch.utils.flop_counter import register_flop_formula
 from ... import _ext
 from ._common import autocast_input, register_inference_only
 
-__all__ = ["DIFFERENTIABLE", "REGISTERED", "mlp_dwconv"]
+__all__ = ["DIFFERENTIABLE", "REGISTERED", "mlp_dwconv", "with_strides_of"]
 
 _LIB = "paca_kernels"
+
+
+def with_strides_of(grad: Tensor, param: Tensor) -> Tensor:
+    """grad with param's strides (a copy where they differ). The PaCa conv weights carry the
+    channels-last strides their module gradients get (``nn.layers.channels_last_conv_weights_``:
+    DDP compares a gradient's strides with its parameter's literally, size-1 dimensions included);
+    autograd keeps a gradient's own strides where they differ only in size-1 dimensions, so a
+    gradient computed here contiguous is given the parameter's (a (C, k·k)-sized copy at most)."""
+    if grad.stride() == param.stride():
+        return grad
+    return grad.new_empty_strided(param.shape, param.stride()).copy_(grad)
 
 
 def _register() -> bool:
@@ -89,6 +100,8 @@ def _register() -> bool:
             )
         gx, gw, gb, gib = bwd(grad_y, x, H, W, weight, bias, in_bias, shortcut, gelu)
         need = ctx.needs_input_grad
+        if need[3]:
+            gw = with_strides_of(gw, weight)
         return (
             gx if need[0] else None, None, None, gw if need[3] else None,
             gb if bias is not None and need[4] else None,
