@@ -435,3 +435,20 @@ def test_attention_training_uses_head_and_matches_reference(monkeypatch, spy):
             assert p_ref.grad is None, name
             continue
         testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, name=name)
+
+
+def test_attention_training_compiles_with_head(monkeypatch, spy):
+    monkeypatch.setattr(layer_op, "REGISTERED", False)
+    calls = spy(head_op, "conv_cluster_logits_train")
+    layer = PaCaAttention(24, 2, 7, backend="cpu").train()
+    ref = PaCaAttention(24, 2, 7, backend="reference").train()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5 * 6, 24, requires_grad=True)
+    compiled = torch.compile(lambda t: layer(t, 5, 6)[0], fullgraph=True, backend="aot_eager")
+    compiled(x).sum().backward()
+    assert calls  # traced through the differentiable head
+    xr = x.detach().clone().requires_grad_()
+    ref(xr, 5, 6)[0].sum().backward()
+    testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    w = layer.clustering.clustering[0].weight
+    testing.assert_close(w.grad, ref.clustering.clustering[0].weight.grad, rtol=1e-4, atol=1e-5)
