@@ -61,7 +61,18 @@
 //   x (B, N, C) tokens of an H x W grid; weight (C, 1, k, k), k odd, zero padding (k-1)/2;
 //   bias, in_bias (C,) optional. With u = x + in_bias:
 //   y[b,n,c] (B, N, C) dtype of x = act(depthwise_conv(u) + bias + (u if shortcut))[b, n, c],
-//   act = exact GELU if gelu else identity, accumulated in acc.
+//   act = exact GELU if gelu else identity, accumulated in acc. Differentiable through
+//   mlp_dwconv_bwd (float32 and float64).
+//
+// mlp_dwconv_bwd(grad_y, x, H, W, weight, bias, in_bias, shortcut, gelu)
+//     -> (grad_x, grad_weight, grad_bias, grad_in_bias)
+//   Gradient of y of mlp_dwconv given grad_y (B, N, C); x float32 or float64. With
+//   z = depthwise_conv(u) + bias + (u if shortcut) recomputed from x and g = grad_y * act'(z):
+//   grad_x (B, N, C) = depthwise_conv_transposed(g) + (g if shortcut); grad_weight (C, 1, k, k)
+//   = sum_{b,y,x} g * u shifted by the tap; grad_bias (C,) = sum g; grad_in_bias (C,) = sum grad_x
+//   (each in its parameter's dtype; grad_bias/grad_in_bias are computed for a None bias/in_bias
+//   too, in weight's dtype, and dropped by the autograd formula). Deterministic: per-task partial
+//   sums reduced in a fixed order (no atomics), independent of the thread count.
 //
 // mlp_fused(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight,
 //           fc2_bias) -> out
@@ -129,6 +140,10 @@ TORCH_LIBRARY(paca_kernels, m) {
   m.def(
       "mlp_dwconv(Tensor x, int H, int W, Tensor weight, Tensor? bias, Tensor? in_bias, "
       "bool shortcut, bool gelu) -> Tensor");
+  m.def(
+      "mlp_dwconv_bwd(Tensor grad_y, Tensor x, int H, int W, Tensor weight, Tensor? bias, "
+      "Tensor? in_bias, bool shortcut, bool gelu)"
+      " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_in_bias)");
   m.def(
       "mlp_fused(Tensor x, int H, int W, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, "
       "Tensor? dw_bias, bool shortcut, bool gelu, Tensor fc2_weight, Tensor? fc2_bias) -> Tensor");

@@ -17,7 +17,12 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 
 from ..ops import preferred_backend
 from ..ops.fused import conv_cluster_logits as _head_op
@@ -33,8 +38,10 @@ __all__ = [
     "MlpPath",
     "conv_head_tensors",
     "cpu_inference",
+    "cpu_training",
     "exact_gelu",
     "global_hooks",
+    "has_backward_hooks",
     "has_hooks",
     "linear_tensors",
     "plan_attention",
@@ -51,6 +58,24 @@ def _hooked(m: nn.Module) -> bool:
     # over a generator: this walk runs on every inference call of a layer (about 20 modules).
     for c in m._modules.values():
         if c is not None and _hooked(c):
+            return True
+    return False
+
+
+def _backward_hooked(m: nn.Module) -> bool:
+    if m._backward_hooks or m._backward_pre_hooks:
+        return True
+    for c in m._modules.values():
+        if c is not None and _backward_hooked(c):
+            return True
+    return False
+
+
+def has_backward_hooks(*modules: nn.Module | None) -> bool:
+    """Whether any of ``modules`` or their submodules has (full) backward (pre-)hooks, which fire
+    from the module's call and so would not fire for a differentiable fused op that bypasses it."""
+    for m in modules:
+        if m is not None and _backward_hooked(m):
             return True
     return False
 
@@ -94,6 +119,32 @@ def cpu_inference(backend: str | None, x: Tensor, module: nn.Module, *extra: Ten
             if p.requires_grad:
                 return False
     return preferred_backend(backend, "cpu") == "cpu"
+
+
+#: The dtypes the fused ops' backward kernels take (mlp_dwconv_bwd).
+_TRAINING_DTYPES = (torch.float32, torch.float64)
+
+
+def cpu_training(backend: str | None, x: Tensor, module: nn.Module) -> bool:
+    """The conditions under which a differentiable fused op (``mlp_dwconv``, and through it the conv
+    head) may serve ``module`` run on x with gradients wanted: x on the CPU in float32 or float64 with
+    ``module``'s parameters in x's dtype (what the backward kernels take, as the modules would see
+    them), no CPU autocast (the modules would run in bf16 there), no global hooks, the ``backend``
+    setting resolving to "cpu", and a gradient wanted through x or a parameter (else
+    :func:`cpu_inference` decides). No global backward hooks either (they fire from the module
+    calls a fused op bypasses); the modules' own are the plans' concern (:func:`has_backward_hooks`)."""
+    if x.device.type != "cpu" or x.dtype not in _TRAINING_DTYPES or global_hooks():
+        return False
+    if _global_backward_hooks or _global_backward_pre_hooks:
+        return False
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        return False
+    wanted = x.requires_grad
+    for p in module.parameters():
+        if p.dtype != x.dtype:
+            return False
+        wanted = wanted or p.requires_grad
+    return wanted and preferred_backend(backend, "cpu") == "cpu"
 
 
 def exact_gelu(m: nn.Module) -> bool:
@@ -182,7 +233,14 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
       as ``p2c_attention_proj`` (plain Linear projections, inactive dropouts, no maps wanted, no hooks
       on the projections or the dropout);
     - the whole layer as ``conv_paca_layer`` where both parts and the pooling fuse, the norm is
-      exactly an ``nn.LayerNorm`` and no module of the layer has a hook.
+      exactly an ``nn.LayerNorm`` and no module of the layer has a hook;
+    - with gradients wanted on the cpu backend (:func:`cpu_training`: float32/float64, no autocast,
+      no global hooks), the conv head (a P2CConv2d the kernels compute exactly, no hook in it) as
+      the differentiable composition of ``conv_cluster_logits`` (``head`` set; the op's public
+      function sees the gradient and composes), the rest as modules. Measured faster than the
+      P2CConv2d modules at every shape it serves in PaCa-ViT-Tiny (head forward + backward, B = 8,
+      M = 100, k = 7, one thread, CPU time, 15 interleaved rounds, median (IQR)): 56×56 C = 96:
+      1.57x (1.53-1.65); 28×28 C = 192: 1.58x (1.56-1.60); 14×14 C = 320: 1.63x (1.62-1.66).
     """
     mods = layer._modules
     want_maps = return_attn or bool(mods["attn_viz"]._forward_hooks)
@@ -191,7 +249,18 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
     norm = mods["cluster_norm"]
     fused_pool = layer._ln_eps is not None and not layer.cluster_pos_embed and not has_hooks(norm)
     if not cpu_inference(layer.backend, x, layer, given):
-        return AttentionPlan(False, None, None, fused_pool, want_maps)
+        # Training on the cpu backend: the conv head as conv_cluster_logits' differentiable
+        # composition (mlp_dwconv's kernels and matrix products in token layout), where it is
+        # exactly the P2CConv2d's modules, none hooked; the rest runs as modules and ops.
+        head = None
+        if (
+            layer.onsite_clustering and _head_op.DIFFERENTIABLE and cpu_training(layer.backend, x, layer)
+        ):
+            clustering = mods["clustering"]
+            if (type(clustering) is P2CConv2d and not has_hooks(clustering)
+                    and not has_backward_hooks(clustering)):
+                head = conv_head_tensors(clustering._modules["clustering"])
+        return AttentionPlan(False, head, None, fused_pool, want_maps)
     hooked = has_hooks(layer)
     head = None
     if layer.onsite_clustering and _head_op.REGISTERED:
@@ -220,19 +289,38 @@ MlpPath = Literal["whole", "dwconv", "modules"]
 def plan_mlp(mlp: nn.Module, x: Tensor) -> MlpPath:
     """The path for one call of an :class:`~paca_kernels.nn.block.Mlp` on x (B, N, C).
 
-    The fused ops need CPU inference on the cpu backend (:func:`cpu_inference`), a :class:`DWConv`
-    whose conv is a "same" odd square depthwise conv, an exact GELU or identity activation, a plain
-    ``nn.Linear`` fc1 and no hooks on the modules they replace. The whole MLP also needs a plain fc2,
-    inactive dropout, no hooks on fc2 or the dropout, and fc1's weight at most
-    :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where it beats the matrix
-    products, measured)."""
+    The fused ops need the cpu backend, a :class:`DWConv` whose conv is a "same" odd square depthwise
+    conv, an exact GELU or identity activation, a plain ``nn.Linear`` fc1 and no hooks on the modules
+    they replace (fc1 still runs as ``F.linear`` on its weight, the dropout and fc2 as modules).
+
+    - In CPU inference (:func:`cpu_inference`) the whole MLP runs as ``mlp_fused`` where fc2 is a
+      plain ``nn.Linear``, the dropout inactive, fc2 and the dropout have no hooks and fc1's weight
+      has at most :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where it
+      beats the matrix products, measured); else "dwconv".
+    - With gradients wanted (:func:`cpu_training`: float32/float64, no autocast) "dwconv", whose op
+      has a backward (``mlp_dwconv_bwd``): it replaces no dropout, so the dropout's setting does not
+      matter. Measured faster than the modules at every PaCa-ViT-Tiny stage, so taken at every
+      shape: Mlp forward + backward, B = 8, one thread, CPU time, 15 interleaved rounds
+      (benchmarks/interleaved_trainfuse.py), reference-backend time / this path's, median (IQR):
+      56×56 C = 96: 1.29x (1.28-1.30); 28×28 C = 192: 1.04x (1.01-1.12); 14×14 C = 320: 1.06x
+      (1.04-1.08); 7×7 C = 384: 1.05x (1.03-1.06). The matrix products, the same on both paths,
+      are most of the later stages' time.
+    """
     mods = mlp._modules
     # dwconv is a plain None attribute (not in _modules) when with_dwconv=False.
     dwconv, act, fc1 = mods.get("dwconv"), mods["act"], mods["fc1"]
     if not (_dwconv_op.REGISTERED and type(dwconv) is DWConv and type(fc1) is nn.Linear
             and same_depthwise(dwconv._modules["dwconv"])):
         return "modules"
-    if not (type(act) is nn.Identity or exact_gelu(act)) or not cpu_inference(mlp.backend, x, mlp):
+    if not (type(act) is nn.Identity or exact_gelu(act)):
+        return "modules"
+    if not cpu_inference(mlp.backend, x, mlp):
+        if (
+            _dwconv_op.DIFFERENTIABLE and cpu_training(mlp.backend, x, mlp)
+            and not has_hooks(dwconv, act, fc1)
+            and not has_backward_hooks(dwconv, act, fc1)
+        ):
+            return "dwconv"
         return "modules"
     if has_hooks(dwconv, act, fc1):
         return "modules"

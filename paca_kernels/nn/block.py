@@ -40,7 +40,9 @@ class Mlp(nn.Module):
     ``backend`` is the ops backend of the enclosing block. Which path serves a call is decided once
     (:func:`paca_kernels.nn._fusion.plan_mlp`): in CPU inference on the cpu backend the whole MLP runs as one fused op
     (:mod:`paca_kernels.ops.fused.mlp_fused`) where its weights are small, or fc1's bias, the DWConv
-    and the activation as one (:mod:`paca_kernels.ops.fused.mlp_dwconv`); otherwise the modules run.
+    and the activation as one (:mod:`paca_kernels.ops.fused.mlp_dwconv`); in training on the cpu
+    backend (float32/float64, no autocast) the latter too, through its backward kernel; otherwise
+    the modules run.
     """
 
     def __init__(
@@ -79,7 +81,8 @@ class Mlp(nn.Module):
                 bool(self.dwconv.with_shortcut), type(self.act) is nn.GELU, self.fc2.weight, self.fc2.bias,
             )
         if plan == "dwconv":
-            # fc1's bias is added inside the fused kernel, as it loads its input.
+            # fc1's bias is added inside the fused kernel, as it loads its input (and its gradient
+            # summed by the backward kernel, when training).
             conv = self.dwconv.dwconv
             x = _dwconv_op.mlp_dwconv(
                 F.linear(x, self.fc1.weight), H, W, conv.weight, conv.bias, self.fc1.bias,

@@ -102,6 +102,50 @@ def check_mlp_dwconv() -> None:
         assert err < 1e-5, ("mlp_dwconv", err)
 
 
+def check_mlp_dwconv_bwd() -> None:
+    """mlp_dwconv's backward (mlp_dwconv_bwd): every gradient against the float64 modules, on a
+    grid of one band and one of two (over 2048 patches), k = 3 and 7, channel tails."""
+    for B, H, W, C, k in [(2, 7, 9, 40, 3), (1, 70, 31, 13, 3), (1, 9, 11, 21, 7)]:
+        m = DWConv(C, kernel_size=k, with_shortcut=True)
+        x = torch.randn(B, H * W, C, requires_grad=True)
+        b1 = torch.randn(C, requires_grad=True)
+        gy = torch.randn(B, H * W, C)
+        w, b = m.dwconv.weight, m.dwconv.bias
+        got = torch.autograd.grad(mlp_dwconv(x, H, W, w, b, b1, True, True), (x, w, b, b1), gy)
+        md = DWConv(C, kernel_size=k, with_shortcut=True).double()
+        md.load_state_dict(m.state_dict())
+        xd, b1d = x.detach().double().requires_grad_(), b1.detach().double().requires_grad_()
+        exact = F.gelu(md(xd + b1d, H, W))
+        want = torch.autograd.grad(exact, (xd, md.dwconv.weight, md.dwconv.bias, b1d), gy.double())
+        for g, e in zip(got, want, strict=True):
+            assert_close(g.double(), e, rtol=1e-4, atol=1e-4 * (1 + e.abs().max().item()))
+
+
+def check_gelu_grad() -> None:
+    """The backward's GELU derivative (rational erf, Cephes exp) against float64, tails and NaN: with
+    zero taps and the shortcut, grad_x of mlp_dwconv is grad_y · GELU'(x)."""
+    C = 37
+    sweep = torch.linspace(-12.0, 12.0, 20 * 37 * 37)
+    extremes = torch.tensor([1e30, -1e30, 3e38, -3e38, 1e4, -1e4, 6.0, -6.0, 0.0, -0.0] * 2
+                            + [float("nan")] * 7)
+    v = torch.cat([sweep, extremes, torch.randn(37 * 37) * 3])
+    v = torch.cat([v, torch.randn((-v.numel()) % C)])
+    x = v.view(1, -1, C)
+    gx = torch.ops.paca_kernels.mlp_dwconv_bwd(torch.ones_like(x), x, 1, x.shape[1], torch.zeros(C, 1, 3, 3),
+                                               None, None, True, True)[0].flatten()
+    vd = v.double().requires_grad_()
+    exact = torch.autograd.grad(F.gelu(vd).sum(), vd)[0]
+    nan = v.isnan()
+    # 0 * NaN from the zero taps: z is NaN one pixel from a NaN input, g too, grad_x two pixels.
+    near_nan = nan | torch.roll(nan, C) | torch.roll(nan, -C) | torch.roll(nan, 2 * C) | torch.roll(nan, -2 * C)
+    fin = v.isfinite() & (v.abs() < 1e6) & ~near_nan
+    err = (gx[fin].double() - exact[fin]).abs()
+    assert err.max().item() < 1e-6, err.max().item()
+    big, small = fin & (v >= 6.0), fin & (v <= -6.0)
+    assert bool((gx[big] == 1).all()) and bool((gx[small].abs() < 1e-7).all())
+    assert bool(gx[nan].isnan().all())
+
+
 def check_mlp_fused() -> None:
     for B, H, W, C in [(2, 7, 9, 24), (1, 40, 3, 12)]:
         m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
@@ -150,7 +194,7 @@ def check_gelu() -> None:
 
 
 CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_conv_paca_layer,
-          check_mlp_dwconv, check_mlp_fused, check_gelu]
+          check_mlp_dwconv, check_mlp_dwconv_bwd, check_gelu_grad, check_mlp_fused, check_gelu]
 
 #: How many tensors :func:`outputs` saves.
 NUM_OUTPUTS = 26

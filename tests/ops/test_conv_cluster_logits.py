@@ -160,7 +160,7 @@ def fused_calls(monkeypatch, spy):
     return spy(head_op, "conv_cluster_logits")
 
 
-def test_attention_uses_fused_head_in_inference_only(fused_calls):
+def test_attention_uses_fused_head_in_inference_and_training(fused_calls):
     layer = PaCaAttention(40, 2, 13, backend="cpu").eval()
     x = torch.randn(2, 9 * 7, 40)
     with torch.no_grad():
@@ -173,9 +173,16 @@ def test_attention_uses_fused_head_in_inference_only(fused_calls):
     assert len(fused_calls) == 1  # the reference backend keeps the module path
     testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
-    # Gradients wanted: the modules run (the fused kernel has no backward).
+    # Gradients wanted: the head's differentiable composition (conv_cluster_logits_train, through
+    # mlp_dwconv's backward), the same gradients as the reference backend's modules.
     layer(x, 9, 7)[0].sum().backward()
-    assert len(fused_calls) == 1 and layer.clustering.clustering[0].weight.grad is not None
+    assert len(fused_calls) == 2
+    ref(x, 9, 7)[0].sum().backward()
+    for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters(), strict=True):
+        if p.grad is None:
+            assert p_ref.grad is None, name
+            continue
+        testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, name=name)
 
 
 def test_fused_head_skipped_with_hooks_or_other_heads():
@@ -202,7 +209,13 @@ def test_fused_head_skipped_with_hooks_or_other_heads():
         handle = layer.q.register_forward_hook(lambda *a: None)
         assert _head_fused(layer, x)
         handle.remove()
-    assert not _head_fused(layer, x.requires_grad_())
+    # Gradients wanted: the differentiable head (float32/float64, no autocast, no hooks).
+    assert _head_fused(layer, x.requires_grad_())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _head_fused(layer, x)
+    handle = layer.clustering.clustering[1].register_forward_hook(lambda *a: None)
+    assert not _head_fused(layer, x)
+    handle.remove()
 
 
 def test_attention_compiles_fullgraph_with_fused_head(fused_calls):

@@ -123,8 +123,9 @@ def test_fused_dwconv_errors():
         op(x, 3, 4, w, b, torch.randn(15), True, True)
     with pytest.raises(RuntimeError, match="\\(B, N, C\\)"):
         op(x[0], 3, 4, w, b, None, True, True)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        xg = x.clone().requires_grad_()
+    # The backward has float32/float64 kernels only (tests/ops/test_mlp_dwconv_bwd.py).
+    with pytest.raises(RuntimeError, match="float32 and float64 only"):
+        xg = x.to(torch.bfloat16).requires_grad_()
         op(xg, 3, 4, w, b, None, True, True).sum().backward()
 
 
@@ -162,7 +163,7 @@ def _mlp_pair(C: int = 24, hidden: int = 40) -> tuple[Mlp, Mlp]:
     return fused, ref
 
 
-def test_mlp_uses_fused_kernel_in_inference_only(fused_calls):
+def test_mlp_uses_fused_kernel_in_inference_and_training(fused_calls):
     fused, ref = _mlp_pair()
     x = torch.randn(2, 7 * 5, 24)
     with torch.no_grad():
@@ -171,10 +172,14 @@ def test_mlp_uses_fused_kernel_in_inference_only(fused_calls):
         out_ref = ref(x, 7, 5)
     assert len(fused_calls) == 1  # the reference backend keeps the module path
     testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    # Gradients wanted: the modules run (the fused kernel has no backward).
+    # Gradients wanted: mlp_dwconv with its backward (tests/ops/test_mlp_dwconv_bwd.py), the
+    # reference backend's modules give the same gradients.
     fused(x, 7, 5).sum().backward()
-    assert len(fused_calls) == 1 and fused.dwconv.dwconv.weight.grad is not None
-    assert fused.fc1.bias.grad is not None
+    assert fused_calls[1:] == [("dwconv", (2, 35, 40))]
+    ref(x, 7, 5).sum().backward()
+    assert len(fused_calls) == 2
+    for (name, p), p_ref in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-5, name=name)
 
 
 def test_fused_dwconv_skipped_with_hooks_grad_or_other_activations(fused_calls):
@@ -193,7 +198,7 @@ def test_fused_dwconv_skipped_with_hooks_grad_or_other_activations(fused_calls):
         identity = Mlp(24, 40, with_dwconv=True, with_shortcut=True, act_cfg={"type": "Identity"},
                        backend="cpu").eval()
         assert identity._plan(x) != "modules"
-    assert fused._plan(x) == "modules"  # grad enabled and fc1 parameters require grad
+    assert fused._plan(x) == "dwconv"  # grad enabled: the differentiable fused op
     assert not fused_calls
 
 

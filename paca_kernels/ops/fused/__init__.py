@@ -9,9 +9,12 @@ One file per op, named as the op (``torch.ops.paca_kernels.<op>``):
 - :mod:`.mlp_fused`: the whole MLP (fc1, depthwise conv, GELU, fc2).
 
 Each registers its fake kernel (``torch.compile`` traces it), a FLOP formula that counts like the ops
-it replaces (``FlopCounterMode`` totals do not change), and an autograd formula that raises: none has
-a backward. They take tensors and numbers only; which layer may use them, and when, is decided by
-the layers (:mod:`paca_kernels.nn`), which run their modules whenever gradients are wanted.
+it replaces (``FlopCounterMode`` totals do not change), and an autograd formula that raises, except
+``mlp_dwconv``, which has a backward kernel (``mlp_dwconv_bwd``, float32/float64): the MLP and, through
+:func:`.conv_cluster_logits.conv_cluster_logits_train`, the conv head train through it on the cpu
+backend. They take tensors and numbers only; which layer may use them, and when, is decided by the
+layers (:mod:`paca_kernels.nn`, :mod:`paca_kernels.nn._fusion`), which run their modules wherever a
+fused op would compute something else.
 ``REGISTERED`` in each module says whether the extension provides the op.
 
 dtypes: float32, float64, bfloat16 and float16 activations, with parameters in that dtype or float32.
