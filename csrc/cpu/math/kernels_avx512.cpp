@@ -427,6 +427,35 @@ float row_max_f32_avx512(const float* x, int64_t n) {
   return r;
 }
 
+// softmax_bwd_row_f32_avx2 on 16 lanes, the same bits: the FMAs of D go into an 8-lane
+// accumulator, low half then high half, as the AVX2 kernel adds its vectors (a high half wholly
+// past n is not added, as the AVX2 loop ends before it).
+void softmax_bwd_row_f32_avx512(float* p, float* ds, int64_t n) {
+  const __m512 inv = _mm512_set1_ps(1.0f / exp_shifted_f32_avx512(p, row_max_f32_avx512(p, n), p, n));
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+    const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p + i), inv);
+    _mm512_mask_storeu_ps(p + i, mask, pv);
+    const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
+    acc = _mm256_fmadd_ps(_mm512_castps512_ps256(pv), _mm512_castps512_ps256(dv), acc);
+    if (n - i > 8) {
+      acc = _mm256_fmadd_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pv), 1)),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dv), 1)), acc);
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  const __m512 d = _mm512_set1_ps(((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                                  ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+    const __m512 pv = _mm512_maskz_loadu_ps(mask, p + i);
+    const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
+    _mm512_mask_storeu_ps(ds + i, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, d)));
+  }
+}
+
 #undef PACA_ALWAYS_INLINE
 
 }  // namespace
@@ -437,6 +466,7 @@ bool register_kernels(Float32Kernels& k) {  // the products and the softmax rows
   k.gemm_packed = gemm_packed_f32_avx512;
   k.exp_shifted = exp_shifted_f32_avx512;
   k.row_max = row_max_f32_avx512;
+  k.softmax_bwd_row = softmax_bwd_row_f32_avx512;
   k.isa = "avx512";
   return true;
 }
