@@ -1,7 +1,7 @@
 """Training steps of PaCa-ViT on the CPU, timed in interleaved rounds (issue #29, item 5).
 
     python benchmarks/interleaved_train.py [--models tiny,small] [--batch 8] [--rounds 10] [--threads N]
-                                           [--cpu-time] [--no-compile] [--out FILE.json]
+                                           [--cpu-time] [--no-compile] [--official-src PATH] [--out FILE.json]
     python benchmarks/interleaved_train.py --smoke   # a small model at 64×64, aot_eager compilation
 
 One training step, per provider: forward of a (B, 3, 224, 224) float32 batch, cross-entropy against
@@ -15,8 +15,12 @@ its own optimiser:
 - ``reference-compiled`` / ``cpu-compiled``: the model's forward and the loss under ``torch.compile``
   (Inductor, or aot_eager with ``--smoke``); the backward is the compiled graph's, the optimiser step
   stays eager in all providers.
-- ``official``: an emulation of the official code's (iVMCL/PaCaViT) training computation, because
-  the official code itself needs timm/mmcv and is not installed here. What it is: the model's own
+- ``official``: with ``--official-src PATH`` (a checkout of iVMCL/PaCaViT), the official code's own
+  model (``benchmarks/official_code.py``: its timm/mmcv/mmengine names stood in for, its computation
+  untouched), loaded with the reference model's weights (strict), in training mode: its PaCa layers
+  call ``F.multi_head_attention_forward`` with ``need_weights=not self.training``, so PyTorch's
+  ``scaled_dot_product_attention`` in training. Without it (and with ``--smoke``, whose small model
+  is no official variant), an emulation of that computation. What the emulation is: the model's own
   patch embedding, transitions, norms, MLPs (plain ``nn.Linear``/depthwise ``nn.Conv2d``/GELU on the
   reference backend: the official modules' math) and the official block loop
   (``tests/test_models.py::official_forward``: ``x, z = block(x, H, W, z)``, the softmaxed assignment
@@ -63,6 +67,7 @@ sys.path.insert(0, str(HERE))
 
 import interleaved
 from interleaved import MODELS, _ceilings, _interleave, _print, _rows, write_results
+from official_code import create_official
 
 from paca_kernels import PaCaViT, create_model
 from paca_kernels.nn import PaCaAttention
@@ -119,6 +124,16 @@ def official_model_forward(model: PaCaViT, img: Tensor) -> Tensor:
         if i < model.num_stages - 1:
             x = getattr(model, f"transition{i + 1}")(x.transpose(1, 2).reshape(b, c, h, w))
     return model.head(x.mean(1))
+
+
+def _official_model(src: str, key: str) -> nn.Module:
+    """The official code's model of variant ``key`` with its stochastic depth off (the official
+    builders take no drop_path_rate: they read 0.1 from their architecture table)."""
+    model = create_official(src, MODELS[key])
+    for m in model.modules():
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    return model
 
 
 def _make_model(key: str, backend: str, smoke: bool) -> PaCaViT:
@@ -182,7 +197,7 @@ def _check(trainers: dict[str, Trainer]) -> dict[str, float]:
 
 
 def train_groups(keys: list[str], batch: int, rounds: int, ceil: dict, smoke: bool = False,
-                 compiled: bool = True) -> list[dict]:
+                 compiled: bool = True, official_src: str | None = None) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     compile_kw = {"backend": "aot_eager"} if smoke else {}
@@ -201,6 +216,10 @@ def train_groups(keys: list[str], batch: int, rounds: int, ceil: dict, smoke: bo
 
         def make(backend: str, official: bool = False, key: str = key, state: dict = state,
                  images: Tensor = images, labels: Tensor = labels) -> Trainer:
+            if official and official_src is not None and not smoke:
+                m = _official_model(official_src, key).train()
+                m.load_state_dict(state, strict=True)
+                return Trainer(m, m, images, labels)
             m = _make_model(key, backend, smoke).train()
             m.load_state_dict(state)
             fwd = (lambda im, m=m: official_model_forward(m, im)) if official else m
@@ -221,6 +240,9 @@ def train_groups(keys: list[str], batch: int, rounds: int, ceil: dict, smoke: bo
             r["name"] = f"{r['group']}[{r['extra_info']['provider']}]"
             r["extra_info"].update(suite="train", batch=batch, image_size=side,
                                    grad_error=errors[r["extra_info"]["provider"]])
+        for r in new:
+            if r["extra_info"]["provider"] == "official":
+                r["extra_info"]["official"] = "code" if official_src and not smoke else "emulation"
         rows += new
         _print(group, samples, errors)
     return rows
@@ -236,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="one torch thread, samples in thread CPU time (a load-robust cross-check)")
     ap.add_argument("--no-compile", action="store_true", help="eager providers only")
     ap.add_argument("--smoke", action="store_true", help="a small model at 64×64, aot_eager compilation")
+    ap.add_argument("--official-src", default=None,
+                    help="a checkout of iVMCL/PaCaViT: its model is the official provider (else an emulation)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -248,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {load_before}, {torch.get_num_threads()} threads; ceilings: copy "
           f"{ceil['copy'] / 1e9:.1f} GB/s, fp32 matmul {ceil['matmul'] / 1e9:.0f} GF/s", flush=True)
     keys = ["smoke"] if args.smoke else [m for m in args.models.split(",") if m]
-    rows = train_groups(keys, args.batch, args.rounds, ceil, smoke=args.smoke, compiled=not args.no_compile)
+    rows = train_groups(keys, args.batch, args.rounds, ceil, smoke=args.smoke, compiled=not args.no_compile,
+                        official_src=args.official_src)
     load_after = os.getloadavg()
     print(f"load average before {load_before}, after {load_after}", flush=True)
     if args.out:
