@@ -33,7 +33,10 @@ its own optimiser:
   ``scaled_dot_product_attention``. What it is not: the official code byte for byte: timm's
   ``DropPath``/``Mlp`` wrappers, mmcv's norm/activation builders and the official module hierarchy are
   replaced by this package's modules of the same math and parameters; the official model's
-  ``torch.compile`` is not timed.
+  ``torch.compile`` is not timed. It is NOT the official code's cost: measured side by side (Tiny,
+  B = 8, one thread, CPU time) the emulation's step took 1.9 s and the official code's 3.0 s, whose
+  own layouts cost it GELU backward 400 ms (against 60-75), copies 340 ms (72-108) and convolution
+  backward 630 ms (295): time the official code (``--official-src``) wherever a checkout exists.
 
 Every provider runs with ``drop_path_rate=0`` (the variants' training recipe has 0.1): stochastic
 depth draws random masks, which differ between eager and compiled code, so the providers could not
