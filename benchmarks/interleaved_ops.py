@@ -2,7 +2,8 @@
 without the backward: the measurement behind the automatic choice's table of slower regimes
 (``paca_kernels/ops/backends/cpu.py``, ``SLOWER_THAN_REFERENCE``).
 
-    python benchmarks/interleaved_ops.py [--rounds 15] [--shapes tiny-s1,...] [--threads 2] [--out FILE.json]
+    python benchmarks/interleaved_ops.py [--rounds 15] [--shapes tiny-s1,...] [--ops p2c_attention] [--threads 2]
+                                         [--cpu-time] [--out FILE.json]
 
 Groups, one per op, mode and shape (``benchmarks/shapes.py``: the PaCa-ViT-Tiny stages, base-s3,
 segmentation 512² and detection 800×1216 stage 1, fp32, B = 8 except detection's B = 2):
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import interleaved
 from interleaved import _ceilings, _print, _rows, write_results
 from shapes import Shape, stage_shapes
 
@@ -73,16 +76,20 @@ def p2c_fns(s: Shape, train: bool) -> tuple[dict[str, Callable[[], object]], int
     return {p: make(p) for p in PROVIDERS}, flops * (3 if train else 1)
 
 
-def op_groups(shapes: list[Shape], rounds: int, ceil: dict) -> list[dict]:
+def op_groups(shapes: list[Shape], rounds: int, ceil: dict,
+              ops_wanted: tuple[str, ...] = ("cluster_pool", "p2c_attention")) -> list[dict]:
     rows = []
     for s in shapes:
         for op, make in (("cluster_pool", pool_fns), ("p2c_attention", p2c_fns)):
+            if op not in ops_wanted:
+                continue
             for train in (True, False):
                 torch.manual_seed(0)
                 fns, flops = make(s, train)
                 mode = "fwd+bwd" if train else "fwd"
                 with torch.enable_grad() if train else torch.no_grad():
-                    samples = timing.interleave(fns, rounds=rounds, warmup=2).samples
+                    samples = timing.interleave(fns, rounds=rounds, warmup=2,
+                                                clock=interleaved.CLOCK["clock"]).samples
                 # _print and _rows read "reference" as the baseline of the per-round ratios.
                 group = f"{op}-{mode}-{s.id} (interleaved, load {os.getloadavg()[0]:.1f})"
                 rows += _rows(group, samples, dict.fromkeys(fns, flops), ceil)
@@ -97,10 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: every CPU shape)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--ops", default="cluster_pool,p2c_attention", help="comma-separated subset of the two ops")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one torch thread, samples in thread CPU time (as benchmarks/interleaved.py)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        interleaved.CLOCK["clock"] = time.thread_time
     shapes = stage_shapes("cpu", smoke=False)
     if args.shapes:
         wanted = args.shapes.split(",")
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {os.getloadavg()}, {torch.get_num_threads()} threads, {timing.cpu_model()}", flush=True)
     ceil = _ceilings()
     print(f"ceilings: copy {ceil['copy'] / 1e9:.1f} GB/s, fp32 matmul 2048³ {ceil['matmul'] / 1e9:.0f} GF/s", flush=True)
-    rows = op_groups(shapes, args.rounds, ceil)
+    rows = op_groups(shapes, args.rounds, ceil, tuple(args.ops.split(",")))
     print(f"load average {os.getloadavg()}", flush=True)
     if args.out:
         write_results(args.out, rows, loadavg=os.getloadavg())

@@ -45,3 +45,15 @@ def test_deploy_interleaved_smoke(tmp_path):
                                                             "cpu-compiled"}
     assert sorted({r["extra_info"]["batch"] for r in rows}) == [1, 2]
     assert all(r["extra_info"]["suite"] == "deploy" and r["stats"]["median"] > 0 for r in rows)
+
+
+def test_interleaved_train_smoke(tmp_path):
+    """benchmarks/interleaved_train.py --smoke: every provider's step checked and timed, train rows."""
+    import interleaved_train
+
+    out = tmp_path / "t.json"
+    assert interleaved_train.main(["--smoke", "--rounds", "2", "--batch", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["benchmarks"]
+    assert {r["extra_info"]["provider"] for r in rows} == {"official", "reference", "cpu", "reference-compiled",
+                                                           "cpu-compiled"}
+    assert all(r["extra_info"]["suite"] == "train" and r["extra_info"]["flops"] > 0 for r in rows)

@@ -51,6 +51,7 @@ SUITE_TITLE = {
     "pytest-benchmark": "pytest-benchmark suite (op, layer, model, scaling)",
     "interleaved": "interleaved layer + model run",
     "deploy": "deployment run (ONNX Runtime, AOTInductor, eager, compiled)",
+    "train": "training-step run (forward, loss, backward, SGD step; eager, compiled)",
 }
 SUITE_RERUN = {
     "pytest-benchmark": "`make bench`",
@@ -58,7 +59,13 @@ SUITE_RERUN = {
                     "benchmarks/results/<name>.json`, then `python scripts/bench_report.py`"),
     "deploy": ("`python benchmarks/deploy_interleaved.py --out benchmarks/results/<name>.json`, then "
                "`python scripts/bench_report.py`"),
+    "train": ("`python benchmarks/interleaved_train.py --out benchmarks/results/<name>.json`, then "
+              "`python scripts/bench_report.py`"),
 }
+#: Suites of interleaved runs that time other paths than the layer and model rows (the deployment
+#: paths, the training steps): their rows carry ``extra_info.suite``, and a run of theirs does not
+#: make the layer and model runs before it "older".
+OWN_SUITES = ("deploy", "train")
 HISTORY_COLUMNS = ["device", "date", "commit", "torch", "triton", "cuda", "suite", "group", "provider",
                    "shape", "dtype", "median_s", "q1_s", "q3_s", "min_s", "max_s", "rounds", "flops",
                    "source_file"]
@@ -90,7 +97,7 @@ class Run:
 def suite_of(row: dict) -> str:
     info = row.get("extra_info", {})
     if info.get("timing") == "interleaved rounds":
-        return "deploy" if info.get("suite") == "deploy" else "interleaved"
+        return info["suite"] if info.get("suite") in OWN_SUITES else "interleaved"
     if "timing" not in info and row.get("group", "").endswith(" (interleaved)"):
         return "interleaved"
     return "pytest-benchmark"
@@ -425,11 +432,12 @@ HOW_TO_READ = """\
   latest run of each suite. A results file's suite comes from its rows: `extra_info.timing ==
   "interleaved rounds"` (written by `benchmarks/interleaved.py`) is the *interleaved* run, everything
   else the *pytest-benchmark* suite (`make bench`, `benchmarks/test_bench_*.py`), and those with
-  `extra_info.suite == "deploy"` the *deployment* run (`benchmarks/deploy_interleaved.py`). A section
+  `extra_info.suite == "deploy"` the *deployment* run (`benchmarks/deploy_interleaved.py`), those with
+  `extra_info.suite == "train"` the *training-step* run (`benchmarks/interleaved_train.py`). A section
   is marked **older run** when a later run on the same device was made at another commit (a deployment
-  run does not count for the others); its tables that a newer section of the device also shows (same
-  family and dtype) are left to `history.csv`, the others stay, unless the run is more than 6 hours
-  older than the device's newest (then all its tables are left to `history.csv`).
+  or training-step run does not count for the others); its tables that a newer section of the device
+  also shows (same family and dtype) are left to `history.csv`, the others stay, unless the run is
+  more than 6 hours older than the device's newest (then all its tables are left to `history.csv`).
 - **median ms**: the median wall time of one call over the timed rounds (`time.perf_counter`, device
   synchronised before and after each call; warm-up calls first, so compilation is not timed).
   **IQR** (first to third quartile) and **min–max** are the spread over the same rounds: where two
@@ -439,7 +447,8 @@ HOW_TO_READ = """\
   layer, eager / `torch.compile`) for the layer, `reference` / `reference-compiled` (this package's
   pure-PyTorch backend) for the ops and models, `full-sdpa` (full self-attention) for the scaling sweep,
   `onnxrt-official` (ONNX Runtime on the official code's model) and `onnxrt-reference` (on this
-  package's reference-backend model) for the deployment run.
+  package's reference-backend model) for the deployment run, `official` (the official code's
+  training computation) and `reference` for the training steps.
 - **GFLOP/s** and **% matmul**: FLOPs of the row (the unfused equivalent's matmuls) over the median,
   and that rate's share of a large matmul's rate measured in the same run. **GB/s** and **% copy BW**
   (only where the benchmark counts bytes: each input read once, each output written once) likewise
@@ -447,7 +456,7 @@ HOW_TO_READ = """\
 - **Timing.** pytest-benchmark suite: each provider's rounds run back to back (`benchmark.pedantic`,
   one warm-up round, 5–15 rounds, fewer for slow rows). Interleaved run (CPU, for machines whose speed
   drifts): every round calls each provider of a group once, in rotating order, so slow periods fall on
-  all providers alike; under `torch.no_grad`.
+  all providers alike; under `torch.no_grad` (but the training steps).
 - **More.** Every run, row by row: [`benchmarks/results/history.csv`](benchmarks/results/history.csv).
   Per-run narratives (how each run was made, what changed, how its figures compare):
   [`benchmarks/NOTES.md`](benchmarks/NOTES.md). Raw data: `benchmarks/results/*.json` and `*.log`.
@@ -475,9 +484,9 @@ def render(runs: list[Run], notes_text: str = "") -> str:
     for device in sorted(devices):
         dev_runs = sorted(devices[device], key=lambda r: (r.datetime, r.path.name))
         newest = dev_runs[-1]
-        # A deployment run times other paths, not the layers again: it does not make the layer and
-        # model runs before it "older".
-        measured = [r for r in dev_runs if r.suite != "deploy"] or dev_runs
+        # A deployment or training-step run times other paths, not the layers again: it does not
+        # make the layer and model runs before it "older".
+        measured = [r for r in dev_runs if r.suite not in OWN_SUITES] or dev_runs
         latest: dict[tuple[str, str], Run] = {}
         for run in dev_runs:  # oldest first, so the latest of each (suite, dtype) wins
             latest[(run.suite, run.rows[0]["extra_info"].get("dtype") or "")] = run
@@ -486,7 +495,7 @@ def render(runs: list[Run], notes_text: str = "") -> str:
         order = sorted(latest, key=lambda k: (latest[k].datetime, latest[k].path.name), reverse=True)
         shown: set[tuple[str, str]] = set()
         for key in order:
-            run_newest = newest if key[0] == "deploy" else measured[-1]
+            run_newest = newest if key[0] in OWN_SUITES else measured[-1]
             lines += _section(latest[key], run_newest, notes_text, shown)
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -132,3 +132,41 @@ def test_wide_tables_and_superseded_families(tmp_path: Path) -> None:
     ])
     text = bench_report.render([new, stale])
     assert "`stale`" in text and "700.0" not in text and "more than 6 h older" in text
+
+
+def test_train_rows_are_their_own_suite(tmp_path: Path) -> None:
+    """Rows of benchmarks/interleaved_train.py (extra_info.suite == "train") make a training-step
+    section of their own, "train-step" family, ratio columns over the official emulation and the
+    reference, and do not make an earlier layer/model run of the device "older" (as a deployment run)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_report
+    finally:
+        sys.path.pop(0)
+
+    def row(group, provider, median, suite=None):
+        info = {"provider": provider, "device": "cpu", "dtype": "float32", "timing": "interleaved rounds"}
+        if suite:
+            info["suite"] = suite
+        return {"group": group, "stats": {"median": median, "q1": median, "q3": median, "rounds": 3},
+                "extra_info": info}
+
+    group = "train-step-pacavit_tiny_p2cconv_100_0-B8 (interleaved)"
+    train_rows = [row(group, p, t, "train") for p, t in (("official", 4.0), ("reference", 3.0), ("cpu", 2.0))]
+    assert {bench_report.suite_of(r) for r in train_rows} == {"train"}
+    assert bench_report.split_group(train_rows[0]) == ("train-step", "pacavit_tiny_p2cconv_100_0-B8")
+    data = {"machine_info": {"cpu": {"brand_raw": "Test CPU"}}, "benchmarks": train_rows}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({**data, "datetime": "2026-12-06T10:00:00", "commit_info": {"id": "b" * 40}}))
+    layer = tmp_path / "layer.json"
+    layer.write_text(json.dumps({"machine_info": data["machine_info"], "datetime": "2026-12-06T09:00:00",
+                                 "commit_info": {"id": "a" * 40},
+                                 "benchmarks": [row("inference-m (interleaved)", "reference", 0.3)]}))
+    runs = bench_report.load_runs([layer, path])
+    assert sorted(r.suite for r in runs) == ["interleaved", "train"]
+    text = bench_report.render(runs)
+    section = text.split("### training-step run")[1]
+    assert "**train-step**" in section
+    assert "| shape | provider | median ms | IQR ms | × official | × reference |" in section
+    assert "| pacavit_tiny_p2cconv_100_0-B8 | cpu | 2000 | 2000–2000 | 2.00 | 1.50 |" in section
+    assert "Older run" not in text  # the layer run at another commit stays current

@@ -253,18 +253,10 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
         gemm_nn(qa, ldq, ktp, M, p.data(), M, rows, D, M, /*accumulate=*/false);
         // dP = dO.v^T
         gemm_nn(ga, ldg, vtp, M, ds.data(), M, rows, D, M, /*accumulate=*/false);
-        for (int64_t i = 0; i < rows; ++i) {
-          acc_t* prow = p.data() + i * M;
-          acc_t* dsrow = ds.data() + i * M;
-          // P = softmax of this row of s, as the forward computed it (an all -inf row gives NaN).
-          const RowExp<acc_t> e = exp_minus_row_max(prow, prow, M);
-          const acc_t inv = acc_t(1) / e.sum;
-          for (int64_t m = 0; m < M; ++m) prow[m] *= inv;
-          // D_i = rowsum(P o dP): the softmax Jacobian's rank-one part, from the same P and dP
-          // that it multiplies, so a one-hot row gives dS = 0 exactly.
-          const acc_t di = row_dot(prow, dsrow, M);
-          for (int64_t m = 0; m < M; ++m) dsrow[m] = prow[m] * (dsrow[m] - di);
-        }
+        // P = softmax of each row of s, as the forward computed it (an all -inf row gives NaN),
+        // and dS = P o (dP - D), D_i = rowsum(P o dP): the softmax Jacobian's rank-one part,
+        // from the same P and dP that it multiplies, so a one-hot row gives dS = 0 exactly.
+        for (int64_t i = 0; i < rows; ++i) softmax_bwd_row(p.data() + i * M, ds.data() + i * M, M);
         scalar_t* dq0 = dqp + ((b * N + n0) * H + hd) * D;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           gemm_nn(ds.data(), M, ksp, D, dq0, H * D, rows, M, D, /*accumulate=*/false);

@@ -197,7 +197,7 @@ CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_
           check_mlp_dwconv, check_mlp_dwconv_bwd, check_gelu_grad, check_mlp_fused, check_gelu]
 
 #: How many tensors :func:`outputs` saves.
-NUM_OUTPUTS = 26
+NUM_OUTPUTS = 30
 
 
 def outputs() -> list[torch.Tensor]:
@@ -212,7 +212,8 @@ def outputs() -> list[torch.Tensor]:
         for B, H, W, C in [(2, 7, 9, 24), (1, 13, 3, 30)]:
             m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
             outs.append(m(torch.randn(B, H * W, C), H, W))  # the whole-MLP kernel (small weights)
-    for shape in [(2, 37, 13, 3, 24), (1, 70, 49, 2, 40)]:
+    # d = 40 and 48 and M = 100 (32 + 32 + 36): the 3-vector tiles; M = 13, 49, 100: exp row tails.
+    for shape in [(2, 37, 13, 3, 24), (1, 70, 49, 2, 40), (1, 50, 100, 2, 48)]:
         a = make_p2c_inputs(*shape, requires_grad=True)
         out = ops.p2c_attention(a.q, a.k, a.v, backend="cpu")
         out.square().sum().backward()

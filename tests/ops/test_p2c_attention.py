@@ -99,10 +99,12 @@ COMMON = [
     ((2, 7, 1, 1, 40), False),
 ]
 # The cpu backend is cheap to run: more shapes, each contiguous and strided (N = 300 and 600: several
-# query blocks; M = 49 and 100 with d = 40/48/64).
+# query blocks; M = 49 and 100 with d = 40/48/64; odd d = 33 and 47 with M = 29 and 16: the AVX-512
+# 3-vector tiles with 1 and 15 lanes of their last vector, a softmax row whose last 16 lanes are
+# partly past M (29) and one with none (16)).
 CPU_SHAPES = [(1, 1, 1, 1, 8), (2, 7, 3, 2, 24), (1, 7, 49, 3, 40), (3, 197, 3, 2, 48), (2, 197, 49, 3, 24),
               (2, 197, 100, 2, 48), (1, 197, 100, 1, 64), (3, 1, 100, 2, 8), (2, 300, 1, 1, 40),
-              (1, 600, 49, 2, 64)]
+              (1, 600, 49, 2, 64), (2, 61, 29, 3, 33), (1, 50, 16, 2, 47)]
 # The cuda backend: padding of M and d (to 16 / 4), one partial query tile, several key chunks.
 CUDA_SHAPES = [((2, 197, 49, 2, 40), True), ((1, 300, 256, 2, 128), True)]
 
@@ -290,6 +292,26 @@ def gradient_errors(name, inputs, grad_out, scale=LARGE_SCALE):
 LARGE_FP32_FACTOR = 2.0
 
 LARGE_SHAPES = [(2, 197, 49, 2, 40), (1, 1, 7, 1, 24), (1, 33, 3, 3, 12)]
+
+
+@pytest.mark.parametrize("m", [13, 16, 29, 100])
+def test_p2c_cpu_nonfinite_rows_propagate_as_in_reference(m):
+    """A NaN and an inf in q: their score rows give NaN (torch.softmax's rule) in the forward and in
+    the backward's softmax rows, exactly where the reference has them, every other value matching;
+    M = 13, 16, 29, 100 put the row's end at every kind of vector edge."""
+    backend, device = use("cpu")
+    inp = make_p2c_inputs(2, 11, m, 2, 33, device=device, requires_grad=True)
+    with torch.no_grad():
+        inp.q[0, 3, 1, 0] = float("nan")
+        inp.q[1, 5, 0, 2] = float("inf")
+    grad_out = torch.randn(2, 11, 2, 33, device=device)
+    got, got_g = grads(lambda *t: run("cpu")(*t, 33**-0.5), (inp.q, inp.k, inp.v), grad_out)
+    want, want_g = grads(lambda *t: reference.p2c_attention(*t, 33**-0.5), clone_leaves((inp.q, inp.k, inp.v)),
+                         grad_out)
+    assert want.isnan().any() and not want.isnan().all()  # the premise: some rows NaN, not all
+    for gname, g, w in zip(("out", *GRAD_NAMES), (got, *got_g), (want, *want_g), strict=True):
+        assert torch.equal(g.isnan(), w.isnan()), gname
+        assert_close(g, w, name=gname, **tol(backend, FP32, grad=gname != "out"))
 
 
 @pytest.mark.parametrize(("name", "shape"), [

@@ -10,7 +10,8 @@
 //   kernels_baseline.cpp  no ISA flags     the portable templates (portable.h, gelu.h, dwconv.h)
 //   kernels_avx2.cpp      -mavx2 -mfma     AVX2+FMA intrinsics: products, exp, row max, GELU,
 //                                          transpose, depthwise convolution
-//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products (the rest stays AVX2); same bits
+//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products, exp, row max, softmax backward rows
+//                                          (the rest stays AVX2); same bits
 //   kernels_avx512bf16.cpp -mavx512bf16 ... bf16 products (vdpbf16ps) on packed bf16 weights
 //   kernels_amx.cpp       -mamx-bf16 ...   the same bf16 products on AMX tiles (tdpbf16ps)
 //
@@ -66,6 +67,8 @@ using GemmTNFn = void (*)(const float* A, int64_t lda, const float* B, int64_t l
 using ExpFn = float (*)(const float* in, float shift, float* out, int64_t n);
 // Maximum of n values, NaN skipped.
 using MaxFn = float (*)(const float* x, int64_t n);
+// The softmax of a row and its backward in place (softmax_bwd_row_impl in portable.h).
+using SoftmaxBwdRowFn = void (*)(float* p, float* ds, int64_t n);
 // dst[c * ldd + r] = src[r * lds + c].
 using TransposeFn = void (*)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                              int64_t ldd);
@@ -103,6 +106,7 @@ struct Float32Kernels {
   GemmTNFn gemm_tn_acc = nullptr;
   ExpFn exp_shifted = nullptr;
   MaxFn row_max = nullptr;
+  SoftmaxBwdRowFn softmax_bwd_row = nullptr;
   GemmPackedFn gemm_packed = nullptr;  // vector builds only (PackedMatrix falls back to gemm_nn)
   TransposeFn transpose = nullptr;
   GeluFn gelu = nullptr;

@@ -49,6 +49,14 @@ inline void transpose(const double* src, int64_t lds, int64_t rows, int64_t cols
                       int64_t ldd) {
   transpose_impl(src, lds, rows, cols, dst, ldd);
 }
+// One attention row's softmax and its backward, in place: p holds the scores s (n) on entry and
+// P = softmax(s) on return (an all -inf, +inf or NaN row gives NaN, as torch.softmax does); ds
+// holds dP = dO.v^T on entry and dS = P o (dP - rowsum(P o dP)) on return (the rank-one part from
+// the same P and dP it multiplies, so a one-hot row gives dS = 0 exactly). The sums in a fixed order.
+inline void softmax_bwd_row(float* p, float* ds, int64_t n) {
+  float32_kernels().softmax_bwd_row(p, ds, n);
+}
+inline void softmax_bwd_row(double* p, double* ds, int64_t n) { softmax_bwd_row_impl(p, ds, n); }
 // x[i] = GELU(x[i]) (exact erf form) for i < n.
 inline void gelu_inplace(float* x, int64_t n) { float32_kernels().gelu(x, n); }
 // Maximum of n values; NaN entries are skipped (they propagate through the exp instead).

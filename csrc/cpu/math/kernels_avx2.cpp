@@ -88,6 +88,30 @@ float row_max_f32_avx2(const float* x, int64_t n) {
   return r;
 }
 
+// softmax_bwd_row_impl with 8-lane vectors: the partial sums of D are the lanes (element i in lane
+// i mod 8, one FMA per vector in order, the tail's lanes past n zero), combined as in row_dot.
+void softmax_bwd_row_f32_avx2(float* p, float* ds, int64_t n) {
+  const __m256 inv = _mm256_set1_ps(1.0f / exp_shifted_f32_avx2(p, row_max_f32_avx2(p, n), p, n));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
+    const __m256 pv = _mm256_mul_ps(_mm256_maskload_ps(p + i, mask), inv);
+    _mm256_maskstore_ps(p + i, mask, pv);
+    acc = _mm256_fmadd_ps(pv, _mm256_maskload_ps(ds + i, mask), acc);  // lanes past n: 0 * 0
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  const __m256 d = _mm256_set1_ps(((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                                  ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
+    const __m256 pv = _mm256_maskload_ps(p + i, mask);
+    const __m256 dv = _mm256_maskload_ps(ds + i, mask);
+    _mm256_maskstore_ps(ds + i, mask, _mm256_mul_ps(pv, _mm256_sub_ps(dv, d)));
+  }
+}
+
 // GELU with FMAs: the rational erf of gelu_v8 (see there), P and Q evaluated side by side.
 PACA_ALWAYS_INLINE __m256 gelu_avx2(__m256 v) {
   // max(c, x) and min(c, x) return x when x is NaN, so a NaN flows through to the result.
@@ -658,6 +682,7 @@ bool register_kernels(Float32Kernels& k) {
   k.gemm_tn_acc = gemm_tn_acc_f32_avx2;
   k.exp_shifted = exp_shifted_f32_avx2;
   k.row_max = row_max_f32_avx2;
+  k.softmax_bwd_row = softmax_bwd_row_f32_avx2;
   k.gemm_packed = gemm_packed_f32_avx2;
   k.transpose = transpose_f32_avx2;
   k.gelu = gelu_f32_avx2;

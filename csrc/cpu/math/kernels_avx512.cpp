@@ -1,6 +1,6 @@
-// The AVX-512 float32 matrix products (see dispatch.h); the other kernels of the AVX-512 build are
-// the AVX2 ones. This is the only translation unit compiled with -mavx512f -mavx2 -mfma
-// (CMakeLists.txt); it follows the ODR rule of dispatch.h: nothing but intrinsics, C types and
+// The AVX-512 float32 matrix products and softmax rows (exp, row max) (see dispatch.h); the other
+// kernels of the AVX-512 build are the AVX2 ones. This is the only translation unit compiled with
+// -mavx512f -mavx2 -mfma (CMakeLists.txt); it follows the ODR rule of dispatch.h: nothing but intrinsics, C types and
 // data headers included, everything in an unnamed namespace inside paca_kernels::cpu::avx512,
 // register_kernels() the only external symbol.
 #include <immintrin.h>
@@ -73,7 +73,7 @@ inline void tile_avx512(const float* A, int64_t a_row, int64_t a_red,
   __m512 acc[R][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       const bool edge = kMasked && v == NV - 1;
       if (!accumulate) {
@@ -89,7 +89,7 @@ inline void tile_avx512(const float* A, int64_t a_row, int64_t a_red,
   for (int64_t t = 0; t < T; ++t) {
     const float* b = B + t * ldb;
     __m512 bv[NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       bv[v] = (kMaskB && v == NV - 1) ? _mm512_maskz_loadu_ps(mask, b + 16 * v)
                                         : _mm512_loadu_ps(b + 16 * v);
@@ -98,13 +98,13 @@ inline void tile_avx512(const float* A, int64_t a_row, int64_t a_red,
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const __m512 av = _mm512_set1_ps(a[i * a_row]);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       if (gelu) acc[i][v] = gelu_avx512(acc[i][v]);
       if (kMasked && v == NV - 1) {
@@ -116,18 +116,31 @@ inline void tile_avx512(const float* A, int64_t a_row, int64_t a_red,
   }
 }
 
-// All column tiles of R rows: 32 columns at a time, then a 16-wide or masked edge.
+// All column tiles of R rows: 32 columns at a time, then a 16-wide or masked edge; a rest of 33
+// to 48 columns (attention head widths 40 and 48, the 100 clusters as 32 + 32 + 36) as one
+// 3-vector tile instead of a 2-vector tile and a 1-vector edge: one pass over A's broadcasts
+// instead of two, and 3R independent accumulators where the lone 1-vector edge had R (too few to
+// cover the FMA latency). Each output is the same FMA chain either way (same bits).
 template <int R>
 inline void row_block_avx512(const float* A, int64_t a_row, int64_t a_red,
                                                 const float* B, int64_t ldb, float* C,
                                                 int64_t ldc, int64_t T, int64_t cols,
                                                 bool accumulate) {
   int64_t j = 0;
-  for (; j + 32 <= cols; j += 32) {
+  for (; j + 32 <= cols && !(cols - j > 32 && cols - j <= 48); j += 32) {
     tile_avx512<R, 2, false>(A, a_row, a_red, B + j, ldb, C + j, ldc, T, accumulate, 0xFFFF);
   }
   const int64_t rem = cols - j;
   if (rem == 0) return;
+  if (rem == 48) {
+    tile_avx512<R, 3, false>(A, a_row, a_red, B + j, ldb, C + j, ldc, T, accumulate, 0xFFFF);
+    return;
+  }
+  if (rem > 32) {
+    tile_avx512<R, 3, true>(A, a_row, a_red, B + j, ldb, C + j, ldc, T, accumulate,
+                            lanes_mask16(rem - 32));
+    return;
+  }
   if (rem == 16) {
     tile_avx512<R, 1, false>(A, a_row, a_red, B + j, ldb, C + j, ldc, T, accumulate, 0xFFFF);
   } else if (rem > 16) {
@@ -352,14 +365,108 @@ void gemm_tn_acc_f32_avx512(const float* A, int64_t lda, const float* B,
   gemm_avx512(A, 1, lda, B, ldb, C, ldc, K, rows, cols, /*accumulate=*/true);
 }
 
+// ---- AVX-512 softmax rows ------------------------------------------------------------------------
+//
+// exp_avx2 and the row maximum on 16 lanes (the attention's softmax rows: 100 clusters are 7
+// vectors here against 13). exp_avx512 is exp_avx2's operations lane by lane, so the same bits;
+// the sum of exp_shifted adds the 16 lanes as two 8-lane halves in the order the AVX2 kernel adds
+// its vectors (lanes past n zero, which adds nothing), so the same sum bits too.
+
+PACA_ALWAYS_INLINE __m512 exp_avx512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3365f), hi = _mm512_set1_ps(88.3762f);
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+  const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y =
+      _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i k = _mm512_cvtps_epi32(kf);
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(127)), 23);
+  __m512 z = _mm512_mul_ps(y, _mm512_castsi512_ps(bits));  // y * 2^k
+  z = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), z, _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), z, x);  // NaN stays NaN
+}
+
+float exp_shifted_f32_avx512(const float* in, float shift, float* out, int64_t n) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, in + i), sh));
+    _mm512_mask_storeu_ps(out + i, mask, e);
+    const __m512 ez = _mm512_maskz_mov_ps(mask, e);  // the lanes past n add nothing
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(ez));
+    acc = _mm256_add_ps(acc, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ez), 1)));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
+float row_max_f32_avx512(const float* x, int64_t n) {
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
+  __m512 m = neg_inf;
+  // max_ps(v, m) returns m when v is NaN: NaN entries are skipped, as in row_max_impl; the lanes
+  // past n read as -inf.
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+    m = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mask, x + i), m);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, m);
+  float r = lanes[0];
+  for (int j = 1; j < 16; ++j) r = lanes[j] > r ? lanes[j] : r;
+  return r;
+}
+
+// softmax_bwd_row_f32_avx2 on 16 lanes, the same bits: the FMAs of D go into an 8-lane
+// accumulator, low half then high half, as the AVX2 kernel adds its vectors (a high half wholly
+// past n is not added, as the AVX2 loop ends before it).
+void softmax_bwd_row_f32_avx512(float* p, float* ds, int64_t n) {
+  const __m512 inv = _mm512_set1_ps(1.0f / exp_shifted_f32_avx512(p, row_max_f32_avx512(p, n), p, n));
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+    const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p + i), inv);
+    _mm512_mask_storeu_ps(p + i, mask, pv);
+    const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
+    acc = _mm256_fmadd_ps(_mm512_castps512_ps256(pv), _mm512_castps512_ps256(dv), acc);
+    if (n - i > 8) {
+      acc = _mm256_fmadd_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pv), 1)),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dv), 1)), acc);
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  const __m512 d = _mm512_set1_ps(((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                                  ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+    const __m512 pv = _mm512_maskz_loadu_ps(mask, p + i);
+    const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
+    _mm512_mask_storeu_ps(ds + i, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, d)));
+  }
+}
+
 #undef PACA_ALWAYS_INLINE
 
 }  // namespace
 
-bool register_kernels(Float32Kernels& k) {  // the products only
+bool register_kernels(Float32Kernels& k) {  // the products and the softmax rows
   k.gemm_nn = gemm_nn_f32_avx512;
   k.gemm_tn_acc = gemm_tn_acc_f32_avx512;
   k.gemm_packed = gemm_packed_f32_avx512;
+  k.exp_shifted = exp_shifted_f32_avx512;
+  k.row_max = row_max_f32_avx512;
+  k.softmax_bwd_row = softmax_bwd_row_f32_avx512;
   k.isa = "avx512";
   return true;
 }

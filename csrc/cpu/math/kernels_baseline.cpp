@@ -28,6 +28,7 @@ float exp_shifted_f32_base(const float* in, float shift, float* out, int64_t n) 
   return exp_shifted_impl(in, shift, out, n);
 }
 float row_max_f32_base(const float* x, int64_t n) { return row_max_impl(x, n); }
+void softmax_bwd_row_f32_base(float* p, float* ds, int64_t n) { softmax_bwd_row_impl(p, ds, n); }
 void gelu_f32_base(float* x, int64_t n) { gelu_impl(x, n); }
 void transpose_f32_base(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                         int64_t ldd) {
@@ -46,6 +47,7 @@ void register_kernels(Float32Kernels& k) {
   k.gemm_tn_acc = gemm_tn_acc_f32_base;
   k.exp_shifted = exp_shifted_f32_base;
   k.row_max = row_max_f32_base;
+  k.softmax_bwd_row = softmax_bwd_row_f32_base;
   k.gemm_packed = nullptr;
   k.transpose = transpose_f32_base;
   k.gelu = gelu_f32_base;

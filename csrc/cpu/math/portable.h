@@ -182,6 +182,28 @@ PACA_ALWAYS_INLINE T row_max_impl(const T* x, int64_t n) {
   return m;
 }
 
+// The softmax of one attention row and its backward, in place (softmax_bwd_row in kernels.h):
+// p holds the scores s on entry, P = exp(s - max s) / sum on return; ds holds dP on entry,
+// dS = P o (dP - D) on return, D = sum(P o dP) in eight partial sums combined in a fixed order.
+template <typename T>
+PACA_ALWAYS_INLINE void softmax_bwd_row_impl(T* p, T* ds, int64_t n) {
+  const T inv = T(1) / exp_shifted_impl(p, row_max_impl(p, n), p, n);
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) {
+      p[i + j] *= inv;
+      part[j] += p[i + j] * ds[i + j];
+    }
+  }
+  for (; i < n; ++i) {
+    p[i] *= inv;
+    part[0] += p[i] * ds[i];
+  }
+  const T d = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  for (i = 0; i < n; ++i) ds[i] = p[i] * (ds[i] - d);
+}
+
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
 template <typename T>
 void transpose_impl(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
