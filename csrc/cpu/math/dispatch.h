@@ -10,7 +10,8 @@
 //   kernels_baseline.cpp  no ISA flags     the portable templates (portable.h, gelu.h, dwconv.h)
 //   kernels_avx2.cpp      -mavx2 -mfma     AVX2+FMA intrinsics: products, exp, row max, GELU,
 //                                          transpose, depthwise convolution
-//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products (the rest stays AVX2); same bits
+//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products, exp, row max, GELU, depthwise
+//                                          convolution (the transpose stays AVX2); same bits
 //   kernels_avx512bf16.cpp -mavx512bf16 ... bf16 products (vdpbf16ps) on packed bf16 weights
 //   kernels_amx.cpp       -mamx-bf16 ...   the same bf16 products on AMX tiles (tdpbf16ps)
 //
