@@ -253,6 +253,31 @@ def test_which_path_runs(monkeypatch, dtype, autocast, grad, runs):
     assert out.dtype == out2.dtype == want
 
 
+@pytest.mark.parametrize(("dtype", "autocast", "whole"), [
+    (torch.float32, False, False), (BF16, False, True), (torch.float32, True, True)],
+    ids=["fp32", "bf16-model", "autocast"])
+def test_bigger_mlps_run_whole_in_bf16_on_amx(monkeypatch, dtype, autocast, whole):
+    """An MLP whose fc1 weight is over the float32 bound (C = 160, hidden 1100: 176 000 entries)
+    runs the whole-MLP kernel when it runs in bf16 on the AMX build (mlp_fused.max_fused_weight),
+    fc1 + mlp_dwconv + fc2 in float32: the bf16 runs within the 2x rule of the modules' bf16 run."""
+    if _ext.cpu_isa()[0] != "amx":
+        pytest.skip("the larger bound is for the AMX build")
+    assert mlp_op.FUSED_MLP_MAX_WEIGHT < 160 * 1100 <= mlp_op.FUSED_MLP_MAX_WEIGHT_BF16_AMX
+    calls = _spy_dtypes(monkeypatch)
+    m = _mlp(160, 1100)
+    ref = _copy(m, "reference")
+    m, ref = m.to(dtype), ref.to(dtype)
+    x = torch.randn(2, 5 * 7, 160, dtype=dtype)
+    with torch.no_grad():
+        exact = copy.deepcopy(ref).double()(x.double(), 5, 7)  # the model's own weights, exactly
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            out, low = m(x, 5, 7), ref(x, 5, 7)
+    assert calls == ([("mlp_fused", BF16)] if whole else [])
+    if whole:
+        testing.assert_low_precision_ok(out, low, exact, name="mlp C=160 hidden=1100")
+    else:
+        testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4, name="mlp C=160 fp32")
+
 if __name__ == "__main__":
     check_all()
     print("isa ok")
