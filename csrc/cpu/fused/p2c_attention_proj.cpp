@@ -101,6 +101,10 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       const bool is_k = task % 2 == 0;
       const scalar_t* cb = cp + b * sc_[0];
       for (int64_t m = 0; m < M; ++m) {
+        if (sc_[2] == 1) {
+          convert_row(cb + m * sc_[1], ca.data() + m * C, C);
+          continue;
+        }
         for (int64_t j = 0; j < C; ++j) ca[m * C + j] = static_cast<acc_t>(cb[m * sc_[1] + j * sc_[2]]);
       }
       if (!is_k) {
@@ -164,6 +168,10 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
         lda = sx[1];
       } else {
         for (int64_t i = 0; i < rows; ++i) {
+          if (sx[2] == 1) {
+            convert_row(xr + i * sx[1], xa.data() + i * C, C);
+            continue;
+          }
           for (int64_t c = 0; c < C; ++c) xa[i * C + c] = static_cast<acc_t>(xr[i * sx[1] + c * sx[2]]);
         }
         a = xa.data();
@@ -215,8 +223,7 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       }
       lp.apply(ob.data(), HD, dst, Co, rows);
       if constexpr (!kSame) {
-        scalar_t* o = op + (b * N + n0) * Co;
-        for (int64_t i = 0; i < rows * Co; ++i) o[i] = static_cast<scalar_t>(dst[i]);
+        convert_row(dst, op + (b * N + n0) * Co, rows * Co);
       }
     }
   });

@@ -1,5 +1,6 @@
-// The AVX-512 float32 kernels (see dispatch.h): the matrix products, exp, row max, GELU and the
-// depthwise convolution; the transpose of the AVX-512 build is the AVX2 one. This is the only translation unit compiled with -mavx512f -mavx2 -mfma
+// The AVX-512 float32 kernels (see dispatch.h): the matrix products, exp, row max, GELU, the
+// depthwise convolution and the bf16 <-> float32 conversions; the transpose of the AVX-512 build
+// is the AVX2 one. This is the only translation unit compiled with -mavx512f -mavx2 -mfma
 // (CMakeLists.txt); it follows the ODR rule of dispatch.h: nothing but intrinsics, C types and
 // data headers included, everything in an unnamed namespace inside paca_kernels::cpu::avx512,
 // register_kernels() the only external symbol.
@@ -653,6 +654,44 @@ void dwconv_direct_f32_avx512(const float* img, int64_t px, int64_t y_base, int6
   }
 }
 
+// bf16 -> float32: the 16 bits moved to the top of each lane (exact).
+void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    __builtin_memcpy(dst + i, &u, 4);
+  }
+}
+
+// float32 -> bf16 as c10::BFloat16(float) does it: u + 0x7FFF + (bit 16 of u), the top 16 bits
+// (round to nearest even), and 0x7FC0 for NaN. Integer arithmetic, so denormals round like any
+// other value (vcvtneps2bf16 would flush them to zero).
+PACA_ALWAYS_INLINE __m256i f32_to_bf16_16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+void f32_to_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), f32_to_bf16_16(_mm512_loadu_ps(src + i)));
+  }
+  if (i < n) {
+    alignas(32) uint16_t tmp[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp),
+                       f32_to_bf16_16(_mm512_maskz_loadu_ps(lanes_mask16(n - i), src + i)));
+    for (int64_t j = 0; j < n - i; ++j) dst[i + j] = tmp[j];
+  }
+}
+
 #undef PACA_ALWAYS_INLINE
 
 }  // namespace
@@ -666,6 +705,8 @@ bool register_kernels(Float32Kernels& k) {
   k.gelu = gelu_f32_avx512;
   k.dwconv_band = dwconv_band_f32_avx512;
   k.dwconv_direct = dwconv_direct_f32_avx512;
+  k.bf16_to_f32 = bf16_to_f32_avx512;
+  k.f32_to_bf16 = f32_to_bf16_avx512;
   k.isa = "avx512";
   return true;
 }
