@@ -25,6 +25,30 @@ inline int64_t bf16_panel_pairs(int64_t steps) {
   return ((steps + 1) / 2 + kBf16PairPad - 1) / kBf16PairPad * kBf16PairPad;
 }
 
+// pack_bf16_panels from values already rounded to bf16 (their bit patterns): the same layout, the
+// rounding done beforehand by a vector pass (convert_row) instead of element by element here.
+inline void pack_bf16_panels(const uint16_t* src, int64_t so, int64_t st, int64_t cols,
+                             int64_t steps, uint16_t* dst) {
+  const int64_t pairs = bf16_panel_pairs(steps);
+  for (int64_t p = 0; p < (cols + 15) / 16; ++p) {
+    uint16_t* panel = dst + p * pairs * 32;
+    const int64_t o0 = 16 * p, w = std::min<int64_t>(16, cols - o0);
+    for (int64_t s = 0; s < pairs; ++s) {
+      uint16_t* row = panel + 32 * s;
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t t = 2 * s + h;
+        if (t >= steps) {
+          for (int64_t c = 0; c < 16; ++c) row[2 * c + h] = 0;
+          continue;
+        }
+        const uint16_t* sp = src + o0 * so + t * st;
+        for (int64_t c = 0; c < w; ++c) row[2 * c + h] = sp[c * so];
+        for (int64_t c = w; c < 16; ++c) row[2 * c + h] = 0;
+      }
+    }
+  }
+}
+
 // Packs B = W^T for gemm_packed_bf16, W (cols x steps) read as src[o * so + t * st] in float32,
 // rounded to bf16 (nearest even): panel p (16 columns) at dst + p * bf16_panel_pairs(steps) * 32,
 // its pair-row s holding (W[16p + c, 2s], W[16p + c, 2s + 1]) at 32 * s + 2 * c, zero past W.
