@@ -295,8 +295,8 @@ def plan_mlp(mlp: nn.Module, x: Tensor) -> MlpPath:
 
     - In CPU inference (:func:`cpu_inference`) the whole MLP runs as ``mlp_fused`` where fc2 is a
       plain ``nn.Linear``, the dropout inactive, fc2 and the dropout have no hooks and fc1's weight
-      has at most :data:`~paca_kernels.ops.fused.mlp_fused.FUSED_MLP_MAX_WEIGHT` entries (where it
-      beats the matrix products, measured); else "dwconv".
+      has at most :func:`~paca_kernels.ops.fused.mlp_fused.max_fused_weight` entries (where it
+      beats the matrix products, measured: larger in bf16 on AMX); else "dwconv".
     - With gradients wanted (:func:`cpu_training`: float32/float64, no autocast) "dwconv", whose op
       has a backward (``mlp_dwconv_bwd``): it replaces no dropout, so the dropout's setting does not
       matter. Measured faster than the modules at every PaCa-ViT-Tiny stage, so taken at every
@@ -327,7 +327,7 @@ def plan_mlp(mlp: nn.Module, x: Tensor) -> MlpPath:
     fc2, drop = mods["fc2"], mods["drop"]
     if (
         _mlp_op.REGISTERED and type(fc2) is nn.Linear and (not mlp.training or drop.p == 0.0)
-        and fc1.weight.numel() <= _mlp_op.FUSED_MLP_MAX_WEIGHT and not has_hooks(fc2, drop)
+        and fc1.weight.numel() <= _mlp_op.max_fused_weight(x) and not has_hooks(fc2, drop)
     ):
         return "whole"
     return "dwconv"

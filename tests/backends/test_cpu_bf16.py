@@ -253,6 +253,113 @@ def test_which_path_runs(monkeypatch, dtype, autocast, grad, runs):
     assert out.dtype == out2.dtype == want
 
 
+@pytest.mark.parametrize(("dtype", "autocast", "whole"), [
+    (torch.float32, False, False), (BF16, False, True), (torch.float32, True, True)],
+    ids=["fp32", "bf16-model", "autocast"])
+def test_bigger_mlps_run_whole_in_bf16_on_amx(monkeypatch, dtype, autocast, whole):
+    """An MLP whose fc1 weight is over the float32 bound (C = 160, hidden 1100: 176 000 entries)
+    runs the whole-MLP kernel when it runs in bf16 on the AMX build (mlp_fused.max_fused_weight),
+    fc1 + mlp_dwconv + fc2 in float32: the bf16 runs within the 2x rule of the modules' bf16 run."""
+    if _ext.cpu_isa()[0] != "amx":
+        pytest.skip("the larger bound is for the AMX build")
+    assert mlp_op.FUSED_MLP_MAX_WEIGHT < 160 * 1100 <= mlp_op.FUSED_MLP_MAX_WEIGHT_BF16_AMX
+    calls = _spy_dtypes(monkeypatch)
+    m = _mlp(160, 1100)
+    ref = _copy(m, "reference")
+    m, ref = m.to(dtype), ref.to(dtype)
+    x = torch.randn(2, 5 * 7, 160, dtype=dtype)
+    with torch.no_grad():
+        exact = copy.deepcopy(ref).double()(x.double(), 5, 7)  # the model's own weights, exactly
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            out, low = m(x, 5, 7), ref(x, 5, 7)
+    assert calls == ([("mlp_fused", BF16)] if whole else [])
+    if whole:
+        testing.assert_low_precision_ok(out, low, exact, name="mlp C=160 hidden=1100")
+    else:
+        testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4, name="mlp C=160 fp32")
+
+def bf16_conversion_outputs() -> list[torch.Tensor]:
+    """bf16 runs whose inputs and outputs pass the kernels' bf16 <-> float32 conversions (the
+    AVX-512 build's vector ones, the others' element loops), as int16 bit patterns: a bf16 MLP with
+    a NaN and an inf in x, a bf16 layer whose clustering logits span about a hundred (probabilities z
+    down to the float32 underflow, a denormal at this seed, and zeros), and x with strided channels
+    (the element loops)."""
+    torch.manual_seed(0)
+    outs = []
+    with torch.no_grad():
+        m = _mlp(24, 101).to(BF16)
+        x = torch.randn(2, 35, 24).to(BF16)
+        x[0, 3, 5], x[1, 20, 7] = float("nan"), float("inf")
+        outs.append(m(x, 5, 7))
+        layer = _layer(33, 3, 7)
+        for name, p in layer.named_parameters():
+            if name.startswith("clustering."):
+                p.mul_(9.0)
+        layer = layer.to(BF16)
+        xl = torch.randn(2, 35, 33).to(BF16)
+        out, z = layer(xl, 7, 5)
+        zf = z.float()
+        assert (zf == 0).any() and ((zf > 0) & (zf < 1e-37)).any(), "no probability near underflow"
+        outs += [out, z]
+        xs = torch.randn(2, 33, 35).to(BF16).transpose(1, 2)  # channel stride 35
+        outs += list(layer(xs, 7, 5))
+    outs.append(_rounding_probe())
+    return [o.contiguous().view(torch.int16) for o in outs]
+
+
+def _rounding_probe() -> torch.Tensor:
+    """mlp_fused made to output chosen float32 values t exactly, so that its output is bf16(t), the
+    kernel's rounding: every low-half pattern that matters (ties to even from below and above, just
+    under and over a tie, zero, 0xFFFF carrying into the exponent, values rounding to inf), signs.
+    x = (1, 1, 1) and fc1 rows (hi, mid, lo), the three bf16-exact parts of t (its sums are exact),
+    a 1x1 depthwise conv of weight 0 plus the shortcut, no GELU, fc2 = I. Only without bf16 products
+    (where fc2's input is not rounded to bf16 first: PACA_KERNELS_CPU_ISA=avx512 or below); checked
+    against torch's own rounding (c10::BFloat16) here, returned for the cross-build comparison."""
+    if _ext.cpu_isa()[0] in ("amx", "avx512bf16"):
+        return torch.zeros(0, dtype=BF16)
+    g = torch.Generator().manual_seed(5)
+    tops = torch.randint(0x3C00, 0x4400, (64,), generator=g, dtype=torch.int32)  # |t| ~ 2^-7 .. 2^9
+    lows = torch.tensor([0x8000, 0x7FFF, 0x8001, 0x0000, 0xFFFF, 0x0001, 0x4000, 0xC000],
+                        dtype=torch.int32).repeat(8)
+    bits = (tops << 16) | lows
+    bits[::3] |= torch.tensor(-0x80000000, dtype=torch.int32)  # some negative
+    bits[-2:] = torch.tensor([0x7F7FFFFF, 0x7F7F8000], dtype=torch.int32)  # to inf / to even (max)
+    t = bits.view(torch.float32)
+    hi = (t.view(torch.int32) & -0x10000).view(torch.float32)
+    rem = t - hi
+    mid = (rem.view(torch.int32) & -0x10000).view(torch.float32)
+    lo = rem - mid
+    w1 = torch.stack([hi, mid, lo], 1).to(BF16)
+    assert torch.equal(w1.float(), torch.stack([hi, mid, lo], 1)), "parts not bf16-exact"
+    hidden = t.numel()
+    x = torch.ones(1, 1, 3, dtype=BF16)
+    out = mlp_op.mlp_fused(x, 1, 1, w1, None, torch.zeros(hidden, 1, 1, 1, dtype=BF16), None, True,
+                           False, torch.eye(hidden, dtype=BF16), None)
+    want = t.to(BF16)
+    assert torch.equal(out.reshape(-1).view(torch.int16), want.view(torch.int16)), (
+        (out.reshape(-1).view(torch.int16) != want.view(torch.int16)).nonzero().reshape(-1).tolist())
+    return out
+
+
+def test_bf16_conversions_give_the_element_loops_bits(tmp_path):
+    """The AVX-512 build's vector bf16 <-> float32 conversions against the AVX2 build's element
+    loops (c10::BFloat16, round to nearest even, NaN to 0x7FC0): with the bf16 products off
+    (PACA_KERNELS_CPU_ISA=avx512 vs avx2, whose float32 products give the same bits), the same bits;
+    and each build's rounding of chosen values (ties, carries, overflow) is torch's (_rounding_probe)."""
+    here = str(Path(__file__).resolve().parent)
+    script = ("import sys, torch\nsys.path.insert(0, {here!r})\n"
+              "from test_cpu_bf16 import bf16_conversion_outputs\n"
+              "torch.save(bf16_conversion_outputs(), {path!r})\nprint('isa ok')\n")
+    got = {}
+    for isa in ("avx512", "avx2"):
+        path = str(tmp_path / f"{isa}.pt")
+        testing.assert_passes_on_cpu_isa(script.format(here=here, path=path), isa, timeout=300)
+        got[isa] = torch.load(path)
+    assert len(got["avx512"]) == len(got["avx2"]) == 6
+    for i, (a, b) in enumerate(zip(got["avx512"], got["avx2"], strict=True)):
+        assert torch.equal(a, b), f"output {i}: {(a != b).sum().item()} values differ"
+
+
 if __name__ == "__main__":
     check_all()
     print("isa ok")

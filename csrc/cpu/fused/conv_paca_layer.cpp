@@ -55,14 +55,14 @@ void probabilities_kernel(const at::Tensor& logits, at::Tensor& z) {
         src = lp + r * N;
         dst = zp + r * N;
       } else {
-        for (int64_t i = 0; i < N; ++i) buf[i] = static_cast<acc_t>(lp[r * N + i]);
+        convert_row(lp + r * N, buf.data(), N);
         src = dst = buf.data();
       }
       // row_max skips NaN entries; exp(NaN - mx) then poisons the sum and so the whole row.
       const acc_t inv = acc_t(1) / exp_minus_row_max(src, dst, N).sum;
       for (int64_t i = 0; i < N; ++i) dst[i] *= inv;
       if constexpr (!kSame) {
-        for (int64_t i = 0; i < N; ++i) zp[r * N + i] = static_cast<scalar_t>(buf[i]);
+        convert_row(buf.data(), zp + r * N, N);
       }
     }
   });

@@ -97,6 +97,10 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
           } else {
             const scalar_t* xb = xp + b * sx[0] + n0 * sx[1];
             for (int64_t i = 0; i < nt; ++i) {
+              if (sx[2] == 1) {  // a row at a time (vectorised bf16 -> float32)
+                convert_row(xb + i * sx[1], xa.data() + i * C, C);
+                continue;
+              }
               for (int64_t c = 0; c < C; ++c) {
                 xa[i * C + c] = static_cast<acc_t>(xb[i * sx[1] + c * sx[2]]);
               }
@@ -119,8 +123,7 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
         }
         w2_t.linear(g.data(), Hd, dst, Co, nt, b2, /*gelu=*/false);
         if constexpr (!kInPlaceA) {
-          scalar_t* o = op + (b * N + y * W) * Co;
-          for (int64_t i = 0; i < nt * Co; ++i) o[i] = static_cast<scalar_t>(dst[i]);
+          convert_row(dst, op + (b * N + y * W) * Co, nt * Co);
         }
       }
     }

@@ -96,11 +96,17 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       vv(ScratchSlot::kCall5, bf16_attn ? B * H * vpan : B * M * HD);
   parallel_for(0, 2 * B, 1, [&](int64_t lo, int64_t hi) {
     const Scratch<acc_t> ca(ScratchSlot::kTask0, M * C), kb(ScratchSlot::kTask1, M * HD);
+    // k or v rounded to bf16 in one vector pass, then laid out as panels (bf16 attention only).
+    const Scratch<uint16_t> kb16(ScratchSlot::kTask2, bf16_attn ? M * HD : 0);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / 2;
       const bool is_k = task % 2 == 0;
       const scalar_t* cb = cp + b * sc_[0];
       for (int64_t m = 0; m < M; ++m) {
+        if (sc_[2] == 1) {
+          convert_row(cb + m * sc_[1], ca.data() + m * C, C);
+          continue;
+        }
         for (int64_t j = 0; j < C; ++j) ca[m * C + j] = static_cast<acc_t>(cb[m * sc_[1] + j * sc_[2]]);
       }
       if (!is_k) {
@@ -109,8 +115,9 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
         lv.apply(ca.data(), C, kb.data(), HD, M);
         if constexpr (kBf16) {
           if (bf16_attn) {  // W = v^T (d x M): W[j, m] = v[m, j]
+            convert_row(kb.data(), reinterpret_cast<c10::BFloat16*>(kb16.data()), M * HD);
             for (int64_t hd = 0; hd < H; ++hd) {
-              pack_bf16_panels(kb.data() + hd * D, 1, HD, D, M,
+              pack_bf16_panels(kb16.data() + hd * D, 1, HD, D, M,
                                reinterpret_cast<uint16_t*>(vv.data() + (b * H + hd) * vpan));
             }
             continue;
@@ -128,8 +135,9 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       for (int64_t i = 0; i < M * HD; ++i) kb[i] *= sc;
       if constexpr (kBf16) {
         if (bf16_attn) {  // W = k (M x d): W[m, j] = k[m, j]
+          convert_row(kb.data(), reinterpret_cast<c10::BFloat16*>(kb16.data()), M * HD);
           for (int64_t hd = 0; hd < H; ++hd) {
-            pack_bf16_panels(kb.data() + hd * D, HD, 1, M, D,
+            pack_bf16_panels(kb16.data() + hd * D, HD, 1, M, D,
                              reinterpret_cast<uint16_t*>(kt.data() + (b * H + hd) * kpan));
           }
           continue;
@@ -164,6 +172,10 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
         lda = sx[1];
       } else {
         for (int64_t i = 0; i < rows; ++i) {
+          if (sx[2] == 1) {
+            convert_row(xr + i * sx[1], xa.data() + i * C, C);
+            continue;
+          }
           for (int64_t c = 0; c < C; ++c) xa[i * C + c] = static_cast<acc_t>(xr[i * sx[1] + c * sx[2]]);
         }
         a = xa.data();
@@ -215,8 +227,7 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
       }
       lp.apply(ob.data(), HD, dst, Co, rows);
       if constexpr (!kSame) {
-        scalar_t* o = op + (b * N + n0) * Co;
-        for (int64_t i = 0; i < rows * Co; ++i) o[i] = static_cast<scalar_t>(dst[i]);
+        convert_row(dst, op + (b * N + n0) * Co, rows * Co);
       }
     }
   });

@@ -22,7 +22,7 @@ Float32Kernels select_float32_kernels() {
   __builtin_cpu_init();
   if (!forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       avx2::register_kernels(r)) {
-    // The products only: exp, row max, GELU, transpose and the convolution stay AVX2.
+    // The products, exp, row max, GELU and the convolution on 16 lanes; the transpose stays AVX2.
     if (!forced_avx2 && __builtin_cpu_supports("avx512f") && avx512::register_kernels(r) &&
         !forced_avx512 && __builtin_cpu_supports("avx512bf16") &&
         __builtin_cpu_supports("avx512bw")) {

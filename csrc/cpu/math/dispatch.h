@@ -10,8 +10,9 @@
 //   kernels_baseline.cpp  no ISA flags     the portable templates (portable.h, gelu.h, dwconv.h)
 //   kernels_avx2.cpp      -mavx2 -mfma     AVX2+FMA intrinsics: products, exp, row max, GELU,
 //                                          transpose, depthwise convolution
-//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products, exp, row max, softmax backward rows
-//                                          (the rest stays AVX2); same bits
+//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products, exp, row max, softmax backward rows,
+//                                          GELU, depthwise convolution, bf16 <-> float32
+//                                          conversions (the transpose stays AVX2); same bits
 //   kernels_avx512bf16.cpp -mavx512bf16 ... bf16 products (vdpbf16ps) on packed bf16 weights
 //   kernels_amx.cpp       -mamx-bf16 ...   the same bf16 products on AMX tiles (tdpbf16ps)
 //
@@ -82,6 +83,11 @@ using DwDirectFn = void (*)(const float* img, int64_t px, int64_t y_base, int64_
                             int64_t y0, int64_t rows, const float* wt, const float* bias,
                             const float* in_bias, bool gelu, float* out, int64_t C, int64_t k);
 
+// dst[i] = the float32 value of the bf16 bit pattern src[i] (exact).
+using Bf16ToF32Fn = void (*)(const uint16_t* src, float* dst, int64_t n);
+// dst[i] = src[i] rounded to bf16, nearest even, NaN to 0x7FC0: c10::BFloat16(float), bit for bit.
+using F32ToBf16Fn = void (*)(const float* src, uint16_t* dst, int64_t n);
+
 // C[r, :] = act(bias + sum_t bf16(A[r, t]) P[t, :]) with P a weight packed as bfloat16 pair panels
 // by PackedMatrix (packing.h; layout in kernels_avx512bf16.cpp): A float32 rounded to bf16 (nearest
 // even) as it is read, the sums in float32.
@@ -112,6 +118,9 @@ struct Float32Kernels {
   GeluFn gelu = nullptr;
   DwFn dwconv_band = nullptr;
   DwDirectFn dwconv_direct = nullptr;  // vector builds only (the baseline copies a padded band)
+  // The bf16 <-> float32 conversions of the kernels' inputs and outputs (bf16 models, autocast).
+  Bf16ToF32Fn bf16_to_f32 = nullptr;
+  F32ToBf16Fn f32_to_bf16 = nullptr;
   // The bfloat16 products: "amx" (AMX-BF16 tiles), "avx512bf16" (vdpbf16ps), or nullptr where the
   // CPU (or the PACA_KERNELS_CPU_ISA cap) has neither; the bf16 products then run in the float32
   // kernels on the bf16-rounded weights (PackedMatrix).

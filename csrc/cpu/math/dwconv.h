@@ -1,7 +1,7 @@
 // Depthwise k x k convolution over channels-last image rows, shared by the clustering head
 // (fused/conv_cluster_logits.cpp) and the MLP ops (fused/mlp_dwconv.cpp, fused/mlp_fused.cpp):
 // the portable templates (float64, and float32 in the baseline build) and the front ends that send
-// float32 to the kernels dispatched for this CPU (the AVX2 ones: kernels_avx2.cpp). Baseline
+// float32 to the kernels dispatched for this CPU (kernels_avx2.cpp, kernels_avx512.cpp). Baseline
 // translation units only (ODR rule in dispatch.h).
 #pragma once
 

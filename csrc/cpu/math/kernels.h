@@ -3,7 +3,10 @@
 // portable templates (portable.h, gelu.h). Baseline translation units only (ODR rule in dispatch.h).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/math/dispatch.h"
 #include "cpu/math/gelu.h"
@@ -62,6 +65,20 @@ inline void gelu_inplace(float* x, int64_t n) { float32_kernels().gelu(x, n); }
 // Maximum of n values; NaN entries are skipped (they propagate through the exp instead).
 inline float row_max(const float* x, int64_t n) { return float32_kernels().row_max(x, n); }
 inline double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
+
+// dst[i] = D(src[i]) for i < n, with static_cast's bits: bf16 <-> float32 through the dispatched
+// conversions (vectorised in the AVX-512 build: the fused kernels' bf16 inputs and outputs),
+// anything else element by element.
+template <typename S, typename D>
+inline void convert_row(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<D, float>) {
+    float32_kernels().bf16_to_f32(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else if constexpr (std::is_same_v<S, float> && std::is_same_v<D, c10::BFloat16>) {
+    float32_kernels().f32_to_bf16(src, reinterpret_cast<uint16_t*>(dst), n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+  }
+}
 
 // Sum of a[i] * b[i] in a fixed order (eight interleaved partial sums, then combined): the same
 // inputs always give the same bits.

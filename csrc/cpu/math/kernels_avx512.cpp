@@ -1,5 +1,6 @@
-// The AVX-512 float32 matrix products and softmax rows (exp, row max) (see dispatch.h); the other
-// kernels of the AVX-512 build are the AVX2 ones. This is the only translation unit compiled with
+// The AVX-512 float32 kernels (see dispatch.h): the matrix products, exp, row max, the softmax
+// backward rows, GELU, the depthwise convolution and the bf16 <-> float32 conversions; the
+// transpose of the AVX-512 build is the AVX2 one. This is the only translation unit compiled with
 // -mavx512f -mavx2 -mfma (CMakeLists.txt); it follows the ODR rule of dispatch.h: nothing but intrinsics, C types and
 // data headers included, everything in an unnamed namespace inside paca_kernels::cpu::avx512,
 // register_kernels() the only external symbol.
@@ -365,13 +366,15 @@ void gemm_tn_acc_f32_avx512(const float* A, int64_t lda, const float* B,
   gemm_avx512(A, 1, lda, B, ldb, C, ldc, K, rows, cols, /*accumulate=*/true);
 }
 
-// ---- AVX-512 softmax rows ------------------------------------------------------------------------
+// ---- AVX-512 elementwise kernels -----------------------------------------------------------------
 //
-// exp_avx2 and the row maximum on 16 lanes (the attention's softmax rows: 100 clusters are 7
-// vectors here against 13). exp_avx512 is exp_avx2's operations lane by lane, so the same bits;
-// the sum of exp_shifted adds the 16 lanes as two 8-lane halves in the order the AVX2 kernel adds
-// its vectors (lanes past n zero, which adds nothing), so the same sum bits too.
+// exp, row max, GELU and the depthwise convolution of kernels_avx2.cpp on 16-lane registers. On the
+// bf16 paths (AMX products) these float32 passes were most of the fused kernels' time, run 8 lanes
+// at a time. Each lane computes exactly what the AVX2 kernel computes for it (the same operations in
+// the same order; the exp sum is accumulated in the AVX2 kernel's 8-lane order), so the two builds
+// still give the same bits (tests/ops compare them).
 
+// exp_avx2 on 16 lanes: the same Cephes exp, operation by operation.
 PACA_ALWAYS_INLINE __m512 exp_avx512(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3365f), hi = _mm512_set1_ps(88.3762f);
   const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
@@ -394,16 +397,32 @@ PACA_ALWAYS_INLINE __m512 exp_avx512(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), z, x);  // NaN stays NaN
 }
 
+// Lanes 8-15 (AVX512F has no 32-bit-lane extract of a 256-bit half; the 64-bit one moves the same bits).
+PACA_ALWAYS_INLINE __m256 high_half(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+// exp_shifted_f32_avx2 with 16-lane exps. The sum keeps the AVX2 kernel's 8 partial sums, each
+// taking its elements in the same order (the low then the high half of each 16-lane vector), and
+// combines them as it does: the same bits.
 float exp_shifted_f32_avx512(const float* in, float shift, float* out, int64_t n) {
   const __m512 sh = _mm512_set1_ps(shift);
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
-    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, in + i), sh));
-    _mm512_mask_storeu_ps(out + i, mask, e);
-    const __m512 ez = _mm512_maskz_mov_ps(mask, e);  // the lanes past n add nothing
-    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(ez));
-    acc = _mm256_add_ps(acc, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ez), 1)));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(in + i), sh));
+    _mm512_storeu_ps(out + i, e);
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+    acc = _mm256_add_ps(acc, high_half(e));
+  }
+  if (i < n) {
+    const int64_t rest = n - i;
+    const __mmask16 m = lanes_mask16(rest);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, in + i), sh));
+    _mm512_mask_storeu_ps(out + i, m, e);
+    const __m512 ev = _mm512_maskz_mov_ps(m, e);  // valid lanes only, as the AVX2 tail
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(ev));
+    if (rest > 8) acc = _mm256_add_ps(acc, high_half(ev));
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, acc);
@@ -411,15 +430,13 @@ float exp_shifted_f32_avx512(const float* in, float shift, float* out, int64_t n
          ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
 }
 
+// Maximum of n values, NaN entries skipped (max_ps(v, m) returns m when v is NaN).
 float row_max_f32_avx512(const float* x, int64_t n) {
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
   __m512 m = neg_inf;
-  // max_ps(v, m) returns m when v is NaN: NaN entries are skipped, as in row_max_impl; the lanes
-  // past n read as -inf.
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
-    m = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mask, x + i), m);
-  }
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(_mm512_loadu_ps(x + i), m);
+  if (i < n) m = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, lanes_mask16(n - i), x + i), m);
   alignas(64) float lanes[16];
   _mm512_store_ps(lanes, m);
   float r = lanes[0];
@@ -456,17 +473,283 @@ void softmax_bwd_row_f32_avx512(float* p, float* ds, int64_t n) {
   }
 }
 
+void gelu_f32_avx512(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, gelu_avx512(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 m = lanes_mask16(n - i);
+    _mm512_mask_storeu_ps(x + i, m, gelu_avx512(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+constexpr int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// dw_tile_avx2 on 16-lane vectors: P output pixels x NV vectors of 16 channels accumulated in
+// registers over the nky x nkx taps of their window (see there for `in`, `in_row`, `in_px`, `wt`).
+template <int P, int NV, bool kMasked, bool kInBias>
+PACA_ALWAYS_INLINE void dw_tile_avx512(const float* in, int64_t in_row, int64_t in_px,
+                                       const float* wt, int64_t nky, int64_t nkx, int64_t k,
+                                       const float* bias, const float* in_bias, bool gelu,
+                                       float* out, int64_t C, __mmask16 mask) {
+  __m512 acc[P][NV];
+  [[maybe_unused]] __m512 ib[NV];
+  const auto load = [mask](const float* p, bool m) {
+    return m ? _mm512_maskz_loadu_ps(mask, p) : _mm512_loadu_ps(p);
+  };
+  for (int v = 0; v < NV; ++v) {
+    const bool m = kMasked && v == NV - 1;
+    const __m512 b0 = bias == nullptr ? _mm512_setzero_ps() : load(bias + 16 * v, m);
+    for (int p = 0; p < P; ++p) acc[p][v] = b0;
+    if constexpr (kInBias) ib[v] = load(in_bias + 16 * v, m);
+  }
+  for (int64_t ky = 0; ky < nky; ++ky) {
+    for (int64_t kx = 0; kx < nkx; ++kx) {
+      const float* wv = wt + (ky * k + kx) * C;
+      const float* iv = in + ky * in_row + kx * in_px;
+      for (int v = 0; v < NV; ++v) {
+        const bool m = kMasked && v == NV - 1;
+        const __m512 w = load(wv + 16 * v, m);
+        for (int p = 0; p < P; ++p) {
+          __m512 xv = load(iv + p * in_px + 16 * v, m);
+          if constexpr (kInBias) xv = _mm512_add_ps(xv, ib[v]);
+          acc[p][v] = _mm512_fmadd_ps(xv, w, acc[p][v]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    for (int v = 0; v < NV; ++v) {
+      float* op = out + p * C + 16 * v;
+      const __m512 r = gelu ? gelu_avx512(acc[p][v]) : acc[p][v];
+      if (kMasked && v == NV - 1) {
+        _mm512_mask_storeu_ps(op, mask, r);
+      } else {
+        _mm512_storeu_ps(op, r);
+      }
+    }
+  }
+}
+
+// All channel tiles of P adjacent output pixels (32 channels at a time, then the edge).
+template <int P, bool kInBias>
+PACA_ALWAYS_INLINE void dw_pixels_avx512(const float* in, int64_t in_row, int64_t in_px,
+                                         const float* wt, int64_t nky, int64_t nkx, int64_t k,
+                                         const float* bias, const float* in_bias, bool gelu,
+                                         float* out, int64_t C) {
+  const auto at = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) {
+    dw_tile_avx512<P, 2, false, kInBias>(in + c, in_row, in_px, wt + c, nky, nkx, k, at(bias, c),
+                                         at(in_bias, c), gelu, out + c, C, 0xFFFF);
+  }
+  const int64_t rem = C - c;
+  if (rem == 0) return;
+  if (rem > 16) {
+    dw_tile_avx512<P, 2, true, kInBias>(in + c, in_row, in_px, wt + c, nky, nkx, k, at(bias, c),
+                                        at(in_bias, c), gelu, out + c, C,
+                                        lanes_mask16(rem - 16));
+  } else {
+    dw_tile_avx512<P, 1, true, kInBias>(in + c, in_row, in_px, wt + c, nky, nkx, k, at(bias, c),
+                                        at(in_bias, c), gelu, out + c, C, lanes_mask16(rem));
+  }
+}
+
+void dwconv_band_f32_avx512(const float* in, int64_t in_w, const float* wt, const float* bias,
+                            float* out, int64_t rows, int64_t W, int64_t C, int64_t k) {
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t j = 0;
+    for (; j + 4 <= W; j += 4) {
+      dw_pixels_avx512<4, false>(in + (r * in_w + j) * C, in_w * C, C, wt, k, k, k, bias,
+                                 nullptr, false, out + (r * W + j) * C, C);
+    }
+    for (; j < W; ++j) {
+      dw_pixels_avx512<1, false>(in + (r * in_w + j) * C, in_w * C, C, wt, k, k, k, bias,
+                                 nullptr, false, out + (r * W + j) * C, C);
+    }
+  }
+}
+
+// dw_slide_avx2 on 16-lane vectors: P adjacent output pixels of one image row x 16 channels, the
+// K weight vectors of a tap row in registers, each input vector loaded once (see there).
+template <int K, int P, bool kMasked, bool kInBias>
+PACA_ALWAYS_INLINE void dw_slide_avx512(const float* in, int64_t in_row, int64_t in_px,
+                                        const float* wt, int64_t nky, int ilo, int ihi,
+                                        const float* bias, const float* in_bias, bool gelu,
+                                        float* out, int64_t C, __mmask16 mask) {
+  constexpr int kPad = (K - 1) / 2;
+  const auto load = [mask](const float* p) {
+    return kMasked ? _mm512_maskz_loadu_ps(mask, p) : _mm512_loadu_ps(p);
+  };
+  const __m512 b0 = bias == nullptr ? _mm512_setzero_ps() : load(bias);
+  __m512 acc[P];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) acc[p] = b0;
+  [[maybe_unused]] __m512 ib;
+  if constexpr (kInBias) ib = load(in_bias);
+  for (int64_t ky = 0; ky < nky; ++ky) {
+    const float* irow = in + ky * in_row;
+    __m512 w[K];
+#pragma GCC unroll 16
+    for (int kx = 0; kx < K; ++kx) w[kx] = load(wt + (ky * K + kx) * C);
+#pragma GCC unroll 32
+    for (int i = 0; i < P + K - 1; ++i) {
+      if (i < ilo || i >= ihi) continue;
+      __m512 xv = load(irow + (i - kPad) * in_px);
+      if constexpr (kInBias) xv = _mm512_add_ps(xv, ib);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        if (i - p >= 0 && i - p < K) acc[p] = _mm512_fmadd_ps(xv, w[i - p], acc[p]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+    const __m512 r = gelu ? gelu_avx512(acc[p]) : acc[p];
+    if constexpr (kMasked) {
+      _mm512_mask_storeu_ps(out + p * C, mask, r);
+    } else {
+      _mm512_storeu_ps(out + p * C, r);
+    }
+  }
+}
+
+// dw_row_slide_avx2 with the 16-lane tiles: one output row of a K-wide depthwise convolution.
+template <int K, int P, bool kInBias>
+void dw_row_slide_avx512(const float* in, int64_t in_row, int64_t in_px, int64_t W,
+                         const float* wt, int64_t nky, const float* bias, const float* in_bias,
+                         bool gelu, float* out, int64_t C) {
+  constexpr int kPad = (K - 1) / 2;
+  const auto at = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
+  for (int64_t c = 0; c < C; c += 16) {
+    const bool masked = C - c < 16;
+    const __mmask16 mask = lanes_mask16(imin(16, C - c));
+    for (int64_t j0 = 0; j0 < W; j0 += P) {
+      const int64_t j = imin(j0, W - P);
+      const int ilo = static_cast<int>(imax(0, kPad - j));
+      const int ihi = static_cast<int>(imin(P + K - 1, W + kPad - j));
+      const float* ip = in + j * in_px + c;
+      float* op = out + j * C + c;
+      if (masked) {
+        dw_slide_avx512<K, P, true, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi,
+                                             at(bias, c), at(in_bias, c), gelu, op, C, mask);
+      } else {
+        dw_slide_avx512<K, P, false, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi,
+                                              at(bias, c), at(in_bias, c), gelu, op, C, mask);
+      }
+    }
+  }
+}
+
+// dwconv_direct_avx2 with the 16-lane tiles (the same cases, the same sums).
+template <bool kInBias>
+void dwconv_direct_avx512(const float* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
+                          int64_t y0, int64_t rows, const float* wt, const float* bias,
+                          const float* in_bias, bool gelu, float* out, int64_t C, int64_t k) {
+  const int64_t pad = (k - 1) / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = y0 + r;
+    const int64_t ky0 = imax(0, pad - y), ky1 = imin(k, H + pad - y);
+    const int64_t row0 = y - pad + ky0 - y_base;
+    float* orow = out + r * W * C;
+    if (k == 7 && W >= 7) {
+      dw_row_slide_avx512<7, 7, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
+                                         ky1 - ky0, bias, in_bias, gelu, orow, C);
+      continue;
+    }
+    if (k == 5 && W >= 8) {
+      dw_row_slide_avx512<5, 8, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
+                                         ky1 - ky0, bias, in_bias, gelu, orow, C);
+      continue;
+    }
+    if (k == 3 && W >= 8) {
+      dw_row_slide_avx512<3, 8, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
+                                         ky1 - ky0, bias, in_bias, gelu, orow, C);
+      continue;
+    }
+    int64_t j = 0;
+    while (j < W) {
+      if (j >= pad && j + 4 <= W - pad) {
+        dw_pixels_avx512<4, kInBias>(img + (row0 * W + j - pad) * px, W * px, px,
+                                     wt + ky0 * k * C, ky1 - ky0, k, k, bias, in_bias, gelu,
+                                     orow + j * C, C);
+        j += 4;
+      } else {
+        const int64_t kx0 = imax(0, pad - j), kx1 = imin(k, W + pad - j);
+        dw_pixels_avx512<1, kInBias>(img + (row0 * W + j - pad + kx0) * px, W * px, px,
+                                     wt + (ky0 * k + kx0) * C, ky1 - ky0, kx1 - kx0, k, bias,
+                                     in_bias, gelu, orow + j * C, C);
+        j += 1;
+      }
+    }
+  }
+}
+
+void dwconv_direct_f32_avx512(const float* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
+                              int64_t y0, int64_t rows, const float* wt, const float* bias,
+                              const float* in_bias, bool gelu, float* out, int64_t C, int64_t k) {
+  if (in_bias != nullptr) {
+    dwconv_direct_avx512<true>(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, gelu, out, C,
+                               k);
+  } else {
+    dwconv_direct_avx512<false>(img, px, y_base, H, W, y0, rows, wt, bias, nullptr, gelu, out, C,
+                                k);
+  }
+}
+
+// bf16 -> float32: the 16 bits moved to the top of each lane (exact).
+void bf16_to_f32_avx512(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_si512(dst + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    __builtin_memcpy(dst + i, &u, 4);
+  }
+}
+
+// float32 -> bf16 as c10::BFloat16(float) does it: u + 0x7FFF + (bit 16 of u), the top 16 bits
+// (round to nearest even), and 0x7FC0 for NaN. Integer arithmetic, so denormals round like any
+// other value (vcvtneps2bf16 would flush them to zero).
+PACA_ALWAYS_INLINE __m256i f32_to_bf16_16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+void f32_to_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), f32_to_bf16_16(_mm512_loadu_ps(src + i)));
+  }
+  if (i < n) {
+    alignas(32) uint16_t tmp[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tmp),
+                       f32_to_bf16_16(_mm512_maskz_loadu_ps(lanes_mask16(n - i), src + i)));
+    for (int64_t j = 0; j < n - i; ++j) dst[i + j] = tmp[j];
+  }
+}
+
 #undef PACA_ALWAYS_INLINE
 
 }  // namespace
 
-bool register_kernels(Float32Kernels& k) {  // the products and the softmax rows
+bool register_kernels(Float32Kernels& k) {
   k.gemm_nn = gemm_nn_f32_avx512;
   k.gemm_tn_acc = gemm_tn_acc_f32_avx512;
   k.gemm_packed = gemm_packed_f32_avx512;
   k.exp_shifted = exp_shifted_f32_avx512;
   k.row_max = row_max_f32_avx512;
   k.softmax_bwd_row = softmax_bwd_row_f32_avx512;
+  k.gelu = gelu_f32_avx512;
+  k.dwconv_band = dwconv_band_f32_avx512;
+  k.dwconv_direct = dwconv_direct_f32_avx512;
+  k.bf16_to_f32 = bf16_to_f32_avx512;
+  k.f32_to_bf16 = f32_to_bf16_avx512;
   k.isa = "avx512";
   return true;
 }

@@ -1,5 +1,7 @@
 // The baseline float32 build of the kernels (see dispatch.h): the portable templates, compiled
 // without ISA flags, so that it runs on any x86-64 (SSE2) CPU or another architecture.
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 #include "cpu/math/dispatch.h"
@@ -39,6 +41,13 @@ void dwconv_band_f32_base(const float* in, int64_t in_w, const float* wt, const 
   dwconv_band_impl(in, in_w, wt, bias, out, rows, W, C, k);
 }
 
+void bf16_to_f32_base(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::BFloat16(src[i], c10::BFloat16::from_bits()));
+}
+void f32_to_bf16_base(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]).x;
+}
+
 }  // namespace
 
 void register_kernels(Float32Kernels& k) {
@@ -53,6 +62,8 @@ void register_kernels(Float32Kernels& k) {
   k.gelu = gelu_f32_base;
   k.dwconv_band = dwconv_band_f32_base;
   k.dwconv_direct = nullptr;
+  k.bf16_to_f32 = bf16_to_f32_base;
+  k.f32_to_bf16 = f32_to_bf16_base;
 }
 
 }  // namespace paca_kernels::cpu::baseline

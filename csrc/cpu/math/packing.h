@@ -1,5 +1,6 @@
-// PackedMatrix: a linear layer's weight packed once per call as the right-hand side of the
-// products (16-column panels for the vector builds' gemm_packed). Baseline translation units only
+// PackedMatrix: a linear layer's weight packed as the right-hand side of the products (16-column
+// panels for the vector builds' gemm_packed, bf16 pair panels for gemm_packed_bf16): once per call,
+// or once for as long as the weight is unchanged in inference (PackCache, pack_cache.h). Baseline translation units only
 // (ODR rule in dispatch.h).
 #pragma once
 
@@ -8,9 +9,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 
 #include "cpu/math/kernels.h"
+#include "cpu/math/pack_cache.h"
 #include "cpu/math/parallel.h"
 #include "cpu/math/scratch.h"
 
@@ -20,6 +23,30 @@ namespace paca_kernels::cpu {
 // multiple of kBf16PairPad.
 inline int64_t bf16_panel_pairs(int64_t steps) {
   return ((steps + 1) / 2 + kBf16PairPad - 1) / kBf16PairPad * kBf16PairPad;
+}
+
+// pack_bf16_panels from values already rounded to bf16 (their bit patterns): the same layout, the
+// rounding done beforehand by a vector pass (convert_row) instead of element by element here.
+inline void pack_bf16_panels(const uint16_t* src, int64_t so, int64_t st, int64_t cols,
+                             int64_t steps, uint16_t* dst) {
+  const int64_t pairs = bf16_panel_pairs(steps);
+  for (int64_t p = 0; p < (cols + 15) / 16; ++p) {
+    uint16_t* panel = dst + p * pairs * 32;
+    const int64_t o0 = 16 * p, w = std::min<int64_t>(16, cols - o0);
+    for (int64_t s = 0; s < pairs; ++s) {
+      uint16_t* row = panel + 32 * s;
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t t = 2 * s + h;
+        if (t >= steps) {
+          for (int64_t c = 0; c < 16; ++c) row[2 * c + h] = 0;
+          continue;
+        }
+        const uint16_t* sp = src + o0 * so + t * st;
+        for (int64_t c = 0; c < w; ++c) row[2 * c + h] = sp[c * so];
+        for (int64_t c = w; c < 16; ++c) row[2 * c + h] = 0;
+      }
+    }
+  }
 }
 
 // Packs B = W^T for gemm_packed_bf16, W (cols x steps) read as src[o * so + t * st] in float32,
@@ -64,7 +91,11 @@ struct PackedMatrix {
   int64_t steps = 0, cols = 0;
   bool packed = false;  // 16-column panels (float32 + AVX2), else plain W^T (steps x cols)
   bool bf16 = false;    // bf16 pair panels for gemm_packed_bf16 (float32 + AVX512-BF16)
+  // The packed matrix kept across calls (PackCache, pack_cache.h) when the weight is unchanged
+  // since an earlier call, else null and the packing is in `store`.
+  std::shared_ptr<void> cached;
   Scratch<T> store;
+  T* data_ = nullptr;  // cached or store
 
   PackedMatrix(const at::Tensor& weight, ScratchSlot slot, bool bf16_products = false)
       : steps(weight.size(1)),
@@ -72,9 +103,40 @@ struct PackedMatrix {
         packed(std::is_same_v<T, float> && float32_kernels().gemm_packed != nullptr),
         bf16(std::is_same_v<T, float> && bf16_products &&
              float32_kernels().gemm_packed_bf16 != nullptr),
-        store(slot, bf16     ? (cols + 15) / 16 * 16 * bf16_pairs(weight.size(1))
-                    : packed ? (cols + 15) / 16 * 16 * weight.size(1)
-                             : weight.numel()) {
+        store(slot, 0) {
+    const int64_t n = bf16     ? (cols + 15) / 16 * 16 * bf16_pairs(weight.size(1))
+                      : packed ? (cols + 15) / 16 * 16 * weight.size(1)
+                               : weight.numel();
+    const size_t bytes = static_cast<size_t>(n) * sizeof(T);
+    bool want = false;
+    if (PackCache::usable(weight)) {
+      // The layout, the values (rounded to bf16 or not) and T: one cache entry each.
+      const int64_t layout = (bf16 ? 1 : packed ? 2 : 3) + (bf16_products ? 4 : 0) +
+                             (sizeof(T) == 8 ? 8 : 0);
+      PackCache& cache = PackCache::instance();
+      cached = cache.find(weight, layout, bytes, want);
+      if (cached) {
+        data_ = static_cast<T*>(cached.get());
+        return;
+      }
+      if (want) {
+        std::shared_ptr<void> buf = PackCache::allocate(bytes);
+        data_ = static_cast<T*>(buf.get());
+        pack(weight, bf16_products);
+        cache.store(weight, layout, buf, bytes);
+        cached = std::move(buf);
+        return;
+      }
+    }
+    store = Scratch<T>(slot, n);
+    data_ = store.data();
+    pack(weight, bf16_products);
+  }
+  PackedMatrix(const PackedMatrix&) = delete;
+  PackedMatrix& operator=(const PackedMatrix&) = delete;
+
+  // Packs W into data_ (the layout chosen by the constructor).
+  void pack(const at::Tensor& weight, bool bf16_products) {
     if (bf16) {
       pack_bf16(weight);
       return;
@@ -88,7 +150,7 @@ struct PackedMatrix {
             .to(c10::CppTypeToScalarType<T>::value)
             .contiguous();
     const T* src = w.const_data_ptr<T>();
-    T* dst = store.data();
+    T* dst = data_;
     // One task per 16-column panel (or per 16 columns of the plain layout); in parallel only when
     // the matrix is big enough to pay for waking the threads.
     const int64_t ntask = (cols + 15) / 16;
@@ -131,7 +193,7 @@ struct PackedMatrix {
     const at::Tensor w = (is_bf16 ? weight : weight.to(at::kFloat)).contiguous();
     const uint16_t* src16 = is_bf16 ? reinterpret_cast<const uint16_t*>(w.const_data_ptr()) : nullptr;
     const float* src32 = is_bf16 ? nullptr : w.const_data_ptr<float>();
-    uint16_t* dst = reinterpret_cast<uint16_t*>(store.data());
+    uint16_t* dst = reinterpret_cast<uint16_t*>(data_);
     const int64_t pairs = bf16_pairs(steps), ntask = (cols + 15) / 16;
     const auto fill = [&](int64_t lo, int64_t hi) {
       for (int64_t p = lo; p < hi; ++p) {
@@ -163,12 +225,12 @@ struct PackedMatrix {
               bool gelu) const {
     if constexpr (std::is_same_v<T, float>) {
       if (bf16) {
-        float32_kernels().gemm_packed_bf16(A, lda, reinterpret_cast<const uint16_t*>(store.data()),
+        float32_kernels().gemm_packed_bf16(A, lda, reinterpret_cast<const uint16_t*>(data_),
                                            C, ldc, rows, steps, cols, bias, gelu);
         return;
       }
       if (packed) {
-        float32_kernels().gemm_packed(A, lda, store.data(), C, ldc, rows, steps, cols, bias,
+        float32_kernels().gemm_packed(A, lda, data_, C, ldc, rows, steps, cols, bias,
                                           gelu);
         return;
       }
@@ -176,7 +238,7 @@ struct PackedMatrix {
     if (bias != nullptr) {
       for (int64_t r = 0; r < rows; ++r) std::copy(bias, bias + cols, C + r * ldc);
     }
-    gemm_nn(A, lda, store.data(), cols, C, ldc, rows, steps, cols, bias != nullptr);
+    gemm_nn(A, lda, data_, cols, C, ldc, rows, steps, cols, bias != nullptr);
     if (gelu) {
       for (int64_t r = 0; r < rows; ++r) gelu_inplace(C + r * ldc, cols);
     }

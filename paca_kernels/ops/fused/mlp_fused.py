@@ -21,13 +21,46 @@ from torch.utils.flop_counter import register_flop_formula
 from ... import _ext
 from ._common import autocast_input, register_inference_only
 
-__all__ = ["FUSED_MLP_MAX_WEIGHT", "REGISTERED", "mlp_fused"]
+__all__ = ["FUSED_MLP_MAX_WEIGHT", "FUSED_MLP_MAX_WEIGHT_BF16_AMX", "REGISTERED", "max_fused_weight",
+           "mlp_fused"]
 
 #: Largest fc1 weight (hidden × C entries) for which Mlp runs the whole-MLP kernel: about 640 KB
 #: of float32, so fc1's and fc2's weights stay in a 1-2 MB L2 while every task multiplies by them.
 #: Measured on the 2-core development machine (fp32, B = 1-8): the whole-MLP kernel is 2-4× the
 #: modules at C = 96 (hidden 384), 1.0-1.4× at C = 192, and slower than mlp_dwconv at C = 320.
 FUSED_MLP_MAX_WEIGHT = 160_000
+
+#: The same bound where the MLP runs in bfloat16 (a bf16 x, or CPU autocast to bf16) and the
+#: kernels multiply bf16 on AMX tiles (``_ext.cpu_isa()`` ``"amx"``): there fc1 and fc2 are AMX
+#: products on bf16 panels (half the bytes, packed once: csrc/cpu/math/pack_cache.h), and the
+#: modules' bf16 linears pay for their hidden tensors (and, under autocast, a cast of each weight
+#: per call). Measured (Xeon with AMX, one thread, CPU time, B = 1 / 8): the whole-MLP kernel
+#: 1.4× / 1.8× the modules at C = 320 (hidden 1280, 14 × 14), 1.7× / 1.15× at C = 384 (hidden 1536,
+#: 7 × 7), 1.3-1.9× / 1.3-1.5× at C = 512 (hidden 2048, 14 × 14 and 7 × 7; 0.92× for a bf16 model
+#: at 7 × 7, B = 8); under autocast 1.4-3.2×.
+FUSED_MLP_MAX_WEIGHT_BF16_AMX = 1_048_576
+
+
+def _bf16_on_amx() -> bool:
+    isa = _ext.cpu_isa() if _ext.load() else None
+    return isa is not None and isa[0] == "amx"
+
+
+_AMX: list[bool] = []  # the answer of _bf16_on_amx, once known (the build is chosen once per process)
+
+
+def max_fused_weight(x: Tensor) -> int:
+    """The largest fc1 weight (hidden × C entries) for which :class:`~paca_kernels.nn.Mlp` runs the
+    whole-MLP kernel on x: :data:`FUSED_MLP_MAX_WEIGHT_BF16_AMX` when the call runs in bfloat16
+    (x bf16, or CPU autocast to bf16) on the AMX build, else :data:`FUSED_MLP_MAX_WEIGHT`."""
+    bf16 = x.dtype == torch.bfloat16 or (
+        x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32)
+    if not bf16:
+        return FUSED_MLP_MAX_WEIGHT
+    if not _AMX:
+        _AMX.append(_bf16_on_amx())
+    return FUSED_MLP_MAX_WEIGHT_BF16_AMX if _AMX[0] else FUSED_MLP_MAX_WEIGHT
 
 _LIB = "paca_kernels"
 
