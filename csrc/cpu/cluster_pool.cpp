@@ -42,6 +42,23 @@ constexpr const char* kBwdOp = "paca_kernels::cluster_pool_bwd";
 constexpr int64_t kPatchTile = 256;
 // Patches per forward task (one partial softmax state per split, merged in split order).
 constexpr int64_t kSplitRows = 1024;
+// A small batch is cut finer, so that the forward has tasks for every thread: at least kMinTasks
+// (b, split) tasks where splits of kMinSplitRows patches or more allow it. At B = 1 the 224² stages
+// 2-3 (N = 784, 196) were one task each, the pooling ran on one core of two (measured: 2.0 ms per
+// Tiny forward with one thread, 1.76 with two).
+constexpr int64_t kMinTasks = 8;
+constexpr int64_t kMinSplitRows = 48;
+
+// Patches per forward split for B images of N patches: kSplitRows, or for a small batch N cut into
+// equal splits (see kMinTasks). A function of B and N alone, never of the thread count, so that a
+// call's bits do not depend on the threads.
+inline int64_t split_rows(int64_t B, int64_t N) {
+  int64_t nsplit = (N + kSplitRows - 1) / kSplitRows;
+  if (B * nsplit < kMinTasks) {
+    nsplit = std::max(nsplit, std::min((kMinTasks + B - 1) / B, std::max<int64_t>(1, N / kMinSplitRows)));
+  }
+  return std::max<int64_t>(1, (N + nsplit - 1) / nsplit);
+}
 
 // Patches per tile for a run of n patches: the run cut into equal tiles of at most kPatchTile,
 // rounded up to 16 (a vector panel), so that no tile is a short tail: N = 784 (224² stage 2) gives
@@ -168,15 +185,16 @@ inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const ac
   }
 }
 
-// Forward. Parallel over (b, split of N): each task streams its kSplitRows patches in tiles of
+// Forward. Parallel over (b, split of N): each task streams its split_rows patches in tiles of
 // kPatchTile and keeps, for all M clusters at once, the online-softmax state (running max, running
 // sum, and the (M, C) accumulator rescaled whenever a row's max grows). Handling every cluster
 // per tile means each x row is read (and converted) once per task, not M times, and the update
 // acc += P.x_tile is a register-blocked product. The splits (flash-decoding style: enough tasks
 // even at batch 1) are merged per cluster in split order, then LayerNorm over C. The split size
-// depends only on N, so results do not depend on the thread count. With a single split (N <=
-// kSplitRows: the 224² stages 2-4) the task accumulates straight into `pooled` and finishes its
-// rows itself while they are still in cache: no partial buffers, no second pass.
+// depends only on B and N, so results do not depend on the thread count. With a single split
+// (N <= kSplitRows and B >= kMinTasks: the 224² stages 2-4 at B = 8) the task accumulates straight
+// into `pooled` and finishes its rows itself while they are still in cache: no partial buffers, no
+// second pass.
 template <typename scalar_t>
 void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
                              const at::Tensor* weight, const at::Tensor* bias, double eps,
@@ -197,7 +215,8 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
 
   // x rows are used in place when they already are contiguous acc_t vectors (no copy).
   const bool x_direct = std::is_same_v<scalar_t, acc_t> && sx[2] == 1;
-  const int64_t nsplit = (N + kSplitRows - 1) / kSplitRows;
+  const int64_t srows = split_rows(B, N);
+  const int64_t nsplit = (N + srows - 1) / srows;
   const int64_t MC = M * C;
   // Per (b, split): accumulator (M x C), running max (M) and running sum (M).
   const bool single = nsplit == 1;
@@ -214,7 +233,7 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
       acc_t* sum = sum_part.data() + task * M;
       std::fill(mx, mx + M, kNegInf);
       std::fill(sum, sum + M, acc_t(0));
-      const int64_t s_begin = split * kSplitRows, s_end = std::min(N, s_begin + kSplitRows);
+      const int64_t s_begin = split * srows, s_end = std::min(N, s_begin + srows);
       const int64_t tile = balanced_tile(s_end - s_begin);
       for (int64_t n0 = s_begin; n0 < s_end; n0 += tile) {
         const int64_t nt = std::min(tile, s_end - n0);
