@@ -43,10 +43,11 @@ constexpr int64_t kPatchTile = 256;
 // Patches per forward task (one partial softmax state per split, merged in split order).
 constexpr int64_t kSplitRows = 1024;
 // A small batch is cut finer, so that the forward has tasks for every thread: at least kMinTasks
-// (b, split) tasks where splits of kMinSplitRows patches or more allow it. At B = 1 the 224² stages
+// (b, split) tasks where splits of kMinSplitRows patches or more allow it (4: more splits cost more
+// in the merge than they gain on 2 cores, measured). At B = 1 the 224² stages
 // 2-3 (N = 784, 196) were one task each, the pooling ran on one core of two (measured: 2.0 ms per
 // Tiny forward with one thread, 1.76 with two).
-constexpr int64_t kMinTasks = 8;
+constexpr int64_t kMinTasks = 4;
 constexpr int64_t kMinSplitRows = 48;
 
 // Patches per forward split for B images of N patches: kSplitRows, or for a small batch N cut into
@@ -192,7 +193,7 @@ inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const ac
 // acc += P.x_tile is a register-blocked product. The splits (flash-decoding style: enough tasks
 // even at batch 1) are merged per cluster in split order, then LayerNorm over C. The split size
 // depends only on B and N, so results do not depend on the thread count. With a single split
-// (N <= kSplitRows and B >= kMinTasks: the 224² stages 2-4 at B = 8) the task accumulates straight
+// (N <= kSplitRows and B >= kMinTasks: the 224² stages 2-4 at B >= 4) the task accumulates straight
 // into `pooled` and finishes its rows itself while they are still in cache: no partial buffers, no
 // second pass.
 template <typename scalar_t>
