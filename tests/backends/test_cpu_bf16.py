@@ -259,7 +259,8 @@ def test_which_path_runs(monkeypatch, dtype, autocast, grad, runs):
 def test_bigger_mlps_run_whole_in_bf16_on_amx(monkeypatch, dtype, autocast, whole):
     """An MLP whose fc1 weight is over the float32 bound (C = 160, hidden 1100: 176 000 entries)
     runs the whole-MLP kernel when it runs in bf16 on the AMX build (mlp_fused.max_fused_weight),
-    fc1 + mlp_dwconv + fc2 in float32: the bf16 runs within the 2x rule of the modules' bf16 run."""
+    and in float32 under the AVX-512 bound: the bf16 runs within the 2x rule of the modules' bf16
+    run, the float32 one close to float64."""
     if _ext.cpu_isa()[0] != "amx":
         pytest.skip("the larger bound is for the AMX build")
     assert mlp_op.FUSED_MLP_MAX_WEIGHT < 160 * 1100 <= mlp_op.FUSED_MLP_MAX_WEIGHT_BF16_AMX
@@ -272,7 +273,8 @@ def test_bigger_mlps_run_whole_in_bf16_on_amx(monkeypatch, dtype, autocast, whol
         exact = copy.deepcopy(ref).double()(x.double(), 5, 7)  # the model's own weights, exactly
         with torch.autocast("cpu", dtype=BF16, enabled=autocast):
             out, low = m(x, 5, 7), ref(x, 5, 7)
-    assert calls == ([("mlp_fused", BF16)] if whole else [])
+    # float32 on this (AMX, hence AVX-512) build: the whole-MLP kernel too, under its own bound.
+    assert calls == ([("mlp_fused", BF16)] if whole else [("mlp_fused", torch.float32)])
     if whole:
         testing.assert_low_precision_ok(out, low, exact, name="mlp C=160 hidden=1100")
     else:

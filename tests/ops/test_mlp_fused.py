@@ -172,6 +172,17 @@ def test_mlp_fused_flops_equal_the_modules():
     testing.assert_same_flops(lambda: mlp_fused(m, x, 8, 6), lambda: _modules(m, x, 8, 6))
 
 
+def test_float32_bound_follows_the_build(monkeypatch):
+    """max_fused_weight in float32: the AVX-512 bound on the AVX-512 builds, the small one on the
+    AVX2 and portable builds (whose products were measured slower than MKL's at C >= 320)."""
+    x = torch.randn(1, 4, 8)
+    for isa, want in [("avx512", mlp_op.FUSED_MLP_MAX_WEIGHT_AVX512), ("amx", mlp_op.FUSED_MLP_MAX_WEIGHT_AVX512),
+                      ("avx2", FUSED_MLP_MAX_WEIGHT), ("baseline", FUSED_MLP_MAX_WEIGHT)]:
+        monkeypatch.setattr(mlp_op, "_ISA", [isa])
+        assert mlp_op.max_fused_weight(x) == want, isa
+    assert FUSED_MLP_MAX_WEIGHT < 384 * 1536 <= mlp_op.FUSED_MLP_MAX_WEIGHT_AVX512  # PaCa-ViT stage 3-4
+
+
 def test_mlp_chooses_whole_mlp_kernel_by_weight_size(monkeypatch, spy):
     calls = spy(mlp_op, "mlp_fused", tag="mlp")
     spy(dwconv_op, "mlp_dwconv", calls, tag="dwconv")
@@ -181,10 +192,11 @@ def test_mlp_chooses_whole_mlp_kernel_by_weight_size(monkeypatch, spy):
         ref = _modules(small, x, 4, 4)
         testing.assert_close(small(x, 4, 4), ref, rtol=1e-5, atol=1e-5)
         assert [kind for kind, _ in calls] == ["mlp"]
-        monkeypatch.setattr(mlp_op, "FUSED_MLP_MAX_WEIGHT", 16 * 64 - 1)
+        bound = mlp_op.max_fused_weight
+        monkeypatch.setattr(mlp_op, "max_fused_weight", lambda t: 16 * 64 - 1)
         testing.assert_close(small(x, 4, 4), ref, rtol=1e-5, atol=1e-5)
         assert [kind for kind, _ in calls] == ["mlp", "dwconv"]
-        monkeypatch.setattr(mlp_op, "FUSED_MLP_MAX_WEIGHT", FUSED_MLP_MAX_WEIGHT)
+        monkeypatch.setattr(mlp_op, "max_fused_weight", bound)
         # Dropout active (train mode, no grad): the modules run, the dropout applies.
         drop = _mlp(16, 64)
         drop.drop.p = 0.5

@@ -58,7 +58,11 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
   const int64_t nr = std::clamp<int64_t>(128 / W, 1, H);
   int64_t parts = 1;
   const int64_t want = 2 * static_cast<int64_t>(at::get_num_threads());
-  while (B * parts < want && (H + 2 * parts - 1) / (2 * parts) >= nr) parts *= 2;
+  // Halving stops at chunks of 4 rows (or k): below that the k - 1 recomputed hidden rows per
+  // chunk cost more than a second thread gains. (It stopped at nr rows: at B = 1 the 14 x 14 stage
+  // was one task, the MLP ran on one core of two.)
+  const int64_t min_chunk = std::max<int64_t>(4, k);
+  while (B * parts < want && (H + 2 * parts - 1) / (2 * parts) >= min_chunk) parts *= 2;
   const int64_t chunk = (H + parts - 1) / parts;
   constexpr bool kInPlaceA = std::is_same_v<scalar_t, acc_t>;
   const bool x_direct = kInPlaceA && sx[2] == 1;  // fc1 reads x's rows in place

@@ -5,7 +5,8 @@ fc2(act(DWConv(fc1(x)))) with DWConv a depthwise conv plus shortcut: each task o
 (fc1 for the rows entering the conv window, the conv + GELU, fc2 straight into the output), so none
 of the three hidden tensors is written to memory. It pays where those tensors are large and the
 weights small (the first stages); :class:`~paca_kernels.nn.Mlp` uses it when fc1's weight has at most
-:data:`FUSED_MLP_MAX_WEIGHT` entries (L2-resident), and :mod:`.mlp_dwconv` otherwise.
+:func:`max_fused_weight` entries (every PaCa-ViT stage on an AVX-512 build), and :mod:`.mlp_dwconv`
+otherwise.
 
 It has no backward: :class:`~paca_kernels.nn.Mlp` uses it only when no gradient is needed, and its
 modules otherwise. The FLOP formula counts it like fc1, the depthwise convolution and fc2, so
@@ -21,14 +22,24 @@ from torch.utils.flop_counter import register_flop_formula
 from ... import _ext
 from ._common import autocast_input, register_inference_only
 
-__all__ = ["FUSED_MLP_MAX_WEIGHT", "FUSED_MLP_MAX_WEIGHT_BF16_AMX", "REGISTERED", "max_fused_weight",
-           "mlp_fused"]
+__all__ = ["FUSED_MLP_MAX_WEIGHT", "FUSED_MLP_MAX_WEIGHT_AVX512", "FUSED_MLP_MAX_WEIGHT_BF16_AMX", "REGISTERED",
+           "max_fused_weight", "mlp_fused"]
 
 #: Largest fc1 weight (hidden × C entries) for which Mlp runs the whole-MLP kernel: about 640 KB
 #: of float32, so fc1's and fc2's weights stay in a 1-2 MB L2 while every task multiplies by them.
 #: Measured on the 2-core development machine (fp32, B = 1-8): the whole-MLP kernel is 2-4× the
 #: modules at C = 96 (hidden 384), 1.0-1.4× at C = 192, and slower than mlp_dwconv at C = 320.
 FUSED_MLP_MAX_WEIGHT = 160_000
+
+#: The float32 bound where the products run on AVX-512 (``_ext.cpu_isa()`` ``"avx512"``,
+#: ``"avx512bf16"`` or ``"amx"``: 8 × 32 register tiles over two packed panels) with the depthwise
+#: conv and GELU on 16 lanes and the packed weights cached across calls. Measured (Xeon, fp32, 2
+#: threads, quiet, median of 30 interleaved calls; whole-MLP kernel over fc1 + mlp_dwconv + fc2,
+#: B = 1 / 8): C = 192 at 28 × 28 1.22 / 2.30; C = 256 at 28 × 28 1.07 / 1.56; C = 320 at 14 × 14
+#: 1.00 / 1.34; C = 384 at 14 × 14 0.98 / 1.47, at 7 × 7 1.10 / 1.00; C = 512 at 14 × 14 0.93 /
+#: 1.30, at 7 × 7 1.29 / 0.97. (Before the B = 1 split of the kernel's rows went below 8-row
+#: chunks, a 14 × 14 image at B = 1 ran as one task: 0.70.)
+FUSED_MLP_MAX_WEIGHT_AVX512 = 1_048_576
 
 #: The same bound where the MLP runs in bfloat16 (a bf16 x, or CPU autocast to bf16) and the
 #: kernels multiply bf16 on AMX tiles (``_ext.cpu_isa()`` ``"amx"``): there fc1 and fc2 are AMX
@@ -41,26 +52,25 @@ FUSED_MLP_MAX_WEIGHT = 160_000
 FUSED_MLP_MAX_WEIGHT_BF16_AMX = 1_048_576
 
 
-def _bf16_on_amx() -> bool:
-    isa = _ext.cpu_isa() if _ext.load() else None
-    return isa is not None and isa[0] == "amx"
-
-
-_AMX: list[bool] = []  # the answer of _bf16_on_amx, once known (the build is chosen once per process)
+#: The builds whose float32 products are the AVX-512 tiles.
+_AVX512_ISAS = ("avx512", "avx512bf16", "amx")
+_ISA: list[str] = []  # the extension's build, once known (chosen once per process)
 
 
 def max_fused_weight(x: Tensor) -> int:
     """The largest fc1 weight (hidden × C entries) for which :class:`~paca_kernels.nn.Mlp` runs the
     whole-MLP kernel on x: :data:`FUSED_MLP_MAX_WEIGHT_BF16_AMX` when the call runs in bfloat16
-    (x bf16, or CPU autocast to bf16) on the AMX build, else :data:`FUSED_MLP_MAX_WEIGHT`."""
+    (x bf16, or CPU autocast to bf16) on the AMX build, :data:`FUSED_MLP_MAX_WEIGHT_AVX512` in
+    float32 on an AVX-512 build, else :data:`FUSED_MLP_MAX_WEIGHT`."""
     bf16 = x.dtype == torch.bfloat16 or (
         x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32)
+    if not _ISA:
+        isa = _ext.cpu_isa() if _ext.load() else None
+        _ISA.append(isa[0] if isa else "")
     if not bf16:
-        return FUSED_MLP_MAX_WEIGHT
-    if not _AMX:
-        _AMX.append(_bf16_on_amx())
-    return FUSED_MLP_MAX_WEIGHT_BF16_AMX if _AMX[0] else FUSED_MLP_MAX_WEIGHT
+        return FUSED_MLP_MAX_WEIGHT_AVX512 if _ISA[0] in _AVX512_ISAS else FUSED_MLP_MAX_WEIGHT
+    return FUSED_MLP_MAX_WEIGHT_BF16_AMX if _ISA[0] == "amx" else FUSED_MLP_MAX_WEIGHT
 
 _LIB = "paca_kernels"
 
