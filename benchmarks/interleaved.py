@@ -54,6 +54,23 @@ MODELS = {"tiny": "pacavit_tiny_p2cconv_100_0", "small": "pacavit_small_p2cconv_
 CLOCK = {"clock": time.perf_counter}
 
 
+def add_clock_args(ap: argparse.ArgumentParser, threads: bool = True) -> None:
+    """``--threads N`` (with ``threads``) and ``--cpu-time``, as every interleaved script takes them."""
+    if threads:
+        ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one torch thread, samples in thread CPU time (a load-robust cross-check)")
+
+
+def apply_clock_args(args: argparse.Namespace) -> None:
+    """Set torch's threads and the samples' clock (:data:`CLOCK`) from :func:`add_clock_args`'s options."""
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        CLOCK["clock"] = time.thread_time
+
+
 def _interleave(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
     """Each round calls every function once, starting one further along the list each round
     (paca_kernels.timing.interleave, after two warm-up calls each), without autograd."""
@@ -316,14 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true",
                     help="the bfloat16 comparison (issue #28) instead of the float32 one")
     ap.add_argument("--batches", default="1,8", help="with --bf16: comma-separated batch sizes")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="one torch thread, samples in thread CPU time (a load-robust cross-check)")
+    add_clock_args(ap, threads=False)
     ap.add_argument("--smoke", action="store_true",
                     help="one tiny layer shape, aot_eager compilation (what make test runs)")
     args = ap.parse_args(argv)
-    if args.cpu_time:
-        torch.set_num_threads(1)
-        CLOCK["clock"] = time.thread_time
+    apply_clock_args(args)
     ceil = _ceilings()
     BF16_EXTRA["ceiling_matmul_bf16_tflops"] = ceil["matmul_bf16"] / 1e12
     print(f"ceilings: copy {ceil['copy'] / 1e9:.1f} GB/s, matmul fp32 {ceil['matmul'] / 1e9:.0f} GF/s, "

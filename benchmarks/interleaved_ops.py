@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,17 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--shapes", default="", help="comma-separated shape names (default: every CPU shape)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    interleaved.add_clock_args(ap)
     ap.add_argument("--ops", default="cluster_pool,p2c_attention", help="comma-separated subset of the two ops")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="one torch thread, samples in thread CPU time (as benchmarks/interleaved.py)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cpu_time:
-        torch.set_num_threads(1)
-        interleaved.CLOCK["clock"] = time.thread_time
+    interleaved.apply_clock_args(args)
     shapes = stage_shapes("cpu", smoke=False)
     if args.shapes:
         wanted = args.shapes.split(",")

@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -256,20 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="tiny,small", help="comma-separated subset of tiny,small,base")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--cpu-time", action="store_true",
-                    help="one torch thread, samples in thread CPU time (a load-robust cross-check)")
+    interleaved.add_clock_args(ap)
     ap.add_argument("--no-compile", action="store_true", help="eager providers only")
     ap.add_argument("--smoke", action="store_true", help="a small model at 64×64, aot_eager compilation")
     ap.add_argument("--official-src", default=None,
                     help="a checkout of iVMCL/PaCaViT: its model is the official provider (else an emulation)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default: print only)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.cpu_time:
-        torch.set_num_threads(1)
-        interleaved.CLOCK["clock"] = time.thread_time
+    interleaved.apply_clock_args(args)
     load_before = os.getloadavg()
     ceil = _ceilings()
     print(f"load average {load_before}, {torch.get_num_threads()} threads; ceilings: copy "

@@ -29,7 +29,9 @@
 //   CPUs without AVX-512. Therefore:
 //   1. An ISA TU includes only <immintrin.h> (its intrinsics are extern gnu_inline always_inline:
 //      never emitted out of line), the C headers it needs for types, this header (types and
-//      declarations, no function bodies) and gelu_coefficients.h (constexpr data, internal linkage).
+//      declarations, no function bodies), gelu_coefficients.h (constexpr data, internal linkage)
+//      and, in the AVX-512 TUs, avx512_lanes.h (16-lane helpers in an unnamed namespace: each TU
+//      its own internal copy).
 //      Never ATen, never the portable headers (portable.h, gelu.h, dwconv.h, kernels.h, ...), never
 //      a <algorithm>-style header whose templates (std::min, ...) it would instantiate.
 //   2. Its code lives in an unnamed namespace inside its own namespace (paca_kernels::cpu::avx2,

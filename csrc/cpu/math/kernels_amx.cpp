@@ -21,7 +21,7 @@
 #include <cstdint>
 
 #include "cpu/math/dispatch.h"
-#include "cpu/math/gelu_coefficients.h"
+#include "cpu/math/avx512_lanes.h"
 
 namespace paca_kernels::cpu::amx {
 
@@ -37,31 +37,6 @@ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 constexpr int64_t kRows = 32;         // rows of A per block: two 16-row tiles
 constexpr int64_t kStepBlock = 1024;  // reduction steps per block (a multiple of 32)
 static_assert(kStepBlock % (2 * kBf16PairPad) == 0, "step blocks must hold whole tiles");
-
-inline __mmask16 lanes_mask16(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-
-// The exact (erf) GELU in float32, the operations of the AVX-512 build's GELU.
-PACA_ALWAYS_INLINE __m512 gelu16(__m512 v) {
-  __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(kGeluScale));
-  x = _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), x));
-  const __m512 s = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_set1_ps(kGeluP[6]);
-  __m512 q = _mm512_set1_ps(kGeluQ[5]);
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[5]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[4]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[4]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[3]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[3]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[2]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[2]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[1]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[1]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[0]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[0]));
-  const __m512 erf_u = _mm512_div_ps(_mm512_mul_ps(x, p), q);
-  const __m512 hv = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
-  return _mm512_fmadd_ps(hv, erf_u, hv);
-}
 
 // The tile configuration (palette 1): tiles 0-3 the 16 x 16 float32 sums, 4-5 the A tiles
 // (16 rows x 32 bf16), 6-7 the B tiles (16 pair-rows x 16 columns x 2). Every tile is 16 rows of
@@ -163,7 +138,7 @@ void gemm_packed_bf16_amx(const float* A, int64_t lda, const uint16_t* P, float*
             __m512 v = _mm512_load_ps(bounce + i * 32 + h);
             if (last) {
               if (bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + j + h));
-              if (gelu) v = gelu16(v);
+              if (gelu) v = gelu_avx512(v);
             }
             _mm512_mask_storeu_ps(cj + i * ldc + h, m, v);
           }

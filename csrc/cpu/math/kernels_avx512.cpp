@@ -9,7 +9,7 @@
 #include <cstdint>
 
 #include "cpu/math/dispatch.h"
-#include "cpu/math/gelu_coefficients.h"
+#include "cpu/math/avx512_lanes.h"
 
 namespace paca_kernels::cpu::avx512 {
 
@@ -34,34 +34,6 @@ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 // the instructions per FMA, the broadcast folded into the load, masked edges in hardware. Every
 // output is the same chain of fused multiply-adds in the same order as in the AVX2 tiles, and GELU
 // the same operations lane by lane, so the two builds give the same bits (tests compare them).
-
-// Lanes l < n of a 16-lane mask (0 <= n <= 16).
-inline __mmask16 lanes_mask16(int64_t n) {
-  return static_cast<__mmask16>((1u << n) - 1u);
-}
-
-// gelu_avx2 on 16 lanes: the same operations, so the same bits lane by lane.
-PACA_ALWAYS_INLINE __m512 gelu_avx512(__m512 v) {
-  __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(kGeluScale));
-  x = _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), x));
-  const __m512 s = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_set1_ps(kGeluP[6]);
-  __m512 q = _mm512_set1_ps(kGeluQ[5]);
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[5]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[4]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[4]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[3]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[3]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[2]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[2]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[1]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[1]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[0]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[0]));
-  const __m512 erf_u = _mm512_div_ps(_mm512_mul_ps(x, p), q);
-  const __m512 hv = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
-  return _mm512_fmadd_ps(hv, erf_u, hv);
-}
 
 // tile_avx2 with 16-lane vectors: C[R x (16*NV)] (+)= sum_{t < T} A(i, t) * B[t, cols], A(i, t)
 // at A[i * a_row + t * a_red]. `mask` limits the last vector's loads (of B when kMaskB, of C and

@@ -19,7 +19,7 @@
 #include <cstdint>
 
 #include "cpu/math/dispatch.h"
-#include "cpu/math/gelu_coefficients.h"
+#include "cpu/math/avx512_lanes.h"
 
 namespace paca_kernels::cpu::avx512bf16 {
 
@@ -36,31 +36,6 @@ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 constexpr int64_t kRowBlock = 48;
 constexpr int64_t kStepBlock = kPanelSteps;
 static_assert(kStepBlock % 2 == 0, "blocks of reduction steps must hold whole pairs");
-
-inline __mmask16 lanes_mask16(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-
-// The exact (erf) GELU in float32, the operations of the AVX-512 build's GELU.
-PACA_ALWAYS_INLINE __m512 gelu16(__m512 v) {
-  __m512 x = _mm512_mul_ps(v, _mm512_set1_ps(kGeluScale));
-  x = _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_set1_ps(-1.0f), x));
-  const __m512 s = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_set1_ps(kGeluP[6]);
-  __m512 q = _mm512_set1_ps(kGeluQ[5]);
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[5]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[4]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[4]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[3]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[3]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[2]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[2]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[1]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[1]));
-  q = _mm512_fmadd_ps(q, s, _mm512_set1_ps(kGeluQ[0]));
-  p = _mm512_fmadd_ps(p, s, _mm512_set1_ps(kGeluP[0]));
-  const __m512 erf_u = _mm512_div_ps(_mm512_mul_ps(x, p), q);
-  const __m512 hv = _mm512_mul_ps(v, _mm512_set1_ps(0.5f));
-  return _mm512_fmadd_ps(hv, erf_u, hv);
-}
 
 // dst[i, 0 : 2 * pairs] = bf16(A[i, 0 : steps]) for i < rows, zero past `steps` (an odd last
 // step is paired with a zero). dst rows are 2 * pairs long.
@@ -124,7 +99,7 @@ PACA_ALWAYS_INLINE void tile(const uint16_t* a, int64_t a_width, const uint16_t*
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
-      if (last && gelu) acc[i][v] = gelu16(acc[i][v]);
+      if (last && gelu) acc[i][v] = gelu_avx512(acc[i][v]);
       _mm512_mask_storeu_ps(C + i * ldc + 16 * v, v == NV - 1 ? mask : __mmask16(0xFFFF),
                             acc[i][v]);
     }
