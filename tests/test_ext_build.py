@@ -178,17 +178,34 @@ def _includes(path: Path) -> set[str]:
     return set(re.findall(r"^\s*#\s*include\s+([<\"][^>\"]+[>\"])", path.read_text(), re.MULTILINE))
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+#: Beyond ISA_SAFE_INCLUDES: the AVX-512 TUs' shared 16-lane helpers (internal linkage, checked
+#: below), and the AMX TU's system headers for its tile-permission syscall (declarations only).
+ISA_EXTRA_INCLUDES = {
+    "avx2": set(),
+    "avx512": {'"cpu/math/avx512_lanes.h"'},
+    "avx512bf16": {'"cpu/math/avx512_lanes.h"'},
+    "amx": {'"cpu/math/avx512_lanes.h"', "<sys/syscall.h>", "<unistd.h>"},
+}
+
+
+@pytest.mark.parametrize("isa", sorted(ISA_EXTRA_INCLUDES))
 def test_isa_translation_unit_includes_only_code_free_headers(isa: str) -> None:
     # An inline function or template instantiated with -mavx2 / -mavx512f could be merged by the
     # linker with the baseline one (and run on a CPU without that ISA): the ISA files may include
-    # only intrinsics and headers without function bodies.
-    assert _includes(MATH_DIR / f"kernels_{isa}.cpp") <= ISA_SAFE_INCLUDES
+    # only intrinsics, headers without function bodies, and avx512_lanes.h, whose functions all
+    # have internal linkage.
+    assert _includes(MATH_DIR / f"kernels_{isa}.cpp") <= ISA_SAFE_INCLUDES | ISA_EXTRA_INCLUDES[isa]
     for header in ("dispatch.h", "gelu_coefficients.h"):
         assert _includes(MATH_DIR / header) <= {"<cstdint>"}
+    lanes = (MATH_DIR / "avx512_lanes.h").read_text()
+    assert _includes(MATH_DIR / "avx512_lanes.h") <= {"<immintrin.h>", "<cstdint>", '"cpu/math/gelu_coefficients.h"'}
+    # Every function body of the shared header sits inside its unnamed namespace.
+    body = lanes[lanes.index("namespace {"):lanes.index("}  // namespace\n")]
+    outside = lanes.replace(body, "")
+    assert not re.search(r"\)\s*\{", outside), "a function defined outside the unnamed namespace"
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("isa", sorted(ISA_EXTRA_INCLUDES))
 def test_isa_object_exports_only_its_registration(isa: str) -> None:
     nm = shutil.which("nm")
     objs = sorted((ROOT / "build").glob(f"cmake-*/CMakeFiles/_C.dir/csrc/cpu/math/kernels_{isa}.cpp.o"))
