@@ -20,6 +20,10 @@ pytestmark = pytest.mark.extension
 # (B, H, W, C, hidden, k): odd grids and widths that leave masked vector tails (hidden 37, 20, 44;
 # out 13), a kernel wider than the grid, a 1x1 grid, a grid taller than one step of rows (H = 40,
 # W = 3: 42 rows per step, so several steps with kept rows), and B = 1 (split into row chunks).
+# Images of at most 32 rows at B < 4 are split into channel groups (mlp_groups in
+# csrc/cpu/fused/mlp_fused.cpp: 4 at B = 1, 2 at B = 2 or 3, each at least 16 channels) whose
+# partial fc2 products are summed: 2 groups for the first two shapes, 4 (of 16, 16, 16 and 24
+# channels: an uneven last group) for the one with hidden 72, 2 for hidden 50 and for (1, 17, 11).
 SHAPES = [
     (2, 7, 9, 24, 40, 3),
     (1, 5, 3, 13, 37, 3),
@@ -28,6 +32,8 @@ SHAPES = [
     (2, 3, 2, 12, 24, 7),
     (1, 40, 3, 16, 44, 3),
     (1, 17, 11, 20, 32, 3),
+    (1, 7, 9, 24, 72, 3),
+    (2, 6, 5, 20, 50, 5),
 ]
 
 
@@ -106,13 +112,14 @@ def test_mlp_fused_low_precision_within_flash_attention_rule(dtype):
     testing.assert_low_precision_ok(out, ref_low, exact, name="out")
 
 
-@pytest.mark.parametrize("B", [1, 3])
-def test_mlp_fused_deterministic_across_thread_counts(B):
+@pytest.mark.parametrize("B,H", [(1, 40), (3, 40), (1, 12), (2, 12)])
+def test_mlp_fused_deterministic_across_thread_counts(B, H):
     """With B = 1 the images are split into row chunks, more of them with more threads: the kept
-    and recomputed hidden rows must give the same bits."""
-    m = _mlp(16, 48)
-    x = torch.randn(B, 24 * 5, 16)
-    testing.assert_same_bits_across_thread_counts(lambda: mlp_fused(m, x, 24, 5))
+    and recomputed hidden rows must give the same bits. A 12-row image at B < 4 is split into
+    channel groups (their number fixed by the shapes, their partial sums added in group order)."""
+    m = _mlp(16, 80)
+    x = torch.randn(B, H * 5, 16)
+    testing.assert_same_bits_across_thread_counts(lambda: mlp_fused(m, x, H, 5))
 
 
 def test_mlp_fused_scratch_buffers_carry_nothing_between_calls():

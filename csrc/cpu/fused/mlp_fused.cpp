@@ -10,6 +10,15 @@
 // fc2 for them straight into the output. fc1's bias is added as the conv loads its input (so the
 // zero padding stays unbiased, as for the module), the shortcut is folded into the centre tap.
 // Every output is computed by one task in a fixed order: results do not depend on the thread count.
+//
+// Small images at small batches (B = 1 at 14 x 14: one image of 14 rows) give too few row chunks
+// for the threads, and each chunk boundary recomputes k - 1 hidden rows (4-row chunks of a 14-row
+// image computed fc1 for 20 rows, and the two threads got 19 and 15 rows' work). There the hidden
+// channels are split instead (channel groups, mlp_groups below): the depthwise conv and GELU are
+// per channel, so a group's fc1 columns, conv and GELU need no other group's, and its slice of
+// fc2's reduction gives a partial output; the partials are summed in group order afterwards. No
+// hidden row is computed twice and the groups are equal work. The number of groups depends on the
+// shapes only, so results still do not depend on the thread count.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,6 +29,7 @@
 #include <algorithm>
 #include <cstring>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -37,21 +47,53 @@ namespace paca_kernels {
 using namespace cpu;
 namespace {
 
+// Images of at most this many rows are split into channel groups at small batches (mlp_groups).
+constexpr int64_t kMlpGroupMaxRows = 32;
+
+// Channel groups for (B, H, hidden): 1 (rows split only) unless the batch is small and the
+// image short, where row chunks would be few and their recomputed rows costly; then enough groups
+// for 4 tasks with B images (each group at least 16 channels, the packed panels' width). A
+// function of the shapes only (the bits depend on it).
+int64_t mlp_groups(int64_t B, int64_t H, int64_t Hd) {
+  if (B >= 4 || H > kMlpGroupMaxRows) return 1;
+  int64_t g = B == 1 ? 4 : 2;
+  while (g > 1 && Hd < 16 * g) g /= 2;
+  return g;
+}
+
+// Group g's hidden channels are [bounds[g], bounds[g + 1]): near-equal slices, each boundary a
+// multiple of 16 (so a slice of the packed fc1 is whole panels).
+std::vector<int64_t> mlp_group_bounds(int64_t Hd, int64_t G) {
+  std::vector<int64_t> b(static_cast<size_t>(G + 1));
+  for (int64_t g = 0; g <= G; ++g) b[g] = g == G ? Hd : (Hd * g / G) / 16 * 16;
+  return b;
+}
+
+// What one channel group needs: its fc2 slice (fc2_weight[:, h0:h1], packed on its own as the
+// right-hand side of the partial product), its conv taps (k*k, h1 - h0), its bias slices.
+template <typename acc_t>
+struct MlpGroup {
+  int64_t h0 = 0, h1 = 0;
+  std::unique_ptr<PackedMatrix<acc_t>> w2;
+  std::vector<acc_t> wt;
+};
+
 template <typename scalar_t>
 void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
                       const PackedMatrix<at::opmath_type<scalar_t>>& w1_t,
                       const at::opmath_type<scalar_t>* b1,
-                      const std::vector<at::opmath_type<scalar_t>>& wt,
+                      const std::vector<MlpGroup<at::opmath_type<scalar_t>>>& groups,
                       const at::opmath_type<scalar_t>* dw_b, bool gelu,
-                      const PackedMatrix<at::opmath_type<scalar_t>>& w2_t,
-                      const at::opmath_type<scalar_t>* b2, int64_t Hd, int64_t Co,
-                      at::Tensor& out) {
+                      const at::opmath_type<scalar_t>* b2, int64_t Co, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t G = static_cast<int64_t>(groups.size());
   const int64_t pad = (k - 1) / 2;
   const Strides sx(x);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, Co) contiguous
+  int64_t Hmax = 0;
+  for (const auto& grp : groups) Hmax = std::max(Hmax, grp.h1 - grp.h0);
   // Output rows per step: about 128 tokens, so that the step's hidden rows ((nr + k - 1) x W x 4C)
   // stay in L2. Chunks of rows per task: whole images when there are enough of them for every
   // thread, else halves, quarters... (a chunk boundary costs k - 1 recomputed hidden rows).
@@ -62,18 +104,25 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
   // chunk cost more than a second thread gains. (It stopped at nr rows: at B = 1 the 14 x 14 stage
   // was one task, the MLP ran on one core of two.)
   const int64_t min_chunk = std::max<int64_t>(4, k);
-  while (B * parts < want && (H + 2 * parts - 1) / (2 * parts) >= min_chunk) parts *= 2;
+  while (B * G * parts < want && (H + 2 * parts - 1) / (2 * parts) >= min_chunk) parts *= 2;
   const int64_t chunk = (H + parts - 1) / parts;
   constexpr bool kInPlaceA = std::is_same_v<scalar_t, acc_t>;
   const bool x_direct = kInPlaceA && sx[2] == 1;  // fc1 reads x's rows in place
   const int64_t cap = nr + 2 * pad;               // hidden rows held at once
+  // With one group, the output rows straight into `out` (float32, float64) or through a
+  // per-step buffer (bf16, fp16); with several, each group's partial product into its plane of
+  // `part` (G x B x N x Co, fc2's bias in group 0's), summed below.
+  const Scratch<acc_t> part(ScratchSlot::kCall5, G > 1 ? G * B * N * Co : 0);
+  const bool direct_out = kInPlaceA && G == 1;
 
-  parallel_for(0, B * parts, 1, [&](int64_t lo, int64_t hi) {
-    const Scratch<acc_t> hbuf(ScratchSlot::kTask0, cap * W * Hd), g(ScratchSlot::kTask1, nr * W * Hd),
+  parallel_for(0, B * parts * G, 1, [&](int64_t lo, int64_t hi) {
+    const Scratch<acc_t> hbuf(ScratchSlot::kTask0, cap * W * Hmax), g(ScratchSlot::kTask1, nr * W * Hmax),
         xa(ScratchSlot::kTask2, x_direct ? 0 : cap * W * C),
-        ob(ScratchSlot::kTask3, kInPlaceA ? 0 : nr * W * Co);
+        ob(ScratchSlot::kTask3, direct_out || G > 1 ? 0 : nr * W * Co);
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t b = task / parts, ya = (task % parts) * chunk;
+      const int64_t gi = task % G, b = task / G / parts, ya = (task / G % parts) * chunk;
+      const MlpGroup<acc_t>& grp = groups[gi];
+      const int64_t Hg = grp.h1 - grp.h0;
       const int64_t yb = std::min(H, ya + chunk);
       if (ya >= yb) continue;
       int64_t h_lo = std::max<int64_t>(0, ya - pad), h_hi = h_lo;  // hidden rows in hbuf
@@ -84,8 +133,8 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
         if (need_lo > h_lo) {  // drop the rows above the window, keep the overlap
           const int64_t keep = std::max<int64_t>(0, h_hi - need_lo);
           if (keep > 0) {
-            std::memmove(hbuf.data(), hbuf.data() + (need_lo - h_lo) * W * Hd,
-                         sizeof(acc_t) * keep * W * Hd);
+            std::memmove(hbuf.data(), hbuf.data() + (need_lo - h_lo) * W * Hg,
+                         sizeof(acc_t) * keep * W * Hg);
           }
           h_lo = need_lo;
           h_hi = need_lo + keep;
@@ -112,24 +161,48 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
             a = xa.data();
             lda = C;
           }
-          w1_t.linear(a, lda, hbuf.data() + (h_hi - h_lo) * W * Hd, Hd, nt, nullptr,
-                      /*gelu=*/false);
+          acc_t* hrow = hbuf.data() + (h_hi - h_lo) * W * Hg;
+          if (G == 1) {
+            w1_t.linear(a, lda, hrow, Hg, nt, nullptr, /*gelu=*/false);
+          } else {
+            w1_t.linear_cols(a, lda, hrow, Hg, nt, grp.h0, grp.h1, nullptr, /*gelu=*/false);
+          }
           h_hi = need_hi;
         }
-        dwconv_rows(hbuf.data(), Hd, h_lo, H, W, y, rows, wt.data(), dw_b, b1, gelu, g.data(), Hd,
+        dwconv_rows(hbuf.data(), Hg, h_lo, H, W, y, rows, grp.wt.data(),
+                    dw_b ? dw_b + grp.h0 : nullptr, b1 ? b1 + grp.h0 : nullptr, gelu, g.data(), Hg,
                     k);
         const int64_t nt = rows * W;
         acc_t* dst;
-        if constexpr (kInPlaceA) {
+        if (G > 1) {
+          dst = part.data() + ((gi * B + b) * N + y * W) * Co;
+        } else if constexpr (kInPlaceA) {
           dst = op + (b * N + y * W) * Co;
         } else {
           dst = ob.data();
         }
-        w2_t.linear(g.data(), Hd, dst, Co, nt, b2, /*gelu=*/false);
-        if constexpr (!kInPlaceA) {
+        grp.w2->linear(g.data(), Hg, dst, Co, nt, gi == 0 ? b2 : nullptr, /*gelu=*/false);
+        if (G == 1 && !kInPlaceA) {
           convert_row(dst, op + (b * N + y * W) * Co, nt * Co);
         }
       }
+    }
+  });
+  if (G == 1) return;
+  // out = ((part_0 + part_1) + part_2) + ..., token rows in parallel (each row summed once, in
+  // group order: the bits do not depend on the thread count).
+  const int64_t plane = B * N * Co;
+  parallel_for(0, B * N, 64, [&](int64_t lo, int64_t hi) {
+    const Scratch<acc_t> row(ScratchSlot::kTask0, kInPlaceA ? 0 : Co);
+    for (int64_t r = lo; r < hi; ++r) {
+      acc_t* s = kInPlaceA ? reinterpret_cast<acc_t*>(op) + r * Co : row.data();
+      const acc_t* p0 = part.data() + r * Co;
+      for (int64_t c = 0; c < Co; ++c) s[c] = p0[c];
+      for (int64_t gi = 1; gi < G; ++gi) {
+        const acc_t* pg = part.data() + gi * plane + r * Co;
+        for (int64_t c = 0; c < Co; ++c) s[c] += pg[c];
+      }
+      if constexpr (!kInPlaceA) convert_row(s, op + r * Co, Co);
     }
   });
 }
@@ -166,19 +239,41 @@ at::Tensor mlp_fused_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::Te
     // as the bf16 linears compute them; the conv, GELU and the hidden rows stay float32.
     constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
     const PackedMatrix<acc_t> w1_t(fc1_weight, ScratchSlot::kCall0, kBf16);  // fc1^T (C, hidden)
-    const PackedMatrix<acc_t> w2_t(fc2_weight, ScratchSlot::kCall1, kBf16);  // fc2^T (hidden, out)
     std::vector<acc_t> wt = transposed<acc_t>(dw_weight.reshape({Hd, k * k}));  // (k*k, hidden)
     if (shortcut) {
       const int64_t centre = (k / 2) * k + k / 2;
       for (int64_t c = 0; c < Hd; ++c) wt[centre * Hd + c] += acc_t(1);
     }
+    const int64_t G = mlp_groups(B, H, Hd);
+    const std::vector<int64_t> bounds = mlp_group_bounds(Hd, G);
+    std::vector<MlpGroup<acc_t>> groups(static_cast<size_t>(G));
+    for (int64_t gi = 0; gi < G; ++gi) {
+      MlpGroup<acc_t>& grp = groups[gi];
+      grp.h0 = bounds[gi];
+      grp.h1 = bounds[gi + 1];
+      // fc2^T (hidden, out), or its rows h0 .. h1 - 1 (a view of fc2_weight's columns: its own
+      // PackCache entry).
+      grp.w2 = std::make_unique<PackedMatrix<acc_t>>(
+          G == 1 ? fc2_weight : fc2_weight.slice(1, grp.h0, grp.h1),
+          static_cast<ScratchSlot>(static_cast<int>(ScratchSlot::kCall1) + gi), kBf16);
+      if (G == 1) {
+        grp.wt = std::move(wt);
+        break;
+      }
+      const int64_t Hg = grp.h1 - grp.h0;
+      grp.wt.resize(static_cast<size_t>(k * k * Hg));
+      for (int64_t t = 0; t < k * k; ++t) {
+        std::copy(wt.begin() + t * Hd + grp.h0, wt.begin() + t * Hd + grp.h1,
+                  grp.wt.begin() + t * Hg);
+      }
+    }
     std::vector<acc_t> b1v, dbv, b2v;
     if (fc1_bias) b1v = to_vector<acc_t>(*fc1_bias);
     if (dw_bias) dbv = to_vector<acc_t>(*dw_bias);
     if (fc2_bias) b2v = to_vector<acc_t>(*fc2_bias);
-    mlp_fused_kernel<scalar_t>(x, H, W, k, w1_t, fc1_bias ? b1v.data() : nullptr, wt,
-                               dw_bias ? dbv.data() : nullptr, gelu, w2_t,
-                               fc2_bias ? b2v.data() : nullptr, Hd, Co, out);
+    mlp_fused_kernel<scalar_t>(x, H, W, k, w1_t, fc1_bias ? b1v.data() : nullptr, groups,
+                               dw_bias ? dbv.data() : nullptr, gelu,
+                               fc2_bias ? b2v.data() : nullptr, Co, out);
   });
   return out;
 }

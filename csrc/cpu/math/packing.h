@@ -217,6 +217,36 @@ struct PackedMatrix {
     }
   }
 
+  // linear() restricted to the output columns c0 .. c1 - 1 (c0 a multiple of 16, c1 <= cols; C
+  // and bias point at column c0): the products of those columns' panels only, with the bits
+  // linear() gives for them. For a task that owns a slice of a layer's outputs (mlp_fused's
+  // channel groups).
+  void linear_cols(const T* A, int64_t lda, T* C, int64_t ldc, int64_t rows, int64_t c0,
+                   int64_t c1, const T* bias, bool gelu) const {
+    TORCH_CHECK(c0 % 16 == 0 && 0 <= c0 && c0 < c1 && c1 <= cols,
+                "PackedMatrix::linear_cols: bad column range ", c0, "..", c1, " of ", cols);
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16) {
+        float32_kernels().gemm_packed_bf16(
+            A, lda, reinterpret_cast<const uint16_t*>(data_) + (c0 / 16) * bf16_pairs(steps) * 32,
+            C, ldc, rows, steps, c1 - c0, bias, gelu);
+        return;
+      }
+      if (packed) {
+        float32_kernels().gemm_packed(A, lda, data_ + (c0 / 16) * steps * 16, C, ldc, rows, steps,
+                                      c1 - c0, bias, gelu);
+        return;
+      }
+    }
+    if (bias != nullptr) {
+      for (int64_t r = 0; r < rows; ++r) std::copy(bias, bias + (c1 - c0), C + r * ldc);
+    }
+    gemm_nn(A, lda, data_ + c0, cols, C, ldc, rows, steps, c1 - c0, bias != nullptr);
+    if (gelu) {
+      for (int64_t r = 0; r < rows; ++r) gelu_inplace(C + r * ldc, c1 - c0);
+    }
+  }
+
   // C[r, :] = act(bias + sum_t A[r, t] B[t, :]) for r < rows (A row stride lda, C row stride
   // ldc): a linear layer, bias (cols,) or nullptr, act GELU if gelu else the identity. The packed
   // kernel starts its sums from the bias and applies GELU as it stores them (no passes over C
