@@ -102,6 +102,15 @@
 //   out = p2c_attention_proj(x, c, q_weight, ..., proj_bias, num_heads, scale) (B, N, Co);
 //   assign (B, M, N) dtype of x = softmax(logits over N) (the layer's z) if probs, else logits.
 
+// patch_embed(x, weight, bias, stride, padding, norm, norm_weight, norm_bias, eps) -> out
+//   A PaCa-ViT stem or stage transition in one pass (DownsampleV1: a conv, then a LayerNorm over
+//   the output channels), channels last in and out; inference only (no autograd).
+//   x (B, H, W, C) pixels (any strides: a channels-last view of an image or of tokens); weight
+//   (Co, C, k, k); bias (Co,) optional; zero padding `padding` on every side, stride `stride`;
+//   Ho = (H + 2 padding - k) / stride + 1, Wo likewise. With y = conv2d(x, weight, bias) (B, Ho,
+//   Wo, Co), accumulated in acc: out (B, Ho, Wo, Co) contiguous, dtype of x = LayerNorm over Co
+//   of y (biased variance, eps, optional affine norm_weight/norm_bias) if norm, else y.
+
 #include <Python.h>
 
 #include <torch/library.h>
@@ -151,6 +160,9 @@ TORCH_LIBRARY(paca_kernels, m) {
       "p2c_attention_proj(Tensor x, Tensor c, Tensor q_weight, Tensor? q_bias, Tensor k_weight, "
       "Tensor? k_bias, Tensor v_weight, Tensor? v_bias, Tensor proj_weight, Tensor? proj_bias, "
       "int num_heads, float scale) -> Tensor");
+  m.def(
+      "patch_embed(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, bool norm, "
+      "Tensor? norm_weight, Tensor? norm_bias, float eps) -> Tensor");
   m.def(
       "conv_paca_layer(Tensor x, int H, int W, Tensor dw_weight, Tensor? dw_bias, Tensor w1, "
       "Tensor? b1, Tensor w2, Tensor? b2, Tensor? norm_weight, Tensor? norm_bias, float eps, "

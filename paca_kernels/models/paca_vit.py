@@ -21,7 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from ..nn.block import DEFAULT_PACA_CFG, PaCaBlock
-from ..nn.layers import BlurConv2d, DownsampleV1, DropPath, build_act, build_norm
+from ..nn.downsample import DownsampleV1
+from ..nn.layers import BlurConv2d, DropPath, build_act, build_norm
 from ..ops.dispatch import check_backend_name
 from .pretrained import load_pretrained
 
@@ -294,7 +295,7 @@ class PaCaViT(nn.Module):
             self.share_stem = tcfg.get("stem_cfg") is None
 
         self.patch_embed = DownsampleV1(in_channels=in_chans, out_channels=embed_dims[0],
-                                        img_size=img_size, **stem_cfg)
+                                        img_size=img_size, backend=backend, **stem_cfg)
         self.patch_grid = self.patch_embed.grid_size
 
         cur = 0
@@ -325,7 +326,7 @@ class PaCaViT(nn.Module):
             if i < self.num_stages - 1:
                 setattr(self, f"transition{i + 1}", DownsampleV1(
                     in_channels=embed_dims[i], out_channels=embed_dims[i + 1], img_size=grid,
-                    **trans_cfg))
+                    backend=backend, **trans_cfg))
 
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else None
         self.init_weights()

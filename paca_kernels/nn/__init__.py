@@ -15,7 +15,8 @@ from .clustering_variants import (
     ward_tree,
 )
 from .convert import convert_paca_layers
-from .layers import BlurConv2d, DownsampleV1, DropPath, LayerNorm2d, build_act, build_norm
+from .downsample import DownsampleV1
+from .layers import BlurConv2d, DropPath, LayerNorm2d, build_act, build_norm
 from .seg_head import PaCaSegHead
 
 __all__ = [

@@ -1,8 +1,9 @@
 """Small building blocks of PaCa-ViT, written here so that timm, mmcv and einops are not needed.
 
 Each matches the official release's module of the same role (same parameter names and numerics):
-DropPath (stochastic depth), LayerNorm2d, the ``DownsampleV1`` stem/transition, the teacher's
-BlurConv2d, and the builders that turn the official ``*_cfg`` dicts into modules.
+DropPath (stochastic depth), LayerNorm2d, the teacher's BlurConv2d, and the builders that turn the
+official ``*_cfg`` dicts into modules. (The ``DownsampleV1`` stem/transition, which has a fused
+path, is :mod:`paca_kernels.nn.downsample`.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from torch import Tensor, nn
 __all__ = [
     "BlurConv2d",
     "DWConv",
-    "DownsampleV1",
     "DropPath",
     "LayerNorm2d",
     "build_act",
@@ -113,48 +113,6 @@ def build_norm(cfg: Mapping[str, Any] | None, dim: int) -> nn.Module:
     for p in layer.parameters():
         p.requires_grad = requires_grad
     return layer
-
-
-class DownsampleV1(nn.Module):
-    """The official stem / stage transition: strided conv(s) then a channel norm, on (B, C, H, W).
-
-    patch_size 2: one ``kernel_size`` conv of stride 2. patch_size 4 with a smaller kernel: two stride-2
-    convs (``proj.0``: in -> out/2, ``proj.1``: out/2 -> out), no activation between them.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        patch_size: int,
-        kernel_size: int,
-        norm_cfg: Mapping[str, Any] | None = None,
-        img_size: int | tuple[int, int] = 224,
-    ) -> None:
-        super().__init__()
-        if patch_size not in (2, 4):
-            raise ValueError(f"patch_size must be 2 or 4, got {patch_size}")
-        if norm_cfg is None:
-            norm_cfg = {"type": "LayerNorm2d", "eps": 1e-6}
-        size = to_2tuple(img_size)
-        self.patch_size = patch_size
-        self.grid_size = (size[0] // patch_size, size[1] // patch_size)
-        pad = (kernel_size - 1) // 2
-        if patch_size <= kernel_size:
-            self.proj: nn.Module = nn.Conv2d(
-                in_channels, out_channels, kernel_size, stride=patch_size, padding=pad
-            )
-        else:
-            mid = out_channels // 2
-            self.proj = nn.Sequential(
-                nn.Conv2d(in_channels, mid, kernel_size, stride=2, padding=pad),
-                nn.Conv2d(mid, out_channels, kernel_size, stride=patch_size // 2, padding=pad),
-            )
-        self.norm = build_norm(norm_cfg, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> (B, C_out, H / patch, W / patch)."""
-        return self.norm(self.proj(x))
 
 
 class BlurConv2d(nn.Module):

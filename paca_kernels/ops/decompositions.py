@@ -53,6 +53,7 @@ __all__ = [
     "onnx_decomposition_table",
     "p2c_attention_fwd",
     "p2c_attention_proj",
+    "patch_embed",
 ]
 
 
@@ -197,6 +198,19 @@ def conv_paca_layer(
     return out.to(x.dtype).contiguous(), assign.to(x.dtype).contiguous()
 
 
+def patch_embed(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, norm: bool,
+    norm_weight: Tensor | None, norm_bias: Tensor | None, eps: float,
+) -> Tensor:
+    """out (B, Ho, Wo, Co) = LayerNorm over Co (if ``norm``) of conv2d(x) for channels-last x (B, H, W, C)."""
+    acc = acc_dtype(x.dtype)
+    y = F.conv2d(x.to(acc).permute(0, 3, 1, 2), weight.to(acc), _acc(bias, acc), stride, padding)
+    y = y.permute(0, 2, 3, 1)
+    if norm:
+        y = F.layer_norm(y, (y.shape[-1],), _acc(norm_weight, acc), _acc(norm_bias, acc), eps)
+    return y.to(x.dtype).contiguous()
+
+
 #: Op name (``torch.ops.paca_kernels.<name>``) -> its decomposition.
 DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "cluster_pool_fwd": cluster_pool_fwd,
@@ -206,6 +220,7 @@ DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "mlp_fused": mlp_fused,
     "p2c_attention_proj": p2c_attention_proj,
     "conv_paca_layer": conv_paca_layer,
+    "patch_embed": patch_embed,
     # The Triton twins (defined where Triton imports; ops/<op>.py) compute the same and return the same
     # outputs: a model exported from a GPU on the triton backend needs them.
     "cluster_pool_fwd_triton": cluster_pool_fwd,

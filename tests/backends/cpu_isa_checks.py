@@ -2,7 +2,7 @@
 ``PACA_KERNELS_CPU_ISA`` (read once, at first use): test_cpu_isa.py runs this file as a script.
 
 - ``python cpu_isa_checks.py``: every float32 kernel against float64 or the reference (the differentiable
-  ops with their gradients, and the five inference fusions), and the kernels' GELU; prints "isa ok".
+  ops with their gradients, and the six inference fusions), and the kernels' GELU; prints "isa ok".
 - ``python cpu_isa_checks.py outputs PATH``: every kernel that multiplies matrices, forward and
   backward, on shapes with ragged tiles, saved to PATH (the AVX-512 and AVX2 builds must agree bitwise).
 """
@@ -22,6 +22,7 @@ from paca_kernels.nn.clustering import P2CConv2d
 from paca_kernels.ops.fused.conv_cluster_logits import conv_cluster_logits
 from paca_kernels.ops.fused.mlp_dwconv import mlp_dwconv
 from paca_kernels.ops.fused.mlp_fused import mlp_fused
+from paca_kernels.ops.fused.patch_embed import patch_embed
 from paca_kernels.testing import assert_close, clone_leaves, make_cluster_pool_inputs, make_p2c_inputs
 
 
@@ -160,6 +161,22 @@ def check_mlp_fused() -> None:
         assert err < 1e-5, ("mlp_fused", err)
 
 
+def check_patch_embed() -> None:
+    """The stem / transition kernel against conv2d + LayerNorm in float64: a transition at B = 1 (its
+    output columns split between tasks) and the stem's first conv on an NCHW image."""
+    for B, H, C, Co, norm, nchw in [(1, 14, 40, 70, True, False), (2, 17, 3, 24, False, True)]:
+        x = torch.randn(B, C, H, H) if nchw else torch.randn(B, H, H, C).permute(0, 3, 1, 2)
+        w, b = torch.randn(Co, C, 3, 3) / (3 * C) ** 0.5, torch.randn(Co)
+        nw, nb = torch.randn(Co), torch.randn(Co)
+        with torch.no_grad():
+            out = patch_embed(x.permute(0, 2, 3, 1), w, b, 2, 1, norm, nw if norm else None,
+                              nb if norm else None).double()
+        y = F.conv2d(x.double(), w.double(), b.double(), 2, 1).permute(0, 2, 3, 1)
+        exact = F.layer_norm(y, (Co,), nw.double(), nb.double(), 1e-6) if norm else y
+        err = (out - exact).abs().max().item()
+        assert err < 2e-5, ("patch_embed", err)
+
+
 def check_gelu() -> None:
     """The kernels' rational-erf GELU against float64, tails and NaN: a depthwise conv whose taps are
     all zero, with the shortcut (folded into the centre tap as 1), passes x through exactly, so
@@ -194,10 +211,11 @@ def check_gelu() -> None:
 
 
 CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_conv_paca_layer,
-          check_mlp_dwconv, check_mlp_dwconv_bwd, check_gelu_grad, check_mlp_fused, check_gelu]
+          check_mlp_dwconv, check_mlp_dwconv_bwd, check_gelu_grad, check_mlp_fused, check_patch_embed,
+          check_gelu]
 
 #: How many tensors :func:`outputs` saves.
-NUM_OUTPUTS = 30
+NUM_OUTPUTS = 32
 
 
 def outputs() -> list[torch.Tensor]:
@@ -212,6 +230,11 @@ def outputs() -> list[torch.Tensor]:
         for B, H, W, C in [(2, 7, 9, 24), (1, 13, 3, 30)]:
             m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
             outs.append(m(torch.randn(B, H * W, C), H, W))  # the whole-MLP kernel (small weights)
+        # patch_embed: a transition at B = 1 (column groups; C = 30: ragged tiles), the NCHW stem.
+        for B, H, C, Co, norm in [(1, 13, 30, 70, True), (2, 15, 3, 24, False)]:
+            x = torch.randn(B, C, H, H)
+            outs.append(patch_embed(x.permute(0, 2, 3, 1), torch.randn(Co, C, 3, 3), torch.randn(Co), 2, 1,
+                                    norm, torch.randn(Co) if norm else None, torch.randn(Co) if norm else None))
     # d = 40 and 48 and M = 100 (32 + 32 + 36): the 3-vector tiles; M = 13, 49, 100: exp row tails.
     for shape in [(2, 37, 13, 3, 24), (1, 70, 49, 2, 40), (1, 50, 100, 2, 48)]:
         a = make_p2c_inputs(*shape, requires_grad=True)

@@ -98,23 +98,35 @@ struct PackedMatrix {
   T* data_ = nullptr;  // cached or store
 
   PackedMatrix(const at::Tensor& weight, ScratchSlot slot, bool bf16_products = false)
-      : steps(weight.size(1)),
-        cols(weight.size(0)),
+      : PackedMatrix(weight, slot, bf16_products, 0, [&] { return weight; }) {}
+
+  // The matrix values() (cols x steps, any dtype and strides: called only when a packing is
+  // needed) with `key` for the cache: a 2-D view of the parameter the values are made from, with
+  // key's shape, and `tag` > 0 telling its layout apart from key's own values'. For a weight used
+  // with its reduction steps reordered (patch_embed.cpp: a conv weight (Co, C, k, k) as
+  // (Co, k*k*C), keyed by its view (Co, C*k*k)), so the reordered copy is made and packed once
+  // while the parameter is unchanged rather than on every call.
+  template <typename Values>
+  PackedMatrix(const at::Tensor& key, ScratchSlot slot, bool bf16_products, int64_t tag,
+               Values&& values)
+      : steps(key.size(1)),
+        cols(key.size(0)),
         packed(std::is_same_v<T, float> && float32_kernels().gemm_packed != nullptr),
         bf16(std::is_same_v<T, float> && bf16_products &&
              float32_kernels().gemm_packed_bf16 != nullptr),
         store(slot, 0) {
-    const int64_t n = bf16     ? (cols + 15) / 16 * 16 * bf16_pairs(weight.size(1))
-                      : packed ? (cols + 15) / 16 * 16 * weight.size(1)
-                               : weight.numel();
+    const int64_t n = bf16     ? (cols + 15) / 16 * 16 * bf16_pairs(steps)
+                      : packed ? (cols + 15) / 16 * 16 * steps
+                               : cols * steps;
     const size_t bytes = static_cast<size_t>(n) * sizeof(T);
     bool want = false;
-    if (PackCache::usable(weight)) {
-      // The layout, the values (rounded to bf16 or not) and T: one cache entry each.
+    if (PackCache::usable(key)) {
+      // The layout, the values (rounded to bf16 or not), T and the values' order: one cache
+      // entry each.
       const int64_t layout = (bf16 ? 1 : packed ? 2 : 3) + (bf16_products ? 4 : 0) +
-                             (sizeof(T) == 8 ? 8 : 0);
+                             (sizeof(T) == 8 ? 8 : 0) + 16 * tag;
       PackCache& cache = PackCache::instance();
-      cached = cache.find(weight, layout, bytes, want);
+      cached = cache.find(key, layout, bytes, want);
       if (cached) {
         data_ = static_cast<T*>(cached.get());
         return;
@@ -122,15 +134,15 @@ struct PackedMatrix {
       if (want) {
         std::shared_ptr<void> buf = PackCache::allocate(bytes);
         data_ = static_cast<T*>(buf.get());
-        pack(weight, bf16_products);
-        cache.store(weight, layout, buf, bytes);
+        pack(values(), bf16_products);
+        cache.store(key, layout, buf, bytes);
         cached = std::move(buf);
         return;
       }
     }
     store = Scratch<T>(slot, n);
     data_ = store.data();
-    pack(weight, bf16_products);
+    pack(values(), bf16_products);
   }
   PackedMatrix(const PackedMatrix&) = delete;
   PackedMatrix& operator=(const PackedMatrix&) = delete;
