@@ -141,24 +141,16 @@ void patch_embed_kernel(const at::Tensor& x, int64_t k, int64_t stride, int64_t 
         }
       }
       const int64_t c0 = cb[g], c1 = cb[g + 1];
-      acc_t* dst;
-      int64_t ldd;
-      if (kInPlace || late) {
-        dst = dst_all + (b * P + p0) * Co;
-        ldd = Co;
-      } else {
-        dst = rows_buf.data();
-        ldd = Co;
-      }
+      acc_t* const dst = kInPlace || late ? dst_all + (b * P + p0) * Co : rows_buf.data();
       if (cg == 1) {
-        wm.linear(a.data(), K, dst, ldd, rows, bias, /*gelu=*/false);
+        wm.linear(a.data(), K, dst, Co, rows, bias, /*gelu=*/false);
       } else {
-        wm.linear_cols(a.data(), K, dst + c0, ldd, rows, c0, c1, bias ? bias + c0 : nullptr,
+        wm.linear_cols(a.data(), K, dst + c0, Co, rows, c0, c1, bias ? bias + c0 : nullptr,
                        /*gelu=*/false);
       }
       if (late) continue;
       for (int64_t r = 0; r < rows; ++r) {
-        acc_t* row = dst + r * ldd;
+        acc_t* row = dst + r * Co;
         if (norm.on) norm.apply(row, Co);
         if constexpr (!kInPlace) convert_row(row, op + (b * P + p0 + r) * Co, Co);
       }
