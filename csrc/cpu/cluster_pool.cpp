@@ -27,6 +27,7 @@
 #include "cpu/cpu_ops.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/layernorm.h"
+#include "cpu/math/packing.h"
 #include "cpu/math/parallel.h"
 #include "cpu/math/scratch.h"
 #include "cpu/math/tensor_access.h"
@@ -82,10 +83,45 @@ const acc_t* x_tile(const scalar_t* xp, const Strides& sx, int64_t b, int64_t n0
   }
   for (int64_t i = 0; i < nt; ++i) {
     const scalar_t* xr = xp + b * sx[0] + (n0 + i) * sx[1];
+    if (sx[2] == 1) {  // a row at a time (vectorised bf16 -> float32: the same values)
+      convert_row(xr, buf + i * C, C);
+      continue;
+    }
     for (int64_t c = 0; c < C; ++c) buf[i * C + c] = static_cast<acc_t>(xr[c * sx[2]]);
   }
   ldx = C;
   return buf;
+}
+
+// Rows n0 .. n0+nt of a bf16 x[b] (channels contiguous, row stride ldx) as the right-hand side of
+// gemm_packed_bf16: the bf16 pair panels of packing.h (panel p = channels 16p .. 16p+15, pair-row s
+// = patches 2s and 2s+1 interleaved), zero past C, past an odd last patch and in the padding
+// pair-rows. A 32-bit word per (channel, pair of patches), a panel row of 16 at a time: the
+// compiler vectorises it (the per-element packer of packing.h would cost about what the bf16
+// products save).
+inline void pack_x_pairs(const c10::BFloat16* xb, int64_t ldx, int64_t nt, int64_t C,
+                         uint32_t* dst) {
+  const int64_t pairs = bf16_panel_pairs(nt), panels = (C + 15) / 16;
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(xb);
+  for (int64_t s = 0; s < pairs; ++s) {
+    const uint16_t* r0 = 2 * s < nt ? x + 2 * s * ldx : nullptr;
+    const uint16_t* r1 = 2 * s + 1 < nt ? x + (2 * s + 1) * ldx : nullptr;
+    for (int64_t p = 0; p < panels; ++p) {
+      uint32_t* o = dst + (p * pairs + s) * 16;
+      const int64_t c0 = 16 * p, w = std::min<int64_t>(16, C - c0);
+      if (r0 != nullptr && r1 != nullptr && w == 16) {
+        for (int64_t c = 0; c < 16; ++c) {
+          o[c] = uint32_t(r0[c0 + c]) | (uint32_t(r1[c0 + c]) << 16);
+        }
+        continue;
+      }
+      for (int64_t c = 0; c < 16; ++c) {
+        const uint32_t lo = r0 != nullptr && c < w ? r0[c0 + c] : 0;
+        const uint32_t hi = r1 != nullptr && c < w ? r1[c0 + c] : 0;
+        o[c] = lo | (hi << 16);
+      }
+    }
+  }
 }
 
 // The logits of tile (b, n0 .. n0+nt) in one of the two orientations of the kernels, as acc_t:
@@ -98,9 +134,14 @@ const acc_t* x_tile(const scalar_t* xp, const Strides& sx, int64_t b, int64_t n0
 // 1x1 convolution's output, or (x.W)^T): the forward's cluster-major tile is then transposed by the
 // vector kernel (8 x 8 blocks), not gathered one element at a time at a stride of 4 M bytes, which
 // had been most of the kernels' own (non-product) time. Anything else is gathered into buf.
+//
+// Logits of another dtype (a bf16 model, autocast) are converted a dense run at a time (the
+// vectorised conversion: the same values) when either orientation has unit stride; from the other
+// orientation through `tmp` (nt x M values; nullptr: gathered value by value) and the transpose.
 template <typename scalar_t, typename acc_t, typename Strides>
 const acc_t* logits_tile(const scalar_t* lp, const Strides& sl, int64_t b, int64_t n0, int64_t nt,
-                         int64_t M, bool patch_major, acc_t* buf, int64_t& ld) {
+                         int64_t M, bool patch_major, acc_t* buf, int64_t& ld,
+                         acc_t* tmp = nullptr) {
   const scalar_t* base = lp + b * sl[0] + n0 * sl[2];
   // Unit stride along the rows of the wanted orientation (over N cluster-major, over M patch-major).
   const int64_t along = patch_major ? sl[1] : sl[2], across = patch_major ? sl[2] : sl[1];
@@ -112,6 +153,18 @@ const acc_t* logits_tile(const scalar_t* lp, const Strides& sl, int64_t b, int64
     }
     if (across == 1) {  // the other orientation is dense: one vector transpose
       transpose(base, along, cols, rows, buf, cols);
+      ld = cols;
+      return buf;
+    }
+  } else {
+    if (along == 1) {
+      for (int64_t r = 0; r < rows; ++r) convert_row(base + r * across, buf + r * cols, cols);
+      ld = cols;
+      return buf;
+    }
+    if (across == 1 && tmp != nullptr) {  // convert the dense orientation, then transpose it
+      for (int64_t c = 0; c < cols; ++c) convert_row(base + c * along, tmp + c * rows, rows);
+      transpose(tmp, rows, cols, rows, buf, cols);
       ld = cols;
       return buf;
     }
@@ -216,6 +269,12 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
 
   // x rows are used in place when they already are contiguous acc_t vectors (no copy).
   const bool x_direct = std::is_same_v<scalar_t, acc_t> && sx[2] == 1;
+  // bf16 x (a bf16 model, or autocast) where the CPU multiplies bf16: the pooling product as bf16
+  // products with float32 sums, as autocast's bf16 matmul of the assignment and x computes it (the
+  // tile's unnormalised probabilities exp(l - max) <= 1 rounded to bf16 as the kernel reads them,
+  // x bf16 already); the softmax, its sums and the LayerNorm stay float32.
+  constexpr bool kBf16In = std::is_same_v<scalar_t, at::BFloat16>;
+  const bool bf16_prod = kBf16In && sx[2] == 1 && float32_kernels().gemm_packed_bf16 != nullptr;
   const int64_t srows = split_rows(B, N);
   const int64_t nsplit = (N + srows - 1) / srows;
   const int64_t MC = M * C;
@@ -224,8 +283,12 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
   const Scratch<acc_t> acc_part(ScratchSlot::kCall0, single ? 0 : B * nsplit * MC),
       mx_part(ScratchSlot::kCall1, B * nsplit * M), sum_part(ScratchSlot::kCall2, B * nsplit * M);
   parallel_for(0, B * nsplit, 1, [&](int64_t lo, int64_t hi) {
-    const Scratch<acc_t> xbuf(ScratchSlot::kTask0, x_direct ? 0 : kPatchTile * C),
-        pt(ScratchSlot::kTask1, M * kPatchTile);
+    const Scratch<acc_t> xbuf(ScratchSlot::kTask0, x_direct || bf16_prod ? 0 : kPatchTile * C),
+        pt(ScratchSlot::kTask1, M * kPatchTile),
+        lconv(ScratchSlot::kTask2, std::is_same_v<scalar_t, acc_t> ? 0 : M * kPatchTile),
+        tmp(ScratchSlot::kTask4, bf16_prod ? M * C : 0);
+    const Scratch<uint32_t> xpk(ScratchSlot::kTask3,
+                                bf16_prod ? (C + 15) / 16 * bf16_panel_pairs(kPatchTile) * 16 : 0);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / nsplit, split = task % nsplit;
       // pooled is freshly allocated, hence contiguous.
@@ -238,12 +301,14 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
       const int64_t tile = balanced_tile(s_end - s_begin);
       for (int64_t n0 = s_begin; n0 < s_end; n0 += tile) {
         const int64_t nt = std::min(tile, s_end - n0);
-        int64_t ldx;
-        const acc_t* xa = x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
+        int64_t ldx = 0;
+        const acc_t* xa =
+            bf16_prod ? nullptr : x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
         // The tile's logits, cluster-major (rows of nt): in place, or transposed/converted into pt,
         // whose rows are then exponentiated in place.
         int64_t ldl;
-        const acc_t* lt = logits_tile(lp, sl, b, n0, nt, M, /*patch_major=*/false, pt.data(), ldl);
+        const acc_t* lt =
+            logits_tile(lp, sl, b, n0, nt, M, /*patch_major=*/false, pt.data(), ldl, lconv.data());
         const bool in_place = lt != pt.data();
         for (int64_t m = 0; m < M; ++m) {
           if (in_place) {
@@ -274,6 +339,19 @@ void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
           sum[m] += tile_sum;
         }
         // The first tile overwrites acc (no zero fill, no reads).
+        if constexpr (kBf16In) {
+          if (bf16_prod) {
+            pack_x_pairs(xp + b * sx[0] + n0 * sx[1], sx[1], nt, C, xpk.data());
+            acc_t* dst = n0 == s_begin ? acc : tmp.data();
+            float32_kernels().gemm_packed_bf16(pt.data(), nt,
+                                               reinterpret_cast<const uint16_t*>(xpk.data()), dst,
+                                               C, M, nt, C, nullptr, /*gelu=*/false);
+            if (n0 != s_begin) {
+              for (int64_t i = 0; i < MC; ++i) acc[i] += tmp[i];
+            }
+            continue;
+          }
+        }
         gemm_nn(pt.data(), nt, xa, ldx, acc, C, M, nt, C, /*accumulate=*/n0 != s_begin);
       }
       if (single) {
@@ -477,6 +555,12 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();       // (B, N, C) contiguous
   // x rows are used in place when they already are contiguous acc_t vectors (no copy).
   const bool x_direct = std::is_same_v<scalar_t, acc_t> && sx[2] == 1;
+  // bf16 x (a bf16 model, or autocast) where the CPU multiplies bf16: the pooling product as bf16
+  // products with float32 sums, as autocast's bf16 matmul of the assignment and x computes it (the
+  // tile's unnormalised probabilities exp(l - max) <= 1 rounded to bf16 as the kernel reads them,
+  // x bf16 already); the softmax, its sums and the LayerNorm stay float32.
+  constexpr bool kBf16In = std::is_same_v<scalar_t, at::BFloat16>;
+  const bool bf16_prod = kBf16In && sx[2] == 1 && float32_kernels().gemm_packed_bf16 != nullptr;
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t tile = balanced_tile(N);
   const int64_t ntile = (N + tile - 1) / tile;

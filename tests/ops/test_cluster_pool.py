@@ -141,7 +141,11 @@ def test_pool_matches_reference(case: Case):
 
 LOW_CASES = [
     pytest.param(name, shape, dtype, id=f"{name}-{shape_id(B=shape[0], M=shape[1], N=shape[2], C=shape[3])}-{dtype_id(dtype)}")
+    # cpu bf16 multiplies bf16 (x packed as pair panels per tile): one odd tile (197), several tiles
+    # with the online rescale and two splits with a masked channel panel (1100, C = 37), and the
+    # 56 x 56 stage at B = 1 (four splits of 784).
     for name, shape in [*((b, (2, 10, 50, 40)) for b in BACKEND_NAMES), ("cpu", (2, 49, 197, 24)),
+                        ("cpu", (2, 7, 1100, 37)), ("cpu", (1, 100, 3136, 96)),
                         ("cuda", (1, 49, 784, 96)), ("cuda", (2, 100, 196, 320))]
     for dtype in LOW
 ]
