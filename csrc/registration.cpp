@@ -13,7 +13,10 @@
 //   stats[b,m,0]  (B, M, 2) acc = max_n logits[b,m,n]                      (the row max, mx)
 //   stats[b,m,1]                = sum_n exp(logits[b,m,n] - mx)           (the row sum, s)
 //   pooled[b,m,:] (B, M, C) acc = sum_n exp(logits[b,m,n] - mx) / s * x[b,n,:]
-//                               (softmax over N, then weighted sum; online softmax, one pass)
+//                               (softmax over N, then weighted sum; online softmax, one pass;
+//                               bf16 x on a CPU kernel with bf16 products: the weights
+//                               exp(logits - mx) rounded to bf16 for the products, float32 sums,
+//                               as autocast's bf16 matmul of the assignment and x)
 //   out[b,m,:]    (B, M, C) dtype of x = LayerNorm_C(pooled[b,m,:], eps, biased variance)
 //                               * weight + bias (each when given)
 //   The max and the sum are kept apart (not as lse = mx + log s) so that the backward's
