@@ -51,6 +51,7 @@
 #include "cpu/fused/conv_front.h"
 #include "cpu/math/dispatch.h"
 #include "cpu/math/dwconv.h"
+#include "cpu/math/gelu.h"
 #include "cpu/math/gelu_coefficients.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/parallel.h"
@@ -76,44 +77,12 @@ constexpr int64_t kChunkPatches = 256;
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
-// exp for float32 on GCC vectors of any width: exp_v8's Cephes expf (portable.h), restated over
-// the vector type V (VI: the int32 vector of the same lane count) so that the AVX-512 clone runs it
-// 16 lanes wide. Arguments here are -v^2 / 2 <= 0; below ~-87.3 it flushes to 0.
-template <typename V, typename VI>
-PACA_ALWAYS_INLINE V exp_vec(V x) {
-  const V lo = V{} + -87.3365f, hi = V{} + 88.3762f, rnd = V{} + 12582912.0f;
-  V xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const V kf = (xc * 1.44269504088896341f + rnd) - rnd;
-  const V r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const VI k = __builtin_convertvector(kf, VI);
-  const V y = p * reinterpret_cast<V>((k + 127) << 23);
-  const V z = x < lo ? V{} : y;
-  return x != x ? x : z;
-}
-
 // GELU'(v) = Phi(v) + v phi(v) = 0.5 (1 + erf(v / sqrt 2)) + v exp(-v^2 / 2) / sqrt(2 pi), with
-// erf by gelu_v8's rational approximation (gelu_coefficients.h: at most 3.2e-7 from erf).
+// erf and exp those of the forward (gelu.h's erf_scaled_vec, portable.h's exp_vec), here on the
+// vector type V (VI: its int32 vector) so that the AVX-512 clone runs them 16 lanes wide.
 template <typename V, typename VI>
 PACA_ALWAYS_INLINE V gelu_grad_vec(V v) {
-  const V one = V{} + 1.0f, neg_one = V{} - 1.0f;
-  V x = v * kGeluScale;
-  x = x < neg_one ? neg_one : x;  // a NaN compares false and stays
-  x = x > one ? one : x;
-  const V s = x * x;
-  V p = V{} + kGeluP[6];
-  for (int i = 5; i >= 0; --i) p = p * s + kGeluP[i];
-  V q = V{} + kGeluQ[5];
-  for (int i = 4; i >= 0; --i) q = q * s + kGeluQ[i];
-  V e = x * p / q;
-  e = s >= one ? x : e;  // saturated: erf = +-1 exactly
+  const V e = erf_scaled_vec(v);
   const V phi = exp_vec<V, VI>(-0.5f * v * v) * 0.3989422804014327f;
   return 0.5f * e + 0.5f + v * phi;
 }

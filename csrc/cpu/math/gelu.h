@@ -15,18 +15,26 @@ namespace paca_kernels::cpu {
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
-PACA_ALWAYS_INLINE v8f gelu_v8(v8f v) {
-  const v8f one = v8f{} + 1.0f, neg_one = v8f{} - 1.0f;
-  v8f x = v * kGeluScale;
+// erf(v / sqrt 2) by the rational approximation (gelu_coefficients.h: at most 3.2e-7 from erf), on
+// GCC vectors of any width V: GELU below, and GELU's derivative in the MLP backward
+// (mlp_dwconv_bwd.cpp, also 16 lanes wide in its AVX-512 clone).
+template <typename V>
+PACA_ALWAYS_INLINE V erf_scaled_vec(V v) {
+  const V one = V{} + 1.0f, neg_one = V{} - 1.0f;
+  V x = v * kGeluScale;
   x = x < neg_one ? neg_one : x;  // a NaN compares false and stays
   x = x > one ? one : x;
-  const v8f s = x * x;
-  v8f p = v8f{} + kGeluP[6];
+  const V s = x * x;
+  V p = V{} + kGeluP[6];
   for (int i = 5; i >= 0; --i) p = p * s + kGeluP[i];
-  v8f q = v8f{} + kGeluQ[5];
+  V q = V{} + kGeluQ[5];
   for (int i = 4; i >= 0; --i) q = q * s + kGeluQ[i];
-  v8f e = x * p / q;
-  e = s >= one ? x : e;  // saturated: erf = +-1 exactly, whatever the rounding above
+  const V e = x * p / q;
+  return s >= one ? x : e;  // saturated: erf = +-1 exactly, whatever the rounding above
+}
+
+PACA_ALWAYS_INLINE v8f gelu_v8(v8f v) {
+  const v8f e = erf_scaled_vec(v);
   const v8f hv = 0.5f * v;
   return hv * e + hv;
 }

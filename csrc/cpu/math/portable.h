@@ -31,26 +31,31 @@ namespace paca_kernels::cpu {
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-PACA_ALWAYS_INLINE v8f exp_v8(v8f x) {
-  const v8f lo = v8f{} + -87.3365f;  // exp(lo) ~ FLT_MIN: the exponent k stays >= -126
-  const v8f hi = v8f{} + 88.3762f;   // k stays <= 127
-  const v8f rnd = v8f{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to integer
-  v8f xc = x < lo ? lo : x;
+// The same on GCC vectors of any width V (VI: the int32 vector of the same lane count): exp_v8
+// below, and the 16-lane AVX-512 clone of the MLP backward (mlp_dwconv_bwd.cpp).
+template <typename V, typename VI>
+PACA_ALWAYS_INLINE V exp_vec(V x) {
+  const V lo = V{} + -87.3365f;  // exp(lo) ~ FLT_MIN: the exponent k stays >= -126
+  const V hi = V{} + 88.3762f;   // k stays <= 127
+  const V rnd = V{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to integer
+  V xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const v8f kf = (xc * 1.44269504088896341f + rnd) - rnd;
-  const v8f r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;  // ln 2 split in two
-  v8f p = v8f{} + 1.9875691500e-4f;
+  const V kf = (xc * 1.44269504088896341f + rnd) - rnd;
+  const V r = (xc - kf * 0.693359375f) - kf * -2.12194440e-4f;  // ln 2 split in two
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const v8i k = __builtin_convertvector(kf, v8i);
-  const v8f y = p * reinterpret_cast<v8f>((k + 127) << 23);  // p * 2^k
-  const v8f z = x < lo ? v8f{} : y;
+  const VI k = __builtin_convertvector(kf, VI);
+  const V y = p * reinterpret_cast<V>((k + 127) << 23);  // p * 2^k
+  const V z = x < lo ? V{} : y;
   return x != x ? x : z;
 }
+
+PACA_ALWAYS_INLINE v8f exp_v8(v8f x) { return exp_vec<v8f, v8i>(x); }
 
 // out[i] = exp(in[i] - shift), i < n (in == out allowed); returns sum_i out[i] (in a fixed order).
 PACA_ALWAYS_INLINE float exp_shifted_impl(const float* in, float shift, float* out, int64_t n) {
