@@ -54,18 +54,20 @@ def _cast(t, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-@pytest.mark.parametrize("layout", ["nhwc", "nchw", "strided"])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw", "strided", "batch-stride0"])
 @pytest.mark.parametrize("variant", ["norm", "norm-noaffine-nobias", "nonorm"])
 def test_patch_embed_matches_modules_float32(shape, layout, variant):
     B, H, W, C, Co, k, s, p = shape
     norm = variant != "nonorm"
     w, b, nw, nb = _params(C, Co, k, bias="nobias" not in variant, affine=variant == "norm")
     x = torch.randn(B, H, W, C)
+    if layout == "batch-stride0":  # one image expanded over the batch (stride 0)
+        x = x[:1].expand(B, H, W, C)
     if layout == "nchw":  # an image (B, C, H, W) viewed channels last: channels a plane apart
         xin = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
     elif layout == "strided":
         xin = testing.noncontiguous(x)
-    else:
+    else:  # nhwc, batch-stride0
         xin = x
     with torch.no_grad(), testing.poisoned_outputs():
         out = embed_op.patch_embed(xin, w, b, s, p, norm, nw if norm else None, nb if norm else None)
