@@ -215,7 +215,7 @@ CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_
           check_gelu]
 
 #: How many tensors :func:`outputs` saves.
-NUM_OUTPUTS = 32
+NUM_OUTPUTS = 37
 
 
 def outputs() -> list[torch.Tensor]:
@@ -241,7 +241,10 @@ def outputs() -> list[torch.Tensor]:
         out = ops.p2c_attention(a.q, a.k, a.v, backend="cpu")
         out.square().sum().backward()
         outs += [out.detach(), a.q.grad, a.k.grad, a.v.grad]
-    for shape in [(2, 7, 150, 30), (1, 49, 70, 40)]:
+    # (1, 50, 300, 190): the products' packed two-panel tiles, in both operand layouts (forward
+    # P.x with more reduction steps than one chunk; backward dx = S^T.dP, A transposed), with a
+    # masked second panel (190 = 5 x 32 + 16 + 14) and 2-row tails.
+    for shape in [(2, 7, 150, 30), (1, 49, 70, 40), (1, 50, 300, 190)]:
         a = make_cluster_pool_inputs(*shape, requires_grad=True)
         out = ops.cluster_pool(a.logits, a.x, a.weight, a.bias, backend="cpu")
         out.square().sum().backward()

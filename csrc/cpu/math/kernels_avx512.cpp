@@ -156,51 +156,6 @@ inline void panel_rows_avx512(const float* A, int64_t a_row, int64_t a_red,
 #undef PACA_PANEL_TAIL
 }
 
-// gemm_avx2 with the 16-lane tiles: B packed per call into 16-column panels of kPanelSteps
-// reduction steps when it is too big to stay in L1, else read in place (32-column tiles).
-inline void gemm_avx512(const float* A, int64_t a_row, int64_t a_red,
-                                           const float* B, int64_t ldb, float* C, int64_t ldc,
-                                           int64_t rows, int64_t T, int64_t cols,
-                                           bool accumulate) {
-  if (rows >= 12 && T * cols > 8192) {
-    alignas(64) float panel[kPanelSteps * 16];
-    for (int64_t j = 0; j < cols; j += 16) {
-      const int64_t w = imin(16, cols - j);
-      const __mmask16 mask = lanes_mask16(w);
-      for (int64_t t0 = 0; t0 < T; t0 += kPanelSteps) {
-        const int64_t kc = imin(kPanelSteps, T - t0);
-        const float* Bt = B + t0 * ldb + j;
-        for (int64_t t = 0; t < kc; ++t) {  // zero-padded past w (read unmasked by the tiles)
-          _mm512_store_ps(panel + 16 * t, _mm512_maskz_loadu_ps(mask, Bt + t * ldb));
-        }
-        const float* At = A + t0 * a_red;
-        const bool acc = accumulate || t0 > 0;
-        if (w == 16) {
-          panel_rows_avx512<false>(At, a_row, a_red, panel, C + j, ldc, rows, kc, acc, mask);
-        } else {
-          panel_rows_avx512<true>(At, a_row, a_red, panel, C + j, ldc, rows, kc, acc, mask);
-        }
-      }
-    }
-    return;
-  }
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) {
-    row_block_avx512<6>(A + r * a_row, a_row, a_red, B, ldb, C + r * ldc, ldc, T, cols,
-                        accumulate);
-  }
-  const float* Ar = A + r * a_row;
-  float* Cr = C + r * ldc;
-  switch (rows - r) {
-    case 5: row_block_avx512<5>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
-    case 4: row_block_avx512<4>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
-    case 3: row_block_avx512<3>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
-    case 2: row_block_avx512<2>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
-    case 1: row_block_avx512<1>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
-    default: break;
-  }
-}
-
 // Two adjacent packed panels at once: C[R x 32] (+)= A[R x T] * [p0 | p1] (each T x 16, row
 // stride 16, zero-padded), the second panel's columns limited by `mask1` (loads of C and init,
 // stores; its padding lanes are read but never stored). 2R accumulators: one 6 x 16 tile keeps only
@@ -208,7 +163,9 @@ inline void gemm_avx512(const float* A, int64_t a_row, int64_t a_red,
 // this machine's cores (Intel, two 512-bit FMA ports); R = 8 rows x 2 panels keeps 16 chains and
 // loads 10 values per 16 FMAs. Each output is the same chain of FMAs in the same order as in the
 // one-panel tiles (t ascending, chunked by kPanelSteps alike), so the results are bit-identical.
-template <int R, bool kMasked1>
+// kTransA: A(i, t) at A[t * lda + i] (the transposed left operand of gemm_tn_acc: the tile's R
+// broadcasts of a step are adjacent) instead of A[i * lda + t].
+template <int R, bool kMasked1, bool kTransA = false>
 inline void tile_panels2_avx512(const float* A, int64_t lda, const float* p0, const float* p1,
                                 float* C, int64_t ldc, int64_t T, bool accumulate, __mmask16 mask1,
                                 const float* init, bool gelu) {
@@ -231,7 +188,7 @@ inline void tile_panels2_avx512(const float* A, int64_t lda, const float* p0, co
     const __m512 b1 = _mm512_load_ps(p1 + 16 * t);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const __m512 av = _mm512_set1_ps(A[i * lda + t]);
+      const __m512 av = _mm512_set1_ps(kTransA ? A[t * lda + i] : A[i * lda + t]);
       acc0[i] = _mm512_fmadd_ps(av, b0, acc0[i]);
       acc1[i] = _mm512_fmadd_ps(av, b1, acc1[i]);
     }
@@ -252,21 +209,23 @@ inline void tile_panels2_avx512(const float* A, int64_t lda, const float* p0, co
 }
 
 // All rows of A against two adjacent panels: 8-row tiles, then the rest.
-template <bool kMasked1>
+template <bool kMasked1, bool kTransA = false>
 inline void panels2_rows_avx512(const float* A, int64_t lda, const float* p0, const float* p1,
                                 float* C, int64_t ldc, int64_t rows, int64_t T, bool accumulate,
                                 __mmask16 mask1, const float* init, bool gelu) {
   constexpr int kRows = 8;
+  const int64_t row_step = kTransA ? 1 : lda;  // A's offset between rows
   int64_t r = 0;
   for (; r + kRows <= rows; r += kRows) {
-    tile_panels2_avx512<kRows, kMasked1>(A + r * lda, lda, p0, p1, C + r * ldc, ldc, T, accumulate,
-                                         mask1, init, gelu);
+    tile_panels2_avx512<kRows, kMasked1, kTransA>(A + r * row_step, lda, p0, p1, C + r * ldc, ldc,
+                                                  T, accumulate, mask1, init, gelu);
   }
-  const float* Ar = A + r * lda;
+  const float* Ar = A + r * row_step;
   float* Cr = C + r * ldc;
 #define PACA_PANELS2_TAIL(R)                                                                       \
   case R:                                                                                          \
-    tile_panels2_avx512<R, kMasked1>(Ar, lda, p0, p1, Cr, ldc, T, accumulate, mask1, init, gelu);  \
+    tile_panels2_avx512<R, kMasked1, kTransA>(Ar, lda, p0, p1, Cr, ldc, T, accumulate, mask1,      \
+                                              init, gelu);                                         \
     break;
   switch (rows - r) {
     PACA_PANELS2_TAIL(7)
@@ -279,6 +238,99 @@ inline void panels2_rows_avx512(const float* A, int64_t lda, const float* p0, co
     default: break;
   }
 #undef PACA_PANELS2_TAIL
+}
+
+// gemm_avx2 with the 16-lane tiles: B packed per call into 16-column panels of kPanelSteps
+// reduction steps when it is too big to stay in L1, else read in place (32-column tiles).
+inline void gemm_avx512(const float* A, int64_t a_row, int64_t a_red,
+                                           const float* B, int64_t ldb, float* C, int64_t ldc,
+                                           int64_t rows, int64_t T, int64_t cols,
+                                           bool accumulate) {
+  if (rows >= 12 && T * cols > 8192) {
+    // Two panels (32 columns) at a time through the 8 x 32 tiles (16 FMA chains; the 6 x 16 tile
+    // of one panel keeps 6 and ran at about 60 % of the FMA peak), the last odd panel alone. Each
+    // output is the same FMA chain, t ascending, either way (a chunk's partial sums are stored and
+    // reloaded exactly), so the bits do not change. A's layout: a_red == 1 (gemm_nn) or
+    // a_row == 1 (gemm_tn_acc); anything else takes the one-panel tiles.
+    alignas(64) float panel[kPanelSteps * 16];
+    int64_t j = 0;
+    if (a_red == 1 || a_row == 1) {
+      // Half the chunk, so that both panels (2 x 16 KB) stay in L1 beside the A rows.
+      constexpr int64_t kSteps2 = kPanelSteps / 2;
+      float* const pa = panel;
+      float* const pb = panel + kSteps2 * 16;
+      const int64_t lda = a_red == 1 ? a_row : a_red;
+      for (; j + 16 < cols; j += 32) {
+        const int64_t w1 = imin(16, cols - j - 16);
+        const __mmask16 mask1 = lanes_mask16(w1);
+        for (int64_t t0 = 0; t0 < T; t0 += kSteps2) {
+          const int64_t kc = imin(kSteps2, T - t0);
+          const float* Bt = B + t0 * ldb + j;
+          for (int64_t t = 0; t < kc; ++t) {  // the second panel zero-padded past w1
+            _mm512_store_ps(pa + 16 * t, _mm512_loadu_ps(Bt + t * ldb));
+            _mm512_store_ps(pb + 16 * t, _mm512_maskz_loadu_ps(mask1, Bt + t * ldb + 16));
+          }
+          const float* At = A + t0 * a_red;
+          const bool acc = accumulate || t0 > 0;
+          if (a_red == 1) {
+            if (w1 == 16) {
+              panels2_rows_avx512<false>(At, lda, pa, pb, C + j, ldc, rows, kc, acc, mask1,
+                                         nullptr, false);
+            } else {
+              panels2_rows_avx512<true>(At, lda, pa, pb, C + j, ldc, rows, kc, acc, mask1,
+                                        nullptr, false);
+            }
+          } else if (w1 == 16) {
+            panels2_rows_avx512<false, true>(At, lda, pa, pb, C + j, ldc, rows, kc, acc, mask1,
+                                             nullptr, false);
+          } else {
+            panels2_rows_avx512<true, true>(At, lda, pa, pb, C + j, ldc, rows, kc, acc, mask1,
+                                            nullptr, false);
+          }
+        }
+      }
+    }
+    for (; j < cols; j += 16) {
+      const int64_t w = imin(16, cols - j);
+      const __mmask16 mask = lanes_mask16(w);
+      for (int64_t t0 = 0; t0 < T; t0 += kPanelSteps) {
+        const int64_t kc = imin(kPanelSteps, T - t0);
+        const float* Bt = B + t0 * ldb + j;
+        for (int64_t t = 0; t < kc; ++t) {  // zero-padded past w (read unmasked by the tiles)
+          _mm512_store_ps(panel + 16 * t, _mm512_maskz_loadu_ps(mask, Bt + t * ldb));
+        }
+        const float* At = A + t0 * a_red;
+        const bool acc = accumulate || t0 > 0;
+        if (w == 16) {
+          panel_rows_avx512<false>(At, a_row, a_red, panel, C + j, ldc, rows, kc, acc, mask);
+        } else {
+          panel_rows_avx512<true>(At, a_row, a_red, panel, C + j, ldc, rows, kc, acc, mask);
+        }
+      }
+    }
+    return;
+  }
+  int64_t r = 0;
+  // 8-row blocks (16-24 FMA chains; the attention's blocks of 48 query rows are six of them),
+  // then 6-row ones: the same FMA chain per output either way.
+  for (; r + 8 <= rows; r += 8) {
+    row_block_avx512<8>(A + r * a_row, a_row, a_red, B, ldb, C + r * ldc, ldc, T, cols,
+                        accumulate);
+  }
+  for (; r + 6 <= rows; r += 6) {
+    row_block_avx512<6>(A + r * a_row, a_row, a_red, B, ldb, C + r * ldc, ldc, T, cols,
+                        accumulate);
+  }
+  const float* Ar = A + r * a_row;
+  float* Cr = C + r * ldc;
+  switch (rows - r) {
+    case 5: row_block_avx512<5>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    case 4: row_block_avx512<4>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    case 3: row_block_avx512<3>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    case 2: row_block_avx512<2>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    case 1: row_block_avx512<1>(Ar, a_row, a_red, B, ldb, Cr, ldc, T, cols, accumulate); break;
+    default: break;
+  }
 }
 
 // gemm_packed_f32_avx2 with the 16-lane tiles, on the same packed panels (PackedMatrix): two
