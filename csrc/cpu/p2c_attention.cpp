@@ -72,6 +72,22 @@ template <typename scalar_t, typename acc_t>
 void pack_head(const scalar_t* src, const Strides& st, int64_t b, int64_t hd, int64_t M, int64_t D,
                acc_t mul, bool transpose, acc_t* dst) {
   const scalar_t* base = src + b * st[0] + hd * st[2];
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (st[3] == 1) {  // contiguous head vectors: the vector transpose, then the scale
+      if (transpose) {
+        cpu::transpose(base, st[1], M, D, dst, M);
+        if (mul != acc_t(1)) {
+          for (int64_t e = 0; e < M * D; ++e) dst[e] *= mul;
+        }
+      } else {
+        for (int64_t m = 0; m < M; ++m) {
+          const scalar_t* row = base + m * st[1];
+          for (int64_t j = 0; j < D; ++j) dst[m * D + j] = row[j] * mul;
+        }
+      }
+      return;
+    }
+  }
   for (int64_t m = 0; m < M; ++m) {
     const scalar_t* row = base + m * st[1];
     for (int64_t j = 0; j < D; ++j) {

@@ -88,25 +88,40 @@ float row_max_f32_avx2(const float* x, int64_t n) {
   return r;
 }
 
-// softmax_bwd_row_impl with 8-lane vectors: the partial sums of D are the lanes (element i in lane
-// i mod 8, one FMA per vector in order, the tail's lanes past n zero), combined as in row_dot.
+// softmax_bwd_row_impl with 8-lane vectors: e = exp(s - max), its sum and sum(e o dP) in one pass
+// (element i in lane i mod 8, one vector at a time in order, the tail's lanes past n zero, the
+// lanes combined as in exp_shifted), then P = e / sum and dS = P o (dP - D), D = sum(e o dP) / sum.
 void softmax_bwd_row_f32_avx2(float* p, float* ds, int64_t n) {
-  const __m256 inv = _mm256_set1_ps(1.0f / exp_shifted_f32_avx2(p, row_max_f32_avx2(p, n), p, n));
+  const __m256 sh = _mm256_set1_ps(row_max_f32_avx2(p, n));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) {
+  __m256 acc = _mm256_setzero_ps(), accd = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + i), sh));
+    _mm256_storeu_ps(p + i, e);
+    acc = _mm256_add_ps(acc, e);
+    accd = _mm256_fmadd_ps(e, _mm256_loadu_ps(ds + i), accd);
+  }
+  if (i < n) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane);
+    const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(p + i, mask), sh)),
+                                   _mm256_castsi256_ps(mask));  // valid lanes only
+    _mm256_maskstore_ps(p + i, mask, e);
+    acc = _mm256_add_ps(acc, e);
+    accd = _mm256_fmadd_ps(e, _mm256_maskload_ps(ds + i, mask), accd);
+  }
+  alignas(32) float lanes[8], dlanes[8];
+  _mm256_store_ps(lanes, acc);
+  _mm256_store_ps(dlanes, accd);
+  const float inv_s = 1.0f / (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                              ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
+  const __m256 inv = _mm256_set1_ps(inv_s);
+  const __m256 d = _mm256_set1_ps((((dlanes[0] + dlanes[4]) + (dlanes[1] + dlanes[5])) +
+                                   ((dlanes[2] + dlanes[6]) + (dlanes[3] + dlanes[7]))) * inv_s);
+  for (i = 0; i < n; i += 8) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
     const __m256 pv = _mm256_mul_ps(_mm256_maskload_ps(p + i, mask), inv);
     _mm256_maskstore_ps(p + i, mask, pv);
-    acc = _mm256_fmadd_ps(pv, _mm256_maskload_ps(ds + i, mask), acc);  // lanes past n: 0 * 0
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  const __m256 d = _mm256_set1_ps(((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-                                  ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
-    const __m256 pv = _mm256_maskload_ps(p + i, mask);
     const __m256 dv = _mm256_maskload_ps(ds + i, mask);
     _mm256_maskstore_ps(ds + i, mask, _mm256_mul_ps(pv, _mm256_sub_ps(dv, d)));
   }

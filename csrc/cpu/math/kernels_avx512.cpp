@@ -461,37 +461,41 @@ float row_max_f32_avx512(const float* x, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) m = _mm512_max_ps(_mm512_loadu_ps(x + i), m);
   if (i < n) m = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, lanes_mask16(n - i), x + i), m);
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, m);
-  float r = lanes[0];
-  for (int j = 1; j < 16; ++j) r = lanes[j] > r ? lanes[j] : r;
-  return r;
+  // m holds no NaN (max_ps(v, m) returns m when v is NaN), so the shuffle reduction gives the
+  // lane loop's value (a zero of either sign at most differs in sign, which exp(s - max) ignores).
+  return _mm512_reduce_max_ps(m);
 }
 
-// softmax_bwd_row_f32_avx2 on 16 lanes, the same bits: the FMAs of D go into an 8-lane
-// accumulator, low half then high half, as the AVX2 kernel adds its vectors (a high half wholly
+// softmax_bwd_row_f32_avx2 on 16 lanes, the same bits: the sums of e and of e o dP go into 8-lane
+// accumulators, low half then high half, as the AVX2 kernel adds its vectors (a high half wholly
 // past n is not added, as the AVX2 loop ends before it).
 void softmax_bwd_row_f32_avx512(float* p, float* ds, int64_t n) {
-  const __m512 inv = _mm512_set1_ps(1.0f / exp_shifted_f32_avx512(p, row_max_f32_avx512(p, n), p, n));
-  __m256 acc = _mm256_setzero_ps();
+  const __m512 sh = _mm512_set1_ps(row_max_f32_avx512(p, n));
+  __m256 acc = _mm256_setzero_ps(), accd = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + i), sh)));
+    _mm512_mask_storeu_ps(p + i, mask, e);
+    const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
+    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+    accd = _mm256_fmadd_ps(_mm512_castps512_ps256(e), _mm512_castps512_ps256(dv), accd);
+    if (n - i > 8) {
+      acc = _mm256_add_ps(acc, high_half(e));
+      accd = _mm256_fmadd_ps(high_half(e), high_half(dv), accd);
+    }
+  }
+  alignas(32) float lanes[8], dlanes[8];
+  _mm256_store_ps(lanes, acc);
+  _mm256_store_ps(dlanes, accd);
+  const float inv_s = 1.0f / (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                              ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
+  const __m512 inv = _mm512_set1_ps(inv_s);
+  const __m512 d = _mm512_set1_ps((((dlanes[0] + dlanes[4]) + (dlanes[1] + dlanes[5])) +
+                                   ((dlanes[2] + dlanes[6]) + (dlanes[3] + dlanes[7]))) * inv_s);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
     const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p + i), inv);
     _mm512_mask_storeu_ps(p + i, mask, pv);
-    const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
-    acc = _mm256_fmadd_ps(_mm512_castps512_ps256(pv), _mm512_castps512_ps256(dv), acc);
-    if (n - i > 8) {
-      acc = _mm256_fmadd_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pv), 1)),
-                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dv), 1)), acc);
-    }
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  const __m512 d = _mm512_set1_ps(((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-                                  ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
-    const __m512 pv = _mm512_maskz_loadu_ps(mask, p + i);
     const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
     _mm512_mask_storeu_ps(ds + i, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, d)));
   }
