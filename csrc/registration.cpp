@@ -118,9 +118,12 @@
 
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "cpu/math/dispatch.h"
+#include "cpu/output_pool.h"
 
 namespace {
 // cpu_isa() -> str: the build the C++ CPU kernels run ("baseline", "avx2", "avx512", and with the
@@ -128,10 +131,19 @@ namespace {
 // per process from cpuid and PACA_KERNELS_CPU_ISA at first use. Device-independent (no tensors),
 // so its kernel is given with the schema.
 std::string cpu_isa() { return paca_kernels::cpu::selected_isa(); }
+// cpu_output_cache() -> (int cached, int limit): the bytes the CPU kernels' output cache holds
+// (freed blocks no tensor uses) and its cap (cpu/output_pool.h); cpu_output_cache_clear() -> int
+// frees them all and returns how many bytes that gave back. Device-independent, as cpu_isa.
+std::tuple<int64_t, int64_t> cpu_output_cache() {
+  return {paca_kernels::cpu::cpu_output_cache_bytes(), paca_kernels::cpu::cpu_output_cache_limit()};
+}
+int64_t cpu_output_cache_clear() { return paca_kernels::cpu::cpu_output_cache_clear(); }
 }  // namespace
 
 TORCH_LIBRARY(paca_kernels, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_output_cache() -> (int cached, int limit)", &cpu_output_cache);
+  m.def("cpu_output_cache_clear() -> int", &cpu_output_cache_clear);
   m.def(
       "cluster_pool_fwd(Tensor logits, Tensor x, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor out, Tensor pooled, Tensor stats)");

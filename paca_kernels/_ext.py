@@ -21,7 +21,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available", "build_info", "cpu_isa", "cuda_built", "kernel_limits", "load", "unavailable_reason"]
+__all__ = [
+    "available",
+    "build_info",
+    "cpu_isa",
+    "cpu_output_cache",
+    "cpu_output_cache_clear",
+    "cuda_built",
+    "kernel_limits",
+    "load",
+    "unavailable_reason",
+]
 
 _PKG_DIR = Path(__file__).resolve().parent
 _BUILD_INFO_FILE = _PKG_DIR / "_build_info.json"
@@ -190,3 +200,32 @@ def cpu_isa() -> tuple[str, str] | None:
     if cap in {"baseline", "avx2", "avx512", "avx512bf16"}:
         how += f"; PACA_KERNELS_CPU_ISA={cap} caps it (if it was set then)"
     return isa, how
+
+
+def cpu_output_cache() -> tuple[int, int] | None:
+    """``(cached, limit)``: the bytes the C++ CPU kernels' output cache holds now, and its cap.
+
+    The CPU kernels take outputs of 256 KiB and more from a cache of blocks their earlier outputs
+    freed (csrc/cpu/output_pool.h): with glibc's malloc such an output is otherwise fresh memory,
+    page-faulted in on every call (on the development machine about 1 microsecond per 4 KiB page:
+    8-9 ms of a 38 MiB activation's 16 ms in PaCa-ViT-Tiny's first-stage MLP convolution, B = 8). The
+    cache holds only memory no tensor uses, at most ``limit`` bytes:
+    ``PACA_KERNELS_CPU_OUTPUT_CACHE_MB`` as the environment was at the first kernel call (default
+    1024; 0 turns the cache off). None when the extension is unavailable.
+    """
+    if not load():
+        return None
+    import torch
+
+    cached, limit = torch.ops.paca_kernels.cpu_output_cache()
+    return int(cached), int(limit)
+
+
+def cpu_output_cache_clear() -> int:
+    """Frees every block the CPU kernels' output cache holds (:func:`cpu_output_cache`); returns the
+    bytes given back (0 when the extension is unavailable). Tensors in use are not affected."""
+    if not load():
+        return 0
+    import torch
+
+    return int(torch.ops.paca_kernels.cpu_output_cache_clear())

@@ -25,6 +25,7 @@
 #include "common/check.h"
 #include "common/pool_stats.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/output_pool.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/layernorm.h"
 #include "cpu/math/packing.h"
@@ -402,9 +403,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
   const int64_t B = logits.size(0), M = logits.size(1), C = x.size(2);
 
   const at::ScalarType acc = acc_dtype(x);
-  at::Tensor out = at::empty({B, M, C}, x.options());
-  at::Tensor pooled = at::empty({B, M, C}, x.options().dtype(acc));
-  at::Tensor stats = at::empty({B, M, 2}, x.options().dtype(acc));
+  at::Tensor out = empty_output({B, M, C}, x.options());
+  at::Tensor pooled = empty_output({B, M, C}, x.options().dtype(acc));
+  at::Tensor stats = empty_output({B, M, 2}, x.options().dtype(acc));
   if (B * M == 0) return {out, pooled, stats};
   if (C == 0) {  // nothing to pool: out and pooled are empty, the softmax stats still defined
     pool_stats_without_channels(logits, stats);
@@ -619,10 +620,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   const at::ScalarType acc = acc_dtype(x);
 
   const at::ScalarType pdtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  at::Tensor dlogits = at::empty({B, M, N}, logits.options());
-  at::Tensor dx = at::empty({B, N, C}, x.options());
-  at::Tensor dweight = at::empty({C}, x.options().dtype(pdtype));
-  at::Tensor dbias = at::empty({C}, x.options().dtype(pdtype));
+  at::Tensor dlogits = empty_output({B, M, N}, logits.options());
+  at::Tensor dx = empty_output({B, N, C}, x.options());
+  at::Tensor dweight = empty_output({C}, x.options().dtype(pdtype));
+  at::Tensor dbias = empty_output({C}, x.options().dtype(pdtype));
   if (B * M == 0 || C == 0) {  // no clusters, or no channels: nothing flows back
     dlogits.zero_();
     dx.zero_();

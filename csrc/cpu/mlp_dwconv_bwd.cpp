@@ -49,6 +49,7 @@
 
 #include "common/check.h"
 #include "cpu/fused/conv_front.h"
+#include "cpu/output_pool.h"
 #include "cpu/math/dispatch.h"
 #include "cpu/math/dwconv.h"
 #include "cpu/math/gelu.h"
@@ -305,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_dwconv_bwd_kernel
   // Rows of g computed per step: about kChunkPatches patches, so that u's padded chunk, z and
   // g's rolling buffer stay in L2.
   const int64_t chunk = std::clamp<int64_t>(kChunkPatches / W, 1, rows + 2 * pad);
-  at::Tensor grad_x = at::empty({B, N, C}, x.options());
+  at::Tensor grad_x = empty_output({B, N, C}, x.options());
   T* dxp = grad_x.mutable_data_ptr<T>();
 
   // One pass per band [y0, y1): g for rows [gs, ge) = the band and its halo of pad rows (the

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "cpu/output_pool.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/parallel.h"
 #include "cpu/math/scratch.h"
@@ -199,8 +200,8 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cpu(const at::Tensor& q, co
   check_inputs(q, k, v, kFwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
   const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::empty({B, N, H, D}, q.options());
-  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(acc));
+  at::Tensor out = empty_output({B, N, H, D}, q.options());
+  at::Tensor lse = empty_output({B, H, N}, q.options().dtype(acc));
   if (out.numel() == 0) {
     // Only d == 0 leaves lse non-empty: every score is 0, so lse = log M (out is empty).
     if (lse.numel() > 0) lse.fill_(std::log(static_cast<double>(k.size(1))));
@@ -325,9 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
   check_p2c_bwd_args(grad_out, q, k, v, kBwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
 
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dk = empty_output(k.sizes(), k.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
   if (B * H * D == 0) return {dq, dk, dv};
   if (N == 0) {  // no queries: nothing flows into k and v
     dk.zero_();

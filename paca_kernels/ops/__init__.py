@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 # Importing registers the backends, and the ops' decompositions into ATen ops (for the ONNX exporter).
+from .._ext import cpu_output_cache, cpu_output_cache_clear
 from . import backends, decompositions
 from ._checks import check_cluster_pool, check_p2c_attention
 from .dispatch import (
@@ -46,6 +47,8 @@ __all__ = [
     "backends",
     "check_backend_name",
     "cluster_pool",
+    "cpu_output_cache",
+    "cpu_output_cache_clear",
     "decompositions",
     "get_backend",
     "p2c_attention",

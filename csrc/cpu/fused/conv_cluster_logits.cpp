@@ -29,6 +29,7 @@
 #include "common/check.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/fused/conv_front.h"
+#include "cpu/output_pool.h"
 #include "cpu/math/dwconv.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/packing.h"
@@ -135,7 +136,7 @@ at::Tensor conv_cluster_logits_cpu(const at::Tensor& x, int64_t H, int64_t W,
   check_param(kOp, b1, x, {C}, "b1");
   check_param(kOp, b2, x, {M}, "b2");
 
-  at::Tensor out = at::empty({B, M, N}, x.options());
+  at::Tensor out = empty_output({B, M, N}, x.options());
   if (B * M == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "conv_cluster_logits",

@@ -21,6 +21,7 @@
 
 #include "common/check.h"
 #include "cpu/fused/conv_front.h"
+#include "cpu/output_pool.h"
 #include "cpu/math/dwconv.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/parallel.h"
@@ -91,7 +92,7 @@ at::Tensor mlp_dwconv_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::T
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   check_param(kMlpOp, bias, x, {C}, "bias");
   check_param(kMlpOp, in_bias, x, {C}, "in_bias");
-  at::Tensor out = at::empty({B, N, C}, x.options());
+  at::Tensor out = empty_output({B, N, C}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlp_dwconv", [&] {
     using acc_t = at::opmath_type<scalar_t>;

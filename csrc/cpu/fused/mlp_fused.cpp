@@ -36,6 +36,7 @@
 
 #include "common/check.h"
 #include "cpu/fused/conv_front.h"
+#include "cpu/output_pool.h"
 #include "cpu/math/dwconv.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/packing.h"
@@ -231,7 +232,7 @@ at::Tensor mlp_fused_cpu(const at::Tensor& x, int64_t H, int64_t W, const at::Te
   check_param(kMlpOp, fc2_weight, x, {Co, Hd}, "fc2_weight");
   check_param(kMlpOp, fc2_bias, x, {Co}, "fc2_bias");
   const int64_t B = x.size(0), N = x.size(1);
-  at::Tensor out = at::empty({B, N, Co}, x.options());
+  at::Tensor out = empty_output({B, N, Co}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mlp_fused", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -26,6 +26,7 @@
 
 #include "common/check.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/output_pool.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/packing.h"
 #include "cpu/math/parallel.h"
@@ -274,7 +275,7 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
   const int64_t Co = proj_weight.size(0);
   check_param(kProjOp, proj_weight, x, {Co, HD}, "proj_weight");
   check_param(kProjOp, proj_bias, x, {Co}, "proj_bias");
-  at::Tensor out = at::empty({B, N, Co}, x.options());
+  at::Tensor out = empty_output({B, N, Co}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "p2c_attention_proj",
                                   [&] {

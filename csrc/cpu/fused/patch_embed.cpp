@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/check.h"
+#include "cpu/output_pool.h"
 #include "cpu/math/kernels.h"
 #include "cpu/math/layernorm.h"
 #include "cpu/math/packing.h"
@@ -197,7 +198,7 @@ at::Tensor patch_embed_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   TORCH_CHECK(H + 2 * padding >= k && W + 2 * padding >= k, kEmbedOp, ": the ", k, "x", k,
               " kernel does not fit the padded ", H, "x", W, " image (padding ", padding, ")");
   const int64_t Ho = (H + 2 * padding - k) / stride + 1, Wo = (W + 2 * padding - k) / stride + 1;
-  at::Tensor out = at::empty({B, Ho, Wo, Co}, x.options());
+  at::Tensor out = empty_output({B, Ho, Wo, Co}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_embed", [&] {
     using acc_t = at::opmath_type<scalar_t>;
