@@ -162,7 +162,8 @@ inline void panel_rows_avx512(const float* A, int64_t a_row, int64_t a_red,
 // six FMA chains in flight and loads a broadcast per FMA, about 60 % of the FMA peak measured on
 // this machine's cores (Intel, two 512-bit FMA ports); R = 8 rows x 2 panels keeps 16 chains and
 // loads 10 values per 16 FMAs. Each output is the same chain of FMAs in the same order as in the
-// one-panel tiles (t ascending, chunked by kPanelSteps alike), so the results are bit-identical.
+// one-panel tiles (t ascending; where the reduction is cut into chunks, the partial sums are only
+// stored and reloaded, exactly), so the results are bit-identical.
 // kTransA: A(i, t) at A[t * lda + i] (the transposed left operand of gemm_tn_acc: the tile's R
 // broadcasts of a step are adjacent) instead of A[i * lda + t].
 template <int R, bool kMasked1, bool kTransA = false>
@@ -255,7 +256,7 @@ inline void gemm_avx512(const float* A, int64_t a_row, int64_t a_red,
     alignas(64) float panel[kPanelSteps * 16];
     int64_t j = 0;
     if (a_red == 1 || a_row == 1) {
-      // Half the chunk, so that both panels (2 x 16 KB) stay in L1 beside the A rows.
+      // Half the chunk: both panels together (2 x 8 KiB) take the one panel's 16 KiB of L1.
       constexpr int64_t kSteps2 = kPanelSteps / 2;
       float* const pa = panel;
       float* const pb = panel + kSteps2 * 16;
@@ -426,6 +427,13 @@ PACA_ALWAYS_INLINE __m256 high_half(__m512 v) {
   return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
 
+// lane_sum8 of kernels_avx2.cpp: the eight lanes added in its fixed order (the same bits).
+PACA_ALWAYS_INLINE float lane_sum8(__m256 v) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+}
+
 // exp_shifted_f32_avx2 with 16-lane exps. The sum keeps the AVX2 kernel's 8 partial sums, each
 // taking its elements in the same order (the low then the high half of each 16-lane vector), and
 // combines them as it does: the same bits.
@@ -448,10 +456,7 @@ float exp_shifted_f32_avx512(const float* in, float shift, float* out, int64_t n
     acc = _mm256_add_ps(acc, _mm512_castps512_ps256(ev));
     if (rest > 8) acc = _mm256_add_ps(acc, high_half(ev));
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-         ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  return lane_sum8(acc);
 }
 
 // Maximum of n values, NaN entries skipped (max_ps(v, m) returns m when v is NaN).
@@ -474,7 +479,8 @@ void softmax_bwd_row_f32_avx512(float* p, float* ds, int64_t n) {
   __m256 acc = _mm256_setzero_ps(), accd = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
-    const __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + i), sh)));
+    const __m512 s = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + i), sh);
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(s));  // valid lanes only
     _mm512_mask_storeu_ps(p + i, mask, e);
     const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
     acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
@@ -484,14 +490,9 @@ void softmax_bwd_row_f32_avx512(float* p, float* ds, int64_t n) {
       accd = _mm256_fmadd_ps(high_half(e), high_half(dv), accd);
     }
   }
-  alignas(32) float lanes[8], dlanes[8];
-  _mm256_store_ps(lanes, acc);
-  _mm256_store_ps(dlanes, accd);
-  const float inv_s = 1.0f / (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-                              ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
+  const float inv_s = 1.0f / lane_sum8(acc);
   const __m512 inv = _mm512_set1_ps(inv_s);
-  const __m512 d = _mm512_set1_ps((((dlanes[0] + dlanes[4]) + (dlanes[1] + dlanes[5])) +
-                                   ((dlanes[2] + dlanes[6]) + (dlanes[3] + dlanes[7]))) * inv_s);
+  const __m512 d = _mm512_set1_ps(lane_sum8(accd) * inv_s);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
     const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p + i), inv);

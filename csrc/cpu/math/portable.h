@@ -189,34 +189,18 @@ PACA_ALWAYS_INLINE T row_max_impl(const T* x, int64_t n) {
 
 // The softmax of one attention row and its backward, in place (softmax_bwd_row in kernels.h):
 // p holds the scores s on entry, P = exp(s - max s) / sum on return; ds holds dP on entry,
-// dS = P o (dP - D) on return, D = sum(P o dP). Two passes after the max: the first forms
-// e = exp(s - max), its sum and sum(e o dP) (eight partial sums each, combined in a fixed order),
-// so that D = sum(e o dP) / sum needs no pass of its own; the second writes P = e / sum and dS.
-// A one-hot row (e = 1 at j, 0 elsewhere) still gives dS = 0 exactly: sum = 1, D = dP_j.
+// dS = P o (dP - D) on return, D = sum(P o dP). The exponentials and their sum come from
+// exp_shifted_impl, as the forward's (the same P); D = sum(e o dP) / sum in eight partial sums
+// combined in a fixed order, so that the last pass writes P and dS together. A one-hot row
+// (e = 1 at j, 0 elsewhere) still gives dS = 0 exactly: sum = 1, D = dP_j.
 template <typename T>
 PACA_ALWAYS_INLINE void softmax_bwd_row_impl(T* p, T* ds, int64_t n) {
-  const T mx = row_max_impl(p, n);
-  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, dpart[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) {
-      const T e = std::exp(p[i + j] - mx);
-      p[i + j] = e;
-      part[j] += e;
-      dpart[j] += e * ds[i + j];
-    }
-  }
-  for (; i < n; ++i) {
-    const T e = std::exp(p[i] - mx);
-    p[i] = e;
-    part[i % 8] += e;
-    dpart[i % 8] += e * ds[i];
-  }
-  const T sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-  const T inv = T(1) / sum;
+  const T inv = T(1) / exp_shifted_impl(p, row_max_impl(p, n), p, n);
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) part[i % 8] += p[i] * ds[i];
   const T d =
-      (((dpart[0] + dpart[4]) + (dpart[1] + dpart[5])) + ((dpart[2] + dpart[6]) + (dpart[3] + dpart[7]))) * inv;
-  for (i = 0; i < n; ++i) {
+      (((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]))) * inv;
+  for (int64_t i = 0; i < n; ++i) {
     p[i] *= inv;
     ds[i] = p[i] * (ds[i] - d);
   }
