@@ -5,7 +5,6 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
-#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 #if !defined(_WIN32)
 #include <pthread.h>
@@ -15,8 +14,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <new>
-#include <string>
 #include <unordered_map>
 #include <vector>
 
