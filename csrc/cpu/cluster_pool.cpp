@@ -252,16 +252,15 @@ inline void finish_row(acc_t* prow, acc_t mx, acc_t s, const acc_t* wp, const ac
 // second pass.
 template <typename scalar_t>
 void cluster_pool_fwd_kernel(const at::Tensor& logits, const at::Tensor& x,
-                             const at::Tensor* weight, const at::Tensor* bias, double eps,
-                             at::Tensor& out, at::Tensor& pooled, at::Tensor& stats) {
+                             const at::opmath_type<scalar_t>* wp,
+                             const at::opmath_type<scalar_t>* bp, double eps, at::Tensor& out,
+                             at::Tensor& pooled, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   const Strides sl(logits), sx(x);
   const scalar_t* lp = logits.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  // weight/bias were converted to contiguous acc_t by the caller (they are only (C,)).
-  const acc_t* wp = weight ? weight->const_data_ptr<acc_t>() : nullptr;
-  const acc_t* bp = bias ? bias->const_data_ptr<acc_t>() : nullptr;
+  // wp/bp: the LayerNorm's weight and bias as acc_t (C,), or nullptr.
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* pp = pooled.mutable_data_ptr<acc_t>();
   acc_t* stp = stats.mutable_data_ptr<acc_t>();  // (B, M, 2) contiguous
@@ -412,16 +411,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cluster_pool_fwd_cpu(
     return {out, pooled, stats};
   }
 
-  // (C,) vectors: converting once is negligible and lets the kernel read one dtype.
-  std::optional<at::Tensor> w, bi;
-  if (weight.has_value()) w = weight->to(acc).contiguous();
-  if (bias.has_value()) bi = bias->to(acc).contiguous();
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cluster_pool_fwd",
                                   [&] {
+                                    // (C,) vectors in the accumulation dtype (tensor_access.h).
+                                    using acc_t = at::opmath_type<scalar_t>;
+                                    std::vector<acc_t> wv, bv;
+                                    if (weight.has_value()) wv = to_vector<acc_t>(*weight);
+                                    if (bias.has_value()) bv = to_vector<acc_t>(*bias);
                                     cluster_pool_fwd_kernel<scalar_t>(
-                                        logits, x, w ? &*w : nullptr, bi ? &*bi : nullptr, eps,
-                                        out, pooled, stats);
+                                        logits, x, weight ? wv.data() : nullptr,
+                                        bias ? bv.data() : nullptr, eps, out, pooled, stats);
                                   });
   return {out, pooled, stats};
 }
@@ -477,7 +476,7 @@ inline void product_with_x_transposed(const double* A, int64_t rows, int64_t C, 
 // the thread count.
 template <typename scalar_t, typename param_t>
 void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logits,
-                             const at::Tensor& x, const at::Tensor* weight,
+                             const at::Tensor& x, const at::opmath_type<scalar_t>* wp,
                              const at::Tensor& pooled, const at::Tensor& stats, double eps,
                              at::Tensor& dlogits, at::Tensor& dx, at::Tensor& dweight,
                              at::Tensor& dbias) {
@@ -489,8 +488,7 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const acc_t* pp = pooled.const_data_ptr<acc_t>();
   const acc_t* stp = stats.const_data_ptr<acc_t>();
-  // weight was converted to contiguous acc_t by the caller (it is only (C,)).
-  const acc_t* wp = weight ? weight->const_data_ptr<acc_t>() : nullptr;
+  // wp: the LayerNorm's weight as acc_t (C,), or nullptr.
   const acc_t eps_acc = static_cast<acc_t>(eps);
 
   // Phase 1. dP (B, M, C), an operand of both products; per (b, m): rowdot, the softmax max and
@@ -631,12 +629,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
     dbias.zero_();
     return {dlogits, dx, dweight, dbias};
   }
-  std::optional<at::Tensor> w;
-  if (weight.has_value()) w = weight->to(acc).contiguous();
-
-  const at::Tensor* wptr = w ? &*w : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "cluster_pool_bwd", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        std::vector<acc_t> wv;
+        if (weight.has_value()) wv = to_vector<acc_t>(*weight);
+        const acc_t* wptr = weight ? wv.data() : nullptr;
         if (pdtype == x.scalar_type()) {
           cluster_pool_bwd_kernel<scalar_t, scalar_t>(grad_out, logits, x, wptr, pooled, stats, eps,
                                                       dlogits, dx, dweight, dbias);

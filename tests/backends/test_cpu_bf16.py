@@ -362,6 +362,51 @@ def test_bf16_conversions_give_the_element_loops_bits(tmp_path):
         assert torch.equal(a, b), f"output {i}: {(a != b).sum().item()} values differ"
 
 
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a tensor of the same shape whose last dimension has stride 2 (a view into a
+    buffer twice as long, the other half NaN: a read through the wrong stride shows)."""
+    buf = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"), dtype=t.dtype)
+    view = buf[..., ::2]
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32, torch.float64])
+def test_parameters_read_through_any_strides_and_dtype(dtype):
+    """The kernels read their small parameters (biases, LayerNorm affines, depthwise taps) element
+    by element from any strides and floating dtype (cpu/math/tensor_access.h: no ATen conversion
+    per call): strided views give the bits of contiguous copies, and float32 parameters with bf16
+    activations the bits of the same values given as float32 contiguous tensors."""
+    torch.manual_seed(0)
+    B, H, W, C, hid = 2, 5, 6, 24, 40
+    x = torch.randn(B, H * W, C, dtype=dtype)
+    w1, b1 = torch.randn(hid, C, dtype=dtype) / 5, torch.randn(hid, dtype=dtype)
+    dw, db = torch.randn(hid, 1, 3, 3, dtype=dtype), torch.randn(hid, dtype=dtype)
+    w2, b2 = torch.randn(C, hid, dtype=dtype) / 7, torch.randn(C, dtype=dtype)
+    mlp = torch.ops.paca_kernels.mlp_fused
+    dw_strided = _strided_copy(dw.reshape(hid, 9)).reshape(hid, 1, 3, 3)
+    assert not dw_strided.is_contiguous()
+    with torch.no_grad():
+        want = mlp(x, H, W, w1, b1, dw, db, True, True, w2, b2)
+        got = mlp(x, H, W, w1, _strided_copy(b1), dw_strided, _strided_copy(db), True, True, w2,
+                  _strided_copy(b2))
+        assert torch.equal(got, want)
+        logits = torch.randn(B, 7, H * W, dtype=dtype)
+        lw, lb = torch.randn(C, dtype=dtype), torch.randn(C, dtype=dtype)
+        pool = torch.ops.paca_kernels.cluster_pool_fwd
+        want_pool = pool(logits, x, lw, lb, 1e-6)
+        got_pool = pool(logits, x, _strided_copy(lw), _strided_copy(lb), 1e-6)
+        for a, b in zip(got_pool, want_pool, strict=True):
+            assert torch.equal(a, b)
+        if dtype == BF16:  # float32 parameters with bf16 activations: converted exactly
+            got32 = mlp(x, H, W, w1, b1.float(), dw.float(), _strided_copy(db.float()), True, True,
+                        w2, b2.float())
+            assert torch.equal(got32, want)
+            got_pool32 = pool(logits, x, _strided_copy(lw.float()), lb.float(), 1e-6)
+            for a, b in zip(got_pool32, want_pool, strict=True):
+                assert torch.equal(a, b)
+
+
 if __name__ == "__main__":
     check_all()
     print("isa ok")
