@@ -224,6 +224,23 @@ class AttentionPlan(NamedTuple):
     want_maps: bool
 
 
+def _fused_attention(layer: nn.Module, want_maps: bool, hooked: bool | None = None) -> tuple | None:
+    """The q/k/v/proj tensors for ``p2c_attention_proj`` in CPU inference, or None where the op
+    would skip something: maps wanted, active dropouts, a hook on the projections or the dropout
+    (``hooked``: whether the layer has any hook, when the caller already knows)."""
+    mods = layer._modules
+    if want_maps or not _attention_op.REGISTERED or (
+        layer.training and (layer.attn_drop > 0.0 or mods["proj_drop"].p > 0.0)
+    ):
+        return None
+    q, k, v, proj = mods["q"], mods["k"], mods["v"], mods["proj"]
+    if hooked is None:
+        hooked = has_hooks(layer)
+    if hooked and has_hooks(q, k, v, proj, mods["proj_drop"]):
+        return None
+    return linear_tensors(q, k, v, proj)
+
+
 def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_attn: bool) -> AttentionPlan:
     """The path for one call of a PaCaAttention ``layer`` on x (B, N, C), with ``given`` the
     assignment passed in (logits or z, validated) or None.
@@ -234,7 +251,8 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
       wanted through x, ``given`` or any parameter, no autocast but to bf16/fp16, no global hooks):
       the conv head as ``conv_cluster_logits`` (a P2CConv2d the kernel computes exactly, no hooks in it), the attention
       as ``p2c_attention_proj`` (plain Linear projections, inactive dropouts, no maps wanted, no hooks
-      on the projections or the dropout);
+      on the projections or the dropout), also in the layers without clusters (self-attention
+      over the patches: the keys are the patches, c = x);
     - the whole layer as ``conv_paca_layer`` where both parts and the pooling fuse, the norm is
       exactly an ``nn.LayerNorm`` and no module of the layer has a hook;
     - with gradients wanted on the cpu backend (:func:`cpu_training`: float32/float64, no autocast,
@@ -248,7 +266,13 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
     mods = layer._modules
     want_maps = return_attn or bool(mods["attn_viz"]._forward_hooks)
     if layer.num_clusters == 0:
-        return AttentionPlan(False, None, None, False, want_maps)
+        # Self-attention over the patches (the last stage): in CPU inference the same
+        # p2c_attention_proj with the patches as the keys (c = x), one op for the four projections
+        # and the attention.
+        attention = None
+        if cpu_inference(layer.backend, x, layer):
+            attention = _fused_attention(layer, want_maps)
+        return AttentionPlan(False, None, attention, False, want_maps)
     norm = mods["cluster_norm"]
     fused_pool = layer._ln_eps is not None and not layer.cluster_pos_embed and not has_hooks(norm)
     if not cpu_inference(layer.backend, x, layer, given):
@@ -270,13 +294,7 @@ def plan_attention(layer: nn.Module, x: Tensor, given: Tensor | None, return_att
         clustering = mods["clustering"]
         if type(clustering) is P2CConv2d and not (hooked and has_hooks(clustering)):
             head = conv_head_tensors(clustering._modules["clustering"])
-    attention = None
-    if not want_maps and _attention_op.REGISTERED and not (
-        layer.training and (layer.attn_drop > 0.0 or mods["proj_drop"].p > 0.0)
-    ):
-        q, k, v, proj = mods["q"], mods["k"], mods["v"], mods["proj"]
-        if not (hooked and has_hooks(q, k, v, proj, mods["proj_drop"])):
-            attention = linear_tensors(q, k, v, proj)
+    attention = _fused_attention(layer, want_maps, hooked)
     whole = (
         _layer_op.REGISTERED and not hooked and head is not None and attention is not None
         and fused_pool and type(norm) is nn.LayerNorm

@@ -251,3 +251,47 @@ def test_layer_with_fused_query_side_compiles_fullgraph(monkeypatch):
         eager = layer(x, 4, 6)[0]
         compiled = torch.compile(lambda t: layer(t, 4, 6)[0], fullgraph=True, backend="aot_eager")(x)
     testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_without_clusters_runs_self_attention_fused_in_inference(spy, dtype):
+    # M = 0 (PaCa-ViT's last stage): self-attention over the patches, as p2c_attention_proj with
+    # the patches as the keys (c = x), wherever the per-cluster layers take the op; N = 35 keys
+    # (not a multiple of the kernel's blocks), 3 heads of 8 (the shape check in test_models covers
+    # the real stage: N = 49, 12 heads of 32).
+    calls = spy(attention_op, "p2c_attention_proj")
+    torch.manual_seed(0)
+    layer = PaCaAttention(24, 3, 0, backend="cpu").eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ref_layer = PaCaAttention(24, 3, 0, backend="reference").eval()
+    ref_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5 * 7, 24)
+    layer.to(dtype)
+    with torch.no_grad():
+        out, z = layer(x.to(dtype), 5, 7)
+        assert z is None and len(calls) == 1 and calls[0] == (2, 35, 24)
+        exact = ref_layer.double()(x.double(), 5, 7)[0]
+        if dtype == torch.float32:
+            testing.assert_close(out, exact.float(), rtol=1e-5, atol=1e-5, name="out")
+        else:
+            # FlashAttention's rule against the modules run in bf16.
+            ref_bf16 = PaCaAttention(24, 3, 0, backend="reference").eval()
+            ref_bf16.load_state_dict(ref_layer.state_dict())
+            low = ref_bf16.to(dtype)(x.to(dtype), 5, 7)[0]
+            err, ref_err = (out.double() - exact).abs().max(), (low.double() - exact).abs().max()
+            assert err <= 2 * ref_err, (err, ref_err)
+        # Maps wanted, a hook on a projection, or another backend: the modules run.
+        layer(x.to(dtype), 5, 7, return_attn=True)
+        hook = layer.v.register_forward_hook(lambda *a: None)
+        layer(x.to(dtype), 5, 7)
+        hook.remove()
+        layer.backend = "reference"
+        layer(x.to(dtype), 5, 7)
+        assert len(calls) == 1
+    # Gradients wanted: the modules, and gradients flow.
+    layer.backend = "cpu"
+    layer.float()
+    layer(x, 5, 7)[0].sum().backward()
+    assert len(calls) == 1 and layer.q.weight.grad is not None
