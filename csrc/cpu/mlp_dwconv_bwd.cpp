@@ -95,6 +95,10 @@ PACA_ALWAYS_INLINE void gelu_grad_mul(const float* gy, const float* z, float* g,
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     V zv, gv;
+    // gy streams from memory (it is the largest input); 4 KiB ahead hides the latency the
+    // hardware prefetcher leaves between this loop's short runs (1 thread, PaCa-ViT-Tiny's first
+    // stage at B = 8: 37 -> 33 ms).
+    __builtin_prefetch(gy + i + 1024);
     std::memcpy(&zv, z + i, sizeof(zv));
     std::memcpy(&gv, gy + i, sizeof(gv));
     gv = gv * gelu_grad_vec<V, VI>(zv);

@@ -49,6 +49,18 @@ void load_band(const scalar_t* xp, const Strides& sx, int64_t b, int64_t y0, int
     acc_t* dst = drow + pad * C;
     const scalar_t* xr = xp + b * sx[0] + y * W * sx[1];
     if (sx[2] == 1 && sx[1] == C) {  // the image row is one contiguous run of W * C values
+      if (in_bias != nullptr) {  // x + in_bias in the same pass
+        for (int64_t j = 0; j < W; ++j) {
+          const scalar_t* xv = xr + j * C;
+          acc_t* dv = dst + j * C;
+          // x streams from memory: 4 KiB ahead, one line at a time (as in mlp_dwconv_bwd.cpp).
+          for (int64_t c = 0; c < C; c += 64 / sizeof(scalar_t)) {
+            __builtin_prefetch(xv + c + 4096 / sizeof(scalar_t));
+          }
+          for (int64_t c = 0; c < C; ++c) dv[c] = static_cast<acc_t>(xv[c]) + in_bias[c];
+        }
+        continue;
+      }
       for (int64_t i = 0; i < W * C; ++i) dst[i] = static_cast<acc_t>(xr[i]);
     } else if (sx[2] == 1) {
       for (int64_t j = 0; j < W; ++j) {
