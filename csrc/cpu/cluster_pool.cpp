@@ -615,8 +615,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   check_supported_float(x, kBwdOp, "x");
   check_pool_bwd_args(grad_out, logits, x, weight, pooled, stats, eps, kBwdOp);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
-  const at::ScalarType acc = acc_dtype(x);
-
   const at::ScalarType pdtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
   at::Tensor dlogits = empty_output({B, M, N}, logits.options());
   at::Tensor dx = empty_output({B, N, C}, x.options());
