@@ -139,6 +139,66 @@ void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   acc_t* lp = lse.mutable_data_ptr<acc_t>();         // (B, h, N) contiguous
   const acc_t sc = static_cast<acc_t>(scale);
 
+  // Query rows n0 .. n0 + rows - 1 of head (b, hd), rows <= kQueryBlock: scores, softmax (its
+  // log-sum-exp into lse), times v, normalised into the output rows.
+  const auto block = [&](int64_t b, int64_t hd, int64_t n0, int64_t rows, const acc_t* ktp,
+                         const acc_t* vvp, acc_t* qbuf, acc_t* obuf, acc_t* sbuf) {
+    const int64_t bh = b * H + hd;
+    const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf);
+    gemm_nn(qa, ldq, ktp, M, sbuf, M, rows, D, M, /*accumulate=*/false);
+    acc_t* lrow = lp + bh * N + n0;
+    acc_t inv[kQueryBlock];
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* srow = sbuf + i * M;
+      // Softmax over M with the max subtracted; an all -inf (or +inf/NaN) row gives NaN,
+      // as torch.softmax does.
+      const RowExp<acc_t> e = exp_minus_row_max(srow, srow, M);
+      lrow[i] = e.max + std::log(e.sum);
+      inv[i] = acc_t(1) / e.sum;
+    }
+    scalar_t* out0 = op + ((b * N + n0) * H + hd) * D;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      // Straight into the output rows (row stride h*d), normalised in place.
+      gemm_nn(sbuf, M, vvp, D, out0, H * D, rows, M, D, /*accumulate=*/false);
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t* orow = out0 + i * H * D;
+        for (int64_t j = 0; j < D; ++j) orow[j] *= inv[i];
+      }
+    } else {
+      gemm_nn(sbuf, M, vvp, D, obuf, D, rows, M, D, /*accumulate=*/false);
+      for (int64_t i = 0; i < rows; ++i) {
+        scalar_t* orow = out0 + i * H * D;
+        const acc_t* src = obuf + i * D;
+        for (int64_t j = 0; j < D; ++j) orow[j] = static_cast<scalar_t>(src[j] * inv[i]);
+      }
+    }
+  };
+
+  if (N <= kChunkRows && B * H >= 4 * at::get_num_threads()) {
+    // Few queries per head (PaCa-ViT-Tiny's third stage at 224^2) and heads enough to share out:
+    // one task per (b, head) packs its own keys and values into its scratch, where they stay in
+    // cache, instead of a separate pass writing every head's to memory first. Each output row is
+    // computed as on the other path (same bits).
+    parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+      const Scratch<acc_t> work(ScratchSlot::kTask0,
+                                2 * kQueryBlock * D + kQueryBlock * M + 2 * M * D);
+      acc_t* qbuf = work.data();
+      acc_t* obuf = qbuf + kQueryBlock * D;
+      acc_t* sbuf = obuf + kQueryBlock * D;
+      acc_t* ktp = sbuf + kQueryBlock * M;
+      acc_t* vvp = ktp + M * D;
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        const int64_t b = bh / H, hd = bh % H;
+        pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, ktp);
+        pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/false, vvp);
+        for (int64_t n0 = 0; n0 < N; n0 += kQueryBlock) {
+          block(b, hd, n0, std::min(kQueryBlock, N - n0), ktp, vvp, qbuf, obuf, sbuf);
+        }
+      }
+    });
+    return;
+  }
+
   // Packed keys (scaled, d x M) and values (M x d) per (b, head): B*h*M*d elements each, small
   // (uninitialised scratch: a zero-filled std::vector cost a pass over them on the calling thread).
   const Scratch<acc_t> kt(ScratchSlot::kCall0, B * H * M * D), vv(ScratchSlot::kCall1, B * H * M * D);
@@ -161,36 +221,8 @@ void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t bh = task / nblk, blk = task % nblk;
       const int64_t b = bh / H, hd = bh % H;
       const int64_t n0 = blk * kQueryBlock, rows = std::min(kQueryBlock, N - n0);
-      const acc_t* ktp = kt.data() + bh * M * D;
-      const acc_t* vvp = vv.data() + bh * M * D;
-      const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf.data());
-      gemm_nn(qa, ldq, ktp, M, s.data(), M, rows, D, M, /*accumulate=*/false);
-      acc_t* lrow = lp + bh * N + n0;
-      acc_t inv[kQueryBlock];
-      for (int64_t i = 0; i < rows; ++i) {
-        acc_t* srow = s.data() + i * M;
-        // Softmax over M with the max subtracted; an all -inf (or +inf/NaN) row gives NaN,
-        // as torch.softmax does.
-        const RowExp<acc_t> e = exp_minus_row_max(srow, srow, M);
-        lrow[i] = e.max + std::log(e.sum);
-        inv[i] = acc_t(1) / e.sum;
-      }
-      scalar_t* out0 = op + ((b * N + n0) * H + hd) * D;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        // Straight into the output rows (row stride h*d), normalised in place.
-        gemm_nn(s.data(), M, vvp, D, out0, H * D, rows, M, D, /*accumulate=*/false);
-        for (int64_t i = 0; i < rows; ++i) {
-          acc_t* orow = out0 + i * H * D;
-          for (int64_t j = 0; j < D; ++j) orow[j] *= inv[i];
-        }
-      } else {
-        gemm_nn(s.data(), M, vvp, D, obuf.data(), D, rows, M, D, /*accumulate=*/false);
-        for (int64_t i = 0; i < rows; ++i) {
-          scalar_t* orow = out0 + i * H * D;
-          const acc_t* src = obuf.data() + i * D;
-          for (int64_t j = 0; j < D; ++j) orow[j] = static_cast<scalar_t>(src[j] * inv[i]);
-        }
-      }
+      block(b, hd, n0, rows, kt.data() + bh * M * D, vv.data() + bh * M * D, qbuf.data(),
+            obuf.data(), s.data());
     }
   });
 }
@@ -229,6 +261,88 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const acc_t sc = static_cast<acc_t>(scale);
   const int64_t MD = M * D;
 
+  // Query rows [n_begin, n_end) of head (b, hd): their dq rows written, dS^T.q and P^T.dO added to
+  // dkc and dvc (M x d); kt/vt/ks the head's packed keys and values (below).
+  const auto rows_pass = [&](int64_t b, int64_t hd, int64_t n_begin, int64_t n_end,
+                             const acc_t* ktp, const acc_t* vtp, const acc_t* ksp, acc_t* dkc,
+                             acc_t* dvc, acc_t* qbuf, acc_t* gbuf, acc_t* dqbuf, acc_t* p,
+                             acc_t* ds) {
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, n_end - n0);
+      const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf);
+      const auto [ga, ldg] = rows_as_acc(gp, sg, b, hd, n0, rows, D, gbuf);
+      // s = q.(scale k)^T, recomputed rather than stored by the forward.
+      gemm_nn(qa, ldq, ktp, M, p, M, rows, D, M, /*accumulate=*/false);
+      // dP = dO.v^T
+      gemm_nn(ga, ldg, vtp, M, ds, M, rows, D, M, /*accumulate=*/false);
+      // P = softmax of each row of s, as the forward computed it (an all -inf row gives NaN),
+      // and dS = P o (dP - D), D_i = rowsum(P o dP): the softmax Jacobian's rank-one part,
+      // from the same P and dP that it multiplies, so a one-hot row gives dS = 0 exactly.
+      for (int64_t i = 0; i < rows; ++i) softmax_bwd_row(p + i * M, ds + i * M, M);
+      scalar_t* dq0 = dqp + ((b * N + n0) * H + hd) * D;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        gemm_nn(ds, M, ksp, D, dq0, H * D, rows, M, D, /*accumulate=*/false);
+      } else {
+        gemm_nn(ds, M, ksp, D, dqbuf, D, rows, M, D, /*accumulate=*/false);
+        for (int64_t i = 0; i < rows; ++i) {
+          scalar_t* dst = dq0 + i * H * D;
+          for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(dqbuf[i * D + j]);
+        }
+      }
+      gemm_tn_acc(ds, M, qa, ldq, dkc, D, rows, M, D);
+      gemm_tn_acc(p, M, ga, ldg, dvc, D, rows, M, D);
+    }
+  };
+  // dk = scale * sum_n dS^T.q and dv from the summed (M x d) accumulators, into (B, M, h, d).
+  const auto write_dkdv = [&](int64_t b, int64_t hd, const acc_t* dks, const acc_t* dvs) {
+    for (int64_t m = 0; m < M; ++m) {
+      scalar_t* dkr = dkp + ((b * M + m) * H + hd) * D;
+      scalar_t* dvr = dvp + ((b * M + m) * H + hd) * D;
+      for (int64_t j = 0; j < D; ++j) {
+        dkr[j] = static_cast<scalar_t>(dks[m * D + j] * sc);
+        dvr[j] = static_cast<scalar_t>(dvs[m * D + j]);
+      }
+    }
+  };
+
+  const int64_t nchunk = (N + kChunkRows - 1) / kChunkRows;
+  if (nchunk == 1) {
+    // Few queries per head (N <= kChunkRows: PaCa-ViT-Tiny's third stage at 224^2): one task per
+    // (b, head) packs its own keys and values into its scratch (where they stay in cache, instead
+    // of a separate pass writing every head's to memory) and sums dk / dv itself, in the order
+    // the chunked path uses (0 + the one partial: the same bits), written straight to the outputs.
+    const int64_t blk = kQueryBlock;
+    parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+      const Scratch<acc_t> work(ScratchSlot::kTask0, 3 * blk * D + 2 * blk * M + 5 * MD);
+      acc_t* qbuf = work.data();
+      acc_t* gbuf = qbuf + blk * D;
+      acc_t* dqbuf = gbuf + blk * D;
+      acc_t* p = dqbuf + blk * D;
+      acc_t* ds = p + blk * M;
+      acc_t* ktp = ds + blk * M;
+      acc_t* vtp = ktp + MD;
+      acc_t* ksp = vtp + MD;
+      acc_t* dks = ksp + MD;
+      acc_t* dvs = dks + MD;
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        const int64_t b = bh / H, hd = bh % H;
+        pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, ktp);
+        pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/true, vtp);
+        pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/false, ksp);
+        std::fill(dks, dks + MD, acc_t(0));
+        std::fill(dvs, dvs + MD, acc_t(0));
+        rows_pass(b, hd, 0, N, ktp, vtp, ksp, dks, dvs, qbuf, gbuf, dqbuf, p, ds);
+        for (int64_t e = 0; e < MD; ++e) {
+          dks[e] = acc_t(0) + dks[e];
+          dvs[e] = acc_t(0) + dvs[e];
+        }
+        write_dkdv(b, hd, dks, dvs);
+      }
+    });
+    return;
+  }
+
+  // Per-call packing for the chunked path: every (b, head)'s keys and values, shared by its chunks.
   // Per (b, head): k^T scaled (d x M) for the scores, v^T (d x M) for dP = dO.v^T, and k scaled
   // (M x d) for dq = dS.(scale k).
   const Scratch<acc_t> kt(ScratchSlot::kCall0, B * H * MD), vt(ScratchSlot::kCall1, B * H * MD),
@@ -242,7 +356,6 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
     }
   });
 
-  const int64_t nchunk = (N + kChunkRows - 1) / kChunkRows;
   // Partial sums over each chunk's queries: dS^T.q (scaled at the end) and P^T.dO.
   const Scratch<acc_t> dk_part(ScratchSlot::kCall3, B * H * nchunk * MD),
       dv_part(ScratchSlot::kCall4, B * H * nchunk * MD);
@@ -254,39 +367,13 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bh = task / nchunk, chunk = task % nchunk;
       const int64_t b = bh / H, hd = bh % H;
-      const acc_t* ktp = kt.data() + bh * MD;
-      const acc_t* vtp = vt.data() + bh * MD;
-      const acc_t* ksp = ks.data() + bh * MD;
       acc_t* dkc = dk_part.data() + task * MD;
       acc_t* dvc = dv_part.data() + task * MD;
       std::fill(dkc, dkc + MD, acc_t(0));
       std::fill(dvc, dvc + MD, acc_t(0));
-      const int64_t c_end = std::min(N, (chunk + 1) * kChunkRows);
-      for (int64_t n0 = chunk * kChunkRows; n0 < c_end; n0 += kQueryBlock) {
-        const int64_t rows = std::min(kQueryBlock, c_end - n0);
-        const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf.data());
-        const auto [ga, ldg] = rows_as_acc(gp, sg, b, hd, n0, rows, D, gbuf.data());
-        // s = q.(scale k)^T, recomputed rather than stored by the forward.
-        gemm_nn(qa, ldq, ktp, M, p.data(), M, rows, D, M, /*accumulate=*/false);
-        // dP = dO.v^T
-        gemm_nn(ga, ldg, vtp, M, ds.data(), M, rows, D, M, /*accumulate=*/false);
-        // P = softmax of each row of s, as the forward computed it (an all -inf row gives NaN),
-        // and dS = P o (dP - D), D_i = rowsum(P o dP): the softmax Jacobian's rank-one part,
-        // from the same P and dP that it multiplies, so a one-hot row gives dS = 0 exactly.
-        for (int64_t i = 0; i < rows; ++i) softmax_bwd_row(p.data() + i * M, ds.data() + i * M, M);
-        scalar_t* dq0 = dqp + ((b * N + n0) * H + hd) * D;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          gemm_nn(ds.data(), M, ksp, D, dq0, H * D, rows, M, D, /*accumulate=*/false);
-        } else {
-          gemm_nn(ds.data(), M, ksp, D, dqbuf.data(), D, rows, M, D, /*accumulate=*/false);
-          for (int64_t i = 0; i < rows; ++i) {
-            scalar_t* dst = dq0 + i * H * D;
-            for (int64_t j = 0; j < D; ++j) dst[j] = static_cast<scalar_t>(dqbuf[i * D + j]);
-          }
-        }
-        gemm_tn_acc(ds.data(), M, qa, ldq, dkc, D, rows, M, D);
-        gemm_tn_acc(p.data(), M, ga, ldg, dvc, D, rows, M, D);
-      }
+      rows_pass(b, hd, chunk * kChunkRows, std::min(N, (chunk + 1) * kChunkRows),
+                kt.data() + bh * MD, vt.data() + bh * MD, ks.data() + bh * MD, dkc, dvc,
+                qbuf.data(), gbuf.data(), dqbuf.data(), p.data(), ds.data());
     }
   });
 
@@ -295,7 +382,6 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
                    [&](int64_t lo, int64_t hi) {
     const Scratch<acc_t> dks(ScratchSlot::kTask0, MD), dvs(ScratchSlot::kTask1, MD);
     for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / H, hd = bh % H;
       std::fill(dks.data(), dks.data() + MD, acc_t(0));
       std::fill(dvs.data(), dvs.data() + MD, acc_t(0));
       for (int64_t c = 0; c < nchunk; ++c) {
@@ -306,14 +392,7 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
           dvs[e] += pv[e];
         }
       }
-      for (int64_t m = 0; m < M; ++m) {
-        scalar_t* dkr = dkp + ((b * M + m) * H + hd) * D;
-        scalar_t* dvr = dvp + ((b * M + m) * H + hd) * D;
-        for (int64_t j = 0; j < D; ++j) {
-          dkr[j] = static_cast<scalar_t>(dks[m * D + j] * sc);
-          dvr[j] = static_cast<scalar_t>(dvs[m * D + j]);
-        }
-      }
+      write_dkdv(bh / H, bh % H, dks.data(), dvs.data());
     }
   });
 }

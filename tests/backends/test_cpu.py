@@ -15,6 +15,7 @@ from paca_kernels.testing import (
     assert_same_bits_across_thread_counts,
     make_cluster_pool_inputs,
     make_p2c_inputs,
+    num_threads,
 )
 
 pytestmark = pytest.mark.extension
@@ -28,6 +29,32 @@ def test_p2c_backward_deterministic_across_thread_counts():
     assert_same_bits_across_thread_counts(
         lambda: torch.ops.paca_kernels.p2c_attention_bwd(g, p.q, p.k, p.v, 0.2, True), (1, 2, 1)
     )
+
+
+def test_p2c_small_n_paths_give_the_chunked_paths_bits():
+    # N <= 240 queries per head: one task per (batch, head) packs its own keys and values (forward
+    # when there are at least 4 heads' tasks per thread, backward always); else the per-call
+    # packing. Both compute every output the same way: 12 (batch, head) pairs take the per-task
+    # path at one thread and the per-call one at four (12 < 4 * 4), with the same bits, and agree
+    # with float64; the backward's small-N path is checked against float64 and across threads.
+    p = make_p2c_inputs(4, 197, 49, 3, 40)
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in (p.q, p.k, p.v))  # strided
+    fwd = torch.ops.paca_kernels.p2c_attention_fwd
+    assert_same_bits_across_thread_counts(lambda: fwd(q, k, v, 0.2), (1, 4))
+    g = torch.randn_like(p.q)
+    assert_same_bits_across_thread_counts(
+        lambda: torch.ops.paca_kernels.p2c_attention_bwd(g, q, k, v, 0.2, True), (1, 2, 3)
+    )
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = reference.p2c_attention(q64, k64, v64, scale=0.2)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), g.double())
+    for n in (1, 4):
+        with num_threads(n), torch.no_grad():
+            out = fwd(q, k, v, 0.2)[0]
+            grads = torch.ops.paca_kernels.p2c_attention_bwd(g, q, k, v, 0.2, True)
+        assert_close(out, want.float(), **TOL, name=f"out ({n} threads)")
+        for name, a, b in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
+            assert_close(a, b.float(), **TOL, name=f"{name} ({n} threads)")
 
 
 def test_cluster_pool_backward_deterministic_across_thread_counts():
