@@ -294,15 +294,24 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
     }
   };
   // dk = scale * sum_n dS^T.q and dv from the summed (M x d) accumulators, into (B, M, h, d).
+  // The sums are written as 0 + sum, as a reduction from zero leaves them (a -0 becomes +0), so
+  // a head summed by one task gives the bits of one reduced from chunk partials.
   const auto write_dkdv = [&](int64_t b, int64_t hd, const acc_t* dks, const acc_t* dvs) {
     for (int64_t m = 0; m < M; ++m) {
       scalar_t* dkr = dkp + ((b * M + m) * H + hd) * D;
       scalar_t* dvr = dvp + ((b * M + m) * H + hd) * D;
       for (int64_t j = 0; j < D; ++j) {
-        dkr[j] = static_cast<scalar_t>(dks[m * D + j] * sc);
-        dvr[j] = static_cast<scalar_t>(dvs[m * D + j]);
+        dkr[j] = static_cast<scalar_t>((acc_t(0) + dks[m * D + j]) * sc);
+        dvr[j] = static_cast<scalar_t>(acc_t(0) + dvs[m * D + j]);
       }
     }
+  };
+  // Head (b, hd)'s keys and values packed for the products: k^T scaled (d x M) for the scores,
+  // v^T (d x M) for dP = dO.v^T, and k scaled (M x d) for dq = dS.(scale k).
+  const auto pack_kv = [&](int64_t b, int64_t hd, acc_t* ktp, acc_t* vtp, acc_t* ksp) {
+    pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, ktp);
+    pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/true, vtp);
+    pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/false, ksp);
   };
 
   const int64_t nchunk = (N + kChunkRows - 1) / kChunkRows;
@@ -310,9 +319,9 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
     // Few queries per head (N <= kChunkRows: PaCa-ViT-Tiny's third stage at 224^2): one task per
     // (b, head) packs its own keys and values into its scratch (where they stay in cache, instead
     // of a separate pass writing every head's to memory) and sums dk / dv itself, in the order
-    // the chunked path uses (0 + the one partial: the same bits), written straight to the outputs.
-    const int64_t blk = kQueryBlock;
+    // the chunked path uses, written straight to the outputs (the same bits).
     parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+      constexpr int64_t blk = kQueryBlock;
       const Scratch<acc_t> work(ScratchSlot::kTask0, 3 * blk * D + 2 * blk * M + 5 * MD);
       acc_t* qbuf = work.data();
       acc_t* gbuf = qbuf + blk * D;
@@ -326,16 +335,10 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
       acc_t* dvs = dks + MD;
       for (int64_t bh = lo; bh < hi; ++bh) {
         const int64_t b = bh / H, hd = bh % H;
-        pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, ktp);
-        pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/true, vtp);
-        pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/false, ksp);
+        pack_kv(b, hd, ktp, vtp, ksp);
         std::fill(dks, dks + MD, acc_t(0));
         std::fill(dvs, dvs + MD, acc_t(0));
         rows_pass(b, hd, 0, N, ktp, vtp, ksp, dks, dvs, qbuf, gbuf, dqbuf, p, ds);
-        for (int64_t e = 0; e < MD; ++e) {
-          dks[e] = acc_t(0) + dks[e];
-          dvs[e] = acc_t(0) + dvs[e];
-        }
         write_dkdv(b, hd, dks, dvs);
       }
     });
@@ -343,16 +346,11 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   }
 
   // Per-call packing for the chunked path: every (b, head)'s keys and values, shared by its chunks.
-  // Per (b, head): k^T scaled (d x M) for the scores, v^T (d x M) for dP = dO.v^T, and k scaled
-  // (M x d) for dq = dS.(scale k).
   const Scratch<acc_t> kt(ScratchSlot::kCall0, B * H * MD), vt(ScratchSlot::kCall1, B * H * MD),
       ks(ScratchSlot::kCall2, B * H * MD);
   parallel_for(0, B * H, std::max<int64_t>(1, kGrainSize / MD), [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
-      const int64_t b = bh / H, hd = bh % H;
-      pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, kt.data() + bh * MD);
-      pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/true, vt.data() + bh * MD);
-      pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/false, ks.data() + bh * MD);
+      pack_kv(bh / H, bh % H, kt.data() + bh * MD, vt.data() + bh * MD, ks.data() + bh * MD);
     }
   });
 

@@ -29,11 +29,16 @@ struct Strides {
 template <typename acc_t>
 inline acc_t element_as(const void* p, at::ScalarType st, int64_t i) {
   switch (st) {
-    case at::kFloat: return static_cast<acc_t>(static_cast<const float*>(p)[i]);
-    case at::kDouble: return static_cast<acc_t>(static_cast<const double*>(p)[i]);
-    case at::kBFloat16: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]));
-    case at::kHalf: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(p)[i]));
-    default: break;
+    case at::kFloat:
+      return static_cast<acc_t>(static_cast<const float*>(p)[i]);
+    case at::kDouble:
+      return static_cast<acc_t>(static_cast<const double*>(p)[i]);
+    case at::kBFloat16:
+      return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]));
+    case at::kHalf:
+      return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(p)[i]));
+    default:
+      break;
   }
   TORCH_CHECK(false, "paca_kernels: expected a floating parameter, got ", st);
   return acc_t(0);
@@ -59,7 +64,9 @@ std::vector<acc_t> to_vector(const at::Tensor& t) {
     return out;
   }
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = element_as<acc_t>(p, st, i * s0 + j * s1);
+    for (int64_t j = 0; j < cols; ++j) {
+      out[i * cols + j] = element_as<acc_t>(p, st, i * s0 + j * s1);
+    }
   }
   return out;
 }
@@ -83,7 +90,9 @@ std::vector<acc_t> transposed(const at::Tensor& t2d) {
   const void* p = t2d.const_data_ptr();
   const at::ScalarType st = t2d.scalar_type();
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = element_as<acc_t>(p, st, i * s0 + j * s1);
+    for (int64_t j = 0; j < cols; ++j) {
+      out[j * rows + i] = element_as<acc_t>(p, st, i * s0 + j * s1);
+    }
   }
   return out;
 }
