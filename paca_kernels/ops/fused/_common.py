@@ -1,12 +1,14 @@
-"""What the inference-only fused ops share: the autograd formula that refuses a backward, and their
-inputs' dtype under autocast."""
+"""What the inference-only fused ops share: their inputs' dtype under autocast.
+
+(Their autograd kernel, which refuses an input that requires grad and otherwise calls the kernels
+below autograd, is in C++: csrc/registration.cpp, ``inference_only_autograd``.)"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["autocast_input", "register_inference_only"]
+__all__ = ["autocast_input"]
 
 
 def autocast_input(x: Tensor) -> Tensor:
@@ -29,14 +31,3 @@ def autocast_input(x: Tensor) -> Tensor:
     ):
         return x.to(torch.get_autocast_dtype(device_type))
     return x
-
-
-def register_inference_only(name: str, modules_note: str) -> None:
-    """Register an autograd formula for the custom op ``paca_kernels::<name>`` that raises a clear
-    error: the fused inference kernels have no backward, and their callers run the modules (as
-    ``modules_note`` says) whenever gradients are wanted, so reaching it means a direct op call."""
-
-    def _no_grad_only(ctx, *grads):
-        raise RuntimeError(f"paca_kernels::{name} is inference-only (no backward); {modules_note}")
-
-    torch.library.register_autograd(f"paca_kernels::{name}", _no_grad_only)

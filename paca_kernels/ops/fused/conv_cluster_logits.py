@@ -30,7 +30,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
 from . import mlp_dwconv as _dwconv
-from ._common import autocast_input, register_inference_only
+from ._common import autocast_input
 
 __all__ = ["DIFFERENTIABLE", "REGISTERED", "conv_cluster_logits", "conv_cluster_logits_train", "head_flops"]
 
@@ -52,9 +52,6 @@ def _register() -> bool:
     def _fake(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2):
         return x.new_empty(x.shape[0], w2.shape[0], x.shape[1])
 
-    register_inference_only(
-        "conv_cluster_logits", "PaCaAttention runs the clustering head's modules when gradients are needed"
-    )
 
     @register_flop_formula(op)
     def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, *args, **kwargs) -> int:

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import autocast_input, register_inference_only
+from ._common import autocast_input
 from .conv_cluster_logits import head_flops
 from .p2c_attention_proj import attention_proj_flops
 
@@ -46,9 +46,6 @@ def _register() -> bool:
         b, n = x.shape[:2]
         return x.new_empty((b, n, proj_weight.shape[0])), x.new_empty((b, w2.shape[0], n))
 
-    register_inference_only(
-        "conv_paca_layer", "PaCaAttention runs its modules and autograd ops when gradients are needed"
-    )
 
     @register_flop_formula(op)
     def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, b2_shape,

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import autocast_input, register_inference_only
+from ._common import autocast_input
 
 __all__ = ["DIFFERENTIABLE", "REGISTERED", "mlp_dwconv", "with_strides_of"]
 
@@ -70,10 +70,7 @@ def _register() -> bool:
         return 2 * b * n * c * w_shape[2] * w_shape[3]
 
     if not hasattr(torch.ops.paca_kernels, "mlp_dwconv_bwd"):  # an extension built before the backward
-        register_inference_only(
-            "mlp_dwconv", "Mlp runs its DWConv and activation modules when gradients are needed"
-        )
-        return True
+        return True  # DIFFERENTIABLE is False: the layers never call it with gradients wanted
     bwd = torch.ops.paca_kernels.mlp_dwconv_bwd
 
     @torch.library.register_fake(f"{_LIB}::mlp_dwconv_bwd")

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import autocast_input, register_inference_only
+from ._common import autocast_input
 
 __all__ = ["FUSED_MLP_MAX_WEIGHT", "FUSED_MLP_MAX_WEIGHT_AVX512", "FUSED_MLP_MAX_WEIGHT_BF16_AMX", "REGISTERED",
            "max_fused_weight", "mlp_fused"]
@@ -84,7 +84,6 @@ def _register() -> bool:
     def _fake(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias):
         return x.new_empty((*x.shape[:2], fc2_weight.shape[0]))
 
-    register_inference_only("mlp_fused", "Mlp runs its modules when gradients are needed")
 
     @register_flop_formula(op)
     def _flops(x_shape, H, W, w1_shape, b1_shape, dw_shape, db_shape, shortcut, gelu,

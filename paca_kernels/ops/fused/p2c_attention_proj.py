@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import autocast_input, register_inference_only
+from ._common import autocast_input
 
 __all__ = ["REGISTERED", "attention_proj_flops", "p2c_attention_proj"]
 
@@ -49,9 +49,6 @@ def _register() -> bool:
               num_heads, scale):
         return x.new_empty((*x.shape[:2], proj_weight.shape[0]))
 
-    register_inference_only(
-        "p2c_attention_proj", "PaCaAttention runs its q/k/v/proj modules and p2c_attention when gradients are needed"
-    )
 
     @register_flop_formula(op)
     def _flops(x_shape, c_shape, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape, wp_shape,

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import autocast_input, register_inference_only
+from ._common import autocast_input
 
 __all__ = ["REGISTERED", "patch_embed"]
 
@@ -50,7 +50,6 @@ def _register() -> bool:
         torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "patch_embed: x and weight must be 4-D")
         return x.new_empty(_out_shape(x.shape, weight.shape, stride, padding))
 
-    register_inference_only("patch_embed", "DownsampleV1 runs its modules when gradients are needed")
 
     @register_flop_formula(op)
     def _flops(x_shape, w_shape, bias_shape, stride, padding, *args, **kwargs) -> int:
