@@ -52,7 +52,6 @@ def _register() -> bool:
     def _fake(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2):
         return x.new_empty(x.shape[0], w2.shape[0], x.shape[1])
 
-
     @register_flop_formula(op)
     def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, *args, **kwargs) -> int:
         return head_flops(x_shape, dw_shape, w1_shape, w2_shape)

@@ -46,7 +46,6 @@ def _register() -> bool:
         b, n = x.shape[:2]
         return x.new_empty((b, n, proj_weight.shape[0])), x.new_empty((b, w2.shape[0], n))
 
-
     @register_flop_formula(op)
     def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, b2_shape,
                nw_shape, nb_shape, eps, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape,

@@ -84,7 +84,6 @@ def _register() -> bool:
     def _fake(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias):
         return x.new_empty((*x.shape[:2], fc2_weight.shape[0]))
 
-
     @register_flop_formula(op)
     def _flops(x_shape, H, W, w1_shape, b1_shape, dw_shape, db_shape, shortcut, gelu,
                w2_shape, *args, **kwargs) -> int:

@@ -49,7 +49,6 @@ def _register() -> bool:
               num_heads, scale):
         return x.new_empty((*x.shape[:2], proj_weight.shape[0]))
 
-
     @register_flop_formula(op)
     def _flops(x_shape, c_shape, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape, wp_shape,
                *args, **kwargs) -> int:

@@ -50,7 +50,6 @@ def _register() -> bool:
         torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "patch_embed: x and weight must be 4-D")
         return x.new_empty(_out_shape(x.shape, weight.shape, stride, padding))
 
-
     @register_flop_formula(op)
     def _flops(x_shape, w_shape, bias_shape, stride, padding, *args, **kwargs) -> int:
         b, ho, wo, co = _out_shape(x_shape, w_shape, stride, padding)
