@@ -78,13 +78,21 @@
 //   sums reduced in a fixed order (no atomics), independent of the thread count.
 //
 // mlp_fused(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight,
-//           fc2_bias) -> out
+//           fc2_bias, norm=False, norm_weight=None, norm_bias=None, eps=1e-5, residual=False,
+//           bf16_products=False) -> out
 //   The whole PaCa-ViT MLP (fc1, DWConv with optional shortcut, GELU or identity, fc2) without
-//   its hidden activations ever leaving the cache; inference only (no autograd).
+//   its hidden activations ever leaving the cache; inference only (no autograd). Optionally with
+//   the pre-norm block's ends around it: x + mlp(LayerNorm(x)).
 //   x (B, N, C) tokens of an H x W grid; fc1_weight (Hd, C); dw_weight (Hd, 1, k, k), k odd, zero
-//   padding (k-1)/2; fc2_weight (Co, Hd); biases (Hd,), (Hd,), (Co,) optional. With
-//   u = x . fc1_weight^T + fc1_bias (B, N, Hd) and g = act(depthwise_conv(u) + dw_bias + (u if
-//   shortcut)): out (B, N, Co) dtype of x = g . fc2_weight^T + fc2_bias, accumulated in acc.
+//   padding (k-1)/2; fc2_weight (Co, Hd); biases (Hd,), (Hd,), (Co,) optional; norm_weight,
+//   norm_bias (C,) optional (only with norm). With a = LayerNorm_C(x, eps, biased variance)
+//   * norm_weight + norm_bias if norm else x, rounded to the modules' dtype r (bf16 if
+//   bf16_products, else x's dtype), u = a . fc1_weight^T + fc1_bias (B, N, Hd),
+//   g = act(depthwise_conv(u) + dw_bias + (u if shortcut)) and m = g . fc2_weight^T + fc2_bias,
+//   accumulated in acc: out (B, N, Co) dtype of x = x + round_r(m) if residual (Co == C), else
+//   round_r(m). bf16_products (float32 or bfloat16 x): the products in bf16 as for bf16 x (CPU
+//   autocast's semantics for an fp32 model: fc1's input and the MLP's output in bf16, the
+//   LayerNorm and the residual stream in float32).
 
 // p2c_attention_proj(x, c, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight,
 //                    proj_bias, num_heads, scale) -> out
@@ -249,7 +257,9 @@ TORCH_LIBRARY(paca_kernels, m) {
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_in_bias)");
   m.def(
       "mlp_fused(Tensor x, int H, int W, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, "
-      "Tensor? dw_bias, bool shortcut, bool gelu, Tensor fc2_weight, Tensor? fc2_bias) -> Tensor");
+      "Tensor? dw_bias, bool shortcut, bool gelu, Tensor fc2_weight, Tensor? fc2_bias, "
+      "bool norm=False, Tensor? norm_weight=None, Tensor? norm_bias=None, float eps=1e-05, "
+      "bool residual=False, bool bf16_products=False) -> Tensor");
   m.def(
       "p2c_attention_proj(Tensor x, Tensor c, Tensor q_weight, Tensor? q_bias, Tensor k_weight, "
       "Tensor? k_bias, Tensor v_weight, Tensor? v_bias, Tensor proj_weight, Tensor? proj_bias, "

@@ -74,6 +74,9 @@ def _op_cases(dtype: torch.dtype, with_bias: bool) -> list[tuple[str, tuple]]:
         ("mlp_dwconv", (r(B, N, hid), H, W, r(hid, 1, 3, 3), rb(hid), rb(hid), with_bias, with_bias)),
         ("mlp_fused", (x, H, W, r(hid, C), rb(hid), r(hid, 1, 3, 3), rb(hid), with_bias, not with_bias,
                        r(C, hid), rb(C))),
+        # With the block's ends: x + mlp(LayerNorm(x)) (fc2 back to C).
+        ("mlp_fused", (x, H, W, r(hid, C), rb(hid), r(hid, 1, 3, 3), rb(hid), True, True, r(C, hid), rb(C),
+                       True, *norm, True, False)),
         ("p2c_attention_proj", (x, c, *attn, h, 0.5)),
         ("conv_paca_layer", (x, H, W, *head, *norm, *attn, h, 0.5, with_bias)),
     ]

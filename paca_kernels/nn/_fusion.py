@@ -1,7 +1,8 @@
 """The layers' decision points: which path serves one call of a layer.
 
 :func:`plan_attention` (for :class:`~paca_kernels.nn.PaCaAttention`), :func:`plan_mlp` (for
-:class:`~paca_kernels.nn.block.Mlp`) and :func:`plan_downsample` (for
+:class:`~paca_kernels.nn.block.Mlp`), :func:`plan_mlp_residual` (for the second half of a
+:class:`~paca_kernels.nn.block.PaCaBlock`) and :func:`plan_downsample` (for
 :class:`~paca_kernels.nn.downsample.DownsampleV1`) look at every condition once (gradient wanted, autocast, hooks, the
 layer's backend setting, module structure) and return the path; the layer's ``forward`` then runs it
 straight through. A fused inference op (:mod:`paca_kernels.ops.fused`) bypasses the modules it
@@ -33,7 +34,7 @@ from ..ops.fused import mlp_fused as _mlp_op
 from ..ops.fused import p2c_attention_proj as _attention_op
 from ..ops.fused import patch_embed as _embed_op
 from .clustering import P2CConv2d
-from .layers import DWConv, LayerNorm2d
+from .layers import DropPath, DWConv, LayerNorm2d
 
 __all__ = [
     "AttentionPlan",
@@ -49,6 +50,7 @@ __all__ = [
     "plan_attention",
     "plan_downsample",
     "plan_mlp",
+    "plan_mlp_residual",
     "same_depthwise",
 ]
 
@@ -352,6 +354,37 @@ def plan_mlp(mlp: nn.Module, x: Tensor) -> MlpPath:
     ):
         return "whole"
     return "dwconv"
+
+
+def _identity_in_call(m: nn.Module) -> bool:
+    """An ``nn.Identity``, or a :class:`DropPath` that is one in this call (eval mode or p = 0)."""
+    return type(m) is nn.Identity or (type(m) is DropPath and (not m.training or m.drop_prob == 0.0))
+
+
+def plan_mlp_residual(block: nn.Module, x: Tensor) -> bool:
+    """Whether the second half of a :class:`~paca_kernels.nn.block.PaCaBlock` call on x (B, N, C),
+    ``x + drop_path2(norm2_after(mlp(norm2_before(x))))``, runs as one ``mlp_fused`` call with the
+    LayerNorm as its prologue and the residual add as its epilogue (two PyTorch ops and their
+    tensors fewer per block; under autocast also the cast of the LayerNorm's output).
+
+    Needs: the block's pre-norm form without layer scale (``norm2_before`` exactly an
+    ``nn.LayerNorm`` over C, ``norm2_after`` and ``drop_path2`` identities in this call), the MLP
+    served whole (:func:`plan_mlp` gives "whole": CPU inference, the cpu backend...), the norm's
+    parameters wanting no gradient, no hooks on the norm, the Mlp module or what follows it (the
+    fused call bypasses their ``__call__``), and no autocast other than to bfloat16 (where the
+    kernel keeps the float32 residual stream as autocast does; under fp16 autocast the modules
+    run)."""
+    mods = block._modules
+    norm, mlp, after, dp = mods["norm2_before"], mods["mlp"], mods["norm2_after"], mods["drop_path2"]
+    if block.layer_scale or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+        return False
+    if not (type(after) is nn.Identity and _identity_in_call(dp)):
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    if not cpu_inference(mlp.backend, x, norm) or has_hooks(norm, mlp, after, dp):
+        return False
+    return plan_mlp(mlp, x) == "whole"
 
 
 def _plain_conv(conv: nn.Module) -> bool:

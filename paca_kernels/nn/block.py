@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..ops.dispatch import check_backend_name
 from ..ops.fused import mlp_dwconv as _dwconv_op
 from ..ops.fused import mlp_fused as _mlp_op
-from ._fusion import MlpPath, plan_mlp
+from ._fusion import MlpPath, plan_mlp, plan_mlp_residual
 from .attention import PaCaAttention, paca_layer_kwargs
 from .layers import DropPath, DWConv, build_act, build_norm, to_2tuple
 
@@ -95,6 +95,16 @@ class Mlp(nn.Module):
             x = self.act(x)
         x = self.drop(x)
         return self.drop(self.fc2(x))
+
+    def forward_residual(self, x: Tensor, H: int, W: int, norm: nn.LayerNorm) -> Tensor:
+        """x + self(norm(x), H, W) as one fused call (LayerNorm prologue, residual epilogue), for
+        :class:`PaCaBlock` where :func:`~paca_kernels.nn._fusion.plan_mlp_residual` allows it."""
+        conv = self.dwconv.dwconv
+        return _mlp_op.mlp_fused(
+            x, H, W, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
+            bool(self.dwconv.with_shortcut), type(self.act) is nn.GELU, self.fc2.weight, self.fc2.bias,
+            norm=(norm.weight, norm.bias, norm.eps), residual=True,
+        )
 
 
 class PaCaBlock(nn.Module):
@@ -181,7 +191,11 @@ class PaCaBlock(nn.Module):
             x = x + self.drop_path2(self.gamma2 * self.norm2_after(self.mlp(self.norm2_before(x), H, W)))
         else:
             x = x + self.drop_path1(a)
-            x = x + self.drop_path2(self.norm2_after(self.mlp(self.norm2_before(x), H, W)))
+            if plan_mlp_residual(self, x):
+                # x + mlp(norm2(x)) in one kernel call (the identities around it are no-ops here).
+                x = self.mlp.forward_residual(x, H, W, self.norm2_before)
+            else:
+                x = x + self.drop_path2(self.norm2_after(self.mlp(self.norm2_before(x), H, W)))
         return x, *rest
 
     def forward(

@@ -142,12 +142,21 @@ def mlp_dwconv(
 def mlp_fused(
     x: Tensor, H: int, W: int, fc1_weight: Tensor, fc1_bias: Tensor | None, dw_weight: Tensor,
     dw_bias: Tensor | None, shortcut: bool, gelu: bool, fc2_weight: Tensor, fc2_bias: Tensor | None,
+    norm: bool = False, norm_weight: Tensor | None = None, norm_bias: Tensor | None = None,
+    eps: float = 1e-5, residual: bool = False, bf16_products: bool = False,
 ) -> Tensor:
-    """out (B, N, Co) = fc2(act(dwconv(u) + dw_bias + shortcut·u)), u = fc1(x), for x (B, N, C)."""
+    """out (B, N, Co) = [x +] round(fc2(act(dwconv(u) + dw_bias + shortcut·u))), u = fc1(round(a)),
+    a = LayerNorm(x) if ``norm`` else x, for x (B, N, C); round: to bf16 if ``bf16_products``, else
+    to x's dtype."""
     acc = acc_dtype(x.dtype)
-    u = F.linear(x.to(acc), fc1_weight.to(acc), _acc(fc1_bias, acc))
+    mid = torch.bfloat16 if bf16_products else x.dtype
+    a = x.to(acc)
+    if norm:
+        a = F.layer_norm(a, (a.shape[-1],), _acc(norm_weight, acc), _acc(norm_bias, acc), eps)
+    u = F.linear(a.to(mid).to(acc), fc1_weight.to(acc), _acc(fc1_bias, acc))
     g = _mlp_dwconv_acc(u, H, W, dw_weight, dw_bias, None, shortcut, gelu)
-    return F.linear(g, fc2_weight.to(acc), _acc(fc2_bias, acc)).to(x.dtype).contiguous()
+    m = F.linear(g, fc2_weight.to(acc), _acc(fc2_bias, acc)).to(mid).to(acc)
+    return (x.to(acc) + m if residual else m).to(x.dtype).contiguous()
 
 
 def _attention_proj_acc(

@@ -159,6 +159,17 @@ def check_mlp_fused() -> None:
             exact = md.fc2(md.act(md.dwconv(md.fc1(x.double()), H, W)))
         err = (out - exact).abs().max().item()
         assert err < 1e-5, ("mlp_fused", err)
+        # With the block's ends (the dispatched LayerNorm's 8-lane body and tail: C = 24, 12).
+        nw, nb = 1 + 0.2 * torch.randn(C), 0.2 * torch.randn(C)
+        with torch.no_grad():
+            out = mlp_fused(x * 3 + 1, H, W, m.fc1.weight.float(), m.fc1.bias.float(), c.weight.float(),
+                            c.bias.float(), True, True, m.fc2.weight.float(), m.fc2.bias.float(),
+                            norm=(nw, nb, 1e-6), residual=True).double()
+            xd = x.double() * 3 + 1
+            u = F.layer_norm(xd, (C,), nw.double(), nb.double(), 1e-6)
+            exact = xd + md.fc2(md.act(md.dwconv(md.fc1(u), H, W)))
+        err = (out - exact).abs().max().item()
+        assert err < 2e-5, ("mlp_fused with norm and residual", err)
 
 
 def check_patch_embed() -> None:
@@ -215,7 +226,7 @@ CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_
           check_gelu]
 
 #: How many tensors :func:`outputs` saves.
-NUM_OUTPUTS = 37
+NUM_OUTPUTS = 39
 
 
 def outputs() -> list[torch.Tensor]:
@@ -230,6 +241,10 @@ def outputs() -> list[torch.Tensor]:
         for B, H, W, C in [(2, 7, 9, 24), (1, 13, 3, 30)]:
             m = Mlp(C, 3 * C + 1, with_dwconv=True, with_shortcut=True, backend="cpu").eval()
             outs.append(m(torch.randn(B, H * W, C), H, W))  # the whole-MLP kernel (small weights)
+            c = m.dwconv.dwconv  # and with the block's ends (the dispatched LayerNorm rows)
+            outs.append(mlp_fused(torch.randn(B, H * W, C) * 3, H, W, m.fc1.weight, m.fc1.bias, c.weight,
+                                  c.bias, True, True, m.fc2.weight, m.fc2.bias,
+                                  norm=(torch.randn(C), torch.randn(C), 1e-6), residual=True))
         # patch_embed: a transition at B = 1 (column groups; C = 30: ragged tiles), the NCHW stem.
         for B, H, C, Co, norm in [(1, 13, 30, 70, True), (2, 15, 3, 24, False)]:
             x = torch.randn(B, C, H, H)

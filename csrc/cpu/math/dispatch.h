@@ -85,6 +85,15 @@ using DwDirectFn = void (*)(const float* img, int64_t px, int64_t y_base, int64_
                             int64_t y0, int64_t rows, const float* wt, const float* bias,
                             const float* in_bias, bool gelu, float* out, int64_t C, int64_t k);
 
+// y[r, :] = LayerNorm(x[r, :]) * w + b for the rows r < rows of n > 0 values (x[r, c] at
+// x[r * ldx + c], y likewise; y may be x): biased variance, eps, w and b optional (nullptr). The
+// statistics are layernorm.h's overflow-free ones: the row scaled by the power of two 2^s near its
+// largest magnitude (NaN skipped), s clamped to [min_exp, 100] (layer_norm_min_exp(eps)), then
+// mean and variance of the scaled row; an infinite or NaN row gives NaN, as torch's layer_norm.
+using LayerNormRowsFn = void (*)(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
+                                 int64_t n, const float* w, const float* b, float eps,
+                                 int min_exp);
+
 // dst[i] = the float32 value of the bf16 bit pattern src[i] (exact).
 using Bf16ToF32Fn = void (*)(const uint16_t* src, float* dst, int64_t n);
 // dst[i] = src[i] rounded to bf16, nearest even, NaN to 0x7FC0: c10::BFloat16(float), bit for bit.
@@ -120,6 +129,10 @@ struct Float32Kernels {
   GeluFn gelu = nullptr;
   DwFn dwconv_band = nullptr;
   DwDirectFn dwconv_direct = nullptr;  // vector builds only (the baseline copies a padded band)
+  // The LayerNorm of token rows (the fused MLP's prologue). The AVX-512 build keeps the AVX2 one
+  // (8 lanes: the two builds give the same bits; the baseline's portable sums may differ in the
+  // last bits).
+  LayerNormRowsFn layer_norm_rows = nullptr;
   // The bf16 <-> float32 conversions of the kernels' inputs and outputs (bf16 models, autocast).
   Bf16ToF32Fn bf16_to_f32 = nullptr;
   F32ToBf16Fn f32_to_bf16 = nullptr;

@@ -10,6 +10,7 @@
 
 #include "cpu/math/dispatch.h"
 #include "cpu/math/gelu.h"
+#include "cpu/math/layernorm.h"
 #include "cpu/math/portable.h"
 
 namespace paca_kernels::cpu {
@@ -65,6 +66,27 @@ inline void gelu_inplace(float* x, int64_t n) { float32_kernels().gelu(x, n); }
 // Maximum of n values; NaN entries are skipped (they propagate through the exp instead).
 inline float row_max(const float* x, int64_t n) { return float32_kernels().row_max(x, n); }
 inline double row_max(const double* x, int64_t n) { return row_max_impl(x, n); }
+
+// y[r, :] = LayerNorm(x[r, :]) * w + b for rows r < rows of n values (dispatch.h, layer_norm_rows;
+// w, b optional): float32 through the dispatched kernels, float64 through the portable statistics.
+inline void layer_norm_rows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
+                            int64_t n, const float* w, const float* b, float eps) {
+  float32_kernels().layer_norm_rows(x, ldx, y, ldy, rows, n, w, b, eps, layer_norm_min_exp(eps));
+}
+inline void layer_norm_rows(const double* x, int64_t ldx, double* y, int64_t ldy, int64_t rows,
+                            int64_t n, const double* w, const double* b, double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* xr = x + r * ldx;
+    double* yr = y + r * ldy;
+    const LayerNormStats<double> st = layer_norm_stats(xr, n, eps);
+    for (int64_t c = 0; c < n; ++c) {
+      double v = (xr[c] * st.inv_scale - st.mean) * st.rstd;
+      if (w != nullptr) v *= w[c];
+      if (b != nullptr) v += b[c];
+      yr[c] = v;
+    }
+  }
+}
 
 // dst[i] = D(src[i]) for i < n, with static_cast's bits: bf16 <-> float32 through the dispatched
 // conversions (vectorised in the AVX-512 build: the fused kernels' bf16 inputs and outputs),

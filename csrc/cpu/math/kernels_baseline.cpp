@@ -7,6 +7,7 @@
 #include "cpu/math/dispatch.h"
 #include "cpu/math/dwconv.h"
 #include "cpu/math/gelu.h"
+#include "cpu/math/layernorm.h"
 #include "cpu/math/portable.h"
 
 #if defined(__GNUC__)
@@ -41,6 +42,21 @@ void dwconv_band_f32_base(const float* in, int64_t in_w, const float* wt, const 
   dwconv_band_impl(in, in_w, wt, bias, out, rows, W, C, k);
 }
 
+void layer_norm_rows_f32_base(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
+                              int64_t n, const float* w, const float* b, float eps, int) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    float* yr = y + r * ldy;
+    const LayerNormStats<float> st = layer_norm_stats(xr, n, eps);
+    for (int64_t c = 0; c < n; ++c) {
+      float v = (xr[c] * st.inv_scale - st.mean) * st.rstd;
+      if (w != nullptr) v *= w[c];
+      if (b != nullptr) v += b[c];
+      yr[c] = v;
+    }
+  }
+}
+
 void bf16_to_f32_base(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(c10::BFloat16(src[i], c10::BFloat16::from_bits()));
 }
@@ -62,6 +78,7 @@ void register_kernels(Float32Kernels& k) {
   k.gelu = gelu_f32_base;
   k.dwconv_band = dwconv_band_f32_base;
   k.dwconv_direct = nullptr;
+  k.layer_norm_rows = layer_norm_rows_f32_base;
   k.bf16_to_f32 = bf16_to_f32_base;
   k.f32_to_bf16 = f32_to_bf16_base;
 }

@@ -37,6 +37,19 @@ inline T layer_norm_scale(T amax, T eps) {
   return std::ldexp(T(1), std::clamp(e - 1, lo, L::max_exponent - 28));
 }
 
+// The lowest exponent s of the scale 2^s that layer_norm_scale gives for eps (float32): what the
+// dispatched LayerNorm kernels (dispatch.h, layer_norm_rows) clamp their scale's exponent to.
+inline int layer_norm_min_exp(float eps) {
+  using L = std::numeric_limits<float>;
+  int lo = L::min_exponent + 30;
+  if (eps > 0.0f) {
+    int k = 0;
+    std::frexp(std::sqrt(eps), &k);
+    lo = std::max(lo, k - 41);
+  }
+  return lo;
+}
+
 template <typename T>
 struct LayerNormStats {
   T inv_scale;  // 1 / scale (a power of two)

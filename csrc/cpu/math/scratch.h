@@ -26,7 +26,7 @@ namespace paca_kernels::cpu {
 // must not hold a Scratch across that call. Requests above kScratchMaxBytes are allocated per call (and freed) instead, so a one-off
 // huge input does not pin its memory to the thread. Contents are uninitialised.
 enum class ScratchSlot : int {
-  kCall0, kCall1, kCall2, kCall3, kCall4, kCall5,  // for the whole call (weights, k/v)
+  kCall0, kCall1, kCall2, kCall3, kCall4, kCall5, kCall6,  // for the whole call (weights, k/v)
   kTask0, kTask1, kTask2, kTask3, kTask4,          // inside parallel tasks
   kCount
 };

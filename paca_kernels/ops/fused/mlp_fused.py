@@ -8,6 +8,11 @@ weights small (the first stages); :class:`~paca_kernels.nn.Mlp` uses it when fc1
 :func:`max_fused_weight` entries (every PaCa-ViT stage on an AVX-512 build), and :mod:`.mlp_dwconv`
 otherwise.
 
+With ``norm`` and ``residual`` it is also the pre-norm block's second half, x + mlp(LayerNorm(x))
+(:meth:`~paca_kernels.nn.block.Mlp.forward_residual`, chosen by
+:func:`~paca_kernels.nn._fusion.plan_mlp_residual`): the LayerNorm as its prologue and the residual
+add as its epilogue, so that no LayerNorm or add runs through PyTorch between two fused calls.
+
 It has no backward: :class:`~paca_kernels.nn.Mlp` uses it only when no gradient is needed, and its
 modules otherwise. The FLOP formula counts it like fc1, the depthwise convolution and fc2, so
 ``FlopCounterMode`` totals do not change.
@@ -57,14 +62,18 @@ _AVX512_ISAS = ("avx512", "avx512bf16", "amx")
 _ISA: list[str] = []  # the extension's build, once known (chosen once per process)
 
 
+def _autocast_bf16(x: Tensor) -> bool:
+    """Whether CPU autocast to bfloat16 applies to x."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
 def max_fused_weight(x: Tensor) -> int:
     """The largest fc1 weight (hidden × C entries) for which :class:`~paca_kernels.nn.Mlp` runs the
     whole-MLP kernel on x: :data:`FUSED_MLP_MAX_WEIGHT_BF16_AMX` when the call runs in bfloat16
     (x bf16, or CPU autocast to bf16) on the AMX build, :data:`FUSED_MLP_MAX_WEIGHT_AVX512` in
     float32 on an AVX-512 build, else :data:`FUSED_MLP_MAX_WEIGHT`."""
-    bf16 = x.dtype == torch.bfloat16 or (
-        x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32)
+    bf16 = x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and _autocast_bf16(x))
     if not _ISA:
         isa = _ext.cpu_isa() if _ext.load() else None
         _ISA.append(isa[0] if isa else "")
@@ -81,7 +90,8 @@ def _register() -> bool:
     op = torch.ops.paca_kernels.mlp_fused
 
     @torch.library.register_fake(f"{_LIB}::mlp_fused")
-    def _fake(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias):
+    def _fake(x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias,
+              norm=False, norm_weight=None, norm_bias=None, eps=1e-5, residual=False, bf16_products=False):
         return x.new_empty((*x.shape[:2], fc2_weight.shape[0]))
 
     @register_flop_formula(op)
@@ -101,10 +111,30 @@ REGISTERED = _register()
 def mlp_fused(
     x: Tensor, H: int, W: int, fc1_weight: Tensor, fc1_bias: Tensor | None, dw_weight: Tensor,
     dw_bias: Tensor | None, shortcut: bool, gelu: bool, fc2_weight: Tensor, fc2_bias: Tensor | None,
+    norm: tuple[Tensor | None, Tensor | None, float] | None = None, residual: bool = False,
 ) -> Tensor:
     """The whole MLP on tokens x (B, N, C) of an H×W grid through the fused kernel (no autograd):
     fc1 (hidden, C), depthwise conv (hidden, 1, k, k) with optional shortcut, exact GELU if ``gelu``
-    else identity, fc2 (Co, hidden). Returns (B, N, Co)."""
+    else identity, fc2 (Co, hidden). Returns (B, N, Co).
+
+    With ``norm`` = (weight, bias, eps) the LayerNorm over C in front of fc1, with ``residual`` x
+    added to the result (Co == C): x + mlp(LayerNorm(x)), a pre-norm block's second half. Under CPU
+    autocast to bf16 with those ends and float32 x, the kernel keeps x (the residual stream) and the
+    LayerNorm in float32 and rounds to bf16 where autocast's modules would (fc1's input, the MLP's
+    output), with bf16 products; otherwise x is passed in the autocast dtype, as the modules
+    would take it (:func:`._common.autocast_input`)."""
+    ends = norm is not None or residual
+    bf16_products = ends and x.dtype == torch.float32 and _autocast_bf16(x)
+    if not bf16_products:
+        cast = autocast_input(x)
+        if ends and cast.dtype != x.dtype:
+            raise ValueError(
+                f"mlp_fused with norm/residual under CPU autocast to {cast.dtype} on {x.dtype} x: the "
+                "kernel keeps the residual stream in x's dtype only for bfloat16 autocast of float32 x"
+            )
+        x = cast
+    nw, nb, eps = norm if norm is not None else (None, None, 1e-5)
     return torch.ops.paca_kernels.mlp_fused(
-        autocast_input(x), H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias
+        x, H, W, fc1_weight, fc1_bias, dw_weight, dw_bias, shortcut, gelu, fc2_weight, fc2_bias,
+        norm is not None, nw, nb, eps, residual, bf16_products,
     )
