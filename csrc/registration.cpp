@@ -103,6 +103,9 @@
 //   With q = x . q_weight^T + q_bias, k and v likewise from c, each viewed (B, *, h, d), and
 //   o = softmax(scale * q . k^T over M) . v per head, viewed (B, N, h*d):
 //   out (B, N, Co) dtype of x = o . proj_weight^T + proj_bias, accumulated in acc (k and v too).
+//   With residual (B, N, Co), of x's dtype or float32 for bfloat16/float16 x (a pre-norm block's
+//   residual stream, under autocast float32): out (B, N, Co) dtype of residual = residual +
+//   (o . proj_weight^T + proj_bias rounded to x's dtype), summed in acc.
 //
 // conv_paca_layer(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2, norm_weight, norm_bias, eps,
 //                 q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
@@ -112,6 +115,7 @@
 //   c = cluster_pool_fwd(logits, x, norm_weight, norm_bias, eps).out (B, M, C) and
 //   out = p2c_attention_proj(x, c, q_weight, ..., proj_bias, num_heads, scale) (B, N, Co);
 //   assign (B, M, N) dtype of x = softmax(logits over N) (the layer's z) if probs, else logits.
+//   residual: as p2c_attention_proj's (out then in residual's dtype).
 
 // patch_embed(x, weight, bias, stride, padding, norm, norm_weight, norm_bias, eps) -> out
 //   A PaCa-ViT stem or stage transition in one pass (DownsampleV1: a conv, then a LayerNorm over
@@ -121,6 +125,14 @@
 //   Ho = (H + 2 padding - k) / stride + 1, Wo likewise. With y = conv2d(x, weight, bias) (B, Ho,
 //   Wo, Co), accumulated in acc: out (B, Ho, Wo, Co) contiguous, dtype of x = LayerNorm over Co
 //   of y (biased variance, eps, optional affine norm_weight/norm_bias) if norm, else y.
+//
+// layer_norm(x, weight, bias, eps, dtype=None) -> out
+//   LayerNorm over the last dimension, inference only (no autograd): x (..., C), C > 0, any
+//   strides; weight, bias (C,) optional. out (..., C) contiguous, dtype `dtype` (x's by default;
+//   bfloat16 or float16 for float32 x: the normalised values rounded, as a float32 LayerNorm
+//   followed by autocast's cast) = (x - mean) / sqrt(var + eps) * weight + bias per row, biased
+//   variance, accumulated in acc with the overflow-free statistics (the row scaled by a power of
+//   two near its largest magnitude first); a row with inf or NaN gives NaN.
 
 #include <Python.h>
 
@@ -173,6 +185,7 @@ constexpr InferenceOnlyOp kInferenceOnly[] = {
     {"patch_embed", "DownsampleV1 runs its modules when gradients are needed"},
     {"conv_paca_layer",
      "PaCaAttention runs its modules and autograd ops when gradients are needed"},
+    {"layer_norm", "PaCaBlock runs its LayerNorm modules when gradients are needed"},
 };
 
 // An Error node (its backward raises `msg`) as the autograd graph holds nodes: a shared_ptr up to
@@ -263,7 +276,7 @@ TORCH_LIBRARY(paca_kernels, m) {
   m.def(
       "p2c_attention_proj(Tensor x, Tensor c, Tensor q_weight, Tensor? q_bias, Tensor k_weight, "
       "Tensor? k_bias, Tensor v_weight, Tensor? v_bias, Tensor proj_weight, Tensor? proj_bias, "
-      "int num_heads, float scale) -> Tensor");
+      "int num_heads, float scale, Tensor? residual=None) -> Tensor");
   m.def(
       "patch_embed(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, bool norm, "
       "Tensor? norm_weight, Tensor? norm_bias, float eps) -> Tensor");
@@ -272,7 +285,10 @@ TORCH_LIBRARY(paca_kernels, m) {
       "Tensor? b1, Tensor w2, Tensor? b2, Tensor? norm_weight, Tensor? norm_bias, float eps, "
       "Tensor q_weight, Tensor? q_bias, Tensor k_weight, Tensor? k_bias, Tensor v_weight, "
       "Tensor? v_bias, Tensor proj_weight, Tensor? proj_bias, int num_heads, float scale, "
-      "bool probs) -> (Tensor out, Tensor assign)");
+      "bool probs, Tensor? residual=None) -> (Tensor out, Tensor assign)");
+  m.def(
+      "layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType? dtype=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(paca_kernels, Autograd, m) {

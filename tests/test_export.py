@@ -78,7 +78,10 @@ def _op_cases(dtype: torch.dtype, with_bias: bool) -> list[tuple[str, tuple]]:
         ("mlp_fused", (x, H, W, r(hid, C), rb(hid), r(hid, 1, 3, 3), rb(hid), True, True, r(C, hid), rb(C),
                        True, *norm, True, False)),
         ("p2c_attention_proj", (x, c, *attn, h, 0.5)),
+        ("p2c_attention_proj", (x, c, *attn, h, 0.5, r(B, N, C))),  # with the residual
+        ("layer_norm", (r(B, C, N).transpose(1, 2), *norm[:2], 1e-5)) if with_bias else ("layer_norm", (x, None, None, 1e-5)),
         ("conv_paca_layer", (x, H, W, *head, *norm, *attn, h, 0.5, with_bias)),
+        ("conv_paca_layer", (x, H, W, *head, *norm, *attn, h, 0.5, with_bias, r(B, N, C))),
     ]
     # The Triton twins (under the interpreter on the CPU here) against the same decompositions.
     twins = [(f"{n}_triton", a) for n, a in cases if n in ("cluster_pool_fwd", "p2c_attention_fwd")]

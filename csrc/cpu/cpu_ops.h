@@ -34,6 +34,7 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
                                   const std::optional<at::Tensor>& v_bias,
                                   const at::Tensor& proj_weight,
                                   const std::optional<at::Tensor>& proj_bias, int64_t num_heads,
-                                  double scale);
+                                  double scale,
+                                  const std::optional<at::Tensor>& residual = std::nullopt);
 
 }  // namespace paca_kernels

@@ -48,6 +48,7 @@ __all__ = [
     "has_hooks",
     "linear_tensors",
     "plan_attention",
+    "plan_attention_residual",
     "plan_downsample",
     "plan_mlp",
     "plan_mlp_residual",
@@ -385,6 +386,31 @@ def plan_mlp_residual(block: nn.Module, x: Tensor) -> bool:
     if not cpu_inference(mlp.backend, x, norm) or has_hooks(norm, mlp, after, dp):
         return False
     return plan_mlp(mlp, x) == "whole"
+
+
+def plan_attention_residual(block: nn.Module, x: Tensor) -> bool:
+    """Whether the first half of a :class:`~paca_kernels.nn.block.PaCaBlock` call on x (B, N, C),
+    ``x + drop_path1(norm1_after(attn(norm1_before(x))))``, passes x to the attention as its
+    ``residual`` (added by the attention's fused op as it writes its output: one PyTorch add and its
+    tensor fewer per block), with ``norm1_before`` run by :func:`_norm1`.
+
+    Needs: the pre-norm form without layer scale (``norm1_before`` exactly an ``nn.LayerNorm`` over
+    C, ``norm1_after`` and ``drop_path1`` identities in this call), CPU inference on the cpu backend
+    for x and the norm (:func:`cpu_inference`), no autocast other than to bfloat16, no hooks on the
+    norm, on what follows the attention, or on the attention module itself (its output now includes
+    the residual; hooks inside it are its own plan's concern). Whichever path the attention then
+    takes adds the residual (the modules' path with a PyTorch add)."""
+    mods = block._modules
+    norm, attn, after, dp = mods["norm1_before"], mods["attn"], mods["norm1_after"], mods["drop_path1"]
+    if block.layer_scale or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+        return False
+    if not (type(after) is nn.Identity and _identity_in_call(dp)):
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    if attn._forward_hooks or attn._forward_pre_hooks:
+        return False
+    return cpu_inference(attn.backend, x, norm) and not has_hooks(norm, after, dp)
 
 
 def _plain_conv(conv: nn.Module) -> bool:

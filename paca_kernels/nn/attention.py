@@ -156,11 +156,13 @@ class PaCaAttention(nn.Module):
         return plan_attention(self, x, given, return_attn)
 
     # -- the paths ----------------------------------------------------------------------------------
-    def _fused_layer(self, x: Tensor, H: int, W: int, plan: AttentionPlan, probs: bool) -> tuple[Tensor, Tensor]:
+    def _fused_layer(
+        self, x: Tensor, H: int, W: int, plan: AttentionPlan, probs: bool, residual: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
         norm = self._modules["cluster_norm"]
         return _layer_op.conv_paca_layer(
             x, H, W, plan.head, (norm.weight, norm.bias, norm.eps), plan.attention, self.num_heads,
-            1.0 / math.sqrt(self.head_dim), probs,
+            1.0 / math.sqrt(self.head_dim), probs, residual,
         )
 
     def _cluster_tokens(self, x: Tensor, logits: Tensor | None, z: Tensor | None, plan: AttentionPlan) -> Tensor:
@@ -205,14 +207,19 @@ class PaCaAttention(nn.Module):
             "the cluster assignment z (B, M, N) computed by an earlier layer or a teacher"
         )
 
-    def _attend(self, x: Tensor, c: Tensor, plan: AttentionPlan) -> tuple[Tensor, Tensor | None]:
-        """proj(softmax(q·kᵀ/√d)·v) with q from x (B, N, C) and k, v from c (B, M, C)."""
+    def _attend(
+        self, x: Tensor, c: Tensor, plan: AttentionPlan, residual: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """proj(softmax(q·kᵀ/√d)·v) with q from x (B, N, C) and k, v from c (B, M, C), plus
+        ``residual`` when given."""
         b, n, _ = x.shape
         m = c.shape[1]
         h, d = self.num_heads, self.head_dim
         if plan.attention is not None:
-            # The projections and the attention over the clusters in one pass over the patches.
-            return _attention_op.p2c_attention_proj(x, c, *plan.attention, h, 1.0 / math.sqrt(d)), None
+            # The projections and the attention over the clusters in one pass over the patches
+            # (the residual added as the output rows are written).
+            out = _attention_op.p2c_attention_proj(x, c, *plan.attention, h, 1.0 / math.sqrt(d), residual)
+            return out, None
         q = self.q(x).view(b, n, h, d)
         k = self.k(c).view(b, m, h, d)
         v = self.v(c).view(b, m, h, d)
@@ -237,14 +244,15 @@ class PaCaAttention(nn.Module):
         else:
             out = ops.p2c_attention(q, k, v, backend=self.backend)
         out = self.proj_drop(self.proj(out.reshape(b, n, self.dim)))
-        return out, attn
+        return (out if residual is None else residual + out), attn
 
     def _run(
         self, x: Tensor, H: int, W: int, logits: Tensor | None, z: Tensor | None, plan: AttentionPlan,
+        residual: Tensor | None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The per-part path: (out, logits computed on site or None, maps or None)."""
         if self.num_clusters == 0:
-            out, attn = self._attend(x, x, plan)
+            out, attn = self._attend(x, x, plan, residual)
             return out, None, attn
         if self.onsite_clustering:
             if plan.head is not None:
@@ -253,11 +261,12 @@ class PaCaAttention(nn.Module):
                 logits = self.clustering(x, H, W)
             z = None
         c = self._cluster_tokens(x, logits, z, plan)
-        out, attn = self._attend(x, c, plan)
+        out, attn = self._attend(x, c, plan, residual)
         return out, logits, attn
 
     def forward(
         self, x: Tensor, H: int, W: int, z: Tensor | None = None, *, return_attn: bool = False,
+        residual: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
         """Official interface.
 
@@ -267,6 +276,9 @@ class PaCaAttention(nn.Module):
             z: (B, M, N) cluster assignment (probabilities over N) from an earlier layer or a teacher;
                 ignored when this layer clusters on site.
             return_attn: also return the per-head attention maps (B, h, N, M).
+            residual: (B, N, C) or None (not in the official interface): added to out, so that a
+                pre-norm block's ``x + attn(norm(x))`` is one fused call (the fused ops add it as
+                they write their output, in the residual's dtype: float32 under autocast).
 
         Returns:
             (out (B, N, C), z (B, M, N) or None when M = 0), plus the maps when ``return_attn``.
@@ -275,8 +287,8 @@ class PaCaAttention(nn.Module):
         given = self._given(x, None, z)
         plan = self._plan(x, given, return_attn)
         if plan.layer:
-            return self._fused_layer(x, H, W, plan, probs=True)
-        out, logits, attn = self._run(x, H, W, None, given, plan)
+            return self._fused_layer(x, H, W, plan, True, residual)
+        out, logits, attn = self._run(x, H, W, None, given, plan, residual)
         if logits is not None:
             z = reference.cluster_assign(logits)
         return (out, z, attn) if return_attn else (out, z)
@@ -289,6 +301,7 @@ class PaCaAttention(nn.Module):
         logits: Tensor | None = None,
         *,
         return_attn: bool = False,
+        residual: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
         """Like :meth:`forward`, but the assignment travels as logits (z = softmax(logits over N)).
 
@@ -299,9 +312,9 @@ class PaCaAttention(nn.Module):
         given = self._given(x, logits, None)
         plan = self._plan(x, given, return_attn)
         if plan.layer:
-            return self._fused_layer(x, H, W, plan, probs=False)
+            return self._fused_layer(x, H, W, plan, False, residual)
         # The logits computed on site, or the ones passed in (None when M = 0).
-        out, logits, attn = self._run(x, H, W, given, None, plan)
+        out, logits, attn = self._run(x, H, W, given, None, plan, residual)
         return (out, logits, attn) if return_attn else (out, logits)
 
     def extra_repr(self) -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "conv_cluster_logits",
     "conv_paca_layer",
     "install_onnx_decompositions",
+    "layer_norm",
     "mlp_dwconv",
     "mlp_fused",
     "onnx_decomposition_table",
@@ -177,14 +178,23 @@ def _attention_proj_acc(
 def p2c_attention_proj(
     x: Tensor, c: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None,
     v_weight: Tensor, v_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None,
-    num_heads: int, scale: float,
+    num_heads: int, scale: float, residual: Tensor | None = None,
 ) -> Tensor:
     """out (B, N, Co) = proj(softmax(scale · q·kᵀ over M) · v) per head, with q = x·Wqᵀ + bq (x (B, N, C))
-    and k, v from the cluster tokens c (B, M, C)."""
+    and k, v from the cluster tokens c (B, M, C); plus ``residual`` (in its dtype) when given."""
     acc = acc_dtype(x.dtype)
     out = _attention_proj_acc(x.to(acc), c.to(acc), q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
                               proj_weight, proj_bias, num_heads, scale)
-    return out.to(x.dtype)
+    return _plus_residual(out.to(x.dtype), residual)
+
+
+def _plus_residual(out: Tensor, residual: Tensor | None) -> Tensor:
+    """residual + out (out already rounded to x's dtype), summed in the accumulation dtype and
+    returned contiguous in the residual's dtype; out itself without one."""
+    if residual is None:
+        return out.contiguous()
+    acc = acc_dtype(residual.dtype)
+    return (residual.to(acc) + out.to(acc)).to(residual.dtype).contiguous()
 
 
 def conv_paca_layer(
@@ -192,7 +202,7 @@ def conv_paca_layer(
     w2: Tensor, b2: Tensor | None, norm_weight: Tensor | None, norm_bias: Tensor | None, eps: float,
     q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None, v_weight: Tensor,
     v_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None, num_heads: int, scale: float,
-    probs: bool,
+    probs: bool, residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """A whole PaCa layer: logits = conv_cluster_logits(x) (B, M, N), c = LayerNorm(softmax(logits) · x)
     (B, M, C), out = p2c_attention_proj(x, c) (B, N, Co); returns (out, softmax(logits over N) if
@@ -204,7 +214,7 @@ def conv_paca_layer(
     out = _attention_proj_acc(xa, c, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight,
                               proj_bias, num_heads, scale)
     assign = reference.cluster_assign(logits) if probs else logits
-    return out.to(x.dtype).contiguous(), assign.to(x.dtype).contiguous()
+    return _plus_residual(out.to(x.dtype), residual), assign.to(x.dtype).contiguous()
 
 
 def patch_embed(
@@ -220,6 +230,14 @@ def patch_embed(
     return y.to(x.dtype).contiguous()
 
 
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+               dtype: torch.dtype | None = None) -> Tensor:
+    """out (..., C) = LayerNorm over C of x, in ``dtype`` (x's by default), contiguous."""
+    acc = acc_dtype(x.dtype)
+    y = F.layer_norm(x.to(acc), (x.shape[-1],), _acc(weight, acc), _acc(bias, acc), eps)
+    return y.to(dtype if dtype is not None else x.dtype).contiguous()
+
+
 #: Op name (``torch.ops.paca_kernels.<name>``) -> its decomposition.
 DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "cluster_pool_fwd": cluster_pool_fwd,
@@ -230,6 +248,7 @@ DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "p2c_attention_proj": p2c_attention_proj,
     "conv_paca_layer": conv_paca_layer,
     "patch_embed": patch_embed,
+    "layer_norm": layer_norm,
     # The Triton twins (defined where Triton imports; ops/<op>.py) compute the same and return the same
     # outputs: a model exported from a GPU on the triton backend needs them.
     "cluster_pool_fwd_triton": cluster_pool_fwd,

@@ -76,7 +76,8 @@ def _fused() -> tuple[torch.Tensor, ...]:
     embed = OPS.patch_embed(_g(2, 60, 60, 24), _g(48, 24, 3, 3), _g(48), 2, 1, True, _g(48), _g(48), 1e-6)
     block_half = OPS.mlp_fused(x, 30, 30, _g(120, 40), _g(120), _g(120, 1, 3, 3), _g(120), False, True,
                                _g(40, 120), _g(40), True, _g(40), _g(40), 1e-6, True)
-    return mlp, attn, head, embed, block_half
+    norm1 = OPS.layer_norm(_g(2, 900, 40), _g(40), _g(40), 1e-6, torch.bfloat16)
+    return mlp, attn, head, embed, block_half, norm1
 
 
 @pytest.mark.parametrize("run", [_p2c, _pool, _dwconv, _fused], ids=lambda f: f.__name__.strip("_"))

@@ -338,3 +338,20 @@ def test_hook_on_cluster_norm_runs_the_norm_module(monkeypatch, backend, grad):
         assert pools  # no hook: the fused pooling serves the call
     testing.assert_close(hooked, want, rtol=1e-5, atol=1e-5, name="out")
     testing.assert_close(z, want_z, rtol=1e-6, atol=1e-7, name="z")
+
+
+@pytest.mark.parametrize(("x_dtype", "res_dtype"), [(torch.float32, torch.float32),
+                                                    (torch.bfloat16, torch.bfloat16),
+                                                    (torch.bfloat16, torch.float32)])
+def test_layer_op_residual_is_added_to_the_rounded_output(x_dtype, res_dtype):
+    """As p2c_attention_proj's residual (tests/ops/test_p2c_attention_proj.py): the op's out plus
+    the residual as PyTorch's add gives it, in the residual's dtype; the assignment unchanged."""
+    a = _inputs((2, 7, 9, 24, 2, 13, 3), x_dtype)
+    B, N = a.x.shape[:2]
+    res = torch.randn(B, N, 24, dtype=res_dtype)
+    with torch.no_grad(), testing.poisoned_outputs():
+        out, assign = op(*a, residual=res)
+    with torch.no_grad():
+        plain, assign0 = op(*a)
+    assert out.dtype == res_dtype
+    assert torch.equal(out, (res + plain).to(res_dtype)) and torch.equal(assign, assign0)

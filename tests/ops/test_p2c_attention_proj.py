@@ -295,3 +295,39 @@ def test_layer_without_clusters_runs_self_attention_fused_in_inference(spy, dtyp
     layer.float()
     layer(x, 5, 7)[0].sum().backward()
     assert len(calls) == 1 and layer.q.weight.grad is not None
+
+
+# -- the residual epilogue (a pre-norm block's x + attn(norm(x))) ----------------------------------
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=_ids)
+@pytest.mark.parametrize(("x_dtype", "res_dtype"), [(torch.float32, torch.float32),
+                                                    (torch.bfloat16, torch.bfloat16),
+                                                    (torch.bfloat16, torch.float32),
+                                                    (torch.float16, torch.float32),
+                                                    (torch.float64, torch.float64)])
+def test_residual_is_added_to_the_rounded_output(shape, x_dtype, res_dtype):
+    """out = residual + (the op's output in x's dtype), summed in the accumulation dtype, stored in
+    the residual's dtype: the bits of the op without the residual followed by the PyTorch add the
+    block would make (any strides of the residual)."""
+    a = _inputs(shape, x_dtype)
+    B, N = a.x.shape[:2]
+    Co = a.wp.shape[0]
+    res = torch.randn(B, Co, N, dtype=res_dtype).transpose(1, 2)  # strided
+    with torch.no_grad(), testing.poisoned_outputs():
+        got = attention_op.p2c_attention_proj(*a[:-1], a.heads, 0.3, res)
+    with torch.no_grad():
+        plain = attention_op.p2c_attention_proj(*a[:-1], a.heads, 0.3)
+    want = res + plain  # PyTorch promotes: bf16 + float32 -> float32, summed exactly as the kernel
+    assert got.dtype == res_dtype and got.is_contiguous()
+    assert torch.equal(got, want.to(res_dtype))
+
+
+def test_residual_errors():
+    a = _inputs(SHAPES[0])
+    B, N = a.x.shape[:2]
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="expected residual of x's dtype"):
+            attention_op.p2c_attention_proj(*a[:-1], a.heads, 0.3, torch.randn(B, N, 16).bfloat16())
+        with pytest.raises(RuntimeError, match="expected residual of shape \\(B, N, out\\)"):
+            attention_op.p2c_attention_proj(*a[:-1], a.heads, 0.3, torch.randn(B, N, 15))

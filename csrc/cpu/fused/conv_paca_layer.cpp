@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> conv_paca_layer_cpu(
     const at::Tensor& k_weight, const std::optional<at::Tensor>& k_bias,
     const at::Tensor& v_weight, const std::optional<at::Tensor>& v_bias,
     const at::Tensor& proj_weight, const std::optional<at::Tensor>& proj_bias, int64_t num_heads,
-    double scale, bool probs) {
+    double scale, bool probs, const std::optional<at::Tensor>& residual) {
   // Each stage checks its own arguments; its messages name the op whose part failed.
   at::Tensor logits = conv_cluster_logits_cpu(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2);
   const auto pooled = cluster_pool_fwd_cpu(logits, x, norm_weight, norm_bias, eps);
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> conv_paca_layer_cpu(
   }
   at::Tensor out = p2c_attention_proj_cpu(x, std::get<0>(pooled), q_weight, q_bias, k_weight,
                                           k_bias, v_weight, v_bias, proj_weight, proj_bias,
-                                          num_heads, scale);
+                                          num_heads, scale, residual);
   return {out, assign};
 }
 

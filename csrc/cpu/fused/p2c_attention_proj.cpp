@@ -61,20 +61,74 @@ struct PackedLinear {
   }
 };
 
+// The optional residual epilogue (p2c_attention_proj's residual): out rows = residual rows +
+// the projection's rows y (rows x Co, acc_t) rounded to x's dtype first (as the proj module gives
+// them), summed in acc_t and stored in the residual's dtype (x's, or float32 for bf16 / fp16 x:
+// a pre-norm block's residual stream under autocast). tmp: Co values of scratch.
+template <typename scalar_t>
+void add_residual_rows(at::opmath_type<scalar_t>* y, int64_t rows, int64_t Co,
+                       const at::Tensor& res, int64_t b, int64_t n0, at::Tensor& out,
+                       at::opmath_type<scalar_t>* tmp) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    // Rounded to x's dtype and back: bf16 through the vectorised conversions.
+    for (int64_t r = 0; r < rows; ++r) {
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        auto* t16 = reinterpret_cast<c10::BFloat16*>(tmp);
+        convert_row(y + r * Co, t16, Co);
+        convert_row(t16, y + r * Co, Co);
+      } else {
+        for (int64_t c = 0; c < Co; ++c) y[r * Co + c] = static_cast<acc_t>(static_cast<scalar_t>(y[r * Co + c]));
+      }
+    }
+  }
+  const Strides sr(res);
+  const int64_t N = out.size(1);
+  const auto add = [&](auto* rp, auto* op) {
+    using res_t = std::remove_const_t<std::remove_pointer_t<decltype(rp)>>;
+    for (int64_t r = 0; r < rows; ++r) {
+      const res_t* rr = rp + b * sr[0] + (n0 + r) * sr[1];
+      res_t* orow = op + (b * N + n0 + r) * Co;
+      acc_t* yr = y + r * Co;
+      if constexpr (std::is_same_v<res_t, acc_t>) {
+        if (sr[2] == 1) {
+          for (int64_t c = 0; c < Co; ++c) orow[c] = yr[c] + rr[c];
+          continue;
+        }
+        for (int64_t c = 0; c < Co; ++c) orow[c] = yr[c] + rr[c * sr[2]];
+      } else {
+        if (sr[2] == 1) {
+          convert_row(rr, tmp, Co);
+        } else {
+          for (int64_t c = 0; c < Co; ++c) tmp[c] = static_cast<acc_t>(rr[c * sr[2]]);
+        }
+        for (int64_t c = 0; c < Co; ++c) yr[c] += tmp[c];
+        convert_row(yr, orow, Co);
+      }
+    }
+  };
+  if (res.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+    add(res.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+  } else if constexpr (std::is_same_v<acc_t, float>) {
+    add(res.const_data_ptr<float>(), out.mutable_data_ptr<float>());  // float32 stream (autocast)
+  }
+}
+
 template <typename scalar_t>
 void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
                      const PackedLinear<at::opmath_type<scalar_t>>& lq,
                      const PackedLinear<at::opmath_type<scalar_t>>& lk,
                      const PackedLinear<at::opmath_type<scalar_t>>& lv,
                      const PackedLinear<at::opmath_type<scalar_t>>& lp, int64_t H, double scale,
-                     at::Tensor& out) {
+                     const at::Tensor* residual, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), M = c.size(1);
   const int64_t HD = lq.wt.cols, D = HD / H, Co = lp.wt.cols;
   const Strides sx(x), sc_(c);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* cp = c.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, Co) contiguous
+  // (B, N, Co) contiguous, x's dtype (the residual's with one: written by add_residual_rows).
+  scalar_t* op = residual == nullptr ? out.mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t sc = static_cast<acc_t>(scale);
 
   // Keys and values of the M cluster tokens, k = c . Wk^T + bk and v = c . Wv^T + bv (M x h*d per
@@ -159,7 +213,8 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
   parallel_for(0, B * nblk, 1, [&](int64_t lo, int64_t hi) {
     const Scratch<acc_t> xa(ScratchSlot::kTask0, x_direct ? 0 : blk * C),
         qb(ScratchSlot::kTask1, blk * HD), s(ScratchSlot::kTask2, blk * M),
-        ob(ScratchSlot::kTask3, blk * HD), yb(ScratchSlot::kTask4, kSame ? 0 : blk * Co);
+        ob(ScratchSlot::kTask3, blk * HD),
+        yb(ScratchSlot::kTask4, kSame && residual == nullptr ? 0 : blk * Co + Co);
     acc_t inv[kMaxProjBlock];
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / nblk, n0 = (task % nblk) * blk;
@@ -220,14 +275,14 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
         }
       }
       // out = o . Wp^T + bp, straight into the output rows when they are acc_t.
-      acc_t* dst;
+      acc_t* dst = yb.data();
       if constexpr (kSame) {
-        dst = op + (b * N + n0) * Co;
-      } else {
-        dst = yb.data();
+        if (residual == nullptr) dst = op + (b * N + n0) * Co;
       }
       lp.apply(ob.data(), HD, dst, Co, rows);
-      if constexpr (!kSame) {
+      if (residual != nullptr) {
+        add_residual_rows<scalar_t>(dst, rows, Co, *residual, b, n0, out, yb.data() + blk * Co);
+      } else if constexpr (!kSame) {
         convert_row(dst, op + (b * N + n0) * Co, rows * Co);
       }
     }
@@ -246,7 +301,7 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
                                   const std::optional<at::Tensor>& v_bias,
                                   const at::Tensor& proj_weight,
                                   const std::optional<at::Tensor>& proj_bias, int64_t num_heads,
-                                  double scale) {
+                                  double scale, const std::optional<at::Tensor>& residual) {
   check_dim(x, 3, kProjOp, "x", "(B, N, C)");
   check_supported_float(x, kProjOp, "x");
   check_dim(c, 3, kProjOp, "c", "(B, M, C)");
@@ -275,7 +330,20 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
   const int64_t Co = proj_weight.size(0);
   check_param(kProjOp, proj_weight, x, {Co, HD}, "proj_weight");
   check_param(kProjOp, proj_bias, x, {Co}, "proj_bias");
-  at::Tensor out = empty_output({B, N, Co}, x.options());
+  if (residual) {
+    const bool low = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type() ||
+                    (low && residual->scalar_type() == at::kFloat),
+                kProjOp, ": expected residual of x's dtype (", x.scalar_type(),
+                ") or float32 with bfloat16/float16 x, got ", residual->scalar_type());
+    check_same_device(x, *residual, kProjOp, "x", "residual");
+    TORCH_CHECK(residual->dim() == 3 && residual->size(0) == B && residual->size(1) == N &&
+                    residual->size(2) == Co,
+                kProjOp, ": expected residual of shape (B, N, out) = (", B, ", ", N, ", ", Co,
+                "), got ", residual->sizes());
+  }
+  at::Tensor out =
+      empty_output({B, N, Co}, residual ? x.options().dtype(residual->scalar_type()) : x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "p2c_attention_proj",
                                   [&] {
@@ -288,7 +356,8 @@ at::Tensor p2c_attention_proj_cpu(const at::Tensor& x, const at::Tensor& c,
         lk(k_weight, k_bias, ScratchSlot::kCall1, kBf16),
         lv(v_weight, v_bias, ScratchSlot::kCall2, kBf16),
         lp(proj_weight, proj_bias, ScratchSlot::kCall3, kBf16);
-    p2c_proj_kernel<scalar_t>(x, c, lq, lk, lv, lp, num_heads, scale, out);
+    p2c_proj_kernel<scalar_t>(x, c, lq, lk, lv, lp, num_heads, scale,
+                              residual ? &*residual : nullptr, out);
   });
   return out;
 }

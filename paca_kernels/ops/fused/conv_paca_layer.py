@@ -42,9 +42,10 @@ def _register() -> bool:
     @torch.library.register_fake(f"{_LIB}::conv_paca_layer")
     def _fake(x, H, W, dw_weight, dw_bias, w1, b1, w2, b2, norm_weight, norm_bias, eps, q_weight,
               q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads, scale,
-              probs):
+              probs, residual=None):
         b, n = x.shape[:2]
-        return x.new_empty((b, n, proj_weight.shape[0])), x.new_empty((b, w2.shape[0], n))
+        dtype = residual.dtype if residual is not None else x.dtype
+        return x.new_empty((b, n, proj_weight.shape[0]), dtype=dtype), x.new_empty((b, w2.shape[0], n))
 
     @register_flop_formula(op)
     def _flops(x_shape, H, W, dw_shape, dwb_shape, w1_shape, b1_shape, w2_shape, b2_shape,
@@ -68,7 +69,7 @@ def conv_paca_layer(
     head: tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor, Tensor | None],
     norm: tuple[Tensor | None, Tensor | None, float],
     attention: tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor, Tensor | None, Tensor, Tensor | None],
-    num_heads: int, scale: float, probs: bool,
+    num_heads: int, scale: float, probs: bool, residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The inference forward of a PaCa layer as one op (no autograd, no dropout).
 
@@ -80,10 +81,11 @@ def conv_paca_layer(
             :func:`.p2c_attention_proj`.
         num_heads, scale: the attention's heads and score scale.
         probs: return z = softmax(logits over N) (True) or the logits.
+        residual: (B, N, Co) or None: added to out as by :func:`.p2c_attention_proj`.
 
     Returns:
-        (out (B, N, Co), z or logits (B, M, N)).
+        (out (B, N, Co), in the residual's dtype when given, z or logits (B, M, N)).
     """
     return torch.ops.paca_kernels.conv_paca_layer(
-        autocast_input(x), H, W, *head, *norm, *attention, num_heads, scale, probs
+        autocast_input(x), H, W, *head, *norm, *attention, num_heads, scale, probs, residual
     )

@@ -46,8 +46,9 @@ def _register() -> bool:
 
     @torch.library.register_fake(f"{_LIB}::p2c_attention_proj")
     def _fake(x, c, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
-              num_heads, scale):
-        return x.new_empty((*x.shape[:2], proj_weight.shape[0]))
+              num_heads, scale, residual=None):
+        dtype = residual.dtype if residual is not None else x.dtype
+        return x.new_empty((*x.shape[:2], proj_weight.shape[0]), dtype=dtype)
 
     @register_flop_formula(op)
     def _flops(x_shape, c_shape, wq_shape, bq_shape, wk_shape, bk_shape, wv_shape, bv_shape, wp_shape,
@@ -63,19 +64,24 @@ REGISTERED = _register()
 def p2c_attention_proj(
     x: Tensor, c: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None,
     v_weight: Tensor, v_bias: Tensor | None, proj_weight: Tensor, proj_bias: Tensor | None,
-    num_heads: int, scale: float,
+    num_heads: int, scale: float, residual: Tensor | None = None,
 ) -> Tensor:
-    """``proj(p2c_attention(q(x), k(c), v(c)))`` through the fused kernel (no autograd, no dropout).
+    """``proj(p2c_attention(q(x), k(c), v(c)))`` through the fused kernel (no autograd, no dropout),
+    plus ``residual`` when given.
 
     Args:
         x: (B, N, C) patch tokens; c: (B, M, C) cluster tokens.
         q_weight, k_weight, v_weight: (h·d, C) with biases (h·d,) or None.
         proj_weight, proj_bias: (Co, h·d) and (Co,) or None.
         num_heads: h; scale: the score scale (d^-1/2 in PaCa).
+        residual: (B, N, Co) or None: a pre-norm block's residual stream, added to the result
+            rounded to x's dtype (as the proj module gives it), in the residual's dtype (x's, or
+            float32: autocast's stream).
 
     Returns:
-        (B, N, Co).
+        (B, N, Co), in the residual's dtype when given.
     """
     return torch.ops.paca_kernels.p2c_attention_proj(
-        autocast_input(x), autocast_input(c), q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads, scale
+        autocast_input(x), autocast_input(c), q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, proj_weight,
+        proj_bias, num_heads, scale, residual,
     )

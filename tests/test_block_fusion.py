@@ -1,0 +1,124 @@
+"""PaCaBlock's first half in CPU inference (nn/_fusion.py, plan_attention_residual): x is passed to
+the attention as its residual (added by the fused op as it writes its output), norm1 under bf16
+autocast as ops.fused.layer_norm into bf16; every other case runs the modules and PyTorch's add.
+(The second half, x + mlp(norm2(x)) in mlp_fused: tests/ops/test_mlp_fused.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import paca_kernels.ops.fused.layer_norm as ln_op
+from paca_kernels import _ext, create_model, testing
+from paca_kernels.nn import PaCaBlock
+from paca_kernels.nn._fusion import plan_attention_residual
+
+pytestmark = pytest.mark.skipif(not _ext.load(), reason="C++ extension not built")
+
+
+def _pair(**kw) -> tuple[PaCaBlock, PaCaBlock]:
+    torch.manual_seed(0)
+    cfg = kw.pop("paca_cfg", None)
+    fused = PaCaBlock(24, 2, paca_cfg=cfg, backend="cpu", **kw).eval()
+    ref = PaCaBlock(24, 2, paca_cfg=cfg, backend="reference", **kw).eval()
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+# On-site conv clustering (the whole-layer op), a given assignment (cluster_pool + attention op),
+# no clusters (self-attention: the attention op with c = x).
+CFGS = {"onsite": None, "given": {"onsite_clustering": False}, "self": {"clusters": 0}}
+
+
+@pytest.mark.parametrize("cfg", list(CFGS), ids=list(CFGS))
+def test_block_output_and_residual_path(cfg, monkeypatch):
+    fused, ref = _pair(paca_cfg=CFGS[cfg])
+    x = torch.randn(2, 6 * 5, 24)
+    z = torch.softmax(torch.randn(2, 100, 30), -1) if cfg == "given" else None
+    seen = []
+    real = fused.attn.forward
+    monkeypatch.setattr(fused.attn, "forward", lambda *a, **k: seen.append(k.get("residual") is not None)
+                        or real(*a, **k))
+    with torch.no_grad():
+        got, want = fused(x, 6, 5, z)[0], ref(x, 6, 5, z)[0]
+    assert seen == [True]
+    testing.assert_close(got, want, rtol=2e-5, atol=2e-5, name=cfg)
+
+
+def test_block_under_bf16_autocast_normalises_into_bf16(spy):
+    """Under autocast: norm1 by ops.fused.layer_norm into bf16, the stream and the output float32,
+    within FlashAttention's rule of the reference block under the same autocast."""
+    calls = spy(ln_op, "layer_norm")
+    fused, ref = _pair()
+    x = torch.randn(2, 6 * 5, 24)
+    with torch.no_grad():
+        exact = ref.double()(x.double(), 6, 5)[0]
+        ref.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = fused(x, 6, 5)[0], ref(x, 6, 5)[0]
+    assert calls == [(2, 30, 24)]
+    assert got.dtype == torch.float32 and want.dtype == torch.float32
+    testing.assert_low_precision_ok(got, want, exact, name="autocast block")
+
+
+def test_modules_half_where_the_plan_says_no():
+    x = torch.randn(1, 4 * 4, 24)
+    with torch.no_grad():
+        fused, ref = _pair()
+        assert plan_attention_residual(fused, x)
+        want = ref(x, 4, 4)[0]
+        # A hook on the attention module (its output would include the residual), the norm, the
+        # drop path: the modules, and the hook sees what it saw before.
+        for mod in (fused.attn, fused.norm1_before, fused.drop_path1):
+            seen = []
+            h = mod.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o))
+            assert not plan_attention_residual(fused, x)
+            testing.assert_close(fused(x, 4, 4)[0], want, rtol=2e-5, atol=2e-5)
+            h.remove()
+            assert len(seen) == 1
+        # Hooks inside the attention: the residual path still, the maps still come.
+        h = fused.attn.attn_viz.register_forward_hook(lambda *a: None)
+        assert plan_attention_residual(fused, x)
+        h.remove()
+        assert not plan_attention_residual(_pair(layer_scale=1e-2)[0], x)
+        assert not plan_attention_residual(_pair(post_norm=True)[0], x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not plan_attention_residual(fused, x)
+        dp = _pair(drop_path=0.1)[0]
+        assert plan_attention_residual(dp, x)
+        dp.train()
+        assert not plan_attention_residual(dp, x)
+    # Gradients wanted: the modules.
+    xg = x.clone().requires_grad_()
+    assert not plan_attention_residual(fused, xg)
+    fused(xg, 4, 4)[0].sum().backward()
+    assert xg.grad is not None
+
+
+def test_block_returns_attention_maps_on_the_residual_path():
+    fused, ref = _pair()
+    x = torch.randn(1, 4 * 4, 24)
+    with torch.no_grad():
+        out, _, attn = fused(x, 4, 4, return_attn=True)
+        out_r, _, attn_r = ref(x, 4, 4, return_attn=True)
+    testing.assert_close(out, out_r, rtol=2e-5, atol=2e-5)
+    testing.assert_close(attn, attn_r, rtol=2e-5, atol=2e-5)
+
+
+def test_model_in_every_dtype_matches_the_reference_backend():
+    """PaCa-ViT-Tiny at 64²: float32 within 2e-5 of the reference backend, bf16 and autocast by
+    FlashAttention's rule against float64."""
+    torch.manual_seed(0)
+    ref = create_model("pacavit_tiny_p2cconv_100_0", backend="reference").eval()
+    cpu = create_model("pacavit_tiny_p2cconv_100_0", backend="cpu").eval()
+    cpu.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        testing.assert_close(cpu(x), ref(x), rtol=2e-5, atol=2e-5, name="float32")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = cpu(x), ref(x)
+        exact = ref.double()(x.double())
+        testing.assert_low_precision_ok(got, want, exact, name="autocast")
