@@ -118,8 +118,12 @@ def official_model_forward(model: PaCaViT, img: Tensor) -> Tensor:
         x = x.flatten(2).transpose(1, 2)
         z = None
         for block in getattr(model, f"stage{i + 1}"):
-            def attn(t: Tensor, block=block, h=h, w=w, z=z) -> tuple[Tensor, Tensor | None]:
-                return official_attention(block.attn, t, h, w, z)
+            def attn(t: Tensor, residual: Tensor | None = None, *, block=block, h=h, w=w,
+                     z=z) -> tuple[Tensor, Tensor | None]:
+                # residual: the block's stream where its fused inference path hands it over
+                # (PaCaBlock._run); the official layer returns the attention alone.
+                out, z_out = official_attention(block.attn, t, h, w, z)
+                return (out if residual is None else residual + out), z_out
             # The block's residual wiring (norms, MLP, layer scale) as the official PaCaBlock has it.
             x, z = block._run(x, h, w, attn)
         x = getattr(model, f"norm{i + 1}")(x)

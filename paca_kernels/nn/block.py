@@ -199,11 +199,11 @@ class PaCaBlock(nn.Module):
         if plan_attention_residual(self, x):
             # x + attn(norm1(x)) with the residual added by the attention's fused op as it writes
             # its output (the identities around it are no-ops here).
-            x, *rest = a_fn(self._norm1_fused(x), x)
+            x, *rest = a_fn(self._norm1_fused(x), residual=x)
             if plan_mlp_residual(self, x):
                 return self.mlp.forward_residual(x, H, W, self.norm2_before), *rest
             return x + self.drop_path2(self.norm2_after(self.mlp(self.norm2_before(x), H, W))), *rest
-        a, *rest = a_fn(self.norm1_before(x), None)
+        a, *rest = a_fn(self.norm1_before(x))
         a = self.norm1_after(a)
         if self.layer_scale:
             x = x + self.drop_path1(self.gamma1 * a)
@@ -224,7 +224,9 @@ class PaCaBlock(nn.Module):
 
         Returns (x, z), plus the attention maps when ``return_attn``.
         """
-        return self._run(x, H, W, lambda t, r: self.attn(t, H, W, z, return_attn=return_attn, residual=r))
+        return self._run(
+            x, H, W, lambda t, residual=None: self.attn(t, H, W, z, return_attn=return_attn, residual=residual)
+        )
 
     def forward_logits(
         self, x: Tensor, H: int, W: int, logits: Tensor | None = None, *, return_attn: bool = False,
@@ -232,5 +234,7 @@ class PaCaBlock(nn.Module):
         """As :meth:`forward` with the assignment as logits (see PaCaAttention.forward_logits)."""
         return self._run(
             x, H, W,
-            lambda t, r: self.attn.forward_logits(t, H, W, logits, return_attn=return_attn, residual=r),
+            lambda t, residual=None: self.attn.forward_logits(
+                t, H, W, logits, return_attn=return_attn, residual=residual
+            ),
         )
