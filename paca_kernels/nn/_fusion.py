@@ -362,6 +362,23 @@ def _identity_in_call(m: nn.Module) -> bool:
     return type(m) is nn.Identity or (type(m) is DropPath and (not m.training or m.drop_prob == 0.0))
 
 
+def _pre_norm_half(block: nn.Module, half: int) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+    """(norm, after, drop_path) of a PaCaBlock's first or second half (``half`` 1 or 2) where it is
+    the plain pre-norm form the fused halves compute: no layer scale, ``norm<half>_before`` exactly
+    an ``nn.LayerNorm`` over C, ``norm<half>_after`` and ``drop_path<half>`` identities in this call,
+    and no autocast other than to bfloat16 (where the kernels keep autocast's float32 residual
+    stream; under fp16 autocast the modules run); else None."""
+    mods = block._modules
+    norm, after, dp = mods[f"norm{half}_before"], mods[f"norm{half}_after"], mods[f"drop_path{half}"]
+    if block.layer_scale or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+        return None
+    if not (type(after) is nn.Identity and _identity_in_call(dp)):
+        return None
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return None
+    return norm, after, dp
+
+
 def plan_mlp_residual(block: nn.Module, x: Tensor) -> bool:
     """Whether the second half of a :class:`~paca_kernels.nn.block.PaCaBlock` call on x (B, N, C),
     ``x + drop_path2(norm2_after(mlp(norm2_before(x))))``, runs as one ``mlp_fused`` call with the
@@ -375,14 +392,11 @@ def plan_mlp_residual(block: nn.Module, x: Tensor) -> bool:
     fused call bypasses their ``__call__``), and no autocast other than to bfloat16 (where the
     kernel keeps the float32 residual stream as autocast does; under fp16 autocast the modules
     run)."""
-    mods = block._modules
-    norm, mlp, after, dp = mods["norm2_before"], mods["mlp"], mods["norm2_after"], mods["drop_path2"]
-    if block.layer_scale or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+    half = _pre_norm_half(block, 2)
+    if half is None:
         return False
-    if not (type(after) is nn.Identity and _identity_in_call(dp)):
-        return False
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
-        return False
+    norm, after, dp = half
+    mlp = block._modules["mlp"]
     if not cpu_inference(mlp.backend, x, norm) or has_hooks(norm, mlp, after, dp):
         return False
     return plan_mlp(mlp, x) == "whole"
@@ -392,7 +406,7 @@ def plan_attention_residual(block: nn.Module, x: Tensor) -> bool:
     """Whether the first half of a :class:`~paca_kernels.nn.block.PaCaBlock` call on x (B, N, C),
     ``x + drop_path1(norm1_after(attn(norm1_before(x))))``, passes x to the attention as its
     ``residual`` (added by the attention's fused op as it writes its output: one PyTorch add and its
-    tensor fewer per block), with ``norm1_before`` run by :func:`_norm1`.
+    tensor fewer per block), with ``norm1_before`` run by ``PaCaBlock._norm1_fused``.
 
     Needs: the pre-norm form without layer scale (``norm1_before`` exactly an ``nn.LayerNorm`` over
     C, ``norm1_after`` and ``drop_path1`` identities in this call), CPU inference on the cpu backend
@@ -400,14 +414,11 @@ def plan_attention_residual(block: nn.Module, x: Tensor) -> bool:
     norm, on what follows the attention, or on the attention module itself (its output now includes
     the residual; hooks inside it are its own plan's concern). Whichever path the attention then
     takes adds the residual (the modules' path with a PyTorch add)."""
-    mods = block._modules
-    norm, attn, after, dp = mods["norm1_before"], mods["attn"], mods["norm1_after"], mods["drop_path1"]
-    if block.layer_scale or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+    half = _pre_norm_half(block, 1)
+    if half is None:
         return False
-    if not (type(after) is nn.Identity and _identity_in_call(dp)):
-        return False
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
-        return False
+    norm, after, dp = half
+    attn = block._modules["attn"]
     if attn._forward_hooks or attn._forward_pre_hooks:
         return False
     return cpu_inference(attn.backend, x, norm) and not has_hooks(norm, after, dp)

@@ -75,17 +75,7 @@ inline void layer_norm_rows(const float* x, int64_t ldx, float* y, int64_t ldy, 
 }
 inline void layer_norm_rows(const double* x, int64_t ldx, double* y, int64_t ldy, int64_t rows,
                             int64_t n, const double* w, const double* b, double eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const double* xr = x + r * ldx;
-    double* yr = y + r * ldy;
-    const LayerNormStats<double> st = layer_norm_stats(xr, n, eps);
-    for (int64_t c = 0; c < n; ++c) {
-      double v = (xr[c] * st.inv_scale - st.mean) * st.rstd;
-      if (w != nullptr) v *= w[c];
-      if (b != nullptr) v += b[c];
-      yr[c] = v;
-    }
-  }
+  layer_norm_rows_impl(x, ldx, y, ldy, rows, n, w, b, eps);
 }
 
 // dst[i] = D(src[i]) for i < n, with static_cast's bits: bf16 <-> float32 through the dispatched

@@ -44,17 +44,7 @@ void dwconv_band_f32_base(const float* in, int64_t in_w, const float* wt, const 
 
 void layer_norm_rows_f32_base(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
                               int64_t n, const float* w, const float* b, float eps, int) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * ldx;
-    float* yr = y + r * ldy;
-    const LayerNormStats<float> st = layer_norm_stats(xr, n, eps);
-    for (int64_t c = 0; c < n; ++c) {
-      float v = (xr[c] * st.inv_scale - st.mean) * st.rstd;
-      if (w != nullptr) v *= w[c];
-      if (b != nullptr) v += b[c];
-      yr[c] = v;
-    }
-  }
+  layer_norm_rows_impl(x, ldx, y, ldy, rows, n, w, b, eps);
 }
 
 void bf16_to_f32_base(const uint16_t* src, float* dst, int64_t n) {

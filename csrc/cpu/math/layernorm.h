@@ -103,4 +103,22 @@ inline LayerNormStats<T> layer_norm_stats(const T* p, int64_t n, T eps) {
   return {inv, mean, T(1) / std::sqrt(var + eps_q)};
 }
 
+// y[r, :] = LayerNorm(x[r, :]) * w + b for rows r < rows of n values (w, b optional): the portable
+// form of the dispatched layer_norm_rows (dispatch.h), for float64 and the baseline build.
+template <typename T>
+inline void layer_norm_rows_impl(const T* x, int64_t ldx, T* y, int64_t ldy, int64_t rows,
+                                 int64_t n, const T* w, const T* b, T eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * ldx;
+    T* yr = y + r * ldy;
+    const LayerNormStats<T> st = layer_norm_stats(xr, n, eps);
+    for (int64_t c = 0; c < n; ++c) {
+      T v = (xr[c] * st.inv_scale - st.mean) * st.rstd;
+      if (w != nullptr) v *= w[c];
+      if (b != nullptr) v += b[c];
+      yr[c] = v;
+    }
+  }
+}
+
 }  // namespace paca_kernels::cpu
