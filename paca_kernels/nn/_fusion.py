@@ -385,13 +385,10 @@ def plan_mlp_residual(block: nn.Module, x: Tensor) -> bool:
     LayerNorm as its prologue and the residual add as its epilogue (two PyTorch ops and their
     tensors fewer per block; under autocast also the cast of the LayerNorm's output).
 
-    Needs: the block's pre-norm form without layer scale (``norm2_before`` exactly an
-    ``nn.LayerNorm`` over C, ``norm2_after`` and ``drop_path2`` identities in this call), the MLP
-    served whole (:func:`plan_mlp` gives "whole": CPU inference, the cpu backend...), the norm's
-    parameters wanting no gradient, no hooks on the norm, the Mlp module or what follows it (the
-    fused call bypasses their ``__call__``), and no autocast other than to bfloat16 (where the
-    kernel keeps the float32 residual stream as autocast does; under fp16 autocast the modules
-    run)."""
+    Needs: the plain pre-norm half (:func:`_pre_norm_half`), the MLP served whole (:func:`plan_mlp`
+    gives "whole": CPU inference, the cpu backend...), the norm's parameters wanting no gradient,
+    and no hooks on the norm, the Mlp module or what follows it (the fused call bypasses their
+    ``__call__``)."""
     half = _pre_norm_half(block, 2)
     if half is None:
         return False
@@ -408,10 +405,9 @@ def plan_attention_residual(block: nn.Module, x: Tensor) -> bool:
     ``residual`` (added by the attention's fused op as it writes its output: one PyTorch add and its
     tensor fewer per block), with ``norm1_before`` run by ``PaCaBlock._norm1_fused``.
 
-    Needs: the pre-norm form without layer scale (``norm1_before`` exactly an ``nn.LayerNorm`` over
-    C, ``norm1_after`` and ``drop_path1`` identities in this call), CPU inference on the cpu backend
-    for x and the norm (:func:`cpu_inference`), no autocast other than to bfloat16, no hooks on the
-    norm, on what follows the attention, or on the attention module itself (its output now includes
+    Needs: the plain pre-norm half (:func:`_pre_norm_half`), CPU inference on the cpu backend for x
+    and the norm (:func:`cpu_inference`), no hooks on the norm, on what follows the attention, or on
+    the attention module itself (its output now includes
     the residual; hooks inside it are its own plan's concern). Whichever path the attention then
     takes adds the residual (the modules' path with a PyTorch add)."""
     half = _pre_norm_half(block, 1)

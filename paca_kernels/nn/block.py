@@ -76,11 +76,7 @@ class Mlp(nn.Module):
         plan = self._plan(x)
         if plan == "whole":
             # fc1, DWConv, GELU and fc2 in one pass; the dropouts are identities here (eval, or p = 0).
-            conv = self.dwconv.dwconv
-            return _mlp_op.mlp_fused(
-                x, H, W, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
-                bool(self.dwconv.with_shortcut), type(self.act) is nn.GELU, self.fc2.weight, self.fc2.bias,
-            )
+            return self._whole(x, H, W)
         if plan == "dwconv":
             # fc1's bias is added inside the fused kernel, as it loads its input (and its gradient
             # summed by the backward kernel, when training).
@@ -97,15 +93,20 @@ class Mlp(nn.Module):
         x = self.drop(x)
         return self.drop(self.fc2(x))
 
-    def forward_residual(self, x: Tensor, H: int, W: int, norm: nn.LayerNorm) -> Tensor:
-        """x + self(norm(x), H, W) as one fused call (LayerNorm prologue, residual epilogue), for
-        :class:`PaCaBlock` where :func:`~paca_kernels.nn._fusion.plan_mlp_residual` allows it."""
+    def _whole(self, x: Tensor, H: int, W: int, norm: nn.LayerNorm | None = None) -> Tensor:
+        """The whole MLP as one ``mlp_fused`` call; with ``norm``, x + mlp(norm(x)) (LayerNorm
+        prologue, residual epilogue)."""
         conv = self.dwconv.dwconv
         return _mlp_op.mlp_fused(
             x, H, W, self.fc1.weight, self.fc1.bias, conv.weight, conv.bias,
             bool(self.dwconv.with_shortcut), type(self.act) is nn.GELU, self.fc2.weight, self.fc2.bias,
-            norm=(norm.weight, norm.bias, norm.eps), residual=True,
+            norm=None if norm is None else (norm.weight, norm.bias, norm.eps), residual=norm is not None,
         )
+
+    def forward_residual(self, x: Tensor, H: int, W: int, norm: nn.LayerNorm) -> Tensor:
+        """x + self(norm(x), H, W) as one fused call, for :class:`PaCaBlock` where
+        :func:`~paca_kernels.nn._fusion.plan_mlp_residual` allows it."""
+        return self._whole(x, H, W, norm)
 
 
 class PaCaBlock(nn.Module):

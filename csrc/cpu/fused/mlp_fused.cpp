@@ -103,19 +103,6 @@ struct MlpEnds {
   bool bf16 = false;
 };
 
-// p[i] = p[i] rounded to T (bf16 or fp16, to nearest even) and back, for i < n; bf16 through the
-// vectorised conversions (this file is compiled for the baseline ISA, where an element loop of
-// c10::BFloat16 conversions costs more than the LayerNorm) with tmp (n values).
-template <typename T>
-inline void round_through(float* p, int64_t n, c10::BFloat16* tmp) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    convert_row(p, tmp, n);
-    convert_row(tmp, p, n);
-  } else {
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(static_cast<T>(p[i]));
-  }
-}
-
 template <typename scalar_t>
 void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
                       const PackedMatrix<at::opmath_type<scalar_t>>& w1_t,

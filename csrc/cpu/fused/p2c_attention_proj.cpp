@@ -64,23 +64,14 @@ struct PackedLinear {
 // The optional residual epilogue (p2c_attention_proj's residual): out rows = residual rows +
 // the projection's rows y (rows x Co, acc_t) rounded to x's dtype first (as the proj module gives
 // them), summed in acc_t and stored in the residual's dtype (x's, or float32 for bf16 / fp16 x:
-// a pre-norm block's residual stream under autocast). tmp: Co values of scratch.
+// a pre-norm block's residual stream under autocast). tmp: rows * Co values of scratch.
 template <typename scalar_t>
 void add_residual_rows(at::opmath_type<scalar_t>* y, int64_t rows, int64_t Co,
                        const at::Tensor& res, int64_t b, int64_t n0, at::Tensor& out,
                        at::opmath_type<scalar_t>* tmp) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    // Rounded to x's dtype and back: bf16 through the vectorised conversions.
-    for (int64_t r = 0; r < rows; ++r) {
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        auto* t16 = reinterpret_cast<c10::BFloat16*>(tmp);
-        convert_row(y + r * Co, t16, Co);
-        convert_row(t16, y + r * Co, Co);
-      } else {
-        for (int64_t c = 0; c < Co; ++c) y[r * Co + c] = static_cast<acc_t>(static_cast<scalar_t>(y[r * Co + c]));
-      }
-    }
+    round_through<scalar_t>(y, rows * Co, reinterpret_cast<c10::BFloat16*>(tmp));
   }
   const Strides sr(res);
   const int64_t N = out.size(1);
@@ -214,7 +205,7 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
     const Scratch<acc_t> xa(ScratchSlot::kTask0, x_direct ? 0 : blk * C),
         qb(ScratchSlot::kTask1, blk * HD), s(ScratchSlot::kTask2, blk * M),
         ob(ScratchSlot::kTask3, blk * HD),
-        yb(ScratchSlot::kTask4, kSame && residual == nullptr ? 0 : blk * Co + Co);
+        yb(ScratchSlot::kTask4, kSame && residual == nullptr ? 0 : 2 * blk * Co);
     acc_t inv[kMaxProjBlock];
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / nblk, n0 = (task % nblk) * blk;

@@ -92,6 +92,19 @@ inline void convert_row(const S* src, D* dst, int64_t n) {
   }
 }
 
+// p[i] = p[i] rounded to T (bf16 or fp16, to nearest even) and back, for i < n: the value a module
+// in T would hand on. bf16 through the dispatched conversions (the op files are compiled for the
+// baseline ISA, where an element loop of c10::BFloat16 conversions is slow) with tmp (n values).
+template <typename T>
+inline void round_through(float* p, int64_t n, c10::BFloat16* tmp) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    convert_row(p, tmp, n);
+    convert_row(tmp, p, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>(static_cast<T>(p[i]));
+  }
+}
+
 // Sum of a[i] * b[i] in a fixed order (eight interleaved partial sums, then combined): the same
 // inputs always give the same bits.
 template <typename T>

@@ -18,36 +18,32 @@
 
 namespace paca_kernels::cpu {
 
-// The power of two dividing a row whose largest magnitude is amax: about amax (q in [-2, 2]),
-// clamped so that eps / scale^2 stays finite (scale >= sqrt(eps) * 2^-41 or so: for rows far below
-// sqrt(eps), eps dominates their variance anyway) and so that 1 / scale is a normal number. A zero,
-// infinite or NaN row keeps scale 1 (an inf or NaN then gives NaN, as torch's layer_norm does).
+// The lowest exponent s of the scale 2^s below (layer_norm_scale) for eps: so that eps / scale^2
+// stays finite (scale >= sqrt(eps) * 2^-41 or so: for rows far below sqrt(eps), eps dominates
+// their variance anyway) and 1 / scale is a normal number. The dispatched float32 LayerNorm
+// kernels (dispatch.h, layer_norm_rows) clamp their scale's exponent to it too.
 template <typename T>
-inline T layer_norm_scale(T amax, T eps) {
+inline int layer_norm_min_exp(T eps) {
   using L = std::numeric_limits<T>;
-  if (!(amax > T(0)) || !(amax <= L::max())) return T(1);
-  int e = 0;
-  std::frexp(amax, &e);  // amax in [2^(e-1), 2^e)
   int lo = L::min_exponent + 30;
   if (eps > T(0)) {
     int k = 0;
     std::frexp(std::sqrt(eps), &k);
     lo = std::max(lo, k - 41);
   }
-  return std::ldexp(T(1), std::clamp(e - 1, lo, L::max_exponent - 28));
+  return lo;
 }
 
-// The lowest exponent s of the scale 2^s that layer_norm_scale gives for eps (float32): what the
-// dispatched LayerNorm kernels (dispatch.h, layer_norm_rows) clamp their scale's exponent to.
-inline int layer_norm_min_exp(float eps) {
-  using L = std::numeric_limits<float>;
-  int lo = L::min_exponent + 30;
-  if (eps > 0.0f) {
-    int k = 0;
-    std::frexp(std::sqrt(eps), &k);
-    lo = std::max(lo, k - 41);
-  }
-  return lo;
+// The power of two dividing a row whose largest magnitude is amax: about amax (q in [-2, 2]),
+// its exponent clamped to [layer_norm_min_exp(eps), max_exponent - 28]. A zero, infinite or NaN
+// row keeps scale 1 (an inf or NaN then gives NaN, as torch's layer_norm does).
+template <typename T>
+inline T layer_norm_scale(T amax, T eps) {
+  using L = std::numeric_limits<T>;
+  if (!(amax > T(0)) || !(amax <= L::max())) return T(1);
+  int e = 0;
+  std::frexp(amax, &e);  // amax in [2^(e-1), 2^e)
+  return std::ldexp(T(1), std::clamp(e - 1, layer_norm_min_exp(eps), L::max_exponent - 28));
 }
 
 template <typename T>

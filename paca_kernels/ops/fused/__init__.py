@@ -11,8 +11,9 @@ One file per op, named as the op (``torch.ops.paca_kernels.<op>``):
 - :mod:`.layer_norm`: LayerNorm over the last dimension (a block's norm1 under autocast, into bf16).
 
 Each registers its fake kernel (``torch.compile`` traces it), a FLOP formula that counts like the ops
-it replaces (``FlopCounterMode`` totals do not change), and an autograd formula that raises, except
-``mlp_dwconv``, which has a backward kernel (``mlp_dwconv_bwd``, float32/float64): the MLP and, through
+it replaces (``FlopCounterMode`` totals do not change); their autograd kernel, which gives outputs
+whose backward raises, is one C++ function (csrc/registration.cpp, ``inference_only_autograd``), except
+for ``mlp_dwconv``, which has a backward kernel (``mlp_dwconv_bwd``, float32/float64): the MLP and, through
 :func:`.conv_cluster_logits.conv_cluster_logits_train`, the conv head train through it on the cpu
 backend. They take tensors and numbers only; which layer may use them, and when, is decided by the
 layers (:mod:`paca_kernels.nn`, :mod:`paca_kernels.nn._fusion`), which run their modules wherever a
