@@ -1,6 +1,7 @@
 """PaCaBlock's first half in CPU inference (nn/_fusion.py, plan_attention_residual): x is passed to
-the attention as its residual (added by the fused op as it writes its output), norm1 under bf16
-autocast as ops.fused.layer_norm into bf16; every other case runs the modules and PyTorch's add.
+the attention as its residual (added by the fused op as it writes its output), norm1 as
+ops.fused.layer_norm (under bf16 autocast into bf16); every other case runs the modules and
+PyTorch's add.
 (The second half, x + mlp(norm2(x)) in mlp_fused: tests/ops/test_mlp_fused.py.)"""
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ CFGS = {"onsite": None, "given": {"onsite_clustering": False}, "self": {"cluster
 
 
 @pytest.mark.parametrize("cfg", list(CFGS), ids=list(CFGS))
-def test_block_output_and_residual_path(cfg, monkeypatch):
+def test_block_output_and_residual_path(cfg, monkeypatch, spy):
+    calls = spy(ln_op, "layer_norm")
     fused, ref = _pair(paca_cfg=CFGS[cfg])
     x = torch.randn(2, 6 * 5, 24)
     z = torch.softmax(torch.randn(2, 100, 30), -1) if cfg == "given" else None
@@ -44,7 +46,7 @@ def test_block_output_and_residual_path(cfg, monkeypatch):
                         or real(*a, **k))
     with torch.no_grad():
         got, want = fused(x, 6, 5, z)[0], ref(x, 6, 5, z)[0]
-    assert seen == [True]
+    assert seen == [True] and calls == [(2, 30, 24)]
     testing.assert_close(got, want, rtol=2e-5, atol=2e-5, name=cfg)
 
 
