@@ -11,8 +11,9 @@ import torch
 
 import paca_kernels.ops.fused.layer_norm as ln_op
 from paca_kernels import _ext, create_model, testing
-from paca_kernels.nn import PaCaBlock
-from paca_kernels.nn._fusion import plan_attention_residual
+from paca_kernels.nn import PaCaBlock, _fusion
+from paca_kernels.nn import block as block_mod
+from paca_kernels.nn._fusion import plan_attention_residual, plan_block
 
 pytestmark = pytest.mark.skipif(not _ext.load(), reason="C++ extension not built")
 
@@ -124,3 +125,125 @@ def test_model_in_every_dtype_matches_the_reference_backend():
             got, want = cpu(x), ref(x)
         exact = ref.double()(x.double())
         testing.assert_low_precision_ok(got, want, exact, name="autocast")
+
+
+# -- the whole block planned once (plan_block) ---------------------------------------------------------
+
+
+def _no_block_plan(monkeypatch):
+    """The part plans only (what plan_block's fused path must match bit for bit)."""
+    monkeypatch.setattr(block_mod, "plan_block", lambda *a: None)
+
+
+@pytest.mark.parametrize("cfg", list(CFGS), ids=list(CFGS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "autocast"])
+def test_block_plan_gives_the_part_plans_bits(cfg, dtype, monkeypatch):
+    """Under no_grad plan_block serves the block (forward and forward_logits), with the same bits as
+    the part plans and the same outputs within tolerance of the reference modules."""
+    fused, ref = _pair(paca_cfg=CFGS[cfg])
+    x = torch.randn(2, 6 * 5, 24)
+    z = torch.softmax(torch.randn(2, 100, 30), -1) if cfg == "given" else None
+    logits = torch.randn(2, 100, 30) if cfg == "given" else None
+    if dtype == "bfloat16":
+        fused.to(torch.bfloat16)
+        x, z, logits = (None if t is None else t.to(torch.bfloat16) for t in (x, z, logits))
+    plans = []
+    monkeypatch.setattr(block_mod, "plan_block", lambda *a: plans.append(_fusion.plan_block(*a)) or plans[-1])
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"), \
+                testing.poisoned_outputs():
+            return fused(x, 6, 5, z), fused.forward_logits(x, 6, 5, logits)
+
+    (a, za), (b, lb) = run()
+    assert len(plans) == 2 and None not in plans
+    monkeypatch.setattr(block_mod, "plan_block", lambda *a: None)
+    (a2, za2), (b2, lb2) = run()
+    for got, want in ((a, a2), (za, za2), (b, b2), (lb, lb2)):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got, want)
+    if dtype == "float32":
+        with torch.no_grad():
+            testing.assert_close(a, ref(x, 6, 5, z)[0], rtol=2e-5, atol=2e-5, name=cfg)
+            testing.assert_close(b, ref.forward_logits(x, 6, 5, logits)[0], rtol=2e-5, atol=2e-5, name=cfg)
+
+
+def test_block_plan_conditions(monkeypatch):
+    """Every condition of plan_block: each case falls back to the part plans, and the output stays
+    the modules' (hooks fire)."""
+    fused, ref = _pair()
+    x = torch.randn(1, 4 * 4, 24)
+    with torch.no_grad():
+        want = ref(x, 4, 4)[0]
+        assert plan_block(fused, x, False) is not None
+        assert plan_block(fused, x, True) is None  # maps wanted
+        # A hook anywhere in the block, deep ones included: the part plans, and the hook fires.
+        # (attn_viz is called only where a forward hook on it wants the maps.)
+        for pre, mod in [(False, m) for m in (
+            fused, fused.attn.clustering.clustering[0], fused.attn.cluster_norm, fused.mlp.fc2,
+            fused.mlp.dwconv.dwconv, fused.norm2_before, fused.attn.attn_viz,
+        )] + [(True, fused.mlp.fc1), (True, fused.attn.q)]:
+            seen = []
+            if pre:
+                h = mod.register_forward_pre_hook(lambda m, i, seen=seen: seen.append(1))
+            else:
+                h = mod.register_forward_hook(lambda m, i, o, seen=seen: seen.append(1))
+            assert plan_block(fused, x, False) is None
+            testing.assert_close(fused(x, 4, 4)[0], want, rtol=2e-5, atol=2e-5)
+            h.remove()
+            assert seen, mod
+        h = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        try:
+            assert plan_block(fused, x, False) is None
+        finally:
+            h.remove()
+        # Structure: layer scale, post-norm, position embedding, a non-GELU MLP activation.
+        assert plan_block(_pair(layer_scale=1e-2)[0], x, False) is None
+        assert plan_block(_pair(post_norm=True)[0], x, False) is None
+        assert plan_block(_pair(with_pos_embed=True, input_resolution=4)[0], x, False) is None
+        relu = _pair(act_cfg={"type": "ReLU"})[0]
+        assert plan_block(relu, x, False) is None
+        # A forward set on the attention instance, or a subclass: their own code runs.
+        fused.attn.forward_logits = fused.attn.forward_logits
+        assert plan_block(fused, x, False) is None
+        del fused.attn.forward_logits
+        assert plan_block(fused, x, False) is not None
+
+        class MyAttention(type(fused.attn)):
+            pass
+
+        other = _pair()[0]
+        other.attn.__class__ = MyAttention
+        assert plan_block(other, x, False) is None
+        # Another backend, by setting or by environment; fp16 autocast.
+        assert plan_block(_pair()[1], x, False) is None
+        auto = PaCaBlock(24, 2).eval()  # backend=None: the environment, then automatic
+        assert plan_block(auto, x, False) is not None
+        monkeypatch.setenv("PACA_KERNELS_BACKEND", "reference")
+        assert plan_block(auto, x, False) is None
+        monkeypatch.delenv("PACA_KERNELS_BACKEND")
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert plan_block(fused, x, False) is None
+        dp = _pair(drop_path=0.1)[0]
+        assert plan_block(dp, x, False) is not None
+        dp.train()
+        assert plan_block(dp, x, False) is None
+    # Grad mode on: the part plans (which then see whether anything wants a gradient).
+    assert plan_block(fused, x, False) is None
+
+
+def test_block_errors_are_the_same_on_every_path():
+    fused = _pair()[0]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(ValueError, match="channels"):
+                fused(torch.randn(1, 16, 23), 4, 4)
+            with pytest.raises(ValueError, match="does not match N"):
+                fused(torch.randn(1, 16, 24), 4, 5)
+            with pytest.raises(TypeError, match="torch.Tensor"):
+                fused([1.0], 4, 4)
+    given = _pair(paca_cfg=CFGS["given"])[0]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="shape"):
+            given.forward_logits(torch.randn(1, 16, 24), 4, 4, torch.randn(1, 99, 16))

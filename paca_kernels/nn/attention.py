@@ -25,7 +25,7 @@ from .. import ops, reference
 from ..ops.fused import conv_cluster_logits as _head_op
 from ..ops.fused import conv_paca_layer as _layer_op
 from ..ops.fused import p2c_attention_proj as _attention_op
-from ._fusion import AttentionPlan, plan_attention
+from ._fusion import BLOCK_PARTS, AttentionPlan, plan_attention
 from .clustering import build_clustering
 from .layers import build_norm
 
@@ -285,13 +285,7 @@ class PaCaAttention(nn.Module):
         """
         check_tokens(x, H, W, self.dim)
         given = self._given(x, None, z)
-        plan = self._plan(x, given, return_attn)
-        if plan.layer:
-            return self._fused_layer(x, H, W, plan, True, residual)
-        out, logits, attn = self._run(x, H, W, None, given, plan, residual)
-        if logits is not None:
-            z = reference.cluster_assign(logits)
-        return (out, z, attn) if return_attn else (out, z)
+        return self._planned(x, H, W, z, given, self._plan(x, given, return_attn), False, return_attn, residual)
 
     def forward_logits(
         self,
@@ -310,12 +304,26 @@ class PaCaAttention(nn.Module):
         """
         check_tokens(x, H, W, self.dim)
         given = self._given(x, logits, None)
-        plan = self._plan(x, given, return_attn)
+        return self._planned(x, H, W, None, given, self._plan(x, given, return_attn), True, return_attn, residual)
+
+    def _planned(
+        self, x: Tensor, H: int, W: int, z: Tensor | None, given: Tensor | None, plan: AttentionPlan,
+        as_logits: bool, return_attn: bool, residual: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        """:meth:`forward_logits` (``as_logits``: ``given`` is the validated logits or None) or
+        :meth:`forward` (``given`` the validated z or None, ``z`` the argument, returned where the
+        layer computes no assignment) on validated x, with the path decided: ``plan`` (also made by
+        :func:`~paca_kernels.nn._fusion.plan_block` for a whole block)."""
         if plan.layer:
-            return self._fused_layer(x, H, W, plan, False, residual)
-        # The logits computed on site, or the ones passed in (None when M = 0).
-        out, logits, attn = self._run(x, H, W, given, None, plan, residual)
-        return (out, logits, attn) if return_attn else (out, logits)
+            return self._fused_layer(x, H, W, plan, not as_logits, residual)
+        if as_logits:
+            # The logits computed on site, or the ones passed in (None when M = 0).
+            out, logits, attn = self._run(x, H, W, given, None, plan, residual)
+            return (out, logits, attn) if return_attn else (out, logits)
+        out, logits, attn = self._run(x, H, W, None, given, plan, residual)
+        if logits is not None:
+            z = reference.cluster_assign(logits)
+        return (out, z, attn) if return_attn else (out, z)
 
     def extra_repr(self) -> str:
         return (
@@ -360,3 +368,6 @@ def paca_layer_kwargs(paca_cfg: Mapping[str, Any]) -> dict[str, Any]:
         "cluster_norm": norm if norm else False,
         "cluster_pos_embed": bool(paca_cfg.get("cluster_pos_embed", False)),
     }
+
+
+BLOCK_PARTS.update((PaCaAttention, PaCaLayer))

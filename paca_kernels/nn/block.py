@@ -13,8 +13,8 @@ from ..ops.dispatch import check_backend_name
 from ..ops.fused import layer_norm as _ln_op
 from ..ops.fused import mlp_dwconv as _dwconv_op
 from ..ops.fused import mlp_fused as _mlp_op
-from ._fusion import MlpPath, plan_attention_residual, plan_mlp, plan_mlp_residual
-from .attention import PaCaAttention, paca_layer_kwargs
+from ._fusion import BLOCK_PARTS, MlpPath, plan_attention_residual, plan_block, plan_mlp, plan_mlp_residual
+from .attention import PaCaAttention, check_tokens, paca_layer_kwargs
 from .layers import DropPath, DWConv, build_act, build_norm, to_2tuple
 
 __all__ = ["DEFAULT_PACA_CFG", "DWConv", "Mlp", "PaCaBlock"]
@@ -140,6 +140,7 @@ class PaCaBlock(nn.Module):
         cfg.update({"clusters": 100, "onsite_clustering": True, "clustering_kernel_size": 7})
         if paca_cfg is not None:
             cfg.update(paca_cfg)
+        self.dim = dim
         self.post_norm = post_norm
         self.with_pos_embed = with_pos_embed
         self.input_resolution = to_2tuple(input_resolution) if input_resolution is not None else None
@@ -220,6 +221,25 @@ class PaCaBlock(nn.Module):
                 x = x + self.drop_path2(self.norm2_after(self.mlp(self.norm2_before(x), H, W)))
         return x, *rest
 
+    def _fused(
+        self, x: Tensor, H: int, W: int, assignment: Tensor | None, as_logits: bool, return_attn: bool,
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """The whole block as fused calls where :func:`~paca_kernels.nn._fusion.plan_block` says so
+        (CPU inference, every condition checked once): norm1 and the attention with the residual
+        added as it writes its output, then norm2, the MLP and the residual in one ``mlp_fused``
+        call; else None. What the halves' plans would run, without planning each part again."""
+        plan = plan_block(self, x, return_attn)
+        if plan is None:
+            return None
+        mods = self._modules
+        attn = mods["attn"]
+        if as_logits:
+            given, z = attn._given(x, assignment, None), None
+        else:
+            given, z = attn._given(x, None, assignment), assignment
+        x, a = attn._planned(self._norm1_fused(x), H, W, z, given, plan, as_logits, False, x)
+        return mods["mlp"].forward_residual(x, H, W, mods["norm2_before"]), a
+
     def forward(
         self, x: Tensor, H: int, W: int, z: Tensor | None = None, *, return_attn: bool = False,
     ) -> tuple[Tensor, ...]:
@@ -227,6 +247,10 @@ class PaCaBlock(nn.Module):
 
         Returns (x, z), plus the attention maps when ``return_attn``.
         """
+        check_tokens(x, H, W, self.dim)
+        fused = self._fused(x, H, W, z, False, return_attn)
+        if fused is not None:
+            return fused
         return self._run(
             x, H, W, lambda t, residual=None: self.attn(t, H, W, z, return_attn=return_attn, residual=residual)
         )
@@ -235,9 +259,16 @@ class PaCaBlock(nn.Module):
         self, x: Tensor, H: int, W: int, logits: Tensor | None = None, *, return_attn: bool = False,
     ) -> tuple[Tensor, ...]:
         """As :meth:`forward` with the assignment as logits (see PaCaAttention.forward_logits)."""
+        check_tokens(x, H, W, self.dim)
+        fused = self._fused(x, H, W, logits, True, return_attn)
+        if fused is not None:
+            return fused
         return self._run(
             x, H, W,
             lambda t, residual=None: self.attn.forward_logits(
                 t, H, W, logits, return_attn=return_attn, residual=residual
             ),
         )
+
+
+BLOCK_PARTS.add(Mlp)
