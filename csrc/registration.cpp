@@ -133,6 +133,12 @@
 //   followed by autocast's cast) = (x - mean) / sqrt(var + eps) * weight + bias per row, biased
 //   variance, accumulated in acc with the overflow-free statistics (the row scaled by a power of
 //   two near its largest magnitude first); a row with inf or NaN gives NaN.
+//
+// linear(x, weight, bias) -> out
+//   A linear layer in inference (no autograd): x (..., K), any strides; weight (O, K); bias (O,)
+//   optional; out (..., O) contiguous, dtype of x = x W^T + b, summed in acc (bf16 x: products of
+//   bf16 values, x and the weight rounded to bf16, float32 sums, as a bf16 linear; fp16 x: float32
+//   products of the float32 weight).
 
 #include <Python.h>
 
@@ -186,6 +192,7 @@ constexpr InferenceOnlyOp kInferenceOnly[] = {
     {"conv_paca_layer",
      "PaCaAttention runs its modules and autograd ops when gradients are needed"},
     {"layer_norm", "PaCaBlock runs its LayerNorm modules when gradients are needed"},
+    {"linear", "PaCaViT runs its head module when gradients are needed"},
 };
 
 // An Error node (its backward raises `msg`) as the autograd graph holds nodes: a shared_ptr up to
@@ -289,6 +296,7 @@ TORCH_LIBRARY(paca_kernels, m) {
   m.def(
       "layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType? dtype=None) "
       "-> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(paca_kernels, Autograd, m) {

@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from ..nn._fusion import plan_linear
 from ..nn.block import DEFAULT_PACA_CFG, PaCaBlock
 from ..nn.downsample import DownsampleV1
 from ..nn.layers import BlurConv2d, DropPath, build_act, build_norm
 from ..ops.dispatch import check_backend_name
+from ..ops.fused import linear as _linear_op
 from .pretrained import load_pretrained
 
 __all__ = ["PaCaTeacher_ConvMixer", "PaCaViT", "Residual"]
@@ -425,4 +427,7 @@ class PaCaViT(nn.Module):
         if isinstance(feats, list):
             return feats
         feats = feats.mean(dim=1)
-        return self.head(feats) if self.head is not None else feats
+        if self.head is None:
+            return feats
+        fused = plan_linear(self.head, self.backend, feats)
+        return self.head(feats) if fused is None else _linear_op.linear(feats, *fused)

@@ -29,6 +29,7 @@ from torch.nn.modules.module import (
 from ..ops import preferred_backend
 from ..ops.fused import conv_cluster_logits as _head_op
 from ..ops.fused import conv_paca_layer as _layer_op
+from ..ops.fused import linear as _linear_op
 from ..ops.fused import mlp_dwconv as _dwconv_op
 from ..ops.fused import mlp_fused as _mlp_op
 from ..ops.fused import p2c_attention_proj as _attention_op
@@ -52,6 +53,7 @@ __all__ = [
     "plan_attention_residual",
     "plan_block",
     "plan_downsample",
+    "plan_linear",
     "plan_mlp",
     "plan_mlp_residual",
     "same_depthwise",
@@ -520,3 +522,18 @@ def plan_downsample(
     if not cpu_inference(module.backend, x, module) or has_hooks(proj, norm):
         return None
     return convs, ln
+
+
+def plan_linear(linear: nn.Module | None, backend: str | None, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) of a plain ``nn.Linear`` for ``ops.fused.linear`` on x (..., K) in CPU
+    inference (:func:`cpu_inference`, with ``backend`` the owner's setting), no hook on it; else
+    None (the module runs). For PaCaViT's classifier head: the PaCa-ViT-Tiny forward at B = 1,
+    in-process A/B against the module (14 rounds), 1.5 % faster in a bf16 model, 3.8 % under bf16
+    autocast, the same in float32 (the head alone in-model: 0.33 -> 0.08 ms in bf16, 0.47 -> 0.09
+    ms under autocast, 0.17 -> 0.10 ms in float32)."""
+    if type(linear) is not nn.Linear or not _linear_op.REGISTERED:
+        return None
+    if linear._forward_hooks or linear._forward_pre_hooks or not cpu_inference(backend, x, linear):
+        return None
+    params = linear._parameters
+    return params["weight"], params["bias"]

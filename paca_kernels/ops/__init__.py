@@ -71,7 +71,8 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(
-        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        t.to(dtype) if isinstance(t, Tensor) and t.dtype != dtype and t.is_floating_point()
+        and t.dtype != torch.float64 else t
         for t in tensors
     )
 

@@ -49,6 +49,7 @@ __all__ = [
     "conv_paca_layer",
     "install_onnx_decompositions",
     "layer_norm",
+    "linear",
     "mlp_dwconv",
     "mlp_fused",
     "onnx_decomposition_table",
@@ -238,6 +239,12 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return y.to(dtype if dtype is not None else x.dtype).contiguous()
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """out (..., O) = x Wᵀ + b in x's dtype, contiguous (summed in the accumulation dtype)."""
+    acc = acc_dtype(x.dtype)
+    return F.linear(x.to(acc), weight.to(acc), _acc(bias, acc)).to(x.dtype).contiguous()
+
+
 #: Op name (``torch.ops.paca_kernels.<name>``) -> its decomposition.
 DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "cluster_pool_fwd": cluster_pool_fwd,
@@ -249,6 +256,7 @@ DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "conv_paca_layer": conv_paca_layer,
     "patch_embed": patch_embed,
     "layer_norm": layer_norm,
+    "linear": linear,
     # The Triton twins (defined where Triton imports; ops/<op>.py) compute the same and return the same
     # outputs: a model exported from a GPU on the triton backend needs them.
     "cluster_pool_fwd_triton": cluster_pool_fwd,

@@ -16,7 +16,7 @@ from paca_kernels import _ext, testing
 pytestmark = pytest.mark.skipif(not _ext.load(), reason="C++ extension not built")
 
 INFERENCE_ONLY = ("conv_cluster_logits", "mlp_fused", "p2c_attention_proj", "patch_embed", "conv_paca_layer",
-                  "layer_norm")
+                  "layer_norm", "linear")
 
 
 @pytest.mark.parametrize("name", INFERENCE_ONLY)

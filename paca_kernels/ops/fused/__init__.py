@@ -8,7 +8,8 @@ One file per op, named as the op (``torch.ops.paca_kernels.<op>``):
 - :mod:`.mlp_dwconv`: the MLP's bias + depthwise conv + shortcut + GELU.
 - :mod:`.mlp_fused`: the whole MLP (fc1, depthwise conv, GELU, fc2).
 - :mod:`.patch_embed`: a stem or stage transition (strided conv, LayerNorm over channels).
-- :mod:`.layer_norm`: LayerNorm over the last dimension (a block's norm1 under autocast, into bf16).
+- :mod:`.layer_norm`: LayerNorm over the last dimension (a block's norm1; under autocast into bf16).
+- :mod:`.linear`: a linear layer on packed weights (PaCaViT's classifier head).
 
 Each registers its fake kernel (``torch.compile`` traces it), a FLOP formula that counts like the ops
 it replaces (``FlopCounterMode`` totals do not change); their autograd kernel, which gives outputs

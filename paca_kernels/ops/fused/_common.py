@@ -29,5 +29,8 @@ def autocast_input(x: Tensor) -> Tensor:
         device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type) and x.is_floating_point()
         and x.dtype != torch.float64
     ):
-        return x.to(torch.get_autocast_dtype(device_type))
+        dtype = torch.get_autocast_dtype(device_type)
+        # Most calls under autocast get x already in the autocast dtype (the ops before returned
+        # it): no Tensor.to call (argument parsing and a dispatch) for nothing.
+        return x if x.dtype == dtype else x.to(dtype)
     return x
