@@ -20,6 +20,8 @@ from paca_kernels.nn._fusion import conv_head_tensors
 from paca_kernels.nn.block import DWConv, Mlp
 from paca_kernels.nn.clustering import P2CConv2d
 from paca_kernels.ops.fused.conv_cluster_logits import conv_cluster_logits
+from paca_kernels.ops.fused.layer_norm import layer_norm
+from paca_kernels.ops.fused.linear import linear
 from paca_kernels.ops.fused.mlp_dwconv import mlp_dwconv
 from paca_kernels.ops.fused.mlp_fused import mlp_fused
 from paca_kernels.ops.fused.patch_embed import patch_embed
@@ -188,6 +190,20 @@ def check_patch_embed() -> None:
         assert err < 2e-5, ("patch_embed", err)
 
 
+def check_linear_and_layer_norm() -> None:
+    """The head's linear (split by columns at few rows, by row blocks at many; ragged panels) and
+    the LayerNorm rows (four at a time and the rest; an 8-lane tail) against float64."""
+    for R, K, O in [(1, 384, 1000), (3, 37, 19), (45, 30, 70)]:
+        x, w, b = torch.randn(R, K), torch.randn(O, K) / K**0.5, torch.randn(O)
+        err = (linear(x, w, b).double() - F.linear(x.double(), w.double(), b.double())).abs().max().item()
+        assert err < 2e-5, ("linear", err)
+    for R, C in [(7, 96), (13, 37)]:
+        x, w, b = torch.randn(R, C) * 3 + 1, torch.randn(C), torch.randn(C)
+        exact = F.layer_norm(x.double(), (C,), w.double(), b.double(), 1e-6)
+        err = (layer_norm(x, w, b, 1e-6).double() - exact).abs().max().item()
+        assert err < 2e-5, ("layer_norm", err)
+
+
 def check_gelu() -> None:
     """The kernels' rational-erf GELU against float64, tails and NaN: a depthwise conv whose taps are
     all zero, with the shortcut (folded into the centre tap as 1), passes x through exactly, so
@@ -223,10 +239,10 @@ def check_gelu() -> None:
 
 CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_conv_paca_layer,
           check_mlp_dwconv, check_mlp_dwconv_bwd, check_gelu_grad, check_mlp_fused, check_patch_embed,
-          check_gelu]
+          check_linear_and_layer_norm, check_gelu]
 
 #: How many tensors :func:`outputs` saves.
-NUM_OUTPUTS = 39
+NUM_OUTPUTS = 43
 
 
 def outputs() -> list[torch.Tensor]:
@@ -250,6 +266,12 @@ def outputs() -> list[torch.Tensor]:
             x = torch.randn(B, C, H, H)
             outs.append(patch_embed(x.permute(0, 2, 3, 1), torch.randn(Co, C, 3, 3), torch.randn(Co), 2, 1,
                                     norm, torch.randn(Co) if norm else None, torch.randn(Co) if norm else None))
+        # linear: split by columns (1 row) and by row blocks (45 rows), ragged panels (70 = 64 + 6);
+        # the LayerNorm rows: four at a time and the rest (7 rows), an 8-lane tail (C = 37).
+        for R in (1, 45):
+            outs.append(linear(torch.randn(R, 30), torch.randn(70, 30), torch.randn(70)))
+        for C in (96, 37):
+            outs.append(layer_norm(torch.randn(7, C) * 3, torch.randn(C), torch.randn(C), 1e-6))
     # d = 40 and 48 and M = 100 (32 + 32 + 36): the 3-vector tiles; M = 13, 49, 100: exp row tails.
     for shape in [(2, 37, 13, 3, 24), (1, 70, 49, 2, 40), (1, 50, 100, 2, 48)]:
         a = make_p2c_inputs(*shape, requires_grad=True)

@@ -18,6 +18,7 @@ import torch
 
 import paca_kernels.ops.fused.conv_cluster_logits as head_op
 import paca_kernels.ops.fused.conv_paca_layer as layer_op
+import paca_kernels.ops.fused.linear as linear_op
 import paca_kernels.ops.fused.mlp_fused as mlp_op
 import paca_kernels.ops.fused.p2c_attention_proj as attention_op
 from paca_kernels import PaCaAttention, _ext, testing
@@ -135,7 +136,34 @@ def check_parts(shape: tuple) -> None:
     testing.assert_low_precision_ok(z, zl, zx, name=f"parts {shape}: z")
 
 
+# linear shapes (rows, K, O): PaCa-ViT-Tiny's head at B = 1 (split by columns), an odd K (a bf16
+# pair with a zero) and ragged column panels, 40 rows (split by row blocks).
+LINEAR_SHAPES = [(1, 384, 1000), (3, 37, 19), (40, 13, 301)]
+
+
+def check_linear(shape: tuple, mode: str) -> None:
+    """ops.fused.linear (the classifier head) on bf16 x: a bf16 model's weights, or float32 weights
+    under autocast, against F.linear in the same precision by FlashAttention's rule."""
+    R, K, O = shape
+    x = torch.randn(R, K)
+    w, b = torch.randn(O, K) / K**0.5, torch.randn(O)
+    with torch.no_grad():
+        if mode == "model":
+            xb, wb, bb = x.to(BF16), w.to(BF16), b.to(BF16)
+            out, low = linear_op.linear(xb, wb, bb), torch.nn.functional.linear(xb, wb, bb)
+            exact = torch.nn.functional.linear(xb.double(), wb.double(), bb.double())
+        else:
+            with torch.autocast("cpu", dtype=BF16):
+                out, low = linear_op.linear(x, w, b), torch.nn.functional.linear(x, w, b)
+            exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    assert out.dtype == low.dtype == BF16, (out.dtype, low.dtype)
+    testing.assert_low_precision_ok(out, low, exact, name=f"linear {shape} {mode}")
+
+
 def check_all() -> None:
+    for s in LINEAR_SHAPES:
+        for mode in ("model", "autocast"):
+            check_linear(s, mode)
     for s in MLP_SHAPES:
         for mode in ("model", "autocast"):
             check_mlp(s, mode)
@@ -158,6 +186,12 @@ def test_mlp_bf16_within_flash_attention_rule(shape, mode):
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "B{}-H{}-W{}-C{}-h{}-M{}".format(*s))
 def test_layer_bf16_within_flash_attention_rule(shape, mode):
     check_layer(shape, mode)
+
+
+@pytest.mark.parametrize("mode", ["model", "autocast"])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "R{}-K{}-O{}".format(*s))
+def test_linear_bf16_within_flash_attention_rule(shape, mode):
+    check_linear(shape, mode)
 
 
 def test_fused_parts_bf16_under_autocast():
