@@ -179,11 +179,11 @@ def test_block_plan_conditions(monkeypatch):
         assert plan_block(fused, x, False) is not None
         assert plan_block(fused, x, True) is None  # maps wanted
         # A hook anywhere in the block, deep ones included: the part plans, and the hook fires.
-        # (attn_viz is called only where a forward hook on it wants the maps.)
+        # (A hook on attn_viz asks for the maps, so it fires too.)
         for pre, mod in [(False, m) for m in (
             fused, fused.attn.clustering.clustering[0], fused.attn.cluster_norm, fused.mlp.fc2,
             fused.mlp.dwconv.dwconv, fused.norm2_before, fused.attn.attn_viz,
-        )] + [(True, fused.mlp.fc1), (True, fused.attn.q)]:
+        )] + [(True, fused.mlp.fc1), (True, fused.attn.q), (True, fused.attn.attn_viz)]:
             seen = []
             if pre:
                 h = mod.register_forward_pre_hook(lambda m, i, seen=seen: seen.append(1))

@@ -299,6 +299,16 @@ def test_return_attn_and_attn_viz_hook() -> None:
     assert len(seen) == 1
     assert_close(seen[0], ref_attn)
     assert_close(hooked, plain)
+    # A pre-hook sees the maps too (the official layer calls attn_viz on every forward).
+    handle = layer.attn_viz.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            hooked, _ = layer(x, hh, ww)
+    finally:
+        handle.remove()
+    assert len(seen) == 2
+    assert_close(seen[1], ref_attn)
+    assert_close(hooked, plain)
 
 
 def test_attention_dropout_train_vs_eval() -> None:

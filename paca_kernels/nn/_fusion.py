@@ -229,7 +229,7 @@ class AttentionPlan(NamedTuple):
     #: Logits are pooled by ``ops.cluster_pool`` with the LayerNorm as its epilogue (else the
     #: probabilities' matmul, the position embedding and the norm module).
     fused_pool: bool
-    #: The attention maps are wanted (``return_attn``, or a forward hook on ``attn_viz``).
+    #: The attention maps are wanted (``return_attn``, or a forward or forward pre-hook on ``attn_viz``).
     want_maps: bool
 
 
@@ -277,7 +277,8 @@ def plan_attention(
       1.57x (1.53-1.65); 28×28 C = 192: 1.58x (1.56-1.60); 14×14 C = 320: 1.63x (1.62-1.66).
     """
     mods = layer._modules
-    want_maps = return_attn or bool(mods["attn_viz"]._forward_hooks)
+    viz = mods["attn_viz"]
+    want_maps = return_attn or bool(viz._forward_hooks or viz._forward_pre_hooks)
     if layer.num_clusters == 0:
         # Self-attention over the patches (the last stage): in CPU inference the same
         # p2c_attention_proj with the patches as the keys (c = x), one op for the four projections

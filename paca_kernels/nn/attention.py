@@ -146,7 +146,8 @@ class PaCaAttention(nn.Module):
         self.attn_drop = float(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Forward hooks on attn_viz receive the (B, h, N, M) attention maps, as in the official layer.
+        # Forward hooks (and pre-hooks) on attn_viz receive the (B, h, N, M) attention maps, as in the
+        # official layer; the maps are computed only when one is registered (or return_attn).
         self.attn_viz = nn.Identity()
 
     # -- the one decision point ---------------------------------------------------------------------
