@@ -90,9 +90,10 @@ def test_empty_shapes():
     assert torch.equal(lin_op.linear(torch.randn(2, 0), torch.randn(5, 0), None), torch.zeros(2, 5))
 
 
-def test_deterministic_across_thread_counts():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_deterministic_across_thread_counts(dtype):
     for rows in (1, 100):
-        x, w, b = torch.randn(rows, 384), torch.randn(1000, 384), torch.randn(1000)
+        x, w, b = torch.randn(rows, 384).to(dtype), torch.randn(1000, 384), torch.randn(1000)
         testing.assert_same_bits_across_thread_counts(lambda x=x, w=w, b=b: lin_op.linear(x, w, b))
 
 
@@ -138,4 +139,12 @@ def test_classifier_head_plan(spy):
         h.remove()
         assert len(seen) == 1 and len(calls) == 1
         assert plan_linear(None, None, feats) is None
+        # bf16 both ways: a bf16 model, and the float32 model under autocast (logits in bf16).
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model(img)
+            assert plan_linear(model.head, model.backend, feats) is not None
+        assert auto.dtype == torch.bfloat16 and len(calls) == 2
+        low = model.to(torch.bfloat16)(img.to(torch.bfloat16))
+        assert low.dtype == torch.bfloat16 and len(calls) == 3
+        model.float()
     assert plan_linear(model.head, model.backend, feats) is None  # grad mode, parameters require grad
