@@ -289,26 +289,23 @@ def test_return_attn_and_attn_viz_hook() -> None:
     assert_close(attn.sum(-1), torch.ones(b, h, hh * ww))
     assert_close(attn, ref_attn)
 
-    seen: list[torch.Tensor] = []
-    handle = layer.attn_viz.register_forward_hook(lambda mod, inp, o: seen.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            hooked, _ = layer(x, hh, ww)
-    finally:
-        handle.remove()
-    assert len(seen) == 1
-    assert_close(seen[0], ref_attn)
-    assert_close(hooked, plain)
-    # A pre-hook sees the maps too (the official layer calls attn_viz on every forward).
-    handle = layer.attn_viz.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
-    try:
-        with torch.no_grad():
-            hooked, _ = layer(x, hh, ww)
-    finally:
-        handle.remove()
-    assert len(seen) == 2
-    assert_close(seen[1], ref_attn)
-    assert_close(hooked, plain)
+    # A forward hook on attn_viz receives the maps, and so does a pre-hook (the official layer calls
+    # attn_viz on every forward).
+    viz = layer.attn_viz
+    for register in (
+        lambda seen: viz.register_forward_hook(lambda mod, inp, o: seen.append(o.detach().clone())),
+        lambda seen: viz.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone())),
+    ):
+        seen: list[torch.Tensor] = []
+        handle = register(seen)
+        try:
+            with torch.no_grad():
+                hooked, _ = layer(x, hh, ww)
+        finally:
+            handle.remove()
+        assert len(seen) == 1
+        assert_close(seen[0], ref_attn)
+        assert_close(hooked, plain)
 
 
 def test_attention_dropout_train_vs_eval() -> None:
