@@ -277,8 +277,7 @@ def plan_attention(
       1.57x (1.53-1.65); 28×28 C = 192: 1.58x (1.56-1.60); 14×14 C = 320: 1.63x (1.62-1.66).
     """
     mods = layer._modules
-    viz = mods["attn_viz"]
-    want_maps = return_attn or bool(viz._forward_hooks or viz._forward_pre_hooks)
+    want_maps = return_attn or _hooked(mods["attn_viz"])
     if layer.num_clusters == 0:
         # Self-attention over the patches (the last stage): in CPU inference the same
         # p2c_attention_proj with the patches as the keys (c = x), one op for the four projections
@@ -536,7 +535,7 @@ def plan_linear(linear: nn.Module | None, backend: str | None, x: Tensor) -> tup
     ms under autocast, 0.17 -> 0.10 ms in float32)."""
     if type(linear) is not nn.Linear or not _linear_op.REGISTERED:
         return None
-    if linear._forward_hooks or linear._forward_pre_hooks or not cpu_inference(backend, x, linear):
+    if _hooked(linear) or not cpu_inference(backend, x, linear):
         return None
     params = linear._parameters
     return params["weight"], params["bias"]
@@ -551,7 +550,7 @@ def plan_layer_norm(norm: nn.Module, backend: str | None, x: Tensor) -> tuple[Te
     same in float32."""
     if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 or not _ln_op.REGISTERED:
         return None
-    if norm._forward_hooks or norm._forward_pre_hooks or not cpu_inference(backend, x, norm):
+    if _hooked(norm) or not cpu_inference(backend, x, norm):
         return None
     params = norm._parameters
     return params["weight"], params["bias"], norm.eps

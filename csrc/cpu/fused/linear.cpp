@@ -54,8 +54,9 @@ void linear_kernel(const at::Tensor& x, const at::Tensor& weight,
   constexpr bool kAcc = std::is_same_v<scalar_t, acc_t>;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  // The rows as acc_t (a copy only for bf16 / fp16 x) and the outputs in acc_t (written straight
-  // into out for float32 / float64, else rounded per task).
+  // The rows as acc_t (a copy only for bf16 / fp16 x, made by the task that reads them when rows
+  // are split) and the outputs in acc_t (written straight into out for float32 / float64, else
+  // rounded per task).
   const Scratch<acc_t> xa(ScratchSlot::kCall1, kAcc ? 0 : R * K), ya(ScratchSlot::kCall2, kAcc ? 0 : R * O);
   const acc_t* A;
   acc_t* Y;
@@ -63,11 +64,12 @@ void linear_kernel(const at::Tensor& x, const at::Tensor& weight,
     A = xp;
     Y = op;
   } else {
-    convert_row(xp, xa.data(), R * K);
     A = xa.data();
     Y = ya.data();
   }
   if (R <= kLinearRows) {
+    // Every task reads all R rows: converted once here (at most kLinearRows rows).
+    if constexpr (!kAcc) convert_row(xp, xa.data(), R * K);
     const int64_t panels = (O + 15) / 16;
     // A grain of panels worth waking a thread for: about kGrainSize multiply-adds per task.
     const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, 16 * K * R));
@@ -82,6 +84,7 @@ void linear_kernel(const at::Tensor& x, const at::Tensor& weight,
     const int64_t blocks = (R + kLinearRows - 1) / kLinearRows;
     parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
       const int64_t r0 = lo * kLinearRows, r1 = std::min(R, hi * kLinearRows);
+      if constexpr (!kAcc) convert_row(xp + r0 * K, xa.data() + r0 * K, (r1 - r0) * K);
       wt.linear(A + r0 * K, K, Y + r0 * O, O, r1 - r0, b, false);
       if constexpr (!kAcc) convert_row(Y + r0 * O, op + r0 * O, (r1 - r0) * O);
     });
