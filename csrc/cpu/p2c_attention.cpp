@@ -43,7 +43,6 @@
 #include "cpu/math/kernels.h"
 #include "cpu/math/parallel.h"
 #include "cpu/math/scratch.h"
-#include "cpu/math/softmax.h"
 #include "cpu/math/tensor_access.h"
 
 namespace paca_kernels {
@@ -52,6 +51,8 @@ namespace {
 
 constexpr const char* kFwdOp = "paca_kernels::p2c_attention_fwd";
 constexpr const char* kBwdOp = "paca_kernels::p2c_attention_bwd";
+constexpr const char* kFwdSavedOp = "paca_kernels::p2c_attention_fwd_saved";
+constexpr const char* kBwdSavedOp = "paca_kernels::p2c_attention_bwd_saved";
 // Query rows per inner block: the block's scores (kQueryBlock x M) and its q/dO rows stay in L1/L2.
 // A multiple of the products' 6-row register tiles (32 had left a 2-row tile per block, 10 % of the
 // backward's product time at PaCa-ViT-Tiny stage 3), and long enough that the backward's dk/dv
@@ -126,9 +127,13 @@ std::pair<const acc_t*, int64_t> rows_as_acc(const scalar_t* src, const Strides&
   return {buf, D};
 }
 
+// out = softmax(scale q.k^T) v; lse (B, h, N) when lse is given; when exp_scores is given (the
+// saving forward, p2c_attention_fwd_saved), the softmax numerators e = exp(s - rowmax s) into it
+// (B, h, N, M) and their row sums into exp_sums (B, h, N), the values the backward would recompute.
 template <typename scalar_t>
 void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                    at::Tensor& out, at::Tensor& lse) {
+                    at::Tensor& out, at::Tensor* lse, at::Tensor* exp_scores,
+                    at::Tensor* exp_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
   const Strides sq(q), sk(k), sv(v);
@@ -136,7 +141,9 @@ void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const scalar_t* kp = k.const_data_ptr<scalar_t>();
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();  // (B, N, h, d) contiguous
-  acc_t* lp = lse.mutable_data_ptr<acc_t>();         // (B, h, N) contiguous
+  acc_t* lp = lse ? lse->mutable_data_ptr<acc_t>() : nullptr;  // (B, h, N) contiguous
+  acc_t* ep = exp_scores ? exp_scores->mutable_data_ptr<acc_t>() : nullptr;  // (B, h, N, M)
+  acc_t* esp = exp_sums ? exp_sums->mutable_data_ptr<acc_t>() : nullptr;     // (B, h, N)
   const acc_t sc = static_cast<acc_t>(scale);
 
   // Query rows n0 .. n0 + rows - 1 of head (b, hd), rows <= kQueryBlock: scores, softmax (its
@@ -145,16 +152,18 @@ void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                          const acc_t* vvp, acc_t* qbuf, acc_t* obuf, acc_t* sbuf) {
     const int64_t bh = b * H + hd;
     const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf);
+    // The saving forward computes the block's scores in place in exp_scores.
+    if (ep != nullptr) sbuf = ep + (bh * N + n0) * M;
     gemm_nn(qa, ldq, ktp, M, sbuf, M, rows, D, M, /*accumulate=*/false);
-    acc_t* lrow = lp + bh * N + n0;
-    acc_t inv[kQueryBlock];
+    // Softmax over M with the max subtracted, the block's rows at once; an all -inf (or
+    // +inf/NaN) row gives NaN, as torch.softmax does. inv holds the rows' sums until it is
+    // inverted.
+    acc_t mx[kQueryBlock], inv[kQueryBlock];
+    exp_minus_row_max_rows(sbuf, M, rows, M, mx, inv);
     for (int64_t i = 0; i < rows; ++i) {
-      acc_t* srow = sbuf + i * M;
-      // Softmax over M with the max subtracted; an all -inf (or +inf/NaN) row gives NaN,
-      // as torch.softmax does.
-      const RowExp<acc_t> e = exp_minus_row_max(srow, srow, M);
-      lrow[i] = e.max + std::log(e.sum);
-      inv[i] = acc_t(1) / e.sum;
+      if (lp != nullptr) lp[bh * N + n0 + i] = mx[i] + std::log(inv[i]);
+      if (esp != nullptr) esp[bh * N + n0 + i] = inv[i];
+      inv[i] = acc_t(1) / inv[i];
     }
     scalar_t* out0 = op + ((b * N + n0) * H + hd) * D;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -240,14 +249,44 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cpu(const at::Tensor& q, co
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "p2c_attention_fwd",
-                                  [&] { p2c_fwd_kernel<scalar_t>(q, k, v, scale, out, lse); });
+                                  [&] {
+                                    p2c_fwd_kernel<scalar_t>(q, k, v, scale, out, &lse, nullptr,
+                                                             nullptr);
+                                  });
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_fwd_saved_cpu(const at::Tensor& q,
+                                                                           const at::Tensor& k,
+                                                                           const at::Tensor& v,
+                                                                           double scale) {
+  check_inputs(q, k, v, kFwdSavedOp);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
+  const at::TensorOptions acc = q.options().dtype(acc_dtype(q));
+  at::Tensor out = empty_output({B, N, H, D}, q.options());
+  at::Tensor exp_scores = empty_output({B, H, N, M}, acc);
+  at::Tensor exp_sums = empty_output({B, H, N}, acc);
+  if (exp_sums.numel() == 0) return {out, exp_scores, exp_sums};
+  if (D == 0) {  // every score is 0: e = 1, sum = M (out is empty)
+    exp_scores.fill_(1);
+    exp_sums.fill_(static_cast<double>(M));
+    return {out, exp_scores, exp_sums};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "p2c_attention_fwd_saved", [&] {
+                                    p2c_fwd_kernel<scalar_t>(q, k, v, scale, out, nullptr,
+                                                             &exp_scores, &exp_sums);
+                                  });
+  return {out, exp_scores, exp_sums};
+}
+
+// The gradients; exp_scores / exp_sums (the saving forward's numerators and their sums) given or
+// both null: with them the scores and their exps are read rather than recomputed, which gives the
+// same bits (the forward computed them with the same products and row kernels, in the same blocks).
 template <typename scalar_t>
 void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, double scale, at::Tensor& dq, at::Tensor& dk,
-                    at::Tensor& dv) {
+                    at::Tensor& dv, const at::Tensor* exp_scores, const at::Tensor* exp_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
   const Strides sq(q), sk(k), sv(v), sg(grad_out);
@@ -260,6 +299,8 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
   const acc_t sc = static_cast<acc_t>(scale);
   const int64_t MD = M * D;
+  const acc_t* ep = exp_scores ? exp_scores->const_data_ptr<acc_t>() : nullptr;  // (B, h, N, M)
+  const acc_t* esp = exp_sums ? exp_sums->const_data_ptr<acc_t>() : nullptr;      // (B, h, N)
 
   // Query rows [n_begin, n_end) of head (b, hd): their dq rows written, dS^T.q and P^T.dO added to
   // dkc and dvc (M x d); kt/vt/ks the head's packed keys and values (below).
@@ -271,14 +312,18 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
       const int64_t rows = std::min(kQueryBlock, n_end - n0);
       const auto [qa, ldq] = rows_as_acc(qp, sq, b, hd, n0, rows, D, qbuf);
       const auto [ga, ldg] = rows_as_acc(gp, sg, b, hd, n0, rows, D, gbuf);
-      // s = q.(scale k)^T, recomputed rather than stored by the forward.
-      gemm_nn(qa, ldq, ktp, M, p, M, rows, D, M, /*accumulate=*/false);
       // dP = dO.v^T
       gemm_nn(ga, ldg, vtp, M, ds, M, rows, D, M, /*accumulate=*/false);
       // P = softmax of each row of s, as the forward computed it (an all -inf row gives NaN),
       // and dS = P o (dP - D), D_i = rowsum(P o dP): the softmax Jacobian's rank-one part,
       // from the same P and dP that it multiplies, so a one-hot row gives dS = 0 exactly.
-      for (int64_t i = 0; i < rows; ++i) softmax_bwd_row(p + i * M, ds + i * M, M);
+      if (ep != nullptr) {  // from the forward's exps
+        const int64_t row0 = (b * H + hd) * N + n0;
+        softmax_bwd_saved_rows(ep + row0 * M, M, esp + row0, p, M, ds, M, rows, M);
+      } else {  // s = q.(scale k)^T recomputed
+        gemm_nn(qa, ldq, ktp, M, p, M, rows, D, M, /*accumulate=*/false);
+        softmax_bwd_rows(p, M, ds, M, rows, M);
+      }
       scalar_t* dq0 = dqp + ((b * N + n0) * H + hd) * D;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         gemm_nn(ds, M, ksp, D, dq0, H * D, rows, M, D, /*accumulate=*/false);
@@ -309,7 +354,7 @@ void p2c_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   // Head (b, hd)'s keys and values packed for the products: k^T scaled (d x M) for the scores,
   // v^T (d x M) for dP = dO.v^T, and k scaled (M x d) for dq = dS.(scale k).
   const auto pack_kv = [&](int64_t b, int64_t hd, acc_t* ktp, acc_t* vtp, acc_t* ksp) {
-    pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, ktp);
+    if (ep == nullptr) pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/true, ktp);
     pack_head(vp, sv, b, hd, M, D, acc_t(1), /*transpose=*/true, vtp);
     pack_head(kp, sk, b, hd, M, D, sc, /*transpose=*/false, ksp);
   };
@@ -414,7 +459,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "p2c_attention_bwd",
                                   [&] {
-                                    p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, scale, dq, dk, dv);
+                                    p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, scale, dq, dk, dv,
+                                                             nullptr, nullptr);
+                                  });
+  return {dq, dk, dv};
+}
+
+// p2c_attention_bwd_saved: exp_scores (B, h, N, M) and exp_sums (B, h, N) contiguous, of the
+// accumulation dtype, on q's device: what p2c_attention_fwd_saved returned for these q, k, v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_saved_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& exp_scores, const at::Tensor& exp_sums, double scale) {
+  check_supported_float(q, kBwdSavedOp, "q");
+  check_p2c_bwd_args(grad_out, q, k, v, kBwdSavedOp);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
+  const at::ScalarType acc = acc_dtype(q);
+  TORCH_CHECK(exp_scores.sizes() == at::IntArrayRef({B, H, N, M}) && exp_scores.is_contiguous() &&
+                  exp_scores.scalar_type() == acc && exp_scores.device() == q.device(),
+              kBwdSavedOp, ": expected exp_scores contiguous (B, h, N, M) = (", B, ", ", H, ", ", N,
+              ", ", M, ") of dtype ", acc, " on ", q.device(), ", got ", exp_scores.sizes(), " ",
+              exp_scores.scalar_type(), " on ", exp_scores.device(),
+              exp_scores.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(exp_sums.sizes() == at::IntArrayRef({B, H, N}) && exp_sums.is_contiguous() &&
+                  exp_sums.scalar_type() == acc && exp_sums.device() == q.device(),
+              kBwdSavedOp, ": expected exp_sums contiguous (B, h, N) = (", B, ", ", H, ", ", N,
+              ") of dtype ", acc, " on ", q.device(), ", got ", exp_sums.sizes(), " ",
+              exp_sums.scalar_type(), " on ", exp_sums.device(),
+              exp_sums.is_contiguous() ? "" : " (not contiguous)");
+
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dk = empty_output(k.sizes(), k.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
+  if (B * H * D == 0) return {dq, dk, dv};
+  if (N == 0) {
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "p2c_attention_bwd_saved", [&] {
+                                    p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, scale, dq, dk, dv,
+                                                             &exp_scores, &exp_sums);
                                   });
   return {dq, dk, dv};
 }
@@ -425,4 +510,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(paca_kernels, CPU, m) {
   m.impl("p2c_attention_fwd", &paca_kernels::p2c_attention_fwd_cpu);
   m.impl("p2c_attention_bwd", &paca_kernels::p2c_attention_bwd_cpu);
+  m.impl("p2c_attention_fwd_saved", &paca_kernels::p2c_attention_fwd_saved_cpu);
+  m.impl("p2c_attention_bwd_saved", &paca_kernels::p2c_attention_bwd_saved_cpu);
 }

@@ -1,7 +1,9 @@
 """What every backend's raw ops share: fake kernels, autograd wiring and FLOP formulas.
 
 The C++ ops (``cluster_pool_fwd``/``_bwd``, ``p2c_attention_fwd``/``_bwd``) and their Triton twins
-(``*_triton``) have the same signatures and outputs, so each pair is registered from one place.
+(``*_triton``) have the same signatures and outputs, so each pair is registered from one place; the
+CPU's training pair ``p2c_attention_fwd_saved``/``_bwd_saved`` (the forward keeps the softmax
+numerators for the backward) has its own, below the others.
 
 FLOP formulas count like the unfused reference, so FlopCounterMode gives the same totals whatever the
 backend: cluster_pool is one bmm forward (2·B·M·N·C) and two backward; p2c_attention two bmms
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["acc_dtype", "register_cluster_pool", "register_p2c_attention"]
+__all__ = ["acc_dtype", "register_cluster_pool", "register_p2c_attention", "register_p2c_attention_saved"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,3 +141,53 @@ def register_p2c_attention(fwd: str, bwd: str, deterministic: Callable[[Tensor],
 def _resolve(qualname: str) -> Any:
     ns, name = qualname.split("::")
     return getattr(getattr(torch.ops, ns), name)
+
+
+def _p2c_fake_fwd_saved(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    b, n, h, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    return q.new_empty(q.shape), q.new_empty((b, h, n, k.shape[1]), dtype=acc), q.new_empty((b, h, n), dtype=acc)
+
+
+def _p2c_fake_bwd_saved(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, exp_scores: Tensor, exp_sums: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _p2c_saved_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    # The softmax numerators e = exp(s - rowmax s) and their row sums, exactly as the backward that
+    # recomputes them would get them (same products, same row kernels), so its gradients are bit
+    # for bit those of the recomputing pair; q, k, v for dq, dk, dv.
+    q, k, v, scale = inputs
+    _, exp_scores, exp_sums = output
+    ctx.save_for_backward(q, k, v, exp_scores, exp_sums)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(exp_scores, exp_sums)
+
+
+def register_p2c_attention_saved(fwd: str, bwd: str) -> None:
+    """Fake kernels, autograd and FLOP formulas of the saving pair: ``fwd(q, k, v, scale) -> (out,
+    exp_scores (B, h, N, M), exp_sums (B, h, N))`` and ``bwd(grad_out, q, k, v, exp_scores, exp_sums,
+    scale) -> (dq, dk, dv)``. Counted as the other pair (the FLOPs of the composition: two products
+    forward, four backward), though its backward runs three products and the score recompute is gone."""
+    torch.library.register_fake(fwd)(_p2c_fake_fwd_saved)
+    torch.library.register_fake(bwd)(_p2c_fake_bwd_saved)
+    bwd_op = _resolve(bwd)
+
+    def backward(ctx: Any, grad_out: Tensor, _g_scores: Tensor | None, _g_sums: Tensor | None):
+        q, k, v, exp_scores, exp_sums = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out, q, k, v, exp_scores, exp_sums, ctx.scale)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=_p2c_saved_setup_context)
+
+    @register_flop_formula(_resolve(fwd))
+    def _fwd_flops(q_shape, k_shape, *args, **kwargs) -> int:
+        b, n, h, d = q_shape
+        return 4 * b * h * n * k_shape[1] * d
+
+    @register_flop_formula(bwd_op)
+    def _bwd_flops(grad_shape, q_shape, k_shape, *args, **kwargs) -> int:
+        b, n, h, d = q_shape
+        return 8 * b * h * n * k_shape[1] * d

@@ -242,7 +242,7 @@ CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_
           check_linear_and_layer_norm, check_gelu]
 
 #: How many tensors :func:`outputs` saves.
-NUM_OUTPUTS = 43
+NUM_OUTPUTS = 58
 
 
 def outputs() -> list[torch.Tensor]:
@@ -273,11 +273,18 @@ def outputs() -> list[torch.Tensor]:
         for C in (96, 37):
             outs.append(layer_norm(torch.randn(7, C) * 3, torch.randn(C), torch.randn(C), 1e-6))
     # d = 40 and 48 and M = 100 (32 + 32 + 36): the 3-vector tiles; M = 13, 49, 100: exp row tails.
+    # Through the op (training: the saving pair), and the recomputing backward and the saved
+    # numerators raw.
+    p2c = torch.ops.paca_kernels
     for shape in [(2, 37, 13, 3, 24), (1, 70, 49, 2, 40), (1, 50, 100, 2, 48)]:
         a = make_p2c_inputs(*shape, requires_grad=True)
         out = ops.p2c_attention(a.q, a.k, a.v, backend="cpu")
         out.square().sum().backward()
         outs += [out.detach(), a.q.grad, a.k.grad, a.v.grad]
+        q, k, v = (t.detach() for t in (a.q, a.k, a.v))
+        scale = q.shape[-1] ** -0.5
+        _, e, sums = p2c.p2c_attention_fwd_saved(q, k, v, scale)
+        outs += [e, sums, *p2c.p2c_attention_bwd(2 * out.detach(), q, k, v, scale, True)]
     # (1, 50, 300, 190): the products' packed two-panel tiles, in both operand layouts (forward
     # P.x with more reduction steps than one chunk; backward dx = S^T.dP, A transposed), with a
     # masked second panel (190 = 5 x 32 + 16 + 14) and 2-row tails.

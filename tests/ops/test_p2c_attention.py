@@ -10,11 +10,13 @@ tests/backends/.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import NamedTuple
 
 import pytest
 import torch
+from torch import Tensor
 
 from paca_kernels import ops, reference
 from paca_kernels.testing import (
@@ -31,6 +33,7 @@ from paca_kernels.testing import (
     grads,
     make_p2c_inputs,
     max_error,
+    poisoned_outputs,
     require_backend,
     shape_id,
 )
@@ -408,6 +411,115 @@ def test_p2c_lse_is_logsumexp_of_scores(name):
     scores = torch.einsum("bnhd,bmhd->bhnm", inp.q, inp.k) * 0.3
     assert lse.dtype == torch.float32 and lse.shape == (2, 3, 9)
     assert_close(lse, torch.logsumexp(scores, -1), name="lse", **tol(backend, FP32))
+
+
+# -- the cpu backend's training pair (p2c_attention_fwd_saved / _bwd_saved) -------------------------
+
+SAVED = torch.ops.paca_kernels
+
+
+def _cpu_ops() -> None:
+    backend, _ = use("cpu")
+    require_backend(backend)
+
+
+SAVED_CASES = [
+    pytest.param(shape, contiguous, dtype, id=p2c_id("cpu", shape, dtype, contiguous))
+    for shape in [(2, 197, 49, 3, 40), (8, 196, 100, 8, 40), (1, 500, 100, 2, 48), (2, 61, 29, 3, 33),
+                  (1, 1, 1, 1, 8), (3, 250, 16, 2, 47)]
+    for contiguous in (True, False)
+    for dtype in (FP32, FP64, torch.bfloat16)
+    if contiguous or dtype == FP32
+]
+
+
+@pytest.mark.parametrize(("shape", "contiguous", "dtype"), SAVED_CASES)
+def test_p2c_cpu_saved_pair_gives_the_recomputing_pairs_bits(shape, contiguous, dtype):
+    """The saving forward's out is p2c_attention_fwd's, its numerators are exp(s - rowmax s) and their
+    sums (against float64), and the backward from them gives p2c_attention_bwd's gradients bit for
+    bit (N = 197, 250 and 500: a ragged last query block and several chunks; M = 29 and 49: masked
+    row tails; d = 33 and 47)."""
+    _cpu_ops()
+    b, n, m, h, d = shape
+    inp = make_p2c_inputs(b, n, m, h, d, dtype=dtype, contiguous=contiguous)
+    inp.q.mul_(3)  # spread the scores: rows far from uniform (in place: q stays a view)
+    g = torch.randn(b, n, h, d).to(dtype)
+    scale = d**-0.5
+    out, lse = SAVED.p2c_attention_fwd(inp.q, inp.k, inp.v, scale)
+    with poisoned_outputs():
+        out_s, e, sums = SAVED.p2c_attention_fwd_saved(inp.q, inp.k, inp.v, scale)
+        grads_s = SAVED.p2c_attention_bwd_saved(g, inp.q, inp.k, inp.v, e, sums, scale)
+    grads = SAVED.p2c_attention_bwd(g, inp.q, inp.k, inp.v, scale, True)
+    acc = FP64 if dtype == FP64 else FP32
+    assert e.dtype == sums.dtype == acc and e.shape == (b, h, n, m) and sums.shape == (b, h, n)
+    assert torch.equal(out_s, out)
+    for gname, a, r in zip(GRAD_NAMES, grads_s, grads, strict=True):
+        assert torch.equal(a, r), gname
+    s = torch.einsum("bnhd,bmhd->bhnm", inp.q.double(), inp.k.double()) * scale
+    exact = torch.exp(s - s.amax(-1, keepdim=True))
+    # fp32: the scores carry ~|s| 2^-24 of rounding into e (up to 4.4e-6 measured at |s| ~ 20)
+    rtol = 1e-12 if dtype == FP64 else 1.5e-5
+    assert_close(e, exact.to(acc), name="exp_scores", rtol=rtol, atol=rtol)
+    assert_close(sums, exact.sum(-1).to(acc), name="exp_sums", rtol=rtol, atol=rtol)
+    assert_close(lse, (s.amax(-1) + exact.sum(-1).log()).to(acc), name="lse", rtol=rtol, atol=rtol)
+
+
+def test_p2c_cpu_training_calls_keep_the_scores_up_to_the_cap(monkeypatch):
+    """The cpu backend's one place of choice (``p2c_attention_cpp``): a call that records a backward
+    takes the saving forward, up to SAVED_SCORES_MAX_BYTES of numerators, and the recomputing one
+    above it or without a gradient; both train to the same bits."""
+    _cpu_ops()
+    p2c = importlib.import_module("paca_kernels.ops.p2c_attention")
+
+    inp = make_p2c_inputs(2, 33, 17, 2, 24, requires_grad=True)
+    g = torch.randn(2, 33, 2, 24)
+
+    def train() -> tuple[str, tuple[Tensor, ...]]:
+        out = ops.p2c_attention(inp.q, inp.k, inp.v, backend="cpu")
+        return out.grad_fn.name(), torch.autograd.grad(out, (inp.q, inp.k, inp.v), g)
+
+    name_saved, grads_saved = train()
+    assert "p2c_attention_fwd_saved" in name_saved
+    monkeypatch.setattr(p2c, "SAVED_SCORES_MAX_BYTES", 2 * 33 * 17 * 2 * 4 - 1)  # one byte short
+    name_recompute, grads_recompute = train()
+    assert "p2c_attention_fwd_saved" not in name_recompute and "p2c_attention_fwd" in name_recompute
+    for gname, a, r in zip(GRAD_NAMES, grads_saved, grads_recompute, strict=True):
+        assert torch.equal(a, r), gname
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert ops.p2c_attention(inp.q, inp.k, inp.v, backend="cpu").grad_fn is None
+    frozen = make_p2c_inputs(2, 33, 17, 2, 24)
+    assert ops.p2c_attention(frozen.q, frozen.k, frozen.v, backend="cpu").grad_fn is None
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+def test_p2c_cpu_saved_pair_opcheck(contiguous):
+    _cpu_ops()
+    inp = make_p2c_inputs(2, 7, 3, 2, 8, contiguous=contiguous, requires_grad=True)
+    torch.library.opcheck(SAVED.p2c_attention_fwd_saved, (inp.q, inp.k, inp.v, 0.35))
+    q, k, v = (t.detach() for t in (inp.q, inp.k, inp.v))
+    _, e, sums = SAVED.p2c_attention_fwd_saved(q, k, v, 0.35)
+    torch.library.opcheck(SAVED.p2c_attention_bwd_saved, (torch.randn_like(q), q, k, v, e, sums, 0.35))
+
+
+@pytest.mark.parametrize(("what", "bad", "match"), [
+    ("exp_scores", lambda e: e[..., :-1], r"expected exp_scores contiguous \(B, h, N, M\)"),
+    ("exp_scores", lambda e: e.transpose(2, 3).contiguous().transpose(2, 3), r"not contiguous"),
+    ("exp_scores", lambda e: e.double(), r"of dtype Float"),
+    ("exp_sums", lambda s: s[:, :1], r"expected exp_sums contiguous \(B, h, N\)"),
+    ("exp_sums", lambda s: s.half(), r"of dtype Float"),
+])
+def test_p2c_cpu_saved_backward_refuses_mismatched_numerators(what, bad, match):
+    """Numerators that are not the forward's layout are refused, naming the tensor and the shape."""
+    _cpu_ops()
+    inp = make_p2c_inputs(2, 9, 5, 2, 8)
+    _, e, sums = SAVED.p2c_attention_fwd_saved(inp.q, inp.k, inp.v, 0.3)
+    if what == "exp_scores":
+        e = bad(e)
+    else:
+        sums = bad(sums)
+    with pytest.raises(RuntimeError, match=match):
+        SAVED.p2c_attention_bwd_saved(torch.randn_like(inp.q), inp.q, inp.k, inp.v, e, sums, 0.3)
 
 
 # -- as a torch.library op --------------------------------------------------------------------------

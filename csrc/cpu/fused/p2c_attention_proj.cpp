@@ -206,7 +206,7 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
         qb(ScratchSlot::kTask1, blk * HD), s(ScratchSlot::kTask2, blk * M),
         ob(ScratchSlot::kTask3, blk * HD),
         yb(ScratchSlot::kTask4, kSame && residual == nullptr ? 0 : 2 * blk * Co);
-    acc_t inv[kMaxProjBlock];
+    acc_t mx[kMaxProjBlock], inv[kMaxProjBlock];
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / nblk, n0 = (task % nblk) * blk;
       const int64_t rows = std::min(blk, N - n0);
@@ -245,11 +245,10 @@ void p2c_proj_kernel(const at::Tensor& x, const at::Tensor& c,
           gemm_nn(qb.data() + hd * D, HD, kt.data() + (b * HD + hd * D) * M, M, s.data(), M, rows,
                   D, M, /*accumulate=*/false);
         }
-        for (int64_t i = 0; i < rows; ++i) {
-          acc_t* srow = s.data() + i * M;
-          // An all -inf (or +inf/NaN) row gives NaN, as torch.softmax does.
-          inv[i] = acc_t(1) / exp_minus_row_max(srow, srow, M).sum;
-        }
+        // An all -inf (or +inf/NaN) row gives NaN, as torch.softmax does. inv holds the rows'
+        // sums until it is inverted.
+        exp_minus_row_max_rows(s.data(), M, rows, M, mx, inv);
+        for (int64_t i = 0; i < rows; ++i) inv[i] = acc_t(1) / inv[i];
         acc_t* oh = ob.data() + hd * D;
         if (done) {
           if constexpr (kBf16) {

@@ -10,7 +10,7 @@
 //   kernels_baseline.cpp  no ISA flags     the portable templates (portable.h, gelu.h, dwconv.h)
 //   kernels_avx2.cpp      -mavx2 -mfma     AVX2+FMA intrinsics: products, exp, row max, GELU,
 //                                          transpose, depthwise convolution
-//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products, exp, row max, softmax backward rows,
+//   kernels_avx512.cpp    -mavx512f ...    AVX-512 products, exp, row max, softmax rows,
 //                                          GELU, depthwise convolution, bf16 <-> float32
 //                                          conversions (the transpose stays AVX2); same bits
 //   kernels_avx512bf16.cpp -mavx512bf16 ... bf16 products (vdpbf16ps) on packed bf16 weights
@@ -70,8 +70,20 @@ using GemmTNFn = void (*)(const float* A, int64_t lda, const float* B, int64_t l
 using ExpFn = float (*)(const float* in, float shift, float* out, int64_t n);
 // Maximum of n values, NaN skipped.
 using MaxFn = float (*)(const float* x, int64_t n);
-// The softmax of a row and its backward in place (softmax_bwd_row_impl in portable.h).
-using SoftmaxBwdRowFn = void (*)(float* p, float* ds, int64_t n);
+// The softmax numerators of rows r < rows of n values, in place: s[r, i] = exp(s[r, i] - mx[r]),
+// mx[r] the row's maximum (NaN skipped), sum[r] the sum of its exponentials (row r at s + r * lds):
+// row_max then exp_shifted of each row, the same bits.
+using ExpRowsFn = void (*)(float* s, int64_t lds, int64_t rows, int64_t n, float* mx, float* sum);
+// The softmax of rows r < rows and its backward in place (softmax_bwd_row_impl in portable.h of
+// each row: p[r] at p + r * ldp, ds[r] at ds + r * ldd).
+using SoftmaxBwdRowsFn = void (*)(float* p, int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                                  int64_t n);
+// The same backward from the forward's softmax numerators: e[r] (at e + r * lde) and sum[r] as
+// exp_minus_row_max_rows left them; writes P = e / sum into p and dS into ds (dP on entry). The
+// bits of SoftmaxBwdRowsFn on the scores the e came from (softmax_bwd_saved_row_impl).
+using SoftmaxBwdSavedRowsFn = void (*)(const float* e, int64_t lde, const float* sum, float* p,
+                                       int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                                       int64_t n);
 // dst[c * ldd + r] = src[r * lds + c].
 using TransposeFn = void (*)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                              int64_t ldd);
@@ -123,7 +135,11 @@ struct Float32Kernels {
   GemmTNFn gemm_tn_acc = nullptr;
   ExpFn exp_shifted = nullptr;
   MaxFn row_max = nullptr;
-  SoftmaxBwdRowFn softmax_bwd_row = nullptr;
+  // The attention's softmax rows, forward and backward. The vector builds run several rows at a
+  // time (one row alone is a chain of dependent operations), each row in its one-row order.
+  ExpRowsFn exp_minus_row_max_rows = nullptr;
+  SoftmaxBwdRowsFn softmax_bwd_rows = nullptr;
+  SoftmaxBwdSavedRowsFn softmax_bwd_saved_rows = nullptr;
   GemmPackedFn gemm_packed = nullptr;  // vector builds only (PackedMatrix falls back to gemm_nn)
   TransposeFn transpose = nullptr;
   GeluFn gelu = nullptr;

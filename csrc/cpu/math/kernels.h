@@ -53,14 +53,44 @@ inline void transpose(const double* src, int64_t lds, int64_t rows, int64_t cols
                       int64_t ldd) {
   transpose_impl(src, lds, rows, cols, dst, ldd);
 }
-// One attention row's softmax and its backward, in place: p holds the scores s (n) on entry and
-// P = softmax(s) on return (an all -inf, +inf or NaN row gives NaN, as torch.softmax does); ds
-// holds dP = dO.v^T on entry and dS = P o (dP - rowsum(P o dP)) on return (the rank-one part from
-// the same P and dP it multiplies, so a one-hot row gives dS = 0 exactly). The sums in a fixed order.
-inline void softmax_bwd_row(float* p, float* ds, int64_t n) {
-  float32_kernels().softmax_bwd_row(p, ds, n);
+// The softmax numerators of rows r < rows of n values (row r at s + r * lds), in place:
+// s[r, i] = exp(s[r, i] - mx[r]) with mx[r] the row's maximum (NaN entries skipped), and sum[r]
+// the sum of its exponentials: exp_minus_row_max (softmax.h) of each row, the same bits. An all
+// -inf (or +inf/NaN) row gives NaN.
+inline void exp_minus_row_max_rows(float* s, int64_t lds, int64_t rows, int64_t n, float* mx,
+                                   float* sum) {
+  float32_kernels().exp_minus_row_max_rows(s, lds, rows, n, mx, sum);
 }
-inline void softmax_bwd_row(double* p, double* ds, int64_t n) { softmax_bwd_row_impl(p, ds, n); }
+inline void exp_minus_row_max_rows(double* s, int64_t lds, int64_t rows, int64_t n, double* mx,
+                                   double* sum) {
+  exp_minus_row_max_rows_impl(s, lds, rows, n, mx, sum);
+}
+// Attention rows' softmax and its backward, in place, for rows r < rows (p[r] at p + r * ldp,
+// ds[r] at ds + r * ldd): p holds the scores s (n) on entry and P = softmax(s) on return (an all
+// -inf, +inf or NaN row gives NaN, as torch.softmax does); ds holds dP = dO.v^T on entry and
+// dS = P o (dP - rowsum(P o dP)) on return (the rank-one part from the same P and dP it
+// multiplies, so a one-hot row gives dS = 0 exactly). The sums in a fixed order per row.
+inline void softmax_bwd_rows(float* p, int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                             int64_t n) {
+  float32_kernels().softmax_bwd_rows(p, ldp, ds, ldd, rows, n);
+}
+inline void softmax_bwd_rows(double* p, int64_t ldp, double* ds, int64_t ldd, int64_t rows,
+                             int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) softmax_bwd_row_impl(p + r * ldp, ds + r * ldd, n);
+}
+// softmax_bwd_rows from the forward's softmax numerators instead of the scores: e[r] (at
+// e + r * lde) and sum[r] as exp_minus_row_max_rows left them; P = e / sum is written to p (p may
+// be e) and ds goes from dP to dS. The same bits as softmax_bwd_rows on the scores e came from.
+inline void softmax_bwd_saved_rows(const float* e, int64_t lde, const float* sum, float* p,
+                                   int64_t ldp, float* ds, int64_t ldd, int64_t rows, int64_t n) {
+  float32_kernels().softmax_bwd_saved_rows(e, lde, sum, p, ldp, ds, ldd, rows, n);
+}
+inline void softmax_bwd_saved_rows(const double* e, int64_t lde, const double* sum, double* p,
+                                   int64_t ldp, double* ds, int64_t ldd, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    softmax_bwd_saved_row_impl(e + r * lde, sum[r], p + r * ldp, ds + r * ldd, n);
+  }
+}
 // x[i] = GELU(x[i]) (exact erf form) for i < n.
 inline void gelu_inplace(float* x, int64_t n) { float32_kernels().gelu(x, n); }
 // Maximum of n values; NaN entries are skipped (they propagate through the exp instead).

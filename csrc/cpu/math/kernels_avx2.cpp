@@ -54,23 +54,50 @@ inline __m256 exp_avx2(__m256 x) {
   return _mm256_blendv_ps(z, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));             // NaN stays NaN
 }
 
-float exp_shifted_f32_avx2(const float* in, float shift, float* out, int64_t n) {
-  const __m256 sh = _mm256_set1_ps(shift);
-  __m256 acc = _mm256_setzero_ps();
+// The softmax rows run R rows at a time (as in kernels_avx512.cpp): one row alone is a chain of
+// dependent vector operations per pass; R rows are R independent chains, each row taking its
+// values in the one-row order (the same bits).
+
+// out[r, i] = exp(in[r, i] - shift[r]) for R rows, sum[r] their sum (element i in lane i mod 8,
+// one vector at a time in order, the tail's lanes past n zero).
+template <int R>
+inline __attribute__((always_inline)) void exp_shifted_block_avx2(const float* in, int64_t ldi,
+                                                                  const float* shift, float* out,
+                                                                  int64_t ldo, int64_t n,
+                                                                  float* sum) {
+  __m256 sh[R], acc[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    sh[r] = _mm256_set1_ps(shift[r]);
+    acc[r] = _mm256_setzero_ps();
+  }
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(in + i), sh));
-    acc = _mm256_add_ps(acc, e);
-    _mm256_storeu_ps(out + i, e);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(in + r * ldi + i), sh[r]));
+      acc[r] = _mm256_add_ps(acc[r], e);
+      _mm256_storeu_ps(out + r * ldo + i, e);
+    }
   }
   if (i < n) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(in + i, mask), sh));
-    _mm256_maskstore_ps(out + i, mask, e);
-    acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));  // valid lanes only
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(in + r * ldi + i, mask), sh[r]));
+      _mm256_maskstore_ps(out + r * ldo + i, mask, e);
+      acc[r] = _mm256_add_ps(acc[r], _mm256_and_ps(e, _mm256_castsi256_ps(mask)));  // valid lanes
+    }
   }
-  return lane_sum8(acc);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) sum[r] = lane_sum8(acc[r]);
+}
+
+float exp_shifted_f32_avx2(const float* in, float shift, float* out, int64_t n) {
+  float sum;
+  exp_shifted_block_avx2<1>(in, 0, &shift, out, 0, n, &sum);
+  return sum;
 }
 
 // layer_norm_rows (dispatch.h) on 8 lanes: per row the largest magnitude (NaN skipped), the
@@ -184,58 +211,193 @@ void layer_norm_rows_f32_avx2(const float* x, int64_t ldx, float* y, int64_t ldy
   for (; r < rows; ++r) ln_rows_block<1>(x + r * ldx, ldx, y + r * ldy, ldy, n, w, b, eps, min_exp);
 }
 
-float row_max_f32_avx2(const float* x, int64_t n) {
+// Row maxima of R rows (row r at x + r * ld). max_ps(v, m) returns m when v is NaN: NaN entries
+// are skipped, as in row_max_impl.
+template <int R>
+inline __attribute__((always_inline)) void row_max_block_avx2(const float* x, int64_t ld,
+                                                              int64_t n, float* mx) {
   const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff());
-  __m256 m = neg_inf;
+  __m256 m[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) m[r] = neg_inf;
   int64_t i = 0;
-  // max_ps(v, m) returns m when v is NaN: NaN entries are skipped, as in row_max_impl.
-  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + i), m);
+  for (; i + 8 <= n; i += 8) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) m[r] = _mm256_max_ps(_mm256_loadu_ps(x + r * ld + i), m[r]);
+  }
   if (i < n) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 v =
-        _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(x + i, mask), _mm256_castsi256_ps(mask));
-    m = _mm256_max_ps(v, m);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 v = _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(x + r * ld + i, mask),
+                                        _mm256_castsi256_ps(mask));
+      m[r] = _mm256_max_ps(v, m[r]);
+    }
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float r = lanes[0];
-  for (int j = 1; j < 8; ++j) r = lanes[j] > r ? lanes[j] : r;
-  return r;
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m[r]);
+    float v = lanes[0];
+    for (int j = 1; j < 8; ++j) v = lanes[j] > v ? lanes[j] : v;
+    mx[r] = v;
+  }
 }
 
-// softmax_bwd_row_impl with 8-lane vectors: e = exp(s - max), its sum and sum(e o dP) in one pass
-// (element i in lane i mod 8, one vector at a time in order, the tail's lanes past n zero, the
-// lanes combined as in exp_shifted), then P = e / sum and dS = P o (dP - D), D = sum(e o dP) / sum.
-void softmax_bwd_row_f32_avx2(float* p, float* ds, int64_t n) {
-  const __m256 sh = _mm256_set1_ps(row_max_f32_avx2(p, n));
+float row_max_f32_avx2(const float* x, int64_t n) {
+  float mx;
+  row_max_block_avx2<1>(x, 0, n, &mx);
+  return mx;
+}
+
+// exp_minus_row_max_rows (dispatch.h): four rows at a time.
+void exp_minus_row_max_rows_f32_avx2(float* s, int64_t lds, int64_t rows, int64_t n, float* mx,
+                                     float* sum) {
+  constexpr int kR = 4;
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR) {
+    float* sr = s + r * lds;
+    row_max_block_avx2<kR>(sr, lds, n, mx + r);
+    exp_shifted_block_avx2<kR>(sr, lds, mx + r, sr, lds, n, sum + r);
+  }
+  for (; r < rows; ++r) {
+    float* sr = s + r * lds;
+    row_max_block_avx2<1>(sr, lds, n, mx + r);
+    exp_shifted_block_avx2<1>(sr, lds, mx + r, sr, lds, n, sum + r);
+  }
+}
+
+// softmax_bwd_row_impl with 8-lane vectors, R rows at a time: e = exp(s - max), its sum and
+// sum(e o dP) in one pass (element i in lane i mod 8, one vector at a time in order, the tail's
+// lanes past n zero, the lanes combined as in exp_shifted), then P = e / sum and
+// dS = P o (dP - D), D = sum(e o dP) / sum.
+template <int R>
+inline __attribute__((always_inline)) void softmax_bwd_block_avx2(float* p, int64_t ldp, float* ds,
+                                                                  int64_t ldd, int64_t n) {
+  float mx[R];
+  row_max_block_avx2<R>(p, ldp, n, mx);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256 acc = _mm256_setzero_ps(), accd = _mm256_setzero_ps();
+  __m256 sh[R], acc[R], accd[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    sh[r] = _mm256_set1_ps(mx[r]);
+    acc[r] = _mm256_setzero_ps();
+    accd[r] = _mm256_setzero_ps();
+  }
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + i), sh));
-    _mm256_storeu_ps(p + i, e);
-    acc = _mm256_add_ps(acc, e);
-    accd = _mm256_fmadd_ps(e, _mm256_loadu_ps(ds + i), accd);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* pr = p + r * ldp + i;
+      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(pr), sh[r]));
+      _mm256_storeu_ps(pr, e);
+      acc[r] = _mm256_add_ps(acc[r], e);
+      accd[r] = _mm256_fmadd_ps(e, _mm256_loadu_ps(ds + r * ldd + i), accd[r]);
+    }
   }
   if (i < n) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane);
-    const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(p + i, mask), sh)),
-                                   _mm256_castsi256_ps(mask));  // valid lanes only
-    _mm256_maskstore_ps(p + i, mask, e);
-    acc = _mm256_add_ps(acc, e);
-    accd = _mm256_fmadd_ps(e, _mm256_maskload_ps(ds + i, mask), accd);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* pr = p + r * ldp + i;
+      const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(_mm256_maskload_ps(pr, mask), sh[r])),
+                                     _mm256_castsi256_ps(mask));  // valid lanes only
+      _mm256_maskstore_ps(pr, mask, e);
+      acc[r] = _mm256_add_ps(acc[r], e);
+      accd[r] = _mm256_fmadd_ps(e, _mm256_maskload_ps(ds + r * ldd + i, mask), accd[r]);
+    }
   }
-  const float inv_s = 1.0f / lane_sum8(acc);
-  const __m256 inv = _mm256_set1_ps(inv_s);
-  const __m256 d = _mm256_set1_ps(lane_sum8(accd) * inv_s);
+  __m256 inv[R], d[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float inv_s = 1.0f / lane_sum8(acc[r]);
+    inv[r] = _mm256_set1_ps(inv_s);
+    d[r] = _mm256_set1_ps(lane_sum8(accd[r]) * inv_s);
+  }
   for (i = 0; i < n; i += 8) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
-    const __m256 pv = _mm256_mul_ps(_mm256_maskload_ps(p + i, mask), inv);
-    _mm256_maskstore_ps(p + i, mask, pv);
-    const __m256 dv = _mm256_maskload_ps(ds + i, mask);
-    _mm256_maskstore_ps(ds + i, mask, _mm256_mul_ps(pv, _mm256_sub_ps(dv, d)));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* pr = p + r * ldp + i;
+      float* dr = ds + r * ldd + i;
+      const __m256 pv = _mm256_mul_ps(_mm256_maskload_ps(pr, mask), inv[r]);
+      _mm256_maskstore_ps(pr, mask, pv);
+      const __m256 dv = _mm256_maskload_ps(dr, mask);
+      _mm256_maskstore_ps(dr, mask, _mm256_mul_ps(pv, _mm256_sub_ps(dv, d[r])));
+    }
   }
+}
+
+// softmax_bwd_block_avx2 from the forward's numerators e and their sums (softmax_bwd_saved_rows,
+// dispatch.h): the same sums of e o dP and the same last pass, so the same bits.
+template <int R>
+inline __attribute__((always_inline)) void softmax_bwd_saved_block_avx2(
+    const float* e, int64_t lde, const float* sum, float* p, int64_t ldp, float* ds, int64_t ldd,
+    int64_t n) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 accd[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) accd[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      accd[r] = _mm256_fmadd_ps(_mm256_loadu_ps(e + r * lde + i), _mm256_loadu_ps(ds + r * ldd + i),
+                                accd[r]);
+    }
+  }
+  if (i < n) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      accd[r] = _mm256_fmadd_ps(_mm256_maskload_ps(e + r * lde + i, mask),
+                                _mm256_maskload_ps(ds + r * ldd + i, mask), accd[r]);
+    }
+  }
+  __m256 inv[R], d[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float inv_s = 1.0f / sum[r];
+    inv[r] = _mm256_set1_ps(inv_s);
+    d[r] = _mm256_set1_ps(lane_sum8(accd[r]) * inv_s);
+  }
+  for (i = 0; i < n; i += 8) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* dr = ds + r * ldd + i;
+      const __m256 pv = _mm256_mul_ps(_mm256_maskload_ps(e + r * lde + i, mask), inv[r]);
+      _mm256_maskstore_ps(p + r * ldp + i, mask, pv);
+      const __m256 dv = _mm256_maskload_ps(dr, mask);
+      _mm256_maskstore_ps(dr, mask, _mm256_mul_ps(pv, _mm256_sub_ps(dv, d[r])));
+    }
+  }
+}
+
+void softmax_bwd_saved_rows_f32_avx2(const float* e, int64_t lde, const float* sum, float* p,
+                                     int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                                     int64_t n) {
+  constexpr int kR = 4;
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR) {
+    softmax_bwd_saved_block_avx2<kR>(e + r * lde, lde, sum + r, p + r * ldp, ldp, ds + r * ldd,
+                                     ldd, n);
+  }
+  for (; r < rows; ++r) {
+    softmax_bwd_saved_block_avx2<1>(e + r * lde, lde, sum + r, p + r * ldp, ldp, ds + r * ldd,
+                                    ldd, n);
+  }
+}
+
+// softmax_bwd_rows (dispatch.h): two rows at a time (16 ymm registers: three per row in flight,
+// plus the exp's temporaries).
+void softmax_bwd_rows_f32_avx2(float* p, int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                               int64_t n) {
+  constexpr int kR = 2;
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR) softmax_bwd_block_avx2<kR>(p + r * ldp, ldp, ds + r * ldd, ldd, n);
+  for (; r < rows; ++r) softmax_bwd_block_avx2<1>(p + r * ldp, ldp, ds + r * ldd, ldd, n);
 }
 
 // GELU with FMAs: the rational erf of gelu_v8 (see there), P and Q evaluated side by side.
@@ -808,7 +970,9 @@ bool register_kernels(Float32Kernels& k) {
   k.gemm_tn_acc = gemm_tn_acc_f32_avx2;
   k.exp_shifted = exp_shifted_f32_avx2;
   k.row_max = row_max_f32_avx2;
-  k.softmax_bwd_row = softmax_bwd_row_f32_avx2;
+  k.softmax_bwd_rows = softmax_bwd_rows_f32_avx2;
+  k.softmax_bwd_saved_rows = softmax_bwd_saved_rows_f32_avx2;
+  k.exp_minus_row_max_rows = exp_minus_row_max_rows_f32_avx2;
   k.gemm_packed = gemm_packed_f32_avx2;
   k.transpose = transpose_f32_avx2;
   k.gelu = gelu_f32_avx2;

@@ -434,72 +434,222 @@ PACA_ALWAYS_INLINE float lane_sum8(__m256 v) {
   return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
 }
 
-// exp_shifted_f32_avx2 with 16-lane exps. The sum keeps the AVX2 kernel's 8 partial sums, each
-// taking its elements in the same order (the low then the high half of each 16-lane vector), and
-// combines them as it does: the same bits.
-float exp_shifted_f32_avx512(const float* in, float shift, float* out, int64_t n) {
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m256 acc = _mm256_setzero_ps();
+// The softmax rows below run R rows at a time. One row alone is latency-bound: its maxima, its
+// exp sum and its sum of e o dP are each a chain of dependent vector operations (a 100-wide
+// attention row: 7 vectors, so every pass is a few dozen cycles of latency for a few cycles of
+// work). R rows give R independent chains. Each row still takes its values in the one-row order,
+// so every row gets the bits it gets alone (and the AVX2 kernel's: tests compare the builds).
+
+// Row maxima of R rows (row r at x + r * ld), NaN entries skipped (max_ps(v, m) returns m when v
+// is NaN). m holds no NaN, so the shuffle reduction gives the lane loop's value (a zero of either
+// sign at most differs in sign, which exp(s - max) ignores).
+template <int R>
+PACA_ALWAYS_INLINE void row_max_block_avx512(const float* x, int64_t ld, int64_t n, float* mx) {
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
+  __m512 m[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) m[r] = neg_inf;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(in + i), sh));
-    _mm512_storeu_ps(out + i, e);
-    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
-    acc = _mm256_add_ps(acc, high_half(e));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) m[r] = _mm512_max_ps(_mm512_loadu_ps(x + r * ld + i), m[r]);
+  }
+  if (i < n) {
+    const __mmask16 mask = lanes_mask16(n - i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      m[r] = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, mask, x + r * ld + i), m[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) mx[r] = _mm512_reduce_max_ps(m[r]);
+}
+
+// exp_shifted_f32_avx2 with 16-lane exps, R rows at a time: out[r, i] = exp(in[r, i] - shift[r]),
+// sum[r] their sum. The sum keeps the AVX2 kernel's 8 partial sums, each taking its elements in
+// the same order (the low then the high half of each 16-lane vector), and combines them as it
+// does: the same bits.
+template <int R>
+PACA_ALWAYS_INLINE void exp_shifted_block_avx512(const float* in, int64_t ldi, const float* shift,
+                                                 float* out, int64_t ldo, int64_t n, float* sum) {
+  __m512 sh[R];
+  __m256 acc[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    sh[r] = _mm512_set1_ps(shift[r]);
+    acc[r] = _mm256_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(in + r * ldi + i), sh[r]));
+      _mm512_storeu_ps(out + r * ldo + i, e);
+      acc[r] = _mm256_add_ps(acc[r], _mm512_castps512_ps256(e));
+      acc[r] = _mm256_add_ps(acc[r], high_half(e));
+    }
   }
   if (i < n) {
     const int64_t rest = n - i;
     const __mmask16 m = lanes_mask16(rest);
-    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, in + i), sh));
-    _mm512_mask_storeu_ps(out + i, m, e);
-    const __m512 ev = _mm512_maskz_mov_ps(m, e);  // valid lanes only, as the AVX2 tail
-    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(ev));
-    if (rest > 8) acc = _mm256_add_ps(acc, high_half(ev));
-  }
-  return lane_sum8(acc);
-}
-
-// Maximum of n values, NaN entries skipped (max_ps(v, m) returns m when v is NaN).
-float row_max_f32_avx512(const float* x, int64_t n) {
-  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
-  __m512 m = neg_inf;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(_mm512_loadu_ps(x + i), m);
-  if (i < n) m = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, lanes_mask16(n - i), x + i), m);
-  // m holds no NaN (max_ps(v, m) returns m when v is NaN), so the shuffle reduction gives the
-  // lane loop's value (a zero of either sign at most differs in sign, which exp(s - max) ignores).
-  return _mm512_reduce_max_ps(m);
-}
-
-// softmax_bwd_row_f32_avx2 on 16 lanes, the same bits: the sums of e and of e o dP go into 8-lane
-// accumulators, low half then high half, as the AVX2 kernel adds its vectors (a high half wholly
-// past n is not added, as the AVX2 loop ends before it).
-void softmax_bwd_row_f32_avx512(float* p, float* ds, int64_t n) {
-  const __m512 sh = _mm512_set1_ps(row_max_f32_avx512(p, n));
-  __m256 acc = _mm256_setzero_ps(), accd = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
-    const __m512 s = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + i), sh);
-    const __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(s));  // valid lanes only
-    _mm512_mask_storeu_ps(p + i, mask, e);
-    const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
-    acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
-    accd = _mm256_fmadd_ps(_mm512_castps512_ps256(e), _mm512_castps512_ps256(dv), accd);
-    if (n - i > 8) {
-      acc = _mm256_add_ps(acc, high_half(e));
-      accd = _mm256_fmadd_ps(high_half(e), high_half(dv), accd);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, in + r * ldi + i), sh[r]));
+      _mm512_mask_storeu_ps(out + r * ldo + i, m, e);
+      const __m512 ev = _mm512_maskz_mov_ps(m, e);  // valid lanes only, as the AVX2 tail
+      acc[r] = _mm256_add_ps(acc[r], _mm512_castps512_ps256(ev));
+      if (rest > 8) acc[r] = _mm256_add_ps(acc[r], high_half(ev));
     }
   }
-  const float inv_s = 1.0f / lane_sum8(acc);
-  const __m512 inv = _mm512_set1_ps(inv_s);
-  const __m512 d = _mm512_set1_ps(lane_sum8(accd) * inv_s);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) sum[r] = lane_sum8(acc[r]);
+}
+
+float exp_shifted_f32_avx512(const float* in, float shift, float* out, int64_t n) {
+  float sum;
+  exp_shifted_block_avx512<1>(in, 0, &shift, out, 0, n, &sum);
+  return sum;
+}
+
+float row_max_f32_avx512(const float* x, int64_t n) {
+  float mx;
+  row_max_block_avx512<1>(x, 0, n, &mx);
+  return mx;
+}
+
+// exp_minus_row_max_rows (dispatch.h): four rows at a time.
+void exp_minus_row_max_rows_f32_avx512(float* s, int64_t lds, int64_t rows, int64_t n, float* mx,
+                                       float* sum) {
+  constexpr int kR = 4;
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR) {
+    float* sr = s + r * lds;
+    row_max_block_avx512<kR>(sr, lds, n, mx + r);
+    exp_shifted_block_avx512<kR>(sr, lds, mx + r, sr, lds, n, sum + r);
+  }
+  for (; r < rows; ++r) {
+    float* sr = s + r * lds;
+    row_max_block_avx512<1>(sr, lds, n, mx + r);
+    exp_shifted_block_avx512<1>(sr, lds, mx + r, sr, lds, n, sum + r);
+  }
+}
+
+// softmax_bwd_row_f32_avx2 on 16 lanes, R rows at a time, the same bits: the sums of e and of
+// e o dP go into 8-lane accumulators, low half then high half, as the AVX2 kernel adds its vectors
+// (a high half wholly past n is not added, as the AVX2 loop ends before it).
+template <int R>
+PACA_ALWAYS_INLINE void softmax_bwd_block_avx512(float* p, int64_t ldp, float* ds, int64_t ldd,
+                                                 int64_t n) {
+  float mx[R];
+  row_max_block_avx512<R>(p, ldp, n, mx);
+  __m512 sh[R];
+  __m256 acc[R], accd[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    sh[r] = _mm512_set1_ps(mx[r]);
+    acc[r] = _mm256_setzero_ps();
+    accd[r] = _mm256_setzero_ps();
+  }
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
-    const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p + i), inv);
-    _mm512_mask_storeu_ps(p + i, mask, pv);
-    const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + i);
-    _mm512_mask_storeu_ps(ds + i, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, d)));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* pr = p + r * ldp + i;
+      const __m512 s = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, pr), sh[r]);
+      const __m512 e = _mm512_maskz_mov_ps(mask, exp_avx512(s));  // valid lanes only
+      _mm512_mask_storeu_ps(pr, mask, e);
+      const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + r * ldd + i);
+      acc[r] = _mm256_add_ps(acc[r], _mm512_castps512_ps256(e));
+      accd[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(e), _mm512_castps512_ps256(dv), accd[r]);
+      if (n - i > 8) {
+        acc[r] = _mm256_add_ps(acc[r], high_half(e));
+        accd[r] = _mm256_fmadd_ps(high_half(e), high_half(dv), accd[r]);
+      }
+    }
   }
+  __m512 inv[R], d[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float inv_s = 1.0f / lane_sum8(acc[r]);
+    inv[r] = _mm512_set1_ps(inv_s);
+    d[r] = _mm512_set1_ps(lane_sum8(accd[r]) * inv_s);
+  }
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* pr = p + r * ldp + i;
+      float* dr = ds + r * ldd + i;
+      const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, pr), inv[r]);
+      _mm512_mask_storeu_ps(pr, mask, pv);
+      const __m512 dv = _mm512_maskz_loadu_ps(mask, dr);
+      _mm512_mask_storeu_ps(dr, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, d[r])));
+    }
+  }
+}
+
+// softmax_bwd_block_avx512 from the forward's numerators e and their sums (softmax_bwd_saved_rows,
+// dispatch.h): the same sums of e o dP in the same lanes and order, and the same last pass, so the
+// bits of the block that recomputes e.
+template <int R>
+PACA_ALWAYS_INLINE void softmax_bwd_saved_block_avx512(const float* e, int64_t lde,
+                                                       const float* sum, float* p, int64_t ldp,
+                                                       float* ds, int64_t ldd, int64_t n) {
+  __m256 accd[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) accd[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 ev = _mm512_maskz_loadu_ps(mask, e + r * lde + i);
+      const __m512 dv = _mm512_maskz_loadu_ps(mask, ds + r * ldd + i);
+      accd[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(ev), _mm512_castps512_ps256(dv), accd[r]);
+      if (n - i > 8) accd[r] = _mm256_fmadd_ps(high_half(ev), high_half(dv), accd[r]);
+    }
+  }
+  __m512 inv[R], d[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float inv_s = 1.0f / sum[r];
+    inv[r] = _mm512_set1_ps(inv_s);
+    d[r] = _mm512_set1_ps(lane_sum8(accd[r]) * inv_s);
+  }
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* dr = ds + r * ldd + i;
+      const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, e + r * lde + i), inv[r]);
+      _mm512_mask_storeu_ps(p + r * ldp + i, mask, pv);
+      const __m512 dv = _mm512_maskz_loadu_ps(mask, dr);
+      _mm512_mask_storeu_ps(dr, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, d[r])));
+    }
+  }
+}
+
+void softmax_bwd_saved_rows_f32_avx512(const float* e, int64_t lde, const float* sum, float* p,
+                                       int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                                       int64_t n) {
+  constexpr int kR = 4;
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR) {
+    softmax_bwd_saved_block_avx512<kR>(e + r * lde, lde, sum + r, p + r * ldp, ldp, ds + r * ldd,
+                                       ldd, n);
+  }
+  for (; r < rows; ++r) {
+    softmax_bwd_saved_block_avx512<1>(e + r * lde, lde, sum + r, p + r * ldp, ldp, ds + r * ldd,
+                                      ldd, n);
+  }
+}
+
+// softmax_bwd_rows (dispatch.h): four rows at a time.
+void softmax_bwd_rows_f32_avx512(float* p, int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                                 int64_t n) {
+  constexpr int kR = 4;
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR) softmax_bwd_block_avx512<kR>(p + r * ldp, ldp, ds + r * ldd, ldd, n);
+  for (; r < rows; ++r) softmax_bwd_block_avx512<1>(p + r * ldp, ldp, ds + r * ldd, ldd, n);
 }
 
 void gelu_f32_avx512(float* x, int64_t n) {
@@ -773,7 +923,9 @@ bool register_kernels(Float32Kernels& k) {
   k.gemm_packed = gemm_packed_f32_avx512;
   k.exp_shifted = exp_shifted_f32_avx512;
   k.row_max = row_max_f32_avx512;
-  k.softmax_bwd_row = softmax_bwd_row_f32_avx512;
+  k.softmax_bwd_rows = softmax_bwd_rows_f32_avx512;
+  k.softmax_bwd_saved_rows = softmax_bwd_saved_rows_f32_avx512;
+  k.exp_minus_row_max_rows = exp_minus_row_max_rows_f32_avx512;
   k.gelu = gelu_f32_avx512;
   k.dwconv_band = dwconv_band_f32_avx512;
   k.dwconv_direct = dwconv_direct_f32_avx512;

@@ -31,7 +31,21 @@ float exp_shifted_f32_base(const float* in, float shift, float* out, int64_t n) 
   return exp_shifted_impl(in, shift, out, n);
 }
 float row_max_f32_base(const float* x, int64_t n) { return row_max_impl(x, n); }
-void softmax_bwd_row_f32_base(float* p, float* ds, int64_t n) { softmax_bwd_row_impl(p, ds, n); }
+void exp_minus_row_max_rows_f32_base(float* s, int64_t lds, int64_t rows, int64_t n, float* mx,
+                                     float* sum) {
+  exp_minus_row_max_rows_impl(s, lds, rows, n, mx, sum);
+}
+void softmax_bwd_rows_f32_base(float* p, int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                               int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) softmax_bwd_row_impl(p + r * ldp, ds + r * ldd, n);
+}
+void softmax_bwd_saved_rows_f32_base(const float* e, int64_t lde, const float* sum, float* p,
+                                     int64_t ldp, float* ds, int64_t ldd, int64_t rows,
+                                     int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    softmax_bwd_saved_row_impl(e + r * lde, sum[r], p + r * ldp, ds + r * ldd, n);
+  }
+}
 void gelu_f32_base(float* x, int64_t n) { gelu_impl(x, n); }
 void transpose_f32_base(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                         int64_t ldd) {
@@ -62,7 +76,9 @@ void register_kernels(Float32Kernels& k) {
   k.gemm_tn_acc = gemm_tn_acc_f32_base;
   k.exp_shifted = exp_shifted_f32_base;
   k.row_max = row_max_f32_base;
-  k.softmax_bwd_row = softmax_bwd_row_f32_base;
+  k.exp_minus_row_max_rows = exp_minus_row_max_rows_f32_base;
+  k.softmax_bwd_rows = softmax_bwd_rows_f32_base;
+  k.softmax_bwd_saved_rows = softmax_bwd_saved_rows_f32_base;
   k.gemm_packed = nullptr;
   k.transpose = transpose_f32_base;
   k.gelu = gelu_f32_base;

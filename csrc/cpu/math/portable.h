@@ -187,23 +187,44 @@ PACA_ALWAYS_INLINE T row_max_impl(const T* x, int64_t n) {
   return m;
 }
 
-// The softmax of one attention row and its backward, in place (softmax_bwd_row in kernels.h):
-// p holds the scores s on entry, P = exp(s - max s) / sum on return; ds holds dP on entry,
-// dS = P o (dP - D) on return, D = sum(P o dP). The exponentials and their sum come from
-// exp_shifted_impl, as the forward's (the same P); D = sum(e o dP) / sum in eight partial sums
-// combined in a fixed order, so that the last pass writes P and dS together. A one-hot row
-// (e = 1 at j, 0 elsewhere) still gives dS = 0 exactly: sum = 1, D = dP_j.
+// The softmax numerators of rows r < rows (row r at s + r * lds), in place: mx[r] = row_max,
+// s[r, i] = exp(s[r, i] - mx[r]), sum[r] their sum (exp_minus_row_max_rows in kernels.h).
 template <typename T>
-PACA_ALWAYS_INLINE void softmax_bwd_row_impl(T* p, T* ds, int64_t n) {
-  const T inv = T(1) / exp_shifted_impl(p, row_max_impl(p, n), p, n);
+PACA_ALWAYS_INLINE void exp_minus_row_max_rows_impl(T* s, int64_t lds, int64_t rows, int64_t n,
+                                                    T* mx, T* sum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = s + r * lds;
+    mx[r] = row_max_impl(row, n);
+    sum[r] = exp_shifted_impl(row, mx[r], row, n);
+  }
+}
+
+// The softmax backward of one attention row from its softmax numerators (softmax_bwd_saved_rows
+// in kernels.h): e = exp(s - max s) (n) and their sum as exp_shifted_impl gave them; p receives
+// P = e / sum (p == e allowed), ds holds dP on entry and dS = P o (dP - D) on return,
+// D = sum(e o dP) / sum in eight partial sums combined in a fixed order. A one-hot row (e = 1 at
+// j, 0 elsewhere) gives dS = 0 exactly: sum = 1, D = dP_j.
+template <typename T>
+PACA_ALWAYS_INLINE void softmax_bwd_saved_row_impl(const T* e, T sum, T* p, T* ds, int64_t n) {
+  const T inv = T(1) / sum;
   T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t i = 0; i < n; ++i) part[i % 8] += p[i] * ds[i];
+  for (int64_t i = 0; i < n; ++i) part[i % 8] += e[i] * ds[i];
   const T d =
       (((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]))) * inv;
   for (int64_t i = 0; i < n; ++i) {
-    p[i] *= inv;
+    p[i] = e[i] * inv;
     ds[i] = p[i] * (ds[i] - d);
   }
+}
+
+// The softmax of one attention row and its backward, in place (softmax_bwd_rows in kernels.h):
+// p holds the scores s on entry, P = exp(s - max s) / sum on return; ds holds dP on entry,
+// dS = P o (dP - D) on return, D = sum(P o dP). The exponentials and their sum come from
+// exp_shifted_impl, as the forward's (the same P), then softmax_bwd_saved_row_impl.
+template <typename T>
+PACA_ALWAYS_INLINE void softmax_bwd_row_impl(T* p, T* ds, int64_t n) {
+  const T sum = exp_shifted_impl(p, row_max_impl(p, n), p, n);
+  softmax_bwd_saved_row_impl(p, sum, p, ds, n);
 }
 
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
