@@ -49,12 +49,12 @@
 //   from the rounded output would not cancel dP). deterministic=True forbids atomics in the
 //   reduction over N for grad_k/grad_v (bitwise reproducible results).
 //
-// p2c_attention_fwd_saved(q, k, v, scale) -> (out, exp_scores, exp_sums)       (CPU kernels only)
+// p2c_attention_saved_fwd(q, k, v, scale) -> (out, exp_scores, exp_sums)       (CPU kernels only)
 //   out as p2c_attention_fwd's; exp_scores (B, h, N, M) acc = exp(s - rowmax s) and exp_sums
 //   (B, h, N) acc their sums over M, with s = scale * q.k^T: the training forward of the cpu
 //   backend, which keeps the softmax numerators for the backward (the memory of the softmax a
 //   PyTorch composition saves) instead of recomputing them.
-// p2c_attention_bwd_saved(grad_out, q, k, v, exp_scores, exp_sums, scale) -> (grad_q, grad_k, grad_v)
+// p2c_attention_saved_bwd(grad_out, q, k, v, exp_scores, exp_sums, scale) -> (grad_q, grad_k, grad_v)
 //   p2c_attention_bwd's gradients from the saved numerators: one product fewer (the scores) and
 //   no exp; the same bits as p2c_attention_bwd (the forward computed the numerators as the
 //   backward would). Deterministic (the CPU reduction over N is in a fixed order).
@@ -276,10 +276,10 @@ TORCH_LIBRARY(paca_kernels, m) {
       "bool deterministic)"
       " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
-      "p2c_attention_fwd_saved(Tensor q, Tensor k, Tensor v, float scale)"
+      "p2c_attention_saved_fwd(Tensor q, Tensor k, Tensor v, float scale)"
       " -> (Tensor out, Tensor exp_scores, Tensor exp_sums)");
   m.def(
-      "p2c_attention_bwd_saved(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor exp_scores, "
+      "p2c_attention_saved_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor exp_scores, "
       "Tensor exp_sums, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def(
       "conv_cluster_logits(Tensor x, int H, int W, Tensor dw_weight, Tensor? dw_bias, Tensor w1, "

@@ -70,6 +70,7 @@ def _op_cases(dtype: torch.dtype, with_bias: bool) -> list[tuple[str, tuple]]:
     cases = [
         ("cluster_pool_fwd", (logits, x, *norm)),
         ("p2c_attention_fwd", (r(B, N, h, C // h), r(B, M, h, C // h), r(B, M, h, C // h), 0.3)),
+        ("p2c_attention_saved_fwd", (r(B, N, h, C // h), r(B, M, h, C // h), r(B, M, h, C // h), 0.3)),
         ("conv_cluster_logits", (x, H, W, *head)),
         ("mlp_dwconv", (r(B, N, hid), H, W, r(hid, 1, 3, 3), rb(hid), rb(hid), with_bias, with_bias)),
         ("mlp_fused", (x, H, W, r(hid, C), rb(hid), r(hid, 1, 3, 3), rb(hid), with_bias, not with_bias,

@@ -38,9 +38,9 @@ SCHEMAS = {
     "float scale) -> (Tensor out, Tensor lse)",
     "p2c_attention_bwd": "paca_kernels::p2c_attention_bwd(Tensor grad_out, Tensor q, Tensor k, "
     "Tensor v, float scale, bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)",
-    "p2c_attention_fwd_saved": "paca_kernels::p2c_attention_fwd_saved(Tensor q, Tensor k, Tensor v, "
+    "p2c_attention_saved_fwd": "paca_kernels::p2c_attention_saved_fwd(Tensor q, Tensor k, Tensor v, "
     "float scale) -> (Tensor out, Tensor exp_scores, Tensor exp_sums)",
-    "p2c_attention_bwd_saved": "paca_kernels::p2c_attention_bwd_saved(Tensor grad_out, Tensor q, "
+    "p2c_attention_saved_bwd": "paca_kernels::p2c_attention_saved_bwd(Tensor grad_out, Tensor q, "
     "Tensor k, Tensor v, Tensor exp_scores, Tensor exp_sums, float scale) -> (Tensor grad_q, "
     "Tensor grad_k, Tensor grad_v)",
 }

@@ -51,8 +51,8 @@ namespace {
 
 constexpr const char* kFwdOp = "paca_kernels::p2c_attention_fwd";
 constexpr const char* kBwdOp = "paca_kernels::p2c_attention_bwd";
-constexpr const char* kFwdSavedOp = "paca_kernels::p2c_attention_fwd_saved";
-constexpr const char* kBwdSavedOp = "paca_kernels::p2c_attention_bwd_saved";
+constexpr const char* kSavedFwdOp = "paca_kernels::p2c_attention_saved_fwd";
+constexpr const char* kSavedBwdOp = "paca_kernels::p2c_attention_saved_bwd";
 // Query rows per inner block: the block's scores (kQueryBlock x M) and its q/dO rows stay in L1/L2.
 // A multiple of the products' 6-row register tiles (32 had left a 2-row tile per block, 10 % of the
 // backward's product time at PaCa-ViT-Tiny stage 3), and long enough that the backward's dk/dv
@@ -128,7 +128,7 @@ std::pair<const acc_t*, int64_t> rows_as_acc(const scalar_t* src, const Strides&
 }
 
 // out = softmax(scale q.k^T) v; lse (B, h, N) when lse is given; when exp_scores is given (the
-// saving forward, p2c_attention_fwd_saved), the softmax numerators e = exp(s - rowmax s) into it
+// saving forward, p2c_attention_saved_fwd), the softmax numerators e = exp(s - rowmax s) into it
 // (B, h, N, M) and their row sums into exp_sums (B, h, N), the values the backward would recompute.
 template <typename scalar_t>
 void p2c_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
@@ -256,11 +256,11 @@ std::tuple<at::Tensor, at::Tensor> p2c_attention_fwd_cpu(const at::Tensor& q, co
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_fwd_saved_cpu(const at::Tensor& q,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_saved_fwd_cpu(const at::Tensor& q,
                                                                            const at::Tensor& k,
                                                                            const at::Tensor& v,
                                                                            double scale) {
-  check_inputs(q, k, v, kFwdSavedOp);
+  check_inputs(q, k, v, kSavedFwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
   const at::TensorOptions acc = q.options().dtype(acc_dtype(q));
   at::Tensor out = empty_output({B, N, H, D}, q.options());
@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_fwd_saved_cpu(const
     return {out, exp_scores, exp_sums};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
-                                  "p2c_attention_fwd_saved", [&] {
+                                  "p2c_attention_saved_fwd", [&] {
                                     p2c_fwd_kernel<scalar_t>(q, k, v, scale, out, nullptr,
                                                              &exp_scores, &exp_sums);
                                   });
@@ -465,24 +465,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
-// p2c_attention_bwd_saved: exp_scores (B, h, N, M) and exp_sums (B, h, N) contiguous, of the
-// accumulation dtype, on q's device: what p2c_attention_fwd_saved returned for these q, k, v.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_saved_cpu(
+// p2c_attention_saved_bwd: exp_scores (B, h, N, M) and exp_sums (B, h, N) contiguous, of the
+// accumulation dtype, on q's device: what p2c_attention_saved_fwd returned for these q, k, v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_saved_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& exp_scores, const at::Tensor& exp_sums, double scale) {
-  check_supported_float(q, kBwdSavedOp, "q");
-  check_p2c_bwd_args(grad_out, q, k, v, kBwdSavedOp);
+  check_supported_float(q, kSavedBwdOp, "q");
+  check_p2c_bwd_args(grad_out, q, k, v, kSavedBwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
   const at::ScalarType acc = acc_dtype(q);
   TORCH_CHECK(exp_scores.sizes() == at::IntArrayRef({B, H, N, M}) && exp_scores.is_contiguous() &&
                   exp_scores.scalar_type() == acc && exp_scores.device() == q.device(),
-              kBwdSavedOp, ": expected exp_scores contiguous (B, h, N, M) = (", B, ", ", H, ", ", N,
+              kSavedBwdOp, ": expected exp_scores contiguous (B, h, N, M) = (", B, ", ", H, ", ", N,
               ", ", M, ") of dtype ", acc, " on ", q.device(), ", got ", exp_scores.sizes(), " ",
               exp_scores.scalar_type(), " on ", exp_scores.device(),
               exp_scores.is_contiguous() ? "" : " (not contiguous)");
   TORCH_CHECK(exp_sums.sizes() == at::IntArrayRef({B, H, N}) && exp_sums.is_contiguous() &&
                   exp_sums.scalar_type() == acc && exp_sums.device() == q.device(),
-              kBwdSavedOp, ": expected exp_sums contiguous (B, h, N) = (", B, ", ", H, ", ", N,
+              kSavedBwdOp, ": expected exp_sums contiguous (B, h, N) = (", B, ", ", H, ", ", N,
               ") of dtype ", acc, " on ", q.device(), ", got ", exp_sums.sizes(), " ",
               exp_sums.scalar_type(), " on ", exp_sums.device(),
               exp_sums.is_contiguous() ? "" : " (not contiguous)");
@@ -497,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_saved_cpu(
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
-                                  "p2c_attention_bwd_saved", [&] {
+                                  "p2c_attention_saved_bwd", [&] {
                                     p2c_bwd_kernel<scalar_t>(grad_out, q, k, v, scale, dq, dk, dv,
                                                              &exp_scores, &exp_sums);
                                   });
@@ -510,6 +510,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_bwd_saved_cpu(
 TORCH_LIBRARY_IMPL(paca_kernels, CPU, m) {
   m.impl("p2c_attention_fwd", &paca_kernels::p2c_attention_fwd_cpu);
   m.impl("p2c_attention_bwd", &paca_kernels::p2c_attention_bwd_cpu);
-  m.impl("p2c_attention_fwd_saved", &paca_kernels::p2c_attention_fwd_saved_cpu);
-  m.impl("p2c_attention_bwd_saved", &paca_kernels::p2c_attention_bwd_saved_cpu);
+  m.impl("p2c_attention_saved_fwd", &paca_kernels::p2c_attention_saved_fwd_cpu);
+  m.impl("p2c_attention_saved_bwd", &paca_kernels::p2c_attention_saved_bwd_cpu);
 }

@@ -2,7 +2,7 @@
 
 The C++ ops (``cluster_pool_fwd``/``_bwd``, ``p2c_attention_fwd``/``_bwd``) and their Triton twins
 (``*_triton``) have the same signatures and outputs, so each pair is registered from one place; the
-CPU's training pair ``p2c_attention_fwd_saved``/``_bwd_saved`` (the forward keeps the softmax
+CPU's training pair ``p2c_attention_saved_fwd``/``_bwd`` (the forward keeps the softmax
 numerators for the backward) has its own, below the others.
 
 FLOP formulas count like the unfused reference, so FlopCounterMode gives the same totals whatever the
@@ -143,13 +143,13 @@ def _resolve(qualname: str) -> Any:
     return getattr(getattr(torch.ops, ns), name)
 
 
-def _p2c_fake_fwd_saved(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _p2c_fake_saved_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     b, n, h, _ = q.shape
     acc = acc_dtype(q.dtype)
     return q.new_empty(q.shape), q.new_empty((b, h, n, k.shape[1]), dtype=acc), q.new_empty((b, h, n), dtype=acc)
 
 
-def _p2c_fake_bwd_saved(
+def _p2c_fake_saved_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, exp_scores: Tensor, exp_sums: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -171,8 +171,8 @@ def register_p2c_attention_saved(fwd: str, bwd: str) -> None:
     exp_scores (B, h, N, M), exp_sums (B, h, N))`` and ``bwd(grad_out, q, k, v, exp_scores, exp_sums,
     scale) -> (dq, dk, dv)``. Counted as the other pair (the FLOPs of the composition: two products
     forward, four backward), though its backward runs three products and the score recompute is gone."""
-    torch.library.register_fake(fwd)(_p2c_fake_fwd_saved)
-    torch.library.register_fake(bwd)(_p2c_fake_bwd_saved)
+    torch.library.register_fake(fwd)(_p2c_fake_saved_fwd)
+    torch.library.register_fake(bwd)(_p2c_fake_saved_bwd)
     bwd_op = _resolve(bwd)
 
     def backward(ctx: Any, grad_out: Tensor, _g_scores: Tensor | None, _g_sums: Tensor | None):

@@ -15,7 +15,8 @@ is set (GitHub Actions and most CI systems) it refuses, with "make_fallback(...)
 exists", to compile an op that has an entry there. ``torch.compile``, ``torch.export`` and AOTInductor
 therefore see no decomposition of these ops and keep calling the C++ kernels as extern kernels.
 
-The differentiable ops' ``*_fwd`` also return statistics for their backward (``pooled``/``lse`` today).
+The differentiable ops' ``*_fwd`` (and ``p2c_attention_saved_fwd``) also return statistics for their
+backward (``pooled``/``lse``/the softmax numerators today).
 An exported graph is an inference graph that reads only ``out``; the decompositions compute ``out``
 and return the statistics as NaN-filled placeholders with the fake kernel's shapes (so they follow the
 schema whatever the statistics are, and a graph that did read them would see NaN, not plausible
@@ -40,7 +41,7 @@ except ImportError:  # pragma: no cover - a torch without it: ONNX export of the
     _onnx_decomp = None
 
 from .. import _ext, reference
-from ._registration import _p2c_fake_fwd, _pool_fake_fwd, acc_dtype
+from ._registration import _p2c_fake_fwd, _p2c_fake_saved_fwd, _pool_fake_fwd, acc_dtype
 
 __all__ = [
     "DECOMPOSITIONS",
@@ -55,6 +56,7 @@ __all__ = [
     "onnx_decomposition_table",
     "p2c_attention_fwd",
     "p2c_attention_proj",
+    "p2c_attention_saved_fwd",
     "patch_embed",
 ]
 
@@ -94,6 +96,12 @@ def p2c_attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
     acc = acc_dtype(q.dtype)
     out = reference.p2c_attention(q.to(acc), k.to(acc), v.to(acc), scale)
     return (out.to(q.dtype).contiguous(), *_placeholders(_p2c_fake_fwd(q, k, v, scale)))
+
+
+def p2c_attention_saved_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, ...]:
+    """The CPU training forward (traced where gradients are enabled): out as ``p2c_attention_fwd``'s;
+    the numerators and their sums as placeholders."""
+    return p2c_attention_fwd(q, k, v, scale)[:1] + _placeholders(_p2c_fake_saved_fwd(q, k, v, scale))
 
 
 def _conv_logits_acc(
@@ -249,6 +257,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "cluster_pool_fwd": cluster_pool_fwd,
     "p2c_attention_fwd": p2c_attention_fwd,
+    "p2c_attention_saved_fwd": p2c_attention_saved_fwd,
     "conv_cluster_logits": conv_cluster_logits,
     "mlp_dwconv": mlp_dwconv,
     "mlp_fused": mlp_fused,

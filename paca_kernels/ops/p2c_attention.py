@@ -8,9 +8,9 @@ csrc/cpu/p2c_attention.cpp, CUDA kernels in csrc/cuda/p2c_attention.cu):
   dtype (float64 for float64 inputs, float32 otherwise); not differentiable, not used by the backward.
 - ``p2c_attention_bwd(grad_out, q, k, v, scale, deterministic) -> (dq, dk, dv)``.
 - CPU only, the training pair the cpu backend takes when a gradient is wanted:
-  ``p2c_attention_fwd_saved(q, k, v, scale) -> (out, exp_scores, exp_sums)`` keeps the softmax
+  ``p2c_attention_saved_fwd(q, k, v, scale) -> (out, exp_scores, exp_sums)`` keeps the softmax
   numerators e = exp(s − rowmax s) (B, h, N, M) and their sums (B, h, N), in the accumulation dtype,
-  and ``p2c_attention_bwd_saved(grad_out, q, k, v, exp_scores, exp_sums, scale) -> (dq, dk, dv)``
+  and ``p2c_attention_saved_bwd(grad_out, q, k, v, exp_scores, exp_sums, scale) -> (dq, dk, dv)``
   reads them instead of recomputing the scores and their exps: three products instead of four and no
   exp (the backward 20-25 % faster at the PaCa-ViT-Tiny stages), for the memory of the probabilities
   a PyTorch composition saves. Its gradients are the recomputing pair's bit for bit (e and its sums
@@ -64,7 +64,7 @@ def _register() -> bool:
     if not _ext.load():
         return False
     register_p2c_attention(f"{_LIB}::p2c_attention_fwd", f"{_LIB}::p2c_attention_bwd", _deterministic)
-    register_p2c_attention_saved(f"{_LIB}::p2c_attention_fwd_saved", f"{_LIB}::p2c_attention_bwd_saved")
+    register_p2c_attention_saved(f"{_LIB}::p2c_attention_saved_fwd", f"{_LIB}::p2c_attention_saved_bwd")
     return True
 
 
@@ -88,10 +88,10 @@ def _keeps_scores(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def p2c_attention_cpp(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """The C++ backend (differentiable); returns out. In a call that records a backward on the CPU,
-    ``p2c_attention_fwd_saved`` (the forward keeps the softmax numerators for a backward with one
+    ``p2c_attention_saved_fwd`` (the forward keeps the softmax numerators for a backward with one
     product fewer), up to :data:`SAVED_SCORES_MAX_BYTES`; else ``p2c_attention_fwd``."""
     if _keeps_scores(q, k, v):
-        return torch.ops.paca_kernels.p2c_attention_fwd_saved(q, k, v, scale)[0]
+        return torch.ops.paca_kernels.p2c_attention_saved_fwd(q, k, v, scale)[0]
     return torch.ops.paca_kernels.p2c_attention_fwd(q, k, v, scale)[0]
 
 

@@ -283,7 +283,7 @@ def outputs() -> list[torch.Tensor]:
         outs += [out.detach(), a.q.grad, a.k.grad, a.v.grad]
         q, k, v = (t.detach() for t in (a.q, a.k, a.v))
         scale = q.shape[-1] ** -0.5
-        _, e, sums = p2c.p2c_attention_fwd_saved(q, k, v, scale)
+        _, e, sums = p2c.p2c_attention_saved_fwd(q, k, v, scale)
         outs += [e, sums, *p2c.p2c_attention_bwd(2 * out.detach(), q, k, v, scale, True)]
     # (1, 50, 300, 190): the products' packed two-panel tiles, in both operand layouts (forward
     # P.x with more reduction steps than one chunk; backward dx = S^T.dP, A transposed), with a

@@ -413,7 +413,7 @@ def test_p2c_lse_is_logsumexp_of_scores(name):
     assert_close(lse, torch.logsumexp(scores, -1), name="lse", **tol(backend, FP32))
 
 
-# -- the cpu backend's training pair (p2c_attention_fwd_saved / _bwd_saved) -------------------------
+# -- the cpu backend's training pair (p2c_attention_saved_fwd / _bwd) ---------------------------
 
 SAVED = torch.ops.paca_kernels
 
@@ -447,8 +447,8 @@ def test_p2c_cpu_saved_pair_gives_the_recomputing_pairs_bits(shape, contiguous, 
     scale = d**-0.5
     out, lse = SAVED.p2c_attention_fwd(inp.q, inp.k, inp.v, scale)
     with poisoned_outputs():
-        out_s, e, sums = SAVED.p2c_attention_fwd_saved(inp.q, inp.k, inp.v, scale)
-        grads_s = SAVED.p2c_attention_bwd_saved(g, inp.q, inp.k, inp.v, e, sums, scale)
+        out_s, e, sums = SAVED.p2c_attention_saved_fwd(inp.q, inp.k, inp.v, scale)
+        grads_s = SAVED.p2c_attention_saved_bwd(g, inp.q, inp.k, inp.v, e, sums, scale)
     grads = SAVED.p2c_attention_bwd(g, inp.q, inp.k, inp.v, scale, True)
     acc = FP64 if dtype == FP64 else FP32
     assert e.dtype == sums.dtype == acc and e.shape == (b, h, n, m) and sums.shape == (b, h, n)
@@ -479,10 +479,10 @@ def test_p2c_cpu_training_calls_keep_the_scores_up_to_the_cap(monkeypatch):
         return out.grad_fn.name(), torch.autograd.grad(out, (inp.q, inp.k, inp.v), g)
 
     name_saved, grads_saved = train()
-    assert "p2c_attention_fwd_saved" in name_saved
+    assert "p2c_attention_saved_fwd" in name_saved
     monkeypatch.setattr(p2c, "SAVED_SCORES_MAX_BYTES", 2 * 33 * 17 * 2 * 4 - 1)  # one byte short
     name_recompute, grads_recompute = train()
-    assert "p2c_attention_fwd_saved" not in name_recompute and "p2c_attention_fwd" in name_recompute
+    assert "p2c_attention_saved_fwd" not in name_recompute and "p2c_attention_fwd" in name_recompute
     for gname, a, r in zip(GRAD_NAMES, grads_saved, grads_recompute, strict=True):
         assert torch.equal(a, r), gname
     monkeypatch.undo()
@@ -496,10 +496,10 @@ def test_p2c_cpu_training_calls_keep_the_scores_up_to_the_cap(monkeypatch):
 def test_p2c_cpu_saved_pair_opcheck(contiguous):
     _cpu_ops()
     inp = make_p2c_inputs(2, 7, 3, 2, 8, contiguous=contiguous, requires_grad=True)
-    torch.library.opcheck(SAVED.p2c_attention_fwd_saved, (inp.q, inp.k, inp.v, 0.35))
+    torch.library.opcheck(SAVED.p2c_attention_saved_fwd, (inp.q, inp.k, inp.v, 0.35))
     q, k, v = (t.detach() for t in (inp.q, inp.k, inp.v))
-    _, e, sums = SAVED.p2c_attention_fwd_saved(q, k, v, 0.35)
-    torch.library.opcheck(SAVED.p2c_attention_bwd_saved, (torch.randn_like(q), q, k, v, e, sums, 0.35))
+    _, e, sums = SAVED.p2c_attention_saved_fwd(q, k, v, 0.35)
+    torch.library.opcheck(SAVED.p2c_attention_saved_bwd, (torch.randn_like(q), q, k, v, e, sums, 0.35))
 
 
 @pytest.mark.parametrize(("what", "bad", "match"), [
@@ -513,13 +513,13 @@ def test_p2c_cpu_saved_backward_refuses_mismatched_numerators(what, bad, match):
     """Numerators that are not the forward's layout are refused, naming the tensor and the shape."""
     _cpu_ops()
     inp = make_p2c_inputs(2, 9, 5, 2, 8)
-    _, e, sums = SAVED.p2c_attention_fwd_saved(inp.q, inp.k, inp.v, 0.3)
+    _, e, sums = SAVED.p2c_attention_saved_fwd(inp.q, inp.k, inp.v, 0.3)
     if what == "exp_scores":
         e = bad(e)
     else:
         sums = bad(sums)
     with pytest.raises(RuntimeError, match=match):
-        SAVED.p2c_attention_bwd_saved(torch.randn_like(inp.q), inp.q, inp.k, inp.v, e, sums, 0.3)
+        SAVED.p2c_attention_saved_bwd(torch.randn_like(inp.q), inp.q, inp.k, inp.v, e, sums, 0.3)
 
 
 # -- as a torch.library op --------------------------------------------------------------------------
