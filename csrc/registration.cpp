@@ -149,6 +149,13 @@
 //   optional; out (..., O) contiguous, dtype of x = x W^T + b, summed in acc (bf16 x: products of
 //   bf16 values, x and the weight rounded to bf16, float32 sums, as a bf16 linear; fp16 x: float32
 //   products of the float32 weight).
+//
+// cached_linear(x, weight, bias) -> out                                  (CPU kernel only)
+//   out (..., O) = x W^T + b, contiguous, as torch.nn.functional.linear computes it (ATen's addmm /
+//   mm, the same bits), written into memory from the CPU kernels' output cache (cpu/output_pool.h),
+//   so that a large output is not freshly mapped memory on every call. Differentiable (autograd in
+//   Python: paca_kernels/ops/cached_linear.py; the input gradient through cached_linear again).
+//   x (..., K) any strides; weight (O, K) and bias (O,) of x's dtype and device.
 
 #include <Python.h>
 
@@ -313,6 +320,7 @@ TORCH_LIBRARY(paca_kernels, m) {
       "layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType? dtype=None) "
       "-> Tensor");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("cached_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(paca_kernels, Autograd, m) {

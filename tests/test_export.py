@@ -82,6 +82,7 @@ def _op_cases(dtype: torch.dtype, with_bias: bool) -> list[tuple[str, tuple]]:
         ("p2c_attention_proj", (x, c, *attn, h, 0.5, r(B, N, C))),  # with the residual
         ("layer_norm", (r(B, C, N).transpose(1, 2), *norm[:2], 1e-5)) if with_bias else ("layer_norm", (x, None, None, 1e-5)),
         ("linear", (r(B, C, N).transpose(1, 2), r(hid, C), rb(hid))),
+        ("cached_linear", (r(B, C, N).transpose(1, 2), r(hid, C), rb(hid))),
         ("conv_paca_layer", (x, H, W, *head, *norm, *attn, h, 0.5, with_bias)),
         ("conv_paca_layer", (x, H, W, *head, *norm, *attn, h, 0.5, with_bias, r(B, N, C))),
     ]

@@ -27,6 +27,7 @@ from torch.nn.modules.module import (
 )
 
 from ..ops import preferred_backend
+from ..ops.fused import cached_linear as _cached_linear_op
 from ..ops.fused import conv_cluster_logits as _head_op
 from ..ops.fused import conv_paca_layer as _layer_op
 from ..ops.fused import layer_norm as _ln_op
@@ -317,7 +318,7 @@ def plan_attention(
 
 #: The paths of an Mlp call: the whole MLP as ``mlp_fused``, ``mlp_dwconv`` between fc1's matrix
 #: product and fc2, or the modules.
-MlpPath = Literal["whole", "dwconv", "modules"]
+MlpPath = Literal["whole", "dwconv", "train", "modules"]
 
 
 def plan_mlp(mlp: nn.Module, x: Tensor, checked: bool = False) -> MlpPath:
@@ -333,10 +334,14 @@ def plan_mlp(mlp: nn.Module, x: Tensor, checked: bool = False) -> MlpPath:
       plain ``nn.Linear``, the dropout inactive, fc2 and the dropout have no hooks and fc1's weight
       has at most :func:`~paca_kernels.ops.fused.mlp_fused.max_fused_weight` entries (where it
       beats the matrix products, measured: larger in bf16 on AMX); else "dwconv".
-    - With gradients wanted (:func:`cpu_training`: float32/float64, no autocast) "dwconv", whose op
-      has a backward (``mlp_dwconv_bwd``): it replaces no dropout, so the dropout's setting does not
-      matter. Measured faster than the modules at every PaCa-ViT-Tiny stage, so taken at every
-      shape: Mlp forward + backward, B = 8, one thread, CPU time, 15 interleaved rounds
+    - With gradients wanted (:func:`cpu_training`: float32/float64, no autocast) "train": the
+      dwconv op, which has a backward (``mlp_dwconv_bwd``), between fc1 and fc2 as ``cached_linear``
+      (their outputs, the step's largest tensors, in the CPU output cache rather than freshly
+      mapped memory: a PaCa-ViT-Tiny training step at B = 8 about 6 % faster, in-process A/B), where
+      fc2 is a plain ``nn.Linear`` with no hooks; else "dwconv" (fc2 as its module). Neither
+      replaces a dropout, so the dropout's setting does not matter. The dwconv op was measured
+      faster than the modules at every PaCa-ViT-Tiny stage, so it is taken at every shape: Mlp
+      forward + backward, B = 8, one thread, CPU time, 15 interleaved rounds
       (benchmarks/interleaved_trainfuse.py), reference-backend time / this path's, median (IQR):
       56×56 C = 96: 1.29x (1.28-1.30); 28×28 C = 192: 1.04x (1.01-1.12); 14×14 C = 320: 1.06x
       (1.04-1.08); 7×7 C = 384: 1.05x (1.03-1.06). The matrix products, the same on both paths,
@@ -357,6 +362,10 @@ def plan_mlp(mlp: nn.Module, x: Tensor, checked: bool = False) -> MlpPath:
                 and not has_hooks(dwconv, act, fc1)
                 and not has_backward_hooks(dwconv, act, fc1)
             ):
+                fc2 = mods["fc2"]
+                if (_cached_linear_op.REGISTERED and type(fc2) is nn.Linear and not has_hooks(fc2)
+                        and not has_backward_hooks(fc2)):
+                    return "train"
                 return "dwconv"
             return "modules"
         if has_hooks(dwconv, act, fc1):

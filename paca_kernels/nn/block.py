@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.dispatch import check_backend_name
+from ..ops.fused import cached_linear as _cached_linear_op
 from ..ops.fused import layer_norm as _ln_op
 from ..ops.fused import mlp_dwconv as _dwconv_op
 from ..ops.fused import mlp_fused as _mlp_op
@@ -69,7 +70,7 @@ class Mlp(nn.Module):
 
     def _plan(self, x: Tensor) -> MlpPath:
         """Which path serves this call: :func:`paca_kernels.nn._fusion.plan_mlp`, which holds every
-        condition ("whole", "dwconv" or "modules")."""
+        condition ("whole", "dwconv", "train" or "modules")."""
         return plan_mlp(self, x)
 
     def forward(self, x: Tensor, H: int, W: int) -> Tensor:
@@ -77,14 +78,19 @@ class Mlp(nn.Module):
         if plan == "whole":
             # fc1, DWConv, GELU and fc2 in one pass; the dropouts are identities here (eval, or p = 0).
             return self._whole(x, H, W)
-        if plan == "dwconv":
+        if plan in ("dwconv", "train"):
             # fc1's bias is added inside the fused kernel, as it loads its input (and its gradient
-            # summed by the backward kernel, when training).
+            # summed by the backward kernel, when training). "train": fc1 and fc2 write into the
+            # CPU output cache (cached_linear), the same products.
+            linear = _cached_linear_op.cached_linear if plan == "train" else F.linear
             conv = self.dwconv.dwconv
             x = _dwconv_op.mlp_dwconv(
-                F.linear(x, self.fc1.weight), H, W, conv.weight, conv.bias, self.fc1.bias,
+                linear(x, self.fc1.weight, None), H, W, conv.weight, conv.bias, self.fc1.bias,
                 bool(self.dwconv.with_shortcut), type(self.act) is nn.GELU,
             )
+            if plan == "train":
+                x = self.drop(x)
+                return self.drop(linear(x, self.fc2.weight, self.fc2.bias))
         else:
             x = self.fc1(x)
             if self.dwconv is not None:

@@ -45,6 +45,7 @@ from ._registration import _p2c_fake_fwd, _p2c_fake_saved_fwd, _pool_fake_fwd, a
 
 __all__ = [
     "DECOMPOSITIONS",
+    "cached_linear",
     "cluster_pool_fwd",
     "conv_cluster_logits",
     "conv_paca_layer",
@@ -253,6 +254,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x.to(acc), weight.to(acc), _acc(bias, acc)).to(x.dtype).contiguous()
 
 
+def cached_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """out (..., O) = x Wᵀ + b (``F.linear``, as the kernel computes it), contiguous."""
+    return F.linear(x, weight, bias).contiguous()
+
+
 #: Op name (``torch.ops.paca_kernels.<name>``) -> its decomposition.
 DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "cluster_pool_fwd": cluster_pool_fwd,
@@ -266,6 +272,7 @@ DECOMPOSITIONS: dict[str, Callable[..., object]] = {
     "patch_embed": patch_embed,
     "layer_norm": layer_norm,
     "linear": linear,
+    "cached_linear": cached_linear,
     # The Triton twins (defined where Triton imports; ops/<op>.py) compute the same and return the same
     # outputs: a model exported from a GPU on the triton backend needs them.
     "cluster_pool_fwd_triton": cluster_pool_fwd,

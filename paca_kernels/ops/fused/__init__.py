@@ -10,11 +10,14 @@ One file per op, named as the op (``torch.ops.paca_kernels.<op>``):
 - :mod:`.patch_embed`: a stem or stage transition (strided conv, LayerNorm over channels).
 - :mod:`.layer_norm`: LayerNorm over the last dimension (a block's norm1; under autocast into bf16).
 - :mod:`.linear`: a linear layer on packed weights (PaCaViT's classifier head).
+- :mod:`.cached_linear`: a differentiable linear layer writing into the CPU output cache (the MLP's fc1
+  and fc2 in training on the cpu backend).
 
 Each registers its fake kernel (``torch.compile`` traces it), a FLOP formula that counts like the ops
 it replaces (``FlopCounterMode`` totals do not change); their autograd kernel, which gives outputs
 whose backward raises, is one C++ function (csrc/registration.cpp, ``inference_only_autograd``), except
-for ``mlp_dwconv``, which has a backward kernel (``mlp_dwconv_bwd``, float32/float64): the MLP and, through
+for ``mlp_dwconv``, which has a backward kernel (``mlp_dwconv_bwd``, float32/float64), and
+``cached_linear``, whose backward is ATen's products: the MLP and, through
 :func:`.conv_cluster_logits.conv_cluster_logits_train`, the conv head train through it on the cpu
 backend. They take tensors and numbers only; which layer may use them, and when, is decided by the
 layers (:mod:`paca_kernels.nn`, :mod:`paca_kernels.nn._fusion`), which run their modules wherever a
