@@ -61,6 +61,8 @@ def _pool_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(pooled, stats)
+    # No zero gradients made for the statistics (their grads are never read).
+    ctx.set_materialize_grads(False)
 
 
 def register_cluster_pool(fwd: str, bwd: str) -> None:
@@ -70,7 +72,9 @@ def register_cluster_pool(fwd: str, bwd: str) -> None:
     torch.library.register_fake(bwd)(_pool_fake_bwd)
     bwd_op = _resolve(bwd)
 
-    def backward(ctx: Any, grad_out: Tensor, _grad_pooled: Tensor | None, _grad_stats: Tensor | None):
+    def backward(ctx: Any, grad_out: Tensor | None, _grad_pooled: Tensor | None, _grad_stats: Tensor | None):
+        if grad_out is None:  # nothing flowed into out (grads are not materialized)
+            return None, None, None, None, None
         logits, x, weight, pooled, stats = ctx.saved_tensors
         dlogits, dx, dweight, dbias = bwd_op(grad_out, logits, x, weight, pooled, stats, ctx.eps)
         return dlogits, dx, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None, None
@@ -111,6 +115,7 @@ def _p2c_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(q, k, v)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero gradient made for lse
 
 
 def register_p2c_attention(fwd: str, bwd: str, deterministic: Callable[[Tensor], bool]) -> None:
@@ -120,7 +125,9 @@ def register_p2c_attention(fwd: str, bwd: str, deterministic: Callable[[Tensor],
     torch.library.register_fake(bwd)(_p2c_fake_bwd)
     bwd_op = _resolve(bwd)
 
-    def backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None):
+    def backward(ctx: Any, grad_out: Tensor | None, _grad_lse: Tensor | None):
+        if grad_out is None:  # nothing flowed into out (grads are not materialized)
+            return None, None, None, None
         q, k, v = ctx.saved_tensors
         dq, dk, dv = bwd_op(grad_out, q, k, v, ctx.scale, deterministic(q))
         return dq, dk, dv, None
@@ -164,6 +171,9 @@ def _p2c_saved_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(q, k, v, exp_scores, exp_sums)
     ctx.scale = scale
     ctx.mark_non_differentiable(exp_scores, exp_sums)
+    # No zero gradients made for them: a (B, h, N, M) zero fill per call (20 MB at PaCa-ViT-Tiny's
+    # first stage, B = 8) cost as much as a third of the backward.
+    ctx.set_materialize_grads(False)
 
 
 def register_p2c_attention_saved(fwd: str, bwd: str) -> None:
@@ -175,7 +185,9 @@ def register_p2c_attention_saved(fwd: str, bwd: str) -> None:
     torch.library.register_fake(bwd)(_p2c_fake_saved_bwd)
     bwd_op = _resolve(bwd)
 
-    def backward(ctx: Any, grad_out: Tensor, _g_scores: Tensor | None, _g_sums: Tensor | None):
+    def backward(ctx: Any, grad_out: Tensor | None, _g_scores: Tensor | None, _g_sums: Tensor | None):
+        if grad_out is None:  # nothing flowed into out (grads are not materialized)
+            return None, None, None, None
         q, k, v, exp_scores, exp_sums = ctx.saved_tensors
         dq, dk, dv = bwd_op(grad_out, q, k, v, exp_scores, exp_sums, ctx.scale)
         return dq, dk, dv, None
