@@ -28,7 +28,9 @@
 // cluster_pool_bwd(grad_out, logits, x, weight, pooled, stats, eps)
 //     -> (grad_logits, grad_x, grad_weight, grad_bias)
 //   Gradient of out of cluster_pool_fwd given grad_out (B, M, C) and the saved pooled/stats.
-//   grad_logits (B, M, N) dtype of logits; grad_x (B, N, C) dtype of x;
+//   grad_logits (B, M, N) dtype of logits, contiguous, except from the CPU kernel for float32/
+//   float64 logits with unit stride over M (M, N > 1): then patch-major, strides (N*M, 1, M), the
+//   logits' own layout (the fake kernel states the same rule); grad_x (B, N, C) dtype of x;
 //   grad_weight, grad_bias (C,) dtype of weight (dtype of x when weight is None); they are
 //   always computed and the autograd wrapper drops them when weight/bias were None.
 //

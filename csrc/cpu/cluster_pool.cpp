@@ -460,6 +460,9 @@ inline void product_with_x_transposed(const double* A, int64_t rows, int64_t C, 
 // Phase 1, on the small (B, M, C) rows: LayerNorm backward gives dP (the gradient w.r.t. pooled),
 // rowdot[b, m] = <dP, pooled> = rowsum(S o dS) (so the softmax backward needs no extra pass over
 // N), and per-batch partial sums of dweight/dbias.
+// Phase 2, float32/float64 with patch-major logits (the clustering heads' layout, unit stride over
+// M): the tiles are (nt x M) rows and dlogits is returned in that layout (no transposes; see the
+// pass in cluster_pool_bwd_kernel). Otherwise:
 // Phase 2, one streaming pass over N in tiles of kPatchTile patches, parallel over (b, tile), in
 // the cluster-major orientation of the output dlogits (M x nt), so that its rows are written once,
 // in order (a patch-major tile transposed into dlogits's rows cost three times the products' share
@@ -474,6 +477,16 @@ inline void product_with_x_transposed(const double* A, int64_t rows, int64_t C, 
 // cache, so at C = 96-384 the products are nearly all of it. Each tile's dlogits columns and dx
 // rows are written by exactly one task: no atomics, and no reduction whose order could depend on
 // the thread count.
+// Whether cluster_pool_bwd returns dlogits patch-major (strides (N*M, 1, M), the logits' own
+// orientation) rather than contiguous (B, M, N): for float32/float64 x and logits with unit stride
+// over M (the clustering heads' layout), M, N > 1. The C++ op's fake kernel (ops/_registration.py,
+// dlogits_patch_major) states the same rule.
+bool dlogits_patch_major(const at::Tensor& logits, const at::Tensor& x) {
+  const bool same = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  return same && logits.scalar_type() == x.scalar_type() && logits.size(1) > 1 &&
+         logits.size(2) > 1 && logits.stride(1) == 1;
+}
+
 template <typename scalar_t, typename param_t>
 void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logits,
                              const at::Tensor& x, const at::opmath_type<scalar_t>* wp,
@@ -550,17 +563,62 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
   }
 
   // Phase 2.
-  scalar_t* dlp = dlogits.mutable_data_ptr<scalar_t>();  // (B, M, N) contiguous
+  scalar_t* dlp = dlogits.mutable_data_ptr<scalar_t>();  // (B, M, N): contiguous or patch-major
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();       // (B, N, C) contiguous
   // x rows are used in place when they already are contiguous acc_t vectors (no copy).
   const bool x_direct = std::is_same_v<scalar_t, acc_t> && sx[2] == 1;
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  if constexpr (kSameType) {
+    if (dlogits_patch_major(logits, x)) {
+      // Patch-major logits (unit stride over M: the clustering heads' layout) and dlogits in that
+      // layout (dlogits_patch_major): every tile works on (nt x M) rows, as the logits arrive and
+      // dlogits leaves, so that nothing is transposed:
+      //   dS^T = x.dP^T         (nt x C).(C x M), dP^T transposed once per batch
+      //   S    = exp(logits - max) / sum, per column (exp_shifted_cols)
+      //   dlogits = S o (dS - rowdot), into dlogits's rows
+      //   dx   = S.dP           (nt x M).(M x C), straight into dx's rows
+      // Every element is computed as in the cluster-major pass below (the same exp and products,
+      // each sum in the same order), so both give the same bits.
+      const Scratch<acc_t> dpt(ScratchSlot::kCall6, B * C * M);
+      for (int64_t b = 0; b < B; ++b) transpose(dp.data() + b * M * C, C, M, C, dpt.data() + b * C * M, M);
+      const int64_t tile = balanced_tile(N);
+      const int64_t ntile = (N + tile - 1) / tile;
+      const int64_t grain = std::max<int64_t>(1, kGrainSize / (2 * M * C * kPatchTile));
+      const int64_t ldd = dlogits.stride(2);  // M
+      parallel_for(0, B * ntile, grain, [&](int64_t lo, int64_t hi) {
+        const Scratch<acc_t> xbuf(ScratchSlot::kTask0, x_direct ? 0 : kPatchTile * C),
+            sbuf(ScratchSlot::kTask2, M * kPatchTile), dsbuf(ScratchSlot::kTask3, M * kPatchTile);
+        acc_t* sm = sbuf.data();   // S (nt x M)
+        acc_t* ds = dsbuf.data();  // dS^T (nt x M)
+        for (int64_t task = lo; task < hi; ++task) {
+          const int64_t b = task / ntile, n0 = (task % ntile) * tile;
+          const int64_t nt = std::min(tile, N - n0);
+          int64_t ldx;
+          const acc_t* xa = x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
+          gemm_nn(xa, ldx, dpt.data() + b * C * M, M, ds, M, nt, C, M, /*accumulate=*/false);
+          const scalar_t* lt = lp + b * sl[0] + n0 * sl[2];
+          exp_shifted_cols(lt, sl[2], nt, M, smax.data() + b * M, sinv.data() + b * M, sm, M);
+          const acc_t* rd = rowdot.data() + b * M;
+          scalar_t* dl0 = dlp + b * dlogits.stride(0) + n0 * ldd;
+          for (int64_t i = 0; i < nt; ++i) {
+            const acc_t* srow = sm + i * M;
+            const acc_t* dsr = ds + i * M;
+            scalar_t* dlr = dl0 + i * ldd;
+            for (int64_t m = 0; m < M; ++m) dlr[m] = srow[m] * (dsr[m] - rd[m]);
+          }
+          gemm_nn(sm, M, dp.data() + b * M * C, C, dxp + (b * N + n0) * C, C, nt, M, C,
+                  /*accumulate=*/false);
+        }
+      });
+      return;
+    }
+  }
   // bf16 x (a bf16 model, or autocast) where the CPU multiplies bf16: the pooling product as bf16
   // products with float32 sums, as autocast's bf16 matmul of the assignment and x computes it (the
   // tile's unnormalised probabilities exp(l - max) <= 1 rounded to bf16 as the kernel reads them,
   // x bf16 already); the softmax, its sums and the LayerNorm stay float32.
   constexpr bool kBf16In = std::is_same_v<scalar_t, at::BFloat16>;
   const bool bf16_prod = kBf16In && sx[2] == 1 && float32_kernels().gemm_packed_bf16 != nullptr;
-  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t tile = balanced_tile(N);
   const int64_t ntile = (N + tile - 1) / tile;
   const int64_t xt_size = (kPatchTile + 15) / 16 * 16 * C;  // x^T, panels padded to 16 columns
@@ -616,7 +674,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_bwd_cpu(
   check_pool_bwd_args(grad_out, logits, x, weight, pooled, stats, eps, kBwdOp);
   const int64_t B = logits.size(0), M = logits.size(1), N = logits.size(2), C = x.size(2);
   const at::ScalarType pdtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
-  at::Tensor dlogits = empty_output({B, M, N}, logits.options());
+  // dlogits in the logits' orientation where the fast path serves it (dlogits_patch_major).
+  at::Tensor dlogits = dlogits_patch_major(logits, x)
+                           ? empty_output({B, N, M}, logits.options()).transpose(1, 2)
+                           : empty_output({B, M, N}, logits.options());
   at::Tensor dx = empty_output({B, N, C}, x.options());
   at::Tensor dweight = empty_output({C}, x.options().dtype(pdtype));
   at::Tensor dbias = empty_output({C}, x.options().dtype(pdtype));

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["acc_dtype", "register_cluster_pool", "register_p2c_attention", "register_p2c_attention_saved"]
+__all__ = ["acc_dtype", "dlogits_patch_major", "register_cluster_pool", "register_p2c_attention", "register_p2c_attention_saved"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,6 +53,28 @@ def _pool_fake_bwd(
     )
 
 
+def dlogits_patch_major(logits: Tensor, x: Tensor) -> bool:
+    """Whether the C++ CPU backward returns dlogits in the logits' patch-major orientation (strides
+    (N·M, 1, M)) rather than contiguous: float32/float64, unit stride over M, M and N > 1 (its
+    patch-major pass, csrc/cpu/cluster_pool.cpp ``dlogits_patch_major``: the same rule)."""
+    _, m, n = logits.shape
+    return (logits.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and logits.dtype == x.dtype and m > 1 and n > 1 and logits.stride(1) == 1)
+
+
+def _pool_fake_bwd_cpp(
+    grad_out: Tensor, logits: Tensor, x: Tensor, weight: Tensor | None, pooled: Tensor, stats: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The C++ op's (CPU and CUDA kernels): as the others, but dlogits patch-major where the CPU
+    kernel returns it so."""
+    out = _pool_fake_bwd(grad_out, logits, x, weight, pooled, stats, eps)
+    if dlogits_patch_major(logits, x):
+        b, m, n = logits.shape
+        return (logits.new_empty((b, n, m)).transpose(1, 2), *out[1:])
+    return out
+
+
 def _pool_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     logits, x, weight, bias, eps = inputs
     _, pooled, stats = output
@@ -65,11 +87,12 @@ def _pool_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.set_materialize_grads(False)
 
 
-def register_cluster_pool(fwd: str, bwd: str) -> None:
+def register_cluster_pool(fwd: str, bwd: str, cpp: bool = False) -> None:
     """Fake kernels, autograd (backward = the ``bwd`` op) and FLOP formulas for a cluster_pool pair,
-    given their qualified names ("paca_kernels::cluster_pool_fwd", ...)."""
+    given their qualified names ("paca_kernels::cluster_pool_fwd", ...); ``cpp``: the C++ pair (whose
+    CPU backward may return dlogits patch-major, :func:`dlogits_patch_major`)."""
     torch.library.register_fake(fwd)(_pool_fake_fwd)
-    torch.library.register_fake(bwd)(_pool_fake_bwd)
+    torch.library.register_fake(bwd)(_pool_fake_bwd_cpp if cpp else _pool_fake_bwd)
     bwd_op = _resolve(bwd)
 
     def backward(ctx: Any, grad_out: Tensor | None, _grad_pooled: Tensor | None, _grad_stats: Tensor | None):

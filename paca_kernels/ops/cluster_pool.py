@@ -80,7 +80,7 @@ def _register() -> bool:
     """Attach the Python pieces to the C++ schemas; False when the extension is unavailable."""
     if not _ext.load():
         return False
-    register_cluster_pool(f"{_LIB}::cluster_pool_fwd", f"{_LIB}::cluster_pool_bwd")
+    register_cluster_pool(f"{_LIB}::cluster_pool_fwd", f"{_LIB}::cluster_pool_bwd", cpp=True)
     return True
 
 

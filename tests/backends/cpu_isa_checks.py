@@ -242,7 +242,7 @@ CHECKS = [check_ops, check_conv_cluster_logits, check_p2c_attention_proj, check_
           check_linear_and_layer_norm, check_gelu]
 
 #: How many tensors :func:`outputs` saves.
-NUM_OUTPUTS = 58
+NUM_OUTPUTS = 63
 
 
 def outputs() -> list[torch.Tensor]:
@@ -293,6 +293,14 @@ def outputs() -> list[torch.Tensor]:
         out = ops.cluster_pool(a.logits, a.x, a.weight, a.bias, backend="cpu")
         out.square().sum().backward()
         outs += [out.detach(), a.logits.grad, a.x.grad, a.weight.grad, a.bias.grad]
+    # Patch-major logits (the clustering heads' layout): the backward's patch-major pass (the
+    # per-column exp with masked lanes at M = 49, C = 30).
+    a = make_cluster_pool_inputs(2, 49, 197, 30)
+    leaves = [a.logits.transpose(1, 2).contiguous().transpose(1, 2), a.x, a.weight, a.bias]
+    leaves = [t.requires_grad_() for t in leaves]
+    out = ops.cluster_pool(*leaves, backend="cpu")
+    out.square().sum().backward()
+    outs += [out.detach(), *(t.grad for t in leaves)]
     assert len(outs) == NUM_OUTPUTS
     return outs
 

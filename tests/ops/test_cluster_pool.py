@@ -390,6 +390,60 @@ def test_pool_saved_pooled_and_stats(name, b, n):
     assert_close(stats[..., 1], torch.exp(inp.logits - row_max[..., None]).sum(-1), name="sum", **tol(backend, FP32))
 
 
+# -- the cpu backward on patch-major logits (the clustering heads' layout) ----------------------------
+
+
+PATCH_MAJOR_CASES = [
+    pytest.param(shape, dtype, id=f"B{shape[0]}-M{shape[1]}-N{shape[2]}-C{shape[3]}-{'fp64' if dtype == torch.float64 else 'fp32'}")
+    for shape in [(2, 49, 197, 40), (8, 100, 3136, 96), (1, 3, 7, 5), (2, 100, 300, 30), (3, 17, 600, 33)]
+    for dtype in (torch.float32, torch.float64)
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype"), PATCH_MAJOR_CASES)
+def test_pool_cpu_patch_major_backward_gives_the_cluster_major_bits(shape, dtype):
+    """Logits with unit stride over M (strides (N·M, 1, M)): the backward's patch-major pass returns
+    dlogits in that layout, and every gradient has the bits of the cluster-major pass on the same
+    values (N = 197, 300, 600, 3136: one and several patch tiles, ragged last tiles; M = 3, 17, 49:
+    masked lanes of the per-column exp)."""
+    backend = ops.get_backend("cpu")
+    require_backend(backend)
+    b, m, n, c = shape
+    patch_major = (torch.randn(b, n, m, dtype=dtype) * 3).transpose(1, 2)
+    cluster_major = patch_major.contiguous()
+    x, w, bias = torch.randn(b, n, c, dtype=dtype), torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    g = torch.randn(b, m, c, dtype=dtype)
+    op = torch.ops.paca_kernels
+    _, pooled, stats = op.cluster_pool_fwd(cluster_major, x, w, bias, 1e-5)
+    with poisoned_outputs():
+        got = op.cluster_pool_bwd(g, patch_major, x, w, pooled, stats, 1e-5)
+    want = op.cluster_pool_bwd(g, cluster_major, x, w, pooled, stats, 1e-5)
+    assert got[0].stride() == (n * m, 1, m) and want[0].is_contiguous()
+    for name, a, e in zip(("dlogits", "dx", "dweight", "dbias"), got, want, strict=True):
+        assert torch.equal(a, e), name
+    # and through the op, against the reference backend
+    leaves = [t.clone().requires_grad_() for t in (patch_major, x, w, bias)]
+    ref = [t.clone().requires_grad_() for t in (patch_major, x, w, bias)]
+    out = ops.cluster_pool(*leaves, backend="cpu")
+    grads = torch.autograd.grad(out, leaves, g)
+    want_grads = torch.autograd.grad(reference.cluster_pool(*ref), ref, g)
+    t = backend.tolerance(dtype, grad=True)
+    for name, a, e in zip(("dlogits", "dx", "dweight", "dbias"), grads, want_grads, strict=True):
+        assert_close(a, e, name=name, **t)
+
+
+def test_pool_cpu_patch_major_backward_opcheck():
+    require_backend(ops.get_backend("cpu"))
+    logits = (torch.randn(2, 13, 5) * 2).transpose(1, 2).requires_grad_()
+    x = torch.randn(2, 13, 8, requires_grad=True)
+    w, bias = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    op = torch.ops.paca_kernels
+    torch.library.opcheck(op.cluster_pool_fwd, (logits, x, w, bias, 1e-5))
+    _, pooled, stats = op.cluster_pool_fwd(logits.detach(), x.detach(), w.detach(), bias.detach(), 1e-5)
+    torch.library.opcheck(op.cluster_pool_bwd, (torch.randn(2, 5, 8), logits.detach(), x.detach(), w.detach(),
+                                                pooled, stats, 1e-5))
+
+
 # -- as a torch.library op --------------------------------------------------------------------------
 
 

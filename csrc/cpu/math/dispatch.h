@@ -68,6 +68,11 @@ using GemmTNFn = void (*)(const float* A, int64_t lda, const float* B, int64_t l
                           int64_t ldc, int64_t rows, int64_t K, int64_t cols);
 // out[i] = exp(in[i] - shift), returns their sum.
 using ExpFn = float (*)(const float* in, float shift, float* out, int64_t n);
+// out[r, i] = exp(in[r, i] - shift[i]) * scale[i] for rows r < rows of n values (in row r at
+// in + r * ldi, out likewise): the per-column softmax of patch-major logits (cluster_pool's
+// backward), each element the exp of exp_shifted and the same product (the same bits).
+using ExpColsFn = void (*)(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                           const float* shift, const float* scale, float* out, int64_t ldo);
 // Maximum of n values, NaN skipped.
 using MaxFn = float (*)(const float* x, int64_t n);
 // The softmax numerators of rows r < rows of n values, in place: s[r, i] = exp(s[r, i] - mx[r]),
@@ -134,6 +139,7 @@ struct Float32Kernels {
   GemmNNFn gemm_nn = nullptr;
   GemmTNFn gemm_tn_acc = nullptr;
   ExpFn exp_shifted = nullptr;
+  ExpColsFn exp_shifted_cols = nullptr;
   MaxFn row_max = nullptr;
   // The attention's softmax rows, forward and backward. The vector builds run several rows at a
   // time (one row alone is a chain of dependent operations), each row in its one-row order.

@@ -44,6 +44,16 @@ inline float exp_shifted(const float* in, float shift, float* out, int64_t n) {
 inline double exp_shifted(const double* in, double shift, double* out, int64_t n) {
   return exp_shifted_impl(in, shift, out, n);
 }
+// out[r, i] = exp(in[r, i] - shift[i]) * scale[i] for rows r < rows of n values (row r at
+// in + r * ldi, out + r * ldo): each element the exp exp_shifted computes and the same product.
+inline void exp_shifted_cols(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                             const float* shift, const float* scale, float* out, int64_t ldo) {
+  float32_kernels().exp_shifted_cols(in, ldi, rows, n, shift, scale, out, ldo);
+}
+inline void exp_shifted_cols(const double* in, int64_t ldi, int64_t rows, int64_t n,
+                             const double* shift, const double* scale, double* out, int64_t ldo) {
+  exp_shifted_cols_impl(in, ldi, rows, n, shift, scale, out, ldo);
+}
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
 inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                       int64_t ldd) {

@@ -211,6 +211,28 @@ void layer_norm_rows_f32_avx2(const float* x, int64_t ldx, float* y, int64_t ldy
   for (; r < rows; ++r) ln_rows_block<1>(x + r * ldx, ldx, y + r * ldy, ldy, n, w, b, eps, min_exp);
 }
 
+// exp_shifted_cols (dispatch.h): out[r, i] = exp(in[r, i] - shift[i]) * scale[i], 8 lanes at a
+// time (each lane the exp of exp_shifted_f32_avx2, then the product: the same bits).
+void exp_shifted_cols_f32_avx2(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                               const float* shift, const float* scale, float* out, int64_t ldo) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = in + r * ldi;
+    float* o = out + r * ldo;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(shift + i)));
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(e, _mm256_loadu_ps(scale + i)));
+    }
+    if (i < n) {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane);
+      const __m256 e = exp_avx2(
+          _mm256_sub_ps(_mm256_maskload_ps(a + i, mask), _mm256_maskload_ps(shift + i, mask)));
+      _mm256_maskstore_ps(o + i, mask, _mm256_mul_ps(e, _mm256_maskload_ps(scale + i, mask)));
+    }
+  }
+}
+
 // Row maxima of R rows (row r at x + r * ld). max_ps(v, m) returns m when v is NaN: NaN entries
 // are skipped, as in row_max_impl.
 template <int R>
@@ -969,6 +991,7 @@ bool register_kernels(Float32Kernels& k) {
   k.gemm_nn = gemm_nn_f32_avx2;
   k.gemm_tn_acc = gemm_tn_acc_f32_avx2;
   k.exp_shifted = exp_shifted_f32_avx2;
+  k.exp_shifted_cols = exp_shifted_cols_f32_avx2;
   k.row_max = row_max_f32_avx2;
   k.softmax_bwd_rows = softmax_bwd_rows_f32_avx2;
   k.softmax_bwd_saved_rows = softmax_bwd_saved_rows_f32_avx2;

@@ -505,6 +505,22 @@ PACA_ALWAYS_INLINE void exp_shifted_block_avx512(const float* in, int64_t ldi, c
   for (int r = 0; r < R; ++r) sum[r] = lane_sum8(acc[r]);
 }
 
+// exp_shifted_cols (dispatch.h) on 16 lanes: each lane the exp of exp_shifted, then the product
+// (the same bits as the AVX2 kernel).
+void exp_shifted_cols_f32_avx512(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                                 const float* shift, const float* scale, float* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = in + r * ldi;
+    float* o = out + r * ldo;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+      const __m512 e = exp_avx512(
+          _mm512_sub_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, shift + i)));
+      _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, scale + i)));
+    }
+  }
+}
+
 float exp_shifted_f32_avx512(const float* in, float shift, float* out, int64_t n) {
   float sum;
   exp_shifted_block_avx512<1>(in, 0, &shift, out, 0, n, &sum);
@@ -922,6 +938,7 @@ bool register_kernels(Float32Kernels& k) {
   k.gemm_tn_acc = gemm_tn_acc_f32_avx512;
   k.gemm_packed = gemm_packed_f32_avx512;
   k.exp_shifted = exp_shifted_f32_avx512;
+  k.exp_shifted_cols = exp_shifted_cols_f32_avx512;
   k.row_max = row_max_f32_avx512;
   k.softmax_bwd_rows = softmax_bwd_rows_f32_avx512;
   k.softmax_bwd_saved_rows = softmax_bwd_saved_rows_f32_avx512;

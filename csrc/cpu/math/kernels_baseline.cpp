@@ -30,6 +30,10 @@ void gemm_tn_acc_f32_base(const float* A, int64_t lda, const float* B, int64_t l
 float exp_shifted_f32_base(const float* in, float shift, float* out, int64_t n) {
   return exp_shifted_impl(in, shift, out, n);
 }
+void exp_shifted_cols_f32_base(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                               const float* shift, const float* scale, float* out, int64_t ldo) {
+  exp_shifted_cols_impl(in, ldi, rows, n, shift, scale, out, ldo);
+}
 float row_max_f32_base(const float* x, int64_t n) { return row_max_impl(x, n); }
 void exp_minus_row_max_rows_f32_base(float* s, int64_t lds, int64_t rows, int64_t n, float* mx,
                                      float* sum) {
@@ -75,6 +79,7 @@ void register_kernels(Float32Kernels& k) {
   k.gemm_nn = gemm_nn_f32_base;
   k.gemm_tn_acc = gemm_tn_acc_f32_base;
   k.exp_shifted = exp_shifted_f32_base;
+  k.exp_shifted_cols = exp_shifted_cols_f32_base;
   k.row_max = row_max_f32_base;
   k.exp_minus_row_max_rows = exp_minus_row_max_rows_f32_base;
   k.softmax_bwd_rows = softmax_bwd_rows_f32_base;

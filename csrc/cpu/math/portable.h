@@ -80,6 +80,23 @@ PACA_ALWAYS_INLINE float exp_shifted_impl(const float* in, float shift, float* o
   }
   return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail;
 }
+// out[r, i] = exp(in[r, i] - shift[i]) * scale[i] (exp_shifted_cols in kernels.h): each element
+// the exp of exp_shifted_impl (exp_v8 lane by lane) times its column's scale.
+PACA_ALWAYS_INLINE void exp_shifted_cols_impl(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                                              const float* shift, const float* scale, float* out,
+                                              int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = in + r * ldi;
+    float* o = out + r * ldo;
+    for (int64_t i = 0; i < n; i += 8) {
+      const int64_t w = n - i < 8 ? n - i : 8;
+      v8f v = v8f{};
+      for (int64_t j = 0; j < w; ++j) v[j] = a[i + j] - shift[i + j];
+      v = exp_v8(v);
+      for (int64_t j = 0; j < w; ++j) o[i + j] = v[j] * scale[i + j];
+    }
+  }
+}
 #pragma GCC diagnostic pop
 #else
 PACA_ALWAYS_INLINE float exp_shifted_impl(const float* in, float shift, float* out, int64_t n) {
@@ -87,7 +104,22 @@ PACA_ALWAYS_INLINE float exp_shifted_impl(const float* in, float shift, float* o
   for (int64_t i = 0; i < n; ++i) sum += (out[i] = std::exp(in[i] - shift));
   return sum;
 }
+PACA_ALWAYS_INLINE void exp_shifted_cols_impl(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                                              const float* shift, const float* scale, float* out,
+                                              int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < n; ++i) out[r * ldo + i] = std::exp(in[r * ldi + i] - shift[i]) * scale[i];
+  }
+}
 #endif
+
+PACA_ALWAYS_INLINE void exp_shifted_cols_impl(const double* in, int64_t ldi, int64_t rows,
+                                              int64_t n, const double* shift, const double* scale,
+                                              double* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < n; ++i) out[r * ldo + i] = std::exp(in[r * ldi + i] - shift[i]) * scale[i];
+  }
+}
 
 PACA_ALWAYS_INLINE double exp_shifted_impl(const double* in, double shift, double* out, int64_t n) {
   double sum = 0.0;
