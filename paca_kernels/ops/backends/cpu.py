@@ -96,6 +96,13 @@ class SlowerRegime:
 #: reads the saved probabilities, which is what holds it at parity there. cluster_pool's forward at
 #: stage 2 (median 0.80) had a middle half of [0.48, 2.11], which says nothing either way (a second
 #: run: see benchmarks/NOTES.md).
+#:
+#: Re-measured after the attention's softmax rows, its saving training pair (``p2c_attention_saved_fwd``
+#: / ``_bwd``: the backward reads the forward's numerators, no recompute) and the pooling's
+#: patch-major backward: ``cpu-2026-12-07-ops-2thread.json`` (two threads, wall time, 5 rounds),
+#: forward + backward: cluster_pool 1.29 / 1.15 / 1.47 at the Tiny stages, 2.26 / 2.56 at
+#: segmentation / detection; p2c_attention 1.60 / 1.47 / 1.40, 3.09 / 3.33; forward alone 1.37-4.56.
+#: Every regime at or above parity: the table stays empty.
 SLOWER_THAN_REFERENCE: tuple[SlowerRegime, ...] = ()
 
 
