@@ -141,6 +141,21 @@ def _p2c_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.set_materialize_grads(False)  # no zero gradient made for lse
 
 
+def _register_p2c_flops(fwd_op: Any, bwd_op: Any) -> None:
+    """The FLOP formulas of a p2c_attention pair (both take q, k first): the composition's, two
+    products forward (4·B·h·N·M·d) and four backward."""
+
+    @register_flop_formula(fwd_op)
+    def _fwd_flops(q_shape, k_shape, *args, **kwargs) -> int:
+        b, n, h, d = q_shape
+        return 4 * b * h * n * k_shape[1] * d
+
+    @register_flop_formula(bwd_op)
+    def _bwd_flops(grad_shape, q_shape, k_shape, *args, **kwargs) -> int:
+        b, n, h, d = q_shape
+        return 8 * b * h * n * k_shape[1] * d
+
+
 def register_p2c_attention(fwd: str, bwd: str, deterministic: Callable[[Tensor], bool]) -> None:
     """Fake kernels, autograd and FLOP formulas for a p2c_attention pair; ``deterministic(q)`` gives
     the backward's flag (fixed-order dk/dv reduction) at backward time."""
@@ -157,15 +172,7 @@ def register_p2c_attention(fwd: str, bwd: str, deterministic: Callable[[Tensor],
 
     torch.library.register_autograd(fwd, backward, setup_context=_p2c_setup_context)
 
-    @register_flop_formula(_resolve(fwd))
-    def _fwd_flops(q_shape, k_shape, *args, **kwargs) -> int:
-        b, n, h, d = q_shape
-        return 4 * b * h * n * k_shape[1] * d
-
-    @register_flop_formula(bwd_op)
-    def _bwd_flops(grad_shape, q_shape, k_shape, *args, **kwargs) -> int:
-        b, n, h, d = q_shape
-        return 8 * b * h * n * k_shape[1] * d
+    _register_p2c_flops(_resolve(fwd), bwd_op)
 
 
 def _resolve(qualname: str) -> Any:
@@ -217,12 +224,4 @@ def register_p2c_attention_saved(fwd: str, bwd: str) -> None:
 
     torch.library.register_autograd(fwd, backward, setup_context=_p2c_saved_setup_context)
 
-    @register_flop_formula(_resolve(fwd))
-    def _fwd_flops(q_shape, k_shape, *args, **kwargs) -> int:
-        b, n, h, d = q_shape
-        return 4 * b * h * n * k_shape[1] * d
-
-    @register_flop_formula(bwd_op)
-    def _bwd_flops(grad_shape, q_shape, k_shape, *args, **kwargs) -> int:
-        b, n, h, d = q_shape
-        return 8 * b * h * n * k_shape[1] * d
+    _register_p2c_flops(_resolve(fwd), bwd_op)

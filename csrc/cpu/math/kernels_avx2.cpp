@@ -290,6 +290,32 @@ void exp_minus_row_max_rows_f32_avx2(float* s, int64_t lds, int64_t rows, int64_
   }
 }
 
+// The softmax backward rows' last pass: P = e * inv[r] into p (p may be e) and
+// dS = P o (dP - d[r]) over dP in ds, for R rows (8 lanes, masked at the row's end).
+template <int R>
+inline __attribute__((always_inline)) void softmax_bwd_last_pass_avx2(
+    const float* e, int64_t lde, const float* inv, const float* d, float* p, int64_t ldp, float* ds,
+    int64_t ldd, int64_t n) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 iv[R], dv0[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    iv[r] = _mm256_set1_ps(inv[r]);
+    dv0[r] = _mm256_set1_ps(d[r]);
+  }
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* dr = ds + r * ldd + i;
+      const __m256 pv = _mm256_mul_ps(_mm256_maskload_ps(e + r * lde + i, mask), iv[r]);
+      _mm256_maskstore_ps(p + r * ldp + i, mask, pv);
+      const __m256 dv = _mm256_maskload_ps(dr, mask);
+      _mm256_maskstore_ps(dr, mask, _mm256_mul_ps(pv, _mm256_sub_ps(dv, dv0[r])));
+    }
+  }
+}
+
 // softmax_bwd_row_impl with 8-lane vectors, R rows at a time: e = exp(s - max), its sum and
 // sum(e o dP) in one pass (element i in lane i mod 8, one vector at a time in order, the tail's
 // lanes past n zero, the lanes combined as in exp_shifted), then P = e / sum and
@@ -330,25 +356,13 @@ inline __attribute__((always_inline)) void softmax_bwd_block_avx2(float* p, int6
       accd[r] = _mm256_fmadd_ps(e, _mm256_maskload_ps(ds + r * ldd + i, mask), accd[r]);
     }
   }
-  __m256 inv[R], d[R];
+  float inv[R], d[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const float inv_s = 1.0f / lane_sum8(acc[r]);
-    inv[r] = _mm256_set1_ps(inv_s);
-    d[r] = _mm256_set1_ps(lane_sum8(accd[r]) * inv_s);
+    inv[r] = 1.0f / lane_sum8(acc[r]);
+    d[r] = lane_sum8(accd[r]) * inv[r];
   }
-  for (i = 0; i < n; i += 8) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      float* pr = p + r * ldp + i;
-      float* dr = ds + r * ldd + i;
-      const __m256 pv = _mm256_mul_ps(_mm256_maskload_ps(pr, mask), inv[r]);
-      _mm256_maskstore_ps(pr, mask, pv);
-      const __m256 dv = _mm256_maskload_ps(dr, mask);
-      _mm256_maskstore_ps(dr, mask, _mm256_mul_ps(pv, _mm256_sub_ps(dv, d[r])));
-    }
-  }
+  softmax_bwd_last_pass_avx2<R>(p, ldp, inv, d, p, ldp, ds, ldd, n);
 }
 
 // softmax_bwd_block_avx2 from the forward's numerators e and their sums (softmax_bwd_saved_rows,
@@ -377,24 +391,13 @@ inline __attribute__((always_inline)) void softmax_bwd_saved_block_avx2(
                                 _mm256_maskload_ps(ds + r * ldd + i, mask), accd[r]);
     }
   }
-  __m256 inv[R], d[R];
+  float inv[R], d[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const float inv_s = 1.0f / sum[r];
-    inv[r] = _mm256_set1_ps(inv_s);
-    d[r] = _mm256_set1_ps(lane_sum8(accd[r]) * inv_s);
+    inv[r] = 1.0f / sum[r];
+    d[r] = lane_sum8(accd[r]) * inv[r];
   }
-  for (i = 0; i < n; i += 8) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(imin(n - i, 8))), lane);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      float* dr = ds + r * ldd + i;
-      const __m256 pv = _mm256_mul_ps(_mm256_maskload_ps(e + r * lde + i, mask), inv[r]);
-      _mm256_maskstore_ps(p + r * ldp + i, mask, pv);
-      const __m256 dv = _mm256_maskload_ps(dr, mask);
-      _mm256_maskstore_ps(dr, mask, _mm256_mul_ps(pv, _mm256_sub_ps(dv, d[r])));
-    }
-  }
+  softmax_bwd_last_pass_avx2<R>(e, lde, inv, d, p, ldp, ds, ldd, n);
 }
 
 void softmax_bwd_saved_rows_f32_avx2(const float* e, int64_t lde, const float* sum, float* p,

@@ -550,6 +550,31 @@ void exp_minus_row_max_rows_f32_avx512(float* s, int64_t lds, int64_t rows, int6
   }
 }
 
+// The softmax backward rows' last pass: P = e * inv[r] into p (p may be e) and
+// dS = P o (dP - d[r]) over dP in ds, for R rows (16 lanes, masked at the row's end).
+template <int R>
+PACA_ALWAYS_INLINE void softmax_bwd_last_pass_avx512(const float* e, int64_t lde, const float* inv,
+                                                     const float* d, float* p, int64_t ldp,
+                                                     float* ds, int64_t ldd, int64_t n) {
+  __m512 iv[R], dv0[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    iv[r] = _mm512_set1_ps(inv[r]);
+    dv0[r] = _mm512_set1_ps(d[r]);
+  }
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      float* dr = ds + r * ldd + i;
+      const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, e + r * lde + i), iv[r]);
+      _mm512_mask_storeu_ps(p + r * ldp + i, mask, pv);
+      const __m512 dv = _mm512_maskz_loadu_ps(mask, dr);
+      _mm512_mask_storeu_ps(dr, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, dv0[r])));
+    }
+  }
+}
+
 // softmax_bwd_row_f32_avx2 on 16 lanes, R rows at a time, the same bits: the sums of e and of
 // e o dP go into 8-lane accumulators, low half then high half, as the AVX2 kernel adds its vectors
 // (a high half wholly past n is not added, as the AVX2 loop ends before it).
@@ -583,25 +608,13 @@ PACA_ALWAYS_INLINE void softmax_bwd_block_avx512(float* p, int64_t ldp, float* d
       }
     }
   }
-  __m512 inv[R], d[R];
+  float inv[R], d[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const float inv_s = 1.0f / lane_sum8(acc[r]);
-    inv[r] = _mm512_set1_ps(inv_s);
-    d[r] = _mm512_set1_ps(lane_sum8(accd[r]) * inv_s);
+    inv[r] = 1.0f / lane_sum8(acc[r]);
+    d[r] = lane_sum8(accd[r]) * inv[r];
   }
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      float* pr = p + r * ldp + i;
-      float* dr = ds + r * ldd + i;
-      const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, pr), inv[r]);
-      _mm512_mask_storeu_ps(pr, mask, pv);
-      const __m512 dv = _mm512_maskz_loadu_ps(mask, dr);
-      _mm512_mask_storeu_ps(dr, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, d[r])));
-    }
-  }
+  softmax_bwd_last_pass_avx512<R>(p, ldp, inv, d, p, ldp, ds, ldd, n);
 }
 
 // softmax_bwd_block_avx512 from the forward's numerators e and their sums (softmax_bwd_saved_rows,
@@ -624,24 +637,13 @@ PACA_ALWAYS_INLINE void softmax_bwd_saved_block_avx512(const float* e, int64_t l
       if (n - i > 8) accd[r] = _mm256_fmadd_ps(high_half(ev), high_half(dv), accd[r]);
     }
   }
-  __m512 inv[R], d[R];
+  float inv[R], d[R];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    const float inv_s = 1.0f / sum[r];
-    inv[r] = _mm512_set1_ps(inv_s);
-    d[r] = _mm512_set1_ps(lane_sum8(accd[r]) * inv_s);
+    inv[r] = 1.0f / sum[r];
+    d[r] = lane_sum8(accd[r]) * inv[r];
   }
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      float* dr = ds + r * ldd + i;
-      const __m512 pv = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, e + r * lde + i), inv[r]);
-      _mm512_mask_storeu_ps(p + r * ldp + i, mask, pv);
-      const __m512 dv = _mm512_maskz_loadu_ps(mask, dr);
-      _mm512_mask_storeu_ps(dr, mask, _mm512_mul_ps(pv, _mm512_sub_ps(dv, d[r])));
-    }
-  }
+  softmax_bwd_last_pass_avx512<R>(e, lde, inv, d, p, ldp, ds, ldd, n);
 }
 
 void softmax_bwd_saved_rows_f32_avx512(const float* e, int64_t lde, const float* sum, float* p,

@@ -1,4 +1,4 @@
-"""What the inference-only fused ops share: their inputs' dtype under autocast.
+"""What the fused ops share: their inputs' dtype under autocast, the linears' FLOP formula.
 
 (Their autograd kernel, which refuses an input that requires grad and otherwise calls the kernels
 below autograd, is in C++: csrc/registration.cpp, ``inference_only_autograd``.)"""
@@ -8,7 +8,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["autocast_input"]
+__all__ = ["autocast_input", "linear_flops"]
+
+
+def linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+    """A linear layer's FLOPs as FlopCounterMode counts ``F.linear``: 2 · rows · K · O for x (..., K)
+    and weight (O, K) (the bias add is not counted)."""
+    rows = 1
+    for s in x_shape[:-1]:
+        rows *= s
+    return 2 * rows * w_shape[1] * w_shape[0]
 
 
 def autocast_input(x: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
+from ._common import linear_flops
 
 __all__ = ["REGISTERED", "cached_linear"]
 
@@ -57,13 +58,7 @@ def _register() -> bool:
 
     torch.library.register_autograd(f"{_LIB}::cached_linear", _backward, setup_context=_setup_context)
 
-    @register_flop_formula(op)
-    def _flops(x_shape, w_shape, *args, **kwargs) -> int:
-        # As F.linear counts: 2 * rows * K * O (the bias add is not counted).
-        rows = 1
-        for s in x_shape[:-1]:
-            rows *= s
-        return 2 * rows * w_shape[1] * w_shape[0]
+    register_flop_formula(op)(linear_flops)
 
     return True
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from ... import _ext
-from ._common import autocast_input
+from ._common import autocast_input, linear_flops
 
 __all__ = ["REGISTERED", "linear"]
 
@@ -30,13 +30,7 @@ def _register() -> bool:
     def _fake(x, weight, bias):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
-    @register_flop_formula(op)
-    def _flops(x_shape, w_shape, *args, **kwargs) -> int:
-        # As F.linear counts: 2 * rows * K * O (the bias add is not counted).
-        rows = 1
-        for s in x_shape[:-1]:
-            rows *= s
-        return 2 * rows * w_shape[1] * w_shape[0]
+    register_flop_formula(op)(linear_flops)
 
     return True
 
