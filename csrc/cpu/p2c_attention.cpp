@@ -474,18 +474,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> p2c_attention_saved_bwd_cpu(
   check_p2c_bwd_args(grad_out, q, k, v, kSavedBwdOp);
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3), M = k.size(1);
   const at::ScalarType acc = acc_dtype(q);
-  TORCH_CHECK(exp_scores.sizes() == at::IntArrayRef({B, H, N, M}) && exp_scores.is_contiguous() &&
-                  exp_scores.scalar_type() == acc && exp_scores.device() == q.device(),
-              kSavedBwdOp, ": expected exp_scores contiguous (B, h, N, M) = (", B, ", ", H, ", ", N,
-              ", ", M, ") of dtype ", acc, " on ", q.device(), ", got ", exp_scores.sizes(), " ",
-              exp_scores.scalar_type(), " on ", exp_scores.device(),
-              exp_scores.is_contiguous() ? "" : " (not contiguous)");
-  TORCH_CHECK(exp_sums.sizes() == at::IntArrayRef({B, H, N}) && exp_sums.is_contiguous() &&
-                  exp_sums.scalar_type() == acc && exp_sums.device() == q.device(),
-              kSavedBwdOp, ": expected exp_sums contiguous (B, h, N) = (", B, ", ", H, ", ", N,
-              ") of dtype ", acc, " on ", q.device(), ", got ", exp_sums.sizes(), " ",
-              exp_sums.scalar_type(), " on ", exp_sums.device(),
-              exp_sums.is_contiguous() ? "" : " (not contiguous)");
+  // The saved tensors as the saving forward returned them: contiguous, acc dtype, q's device.
+  const auto check_saved = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name,
+                               const char* dims) {
+    TORCH_CHECK(t.sizes() == shape && t.is_contiguous() && t.scalar_type() == acc &&
+                    t.device() == q.device(),
+                kSavedBwdOp, ": expected ", name, " contiguous ", dims, " = ", shape, " of dtype ",
+                acc, " on ", q.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ",
+                t.device(), t.is_contiguous() ? "" : " (not contiguous)");
+  };
+  check_saved(exp_scores, {B, H, N, M}, "exp_scores", "(B, h, N, M)");
+  check_saved(exp_sums, {B, H, N}, "exp_sums", "(B, h, N)");
 
   at::Tensor dq = empty_output(q.sizes(), q.options());
   at::Tensor dk = empty_output(k.sizes(), k.options());

@@ -88,15 +88,14 @@ class Mlp(nn.Module):
                 linear(x, self.fc1.weight, None), H, W, conv.weight, conv.bias, self.fc1.bias,
                 bool(self.dwconv.with_shortcut), type(self.act) is nn.GELU,
             )
-            if plan == "train":
-                x = self.drop(x)
-                return self.drop(linear(x, self.fc2.weight, self.fc2.bias))
         else:
             x = self.fc1(x)
             if self.dwconv is not None:
                 x = self.dwconv(x, H, W)
             x = self.act(x)
         x = self.drop(x)
+        if plan == "train":
+            return self.drop(_cached_linear_op.cached_linear(x, self.fc2.weight, self.fc2.bias))
         return self.drop(self.fc2(x))
 
     def _whole(self, x: Tensor, H: int, W: int, norm: nn.LayerNorm | None = None) -> Tensor:

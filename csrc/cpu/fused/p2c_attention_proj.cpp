@@ -31,7 +31,6 @@
 #include "cpu/math/packing.h"
 #include "cpu/math/parallel.h"
 #include "cpu/math/scratch.h"
-#include "cpu/math/softmax.h"
 #include "cpu/math/tensor_access.h"
 
 namespace paca_kernels {

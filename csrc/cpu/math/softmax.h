@@ -1,6 +1,7 @@
-// The softmax row loop shared by the attention (p2c_attention.cpp, fused/p2c_attention_proj.cpp)
-// and the layer's assignment probabilities (fused/conv_paca_layer.cpp). Baseline translation units
-// only (ODR rule in dispatch.h).
+// One softmax row's numerators: the layer's assignment probabilities (fused/conv_paca_layer.cpp),
+// rows of N patches. (The attention's short rows go through exp_minus_row_max_rows of kernels.h,
+// several rows at a time, with the same bits per row.) Baseline translation units only (ODR rule
+// in dispatch.h).
 #pragma once
 
 #include <cstdint>
