@@ -508,44 +508,58 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
   // 1 / sum.
   const Scratch<acc_t> dp(ScratchSlot::kCall0, B * M * C), rowdot(ScratchSlot::kCall2, B * M), smax(ScratchSlot::kCall3, B * M),
       sinv(ScratchSlot::kCall4, B * M), dwb_part(ScratchSlot::kCall5, 2 * B * C);
+  // The patch-major pass of phase 2 reads dP^T per batch: each phase-1 task transposes the dP rows
+  // it wrote (in parallel, while they are in cache).
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const bool patch_major = kSameType && dlogits_patch_major(logits, x);
+  const Scratch<acc_t> dpt(ScratchSlot::kCall6, patch_major ? B * C * M : 0);
   const int64_t ln_grain = std::max<int64_t>(1, kGrainSize / (8 * M * C));
   parallel_for(0, B, ln_grain, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> prow(C), xhat(C), g(C);
+    // Every loop over C below is elementwise or one of sum_interleaved's sums, so that it
+    // vectorises (a running scalar sum per row is a serial chain of adds).
+    std::vector<acc_t> pbuf(C), gobuf(C), xhat(C), g(C);
     for (int64_t b = lo; b < hi; ++b) {
       acc_t* dwb = dwb_part.data() + 2 * b * C;  // dweight partial, then dbias partial
       acc_t* dbb = dwb + C;
       std::fill(dwb, dwb + 2 * C, acc_t(0));
       for (int64_t m = 0; m < M; ++m) {
         const acc_t* psrc = pp + b * sp[0] + m * sp[1];
+        const acc_t* prow = psrc;  // pooled's row, in place when contiguous
+        if (sp[2] != 1) {
+          for (int64_t c = 0; c < C; ++c) pbuf[c] = psrc[c * sp[2]];
+          prow = pbuf.data();
+        }
         const scalar_t* gsrc = gp + b * sg[0] + m * sg[1];
-        for (int64_t c = 0; c < C; ++c) prow[c] = psrc[c * sp[2]];
+        acc_t* go = gobuf.data();
+        if (sg[2] == 1) {
+          for (int64_t c = 0; c < C; ++c) go[c] = static_cast<acc_t>(gsrc[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) go[c] = static_cast<acc_t>(gsrc[c * sg[2]]);
+        }
         // Overflow-free statistics (cpu/math/layernorm.h): xhat from the scaled row, and the
         // rstd of pooled itself, rstd_q / scale, for dP.
-        const LayerNormStats<acc_t> st = layer_norm_stats(prow.data(), C, eps_acc);
+        const LayerNormStats<acc_t> st = layer_norm_stats(prow, C, eps_acc);
         const acc_t inv = st.inv_scale, mean = st.mean, rstd = st.rstd * inv;
-        acc_t mean_g = 0, mean_gx = 0;
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t go = static_cast<acc_t>(gsrc[c * sg[2]]);
           xhat[c] = (prow[c] * inv - mean) * st.rstd;
-          dwb[c] += go * xhat[c];
-          dbb[c] += go;
-          g[c] = wp ? go * wp[c] : go;
-          mean_g += g[c];
-          mean_gx += g[c] * xhat[c];
+          dwb[c] += go[c] * xhat[c];
+          dbb[c] += go[c];
         }
-        mean_g /= static_cast<acc_t>(C);
-        mean_gx /= static_cast<acc_t>(C);
+        if (wp != nullptr) {
+          for (int64_t c = 0; c < C; ++c) g[c] = go[c] * wp[c];
+        } else {
+          std::copy(go, go + C, g.begin());
+        }
+        const acc_t mean_g = sum_interleaved<acc_t>(g.data(), nullptr, C) / static_cast<acc_t>(C);
+        const acc_t mean_gx = sum_interleaved(g.data(), xhat.data(), C) / static_cast<acc_t>(C);
         acc_t* dprow = dp.data() + (b * M + m) * C;
-        acc_t rd = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          dprow[c] = rstd * (g[c] - mean_g - xhat[c] * mean_gx);
-          rd += dprow[c] * prow[c];
-        }
-        rowdot[b * M + m] = rd;
+        for (int64_t c = 0; c < C; ++c) dprow[c] = rstd * (g[c] - mean_g - xhat[c] * mean_gx);
+        rowdot[b * M + m] = sum_interleaved(dprow, prow, C);
         const acc_t* st2 = stp + b * sst[0] + m * sst[1];
         smax[b * M + m] = st2[0];
         sinv[b * M + m] = acc_t(1) / st2[sst[2]];
       }
+      if (patch_major) transpose(dp.data() + b * M * C, C, M, C, dpt.data() + b * C * M, M);
     }
   });
   {
@@ -567,20 +581,17 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();       // (B, N, C) contiguous
   // x rows are used in place when they already are contiguous acc_t vectors (no copy).
   const bool x_direct = std::is_same_v<scalar_t, acc_t> && sx[2] == 1;
-  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   if constexpr (kSameType) {
-    if (dlogits_patch_major(logits, x)) {
+    if (patch_major) {
       // Patch-major logits (unit stride over M: the clustering heads' layout) and dlogits in that
       // layout (dlogits_patch_major): every tile works on (nt x M) rows, as the logits arrive and
       // dlogits leaves, so that nothing is transposed:
       //   dS^T = x.dP^T         (nt x C).(C x M), dP^T transposed once per batch
-      //   S    = exp(logits - max) / sum, per column (exp_shifted_cols)
-      //   dlogits = S o (dS - rowdot), into dlogits's rows
+      //   S    = exp(logits - max) / sum, per column, and dlogits = S o (dS - rowdot) into
+      //          dlogits's rows, in one pass (exp_shifted_cols)
       //   dx   = S.dP           (nt x M).(M x C), straight into dx's rows
       // Every element is computed as in the cluster-major pass below (the same exp and products,
       // each sum in the same order), so both give the same bits.
-      const Scratch<acc_t> dpt(ScratchSlot::kCall6, B * C * M);
-      for (int64_t b = 0; b < B; ++b) transpose(dp.data() + b * M * C, C, M, C, dpt.data() + b * C * M, M);
       const int64_t tile = balanced_tile(N);
       const int64_t ntile = (N + tile - 1) / tile;
       const int64_t grain = std::max<int64_t>(1, kGrainSize / (2 * M * C * kPatchTile));
@@ -597,15 +608,9 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
           const acc_t* xa = x_tile(xp, sx, b, n0, nt, C, x_direct, xbuf.data(), ldx);
           gemm_nn(xa, ldx, dpt.data() + b * C * M, M, ds, M, nt, C, M, /*accumulate=*/false);
           const scalar_t* lt = lp + b * sl[0] + n0 * sl[2];
-          exp_shifted_cols(lt, sl[2], nt, M, smax.data() + b * M, sinv.data() + b * M, sm, M);
-          const acc_t* rd = rowdot.data() + b * M;
-          scalar_t* dl0 = dlp + b * dlogits.stride(0) + n0 * ldd;
-          for (int64_t i = 0; i < nt; ++i) {
-            const acc_t* srow = sm + i * M;
-            const acc_t* dsr = ds + i * M;
-            scalar_t* dlr = dl0 + i * ldd;
-            for (int64_t m = 0; m < M; ++m) dlr[m] = srow[m] * (dsr[m] - rd[m]);
-          }
+          // S and dlogits = S o (dS - rowdot) in one pass, into dlogits's rows.
+          exp_shifted_cols(lt, sl[2], nt, M, smax.data() + b * M, sinv.data() + b * M, sm, M, ds, M,
+                           rowdot.data() + b * M, dlp + b * dlogits.stride(0) + n0 * ldd, ldd);
           gemm_nn(sm, M, dp.data() + b * M * C, C, dxp + (b * N + n0) * C, C, nt, M, C,
                   /*accumulate=*/false);
         }

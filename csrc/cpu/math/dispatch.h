@@ -70,9 +70,13 @@ using GemmTNFn = void (*)(const float* A, int64_t lda, const float* B, int64_t l
 using ExpFn = float (*)(const float* in, float shift, float* out, int64_t n);
 // out[r, i] = exp(in[r, i] - shift[i]) * scale[i] for rows r < rows of n values (in row r at
 // in + r * ldi, out likewise): the per-column softmax of patch-major logits (cluster_pool's
-// backward), each element the exp of exp_shifted and the same product (the same bits).
+// backward), each element the exp of exp_shifted and the same product (the same bits). With
+// ds != nullptr, also the softmax backward in the same pass: grad[r, i] = out[r, i] * (ds[r, i] -
+// rd[i]) (ds row r at ds + r * ldd, grad likewise), the product of that sub and mul (same bits).
 using ExpColsFn = void (*)(const float* in, int64_t ldi, int64_t rows, int64_t n,
-                           const float* shift, const float* scale, float* out, int64_t ldo);
+                           const float* shift, const float* scale, float* out, int64_t ldo,
+                           const float* ds, int64_t ldd, const float* rd, float* grad,
+                           int64_t ldg);
 // Maximum of n values, NaN skipped.
 using MaxFn = float (*)(const float* x, int64_t n);
 // The softmax numerators of rows r < rows of n values, in place: s[r, i] = exp(s[r, i] - mx[r]),

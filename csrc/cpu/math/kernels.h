@@ -46,13 +46,20 @@ inline double exp_shifted(const double* in, double shift, double* out, int64_t n
 }
 // out[r, i] = exp(in[r, i] - shift[i]) * scale[i] for rows r < rows of n values (row r at
 // in + r * ldi, out + r * ldo): each element the exp exp_shifted computes and the same product.
+// With ds (row r at ds + r * ldd), also the softmax backward in the same pass: grad[r, i] =
+// out[r, i] * (ds[r, i] - rd[i]) (row r at grad + r * ldg).
 inline void exp_shifted_cols(const float* in, int64_t ldi, int64_t rows, int64_t n,
-                             const float* shift, const float* scale, float* out, int64_t ldo) {
-  float32_kernels().exp_shifted_cols(in, ldi, rows, n, shift, scale, out, ldo);
+                             const float* shift, const float* scale, float* out, int64_t ldo,
+                             const float* ds = nullptr, int64_t ldd = 0,
+                             const float* rd = nullptr, float* grad = nullptr, int64_t ldg = 0) {
+  float32_kernels().exp_shifted_cols(in, ldi, rows, n, shift, scale, out, ldo, ds, ldd, rd, grad,
+                                     ldg);
 }
 inline void exp_shifted_cols(const double* in, int64_t ldi, int64_t rows, int64_t n,
-                             const double* shift, const double* scale, double* out, int64_t ldo) {
-  exp_shifted_cols_impl(in, ldi, rows, n, shift, scale, out, ldo);
+                             const double* shift, const double* scale, double* out, int64_t ldo,
+                             const double* ds = nullptr, int64_t ldd = 0,
+                             const double* rd = nullptr, double* grad = nullptr, int64_t ldg = 0) {
+  exp_shifted_cols_impl(in, ldi, rows, n, shift, scale, out, ldo, ds, ldd, rd, grad, ldg);
 }
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols.
 inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,

@@ -213,23 +213,51 @@ void layer_norm_rows_f32_avx2(const float* x, int64_t ldx, float* y, int64_t ldy
 
 // exp_shifted_cols (dispatch.h): out[r, i] = exp(in[r, i] - shift[i]) * scale[i], 8 lanes at a
 // time (each lane the exp of exp_shifted_f32_avx2, then the product: the same bits).
-void exp_shifted_cols_f32_avx2(const float* in, int64_t ldi, int64_t rows, int64_t n,
-                               const float* shift, const float* scale, float* out, int64_t ldo) {
+// With ds: grad = out * (ds - rd) from the registers (a sub and a mul: the bits of the portable
+// loop).
+template <bool kGrad>
+inline void exp_shifted_cols_avx2(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                                  const float* shift, const float* scale, float* out, int64_t ldo,
+                                  const float* ds, int64_t ldd, const float* rd, float* grad,
+                                  int64_t ldg) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t r = 0; r < rows; ++r) {
     const float* a = in + r * ldi;
     float* o = out + r * ldo;
+    const float* d = kGrad ? ds + r * ldd : nullptr;
+    float* g = kGrad ? grad + r * ldg : nullptr;
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
       const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(shift + i)));
-      _mm256_storeu_ps(o + i, _mm256_mul_ps(e, _mm256_loadu_ps(scale + i)));
+      const __m256 s = _mm256_mul_ps(e, _mm256_loadu_ps(scale + i));
+      _mm256_storeu_ps(o + i, s);
+      if (kGrad) {
+        _mm256_storeu_ps(
+            g + i, _mm256_mul_ps(s, _mm256_sub_ps(_mm256_loadu_ps(d + i), _mm256_loadu_ps(rd + i))));
+      }
     }
     if (i < n) {
       const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - i)), lane);
       const __m256 e = exp_avx2(
           _mm256_sub_ps(_mm256_maskload_ps(a + i, mask), _mm256_maskload_ps(shift + i, mask)));
-      _mm256_maskstore_ps(o + i, mask, _mm256_mul_ps(e, _mm256_maskload_ps(scale + i, mask)));
+      const __m256 s = _mm256_mul_ps(e, _mm256_maskload_ps(scale + i, mask));
+      _mm256_maskstore_ps(o + i, mask, s);
+      if (kGrad) {
+        _mm256_maskstore_ps(g + i, mask,
+                            _mm256_mul_ps(s, _mm256_sub_ps(_mm256_maskload_ps(d + i, mask),
+                                                           _mm256_maskload_ps(rd + i, mask))));
+      }
     }
+  }
+}
+void exp_shifted_cols_f32_avx2(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                               const float* shift, const float* scale, float* out, int64_t ldo,
+                               const float* ds, int64_t ldd, const float* rd, float* grad,
+                               int64_t ldg) {
+  if (ds != nullptr) {
+    exp_shifted_cols_avx2<true>(in, ldi, rows, n, shift, scale, out, ldo, ds, ldd, rd, grad, ldg);
+  } else {
+    exp_shifted_cols_avx2<false>(in, ldi, rows, n, shift, scale, out, ldo, ds, ldd, rd, grad, ldg);
   }
 }
 

@@ -507,17 +507,40 @@ PACA_ALWAYS_INLINE void exp_shifted_block_avx512(const float* in, int64_t ldi, c
 
 // exp_shifted_cols (dispatch.h) on 16 lanes: each lane the exp of exp_shifted, then the product
 // (the same bits as the AVX2 kernel).
-void exp_shifted_cols_f32_avx512(const float* in, int64_t ldi, int64_t rows, int64_t n,
-                                 const float* shift, const float* scale, float* out, int64_t ldo) {
+template <bool kGrad>
+inline void exp_shifted_cols_avx512(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                                    const float* shift, const float* scale, float* out,
+                                    int64_t ldo, const float* ds, int64_t ldd, const float* rd,
+                                    float* grad, int64_t ldg) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* a = in + r * ldi;
     float* o = out + r * ldo;
+    const float* d = kGrad ? ds + r * ldd : nullptr;
+    float* g = kGrad ? grad + r * ldg : nullptr;
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : lanes_mask16(n - i);
       const __m512 e = exp_avx512(
           _mm512_sub_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, shift + i)));
-      _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, scale + i)));
+      const __m512 s = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, scale + i));
+      _mm512_mask_storeu_ps(o + i, m, s);
+      if (kGrad) {  // the softmax backward from the registers: a sub and a mul, as AVX2's
+        _mm512_mask_storeu_ps(g + i, m,
+                              _mm512_mul_ps(s, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, d + i),
+                                                             _mm512_maskz_loadu_ps(m, rd + i))));
+      }
     }
+  }
+}
+void exp_shifted_cols_f32_avx512(const float* in, int64_t ldi, int64_t rows, int64_t n,
+                                 const float* shift, const float* scale, float* out, int64_t ldo,
+                                 const float* ds, int64_t ldd, const float* rd, float* grad,
+                                 int64_t ldg) {
+  if (ds != nullptr) {
+    exp_shifted_cols_avx512<true>(in, ldi, rows, n, shift, scale, out, ldo, ds, ldd, rd, grad,
+                                  ldg);
+  } else {
+    exp_shifted_cols_avx512<false>(in, ldi, rows, n, shift, scale, out, ldo, ds, ldd, rd, grad,
+                                   ldg);
   }
 }
 

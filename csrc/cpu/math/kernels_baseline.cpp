@@ -31,8 +31,10 @@ float exp_shifted_f32_base(const float* in, float shift, float* out, int64_t n) 
   return exp_shifted_impl(in, shift, out, n);
 }
 void exp_shifted_cols_f32_base(const float* in, int64_t ldi, int64_t rows, int64_t n,
-                               const float* shift, const float* scale, float* out, int64_t ldo) {
-  exp_shifted_cols_impl(in, ldi, rows, n, shift, scale, out, ldo);
+                               const float* shift, const float* scale, float* out, int64_t ldo,
+                               const float* ds, int64_t ldd, const float* rd, float* grad,
+                               int64_t ldg) {
+  exp_shifted_cols_impl(in, ldi, rows, n, shift, scale, out, ldo, ds, ldd, rd, grad, ldg);
 }
 float row_max_f32_base(const float* x, int64_t n) { return row_max_impl(x, n); }
 void exp_minus_row_max_rows_f32_base(float* s, int64_t lds, int64_t rows, int64_t n, float* mx,

@@ -54,6 +54,28 @@ struct LayerNormStats {
                 // and the rstd of p itself is rstd * inv_scale
 };
 
+// sum_i a[i] (b == nullptr) or sum_i a[i] * b[i], in eight interleaved partials combined as
+// layer_norm_stats combines its own: a single running sum is a serial chain of dependent adds (the
+// backward's LayerNorm part, three such sums per row, was a tenth of cluster_pool's backward at
+// C = 192), the partials vectorise, and the fixed order keeps the result reproducible.
+template <typename T>
+inline T sum_interleaved(const T* a, const T* b, int64_t n) {
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  if (b == nullptr) {
+    for (; i + 8 <= n; i += 8) {
+      for (int j = 0; j < 8; ++j) part[j] += a[i + j];
+    }
+    for (; i < n; ++i) part[0] += a[i];
+  } else {
+    for (; i + 8 <= n; i += 8) {
+      for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
+    }
+    for (; i < n; ++i) part[0] += a[i] * b[i];
+  }
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 // Statistics of the row p (n > 0 values, biased variance, two passes). The sums run in eight
 // interleaved partials: the compiler vectorises them (a single running sum is a serial chain of
 // dependent adds, which made the LayerNorm epilogue a fifth of the forward), and the fixed order

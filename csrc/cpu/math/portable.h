@@ -81,10 +81,12 @@ PACA_ALWAYS_INLINE float exp_shifted_impl(const float* in, float shift, float* o
   return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail;
 }
 // out[r, i] = exp(in[r, i] - shift[i]) * scale[i] (exp_shifted_cols in kernels.h): each element
-// the exp of exp_shifted_impl (exp_v8 lane by lane) times its column's scale.
+// the exp of exp_shifted_impl (exp_v8 lane by lane) times its column's scale; with ds, also
+// grad[r, i] = out[r, i] * (ds[r, i] - rd[i]).
 PACA_ALWAYS_INLINE void exp_shifted_cols_impl(const float* in, int64_t ldi, int64_t rows, int64_t n,
                                               const float* shift, const float* scale, float* out,
-                                              int64_t ldo) {
+                                              int64_t ldo, const float* ds, int64_t ldd,
+                                              const float* rd, float* grad, int64_t ldg) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* a = in + r * ldi;
     float* o = out + r * ldo;
@@ -94,6 +96,11 @@ PACA_ALWAYS_INLINE void exp_shifted_cols_impl(const float* in, int64_t ldi, int6
       for (int64_t j = 0; j < w; ++j) v[j] = a[i + j] - shift[i + j];
       v = exp_v8(v);
       for (int64_t j = 0; j < w; ++j) o[i + j] = v[j] * scale[i + j];
+    }
+    if (ds != nullptr) {
+      const float* d = ds + r * ldd;
+      float* g = grad + r * ldg;
+      for (int64_t i = 0; i < n; ++i) g[i] = o[i] * (d[i] - rd[i]);
     }
   }
 }
@@ -106,18 +113,27 @@ PACA_ALWAYS_INLINE float exp_shifted_impl(const float* in, float shift, float* o
 }
 PACA_ALWAYS_INLINE void exp_shifted_cols_impl(const float* in, int64_t ldi, int64_t rows, int64_t n,
                                               const float* shift, const float* scale, float* out,
-                                              int64_t ldo) {
+                                              int64_t ldo, const float* ds, int64_t ldd,
+                                              const float* rd, float* grad, int64_t ldg) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < n; ++i) out[r * ldo + i] = std::exp(in[r * ldi + i] - shift[i]) * scale[i];
+    for (int64_t i = 0; i < n; ++i) {
+      out[r * ldo + i] = std::exp(in[r * ldi + i] - shift[i]) * scale[i];
+      if (ds != nullptr) grad[r * ldg + i] = out[r * ldo + i] * (ds[r * ldd + i] - rd[i]);
+    }
   }
 }
 #endif
 
 PACA_ALWAYS_INLINE void exp_shifted_cols_impl(const double* in, int64_t ldi, int64_t rows,
                                               int64_t n, const double* shift, const double* scale,
-                                              double* out, int64_t ldo) {
+                                              double* out, int64_t ldo, const double* ds,
+                                              int64_t ldd, const double* rd, double* grad,
+                                              int64_t ldg) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < n; ++i) out[r * ldo + i] = std::exp(in[r * ldi + i] - shift[i]) * scale[i];
+    for (int64_t i = 0; i < n; ++i) {
+      out[r * ldo + i] = std::exp(in[r * ldi + i] - shift[i]) * scale[i];
+      if (ds != nullptr) grad[r * ldg + i] = out[r * ldo + i] * (ds[r * ldd + i] - rd[i]);
+    }
   }
 }
 
