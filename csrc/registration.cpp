@@ -195,6 +195,12 @@ std::tuple<int64_t, int64_t> cpu_output_cache() {
   return {paca_kernels::cpu::cpu_output_cache_bytes(), paca_kernels::cpu::cpu_output_cache_limit()};
 }
 int64_t cpu_output_cache_clear() { return paca_kernels::cpu::cpu_output_cache_clear(); }
+// _cpu_empty_output(size, dtype) -> Tensor: an uninitialised CPU tensor from the kernels' output
+// path (cpu/output_pool.h: cached blocks from 256 KiB), so that the tests can check what it hands
+// out. Private (leading underscore), device-independent as cpu_isa.
+at::Tensor cpu_empty_output(c10::IntArrayRef size, at::ScalarType dtype) {
+  return paca_kernels::cpu::empty_output_for_test(size, dtype);
+}
 
 // The inference-only ops (no backward) and what their callers run instead when gradients are wanted.
 struct InferenceOnlyOp {
@@ -270,6 +276,7 @@ TORCH_LIBRARY(paca_kernels, m) {
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("cpu_output_cache() -> (int cached, int limit)", &cpu_output_cache);
   m.def("cpu_output_cache_clear() -> int", &cpu_output_cache_clear);
+  m.def("_cpu_empty_output(int[] size, ScalarType dtype) -> Tensor", &cpu_empty_output);
   m.def(
       "cluster_pool_fwd(Tensor logits, Tensor x, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor out, Tensor pooled, Tensor stats)");

@@ -2,6 +2,8 @@
 
 #include "cpu/output_pool.h"
 
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -150,8 +153,29 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   if (nbytes < kPoolMinBytes || !pool.enabled() || options.device().type() != c10::DeviceType::CPU) {
     return at::empty(sizes, options);
   }
-  return at::detail::empty_generic(sizes, &pool, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), c10::MemoryFormat::Contiguous);
+  at::Tensor out = at::detail::empty_generic(sizes, &pool, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                             options.dtype().toScalarType(),
+                                             c10::MemoryFormat::Contiguous);
+  // torch.utils.deterministic.fill_uninitialized_memory (with deterministic algorithms on): at::empty
+  // then fills new memory with NaN (integers: their largest value), so that an element a kernel
+  // fails to write shows (paca_kernels.testing.poisoned_outputs). A cached block holds an earlier
+  // output's values, which would hide such an element, so it is filled alike.
+  const at::Context& ctx = at::globalContext();
+  if (ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory()) {
+    if (out.is_floating_point() || out.is_complex()) {
+      out.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else if (out.scalar_type() == at::kBool) {
+      out.fill_(true);
+    } else {
+      AT_DISPATCH_INTEGRAL_TYPES(out.scalar_type(), "empty_output_poison",
+                                 [&] { out.fill_(std::numeric_limits<scalar_t>::max()); });
+    }
+  }
+  return out;
+}
+
+at::Tensor empty_output_for_test(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return empty_output(sizes, at::TensorOptions().dtype(dtype));
 }
 
 int64_t cpu_output_cache_bytes() { return static_cast<int64_t>(OutputPool::instance().cached()); }

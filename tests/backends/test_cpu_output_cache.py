@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from paca_kernels import ops
+from paca_kernels import ops, testing
 
 pytestmark = pytest.mark.extension
 
@@ -109,6 +109,29 @@ def test_accounting_and_clear():
     assert cached >= nbytes and cached % (64 << 10) == 0
     assert ops.cpu_output_cache_clear() == cached
     assert ops.cpu_output_cache() == (0, limit)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int32])
+def test_reused_blocks_are_poisoned_like_at_empty(dtype: torch.dtype):
+    """Under ``testing.poisoned_outputs()`` (torch's fill_uninitialized_memory) a cached block is
+    filled as at::empty fills new memory (NaN, integers their largest value): without that, an
+    element a kernel failed to write would show the previous output's value, and the tests'
+    poisoning would not reach any output of 256 KiB or more."""
+    n = (MIN_BYTES // torch.empty((), dtype=dtype).element_size()) * 2
+    stale = OPS._cpu_empty_output([n], dtype)
+    stale.fill_(7)
+    ptr = stale.data_ptr()
+    del stale
+    plain = OPS._cpu_empty_output([n], dtype)  # the same block, as it was left (the cache at work)
+    assert plain.data_ptr() == ptr and bool((plain == 7).all())
+    del plain
+    with testing.poisoned_outputs():
+        out = OPS._cpu_empty_output([n], dtype)
+    assert out.data_ptr() == ptr and out.shape == (n,) and out.dtype == dtype
+    if dtype.is_floating_point:
+        assert bool(torch.isnan(out).all())
+    else:
+        assert bool((out == torch.iinfo(dtype).max).all())
 
 
 def test_pooled_tensors_behave_as_cpu_tensors(tmp_path):
