@@ -72,8 +72,13 @@ constexpr const char* kOp = "paca_kernels::mlp_dwconv_bwd";
 // Rows per band: about this many patches (fixed by the shape alone, see the header comment); the
 // halo of g recomputed per band is 2 (k - 1) / 2 rows.
 constexpr int64_t kBandPatches = 2048;
-// Rows of u/z/g per step inside a band: about this many patches.
-constexpr int64_t kChunkPatches = 256;
+// Rows of u/z/g per step inside a band: about this many patches, and at least k - 1 rows (u's halo
+// of k - 1 rows is copied again for every step). Small, so that a step's u, z, g and grad_x rows
+// stay in L2 together: 256 patches (4 rows at PaCa-ViT-Tiny's first stage, C = 384: about 1.5 MB in
+// all) ran 6-32 % slower than this at the MLP shapes of Tiny's first three stages (B = 8, 2
+// threads), the same within 5 % at the clustering heads' 7 x 7 ones (A/B of two builds, alternating
+// processes); one row everywhere lost 11 % at the fourth stage and 16 % at the first head.
+constexpr int64_t kChunkPatches = 64;
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -307,9 +312,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_dwconv_bwd_kernel
   const int64_t bands = (H + std::clamp<int64_t>(kBandPatches / W, 1, H) - 1) /
                         std::clamp<int64_t>(kBandPatches / W, 1, H);
   const int64_t rows = (H + bands - 1) / bands, tasks = B * bands;
-  // Rows of g computed per step: about kChunkPatches patches, so that u's padded chunk, z and
-  // g's rolling buffer stay in L2.
-  const int64_t chunk = std::clamp<int64_t>(kChunkPatches / W, 1, rows + 2 * pad);
+  // Rows of g computed per step: about kChunkPatches patches and at least k - 1 rows, so that u's
+  // padded chunk, z and g's rolling buffer stay in L2.
+  const int64_t chunk = std::clamp<int64_t>(std::max(kChunkPatches / W, k - 1), 1, rows + 2 * pad);
   at::Tensor grad_x = empty_output({B, N, C}, x.options());
   T* dxp = grad_x.mutable_data_ptr<T>();
 

@@ -27,7 +27,7 @@ pytestmark = [
 # (B, H, W, C, k): odd grids (7x9: N = 63), channel counts that leave vector tails (40, 37, 20, 45,
 # 13), a kernel larger than the grid, a 1x1 grid, k = 5, 7, and grids of more than one band of the
 # backward (over 2048 patches: the halo rows between bands, g's rolling buffer over several chunks,
-# one-row chunks at W = 300).
+# chunks of k - 1 rows at W = 31, 44 and 300).
 SHAPES = [
     (2, 7, 9, 40, 3),
     (1, 5, 3, 37, 3),
