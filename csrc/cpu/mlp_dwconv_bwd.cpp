@@ -349,8 +349,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_dwconv_bwd_kernel
         const int64_t dx_end = r0 == ge ? y1 : std::min(y1, r0 - pad);
         if (dx_end > next_dx) {
           const int64_t off = (b * N + next_dx * W) * C, n = (dx_end - next_dx) * W;
+          // g's rolling buffer is in L2 (cached: channel sweeps).
           dwconv_rows(gbuf, C, gbase, H, W, next_dx, dx_end - next_dx, wt_flip.data(), nullptr,
-                      nullptr, /*gelu=*/false, dxp + off, C, k);
+                      nullptr, /*gelu=*/false, dxp + off, C, k, /*cached=*/true);
           if (in_bias) {
             T* pib = part + (kk + 1) * C;
             for (int64_t i = 0; i < n; ++i) {

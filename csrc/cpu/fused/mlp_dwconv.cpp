@@ -62,8 +62,9 @@ void mlp_dwconv_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
       const int64_t nr = std::min(rows, H - y0), n0 = y0 * W;
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (direct != nullptr) {
+          // x streams from memory (cached = false: pixel groups in order).
           direct(xp + b * sx[0], sx[1], 0, H, W, y0, nr, wt.data(), bias, in_bias, gelu,
-                 op + (b * H * W + n0) * C, C, k);
+                 op + (b * H * W + n0) * C, C, k, /*cached=*/false);
           continue;
         }
       }

@@ -272,9 +272,10 @@ void mlp_fused_kernel(const at::Tensor& x, int64_t H, int64_t W, int64_t k,
           }
           h_hi = need_hi;
         }
+        // hbuf's rows were just written by fc1's product: in cache.
         dwconv_rows(hbuf.data(), Hg, h_lo, H, W, y, rows, grp.wt.data(),
                     dw_b ? dw_b + grp.h0 : nullptr, b1 ? b1 + grp.h0 : nullptr, gelu, g.data(), Hg,
-                    k);
+                    k, /*cached=*/true);
         const int64_t nt = rows * W;
         acc_t* dst;
         if (G > 1) {

@@ -82,12 +82,14 @@ inline void dwconv_band(const double* in, int64_t in_w, const double* wt, const 
 }
 
 // Depthwise convolution of image rows y0 .. y0 + rows - 1 read in place (see dwconv_rows_impl),
-// GELU applied if `gelu`: the AVX2 kernel for float32 where available.
+// GELU applied if `gelu`: the vector kernel for float32 where available (`cached`: whether img's
+// rows are in cache already, DwDirectFn in dispatch.h; the results do not depend on it).
 inline void dwconv_rows(const float* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
                         int64_t y0, int64_t rows, const float* wt, const float* bias,
-                        const float* in_bias, bool gelu, float* out, int64_t C, int64_t k) {
+                        const float* in_bias, bool gelu, float* out, int64_t C, int64_t k,
+                        bool cached) {
   if (const DwDirectFn direct = float32_kernels().dwconv_direct) {
-    direct(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, gelu, out, C, k);
+    direct(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, gelu, out, C, k, cached);
     return;
   }
   dwconv_rows_impl(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, out, C, k);
@@ -95,7 +97,8 @@ inline void dwconv_rows(const float* img, int64_t px, int64_t y_base, int64_t H,
 }
 inline void dwconv_rows(const double* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
                         int64_t y0, int64_t rows, const double* wt, const double* bias,
-                        const double* in_bias, bool gelu, double* out, int64_t C, int64_t k) {
+                        const double* in_bias, bool gelu, double* out, int64_t C, int64_t k,
+                        bool /*cached*/) {
   dwconv_rows_impl(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, out, C, k);
   if (gelu) gelu_inplace(out, rows * W * C);
 }

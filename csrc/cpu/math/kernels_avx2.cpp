@@ -922,37 +922,46 @@ PACA_ALWAYS_INLINE void dw_slide_avx2(const float* in, int64_t in_row,
 // One output row (W pixels, all C channels) of a K-wide depthwise convolution by sliding tiles of P
 // pixels; a last tile that would stick out is moved left to end at the row's end (it recomputes a
 // few outputs, with the same bits). Needs W >= P. `in` is the first valid tap row at column 0, `wt`
-// that tap row's weights, out the row's first output (pixel stride C).
+// that tap row's weights, out the row's first output (pixel stride C). The order of the tiles
+// (`cached`: see DwDirectFn in dispatch.h) changes no output's sum.
 template <int K, int P, bool kInBias>
 void dw_row_slide_avx2(const float* in, int64_t in_row, int64_t in_px,
                                         int64_t W, const float* wt, int64_t nky,
                                         const float* bias, const float* in_bias, bool gelu,
-                                        float* out, int64_t C) {
+                                        float* out, int64_t C, bool cached) {
   constexpr int kPad = (K - 1) / 2;
   const auto at = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
-  for (int64_t c = 0; c < C; c += 8) {
+  // The tile of P pixels from column j0 (moved left at the row's end) and 8 channels from c.
+  const auto tile = [&](int64_t j0, int64_t c) __attribute__((always_inline)) {
     const bool masked = C - c < 8;
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(C - c)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const int64_t j = imin(j0, W - P);
+    // Window inputs i (column j - pad + i) that fall inside the image.
+    const int ilo = static_cast<int>(imax(0, kPad - j));
+    const int ihi = static_cast<int>(imin(P + K - 1, W + kPad - j));
+    const float* ip = in + j * in_px + c;
+    float* op = out + j * C + c;
+    // The lines of the next output row's new input row this tile reads (see the AVX-512 build).
+    const float* pf = ip + nky * in_row - kPad * in_px;
+    for (int i = ilo; i < ihi; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + i * in_px), _MM_HINT_T1);
+    }
+    if (masked) {
+      dw_slide_avx2<K, P, true, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi, at(bias, c),
+                                         at(in_bias, c), gelu, op, C, mask);
+    } else {
+      dw_slide_avx2<K, P, false, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi, at(bias, c),
+                                          at(in_bias, c), gelu, op, C, mask);
+    }
+  };
+  if (cached) {
+    for (int64_t c = 0; c < C; c += 8) {
+      for (int64_t j0 = 0; j0 < W; j0 += P) tile(j0, c);
+    }
+  } else {
     for (int64_t j0 = 0; j0 < W; j0 += P) {
-      const int64_t j = imin(j0, W - P);
-      // Window inputs i (column j - pad + i) that fall inside the image.
-      const int ilo = static_cast<int>(imax(0, kPad - j));
-      const int ihi = static_cast<int>(imin(P + K - 1, W + kPad - j));
-      const float* ip = in + j * in_px + c;
-      float* op = out + j * C + c;
-      // The lines of the next output row's new input row this tile reads (see the AVX-512 build).
-      const float* pf = ip + nky * in_row - kPad * in_px;
-      for (int i = ilo; i < ihi; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + i * in_px), _MM_HINT_T1);
-      }
-      if (masked) {
-        dw_slide_avx2<K, P, true, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi, at(bias, c),
-                                           at(in_bias, c), gelu, op, C, mask);
-      } else {
-        dw_slide_avx2<K, P, false, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi, at(bias, c),
-                                            at(in_bias, c), gelu, op, C, mask);
-      }
+      for (int64_t c = 0; c < C; c += 8) tile(j0, c);
     }
   }
 }
@@ -967,7 +976,7 @@ template <bool kInBias>
 void dwconv_direct_avx2(const float* img, int64_t px, int64_t y_base, int64_t H,
                                          int64_t W, int64_t y0, int64_t rows, const float* wt,
                                          const float* bias, const float* in_bias, bool gelu,
-                                         float* out, int64_t C, int64_t k) {
+                                         float* out, int64_t C, int64_t k, bool cached) {
   const int64_t pad = (k - 1) / 2;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t y = y0 + r;
@@ -977,17 +986,17 @@ void dwconv_direct_avx2(const float* img, int64_t px, int64_t y_base, int64_t H,
     // The common kernel widths slide (7: the clustering head, 3: the MLP's DWConv).
     if (k == 7 && W >= 7) {
       dw_row_slide_avx2<7, 7, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
-                                       ky1 - ky0, bias, in_bias, gelu, orow, C);
+                                       ky1 - ky0, bias, in_bias, gelu, orow, C, cached);
       continue;
     }
     if (k == 5 && W >= 8) {
       dw_row_slide_avx2<5, 8, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
-                                       ky1 - ky0, bias, in_bias, gelu, orow, C);
+                                       ky1 - ky0, bias, in_bias, gelu, orow, C, cached);
       continue;
     }
     if (k == 3 && W >= 8) {
       dw_row_slide_avx2<3, 8, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
-                                       ky1 - ky0, bias, in_bias, gelu, orow, C);
+                                       ky1 - ky0, bias, in_bias, gelu, orow, C, cached);
       continue;
     }
     int64_t j = 0;
@@ -1011,11 +1020,13 @@ void dwconv_direct_f32_avx2(const float* img, int64_t px, int64_t y_base,
                                              int64_t H, int64_t W, int64_t y0, int64_t rows,
                                              const float* wt, const float* bias,
                                              const float* in_bias, bool gelu, float* out,
-                                             int64_t C, int64_t k) {
+                                             int64_t C, int64_t k, bool cached) {
   if (in_bias != nullptr) {
-    dwconv_direct_avx2<true>(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, gelu, out, C, k);
+    dwconv_direct_avx2<true>(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, gelu, out, C, k,
+                             cached);
   } else {
-    dwconv_direct_avx2<false>(img, px, y_base, H, W, y0, rows, wt, bias, nullptr, gelu, out, C, k);
+    dwconv_direct_avx2<false>(img, px, y_base, H, W, y0, rows, wt, bias, nullptr, gelu, out, C, k,
+                              cached);
   }
 }
 

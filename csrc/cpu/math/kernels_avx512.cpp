@@ -833,38 +833,46 @@ PACA_ALWAYS_INLINE void dw_slide_avx512(const float* in, int64_t in_row, int64_t
   }
 }
 
-// dw_row_slide_avx2 with the 16-lane tiles: one output row of a K-wide depthwise convolution.
+// dw_row_slide_avx2 with the 16-lane tiles: one output row of a K-wide depthwise convolution, the
+// tiles in the order `cached` asks for (DwDirectFn in dispatch.h; no output's sum depends on it).
 template <int K, int P, bool kInBias>
 void dw_row_slide_avx512(const float* in, int64_t in_row, int64_t in_px, int64_t W,
                          const float* wt, int64_t nky, const float* bias, const float* in_bias,
-                         bool gelu, float* out, int64_t C) {
+                         bool gelu, float* out, int64_t C, bool cached) {
   constexpr int kPad = (K - 1) / 2;
   const auto at = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
-  for (int64_t c = 0; c < C; c += 16) {
+  // The tile of P pixels from column j0 (moved left at the row's end) and 16 channels from c.
+  const auto tile = [&](int64_t j0, int64_t c) __attribute__((always_inline)) {
     const bool masked = C - c < 16;
     const __mmask16 mask = lanes_mask16(imin(16, C - c));
+    const int64_t j = imin(j0, W - P);
+    const int ilo = static_cast<int>(imax(0, kPad - j));
+    const int ihi = static_cast<int>(imin(P + K - 1, W + kPad - j));
+    const float* ip = in + j * in_px + c;
+    float* op = out + j * C + c;
+    // The lines of the next output row's new input row this tile reads, into L2, so that a row
+    // read from memory has arrived when the next output row needs it (the hardware prefetchers
+    // do not follow the channel sweeps' stride of C floats). A prefetch never faults, so the row
+    // past the image's last one is harmless.
+    const float* pf = ip + nky * in_row - kPad * in_px;
+    for (int i = ilo; i < ihi; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + i * in_px), _MM_HINT_T1);
+    }
+    if (masked) {
+      dw_slide_avx512<K, P, true, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi, at(bias, c),
+                                           at(in_bias, c), gelu, op, C, mask);
+    } else {
+      dw_slide_avx512<K, P, false, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi,
+                                            at(bias, c), at(in_bias, c), gelu, op, C, mask);
+    }
+  };
+  if (cached) {
+    for (int64_t c = 0; c < C; c += 16) {
+      for (int64_t j0 = 0; j0 < W; j0 += P) tile(j0, c);
+    }
+  } else {
     for (int64_t j0 = 0; j0 < W; j0 += P) {
-      const int64_t j = imin(j0, W - P);
-      const int ilo = static_cast<int>(imax(0, kPad - j));
-      const int ihi = static_cast<int>(imin(P + K - 1, W + kPad - j));
-      const float* ip = in + j * in_px + c;
-      float* op = out + j * C + c;
-      // The lines of the next output row's new input row this tile reads, into L2: each channel
-      // sweep reads a row at a stride of C floats, which the hardware prefetchers do not follow
-      // from memory (the MLP's forward reads x straight from the image: 1.4x faster at
-      // PaCa-ViT-Tiny's first stage, B = 8). A prefetch never faults, so the row past the image's
-      // last one is harmless.
-      const float* pf = ip + nky * in_row - kPad * in_px;
-      for (int i = ilo; i < ihi; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + i * in_px), _MM_HINT_T1);
-      }
-      if (masked) {
-        dw_slide_avx512<K, P, true, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi,
-                                             at(bias, c), at(in_bias, c), gelu, op, C, mask);
-      } else {
-        dw_slide_avx512<K, P, false, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi,
-                                              at(bias, c), at(in_bias, c), gelu, op, C, mask);
-      }
+      for (int64_t c = 0; c < C; c += 16) tile(j0, c);
     }
   }
 }
@@ -873,7 +881,8 @@ void dw_row_slide_avx512(const float* in, int64_t in_row, int64_t in_px, int64_t
 template <bool kInBias>
 void dwconv_direct_avx512(const float* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
                           int64_t y0, int64_t rows, const float* wt, const float* bias,
-                          const float* in_bias, bool gelu, float* out, int64_t C, int64_t k) {
+                          const float* in_bias, bool gelu, float* out, int64_t C, int64_t k,
+                          bool cached) {
   const int64_t pad = (k - 1) / 2;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t y = y0 + r;
@@ -882,17 +891,17 @@ void dwconv_direct_avx512(const float* img, int64_t px, int64_t y_base, int64_t 
     float* orow = out + r * W * C;
     if (k == 7 && W >= 7) {
       dw_row_slide_avx512<7, 7, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
-                                         ky1 - ky0, bias, in_bias, gelu, orow, C);
+                                         ky1 - ky0, bias, in_bias, gelu, orow, C, cached);
       continue;
     }
     if (k == 5 && W >= 8) {
       dw_row_slide_avx512<5, 8, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
-                                         ky1 - ky0, bias, in_bias, gelu, orow, C);
+                                         ky1 - ky0, bias, in_bias, gelu, orow, C, cached);
       continue;
     }
     if (k == 3 && W >= 8) {
       dw_row_slide_avx512<3, 8, kInBias>(img + row0 * W * px, W * px, px, W, wt + ky0 * k * C,
-                                         ky1 - ky0, bias, in_bias, gelu, orow, C);
+                                         ky1 - ky0, bias, in_bias, gelu, orow, C, cached);
       continue;
     }
     int64_t j = 0;
@@ -915,13 +924,14 @@ void dwconv_direct_avx512(const float* img, int64_t px, int64_t y_base, int64_t 
 
 void dwconv_direct_f32_avx512(const float* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
                               int64_t y0, int64_t rows, const float* wt, const float* bias,
-                              const float* in_bias, bool gelu, float* out, int64_t C, int64_t k) {
+                              const float* in_bias, bool gelu, float* out, int64_t C, int64_t k,
+                              bool cached) {
   if (in_bias != nullptr) {
     dwconv_direct_avx512<true>(img, px, y_base, H, W, y0, rows, wt, bias, in_bias, gelu, out, C,
-                               k);
+                               k, cached);
   } else {
     dwconv_direct_avx512<false>(img, px, y_base, H, W, y0, rows, wt, bias, nullptr, gelu, out, C,
-                                k);
+                                k, cached);
   }
 }
 
