@@ -86,7 +86,9 @@ def conv_cluster_logits_train(
 ) -> Tensor:
     """The head as a differentiable composition in token layout (module docstring): the depthwise
     conv + GELU as ``mlp_dwconv`` (float32/float64 backward kernel), the 1×1 convs as matrix
-    products. Arguments and result as :func:`conv_cluster_logits`; (B, M, N) contiguous."""
+    products. Arguments and result as :func:`conv_cluster_logits`, but the (B, M, N) logits are a
+    view of a contiguous (B, N, M): patch-major, strides (N·M, 1, M), as a channels-last 1×1
+    convolution gives them."""
     c, m = x.shape[2], w2.shape[0]
     t0 = _dwconv.mlp_dwconv(x, H, W, dw_weight, dw_bias, None, False, True)
     if w1.requires_grad:
@@ -94,7 +96,11 @@ def conv_cluster_logits_train(
     if w2.requires_grad:
         w2 = _GradWithStrides.apply(w2)
     t1 = F.gelu(F.linear(t0, w1.reshape(c, c), b1))
-    logits = torch.matmul(w2.reshape(m, c), t1.transpose(1, 2))  # (B, M, N), as the 1x1 conv's
+    # Patch-major: cluster_pool reads that layout and returns its gradient in it, so neither pass
+    # copies the logits. torch.matmul((M, C), (B, C, N)) had run the same (B·N, C)·(C, M) product,
+    # then copied its transpose into a contiguous (B, M, N), and its backward copied the gradient
+    # back (10 MB each way per head at PaCa-ViT-Tiny's first stage, B = 8).
+    logits = F.linear(t1, w2.reshape(m, c)).transpose(1, 2)
     return logits if b2 is None else logits + b2[:, None]
 
 
