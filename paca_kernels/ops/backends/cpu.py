@@ -102,7 +102,10 @@ class SlowerRegime:
 #: patch-major backward: ``cpu-2026-12-07-ops-2thread.json`` (two threads, wall time, 5 rounds),
 #: forward + backward: cluster_pool 1.29 / 1.15 / 1.47 at the Tiny stages, 2.26 / 2.56 at
 #: segmentation / detection; p2c_attention 1.60 / 1.47 / 1.40, 3.09 / 3.33; forward alone 1.37-4.56.
-#: Every regime at or above parity: the table stays empty.
+#: Again after the pooling backward's vectorised LayerNorm part and fused softmax backward:
+#: ``cpu-2026-12-07-ops-2thread-b.json`` (two threads, wall time, 15 rounds), forward + backward:
+#: cluster_pool 1.32 / 1.37 / 1.67, 2.70 / 2.94; p2c_attention 1.71 / 1.23 / 1.36, 3.40 / 3.30;
+#: forward alone 1.43-3.84. Every regime at or above parity: the table stays empty.
 SLOWER_THAN_REFERENCE: tuple[SlowerRegime, ...] = ()
 
 
