@@ -148,6 +148,32 @@ def _short_date(iso: str) -> str:
 _git_cache: dict[Path, str] = {}
 
 
+#: What a run measures: the library, its kernels, its build and the benchmark harness (not the
+#: results and their notes). Two commits that differ only outside these measure the same code.
+CODE_PATHS = ("csrc", "paca_kernels", "benchmarks", "setup.py", "CMakeLists.txt", "pyproject.toml",
+              ":(exclude)benchmarks/results", ":(exclude)benchmarks/NOTES.md")
+_same_code_cache: dict[tuple[str, str, Path], bool] = {}
+
+
+def same_code(commit_a: str, commit_b: str, repo: Path = ROOT) -> bool:
+    """Whether two runs' commits (as :func:`commit_of` gives them) measure the same code: equal, or
+    clean commits whose difference (git) touches nothing under CODE_PATHS. A dirty or unknown commit,
+    or no git, counts as different."""
+    if commit_a == commit_b:
+        return True
+    if not all(c and " " not in c for c in (commit_a, commit_b)):  # "(dirty)", "(added the file)", ...
+        return False
+    key = (commit_a, commit_b, repo)
+    if key not in _same_code_cache:
+        try:
+            done = subprocess.run(["git", "diff", "--quiet", commit_a, commit_b, "--", *CODE_PATHS],
+                                  cwd=repo, capture_output=True, check=False)
+            _same_code_cache[key] = done.returncode == 0
+        except OSError:
+            _same_code_cache[key] = False
+    return _same_code_cache[key]
+
+
 def commit_of(path: Path, data: dict) -> str:
     """Short commit of a run: the JSON's commit_info, else the commit that added the file (git)."""
     info = data.get("commit_info") or {}
@@ -368,7 +394,7 @@ def _section(run: Run, newest: Run, notes_text: str, shown: set[tuple[str, str]]
     dtype = info0.get("dtype") or "?"
     lines = [f"### {SUITE_TITLE.get(run.suite, run.suite)}, {dtype}: `{run.path.stem}`", ""]
     commit, newest_commit = commit_of(run.path, run.data), commit_of(newest.path, newest.data)
-    older = run.path != newest.path and commit != newest_commit
+    older = run.path != newest.path and not same_code(commit, newest_commit)
     if older:
         rerun = SUITE_RERUN.get(run.suite, "`make bench`")
         lines += [(f"> **Older run**: figures from {run.date}, before the code changes measured since "

@@ -170,3 +170,42 @@ def test_train_rows_are_their_own_suite(tmp_path: Path) -> None:
     assert "| shape | provider | median ms | IQR ms | × official | × reference |" in section
     assert "| pacavit_tiny_p2cconv_100_0-B8 | cpu | 2000 | 2000–2000 | 2.00 | 1.50 |" in section
     assert "Older run" not in text  # the layer run at another commit stays current
+
+
+def test_same_code_ignores_commits_outside_the_code(tmp_path: Path) -> None:
+    """A run is "older" only when the code changed since: a commit that touches only results or notes
+    (or README) keeps the runs before it current; one that touches the library does not; a dirty or
+    unknown commit never counts as the same."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_report
+    finally:
+        sys.path.pop(0)
+
+    def git(*args: str) -> str:
+        env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin"}
+        done = subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True,
+                              env=env)
+        return done.stdout.strip()
+
+    def commit(path: str, text: str) -> str:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", "-A")
+        git("commit", "-q", "-m", path)
+        return git("rev-parse", "--short=7", "HEAD")
+
+    git("init", "-q")
+    base = commit("paca_kernels/op.py", "a = 1\n")
+    docs = commit("benchmarks/results/run.json", "{}")
+    docs = commit("benchmarks/NOTES.md", "notes")
+    docs = commit("README.md", "readme")
+    code = commit("csrc/cpu/op.cpp", "int a;")
+    assert bench_report.same_code(base, base, tmp_path)
+    assert bench_report.same_code(base, docs, tmp_path)
+    assert not bench_report.same_code(base, code, tmp_path)
+    assert not bench_report.same_code(docs, code, tmp_path)
+    assert not bench_report.same_code(f"{base} (dirty)", docs, tmp_path)
+    assert not bench_report.same_code(base, "unknown", tmp_path)
+    assert not bench_report.same_code(base, "0000000", tmp_path)  # not a commit of the repository
