@@ -103,9 +103,9 @@ class SlowerRegime:
 #: forward + backward: cluster_pool 1.29 / 1.15 / 1.47 at the Tiny stages, 2.26 / 2.56 at
 #: segmentation / detection; p2c_attention 1.60 / 1.47 / 1.40, 3.09 / 3.33; forward alone 1.37-4.56.
 #: Again after the pooling backward's vectorised LayerNorm part and fused softmax backward:
-#: ``cpu-2026-12-07-ops-2thread-b.json`` (two threads, wall time, 15 rounds), forward + backward:
-#: cluster_pool 1.32 / 1.37 / 1.67, 2.70 / 2.94; p2c_attention 1.71 / 1.23 / 1.36, 3.40 / 3.30;
-#: forward alone 1.43-3.84. Every regime at or above parity: the table stays empty.
+#: ``cpu-2026-12-07-ops-2thread-b.json`` (two threads, wall time, 15 rounds; its figures, and those
+#: of runs of the same code beside it, in benchmarks/NOTES.md): every forward + backward median at
+#: 1.2x or more, the forward alone at 1.4x or more. Every regime above parity: the table stays empty.
 SLOWER_THAN_REFERENCE: tuple[SlowerRegime, ...] = ()
 
 
