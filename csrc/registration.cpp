@@ -199,7 +199,7 @@ int64_t cpu_output_cache_clear() { return paca_kernels::cpu::cpu_output_cache_cl
 // path (cpu/output_pool.h: cached blocks from 256 KiB), so that the tests can check what it hands
 // out. Private (leading underscore), device-independent as cpu_isa.
 at::Tensor cpu_empty_output(c10::IntArrayRef size, at::ScalarType dtype) {
-  return paca_kernels::cpu::empty_output_for_test(size, dtype);
+  return paca_kernels::cpu::empty_output(size, at::TensorOptions().dtype(dtype));
 }
 
 // The inference-only ops (no backward) and what their callers run instead when gradients are wanted.

@@ -545,15 +545,16 @@ void cluster_pool_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& logit
           dwb[c] += go[c] * xhat[c];
           dbb[c] += go[c];
         }
+        // g = grad_out * weight (the gradient w.r.t. xhat); grad_out itself without a weight.
+        const acc_t* gw = go;
         if (wp != nullptr) {
           for (int64_t c = 0; c < C; ++c) g[c] = go[c] * wp[c];
-        } else {
-          std::copy(go, go + C, g.begin());
+          gw = g.data();
         }
-        const acc_t mean_g = sum_interleaved<acc_t>(g.data(), nullptr, C) / static_cast<acc_t>(C);
-        const acc_t mean_gx = sum_interleaved(g.data(), xhat.data(), C) / static_cast<acc_t>(C);
+        const acc_t mean_g = sum_interleaved<acc_t>(gw, nullptr, C) / static_cast<acc_t>(C);
+        const acc_t mean_gx = sum_interleaved(gw, xhat.data(), C) / static_cast<acc_t>(C);
         acc_t* dprow = dp.data() + (b * M + m) * C;
-        for (int64_t c = 0; c < C; ++c) dprow[c] = rstd * (g[c] - mean_g - xhat[c] * mean_gx);
+        for (int64_t c = 0; c < C; ++c) dprow[c] = rstd * (gw[c] - mean_g - xhat[c] * mean_gx);
         rowdot[b * M + m] = sum_interleaved(dprow, prow, C);
         const acc_t* st2 = stp + b * sst[0] + m * sst[1];
         smax[b * M + m] = st2[0];

@@ -174,9 +174,6 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   return out;
 }
 
-at::Tensor empty_output_for_test(at::IntArrayRef sizes, at::ScalarType dtype) {
-  return empty_output(sizes, at::TensorOptions().dtype(dtype));
-}
 
 int64_t cpu_output_cache_bytes() { return static_cast<int64_t>(OutputPool::instance().cached()); }
 int64_t cpu_output_cache_limit() { return static_cast<int64_t>(OutputPool::instance().cap()); }

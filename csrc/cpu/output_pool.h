@@ -31,8 +31,6 @@ constexpr size_t kPoolMinBytes = size_t(256) << 10;
 // A contiguous CPU tensor of `sizes` with options' dtype, uninitialised (filled with NaN under
 // torch.utils.deterministic.fill_uninitialized_memory, as at::empty is).
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
-// empty_output of a float/integer dtype: the op _cpu_empty_output, for the tests of the cache.
-at::Tensor empty_output_for_test(at::IntArrayRef sizes, at::ScalarType dtype);
 
 // Bytes held by the cache (freed blocks, no tensor's), and the cap on them.
 int64_t cpu_output_cache_bytes();

@@ -89,9 +89,9 @@ void conv_cluster_logits_kernel(const at::Tensor& x, int64_t H, int64_t W, int64
       const acc_t* dw_b = prm.has_dw_b ? prm.dw_b.data() : nullptr;
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (direct != nullptr) {
-          // Channel sweeps (cached = true) although x comes from memory: the 7 x 7 kernel keeps
-          // 7 of x's rows in use, so most reads hit L2 anyway, and pixel groups measured no faster
-          // (PaCa-ViT-Tiny inference, B = 8: 0.97x).
+          // Channel sweeps, no prefetch (cached = true) although x comes from memory: the 7 x 7
+          // kernel keeps 7 of x's rows in use, so most reads hit L2 anyway; pixel groups measured
+          // no faster (PaCa-ViT-Tiny inference, B = 8: 0.97x), nor did the prefetch (1.02x without).
           direct(xp + b * sx[0], sx[1], 0, H, W, y0, nr, prm.dw_t.data(), dw_b, nullptr,
                  /*gelu=*/true, t0.data(), C, k, /*cached=*/true);
         }

@@ -103,10 +103,11 @@ using DwFn = void (*)(const float* in, int64_t in_w, const float* wt, const floa
                       int64_t rows, int64_t W, int64_t C, int64_t k);
 // Depthwise convolution read straight from the image, GELU optional (dwconv_rows_impl in dwconv.h).
 // `cached`: whether img's rows are already in cache (L2), which picks the order of the tiles (the
-// results do not depend on it): false, pixel groups one after the other, all channels of each
-// (the image streams from memory in order: the MLP's forward at PaCa-ViT-Tiny's first stage, B = 8,
-// 1.6x faster than the channel sweeps); true, a sweep along the row per block of channels (rows in
-// L2: the MLP backward's g, 1.25x faster than pixel groups).
+// results do not depend on it): false, pixel groups one after the other, all channels of each,
+// the next output row's new input row prefetched (the image streams from memory in order: the
+// MLP's forward at PaCa-ViT-Tiny's first stage, B = 8, 1.6x faster than the channel sweeps); true,
+// a sweep along the row per block of channels, no prefetch (rows in L2: the MLP backward's g,
+// 1.25x faster than pixel groups).
 using DwDirectFn = void (*)(const float* img, int64_t px, int64_t y_base, int64_t H, int64_t W,
                             int64_t y0, int64_t rows, const float* wt, const float* bias,
                             const float* in_bias, bool gelu, float* out, int64_t C, int64_t k,

@@ -942,10 +942,11 @@ void dw_row_slide_avx2(const float* in, int64_t in_row, int64_t in_px,
     const int ihi = static_cast<int>(imin(P + K - 1, W + kPad - j));
     const float* ip = in + j * in_px + c;
     float* op = out + j * C + c;
-    // The lines of the next output row's new input row this tile reads (see the AVX-512 build).
-    const float* pf = ip + nky * in_row - kPad * in_px;
-    for (int i = ilo; i < ihi; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + i * in_px), _MM_HINT_T1);
+    if (!cached) {  // from memory: the next output row's new input row (see the AVX-512 build)
+      const float* pf = ip + nky * in_row - kPad * in_px;
+      for (int i = ilo; i < ihi; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + i * in_px), _MM_HINT_T1);
+      }
     }
     if (masked) {
       dw_slide_avx2<K, P, true, kInBias>(ip, in_row, in_px, wt + c, nky, ilo, ihi, at(bias, c),
